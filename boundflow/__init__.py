@@ -1,0 +1,20 @@
+"""BoundFlow: certified bounds of neural networks, computed by plans a compiler can tune.
+
+What users import lives here; everything else may change between versions.
+"""
+
+from boundflow.api import Bounds, VerifyResult, compute_bounds, verify
+from boundflow.errors import (BoundFlowError, GraphError, ModelLoadError, ShapeError,
+                              SpecError, UnsupportedOpError)
+from boundflow.frontend import from_torch, load_model
+from boundflow.ir import Graph, GraphBuilder, InputSpec, LinearSpec, margin_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bounds", "VerifyResult", "compute_bounds", "verify",
+    "BoundFlowError", "GraphError", "ModelLoadError", "ShapeError", "SpecError",
+    "UnsupportedOpError",
+    "from_torch", "load_model",
+    "Graph", "GraphBuilder", "InputSpec", "LinearSpec", "margin_spec",
+]

@@ -1,0 +1,207 @@
+"""The public entry points: ``compute_bounds`` and ``verify``.
+
+Both take a model (an ``ir.Graph``, a ``torch.nn.Module`` or a ``torch.export``
+``ExportedProgram``), an input region (an :class:`InputSpec`, or a batch of centres with
+``eps``) and optionally a linear output spec ``C``; they check everything at the edge and
+raise a :class:`BoundFlowError` subclass naming the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from boundflow.domains.concrete import evaluate
+from boundflow.domains.interval import Interval, ibp
+from boundflow.domains.traversal import graph_tensors
+from boundflow.errors import BoundFlowError, ShapeError, SpecError
+from boundflow.frontend.torch import from_exported, from_torch
+from boundflow.ir.graph import Graph
+from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# method name -> fn(graph, interval, tensors, C) -> Interval
+METHODS: dict[str, Callable[..., Interval]] = {"ibp": ibp}
+
+
+@dataclass(frozen=True, eq=False)
+class Bounds:
+    """Certified bounds: ``lower <= f <= upper`` for every input in the box, where ``f`` is the
+    model output ``[batch, *out]`` or, with a spec, ``C·y`` of shape ``[batch, n_specs]``."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+    @property
+    def width(self) -> torch.Tensor:
+        return self.upper - self.lower
+
+
+@dataclass(frozen=True, eq=False)
+class VerifyResult:
+    """Per-spec verdicts: ``verified`` where the lower bound of ``C·y`` exceeds the threshold,
+    ``unknown`` otherwise (bound propagation alone never proves a property false)."""
+
+    bounds: Bounds
+    threshold: np.ndarray          # [batch, n_specs]
+    verdicts: np.ndarray           # [batch, n_specs] of "verified" / "unknown"
+    labels: np.ndarray | None      # [batch], when the spec is a margin spec
+    method: str
+
+    @property
+    def verified(self) -> np.ndarray:
+        """Per sample: every spec verified."""
+        return np.all(self.verdicts == "verified", axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "labels": None if self.labels is None else self.labels.tolist(),
+            "verified": self.verified.tolist(),
+            "verdicts": self.verdicts.tolist(),
+            "lower": self.bounds.lower.tolist(),
+            "upper": self.bounds.upper.tolist(),
+            "threshold": self.threshold.tolist(),
+        }
+
+
+_TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _module_key(module: torch.nn.Module, sample_shape: tuple, dtype: torch.dtype) -> tuple:
+    state = tuple((k, v.data_ptr(), v._version) for k, v in module.state_dict().items())
+    return sample_shape, dtype, state
+
+
+def as_graph(model: Any, sample: torch.Tensor | None = None) -> Graph:
+    """The IR graph of ``model``. A module is traced on ``sample`` once and re-traced only
+    when its input shape or its weights change."""
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, torch.export.ExportedProgram):
+        return from_exported(model)
+    if isinstance(model, torch.nn.Module):
+        if sample is None:
+            raise BoundFlowError("tracing a torch module needs an input to trace it on")
+        key = _module_key(model, tuple(sample.shape[1:]), sample.dtype)
+        cached = _TRACED.get(model)
+        if cached is None or cached[0] != key:
+            _TRACED[model] = cached = (key, from_torch(model, sample))
+        return cached[1]
+    raise BoundFlowError(f"model must be a boundflow Graph, a torch.nn.Module or an "
+                         f"ExportedProgram, got {type(model).__name__}")
+
+
+def _as_numpy(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as e:
+        raise SpecError(f"{what} could not be read as an array: {e}") from None
+
+
+def input_spec(x: Any, eps: Any = None, clip: tuple[float, float] | None = None) -> InputSpec:
+    """An :class:`InputSpec` from either an InputSpec or a batch of centres plus ``eps``."""
+    if isinstance(x, InputSpec):
+        if eps is not None or clip is not None:
+            raise SpecError("give either an InputSpec or x with eps/clip, not both")
+        return x
+    if x is None:
+        raise SpecError("no input given: pass x (a batch of inputs) with eps, or an InputSpec")
+    if eps is None:
+        raise SpecError("eps is required when x is a tensor (or pass an InputSpec)")
+    return InputSpec.linf(_as_numpy(x, "x"), _as_numpy(eps, "eps"), clip)
+
+
+def _check_input(graph: Graph, spec: InputSpec) -> None:
+    if spec.sample_shape != graph.input_shape:
+        raise ShapeError(f"input of shape {list(spec.lower.shape)} does not fit the model, "
+                         f"which takes [batch, {', '.join(map(str, graph.input_shape))}]")
+
+
+def _linear_spec(C: Any, threshold: Any = 0.0) -> LinearSpec | None:
+    if C is None:
+        return None
+    if isinstance(C, LinearSpec):
+        return C
+    return LinearSpec(_as_numpy(C, "C"), _as_numpy(threshold, "threshold"))
+
+
+def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]:
+    spec = input_spec(x, eps, clip)
+    if dtype is not None and dtype not in _DTYPES:
+        raise BoundFlowError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    sample = None
+    if isinstance(model, torch.nn.Module):  # trace in the module's own precision
+        floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        sample = torch.as_tensor(spec.center[:1]).to(floats[0].dtype if floats
+                                                     else torch.float32)
+    graph = as_graph(model, sample)
+    _check_input(graph, spec)
+    return graph, spec, _DTYPES[dtype or graph.dtype]
+
+
+def _bounds(graph: Graph, spec: InputSpec, C: LinearSpec | None, method: str,
+            dtype: torch.dtype) -> Bounds:
+    if method not in METHODS:
+        raise BoundFlowError(f"method {method!r} is not one of {sorted(METHODS)}")
+    if C is not None:
+        C.check(spec.batch, math.prod(graph.output_shape))
+    x = Interval(torch.as_tensor(spec.lower).to(dtype), torch.as_tensor(spec.upper).to(dtype))
+    cmat = None if C is None else torch.as_tensor(C.C).to(dtype)
+    out = METHODS[method](graph, x, graph_tensors(graph, dtype), cmat)
+    return Bounds(out.lower, out.upper)
+
+
+def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
+                   method: str = "ibp", clip: tuple[float, float] | None = None,
+                   dtype: str | None = None) -> Bounds:
+    """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
+
+    ``x`` is an :class:`InputSpec`, or a batch of centres (``[batch, *in]``) for the L∞ ball
+    of radius ``eps``, clipped to ``clip`` when given. ``C`` is ``[batch, n_specs, n_out]`` or a
+    :class:`LinearSpec`. ``dtype`` ("float32" / "float64") defaults to the model's.
+    """
+    graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
+    return _bounds(graph, spec, _linear_spec(C), method, torch_dtype)
+
+
+def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
+           C: Any = None, threshold: Any = 0.0, method: str = "ibp",
+           clip: tuple[float, float] | None = None, dtype: str | None = None) -> VerifyResult:
+    """Try to prove ``C·y > threshold`` for every input in the region, per spec.
+
+    Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
+    class ``j``); without labels either, each sample's predicted class at the box centre.
+    """
+    graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
+    n_out = math.prod(graph.output_shape)
+    if C is not None and labels is not None:
+        raise SpecError("give either labels (margin spec) or C, not both")
+    if C is None:
+        if labels is None:
+            centre = torch.as_tensor(spec.center).to(torch_dtype)
+            labels = evaluate(graph, centre).flatten(1).argmax(1).numpy()
+        labels = _as_numpy(labels, "labels").reshape(-1)
+        if len(labels) == 1 and spec.batch > 1:
+            labels = np.repeat(labels, spec.batch)
+        if len(labels) != spec.batch:
+            raise SpecError(f"{len(labels)} labels for a batch of {spec.batch} inputs")
+        linear = margin_spec(labels, n_out)
+        if np.any(np.asarray(threshold) != 0):
+            linear = LinearSpec(linear.C, _as_numpy(threshold, "threshold"))
+    else:
+        linear = _linear_spec(C, threshold)
+        labels = None
+    bounds = _bounds(graph, spec, linear, method, torch_dtype)
+    ok = bounds.lower.detach().cpu().numpy() > linear.threshold
+    verdicts = np.where(ok, "verified", "unknown")
+    return VerifyResult(bounds, linear.threshold, verdicts,
+                        None if labels is None else np.asarray(labels), method)

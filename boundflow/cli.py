@@ -1,0 +1,103 @@
+"""The ``boundflow`` command line: argument parsing and printing only.
+
+Every :class:`BoundFlowError` is printed on one line (``boundflow: error: ...``) and the
+command exits with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError
+
+
+def _load_input(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"input file {path}: {e}") from None
+    if isinstance(x, np.lib.npyio.NpzFile):
+        raise ModelLoadError(f"input file {path}: give a .npy array, not an .npz archive")
+    if tuple(x.shape) == sample_shape:
+        x = x[None]
+    if tuple(x.shape[1:]) != sample_shape:
+        raise ShapeError(f"input file {path} holds shape {list(x.shape)}; the model takes "
+                         f"[{', '.join(map(str, sample_shape))}] or a batch of them")
+    return x
+
+
+def _table(result, predicted: bool) -> str:
+    lower = result.bounds.lower.detach().cpu().numpy()
+    upper = result.bounds.upper.detach().cpu().numpy()
+    n_out = lower.shape[1] + 1
+    rows = [f"{'sample':>6}  {'label':>5}  {'spec':<14} {'lower':>12} {'upper':>12}  verdict"]
+    for b in range(lower.shape[0]):
+        label = result.labels[b] if result.labels is not None else None
+        others = [j for j in range(n_out) if j != label] if label is not None else None
+        for s in range(lower.shape[1]):
+            spec = f"y{label} - y{others[s]}" if others else f"spec {s}"
+            rows.append(f"{b:>6}  {'' if label is None else label:>5}  {spec:<14} "
+                        f"{lower[b, s]:>12.5g} {upper[b, s]:>12.5g}  {result.verdicts[b, s]}")
+    done = result.verified
+    source = "predicted at the box centre" if predicted else "given"
+    rows.append(f"verified {int(done.sum())}/{len(done)} samples "
+                f"(method {result.method}, labels {source}); per sample: "
+                + " ".join("verified" if v else "unknown" for v in done))
+    return "\n".join(rows)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from boundflow.api import verify
+    from boundflow.frontend.torch import load_model
+
+    if not args.eps >= 0:
+        raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
+    graph = load_model(args.model)
+    x = _load_input(args.input, graph.input_shape)
+    result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
+                    clip=tuple(args.clip) if args.clip else None, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(_table(result, predicted=args.label is None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="prove robustness of a model around inputs")
+    v.add_argument("--model", required=True, type=Path,
+                   help="a program saved with torch.export.save (.pt2)")
+    v.add_argument("--input", required=True,
+                   help=".npy with one input or a batch of inputs (batch first)")
+    v.add_argument("--eps", required=True, type=float, help="L-infinity radius")
+    v.add_argument("--label", type=int, nargs="+",
+                   help="true class per sample (one label for all); default: predicted class")
+    v.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    v.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="clip the input box to [LO, HI]")
+    v.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BoundFlowError as e:
+        print(f"boundflow: error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The one generic walk that every bound method drives with its own table of per-op rules.
+
+A rule is ``rule(node, params, *input_values) -> value``; ``params`` maps the node's
+parameter roles to tensors. The walk visits only the ancestors of the requested nodes, in
+graph order, and drops each value once its last reader has run.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from boundflow.errors import UnsupportedOpError
+from boundflow.ir.graph import Graph, Node
+
+Rule = Callable[..., Any]
+
+_PARAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str = "cpu"
+                  ) -> dict[str, torch.Tensor]:
+    """The graph's parameters as tensors of ``dtype`` on ``device``, converted once per graph."""
+    per_graph = _PARAM_CACHE.setdefault(graph, {})
+    key = (dtype, str(device))
+    if key not in per_graph:
+        per_graph[key] = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype)
+                          for k, v in graph.params.items()}
+    return per_graph[key]
+
+
+def ancestors(graph: Graph, targets: Sequence[str]) -> set[str]:
+    need, stack = set(), list(targets)
+    by_name = {n.name: n for n in graph.nodes}
+    while stack:
+        name = stack.pop()
+        if name not in need:
+            need.add(name)
+            stack.extend(by_name[name].inputs)
+    return need
+
+
+def propagate(graph: Graph, rules: Mapping[str, Rule], init: Any,
+              tensors: Mapping[str, torch.Tensor], targets: Sequence[str],
+              method: str = "this method") -> dict[str, Any]:
+    """Run ``rules`` forward from ``init`` (the input node's value); return the targets' values."""
+    need = ancestors(graph, targets)
+    nodes = [n for n in graph.nodes if n.name in need]
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for name in n.inputs:
+            last_use[name] = i
+    keep = set(targets)
+    env: dict[str, Any] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "input":
+            env[node.name] = init
+        else:
+            env[node.name] = apply_rule(rules, node, tensors, [env[x] for x in node.inputs],
+                                        method)
+        for name in set(node.inputs):
+            if last_use[name] == i and name not in keep:
+                del env[name]
+    return {t: env[t] for t in targets}
+
+
+def apply_rule(rules: Mapping[str, Rule], node: Node, tensors: Mapping[str, torch.Tensor],
+               inputs: list, method: str) -> Any:
+    rule = rules.get(node.op)
+    if rule is None:
+        raise UnsupportedOpError(f"{method} has no rule for op {node.op!r} ({node.describe()})")
+    params = {role: tensors[key] for role, key in node.params.items()}
+    return rule(node, params, *inputs)

@@ -1,0 +1,141 @@
+"""Bundled example models.
+
+* ``digits_mlp`` / ``digits_cnn``: small classifiers trained in seconds on scikit-learn's
+  8x8 digits (``tools/train_examples.py``), shipped as ``torch.export`` programs with 64 test
+  images. Inputs are ``[batch, 1, 8, 8]`` in [0, 1]; the input normalisation is inside the model.
+* ``random_mlp`` / ``random_cnn`` / ``random_residual``: fixed-seed random models that cover the
+  rest of the operator set (BatchNorm, average pooling, grouped / dilated / strided convolution,
+  residual additions, concatenation, permutes and reshapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A model with a batch of typical inputs (and their labels where they are known)."""
+
+    name: str
+    model: object            # a torch.nn.Module or an ir.Graph
+    inputs: np.ndarray       # [batch, *in]
+    labels: np.ndarray | None
+
+
+def digits_samples() -> tuple[np.ndarray, np.ndarray]:
+    """64 held-out digits, ``x`` of shape [64, 1, 8, 8] in [0, 1], and their labels."""
+    with np.load(DATA / "digits_test.npz", allow_pickle=False) as d:
+        return d["x"], d["labels"]
+
+
+def _digits(name: str) -> Example:
+    from boundflow.frontend.torch import load_model
+
+    x, labels = digits_samples()
+    return Example(name, load_model(DATA / f"{name}.pt2"), x, labels)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` with constant mean and std: the usual input normalisation."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+
+class ResidualNet(nn.Module):
+    """Residual blocks, a two-branch concatenation, a permute and a reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block = ResidualBlock(8)
+        self.left = nn.Conv2d(8, 4, 1)
+        self.right = nn.Conv2d(8, 4, 3, padding=2, dilation=2)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = self.block(torch.relu(self.stem(x)))
+        h = torch.cat([self.left(h), torch.relu(self.right(h))], dim=1)
+        h = self.pool(h).permute(0, 2, 3, 1)            # NHWC
+        return self.head(h.reshape(h.shape[0], -1) * 0.5 - 0.1)
+
+
+def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+def _random(name: str, build: Callable[[], nn.Module], shape: tuple, seed: int) -> Example:
+    torch.manual_seed(seed)
+    model = build().eval()
+    gen = torch.Generator().manual_seed(seed)
+    _randomise_batchnorm(model, gen)
+    x = torch.rand((8,) + shape, generator=gen).numpy()
+    return Example(name, model, x, None)
+
+
+def random_mlp(seed: int = 0) -> Example:
+    build = lambda: nn.Sequential(Normalize(0.5, 0.25), nn.Flatten(), nn.Linear(20, 32),  # noqa
+                                  nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    return _random("random_mlp", build, (4, 5), seed)
+
+
+def random_cnn(seed: int = 0) -> Example:
+    build = lambda: nn.Sequential(  # noqa: E731
+        Normalize(torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), 0.3),
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
+    return _random("random_cnn", build, (3, 16, 16), seed)
+
+
+def random_residual(seed: int = 0) -> Example:
+    return _random("random_residual", ResidualNet, (3, 16, 16), seed)
+
+
+EXAMPLES: dict[str, Callable[[], Example]] = {
+    "digits_mlp": lambda: _digits("digits_mlp"),
+    "digits_cnn": lambda: _digits("digits_cnn"),
+    "random_mlp": random_mlp,
+    "random_cnn": random_cnn,
+    "random_residual": random_residual,
+}
+
+
+def load(name: str) -> Example:
+    """The example called ``name``; an unknown name raises, listing the examples."""
+    from boundflow.errors import BoundFlowError
+
+    if name not in EXAMPLES:
+        raise BoundFlowError(f"no example {name!r}; the examples are {sorted(EXAMPLES)}")
+    return EXAMPLES[name]()

@@ -1,0 +1,157 @@
+"""What is being verified: an input box and a linear property of the output.
+
+An :class:`InputSpec` is a box ``lower <= x <= upper`` per sample (batch first). A
+:class:`LinearSpec` asks for bounds of ``C·y`` (``C`` of shape ``[batch, n_specs, n_out]``,
+``y`` the flattened output) and holds when ``C·y > threshold`` for every ``y`` in the image of
+the box. Both are plain values that validate themselves on construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from boundflow.errors import SpecError
+
+
+def _float_array(value: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # e.g. a CUDA tensor or a ragged list
+        raise SpecError(f"{what} could not be read as an array: {e}") from None
+    if arr.dtype.kind not in "fiub":
+        raise SpecError(f"{what} must hold numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise SpecError(f"{what} contains NaN or inf")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class InputSpec:
+    """The input region: ``lower <= x <= upper`` elementwise, arrays of shape ``[batch, *in]``.
+
+    Build it with :meth:`box` or :meth:`linf`; the constructor checks shapes, finiteness and
+    ``lower <= upper``.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+
+    def __post_init__(self):
+        lower = _float_array(self.lower, "input lower bound")
+        upper = _float_array(self.upper, "input upper bound")
+        if lower.shape != upper.shape:
+            raise SpecError(f"lower bound shape {lower.shape} != upper bound shape {upper.shape}")
+        if lower.ndim < 2:
+            raise SpecError(f"input box of shape {lower.shape} needs a batch dimension first")
+        bad = np.argwhere(lower > upper)
+        if len(bad):
+            i = tuple(int(v) for v in bad[0])
+            raise SpecError(f"lower > upper at index {i}: {lower[i]} > {upper[i]} "
+                            f"({len(bad)} entries in all)")
+        dtype = np.result_type(lower, upper)
+        object.__setattr__(self, "lower", lower.astype(dtype, copy=False))
+        object.__setattr__(self, "upper", upper.astype(dtype, copy=False))
+
+    @classmethod
+    def box(cls, lower: Any, upper: Any) -> "InputSpec":
+        return cls(lower, upper)
+
+    @classmethod
+    def linf(cls, center: Any, eps: Any, clip: tuple[float, float] | None = None) -> "InputSpec":
+        """The L∞ ball of radius ``eps`` (a scalar or an array broadcastable to ``center``)
+        around ``center``, intersected with ``[clip[0], clip[1]]`` when ``clip`` is given."""
+        center = _float_array(center, "input center")
+        eps_arr = _float_array(eps, "eps")
+        if np.any(eps_arr < 0):
+            raise SpecError(f"eps must be >= 0, got {eps_arr.min()}")
+        try:
+            lower, upper = center - eps_arr, center + eps_arr
+        except ValueError:
+            raise SpecError(f"eps of shape {eps_arr.shape} does not broadcast onto the "
+                            f"input of shape {center.shape}") from None
+        if lower.shape != center.shape:
+            raise SpecError(f"eps of shape {eps_arr.shape} changes the input shape "
+                            f"{center.shape} to {lower.shape}")
+        if clip is not None:
+            lo, hi = float(clip[0]), float(clip[1])
+            if not lo <= hi:
+                raise SpecError(f"clip range {clip} has lower > upper")
+            if np.any(center < lo) or np.any(center > hi):
+                raise SpecError(f"the input center lies outside the clip range {clip}")
+            lower, upper = np.clip(lower, lo, hi), np.clip(upper, lo, hi)
+        return cls(lower.astype(center.dtype), upper.astype(center.dtype))
+
+    @property
+    def batch(self) -> int:
+        return self.lower.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.lower.shape[1:])
+
+    @property
+    def center(self) -> np.ndarray:
+        return (self.lower + self.upper) / 2
+
+
+@dataclass(frozen=True, eq=False)
+class LinearSpec:
+    """Bound ``C·y``; the property holds where ``C·y > threshold``.
+
+    ``C`` has shape ``[batch, n_specs, n_out]``; ``threshold`` broadcasts to
+    ``[batch, n_specs]`` (default 0).
+    """
+
+    C: np.ndarray
+    threshold: np.ndarray | float = 0.0
+
+    def __post_init__(self):
+        C = _float_array(self.C, "spec matrix C")
+        if C.ndim != 3:
+            raise SpecError(f"C must have shape [batch, n_specs, n_out], got {C.shape}")
+        thr = _float_array(self.threshold, "spec threshold")
+        try:
+            thr = np.broadcast_to(thr, C.shape[:2]).copy()
+        except ValueError:
+            raise SpecError(f"threshold of shape {thr.shape} does not broadcast to "
+                            f"[batch, n_specs] = {C.shape[:2]}") from None
+        object.__setattr__(self, "C", C)
+        object.__setattr__(self, "threshold", thr)
+
+    @property
+    def n_specs(self) -> int:
+        return self.C.shape[1]
+
+    def check(self, batch: int, n_out: int) -> None:
+        """Raise :class:`SpecError` unless this spec fits ``batch`` samples of ``n_out`` outputs."""
+        b, _, width = self.C.shape
+        if width != n_out:
+            raise SpecError(f"C has width {width} but the model has {n_out} outputs; "
+                            f"C must have shape [batch, n_specs, {n_out}]")
+        if b != batch:
+            raise SpecError(f"C has batch {b} but the input box has batch {batch}")
+
+
+def margin_spec(labels: Sequence[int] | np.ndarray, n_classes: int) -> LinearSpec:
+    """The robustness margin: ``y[label] - y[j] > 0`` for every other class ``j`` (ascending).
+
+    Gives ``C`` of shape ``[batch, n_classes - 1, n_classes]``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind not in "iu":
+        raise SpecError(f"labels must be integers, got dtype {labels.dtype}")
+    if n_classes < 2:
+        raise SpecError(f"a margin spec needs at least 2 classes, got {n_classes}")
+    if np.any(labels < 0) or np.any(labels >= n_classes):
+        raise SpecError(f"labels {labels.tolist()} must lie in [0, {n_classes})")
+    C = np.zeros((len(labels), n_classes - 1, n_classes))
+    for b, label in enumerate(labels):
+        others = [j for j in range(n_classes) if j != label]
+        C[b, :, label] = 1.0
+        C[b, np.arange(n_classes - 1), others] = -1.0
+    return LinearSpec(C)

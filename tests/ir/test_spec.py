@@ -1,0 +1,63 @@
+"""Input boxes and linear output specs validate themselves."""
+
+import numpy as np
+import pytest
+
+from boundflow.errors import SpecError
+from boundflow.ir import InputSpec, LinearSpec, margin_spec
+
+
+def test_linf_box_and_clip():
+    x = np.array([[0.0, 0.5, 1.0]])
+    s = InputSpec.linf(x, 0.1)
+    np.testing.assert_allclose(s.lower, x - 0.1)
+    np.testing.assert_allclose(s.upper, x + 0.1)
+    c = InputSpec.linf(x, 0.1, clip=(0.0, 1.0))
+    np.testing.assert_allclose(c.lower, [[0.0, 0.4, 0.9]])
+    np.testing.assert_allclose(c.upper, [[0.1, 0.6, 1.0]])
+    assert s.batch == 1 and s.sample_shape == (3,)
+    per_feature = InputSpec.linf(x, np.array([0.0, 0.1, 0.2]))
+    np.testing.assert_allclose(per_feature.upper - per_feature.lower, [[0.0, 0.2, 0.4]])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: InputSpec.linf(np.zeros((1, 3)), -0.1), "eps must be >= 0"),
+    (lambda: InputSpec.box(np.ones((1, 3)), np.zeros((1, 3))), r"lower > upper at index \(0, 0\)"),
+    (lambda: InputSpec.box(np.zeros((1, 3)), np.ones((1, 4))), "shape"),
+    (lambda: InputSpec.linf(np.array([[0.0, np.nan]]), 0.1), "NaN"),
+    (lambda: InputSpec.linf(np.array([[0.0, np.inf]]), 0.1), "NaN or inf"),
+    (lambda: InputSpec.linf(np.zeros((1, 3)), np.nan), "eps contains NaN"),
+    (lambda: InputSpec.linf(np.zeros((1, 3)), np.zeros(4)), "broadcast"),
+    (lambda: InputSpec.linf(np.zeros(3), 0.1), "batch dimension"),
+    (lambda: InputSpec.linf(np.full((1, 2), 2.0), 0.1, clip=(0, 1)), "outside the clip"),
+    (lambda: InputSpec.linf(np.array([["a"]]), 0.1), "numbers"),
+])
+def test_bad_input_boxes_are_named(make, match):
+    with pytest.raises(SpecError, match=match):
+        make()
+
+
+def test_margin_spec_is_label_minus_each_other_class():
+    spec = margin_spec([2, 0], 4)
+    assert spec.C.shape == (2, 3, 4)
+    np.testing.assert_array_equal(spec.C[0], [[-1, 0, 1, 0], [0, -1, 1, 0], [0, 0, 1, -1]])
+    np.testing.assert_array_equal(spec.C[1], [[1, -1, 0, 0], [1, 0, -1, 0], [1, 0, 0, -1]])
+    np.testing.assert_array_equal(spec.threshold, np.zeros((2, 3)))
+    with pytest.raises(SpecError, match="must lie in"):
+        margin_spec([4], 4)
+
+
+def test_linear_spec_checks_width_batch_and_threshold():
+    spec = LinearSpec(np.ones((2, 3, 5)), threshold=[1.0, 2.0, 3.0])
+    assert spec.threshold.shape == (2, 3) and spec.n_specs == 3
+    spec.check(2, 5)
+    with pytest.raises(SpecError, match="width 5 but the model has 10 outputs"):
+        spec.check(2, 10)
+    with pytest.raises(SpecError, match="batch 2"):
+        spec.check(3, 5)
+    with pytest.raises(SpecError, match=r"\[batch, n_specs, n_out\]"):
+        LinearSpec(np.ones((3, 5)))
+    with pytest.raises(SpecError, match="threshold"):
+        LinearSpec(np.ones((2, 3, 5)), threshold=np.ones(4))
+    with pytest.raises(SpecError, match="NaN"):
+        LinearSpec(np.full((1, 1, 2), np.nan))

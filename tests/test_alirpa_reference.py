@@ -1,0 +1,55 @@
+"""IBP agrees with auto_LiRPA's recorded bounds on the fixed models in ../shared/reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import boundflow as bf
+from tests.conftest import shared_path
+
+
+def _model(name: str) -> nn.Module:
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                              nn.Linear(256, 10))
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
+                              nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
+    weights = np.load(shared_path("reference", "alirpa", f"{name}_weights.npz"))
+    model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def reference(request):
+    name = request.param
+    base = shared_path("reference", "alirpa")
+    return (name, _model(name), np.load(base / f"{name}_inputs.npz"),
+            np.load(base / f"{name}_bounds.npz"))
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("eps_tag", ["0.01", "8_255"])
+@pytest.mark.parametrize("spec", ["logits", "margin"])
+def test_ibp_matches_auto_lirpa(reference, batch, eps_tag, spec):
+    name, model, inputs, bounds = reference
+    eps = 0.01 if eps_tag == "0.01" else 8 / 255
+    C = inputs["C"][:batch] if spec == "margin" else None
+    out = bf.compute_bounds(model, inputs["x"][:batch], eps=eps, C=C, method="ibp")
+    key = f"IBP|eps={eps_tag}|B={batch}|{spec}|"
+    np.testing.assert_allclose(out.lower.numpy(), bounds[key + "lb"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.upper.numpy(), bounds[key + "ub"], rtol=1e-5, atol=1e-6)
+
+
+def test_float64_ibp_is_within_float32_noise_of_auto_lirpa(reference):
+    name, model, inputs, bounds = reference
+    out = bf.compute_bounds(model.double(), inputs["x"][:1].astype(np.float64), eps=0.01,
+                            C=inputs["C"][:1])
+    assert out.lower.dtype == torch.float64
+    np.testing.assert_allclose(out.lower.numpy(), bounds["IBP|eps=0.01|B=1|margin|lb"],
+                               rtol=1e-5, atol=1e-5)
+    model.float()

@@ -1,0 +1,76 @@
+"""The command line: a readable table or JSON, and one-line errors with a non-zero status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import boundflow.examples as examples
+from boundflow.cli import main
+
+MODEL = str(examples.DATA / "digits_mlp.pt2")
+INPUTS = str(examples.DATA / "digits_x.npy")
+
+
+def test_verify_prints_a_table(capsys):
+    assert main(["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.01"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["sample", "label", "spec", "lower", "upper", "verdict"]
+    assert len(out) == 1 + 8 * 9 + 1
+    assert out[-1].startswith("verified ") and "labels predicted" in out[-1]
+
+
+def test_verify_json_with_labels(capsys):
+    labels = examples.digits_samples()[1][:8]
+    argv = ["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.01", "--json",
+            "--label", *map(str, labels)]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["labels"] == labels.tolist()
+    assert len(result["verdicts"]) == 8 and len(result["lower"][0]) == 9
+    assert all(v in ("verified", "unknown") for row in result["verdicts"] for v in row)
+
+
+def test_single_input_without_batch_dimension(tmp_path, capsys):
+    one = tmp_path / "one.npy"
+    np.save(one, np.load(INPUTS)[0])
+    assert main(["verify", "--model", MODEL, "--input", str(one), "--eps", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] == [True]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--eps", "-1"], "--eps must be a number >= 0"),
+    (["--eps", "nan"], "--eps must be a number >= 0"),
+    (["--eps", "0.1", "--label", "12"], "must lie in"),
+    (["--eps", "0.1", "--method", "magic"], "method 'magic'"),
+])
+def test_errors_are_one_line(argv, match, capsys):
+    assert main(["verify", "--model", MODEL, "--input", INPUTS, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("boundflow: error: ") and err.count("\n") == 1
+    assert match in err
+
+
+def test_wrong_input_shape_and_bad_files(tmp_path, capsys):
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 5)))
+    assert main(["verify", "--model", MODEL, "--input", str(wrong), "--eps", "0.1"]) == 2
+    assert "holds shape [2, 5]" in capsys.readouterr().err
+    pickled = tmp_path / "obj.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main(["verify", "--model", MODEL, "--input", str(pickled), "--eps", "0.1"]) == 2
+    assert "input file" in capsys.readouterr().err
+    assert main(["verify", "--model", INPUTS, "--input", INPUTS, "--eps", "0.1"]) == 2
+    assert "torch.export archive" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    proc = subprocess.run([sys.executable, "-m", "boundflow.cli", "verify", "--model", MODEL,
+                           "--input", INPUTS, "--eps", "0.005", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["verified"]) == 8
