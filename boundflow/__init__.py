@@ -3,16 +3,19 @@
 What users import lives here; everything else may change between versions.
 """
 
-from boundflow.api import Bounds, VerifyResult, compute_bounds, verify
+from boundflow.api import BoundOptions, Bounds, VerifyResult, compute_bounds, verify
+from boundflow.domains.alpha import AlphaConfig
 from boundflow.errors import (BoundFlowError, GraphError, ModelLoadError, ShapeError,
                               SpecError, UnsupportedOpError)
 from boundflow.frontend import from_torch, load_model
-from boundflow.ir import Graph, GraphBuilder, InputSpec, LinearSpec, margin_spec
+from boundflow.ir import (DomainPlan, Graph, GraphBuilder, InputSpec, LinearSpec, margin_spec,
+                          preactivations)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bounds", "VerifyResult", "compute_bounds", "verify",
+    "Bounds", "BoundOptions", "VerifyResult", "compute_bounds", "verify", "AlphaConfig",
+    "DomainPlan", "preactivations",
     "BoundFlowError", "GraphError", "ModelLoadError", "ShapeError", "SpecError",
     "UnsupportedOpError",
     "from_torch", "load_model",

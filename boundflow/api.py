@@ -11,23 +11,23 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
+from boundflow.domains.crown import LOWER_SLOPES, crown
 from boundflow.domains.interval import Interval, ibp
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.frontend.torch import from_exported, from_torch
+from boundflow.ir.domain_plan import METHODS, DomainPlan
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# method name -> fn(graph, interval, tensors, C) -> Interval
-METHODS: dict[str, Callable[..., Interval]] = {"ibp": ibp}
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,39 +148,76 @@ def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]
     return graph, spec, _DTYPES[dtype or graph.dtype]
 
 
-def _bounds(graph: Graph, spec: InputSpec, C: LinearSpec | None, method: str,
+@dataclass(frozen=True)
+class BoundOptions:
+    """How to bound: ``method`` (``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``) or an
+    explicit per-layer ``domains`` plan, the ReLU ``lower_slope`` rule, alpha settings."""
+
+    method: str = "ibp"
+    domains: DomainPlan | Mapping[str, str] | None = None
+    lower_slope: str = "adaptive"
+    alpha: AlphaConfig | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise BoundFlowError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if self.lower_slope not in LOWER_SLOPES:
+            raise BoundFlowError(f"lower_slope {self.lower_slope!r} is not one of "
+                                 f"{LOWER_SLOPES}")
+
+    def plan(self, graph: Graph) -> DomainPlan:
+        if isinstance(self.domains, DomainPlan):
+            return self.domains.check(graph)
+        if self.domains is not None:
+            return DomainPlan.from_mapping(graph, self.domains, METHODS[self.method][1])
+        return DomainPlan.for_method(graph, self.method)
+
+
+def _bounds(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
             dtype: torch.dtype) -> Bounds:
-    if method not in METHODS:
-        raise BoundFlowError(f"method {method!r} is not one of {sorted(METHODS)}")
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
+    plan = options.plan(graph)
     x = Interval(torch.as_tensor(spec.lower).to(dtype), torch.as_tensor(spec.upper).to(dtype))
     cmat = None if C is None else torch.as_tensor(C.C).to(dtype)
-    out = METHODS[method](graph, x, graph_tensors(graph, dtype), cmat)
-    return Bounds(out.lower, out.upper)
+    tensors = graph_tensors(graph, dtype)
+    with torch.no_grad():
+        if not plan.needs_backward:
+            out = ibp(graph, x, tensors, cmat)
+        else:
+            out = crown(graph, x, tensors, cmat, plan, options.lower_slope, options.alpha)
+    return Bounds(out.lower.detach(), out.upper.detach())
 
 
 def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
-                   method: str = "ibp", clip: tuple[float, float] | None = None,
-                   dtype: str | None = None) -> Bounds:
+                   method: str = "ibp", domains: DomainPlan | Mapping[str, str] | None = None,
+                   lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
+                   clip: tuple[float, float] | None = None, dtype: str | None = None) -> Bounds:
     """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
 
     ``x`` is an :class:`InputSpec`, or a batch of centres (``[batch, *in]``) for the L∞ ball
     of radius ``eps``, clipped to ``clip`` when given. ``C`` is ``[batch, n_specs, n_out]`` or a
-    :class:`LinearSpec`. ``dtype`` ("float32" / "float64") defaults to the model's.
+    :class:`LinearSpec`. ``method`` is ``ibp``, ``crown-ibp``, ``crown`` or ``alpha-crown``;
+    ``domains`` overrides it per layer: a :class:`DomainPlan`, or a mapping from every
+    pre-activation node to ``ibp`` / ``crown`` (the final domain then comes from ``method``).
+    ``dtype`` ("float32" / "float64") defaults to the model's.
     """
+    options = BoundOptions(method, domains, lower_slope, alpha)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
-    return _bounds(graph, spec, _linear_spec(C), method, torch_dtype)
+    return _bounds(graph, spec, _linear_spec(C), options, torch_dtype)
 
 
 def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
            C: Any = None, threshold: Any = 0.0, method: str = "ibp",
+           domains: DomainPlan | Mapping[str, str] | None = None,
+           lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
            clip: tuple[float, float] | None = None, dtype: str | None = None) -> VerifyResult:
     """Try to prove ``C·y > threshold`` for every input in the region, per spec.
 
     Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
     class ``j``); without labels either, each sample's predicted class at the box centre.
     """
+    options = BoundOptions(method, domains, lower_slope, alpha)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     n_out = math.prod(graph.output_shape)
     if C is not None and labels is not None:
@@ -200,7 +237,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     else:
         linear = _linear_spec(C, threshold)
         labels = None
-    bounds = _bounds(graph, spec, linear, method, torch_dtype)
+    bounds = _bounds(graph, spec, linear, options, torch_dtype)
     ok = bounds.lower.detach().cpu().numpy() > linear.threshold
     verdicts = np.where(ok, "verified", "unknown")
     return VerifyResult(bounds, linear.threshold, verdicts,

@@ -52,10 +52,47 @@ def _table(result, predicted: bool) -> str:
     return "\n".join(rows)
 
 
+def cmd_verify_property(args: argparse.Namespace) -> int:
+    from boundflow.api import BoundOptions
+    from boundflow.domains.alpha import AlphaConfig
+    from boundflow.frontend.onnx import load_onnx
+    from boundflow.frontend.vnnlib import load_vnnlib
+    from boundflow.vnncomp import check_property, onnx_runner
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise BoundFlowError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    graph = load_onnx(args.onnx)
+    n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
+    prop = load_vnnlib(args.vnnlib, n_in, n_out)
+    options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations))
+    result = check_property(graph, prop, options, timeout=args.timeout,
+                            confirm=onnx_runner(args.onnx))
+    text = result.vnncomp()
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        cex = result.counterexample
+        print(json.dumps({"status": result.status, "seconds": result.seconds,
+                          "refuted": result.refuted, "disjuncts": result.disjuncts,
+                          "counterexample": None if cex is None else
+                          {"x": cex[0].tolist(), "y": cex[1].tolist()}}))
+    else:
+        print(text, end="")
+        print(f"# {result.status}: {result.refuted}/{result.disjuncts} disjuncts refuted by "
+              f"{args.method} in {result.seconds:.3f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from boundflow.api import verify
     from boundflow.frontend.torch import load_model
 
+    if args.onnx or args.vnnlib:
+        if not (args.onnx and args.vnnlib) or args.model or args.input or args.eps is not None:
+            raise BoundFlowError("give --onnx with --vnnlib, or --model with --input and --eps")
+        return cmd_verify_property(args)
+    if not (args.model and args.input and args.eps is not None):
+        raise BoundFlowError("give --model with --input and --eps, or --onnx with --vnnlib")
     if not args.eps >= 0:
         raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
     graph = load_model(args.model)
@@ -72,15 +109,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="prove robustness of a model around inputs")
-    v.add_argument("--model", required=True, type=Path,
-                   help="a program saved with torch.export.save (.pt2)")
-    v.add_argument("--input", required=True,
-                   help=".npy with one input or a batch of inputs (batch first)")
-    v.add_argument("--eps", required=True, type=float, help="L-infinity radius")
+    v = sub.add_parser("verify", help="prove robustness around inputs, or a VNN-LIB property")
+    v.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
+    v.add_argument("--input", help=".npy with one input or a batch of inputs (batch first)")
+    v.add_argument("--eps", type=float, help="L-infinity radius")
+    v.add_argument("--onnx", type=Path, help="an ONNX model (with --vnnlib)")
+    v.add_argument("--vnnlib", type=Path, help="a VNN-LIB property (with --onnx)")
+    v.add_argument("--timeout", type=float, help="seconds for a VNN-LIB property")
+    v.add_argument("--out", type=Path, help="write the VNN-COMP result file here")
+    v.add_argument("--alpha-iterations", type=int, default=20,
+                   help="optimisation steps of alpha-crown (default 20)")
     v.add_argument("--label", type=int, nargs="+",
                    help="true class per sample (one label for all); default: predicted class")
-    v.add_argument("--method", default="ibp", help="bound method (default: ibp)")
+    v.add_argument("--method", default=None,
+                   help="ibp, crown-ibp, crown or alpha-crown (default: ibp for --model, "
+                        "alpha-crown for --vnnlib)")
     v.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI]")
     v.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
@@ -92,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "verify" and args.method is None:
+        args.method = "alpha-crown" if args.vnnlib else "ibp"
     try:
         return args.func(args)
     except BoundFlowError as e:

@@ -74,3 +74,31 @@ def test_console_script_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["verified"]) == 8
+
+
+def test_verify_onnx_vnnlib_writes_the_result_file(tmp_path, capsys):
+    from tests.conftest import shared_path
+
+    base = shared_path("benchmarks", "vnncomp_test")
+    out = tmp_path / "result.txt"
+    argv = ["verify", "--onnx", str(base / "test_sat.onnx"), "--vnnlib",
+            str(base / "test_prop.vnnlib"), "--timeout", "60", "--out", str(out),
+            "--method", "crown"]
+    assert main(argv) == 0
+    text = out.read_text()
+    assert text.startswith("sat\n((X_0 ") and "(Y_4 " in text
+    assert capsys.readouterr().out == text
+    argv[2], argv[4] = str(base / "test_unsat.onnx"), str(base / "test_prop.vnnlib")
+    assert main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "unsat"
+    assert out.read_text() == "unsat\n"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--onnx", "x.onnx"], "give --onnx with --vnnlib"),
+    (["--model", MODEL], "give --model with --input and --eps"),
+    (["--onnx", INPUTS, "--vnnlib", INPUTS], "not a readable ONNX model"),
+])
+def test_verify_argument_errors(argv, match, capsys):
+    assert main(["verify", *argv]) == 2
+    assert match in capsys.readouterr().err

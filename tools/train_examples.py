@@ -14,20 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from boundflow.examples import DATA, Normalize
-
-
-def models(mean: float, std: float) -> dict[str, nn.Module]:
-    return {
-        "digits_mlp": nn.Sequential(
-            Normalize(mean, std), nn.Flatten(),
-            nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)),
-        "digits_cnn": nn.Sequential(
-            Normalize(mean, std),
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-            nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10)),
-    }
+from boundflow.examples import DATA, digits_architectures
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
@@ -57,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, model in models(float(x_tr.mean()), float(x_tr.std())).items():
+    for name, model in digits_architectures(float(x_tr.mean()), float(x_tr.std())).items():
         train(model, xt, yt, args.epochs)
         with torch.no_grad():
             acc = (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()

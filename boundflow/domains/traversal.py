@@ -27,7 +27,7 @@ def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str =
     per_graph = _PARAM_CACHE.setdefault(graph, {})
     key = (dtype, str(device))
     if key not in per_graph:
-        per_graph[key] = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype)
+        per_graph[key] = {k: torch.tensor(np.asarray(v), device=device, dtype=dtype)
                           for k, v in graph.params.items()}
     return per_graph[key]
 

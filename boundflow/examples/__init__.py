@@ -37,6 +37,30 @@ def digits_samples() -> tuple[np.ndarray, np.ndarray]:
         return d["x"], d["labels"]
 
 
+def digits_architectures(mean: float = 0.0, std: float = 1.0) -> dict[str, nn.Module]:
+    """The untrained digits models (``tools/train_examples.py`` trains them)."""
+    return {
+        "digits_mlp": nn.Sequential(
+            Normalize(mean, std), nn.Flatten(),
+            nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)),
+        "digits_cnn": nn.Sequential(
+            Normalize(mean, std),
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10)),
+    }
+
+
+def digits_module(name: str) -> nn.Module:
+    """A bundled digits model as a plain ``nn.Module`` (weights from its saved program)."""
+    from boundflow.frontend.torch import load_exported
+
+    model = digits_architectures()[name]
+    program = load_exported(DATA / f"{name}.pt2")
+    model.load_state_dict({k: v.detach().clone() for k, v in program.state_dict.items()})
+    return model.eval()
+
+
 def _digits(name: str) -> Example:
     from boundflow.frontend.torch import load_model
 

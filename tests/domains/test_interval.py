@@ -58,50 +58,56 @@ def test_sub_of_two_intervals_and_spec_by_hand():
     assert out.lower.tolist() == [[2.0]] and out.upper.tolist() == [[9.0]]
 
 
+def _conv(b, x, w):
+    return b.add_node("conv2d", [x], params={"weight": w(6, 2, 3, 3), "bias": w(6)},
+                      attrs={"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2),
+                             "groups": 2})
+
+
+# one small subgraph per op: name -> (input shape, build(builder, x, random) -> output)
+OP_BUILDERS = {
+    "linear": ((6,), lambda b, x, w: b.add_node("linear", [x], params={"weight": w(4, 6),
+                                                                        "bias": w(4)})),
+    "conv2d": ((4, 7, 7), _conv),
+    "relu": ((5,), lambda b, x, w: b.add_node("relu", [x])),
+    "add": ((2, 3), lambda b, x, w: b.add_node(
+        "add", [x, b.add_node("mul", [x], params={"other": w(2, 3)})])),
+    "add_const": ((2, 3), lambda b, x, w: b.add_node("add", [x], params={"other": w(3)})),
+    "sub": ((4,), lambda b, x, w: b.add_node("sub", [b.add_node("relu", [x]), x])),
+    "sub_const": ((4,), lambda b, x, w: b.add_node("sub", [x], params={"other": w(4)})),
+    "mul": ((3, 2, 2), lambda b, x, w: b.add_node("mul", [x], params={"other": w(3, 1, 1)})),
+    "div": ((3, 2, 2), lambda b, x, w: b.add_node("div", [x],
+                                                   params={"other": [[0.5, -2.0]]})),
+    "batchnorm": ((3, 2, 2), lambda b, x, w: b.add_node(
+        "batchnorm", [x], params={"mean": w(3), "var": np.abs(w(3)) + 0.1, "weight": w(3),
+                                  "bias": w(3)}, attrs={"eps": 1e-5})),
+    "flatten": ((2, 2, 3), lambda b, x, w: b.add_node(
+        "linear", [b.add_node("flatten", [x], attrs={"start_dim": 0, "end_dim": -1})],
+        params={"weight": w(3, 12)})),
+    "reshape": ((2, 6), lambda b, x, w: b.add_node(
+        "linear", [b.add_node("reshape", [x], attrs={"shape": (3, -1)})],
+        params={"weight": w(2, 4)})),
+    "permute": ((2, 3, 4), lambda b, x, w: b.add_node(
+        "linear", [b.add_node("permute", [x], attrs={"dims": (2, 0, 1)})],
+        params={"weight": w(2, 3)})),
+    "avgpool2d": ((2, 5, 5), lambda b, x, w: b.add_node(
+        "avgpool2d", [b.add_node("mul", [x], params={"other": w(2, 5, 5)})],
+        attrs={"kernel_size": (3, 2), "stride": (2, 2), "padding": (1, 1)})),
+    "identity": ((3,), lambda b, x, w: b.add_node("identity", [x])),
+    "concat": ((2, 3), lambda b, x, w: b.add_node(
+        "concat", [x, b.add_node("relu", [x]), b.add_node("mul", [x], params={"other": -1.0})],
+        attrs={"axis": 0})),
+}
+
+
 def _single_op_graphs(dtype: str):
     """One small graph per op, with random parameters, named by op."""
     rng = np.random.default_rng(1)
     w = lambda *s: rng.standard_normal(s)  # noqa: E731
     cases = {}
-
-    def make(op, shape, build):
+    for name, (shape, build) in OP_BUILDERS.items():
         b = GraphBuilder(dtype)
-        x = b.input(shape)
-        cases[op] = b.build(build(b, x))
-
-    make("linear", (6,), lambda b, x: b.add_node("linear", [x], params={"weight": w(4, 6),
-                                                                        "bias": w(4)}))
-    make("conv2d", (4, 7, 7), lambda b, x: b.add_node(
-        "conv2d", [x], params={"weight": w(6, 2, 3, 3), "bias": w(6)},
-        attrs={"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2), "groups": 2}))
-    make("relu", (5,), lambda b, x: b.add_node("relu", [x]))
-    make("add", (2, 3), lambda b, x: b.add_node(
-        "add", [x, b.add_node("mul", [x], params={"other": w(2, 3)})]))
-    make("add_const", (2, 3), lambda b, x: b.add_node("add", [x], params={"other": w(3)}))
-    make("sub", (4,), lambda b, x: b.add_node(
-        "sub", [b.add_node("relu", [x]), x]))
-    make("sub_const", (4,), lambda b, x: b.add_node("sub", [x], params={"other": w(4)}))
-    make("mul", (3, 2, 2), lambda b, x: b.add_node("mul", [x], params={"other": w(3, 1, 1)}))
-    make("div", (3, 2, 2), lambda b, x: b.add_node("div", [x], params={"other": [[0.5, -2.0]]}))
-    make("batchnorm", (3, 2, 2), lambda b, x: b.add_node(
-        "batchnorm", [x], params={"mean": w(3), "var": np.abs(w(3)) + 0.1, "weight": w(3),
-                                  "bias": w(3)}, attrs={"eps": 1e-5}))
-    make("flatten", (2, 2, 3), lambda b, x: b.add_node(
-        "linear", [b.add_node("flatten", [x], attrs={"start_dim": 0, "end_dim": -1})],
-        params={"weight": w(3, 12)}))
-    make("reshape", (2, 6), lambda b, x: b.add_node(
-        "linear", [b.add_node("reshape", [x], attrs={"shape": (3, -1)})],
-        params={"weight": w(2, 4)}))
-    make("permute", (2, 3, 4), lambda b, x: b.add_node(
-        "linear", [b.add_node("permute", [x], attrs={"dims": (2, 0, 1)})],
-        params={"weight": w(2, 3)}))
-    make("avgpool2d", (2, 5, 5), lambda b, x: b.add_node(
-        "avgpool2d", [b.add_node("mul", [x], params={"other": w(2, 5, 5)})],
-        attrs={"kernel_size": (3, 2), "stride": (2, 2), "padding": (1, 1)}))
-    make("identity", (3,), lambda b, x: b.add_node("identity", [x]))
-    make("concat", (2, 3), lambda b, x: b.add_node(
-        "concat", [x, b.add_node("relu", [x]), b.add_node("mul", [x], params={"other": -1.0})],
-        attrs={"axis": 0}))
+        cases[name] = b.build(build(b, b.input(shape), w))
     return cases
 
 

@@ -1,0 +1,180 @@
+"""CROWN, CROWN-IBP and alpha-CROWN: exact small cases, soundness by sampling for every op,
+every example and random per-layer domain mixes, and the tightness order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import boundflow as bf
+import boundflow.examples as examples
+from boundflow.api import as_graph
+from boundflow.ir import DomainPlan, GraphBuilder, preactivations
+from tests.domains.test_interval import OP_BUILDERS
+from tests.helpers import assert_contains, box_points, true_outputs
+
+METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
+FAST_ALPHA = bf.AlphaConfig(iterations=5)
+
+
+def _relu_minus_half():
+    """y = relu(x) - x/2 on x in [-1, 2]: true range [0, 1]."""
+    b = GraphBuilder("float64")
+    x = b.input((1,))
+    y = b.add_node("add", [b.add_node("relu", [x]), b.add_node("mul", [x],
+                                                                  params={"other": -0.5})])
+    return b.build(y)
+
+
+def test_crown_by_hand():
+    g = _relu_minus_half()
+    box = bf.InputSpec.box([[-1.0]], [[2.0]])
+    ibp = bf.compute_bounds(g, box, method="ibp")
+    assert ibp.lower.item() == -1.0 and ibp.upper.item() == 2.5
+    # upper: chord 2/3 x + 2/3 minus x/2 peaks at x = 2 -> 1; lower: slope 1 (u > -l) -> x/2
+    out = bf.compute_bounds(g, box, method="crown")
+    assert out.lower.item() == pytest.approx(-0.5) and out.upper.item() == pytest.approx(1.0)
+    zero = bf.compute_bounds(g, box, method="crown", lower_slope="zero")
+    assert zero.lower.item() == pytest.approx(-1.0)
+    # the best lower slope is 1/2, which gives the exact lower bound 0
+    alpha = bf.compute_bounds(g, box, method="alpha-crown", alpha=bf.AlphaConfig(iterations=40))
+    assert -0.05 < alpha.lower.item() <= 1e-12 and alpha.upper.item() == pytest.approx(1.0)
+
+
+def _op_network(name: str, dtype: str = "float64"):
+    """An op inside a ReLU network: x -> relu(x - c) -> op -> relu -> linear."""
+    shape, build = OP_BUILDERS[name]
+    rng = np.random.default_rng(7)
+    w = lambda *s: rng.standard_normal(s)  # noqa: E731
+    b = GraphBuilder(dtype)
+    x = b.input(shape)
+    h = b.add_node("relu", [b.add_node("sub", [x], params={"other": w(*shape) * 0.3})])
+    h = b.add_node("relu", [build(b, h, w)])
+    h = b.add_node("flatten", [h], attrs={"start_dim": 0, "end_dim": -1})
+    return b.build(b.add_node("linear", [h], params={"weight": w(3, b.shape(h)[0]),
+                                                     "bias": w(3)}))
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+@pytest.mark.parametrize("case", sorted(OP_BUILDERS))
+def test_every_op_sound_by_sampling(case, method):
+    g = _op_network(case)
+    rng = np.random.default_rng(3)
+    centre = rng.standard_normal((2,) + g.input_shape)
+    lower, upper = centre - 0.6, centre + 0.6
+    out = bf.compute_bounds(g, bf.InputSpec.box(lower, upper), method=method, alpha=FAST_ALPHA)
+    assert_contains(out.lower, out.upper, true_outputs(g, box_points(lower, upper)),
+                    what=f"{method} on {case}")
+    ibp = bf.compute_bounds(g, bf.InputSpec.box(lower, upper), method="ibp")
+    assert torch.all(out.lower >= ibp.lower - 1e-9) and torch.all(out.upper <= ibp.upper + 1e-9)
+
+
+def test_without_relus_crown_is_exact_for_affine_graphs():
+    b = GraphBuilder("float64")
+    x = b.input((2, 4, 4))
+    h = b.add_node("conv2d", [x], params={"weight": np.random.default_rng(0).standard_normal(
+        (3, 2, 3, 3))}, attrs={"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1),
+                               "groups": 1})
+    h = b.add_node("flatten", [b.add_node("avgpool2d", [h], attrs={
+        "kernel_size": (2, 2), "stride": (2, 2), "padding": (0, 0)})],
+        attrs={"start_dim": 0, "end_dim": -1})
+    g = b.build(b.add_node("linear", [h], params={"weight": np.ones((1, 12))}))
+    lower, upper = -np.ones((1, 2, 4, 4)), np.ones((1, 2, 4, 4))
+    out = bf.compute_bounds(g, bf.InputSpec.box(lower, upper), method="crown")
+    # an affine map of a box attains its bounds at corners: check against the exact value
+    A = torch.autograd.functional.jacobian(
+        lambda t: bf.domains.concrete.evaluate(g, t), torch.zeros(1, 2, 4, 4, dtype=torch.float64))
+    A = A.reshape(-1).numpy()
+    c = true_outputs(g, np.zeros((1, 1, 2, 4, 4)))[0, 0, 0]
+    assert out.upper.item() == pytest.approx(c + np.abs(A).sum())
+    assert out.lower.item() == pytest.approx(c - np.abs(A).sum())
+
+
+@pytest.fixture(scope="module", params=sorted(examples.EXAMPLES))
+def example(request):
+    ex = examples.load(request.param)
+    graph = as_graph(ex.model, torch.from_numpy(ex.inputs[:1]))
+    labels = ex.labels[:2] if ex.labels is not None else np.array([0, 1])
+    return ex, graph, bf.margin_spec(labels, graph.output_shape[-1]).C
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_every_example_sound_by_sampling(example, method):
+    ex, graph, C = example
+    x = ex.inputs[:2].astype(np.float64)
+    eps = 0.03
+    values = true_outputs(graph, box_points(x - eps, x + eps))
+    for spec in (None, C):
+        out = bf.compute_bounds(graph, x, eps=eps, C=spec, method=method, dtype="float64",
+                                alpha=FAST_ALPHA)
+        assert_contains(out.lower, out.upper, values, C=spec, what=f"{method} {ex.name}")
+
+
+def test_tightness_order_on_every_example(example):
+    ex, graph, C = example
+    x = ex.inputs[:2]
+    out = {m: bf.compute_bounds(graph, x, eps=0.03, C=C, method=m, dtype="float64",
+                                alpha=FAST_ALPHA) for m in METHODS}
+    tol = 1e-7
+    for tight, loose in [("alpha-crown", "crown"), ("crown", "crown-ibp"), ("crown-ibp", "ibp")]:
+        assert torch.all(out[tight].lower >= out[loose].lower - tol), (tight, loose)
+        assert torch.all(out[tight].upper <= out[loose].upper + tol), (tight, loose)
+    assert torch.any(out["crown"].width < out["ibp"].width - 1e-6)
+
+
+def _mix(graph, crown_set, final="crown"):
+    return DomainPlan(tuple((p, "crown" if p in crown_set else "ibp")
+                            for p in preactivations(graph)), final)
+
+
+def test_more_crown_layers_are_never_looser_and_mixes_are_sound(example):
+    ex, graph, C = example
+    x = ex.inputs[:2].astype(np.float64)
+    eps = 0.03
+    values = true_outputs(graph, box_points(x - eps, x + eps, n=2000))
+    pre = list(preactivations(graph))
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        order = list(rng.permutation(pre))
+        for final in ("ibp", "crown"):
+            previous = None
+            for k in range(len(order) + 1):          # add crown layers one at a time
+                plan = _mix(graph, set(order[:k]), final)
+                out = bf.compute_bounds(graph, x, eps=eps, C=C, domains=plan, dtype="float64")
+                assert_contains(out.lower, out.upper, values, C=C, what=f"mix {plan}")
+                if previous is not None:
+                    assert torch.all(out.lower >= previous.lower - 1e-7), plan
+                    assert torch.all(out.upper <= previous.upper + 1e-7), plan
+                previous = out
+
+
+def test_domain_plan_is_an_explicit_argument(example):
+    ex, graph, C = example
+    pre = preactivations(graph)
+    x = ex.inputs[:1]
+    as_mapping = bf.compute_bounds(graph, x, eps=0.02, method="crown",
+                                   domains={p: "crown" for p in pre})
+    as_method = bf.compute_bounds(graph, x, eps=0.02, method="crown")
+    torch.testing.assert_close(as_mapping.lower, as_method.lower)
+    plan = DomainPlan.for_method(graph, "crown-ibp")
+    assert DomainPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(bf.BoundFlowError, match="missing"):
+        bf.compute_bounds(graph, x, eps=0.02, domains={})
+    with pytest.raises(bf.BoundFlowError, match="unknown"):
+        bf.compute_bounds(graph, x, eps=0.02, domains={**{p: "ibp" for p in pre}, "zz": "ibp"})
+    with pytest.raises(bf.BoundFlowError, match="domain 'magic'"):
+        bf.compute_bounds(graph, x, eps=0.02, domains={p: "magic" for p in pre})
+
+
+def test_lower_slope_choices_are_all_sound():
+    ex = examples.load("random_mlp")
+    graph = as_graph(ex.model, torch.from_numpy(ex.inputs[:1]))
+    x = ex.inputs[:2].astype(np.float64)
+    values = true_outputs(graph, box_points(x - 0.05, x + 0.05))
+    for slope in ("adaptive", "zero", "one"):
+        out = bf.compute_bounds(graph, x, eps=0.05, method="crown", lower_slope=slope,
+                                dtype="float64")
+        assert_contains(out.lower, out.upper, values, what=slope)
+    with pytest.raises(bf.BoundFlowError, match="lower_slope"):
+        bf.compute_bounds(graph, x, eps=0.05, method="crown", lower_slope="half")
