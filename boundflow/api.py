@@ -151,12 +151,15 @@ def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]
 @dataclass(frozen=True)
 class BoundOptions:
     """How to bound: ``method`` (``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``) or an
-    explicit per-layer ``domains`` plan, the ReLU ``lower_slope`` rule, alpha settings."""
+    explicit per-layer ``domains`` plan, the ReLU ``lower_slope`` rule, alpha settings, and
+    ``sparse``: run CROWN on each sample's IBP-unstable neurons only (faster; stable
+    neurons keep IBP intervals, so IBP downstream may be looser than with every neuron)."""
 
     method: str = "ibp"
     domains: DomainPlan | Mapping[str, str] | None = None
     lower_slope: str = "adaptive"
     alpha: AlphaConfig | None = None
+    sparse: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -185,14 +188,16 @@ def _bounds(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundO
         if not plan.needs_backward:
             out = ibp(graph, x, tensors, cmat)
         else:
-            out = crown(graph, x, tensors, cmat, plan, options.lower_slope, options.alpha)
+            out = crown(graph, x, tensors, cmat, plan, options.lower_slope, options.alpha,
+                        options.sparse)
     return Bounds(out.lower.detach(), out.upper.detach())
 
 
 def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
                    method: str = "ibp", domains: DomainPlan | Mapping[str, str] | None = None,
                    lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-                   clip: tuple[float, float] | None = None, dtype: str | None = None) -> Bounds:
+                   sparse: bool = False, clip: tuple[float, float] | None = None,
+                   dtype: str | None = None) -> Bounds:
     """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
 
     ``x`` is an :class:`InputSpec`, or a batch of centres (``[batch, *in]``) for the L∞ ball
@@ -200,9 +205,10 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
     :class:`LinearSpec`. ``method`` is ``ibp``, ``crown-ibp``, ``crown`` or ``alpha-crown``;
     ``domains`` overrides it per layer: a :class:`DomainPlan`, or a mapping from every
     pre-activation node to ``ibp`` / ``crown`` (the final domain then comes from ``method``).
-    ``dtype`` ("float32" / "float64") defaults to the model's.
+    ``dtype`` ("float32" / "float64") defaults to the model's. See :class:`BoundOptions`
+    for ``lower_slope``, ``alpha`` and ``sparse``.
     """
-    options = BoundOptions(method, domains, lower_slope, alpha)
+    options = BoundOptions(method, domains, lower_slope, alpha, sparse)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     return _bounds(graph, spec, _linear_spec(C), options, torch_dtype)
 
@@ -211,13 +217,14 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
            C: Any = None, threshold: Any = 0.0, method: str = "ibp",
            domains: DomainPlan | Mapping[str, str] | None = None,
            lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-           clip: tuple[float, float] | None = None, dtype: str | None = None) -> VerifyResult:
+           sparse: bool = False, clip: tuple[float, float] | None = None,
+           dtype: str | None = None) -> VerifyResult:
     """Try to prove ``C·y > threshold`` for every input in the region, per spec.
 
     Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
     class ``j``); without labels either, each sample's predicted class at the box centre.
     """
-    options = BoundOptions(method, domains, lower_slope, alpha)
+    options = BoundOptions(method, domains, lower_slope, alpha, sparse)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     n_out = math.prod(graph.output_shape)
     if C is not None and labels is not None:

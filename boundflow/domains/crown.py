@@ -60,6 +60,10 @@ def _sum_trailing(t: torch.Tensor) -> torch.Tensor:
 
 
 def _same(a: Coeffs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Coeffs:
+    """``fn`` on both sides; once where they are still one tensor (before any ReLU)."""
+    if a.lA is a.uA:
+        out = fn(a.lA)
+        return Coeffs(out, out)
     return Coeffs(fn(a.lA), fn(a.uA))
 
 
@@ -68,7 +72,7 @@ def linear(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     out = _same(a, lambda t: torch.matmul(t, w))
     if b is None:
         return [out], 0.0, 0.0
-    return [out], _sum_trailing(a.lA * b), _sum_trailing(a.uA * b)
+    return [out], *_const_term(a, b)
 
 
 def _output_padding(node: Node, in_hw, out_hw, kernel, stride, padding, dilation):
@@ -95,7 +99,8 @@ def conv2d(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     b = p.get("bias")
     if b is None:
         return [out], 0.0, 0.0
-    return [out], (a.lA.sum((-1, -2)) * b).sum(-1), (a.uA.sum((-1, -2)) * b).sum(-1)
+    low = (a.lA.sum((-1, -2)) * b).sum(-1)
+    return [out], low, (low if a.lA is a.uA else (a.uA.sum((-1, -2)) * b).sum(-1))
 
 
 def relu_relaxation(l: torch.Tensor, u: torch.Tensor):
@@ -136,7 +141,8 @@ def relu(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
 
 
 def _const_term(a: Coeffs, c: torch.Tensor, sign: float = 1.0):
-    return sign * _sum_trailing(a.lA * c), sign * _sum_trailing(a.uA * c)
+    low = sign * _sum_trailing(a.lA * c)
+    return low, (low if a.lA is a.uA else sign * _sum_trailing(a.uA * c))
 
 
 def add(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
@@ -147,7 +153,7 @@ def add(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
 
 def sub(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     if len(node.inputs) == 2:
-        return [a, Coeffs(-a.lA, -a.uA)], 0.0, 0.0
+        return [a, _same(a, torch.neg)], 0.0, 0.0
     return [a], *_const_term(a, p["other"], -1.0)
 
 
@@ -209,19 +215,29 @@ RULES: dict[str, Callable] = {
 
 # --- the backward walk ---------------------------------------------------------------------
 
+def _add(a: Coeffs, b: Coeffs) -> Coeffs:
+    if a.lA is a.uA and b.lA is b.uA:
+        total = a.lA + b.lA
+        return Coeffs(total, total)
+    return Coeffs(a.lA + b.lA, a.uA + b.uA)
+
+
 def concretize(a: Coeffs, lb, ub, x: Interval) -> Interval:
     """Bounds over the input box of ``lA·x + lb`` (lower) and ``uA·x + ub`` (upper)."""
     mid = ((x.upper + x.lower) / 2).flatten(1).unsqueeze(-1)        # [B, n, 1]
     rad = ((x.upper - x.lower) / 2).flatten(1).unsqueeze(-1)
-    lA, uA = a.lA.flatten(2), a.uA.flatten(2)                      # [B, S, n]
-    lower = (torch.bmm(lA, mid) - torch.bmm(lA.abs(), rad)).squeeze(-1) + lb
-    upper = (torch.bmm(uA, mid) + torch.bmm(uA.abs(), rad)).squeeze(-1) + ub
+    lA, uA = a.lA.flatten(2), a.uA.flatten(2)                      # [B or 1, S, n]
+    lower = (torch.matmul(lA, mid) - torch.matmul(lA.abs(), rad)).squeeze(-1) + lb
+    upper = (torch.matmul(uA, mid) + torch.matmul(uA.abs(), rad)).squeeze(-1) + ub
     return Interval(lower, upper)
 
 
 def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
              tensors: Mapping[str, torch.Tensor], ctx: BackwardContext) -> Interval:
-    """Bounds of ``A·start`` (``A``: ``[B, S, *start_shape]``) over the input box."""
+    """Bounds of ``A·start`` over the input box. ``A`` is ``[B, S, *start_shape]``, or
+    ``[1, S, *start_shape]`` when it is the same for every sample (an identity start): it
+    then stays batch-free through the affine ops and broadcasts at the first ReLU, so
+    those steps run once instead of once per sample."""
     need = ancestors(graph, [start])
     order = [n for n in graph.nodes if n.name in need]
     pending: dict[str, Coeffs] = {start: Coeffs(A, A)}
@@ -241,11 +257,9 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
         lb, ub = lb + dl, ub + du
         for name, coeffs in zip(node.inputs, ins):
             prev = pending.get(name)
-            pending[name] = coeffs if prev is None else Coeffs(prev.lA + coeffs.lA,
-                                                               prev.uA + coeffs.uA)
+            pending[name] = coeffs if prev is None else _add(prev, coeffs)
     # the start node does not depend on the input: its value is the constant bias
-    B, S = A.shape[:2]
-    zero = torch.zeros(B, S, dtype=A.dtype, device=A.device)
+    zero = torch.zeros(x.lower.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
     return Interval(zero + lb, zero + ub)
 
 
@@ -253,7 +267,7 @@ def backward_chunked(graph: Graph, start: str, A: torch.Tensor, x: Interval,
                      tensors: Mapping[str, torch.Tensor], ctx: BackwardContext) -> Interval:
     """``backward`` with the spec dimension split so no coefficient tensor grows too big."""
     widest = max(math.prod(b.lower.shape[1:]) for b in ctx.bounds.values())
-    per_spec = A.shape[0] * widest
+    per_spec = x.lower.shape[0] * widest
     chunk = max(1, CHUNK_ELEMENTS // max(per_spec, 1))
     if A.shape[1] <= chunk:
         return backward(graph, start, A, x, tensors, ctx)
@@ -268,16 +282,17 @@ def unstable_index(bound: Interval) -> torch.Tensor:
 
 
 def selection_start(bound: Interval, index: torch.Tensor) -> torch.Tensor:
-    """Start matrix ``[B, k, *shape]`` whose row ``j`` picks neuron ``index[j]``."""
-    B, shape = bound.lower.shape[0], tuple(bound.lower.shape[1:])
+    """Start matrix ``[1, k, *shape]`` (the same for every sample) whose row ``j`` picks
+    neuron ``index[j]``."""
+    shape = tuple(bound.lower.shape[1:])
     n = math.prod(shape)
     rows = torch.zeros(len(index), n, dtype=bound.lower.dtype, device=bound.lower.device)
     rows[torch.arange(len(index)), index] = 1.0
-    return rows.reshape((1, len(index)) + shape).expand((B, len(index)) + shape)
+    return rows.reshape((1, len(index)) + shape)
 
 
 def identity_start(bound: Interval) -> torch.Tensor:
-    """The identity as a start matrix: ``[B, n, *shape]`` for a node of ``n`` neurons."""
+    """The identity as a start matrix: ``[1, n, *shape]`` for a node of ``n`` neurons."""
     n = math.prod(bound.lower.shape[1:])
     return selection_start(bound, torch.arange(n, device=bound.lower.device))
 
@@ -294,6 +309,33 @@ def tighten_rows(bound: Interval, index: torch.Tensor, rows: Interval) -> Interv
     return Interval(lo.reshape(bound.lower.shape), hi.reshape(bound.upper.shape))
 
 
+def unstable_rows(bound: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the flat indices of its unstable neurons, padded to the largest count:
+    ``index`` and ``valid`` of shape ``[B, k]``."""
+    mask = ((bound.lower < 0) & (bound.upper > 0)).flatten(1)
+    k = int(mask.sum(1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return order, torch.gather(mask, 1, order)
+
+
+def _crown_sparse(graph: Graph, node: str, bound: Interval, x: Interval,
+                  tensors: Mapping[str, torch.Tensor], ctx: BackwardContext) -> Interval:
+    """CROWN on each sample's own unstable neurons only."""
+    index, valid = unstable_rows(bound)
+    B, k = index.shape
+    if k == 0:
+        return bound
+    shape = tuple(bound.lower.shape[1:])
+    A = torch.zeros(B, k, math.prod(shape), dtype=bound.lower.dtype, device=bound.lower.device)
+    A.scatter_(2, index.unsqueeze(-1), valid.unsqueeze(-1).to(A.dtype))
+    rows = backward_chunked(graph, node, A.reshape((B, k) + shape), x, tensors, ctx)
+    lo, hi = bound.lower.flatten(1), bound.upper.flatten(1)
+    new_lo = torch.where(valid, torch.maximum(lo.gather(1, index), rows.lower), lo.gather(1, index))
+    new_hi = torch.where(valid, torch.minimum(hi.gather(1, index), rows.upper), hi.gather(1, index))
+    return Interval(lo.scatter(1, index, new_lo).reshape(bound.lower.shape),
+                    hi.scatter(1, index, new_hi).reshape(bound.upper.shape))
+
+
 def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
                tensors: Mapping[str, torch.Tensor], ctx: BackwardContext,
                index: torch.Tensor | None = None, sparse: bool = False) -> Interval:
@@ -302,6 +344,8 @@ def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
     neurons already have an exact ReLU relaxation, so ``sparse`` saves work where the node
     is bounded only for its relaxation; but their intervals also feed IBP downstream, which
     ``sparse`` leaves looser (and then more crown layers are no longer never-looser)."""
+    if index is None and sparse and ctx.alphas is None:
+        return _crown_sparse(graph, node, bound, x, tensors, ctx)
     if index is None:
         index = unstable_index(bound) if sparse else torch.arange(
             bound.lower[0].numel(), device=bound.lower.device)

@@ -40,7 +40,8 @@ def _each(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Interval]
 def linear(node: Node, params: dict, x: Interval) -> Interval:
     mid, rad = _center_radius(x)
     w = params["weight"]
-    return _from_center_radius(F.linear(mid, w, params.get("bias")), F.linear(rad, w.abs()))
+    w_abs = params["weight_abs"] if "weight_abs" in params else w.abs()
+    return _from_center_radius(F.linear(mid, w, params.get("bias")), F.linear(rad, w_abs))
 
 
 def conv2d(node: Node, params: dict, x: Interval) -> Interval:
@@ -49,8 +50,9 @@ def conv2d(node: Node, params: dict, x: Interval) -> Interval:
     kw = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
               groups=a["groups"])
     w = params["weight"]
+    w_abs = params["weight_abs"] if "weight_abs" in params else w.abs()
     return _from_center_radius(F.conv2d(mid, w, params.get("bias"), **kw),
-                               F.conv2d(rad, w.abs(), None, **kw))
+                               F.conv2d(rad, w_abs, None, **kw))
 
 
 def _scale(x: Interval, s: torch.Tensor) -> Interval:

@@ -27,9 +27,17 @@ def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str =
     per_graph = _PARAM_CACHE.setdefault(graph, {})
     key = (dtype, str(device))
     if key not in per_graph:
-        per_graph[key] = {k: torch.tensor(np.asarray(v), device=device, dtype=dtype)
-                          for k, v in graph.params.items()}
+        tensors = {k: torch.tensor(np.asarray(v), device=device, dtype=dtype)
+                   for k, v in graph.params.items()}
+        for node in graph.nodes:       # |W| of every weight, for centre/radius rules
+            if "weight" in node.params and node.op in ("linear", "conv2d"):
+                k = node.params["weight"]
+                tensors[k + ABS] = tensors[k].abs()
+        per_graph[key] = tensors
     return per_graph[key]
+
+
+ABS = "|abs"
 
 
 def ancestors(graph: Graph, targets: Sequence[str]) -> set[str]:
@@ -73,4 +81,6 @@ def apply_rule(rules: Mapping[str, Rule], node: Node, tensors: Mapping[str, torc
     if rule is None:
         raise UnsupportedOpError(f"{method} has no rule for op {node.op!r} ({node.describe()})")
     params = {role: tensors[key] for role, key in node.params.items()}
+    if "weight" in node.params and node.params["weight"] + ABS in tensors:
+        params["weight_abs"] = tensors[node.params["weight"] + ABS]
     return rule(node, params, *inputs)

@@ -178,3 +178,46 @@ def test_lower_slope_choices_are_all_sound():
         assert_contains(out.lower, out.upper, values, what=slope)
     with pytest.raises(bf.BoundFlowError, match="lower_slope"):
         bf.compute_bounds(graph, x, eps=0.05, method="crown", lower_slope="half")
+
+
+def test_each_layer_is_bounded_once_per_method(monkeypatch, example):
+    import importlib
+
+    crown_mod = importlib.import_module("boundflow.domains.crown")
+    ex, graph, C = example
+    starts = []
+    real = crown_mod.backward
+
+    def counting(graph_, start, *args, **kwargs):
+        starts.append(start)
+        return real(graph_, start, *args, **kwargs)
+
+    monkeypatch.setattr(crown_mod, "backward", counting)
+    bf.compute_bounds(graph, ex.inputs[:1], eps=0.02, C=C[:1], method="crown")
+    exact = crown_mod.ibp_exact_nodes(graph)
+    expected = [p for p in preactivations(graph) if p not in exact] + [graph.output]
+    # chunking may split one start into several calls, never repeat a start after another
+    assert [s for i, s in enumerate(starts) if i == 0 or starts[i - 1] != s] == expected
+
+
+def test_spec_is_folded_into_the_backward_start(example):
+    ex, graph, C = example
+    x = ex.inputs[:2]
+    folded = bf.compute_bounds(graph, x, eps=0.02, C=C, method="crown", dtype="float64")
+    y = bf.compute_bounds(graph, x, eps=0.02, method="crown", dtype="float64")
+    pos, neg = np.maximum(C, 0), np.minimum(C, 0)
+    after = np.einsum("bsk,bk->bs", pos, y.lower.numpy()) + \
+        np.einsum("bsk,bk->bs", neg, y.upper.numpy())
+    assert np.all(folded.lower.numpy() >= after - 1e-9)
+    assert np.any(folded.lower.numpy() > after + 1e-6)
+
+
+def test_sparse_option_is_sound_and_between_ibp_and_full_crown(example):
+    ex, graph, C = example
+    x = ex.inputs[:2].astype(np.float64)
+    values = true_outputs(graph, box_points(x - 0.03, x + 0.03, n=2000))
+    sparse = bf.compute_bounds(graph, x, eps=0.03, C=C, method="crown", sparse=True,
+                               dtype="float64")
+    ibp = bf.compute_bounds(graph, x, eps=0.03, C=C, method="ibp", dtype="float64")
+    assert_contains(sparse.lower, sparse.upper, values, C=C, what="sparse crown")
+    assert torch.all(sparse.lower >= ibp.lower - 1e-9)
