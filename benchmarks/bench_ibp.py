@@ -21,6 +21,7 @@ from torch import nn
 
 import boundflow as bf
 from boundflow.api import as_graph
+from boundflow.examples import reference_architecture
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "alirpa"
 ALIRPA_IBP_MS = {("mlp", 1): (4.0, 5.0), ("mlp", 32): (10.0, 10.0),
@@ -28,14 +29,7 @@ ALIRPA_IBP_MS = {("mlp", 1): (4.0, 5.0), ("mlp", 32): (10.0, 10.0),
 
 
 def model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    if name == "mlp":
-        m = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    else:
-        m = nn.Sequential(nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
-                          nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
+    m = reference_architecture(name)
     path = SHARED / f"{name}_weights.npz"
     if path.exists():
         w = np.load(path)
@@ -43,15 +37,20 @@ def model(name: str) -> nn.Module:
     return m.eval()
 
 
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(max(3, repeat // 10)):
+def median_seconds(fn, repeat: int) -> float:
+    """Median wall-clock seconds of ``repeat`` calls after a few warm-up calls."""
+    for _ in range(max(1, min(3, repeat // 10))):
         fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return statistics.median(times)
+
+
+def median_ms(fn, repeat: int) -> float:
+    return 1e3 * median_seconds(fn, repeat)
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 import boundflow as bf
 from boundflow.api import BoundOptions, as_graph
+from bench_ibp import median_seconds, model as model_with_weights
 
 ROOT = Path(__file__).resolve().parents[2] / "shared"
 REF = ROOT / "reference" / "alirpa"
@@ -39,23 +39,11 @@ ALIRPA_S = {
 NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 
 
-def _median(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bound_table(repeat: int, slow: bool) -> None:
-    from tests.test_alirpa_reference import _model
-
     print(f"{'model':<4} {'B':>3} {'method':<12} {'BoundFlow s':>12} {'auto_LiRPA s':>14} "
           f"{'speedup':>8} {'width':>9} {'aL width':>9}")
     for name in ("mlp", "cnn"):
-        model = _model(name)
+        model = model_with_weights(name)
         inputs, ref = np.load(REF / f"{name}_inputs.npz"), np.load(REF / f"{name}_bounds.npz")
         for batch in (1, 32):
             x, C = inputs["x"][:batch], inputs["C"][:batch]
@@ -68,7 +56,7 @@ def bound_table(repeat: int, slow: bool) -> None:
                 run = lambda: bf.compute_bounds(graph, x, eps=8 / 255, C=C,  # noqa: E731
                                                 method=method,
                                                 alpha=bf.AlphaConfig(iterations=10))
-                sec = _median(run, n)
+                sec = median_seconds(run, n)
                 out = run()
                 lo, hi = ALIRPA_S[(name, batch)][method]
                 key = f"{NAMES[method]}|eps=8_255|B={batch}|margin|"
@@ -115,7 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -10,17 +10,12 @@ import torch
 from torch import nn
 
 import boundflow as bf
+import boundflow.examples as examples
 from tests.conftest import shared_path
 
 
 def _model(name: str) -> nn.Module:
-    if name == "mlp":
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                              nn.Linear(256, 10))
-    else:
-        model = nn.Sequential(nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
-                              nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
+    model = examples.reference_architecture(name)
     weights = np.load(shared_path("reference", "alirpa", f"{name}_weights.npz"))
     model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
     return model.eval()

@@ -110,6 +110,21 @@ class ResidualNet(nn.Module):
         return self.head(h.reshape(h.shape[0], -1) * 0.5 - 0.1)
 
 
+def reference_architecture(name: str) -> nn.Module:
+    """The fixed models of auto_LiRPA's recorded bounds (``mlp``: 784-256-256-10, ``cnn``:
+    two strided 4x4 convolutions then 2048-100-10), PyTorch's default initialisation after
+    ``torch.manual_seed(0)``; load the recorded weights into them to compare bounds."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                             nn.Linear(256, 10))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(2048, 100), nn.ReLU(), nn.Linear(100, 10))
+    raise ValueError(f"no reference architecture {name!r}; there are 'mlp' and 'cnn'")
+
+
 def _randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
