@@ -17,8 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.005
-	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_mlp.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --json
+	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method ibp | tail -1
+	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method crown
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -176,8 +176,10 @@ class BoundOptions:
         return DomainPlan.for_method(graph, self.method)
 
 
-def _bounds(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
-            dtype: torch.dtype) -> Bounds:
+def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
+               dtype: torch.dtype) -> Bounds:
+    """Bounds of ``graph`` (or ``C·graph``) over ``spec``: the checked-input core of
+    :func:`compute_bounds`, for callers that already hold a Graph and validated specs."""
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
     plan = options.plan(graph)
@@ -210,7 +212,7 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
     """
     options = BoundOptions(method, domains, lower_slope, alpha, sparse)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
-    return _bounds(graph, spec, _linear_spec(C), options, torch_dtype)
+    return bound_spec(graph, spec, _linear_spec(C), options, torch_dtype)
 
 
 def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
@@ -244,7 +246,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     else:
         linear = _linear_spec(C, threshold)
         labels = None
-    bounds = _bounds(graph, spec, linear, options, torch_dtype)
+    bounds = bound_spec(graph, spec, linear, options, torch_dtype)
     ok = bounds.lower.detach().cpu().numpy() > linear.threshold
     verdicts = np.where(ok, "verified", "unknown")
     return VerifyResult(bounds, linear.threshold, verdicts,

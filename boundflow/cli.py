@@ -97,7 +97,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
     graph = load_model(args.model)
     x = _load_input(args.input, graph.input_shape)
+    from boundflow.domains.alpha import AlphaConfig
+
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
+                    alpha=AlphaConfig(iterations=args.alpha_iterations),
                     clip=tuple(args.clip) if args.clip else None, dtype=args.dtype)
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from boundflow.api import BoundOptions, _bounds
+from boundflow.api import BoundOptions, bound_spec
 from boundflow.attack import AttackConfig, find_counterexample
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import BoundFlowError
@@ -64,7 +64,7 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                            box.upper.reshape((1,) + graph.input_shape))
         proven = np.zeros(0, dtype=bool)
         if spec is not None:
-            bounds = _bounds(graph, shaped, spec, options, dtype)
+            bounds = bound_spec(graph, shaped, spec, options, dtype)
             proven = bounds.lower.numpy()[0] > spec.threshold[0]
         for a, b in ranges:
             if b > a and proven[a:b].any():

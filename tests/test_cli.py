@@ -102,3 +102,16 @@ def test_verify_onnx_vnnlib_writes_the_result_file(tmp_path, capsys):
 def test_verify_argument_errors(argv, match, capsys):
     assert main(["verify", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["crown-ibp", "crown", "alpha-crown"])
+def test_verify_model_with_each_method_is_at_least_as_strong_as_ibp(method, capsys):
+    base = ["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.02", "--json",
+            "--alpha-iterations", "3"]
+    assert main(base) == 0
+    ibp = json.loads(capsys.readouterr().out)
+    assert main(base + ["--method", method]) == 0
+    tight = json.loads(capsys.readouterr().out)
+    assert tight["method"] == method
+    assert sum(tight["verified"]) >= sum(ibp["verified"])
+    assert np.all(np.array(tight["lower"]) >= np.array(ibp["lower"]) - 1e-5)

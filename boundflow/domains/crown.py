@@ -25,6 +25,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from boundflow.domains.crown_conv import conv_chain, crown_conv_rows
 from boundflow.domains.interval import Interval, RULES as IBP_RULES, spec_interval
 from boundflow.domains.traversal import ancestors, apply_rule
 from boundflow.errors import BoundFlowError, UnsupportedOpError
@@ -32,6 +33,8 @@ from boundflow.ir.domain_plan import DomainPlan, preactivations
 from boundflow.ir.graph import Graph, Node
 
 LOWER_SLOPES = ("adaptive", "zero", "one")
+# bound conv pre-activations with local (patch) coefficients where the graph allows
+PATCHES = True
 # largest number of elements one backward coefficient tensor may hold before the spec
 # dimension is split into chunks
 CHUNK_ELEMENTS = 1 << 25
@@ -346,6 +349,12 @@ def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
     ``sparse`` leaves looser (and then more crown layers are no longer never-looser)."""
     if index is None and sparse and ctx.alphas is None:
         return _crown_sparse(graph, node, bound, x, tensors, ctx)
+    if index is None and ctx.alphas is None and PATCHES:
+        chain = conv_chain(graph, node, tensors)
+        if chain is not None:
+            rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope)
+            return tighten_rows(bound, torch.arange(rows.lower.shape[1],
+                                                    device=rows.lower.device), rows)
     if index is None:
         index = unstable_index(bound) if sparse else torch.arange(
             bound.lower[0].numel(), device=bound.lower.device)

@@ -221,3 +221,46 @@ def test_sparse_option_is_sound_and_between_ibp_and_full_crown(example):
     ibp = bf.compute_bounds(graph, x, eps=0.03, C=C, method="ibp", dtype="float64")
     assert_contains(sparse.lower, sparse.upper, values, C=C, what="sparse crown")
     assert torch.all(sparse.lower >= ibp.lower - 1e-9)
+
+
+def _conv_chain_graph(seed, k, stride, pad, first_k=(3, 3)):
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("float64")
+    x = b.input((2, 9, 8))
+    h = b.add_node("sub", [x], params={"other": rng.standard_normal((2, 1, 1)) * 0.1})
+    h = b.add_node("conv2d", [h], params={"weight": rng.standard_normal((4, 2) + first_k),
+                                          "bias": rng.standard_normal(4)},
+                   attrs={"stride": (1, 2), "padding": (1, 0), "dilation": (1, 1), "groups": 1})
+    h = b.add_node("batchnorm", [h], params={"mean": rng.standard_normal(4) * 0.1,
+                                             "var": rng.random(4) + 0.5,
+                                             "weight": rng.standard_normal(4),
+                                             "bias": rng.standard_normal(4)}, attrs={"eps": 1e-5})
+    h = b.add_node("relu", [b.add_node("mul", [h], params={"other": np.array(1.5)})])
+    h = b.add_node("conv2d", [h], params={"weight": rng.standard_normal((3, 4) + k),
+                                          "bias": rng.standard_normal(3)},
+                   attrs={"stride": stride, "padding": pad, "dilation": (1, 1), "groups": 1})
+    h = b.add_node("relu", [h])
+    h = b.add_node("flatten", [h], attrs={"start_dim": 0, "end_dim": -1})
+    return b.build(b.add_node("linear", [h], params={"weight": rng.standard_normal(
+        (2, b.shape(h)[0]))}))
+
+
+@pytest.mark.parametrize("k, stride, pad", [((3, 3), (1, 1), (1, 1)), ((4, 2), (2, 1), (2, 0)),
+                                            ((2, 3), (2, 2), (0, 1)), ((5, 5), (3, 3), (2, 2))])
+def test_patch_coefficients_equal_dense_ones(monkeypatch, k, stride, pad):
+    import importlib
+
+    crown_mod = importlib.import_module("boundflow.domains.crown")
+    g = _conv_chain_graph(0, k, stride, pad)
+    conv = [n.name for n in g.nodes if n.op == "conv2d"][-1]
+    assert crown_mod.conv_chain(g, conv, bf.domains.traversal.graph_tensors(
+        g, torch.float64)) is not None
+    x = np.random.default_rng(1).standard_normal((3,) + g.input_shape)
+    out = {}
+    for patches in (False, True):
+        monkeypatch.setattr(crown_mod, "PATCHES", patches)
+        out[patches] = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")
+    torch.testing.assert_close(out[True].lower, out[False].lower, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-10, atol=1e-10)
+    values = true_outputs(g, box_points(x - 0.3, x + 0.3, n=3000))
+    assert_contains(out[True].lower, out[True].upper, values)

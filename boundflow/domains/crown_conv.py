@@ -1,0 +1,167 @@
+"""CROWN for convolutional pre-activations with local ("patch") coefficients.
+
+Bounding every neuron ``(c, i, j)`` of a conv layer by a backward pass needs, at each
+upstream feature map, coefficients that are non-zero only inside the receptive field of
+pixel ``(i, j)``. The dense rule stores them as full ``[rows, C, H, W]`` maps; here each row
+keeps only its window ``[C, Rh, Rw]``, placed at ``(i·S - O, j·S - O)`` of the map, where the
+window size ``R``, stride ``S`` and offset ``O`` grow as the walk passes each convolution.
+The arithmetic is the dense rule's, restricted to where it is not zero; out-of-map window
+entries are masked to zero (they stand for padding, which is constant 0).
+
+It applies when the path from the start node back to the input is a chain of conv2d
+(groups 1, dilation 1), relu and per-channel affine ops (batchnorm, add/sub/mul/div by a
+constant that is scalar or per channel), starting at a conv2d; :func:`conv_chain` says.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from boundflow.domains.interval import Interval
+from boundflow.ir.graph import Graph, Node
+
+_ELEMENTWISE = {"batchnorm", "mul", "div", "add", "sub", "identity"}
+
+
+def _per_channel(t: torch.Tensor | None) -> bool:
+    return t is None or t.dim() == 0 or t.numel() == 1 or (
+        t.dim() == 3 and t.shape[1:] == (1, 1)) or t.dim() == 1
+
+
+def conv_chain(graph: Graph, start: str, tensors: Mapping[str, torch.Tensor]
+               ) -> list[Node] | None:
+    """The nodes from ``start`` back to (not including) the input, or None if the fast path
+    does not apply."""
+    node = graph.node(start)
+    if node.op != "conv2d":
+        return None
+    chain = []
+    while node.op != "input":
+        if len(node.inputs) != 1 or len(node.shape) != 3:
+            return None
+        if node.op == "conv2d":
+            if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
+                return None
+        elif node.op in _ELEMENTWISE:
+            if node.op in ("add", "sub", "mul", "div"):
+                other = tensors[node.params["other"]]
+                if other.dim() == 1 and other.numel() != 1:
+                    return None              # a per-width constant, not per channel
+                if not _per_channel(other):
+                    return None
+        elif node.op != "relu":
+            return None
+        chain.append(node)
+        node = graph.node(node.inputs[0])
+    return chain if len(node.shape) == 3 else None
+
+
+class _Windows:
+    """Coefficients ``[B', L, Cs, C, Rh, Rw]`` (L start positions, Cs start channels) and the
+    window geometry at the current map."""
+
+    def __init__(self, A, size, stride, offset, out_hw):
+        self.A, self.size, self.stride, self.offset, self.out_hw = A, size, stride, offset, out_hw
+
+    def unfold(self, t: torch.Tensor) -> torch.Tensor:
+        """A map ``[B, C, H, W]`` as windows ``[B, L, 1, C, Rh, Rw]`` (zero outside the map)."""
+        B, C, H, W = t.shape
+        (rh, rw), (sh, sw), (oh, ow), (ho, wo) = self.size, self.stride, self.offset, self.out_hw
+        need_h, need_w = (ho - 1) * sh + rh, (wo - 1) * sw + rw
+        t = F.pad(t, (ow, max(0, need_w - W - ow), oh, max(0, need_h - H - oh)))
+        t = t[..., :need_h, :need_w]       # exactly the area the windows cover
+        cols = F.unfold(t, (rh, rw), stride=(sh, sw))            # [B, C*rh*rw, L]
+        return cols.reshape(B, C, rh, rw, ho * wo).permute(0, 4, 1, 2, 3).unsqueeze(2)
+
+
+def _channel(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, 1, 1) if t.dim() >= 1 and t.numel() > 1 else t.reshape(())
+
+
+def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interval,
+                    tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
+                    lower_slope: str) -> Interval:
+    """CROWN bounds ``[B, n]`` of every neuron of ``chain[0]`` (a conv2d), in its flat order."""
+    from boundflow.domains.crown import default_lower_slope, relu_relaxation
+
+    start = chain[0]
+    w = tensors[start.params["weight"]]
+    Cs, Ho, Wo = start.shape
+    L = Ho * Wo
+    A = w.reshape(1, 1, Cs, *w.shape[1:]).expand(1, L, *((Cs,) + tuple(w.shape[1:])))
+    win = _Windows(A, tuple(w.shape[2:]), tuple(start.attrs["stride"]),
+                   tuple(start.attrs["padding"]), (Ho, Wo))
+    lA = uA = win.A
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    lb = ub = tensors[start.params["bias"]].reshape(1, 1, Cs) if "bias" in start.params else zero
+    mask_of = lambda name: win.unfold(torch.ones_like(bounds[name].lower[:1]))  # noqa: E731
+
+    def wsum(t):                                   # sum over (C, Rh, Rw)
+        return t.sum((-1, -2, -3))
+
+    for node in chain[1:]:
+        mask = mask_of(node.name)
+        lA, uA = lA * mask, (uA * mask if uA is not lA else None)
+        uA = lA if uA is None else uA
+        p = {r: tensors[k] for r, k in node.params.items()}
+        if node.op == "relu":
+            pre = bounds[node.inputs[0]]
+            up_s, up_b, unstable = relu_relaxation(pre.lower, pre.upper)
+            lo_s = torch.where(unstable, default_lower_slope(pre.lower, pre.upper, lower_slope),
+                               (pre.lower >= 0).to(pre.lower.dtype))
+            up_s, up_b, lo_s = win.unfold(up_s), win.unfold(up_b), win.unfold(lo_s)
+            lpos, lneg, upos, uneg = lA.clamp(min=0), lA.clamp(max=0), uA.clamp(min=0), \
+                uA.clamp(max=0)
+            lb, ub = lb + wsum(lneg * up_b), ub + wsum(upos * up_b)
+            lA, uA = lpos * lo_s + lneg * up_s, upos * up_s + uneg * lo_s
+        elif node.op == "conv2d":
+            wk = p["weight"]
+            if "bias" in p:
+                b = p["bias"].reshape(-1, 1, 1)
+                lb = lb + wsum(lA * b)
+                ub = ub + wsum(uA * b) if uA is not lA else lb
+            s, pad = tuple(node.attrs["stride"]), tuple(node.attrs["padding"])
+
+            def through(t):
+                shape = t.shape
+                flat = t.reshape((-1,) + tuple(shape[3:]))
+                out = F.conv_transpose2d(flat, wk, stride=s)
+                return out.reshape(tuple(shape[:3]) + tuple(out.shape[1:]))
+            same = uA is lA
+            lA = through(lA)
+            uA = lA if same else through(uA)
+            win = _Windows(None, tuple((win.size[i] - 1) * s[i] + wk.shape[2 + i] for i in (0, 1)),
+                           tuple(win.stride[i] * s[i] for i in (0, 1)),
+                           tuple(win.offset[i] * s[i] + pad[i] for i in (0, 1)), (Ho, Wo))
+        else:                                      # per-channel affine
+            scale, shift = _affine(node, p)
+            if shift is not None:
+                lb = lb + wsum(lA * shift)
+                ub = ub + wsum(uA * shift) if uA is not lA else lb
+            if scale is not None:
+                same = uA is lA
+                lA = lA * scale
+                uA = lA if same else uA * scale
+    mask = mask_of(graph.nodes[0].name)
+    mid = win.unfold((x.upper + x.lower) / 2) * mask
+    rad = win.unfold((x.upper - x.lower) / 2) * mask
+    lower = wsum(lA * mid) - wsum(lA.abs() * rad) + lb
+    upper = wsum(uA * mid) + wsum(uA.abs() * rad) + ub
+    B = x.lower.shape[0]
+    flat = lambda t: t.expand(B, L, Cs).permute(0, 2, 1).reshape(B, Cs * L)  # noqa: E731
+    return Interval(flat(lower), flat(upper))
+
+
+def _affine(node: Node, p: dict):
+    """(scale, shift) of a per-channel affine node, each None or broadcastable [C,1,1]."""
+    if node.op == "identity":
+        return None, None
+    if node.op == "batchnorm":
+        scale = p["weight"] / torch.sqrt(p["var"] + node.attrs["eps"])
+        return scale.reshape(-1, 1, 1), (p["bias"] - p["mean"] * scale).reshape(-1, 1, 1)
+    c = _channel(p["other"])
+    return {"mul": (c, None), "div": (1 / c, None), "add": (None, c), "sub": (None, -c)}[node.op]
