@@ -6,8 +6,10 @@ kept in [0, 1], so every iterate is sound. The lower and the upper bound are opt
 separately, each with slopes of its own. A start node is the output (one row per spec) or
 a pre-activation the plan bounds by ``crown`` (one row per neuron still unstable after
 CROWN): each iteration re-derives those intermediate bounds with their own slopes,
-intersected with the CROWN bounds they started from (not with the best seen so far: a
-detached best would cut the gradient to the slopes behind it), then bounds the output. The loss is
+intersected with the CROWN bounds they started from, then bounds the output. The
+intersection passes its gradient straight through to the re-derived rows: a plain ``max``
+with a fixed bound gives rows that start no tighter than it no gradient (half at ties), and
+their slopes would never move (which also made results depend on float noise in the start). The loss is
 the sum of the output bounds being tightened; Adam with an exponentially decaying step; the best
 bound seen per element is kept, so the result is never looser than CROWN's.
 """

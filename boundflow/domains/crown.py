@@ -304,11 +304,21 @@ def intersect(a: Interval, b: Interval) -> Interval:
     return Interval(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
 
 
-def tighten_rows(bound: Interval, index: torch.Tensor, rows: Interval) -> Interval:
-    """``bound`` with neurons ``index`` intersected with ``rows`` (``[B, k]``)."""
+def tighten_rows(bound: Interval, index: torch.Tensor, rows: Interval,
+                 straight_through: bool = False) -> Interval:
+    """``bound`` with neurons ``index`` intersected with ``rows`` (``[B, k]``).
+
+    With ``straight_through`` the value is the same but the gradient goes to ``rows`` as if
+    they had been kept: an optimiser whose rows start no tighter than ``bound`` would get
+    no gradient from ``max`` (or half of it at ties) and stall."""
     lo, hi = bound.lower.flatten(1), bound.upper.flatten(1)
-    lo = lo.index_copy(1, index, torch.maximum(lo[:, index], rows.lower))
-    hi = hi.index_copy(1, index, torch.minimum(hi[:, index], rows.upper))
+    new_lo = torch.maximum(lo[:, index], rows.lower)
+    new_hi = torch.minimum(hi[:, index], rows.upper)
+    if straight_through:
+        new_lo = rows.lower + (new_lo - rows.lower).detach()
+        new_hi = rows.upper + (new_hi - rows.upper).detach()
+    lo = lo.index_copy(1, index, new_lo)
+    hi = hi.index_copy(1, index, new_hi)
     return Interval(lo.reshape(bound.lower.shape), hi.reshape(bound.upper.shape))
 
 
@@ -365,7 +375,7 @@ def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
         rows = backward_chunked(graph, node, A, x, tensors, ctx)
     else:
         rows = backward(graph, node, A, x, tensors, ctx)
-    return tighten_rows(bound, index, rows)
+    return tighten_rows(bound, index, rows, straight_through=ctx.alphas is not None)
 
 
 _MIXING = {"linear", "conv2d", "avgpool2d"}

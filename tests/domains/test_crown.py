@@ -132,7 +132,7 @@ def test_more_crown_layers_are_never_looser_and_mixes_are_sound(example):
     ex, graph, C = example
     x = ex.inputs[:2].astype(np.float64)
     eps = 0.03
-    values = true_outputs(graph, box_points(x - eps, x + eps, n=2000))
+    values = true_outputs(graph, box_points(x - eps, x + eps))
     pre = list(preactivations(graph))
     rng = np.random.default_rng(0)
     for trial in range(3):
@@ -192,7 +192,14 @@ def test_each_layer_is_bounded_once_per_method(monkeypatch, example):
         starts.append(start)
         return real(graph_, start, *args, **kwargs)
 
+    real_patches = crown_mod.crown_conv_rows
+
+    def counting_patches(graph_, chain, *args, **kwargs):
+        starts.append(chain[0].name)
+        return real_patches(graph_, chain, *args, **kwargs)
+
     monkeypatch.setattr(crown_mod, "backward", counting)
+    monkeypatch.setattr(crown_mod, "crown_conv_rows", counting_patches)
     bf.compute_bounds(graph, ex.inputs[:1], eps=0.02, C=C[:1], method="crown")
     exact = crown_mod.ibp_exact_nodes(graph)
     expected = [p for p in preactivations(graph) if p not in exact] + [graph.output]
