@@ -119,15 +119,15 @@ class _Converter:
             missing = [i for i in node.input if i and i not in self.env]
             raise self.fail(f"inputs {missing} are not defined", ModelLoadError)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        converter = CONVERTERS.get(node.op_type)
-        if converter is None:
-            raise self.fail(f"unsupported op {node.op_type!r}")
         if node.op_type != "Constant" and not any(isinstance(a, Var) for a in args):
             folded = FOLD.get(node.op_type)
             if folded is None:
-                raise self.fail(f"constant folding of {node.op_type!r} is not supported")
+                raise self.fail(f"unsupported op {node.op_type!r} (on constants)")
             outs = folded(args, attrs)
         else:
+            converter = CONVERTERS.get(node.op_type)
+            if converter is None:
+                raise self.fail(f"unsupported op {node.op_type!r}")
             outs = converter(self, args, attrs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         for name, value in zip(node.output, outs):
@@ -314,9 +314,6 @@ FOLD: dict[str, Callable] = {
         int(v) for v in (a[1] if len(a) > 1 else at["axes"]))),
     "Cast": lambda a, at: np.asarray(a[0]),
 }
-for _op in ("Gather", "Unsqueeze", "Squeeze", "Cast"):
-    CONVERTERS.setdefault(_op, lambda c, a, at: (_ for _ in ()).throw(
-        c.fail(f"unsupported op {c.node.op_type!r} on an input-dependent tensor")))
 
 
 def load_onnx(path: str | Path) -> Graph:
