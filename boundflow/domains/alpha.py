@@ -21,8 +21,11 @@ from typing import Mapping
 
 import torch
 
+import boundflow.domains.crown as crown_mod
 from boundflow.domains.crown import (BackwardContext, backward, crown_node,
-                                     default_lower_slope, ibp_exact_nodes, unstable_index)
+                                     default_lower_slope, ibp_exact_nodes, tighten_rows,
+                                     unstable_index)
+from boundflow.domains.crown_conv import PatchSlopes, conv_chain, crown_conv_rows
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.traversal import ancestors, apply_rule
 from boundflow.errors import BoundFlowError
@@ -81,14 +84,25 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
     params: list[torch.Tensor] = []
     crown_nodes = ({n for n, d in plan.intermediate if d == "crown"} - ibp_exact_nodes(graph)
                    if config.intermediate else set())
-    starts = {}                      # pre-activation -> (unstable index, slopes)
+    starts = {}                      # pre-activation -> (unstable index, slopes[, conv chain])
     for node in graph.nodes:
-        if node.name in crown_nodes:
-            index = unstable_index(bounds[node.name])
-            if index.numel():
-                starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
-                                                    lower_slope, params))
+        if node.name not in crown_nodes:
+            continue
+        chain = conv_chain(graph, node.name, tensors) if crown_mod.PATCHES else None
+        if chain is not None:        # every neuron, slopes in window layout (made lazily)
+            starts[node.name] = (None, PatchSlopes(), chain)
+            continue
+        index = unstable_index(bounds[node.name])
+        if index.numel():
+            starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
+                                                lower_slope, params))
     final = _slopes(graph, graph.output, A.shape[1], bounds, lower_slope, params)
+    if any(len(s) == 3 for s in starts.values()):
+        with torch.enable_grad():   # one pass creates the window-layout slopes
+            _rebound(graph, x, tensors, bounds, starts, lower_slope)
+        for entry in starts.values():
+            if len(entry) == 3:
+                params.extend(entry[1].params)
     best_lo, best_hi = start.lower.detach().clone(), start.upper.detach().clone()
     if not params or config.iterations == 0:
         return Interval(best_lo, best_hi)
@@ -126,7 +140,12 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
         iv = apply_rule(IBP_RULES, node, tensors, [current[i] for i in node.inputs], "IBP")
         ref = fixed[node.name]
         iv = Interval(torch.maximum(iv.lower, ref.lower), torch.minimum(iv.upper, ref.upper))
-        if node.name in starts:
+        if node.name in starts and len(starts[node.name]) == 3:
+            _, slopes, chain = starts[node.name]
+            rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes)
+            index = torch.arange(rows.lower.shape[1], device=rows.lower.device)
+            iv = tighten_rows(iv, index, rows, straight_through=True)
+        elif node.name in starts:
             index, slopes = starts[node.name]
             iv = crown_node(graph, node.name, iv, x, tensors,
                             BackwardContext(current, lower_slope, slopes), index)

@@ -82,10 +82,21 @@ def _channel(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1, 1) if t.dim() >= 1 and t.numel() > 1 else t.reshape(())
 
 
+class PatchSlopes(dict):
+    """alpha-CROWN slopes in window layout, ``relu name -> (lower-side, upper-side)`` tensors
+    ``[B, L, Cs, C, Rh, Rw]``; created from the default slopes the first time a ReLU is met,
+    and collected in ``params`` for the optimiser."""
+
+    def __init__(self):
+        super().__init__()
+        self.params: list[torch.Tensor] = []
+
+
 def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interval,
                     tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
-                    lower_slope: str) -> Interval:
-    """CROWN bounds ``[B, n]`` of every neuron of ``chain[0]`` (a conv2d), in its flat order."""
+                    lower_slope: str, alphas: PatchSlopes | None = None) -> Interval:
+    """CROWN bounds ``[B, n]`` of every neuron of ``chain[0]`` (a conv2d), in its flat order;
+    with ``alphas``, unstable ReLU lower slopes come from there (alpha-CROWN)."""
     from boundflow.domains.crown import default_lower_slope, relu_relaxation
 
     start = chain[0]
@@ -114,10 +125,14 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
             lo_s = torch.where(unstable, default_lower_slope(pre.lower, pre.upper, lower_slope),
                                (pre.lower >= 0).to(pre.lower.dtype))
             up_s, up_b, lo_s = win.unfold(up_s), win.unfold(up_b), win.unfold(lo_s)
+            lo_l = lo_u = lo_s
+            if alphas is not None:
+                lo_l, lo_u = _learned(alphas, node.name, lo_s, lA.shape, win.unfold(
+                    unstable.to(lo_s.dtype)))
             lpos, lneg, upos, uneg = lA.clamp(min=0), lA.clamp(max=0), uA.clamp(min=0), \
                 uA.clamp(max=0)
             lb, ub = lb + wsum(lneg * up_b), ub + wsum(upos * up_b)
-            lA, uA = lpos * lo_s + lneg * up_s, upos * up_s + uneg * lo_s
+            lA, uA = lpos * lo_l + lneg * up_s, upos * up_s + uneg * lo_u
         elif node.op == "conv2d":
             wk = p["weight"]
             if "bias" in p:
@@ -154,6 +169,19 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
     B = x.lower.shape[0]
     flat = lambda t: t.expand(B, L, Cs).permute(0, 2, 1).reshape(B, Cs * L)  # noqa: E731
     return Interval(flat(lower), flat(upper))
+
+
+def _learned(alphas: PatchSlopes, name: str, default: torch.Tensor, shape, unstable):
+    """The (lower-side, upper-side) slopes of ReLU ``name``: learned on unstable entries."""
+    if name not in alphas:
+        init = torch.broadcast_to(default.detach(),
+                                  torch.broadcast_shapes(default.shape, shape))
+        pair = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
+        alphas[name] = pair
+        alphas.params.extend(pair)
+    a_l, a_u = alphas[name]
+    keep = default * (1 - unstable)
+    return keep + unstable * a_l, keep + unstable * a_u
 
 
 def _affine(node: Node, p: dict):

@@ -271,3 +271,21 @@ def test_patch_coefficients_equal_dense_ones(monkeypatch, k, stride, pad):
     torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-10, atol=1e-10)
     values = true_outputs(g, box_points(x - 0.3, x + 0.3, n=3000))
     assert_contains(out[True].lower, out[True].upper, values)
+
+
+def test_alpha_with_patch_slopes_equals_dense_slopes(monkeypatch):
+    import importlib
+
+    crown_mod = importlib.import_module("boundflow.domains.crown")
+    g = _conv_chain_graph(3, (3, 3), (2, 2), (1, 1))
+    x = np.random.default_rng(2).standard_normal((2,) + g.input_shape)
+    out = {}
+    for patches in (False, True):
+        monkeypatch.setattr(crown_mod, "PATCHES", patches)
+        out[patches] = bf.compute_bounds(g, x, eps=0.3, method="alpha-crown", dtype="float64",
+                                         alpha=bf.AlphaConfig(iterations=5))
+    torch.testing.assert_close(out[True].lower, out[False].lower, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-6, atol=1e-6)
+    crown = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")
+    assert torch.all(out[True].lower >= crown.lower - 1e-9)
+    assert torch.any(out[True].lower > crown.lower + 1e-6)
