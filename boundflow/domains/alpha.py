@@ -5,13 +5,14 @@ to raise lower bounds, one to lower upper bounds), initialised from the CROWN ch
 kept in [0, 1], so every iterate is sound. The lower and the upper bound are optimised
 separately, each with slopes of its own. A start node is the output (one row per spec) or
 a pre-activation the plan bounds by ``crown`` (one row per neuron still unstable after
-CROWN): each iteration re-derives those intermediate bounds with their own slopes,
-intersected with the CROWN bounds they started from, then bounds the output. The
-intersection passes its gradient straight through to the re-derived rows: a plain ``max``
-with a fixed bound gives rows that start no tighter than it no gradient (half at ties), and
-their slopes would never move (which also made results depend on float noise in the start). The loss is
-the sum of the output bounds being tightened; Adam with an exponentially decaying step; the best
-bound seen per element is kept, so the result is never looser than CROWN's.
+CROWN; for conv chains every neuron, with slopes in the window layout of ``crown_conv``).
+Each iteration re-derives those intermediate bounds with their own slopes, intersected with
+the CROWN bounds they started from, then bounds the output. The intersection passes its
+gradient straight through to the re-derived rows: a plain ``max`` with a fixed bound gives
+rows that start no tighter than it no gradient (half at ties), and their slopes would never
+move (which also made results depend on float noise in the start). The loss is the sum of
+the output bounds being tightened; Adam with an exponentially decaying step; the best bound
+seen per element is kept, so the result is never looser than CROWN's.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
 def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], starts,
              lower_slope: str) -> dict[str, Interval]:
     """Every node's interval again: IBP from the optimised pre-activation bounds, each
-    intersected with its fixed bound; optimised pre-activations by CROWN with their slopes."""
+    intersected with its fixed bound; optimised pre-activations by CROWN with their slopes.
+    ``starts`` maps a pre-activation to ``(index, slopes)`` (dense rows) or
+    ``(None, PatchSlopes, chain)`` (a conv chain in window layout)."""
     current: dict[str, Interval] = {}
     for node in graph.nodes:
         if node.op == "input":
