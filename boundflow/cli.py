@@ -85,7 +85,7 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from boundflow.api import verify
-    from boundflow.frontend.torch import load_model
+    from boundflow.frontend.pt2 import load_model
 
     if args.onnx or args.vnnlib:
         if not (args.onnx and args.vnnlib) or args.model or args.input or args.eps is not None:

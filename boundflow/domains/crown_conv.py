@@ -15,7 +15,6 @@ constant that is scalar or per channel), starting at a conv2d; :func:`conv_chain
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch

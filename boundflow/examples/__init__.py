@@ -53,7 +53,7 @@ def digits_architectures(mean: float = 0.0, std: float = 1.0) -> dict[str, nn.Mo
 
 def digits_module(name: str) -> nn.Module:
     """A bundled digits model as a plain ``nn.Module`` (weights from its saved program)."""
-    from boundflow.frontend.torch import load_exported
+    from boundflow.frontend.pt2 import load_exported
 
     model = digits_architectures()[name]
     program = load_exported(DATA / f"{name}.pt2")
@@ -62,7 +62,7 @@ def digits_module(name: str) -> nn.Module:
 
 
 def _digits(name: str) -> Example:
-    from boundflow.frontend.torch import load_model
+    from boundflow.frontend.pt2 import load_model
 
     x, labels = digits_samples()
     return Example(name, load_model(DATA / f"{name}.pt2"), x, labels)
