@@ -78,7 +78,7 @@ def linear(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     return [out], *_const_term(a, b)
 
 
-def _output_padding(node: Node, in_hw, out_hw, kernel, stride, padding, dilation):
+def _output_padding(in_hw, out_hw, kernel, stride, padding, dilation):
     return tuple(in_hw[i] - ((out_hw[i] - 1) * stride[i] - 2 * padding[i]
                              + dilation[i] * (kernel[i] - 1) + 1) for i in (0, 1))
 
@@ -87,7 +87,7 @@ def _conv_t(t: torch.Tensor, weight: torch.Tensor, in_shape, stride, padding, di
             ) -> torch.Tensor:
     b, s = t.shape[:2]
     flat = t.reshape((b * s,) + tuple(t.shape[2:]))
-    op = _output_padding(None, in_shape[1:], t.shape[3:], weight.shape[2:], stride, padding,
+    op = _output_padding(in_shape[1:], t.shape[3:], weight.shape[2:], stride, padding,
                          dilation)
     out = F.conv_transpose2d(flat, weight, None, stride, padding, op, groups, dilation)
     return out.reshape((b, s) + tuple(in_shape))
