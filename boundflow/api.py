@@ -23,7 +23,9 @@ from boundflow.domains.interval import Interval, ibp
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.frontend.torch import from_exported, from_torch
+from boundflow.backend.torch import TorchExecutor
 from boundflow.ir.domain_plan import METHODS, DomainPlan
+from boundflow.ir.plan import PlanBundle
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
 
@@ -176,21 +178,38 @@ class BoundOptions:
         return DomainPlan.for_method(graph, self.method)
 
 
+_EXECUTORS: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def executor(plan: PlanBundle, graph: Graph) -> TorchExecutor:
+    """The torch executor of ``plan`` bound to ``graph``, built once per (graph, plan)."""
+    if not isinstance(plan, PlanBundle):
+        raise BoundFlowError(f"plan must be a PlanBundle, got {type(plan).__name__}")
+    per_graph = _EXECUTORS.setdefault(graph, {})
+    if plan.key not in per_graph:
+        per_graph[plan.key] = TorchExecutor(plan, graph)
+    return per_graph[plan.key]
+
+
 def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
-               dtype: torch.dtype) -> Bounds:
+               dtype: torch.dtype, plan: PlanBundle | None = None) -> Bounds:
     """Bounds of ``graph`` (or ``C·graph``) over ``spec``: the checked-input core of
-    :func:`compute_bounds`, for callers that already hold a Graph and validated specs."""
+    :func:`compute_bounds`, for callers that already hold a Graph and validated specs.
+    With ``plan`` the plan runs on the torch backend (its own domains and dtype)."""
+    if plan is not None:
+        out = executor(plan, graph).run(spec, C)
+        return Bounds(out.lower, out.upper)
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
-    plan = options.plan(graph)
+    domains = options.plan(graph)
     x = Interval(torch.as_tensor(spec.lower).to(dtype), torch.as_tensor(spec.upper).to(dtype))
     cmat = None if C is None else torch.as_tensor(C.C).to(dtype)
     tensors = graph_tensors(graph, dtype)
     with torch.no_grad():
-        if not plan.needs_backward:
+        if not domains.needs_backward:
             out = ibp(graph, x, tensors, cmat)
         else:
-            out = crown(graph, x, tensors, cmat, plan, options.lower_slope, options.alpha,
+            out = crown(graph, x, tensors, cmat, domains, options.lower_slope, options.alpha,
                         options.sparse)
     return Bounds(out.lower.detach(), out.upper.detach())
 
@@ -199,7 +218,7 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
                    method: str = "ibp", domains: DomainPlan | Mapping[str, str] | None = None,
                    lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
                    sparse: bool = False, clip: tuple[float, float] | None = None,
-                   dtype: str | None = None) -> Bounds:
+                   dtype: str | None = None, plan: PlanBundle | None = None) -> Bounds:
     """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
 
     ``x`` is an :class:`InputSpec`, or a batch of centres (``[batch, *in]``) for the L∞ ball
@@ -208,11 +227,12 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
     ``domains`` overrides it per layer: a :class:`DomainPlan`, or a mapping from every
     pre-activation node to ``ibp`` / ``crown`` (the final domain then comes from ``method``).
     ``dtype`` ("float32" / "float64") defaults to the model's. See :class:`BoundOptions`
-    for ``lower_slope``, ``alpha`` and ``sparse``.
+    for ``lower_slope``, ``alpha`` and ``sparse``. ``plan`` (a PlanBundle from
+    :func:`boundflow.planner.plan`) runs that plan instead; it fixes domains and dtype.
     """
     options = BoundOptions(method, domains, lower_slope, alpha, sparse)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
-    return bound_spec(graph, spec, _linear_spec(C), options, torch_dtype)
+    return bound_spec(graph, spec, _linear_spec(C), options, torch_dtype, plan)
 
 
 def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
@@ -220,11 +240,12 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
            domains: DomainPlan | Mapping[str, str] | None = None,
            lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
            sparse: bool = False, clip: tuple[float, float] | None = None,
-           dtype: str | None = None) -> VerifyResult:
+           dtype: str | None = None, plan: PlanBundle | None = None) -> VerifyResult:
     """Try to prove ``C·y > threshold`` for every input in the region, per spec.
 
     Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
     class ``j``); without labels either, each sample's predicted class at the box centre.
+    ``plan`` runs a PlanBundle (see :func:`compute_bounds`).
     """
     options = BoundOptions(method, domains, lower_slope, alpha, sparse)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
@@ -246,7 +267,9 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     else:
         linear = _linear_spec(C, threshold)
         labels = None
-    bounds = bound_spec(graph, spec, linear, options, torch_dtype)
+    bounds = bound_spec(graph, spec, linear, options, torch_dtype, plan)
+    if plan is not None:
+        method = plan.workload.method
     ok = bounds.lower.detach().cpu().numpy() > linear.threshold
     verdicts = np.where(ok, "verified", "unknown")
     return VerifyResult(bounds, linear.threshold, verdicts,

@@ -99,13 +99,64 @@ def cmd_verify(args: argparse.Namespace) -> int:
     x = _load_input(args.input, graph.input_shape)
     from boundflow.domains.alpha import AlphaConfig
 
+    bundle = _read_plan(args.plan) if args.plan else None
+    if bundle is not None and (args.method_given or args.dtype):
+        raise BoundFlowError("--plan fixes the method and dtype; drop --method / --dtype")
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
                     alpha=AlphaConfig(iterations=args.alpha_iterations),
-                    clip=tuple(args.clip) if args.clip else None, dtype=args.dtype)
+                    clip=tuple(args.clip) if args.clip else None, dtype=args.dtype,
+                    plan=bundle)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(_table(result, predicted=args.label is None))
+    return 0
+
+
+def _read_plan(path: Path):
+    from boundflow.ir.plan import PlanBundle
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BoundFlowError(f"plan file {path}: {e.strerror or e}") from None
+    return PlanBundle.from_json(text)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from boundflow.ir.knobs import Knobs
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import plan
+    from boundflow.planner.show import describe
+
+    if args.show:
+        if args.model or args.onnx or args.out:
+            raise BoundFlowError("--show reads a plan file; give it alone")
+        print(describe(_read_plan(args.show)))
+        return 0
+    if bool(args.model) == bool(args.onnx):
+        raise BoundFlowError("give one model: --model file.pt2 or --onnx file.onnx "
+                             "(or --show plan.json)")
+    if args.onnx:
+        from boundflow.frontend.onnx import load_onnx
+        graph = load_onnx(args.onnx)
+    else:
+        from boundflow.frontend.pt2 import load_model
+        graph = load_model(args.model)
+    workload = Workload.of(graph, batch=args.batch, n_specs=args.n_specs, method=args.method,
+                           dtype=args.dtype, target=args.target)
+    knobs = None
+    if args.knobs:
+        try:
+            knobs = Knobs.from_json(Path(args.knobs).read_text())
+        except OSError as e:
+            raise BoundFlowError(f"knobs file {args.knobs}: {e.strerror or e}") from None
+    bundle = plan(graph, workload, knobs)
+    if args.out:
+        Path(args.out).write_text(bundle.to_json(indent=1))
+    print(describe(bundle))
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -130,16 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI]")
     v.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
+    v.add_argument("--plan", type=Path,
+                   help="run this plan (from `boundflow plan --out`) on the torch backend")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", help="build a PlanBundle for a model, or show one")
+    p.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
+    p.add_argument("--onnx", type=Path, help="an ONNX model")
+    p.add_argument("--method", default="crown",
+                   help="ibp, crown-ibp, crown or alpha-crown (default crown)")
+    p.add_argument("--batch", type=int, default=1, help="batch size to plan for (default 1)")
+    p.add_argument("--n-specs", type=int, default=None,
+                   help="rows of C (default: a margin spec, one per other class; 0: raw "
+                        "output bounds)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
+    p.add_argument("--target", default="llvm", help="llvm or cuda (default llvm)")
+    p.add_argument("--knobs", type=Path, help="knobs JSON (default: the heuristic plan)")
+    p.add_argument("--out", type=Path, help="write the PlanBundle JSON here")
+    p.add_argument("--show", type=Path, metavar="PLAN", help="print a saved plan readably")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "verify" and args.method is None:
-        args.method = "alpha-crown" if args.vnnlib else "ibp"
+    if getattr(args, "command", None) == "verify":
+        args.method_given = args.method is not None
+        if args.method is None:
+            args.method = "alpha-crown" if args.vnnlib else "ibp"
+        if args.plan and (args.onnx or args.vnnlib):
+            parser.error("--plan runs with --model inputs, not with --onnx/--vnnlib")
     try:
         return args.func(args)
     except BoundFlowError as e:

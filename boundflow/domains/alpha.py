@@ -30,7 +30,7 @@ from boundflow.domains.crown_conv import PatchSlopes, conv_chain, crown_conv_row
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.traversal import ancestors, apply_rule
 from boundflow.errors import BoundFlowError
-from boundflow.ir.domain_plan import DomainPlan
+from boundflow.ir.domain_plan import DomainPlan, preactivations
 from boundflow.ir.graph import Graph
 
 
@@ -74,6 +74,10 @@ def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
     """Tighten ``start`` (the CROWN bounds of ``A·output`` given ``bounds``) by optimising
     ReLU slopes, the lower and the upper bound each with slopes of their own."""
     config = config or AlphaConfig()
+    # only pre-activation intervals are kept fixed: every other node's re-bounded interval
+    # lies inside its first one already, and intersecting at ties would halve gradients
+    pre = set(preactivations(graph))
+    bounds = {k: v for k, v in bounds.items() if k in pre}
     lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0)
     upper = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0)
     return Interval(lower.lower, upper.upper)
@@ -141,8 +145,9 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
             current[node.name] = x
             continue
         iv = apply_rule(IBP_RULES, node, tensors, [current[i] for i in node.inputs], "IBP")
-        ref = fixed[node.name]
-        iv = Interval(torch.maximum(iv.lower, ref.lower), torch.minimum(iv.upper, ref.upper))
+        ref = fixed.get(node.name)     # pre-activations only
+        if ref is not None:
+            iv = Interval(torch.maximum(iv.lower, ref.lower), torch.minimum(iv.upper, ref.upper))
         if node.name in starts and len(starts[node.name]) == 3:
             _, slopes, chain = starts[node.name]
             rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes)

@@ -48,12 +48,15 @@ class Coeffs(NamedTuple):
 
 
 class BackwardContext(NamedTuple):
-    """What rules read besides the coefficients: intervals of every node bounded so far and
-    the lower slopes of ReLUs (mode name, or alpha tensors per relu node and side)."""
+    """What rules read besides the coefficients: intervals of the nodes bounded so far (a
+    ReLU reads its pre-activation's; nothing else is needed), the lower slopes of ReLUs (mode
+    name, or alpha tensors per relu node and side) and every node's per-sample shape (filled
+    in from the graph by :func:`backward`)."""
 
     bounds: Mapping[str, Interval]
     lower_slope: str
     alphas: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
 
 
 # --- backward rules: (node, params, coeffs, ctx) -> ([coeffs per input], lb_add, ub_add) ----
@@ -95,7 +98,7 @@ def _conv_t(t: torch.Tensor, weight: torch.Tensor, in_shape, stride, padding, di
 
 def conv2d(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     at = node.attrs
-    in_shape = ctx.bounds[node.inputs[0]].lower.shape[1:]
+    in_shape = ctx.shapes[node.inputs[0]]
     fn = lambda t: _conv_t(t, p["weight"], in_shape, at["stride"], at["padding"],  # noqa
                            at["dilation"], at["groups"])
     out = _same(a, fn)
@@ -177,7 +180,7 @@ def batchnorm(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
 
 
 def _reshape_back(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
-    shape = tuple(ctx.bounds[node.inputs[0]].lower.shape[1:])
+    shape = ctx.shapes[node.inputs[0]]
     return [_same(a, lambda t: t.reshape(t.shape[:2] + shape))], 0.0, 0.0
 
 
@@ -189,7 +192,7 @@ def permute(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
 
 def avgpool2d(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     at = node.attrs
-    in_shape = ctx.bounds[node.inputs[0]].lower.shape[1:]
+    in_shape = ctx.shapes[node.inputs[0]]
     kh, kw = at["kernel_size"]
     weight = torch.full((in_shape[0], 1, kh, kw), 1.0 / (kh * kw), dtype=a.lA.dtype,
                         device=a.lA.device)
@@ -204,7 +207,7 @@ def identity(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
 
 def concat(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     axis = node.attrs["axis"] + 2
-    sizes = [ctx.bounds[i].lower.shape[axis - 1] for i in node.inputs]
+    sizes = [ctx.shapes[i][axis - 2] for i in node.inputs]
     parts = zip(a.lA.split(sizes, axis), a.uA.split(sizes, axis))
     return [Coeffs(l, u) for l, u in parts], 0.0, 0.0
 
@@ -243,6 +246,8 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
     those steps run once instead of once per sample."""
     need = ancestors(graph, [start])
     order = [n for n in graph.nodes if n.name in need]
+    if ctx.shapes is None:
+        ctx = ctx._replace(shapes={n.name: n.shape for n in graph.nodes})
     pending: dict[str, Coeffs] = {start: Coeffs(A, A)}
     lb = ub = 0.0
     for node in reversed(order):
@@ -269,7 +274,7 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
 def backward_chunked(graph: Graph, start: str, A: torch.Tensor, x: Interval,
                      tensors: Mapping[str, torch.Tensor], ctx: BackwardContext) -> Interval:
     """``backward`` with the spec dimension split so no coefficient tensor grows too big."""
-    widest = max(math.prod(b.lower.shape[1:]) for b in ctx.bounds.values())
+    widest = max(math.prod(n.shape) for n in graph.nodes)
     per_spec = x.lower.shape[0] * widest
     chunk = max(1, CHUNK_ELEMENTS // max(per_spec, 1))
     if A.shape[1] <= chunk:

@@ -108,7 +108,8 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
     lA = uA = win.A
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     lb = ub = tensors[start.params["bias"]].reshape(1, 1, Cs) if "bias" in start.params else zero
-    mask_of = lambda name: win.unfold(torch.ones_like(bounds[name].lower[:1]))  # noqa: E731
+    mask_of = lambda name: win.unfold(torch.ones((1,) + graph.node(name).shape,  # noqa: E731
+                                                dtype=w.dtype, device=w.device))
 
     def wsum(t):                                   # sum over (C, Rh, Rw)
         return t.sum((-1, -2, -3))

@@ -1,0 +1,376 @@
+"""The torch backend: runs any PlanBundle with torch ops.
+
+``TorchExecutor(bundle, graph)`` binds a plan to a model (the graph is normalised as the
+planner did and must have the structure the plan was made for); ``run(box, C)`` executes the
+tasks in order:
+
+* buffers live in the storage plan's slots: one flat tensor per slot, allocated at its first
+  write; a buffer is a view of its slot in the buffer's physical layout and interval form,
+  so tasks write into reused memory and layout conversions are real copies;
+* ``ibp`` tasks walk their nodes (affine ops in centre/radius form, views on both halves of an
+  interval without moving data, other ops by the IBP rules); ``crown`` tasks tighten a
+  pre-activation; ``final`` bounds the output or ``C·y`` by IBP, CROWN or alpha-CROWN;
+* with a :class:`~boundflow.runtime.cache.BoundCache`, a run first looks up what it needs,
+  from the bounds backwards, and runs only the tasks whose outputs are not cached
+  (``reuse_ibp``: intermediate bounds; ``cache_bounds``: final bounds).
+
+Each run reports ``peak_bytes``: measured, the bytes of slot storage allocated plus the
+largest set of task values in flight (the intervals of a fused task's nodes before they reach
+a slot); temporaries inside one CROWN pass are not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from boundflow.domains.alpha import AlphaConfig, optimise
+from boundflow.domains.crown import (BackwardContext, backward_chunked, crown_node,
+                                     identity_start, intersect)
+from boundflow.domains.interval import RULES as IBP_RULES, Interval, spec_interval
+from boundflow.domains.traversal import apply_rule, graph_tensors
+from boundflow.errors import BoundFlowError, ShapeError, SpecError
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+from boundflow.ir.spec import InputSpec, LinearSpec
+from boundflow.ir.task_graph import Buffer, Task
+from boundflow.planner.passes import normalised
+from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_VIEW_OPS = {"flatten", "reshape", "permute", "identity"}
+
+
+class Value(NamedTuple):
+    """An interval as stored: ``form`` "lu" (a, b = lower, upper) or "cr" (centre, radius)."""
+
+    form: str
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def interval(self) -> Interval:
+        if self.form == "lu":
+            return Interval(self.a, self.b)
+        return Interval(self.a - self.b, self.a + self.b)
+
+    def as_form(self, form: str) -> "Value":
+        if form == self.form:
+            return self
+        if form == "lu":
+            return Value("lu", *self.interval())
+        return Value("cr", (self.b + self.a) / 2, (self.b - self.a) / 2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b))
+
+
+@dataclass
+class RunResult:
+    """Bounds ``[batch, n_specs]`` (or ``[batch, *out]``) and what the run did."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _affine_cr(node, params: dict, v: Value) -> Value:
+    """linear / conv2d in centre/radius form: ``W·mid + b`` and ``|W|·rad``."""
+    _, mid, rad = v.as_form("cr")
+    w = params["weight"]
+    w_abs = params.get("weight_abs", None)
+    w_abs = w.abs() if w_abs is None else w_abs
+    if node.op == "linear":
+        return Value("cr", F.linear(mid, w, params.get("bias")), F.linear(rad, w_abs))
+    a = node.attrs
+    kw = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+              groups=a["groups"])
+    return Value("cr", F.conv2d(mid, w, params.get("bias"), **kw), F.conv2d(rad, w_abs, **kw))
+
+
+def _view(node, t: torch.Tensor) -> torch.Tensor:
+    if node.op == "flatten":
+        end = node.attrs["end_dim"]
+        return t.flatten(node.attrs["start_dim"] + 1, end + 1 if end >= 0 else end)
+    if node.op == "reshape":
+        return t.reshape((t.shape[0],) + tuple(node.attrs["shape"]))
+    if node.op == "permute":
+        return t.permute(0, *(d + 1 for d in node.attrs["dims"]))
+    return t
+
+
+def _storages(values, exclude: set[int] = frozenset()) -> int:
+    """Bytes of the distinct storages under ``values``, leaving out those in ``exclude``."""
+    seen, total = set(exclude), 0
+    for v in values:
+        for t in (v.a, v.b):
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+class TorchExecutor:
+    """A PlanBundle bound to a model, run with torch ops (see the module docstring)."""
+
+    def __init__(self, bundle: PlanBundle, graph: Graph, device: str | torch.device = "cpu"):
+        if not isinstance(bundle, PlanBundle):
+            raise BoundFlowError(f"expected a PlanBundle, got {type(bundle).__name__}")
+        bundle.workload.check_graph(graph)
+        g, _ = normalised(graph)
+        if g.structural_hash() != bundle.graph_hash:
+            raise BoundFlowError("the plan's normalised graph differs from this model's "
+                                 "(was it made by another BoundFlow version?)")
+        self.bundle, self.graph, self.device = bundle, g, torch.device(device)
+        self.dtype = DTYPES[bundle.workload.dtype]
+        self.nodes = {n.name: n for n in g.nodes}
+        self.tasks = bundle.task_graph.tasks
+        self.buffers = {b.name: b for b in bundle.task_graph.buffers}
+        self.slot = dict(bundle.storage_plan.assignment)
+        self.last_use = {b: last for b, _, last in bundle.storage_plan.liveness}
+        self.plan_id = bundle.key + graph.weights_hash()[:16]
+        alpha = dict(bundle.domain_plan.alpha)
+        self.alpha = AlphaConfig(**alpha) if alpha else None
+        self.domain_plan = bundle.domain_plan.plan
+        self.lower_slope = bundle.domain_plan.lower_slope
+        self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
+        self._arena: dict[int, torch.Tensor] = {}
+
+    # --- buffers in slots ------------------------------------------------------------------
+
+    def _slot_view(self, buf: Buffer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.slot[buf.name]
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        need = self.bundle.storage_plan.slots[s] // itemsize * batch
+        flat = self._arena.get(s)
+        if flat is None or flat.numel() != need:
+            flat = self._arena[s] = torch.empty(need, dtype=self.dtype, device=self.device)
+        n = buf.numel * batch
+        phys = (batch,) + tuple(buf.shape[a] for a in buf.layout)
+        to_logical = (0,) + tuple(1 + buf.layout.index(j) for j in range(len(buf.shape)))
+        return (flat[:n].view(phys).permute(to_logical),
+                flat[n:2 * n].view(phys).permute(to_logical))
+
+    def _write(self, env: dict, name: str, value: Value, batch: int) -> None:
+        buf = self.buffers[name]
+        if buf.alias_of:                       # a view: shares its root's memory
+            env[name] = value
+            return
+        value = value.as_form(buf.form)
+        a, b = self._slot_view(buf, batch)
+        a.copy_(value.a)
+        b.copy_(value.b)
+        env[name] = Value(buf.form, a, b)
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    def _ibp(self, t: Task, env: dict, tensors) -> tuple[dict[str, Value], int]:
+        local: dict[str, Value] = {}
+        for b in t.inputs:
+            local[self.buffers[b].node] = env[b]
+        peak = 0
+        own: set[str] = set()            # values this task allocated (never a slot's memory)
+        held = self._arena_ptrs() | {t_.untyped_storage().data_ptr()   # counted elsewhere
+                                     for v in local.values() for t_ in (v.a, v.b)}
+        readers_left = {n: 0 for n in t.nodes}
+        for name in t.nodes:
+            for i in self.nodes[name].inputs:
+                if i in readers_left:
+                    readers_left[i] += 1
+        for name in t.nodes:
+            node = self.nodes[name]
+            ins = [local[i] for i in node.inputs]
+            if node.op in _VIEW_OPS:
+                v = ins[0]
+                out = Value(v.form, _view(node, v.a), _view(node, v.b))
+            elif node.op in ("linear", "conv2d"):
+                params = {r: tensors[k] for r, k in node.params.items()}
+                if node.params["weight"] + "|abs" in tensors:
+                    params["weight_abs"] = tensors[node.params["weight"] + "|abs"]
+                out = _affine_cr(node, params, ins[0])
+            elif node.op == "relu" and node.inputs[0] in own and \
+                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs:
+                v = ins[0] if ins[0].form == "lu" else ins[0].as_form("lu")
+                out = Value("lu", v.a.relu_(), v.b.relu_())    # in place: its input dies here
+            else:
+                iv = apply_rule(IBP_RULES, node, tensors, [v.interval() for v in ins], "IBP")
+                out = Value("lu", iv.lower, iv.upper)
+            local[name] = out
+            own.add(name)
+            peak = max(peak, _storages(local.values(), held))
+            for i in node.inputs:
+                if i in readers_left:
+                    readers_left[i] -= 1
+                    if readers_left[i] == 0 and i not in t.outputs:
+                        local.pop(i, None)
+        return {o: local[o] for o in t.outputs}, peak
+
+    def _bounds_of(self, t: Task, env: dict, skip: int) -> dict[str, Interval]:
+        return {self.buffers[b].node: env[b].interval() for b in t.inputs[skip:]}
+
+    def _crown(self, t: Task, env: dict, tensors, box: Interval) -> dict[str, Value]:
+        node = t.nodes[0]
+        iv = env[t.inputs[0]].interval()
+        ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None)
+        out = crown_node(self.graph, node, iv, box, tensors, ctx)
+        return {t.outputs[0]: Value("lu", out.lower, out.upper)}
+
+    def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None
+               ) -> dict[str, Value]:
+        g = self.graph
+        out_node = g.output_node
+        src = env[t.inputs[0]].interval()
+        if C is None:
+            by_ibp = src
+        elif t.attr("fold"):
+            bias = tensors[out_node.params["bias"]] if "bias" in out_node.params else None
+            by_ibp = spec_interval(src, C, tensors[out_node.params["weight"]], bias)
+        else:
+            by_ibp = spec_interval(src, C)
+        method = t.attr("method")
+        if method != "ibp":
+            bounds = self._bounds_of(t, env, 1)
+            batch = box.lower.shape[0]
+            if C is None:
+                shape = (1,) + out_node.shape
+                zero = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                A = identity_start(Interval(zero, zero))
+            else:
+                A = C.reshape((batch, C.shape[1]) + out_node.shape)
+            ctx = BackwardContext(bounds, self.lower_slope, None)
+            out = backward_chunked(g, g.output, A, box, tensors, ctx)
+            if method == "alpha-crown":
+                out = optimise(g, self.domain_plan, A, box, tensors, bounds, self.lower_slope,
+                               self.alpha, out)
+            shape = by_ibp.lower.shape
+            by_ibp = intersect(by_ibp, Interval(out.lower.reshape(shape),
+                                                out.upper.reshape(shape)))
+        return {t.outputs[0]: Value("lu", by_ibp.lower, by_ibp.upper)}
+
+    # --- a run -----------------------------------------------------------------------------
+
+    def _check(self, x: InputSpec, C: LinearSpec | None) -> None:
+        if not isinstance(x, InputSpec):
+            raise SpecError(f"run() takes an InputSpec, got {type(x).__name__}")
+        if x.sample_shape != self.graph.input_shape:
+            raise ShapeError(f"input of shape {list(x.lower.shape)} does not fit the model, "
+                             f"which takes [batch, {', '.join(map(str, self.graph.input_shape))}]")
+        n_specs = self.bundle.workload.n_specs
+        if C is None and n_specs:
+            raise SpecError(f"this plan bounds {n_specs} specs: pass C")
+        if C is not None:
+            if not isinstance(C, LinearSpec):
+                raise SpecError(f"C must be a LinearSpec, got {type(C).__name__}")
+            if C.n_specs != n_specs:
+                raise SpecError(f"C has {C.n_specs} specs; the plan was made for {n_specs}")
+            size = 1
+            for s in self.graph.output_shape:
+                size *= s
+            C.check(x.batch, size)
+
+    def _key(self, t: Task, box: str, spec: str, split: str) -> CacheKey:
+        entry = self.cache_entries[t.name]
+        domain = t.attr("method") if t.kind == "final" else t.kind
+        layout = ";".join(str(self.buffers[o].layout) + self.buffers[o].form for o in t.outputs)
+        return CacheKey(self.plan_id, t.name, domain,
+                        spec if "spec" in entry.key else "", box if "box" in entry.key else "",
+                        split if "split" in entry.key else "",
+                        layout if "layout" in entry.key else "")
+
+    def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
+            cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None
+            ) -> RunResult:
+        """Bounds over the box ``x`` (of ``C·y`` when the plan has specs). With ``cache``,
+        ``reuse_ibp`` reuses intermediate bounds of an earlier run on the same box and split
+        state, ``cache_bounds`` whole final bounds of the same query; ``split`` is the
+        branch-and-bound state (any value with a stable ``repr``), part of every key."""
+        self._check(x, C)
+        if (reuse_ibp or cache_bounds) and cache is None:
+            raise BoundFlowError("reuse_ibp / cache_bounds need a BoundCache (cache=...)")
+        start = time.perf_counter()
+        batch = x.batch
+        box = Interval(torch.as_tensor(x.lower).to(self.device, self.dtype),
+                       torch.as_tensor(x.upper).to(self.device, self.dtype))
+        cmat = None if C is None else torch.as_tensor(C.C).to(self.device, self.dtype)
+        tensors = graph_tensors(self.graph, self.dtype, self.device)
+        box_id = array_hash(x.lower, x.upper)
+        spec_id = array_hash(None if C is None else C.C)
+        split_id = repr(split) if split is not None else ""
+
+        def cacheable(t: Task) -> bool:
+            if cache is None or self.cache_entries[t.name].scope != "persistent":
+                return False
+            return cache_bounds if t.kind == "final" else reuse_ibp
+
+        # from the bounds backwards: which tasks must run, which outputs come from the cache
+        want, run, cached = {self.bundle.task_graph.output}, set(), {}
+        for t in reversed(self.tasks):
+            if t.kind == "input" or not set(t.outputs) & want:
+                continue
+            hit = cache.get(self._key(t, box_id, spec_id, split_id)) if cacheable(t) else None
+            if hit is not None:
+                cached[t.name] = hit
+                continue
+            run.add(t.name)
+            want |= set(t.inputs)
+
+        self._arena = {s: a for s, a in self._arena.items()
+                       if a.numel() == self.bundle.storage_plan.slots[s]
+                       // a.element_size() * batch}
+        env: dict[str, Value] = {}
+        peak = 0
+        with torch.no_grad():
+            for i, t in enumerate(self.tasks):
+                inflight = 0
+                if t.kind == "input":
+                    env[t.outputs[0]] = Value("lu", box.lower, box.upper)
+                    continue
+                if t.name in cached:
+                    outs = cached[t.name]
+                elif t.name in run:
+                    if t.kind in ("ibp", "layout"):
+                        if t.kind == "layout":
+                            outs, inflight = {t.outputs[0]: env[t.inputs[0]]}, 0
+                        else:
+                            outs, inflight = self._ibp(t, env, tensors)
+                    elif t.kind == "crown":
+                        outs = self._crown(t, env, tensors, box)
+                    else:
+                        outs = self._final(t, env, tensors, box, cmat)
+                    inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
+                    if cacheable(t):
+                        cache.put(self._key(t, box_id, spec_id, split_id), outs)
+                else:
+                    continue
+                for name, value in outs.items():
+                    self._write(env, name, value, batch)
+                arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
+                peak = max(peak, arena + inflight)
+                for b in t.inputs:
+                    root = self._root(b)
+                    if root in self.last_use and self.last_use[root] <= i:
+                        env.pop(b, None)
+        out = env[self.bundle.task_graph.output]
+        if cache is not None:
+            cache.end_run()
+        stats = {
+            "seconds": time.perf_counter() - start,
+            "tasks_run": len(run), "tasks_cached": len(cached),
+            "peak_bytes": peak, "planned_bytes": self.bundle.peak_bytes(batch),
+        }
+        if cache is not None:
+            stats["cache"] = cache.stats()
+        return RunResult(out.a.clone(), out.b.clone(), stats)
+
+    def _arena_ptrs(self) -> set[int]:
+        return {a.untyped_storage().data_ptr() for a in self._arena.values()}
+
+    def _root(self, name: str) -> str:
+        while self.buffers[name].alias_of:
+            name = self.buffers[name].alias_of
+        return name

@@ -1,0 +1,421 @@
+"""The planner's passes. Each takes a :class:`PlannerContext` and returns a new one; none runs a
+kernel or reads a clock. In order (``PASSES``):
+
+normalise -> partition -> assign_domains -> assign_layouts -> liveness -> reuse_buffers
+-> plan_cache -> select_lowering
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from boundflow.domains.crown import ibp_exact_nodes
+from boundflow.domains.traversal import ancestors
+from boundflow.errors import BoundFlowError
+from boundflow.ir.domain_plan import DomainPlan
+from boundflow.ir.graph import Graph
+from boundflow.ir.knobs import Knobs
+from boundflow.ir.normalize import normalize
+from boundflow.ir.plan import (CacheEntry, CachePlan, DomainSection, LayoutPlan, LoweringPlan,
+                               StoragePlan)
+from boundflow.ir.task_graph import Buffer, PlanError, Task, TaskGraph
+from boundflow.ir.workload import Workload
+from boundflow.planner.rewrite import simplify_permutes
+from boundflow.planner.space import SearchSpace, folds_output, knobs_for
+
+INPUT_TASK = "input"
+BOUNDS = "@bounds"
+NHWC = (1, 2, 0)
+# ops whose output element i depends only on input element i (in-place safe in any backend)
+_ELEMENTWISE = {"relu", "add", "sub", "mul", "div", "batchnorm", "identity"}
+_NEEDS_ROW_MAJOR = {"flatten", "reshape", "linear"}
+
+
+@dataclass(frozen=True)
+class PlannerContext:
+    """Everything the passes know so far; fields fill in as the pipeline runs."""
+
+    source: Graph
+    workload: Workload
+    knobs: Knobs | None
+    lower_slope: str = "adaptive"
+    alpha: tuple[tuple[str, Any], ...] = ()
+    graph: Graph | None = None                      # normalised
+    rewrites: tuple[str, ...] = ()
+    space: SearchSpace | None = None
+    groups: tuple[tuple[str, ...], ...] = ()
+    domain: DomainSection | None = None
+    node_layouts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    task_graph: TaskGraph | None = None
+    layout_plan: LayoutPlan | None = None
+    liveness: tuple[tuple[str, int, int], ...] = ()
+    storage_plan: StoragePlan | None = None
+    cache_plan: CachePlan | None = None
+    lowering_plan: LoweringPlan | None = None
+
+    def but(self, **changes: Any) -> "PlannerContext":
+        return dataclasses.replace(self, **changes)
+
+
+# --- normalise ---------------------------------------------------------------------------
+
+_NORMALISED: "weakref.WeakKeyDictionary[Graph, tuple[Graph, tuple[str, ...]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _prune(graph: Graph) -> Graph:
+    live = ancestors(graph, [graph.output])
+    if len(live) == len(graph.nodes):
+        return graph
+    nodes = tuple(n for n in graph.nodes if n.name in live)
+    used = {k for n in nodes for k in n.params.values()}
+    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
+
+
+def normalised(graph: Graph) -> tuple[Graph, tuple[str, ...]]:
+    """``graph`` with dead nodes dropped, BatchNorm folded, identities dropped and permutes
+    simplified (see ``rewrite``); and the rewrites made. Cached per graph: every backend
+    binding a plan to a model calls this."""
+    cached = _NORMALISED.get(graph)
+    if cached is None:
+        g = normalize(_prune(graph))
+        g, log = simplify_permutes(g)
+        _NORMALISED[graph] = cached = (g, log)
+    return cached
+
+
+def normalise(ctx: PlannerContext) -> PlannerContext:
+    graph, log = normalised(ctx.source)
+    space = SearchSpace.of(graph, ctx.workload)
+    knobs = knobs_for(graph, ctx.workload, ctx.knobs)
+    return ctx.but(graph=graph, rewrites=log, space=space, knobs=knobs)
+
+
+# --- partition ---------------------------------------------------------------------------
+
+def _groups(graph: Graph, workload: Workload, edges) -> tuple[tuple[str, ...], ...]:
+    """Connected components of the fused edges, each in graph order, ordered by last node."""
+    skip = {graph.input.name} | ({graph.output} if folds_output(graph, workload) else set())
+    parent = {n.name: n.name for n in graph.nodes if n.name not in skip}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for p, c in edges:
+        parent[find(p)] = find(c)
+    members: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        if n.name in parent:
+            members.setdefault(find(n.name), []).append(n.name)
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    return tuple(sorted((tuple(g) for g in members.values()), key=lambda g: position[g[-1]]))
+
+
+def partition(ctx: PlannerContext) -> PlannerContext:
+    """Fuse the knob-selected edges into tasks (IBP only; domains come next)."""
+    edges = [e for e, on in zip(ctx.space.fusible, ctx.knobs.partition) if on]
+    groups = _groups(ctx.graph, ctx.workload, edges)
+    tg = build_tasks(ctx.graph, ctx.workload, groups, (), "ibp")
+    return ctx.but(groups=groups, task_graph=tg)
+
+
+def _crown_buffer(node: str) -> str:
+    return f"{node}@crown"
+
+
+def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...],
+                final: str) -> TaskGraph:
+    """The task graph of ``groups`` (IBP tasks), a CROWN task per node of ``crown`` and the
+    final task; every buffer in row-major layout and lower/upper form."""
+    fold = folds_output(graph, workload)
+    source = graph.output_node.inputs[0] if fold else graph.output
+    inp = graph.input.name
+    crown_set = set(crown)
+    by = {n.name: n for n in graph.nodes}
+
+    def final_buf(v: str) -> str:
+        return _crown_buffer(v) if v in crown_set else v
+
+    def relu_inputs_above(v: str) -> list[str]:
+        up = ancestors(graph, [v])
+        return [by[r].inputs[0] for r in (n.name for n in graph.nodes)
+                if r in up and by[r].op == "relu"]
+
+    backward_reads: dict[str, list[str]] = {c: relu_inputs_above(c) for c in crown}
+    if final != "ibp":
+        backward_reads[BOUNDS] = relu_inputs_above(graph.output)
+    needed_by_backward = {v for vs in backward_reads.values() for v in vs}
+    group_of = {n: gi for gi, g in enumerate(groups) for n in g}
+    users = graph.consumers()
+
+    def buffer(name: str, node: str) -> Buffer:
+        shape = by[node].shape
+        return Buffer(name, node, shape, workload.dtype, "lu", tuple(range(len(shape))))
+
+    tasks = [Task(INPUT_TASK, "input", (inp,), (), (inp,))]
+    buffers = {inp: buffer(inp, inp)}
+    for gi, group in enumerate(groups):
+        ins, outs = [], []
+        for name in group:
+            for i in by[name].inputs:
+                if i not in group:
+                    ins.append(final_buf(i))
+            if (any(group_of.get(u) != gi for u in users[name]) or name == source
+                    or name in needed_by_backward or name in crown_set):
+                outs.append(name)
+        tasks.append(Task(f"ibp:{group[-1]}", "ibp", group, tuple(dict.fromkeys(ins)),
+                          tuple(outs)))
+        for o in outs:
+            buffers[o] = buffer(o, o)
+        for o in outs:
+            if o in crown_set:
+                ins = (o, inp) + tuple(final_buf(v) for v in backward_reads[o])
+                tasks.append(Task(f"crown:{o}", "crown", (o,), tuple(dict.fromkeys(ins)),
+                                  (_crown_buffer(o),)))
+                buffers[_crown_buffer(o)] = buffer(_crown_buffer(o), o)
+    ins = (final_buf(source),)
+    if final != "ibp":
+        ins += (inp,) + tuple(final_buf(v) for v in backward_reads[BOUNDS])
+    out_shape = (workload.n_specs,) if workload.n_specs else graph.output_shape
+    buffers[BOUNDS] = Buffer(BOUNDS, "", tuple(out_shape), workload.dtype, "lu",
+                             tuple(range(len(out_shape))))
+    tasks.append(Task("final", "final", (graph.output,) if fold else (),
+                      tuple(dict.fromkeys(ins)), (BOUNDS,),
+                      (("fold", fold), ("method", final))))
+    return TaskGraph(tuple(tasks), tuple(buffers.values()), BOUNDS)
+
+
+# --- domains -----------------------------------------------------------------------------
+
+def assign_domains(ctx: PlannerContext) -> PlannerContext:
+    """The domain plan from the knobs; CROWN only where IBP is not already exact. Fused
+    edges out of a CROWN pre-activation are cut (its tightened interval must exist before
+    its ReLU reads it) and each gets a ``crown`` task; the final task gets its method."""
+    graph, knobs = ctx.graph, ctx.knobs
+    plan = DomainPlan(tuple(zip(ctx.space.preactivations, knobs.domains)), knobs.final)
+    plan.check(graph)
+    exact = ibp_exact_nodes(graph)
+    crown = tuple(p for p, d in plan.intermediate if d == "crown" and p not in exact)
+    edges = [e for e, on in zip(ctx.space.fusible, knobs.partition)
+             if on and e[0] not in crown]
+    groups = _groups(graph, ctx.workload, edges)
+    domain = DomainSection(plan.intermediate, plan.final, crown, ctx.lower_slope,
+                           ctx.alpha if plan.final == "alpha-crown" else ())
+    return ctx.but(groups=groups, domain=domain,
+                   task_graph=build_tasks(graph, ctx.workload, groups, crown, plan.final))
+
+
+# --- layouts -----------------------------------------------------------------------------
+
+def _layout_name(layout: tuple[int, ...]) -> str:
+    if layout == tuple(range(len(layout))):
+        return "rowmajor"
+    return "nhwc" if layout == NHWC else "perm" + "".join(map(str, layout))
+
+
+def permuted_layout(dims, in_layout: tuple[int, ...]) -> tuple[int, ...]:
+    """The physical order of ``permute(x, dims)`` when it only relabels ``x``'s memory."""
+    inverse = [list(dims).index(j) for j in range(len(dims))]
+    return tuple(inverse[a] for a in in_layout)
+
+
+def assign_layouts(ctx: PlannerContext) -> PlannerContext:
+    """Conv regions take their knob layout; a permute whose output layout is its input's
+    memory relabelled becomes a view; where a task needs another layout than a buffer has,
+    a ``layout`` conversion task is inserted; affine outputs take their knob form; a task
+    made only of views writes an alias of its input buffer."""
+    graph, tg = ctx.graph, ctx.task_graph
+    by = {n.name: n for n in graph.nodes}
+    node_layout = {n.name: tuple(range(len(n.shape))) for n in graph.nodes}
+    regions = []
+    for region, choice in zip(ctx.space.regions, ctx.knobs.layouts):
+        regions.append((region, choice))
+        if choice == "NHWC":
+            for name in region:
+                node_layout[name] = NHWC
+    views = []
+    for n in graph.nodes:
+        if n.op == "permute" and permuted_layout(n.attrs["dims"], node_layout[n.inputs[0]]) \
+                == node_layout[n.name]:
+            views.append(n.name)
+        elif n.op in ("flatten", "reshape") and node_layout[n.inputs[0]] == \
+                tuple(range(len(by[n.inputs[0]].shape))):
+            views.append(n.name)
+    forms = dict(zip(ctx.space.affine, ctx.knobs.forms))
+    buffers = {b.name: dataclasses.replace(
+        b, layout=node_layout[b.node] if b.node and b.name != graph.input.name else b.layout,
+        form=forms.get(b.name, "lu")) for b in tg.buffers}
+    # conversions at task boundaries
+    tasks: list[Task] = []
+    conversions: dict[str, Task] = {}
+    for t in tg.tasks:
+        if t.kind != "ibp":
+            tasks.append(t)
+            continue
+        rename = {}
+        members = set(t.nodes)
+        for name in t.nodes:
+            node = by[name]
+            for i in node.inputs:
+                if i in members:
+                    continue
+                src = next(b for b in t.inputs if buffers[b].node == i)
+                need = (tuple(range(len(by[i].shape))) if node.op in _NEEDS_ROW_MAJOR
+                        else None if node.op == "permute" else node_layout[name])
+                if need is None or buffers[src].layout == need:
+                    continue
+                conv = f"{src}@{_layout_name(need)}"
+                if conv not in conversions:
+                    buffers[conv] = dataclasses.replace(buffers[src], name=conv, layout=need)
+                    conversions[conv] = Task(f"layout:{conv}", "layout", (), (src,), (conv,),
+                                             (("layout", need),))
+                    tasks.append(conversions[conv])
+                rename[src] = conv
+        tasks.append(dataclasses.replace(t, inputs=tuple(rename.get(b, b) for b in t.inputs)))
+    # tasks made of views alias their input
+    view_set = set(views)
+    for t in tasks:
+        if t.kind == "ibp" and len(t.inputs) == 1 and len(t.outputs) == 1 \
+                and all(n in view_set for n in t.nodes):
+            src = buffers[t.inputs[0]]
+            buffers[t.outputs[0]] = dataclasses.replace(buffers[t.outputs[0]],
+                                                        alias_of=src.name, form=src.form)
+    layout_plan = LayoutPlan(tuple(regions), tuple(views), tuple(conversions), ctx.rewrites)
+    return ctx.but(task_graph=tg.replace(tasks=tasks, buffers=buffers.values()),
+                   layout_plan=layout_plan, node_layouts=tuple(node_layout.items()))
+
+
+# --- storage -----------------------------------------------------------------------------
+
+def liveness(ctx: PlannerContext) -> PlannerContext:
+    """First and last task index using each buffer's memory (aliases count for their
+    root); the output buffer lives past the last task; the input box is the caller's."""
+    tg = ctx.task_graph
+    n = len(tg.tasks)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, t in enumerate(tg.tasks):
+        for b in t.outputs:
+            r = tg.root(b)
+            first.setdefault(r, i)
+            last[r] = max(last.get(r, i), i)
+        for b in t.inputs:
+            r = tg.root(b)
+            last[r] = max(last.get(r, i), i)
+    last[tg.root(tg.output)] = n
+    rows = tuple((b, first[b], last[b]) for b in first if b != ctx.graph.input.name)
+    return ctx.but(liveness=rows)
+
+
+def _size_class(nbytes: int) -> int:
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
+def _inplace_candidates(task: Task, by) -> tuple[str, ...]:
+    if task.kind == "crown":
+        return task.inputs[:1]
+    if task.kind == "ibp" and all(by[n].op in _ELEMENTWISE for n in task.nodes):
+        return task.inputs
+    return ()
+
+
+def reuse_buffers(ctx: PlannerContext) -> PlannerContext:
+    """Give each buffer a slot: greedily, in task order, a free slot of the same size class
+    (else the smallest larger one, else a new slot); an elementwise task may write its output
+    over an input that dies there, of the same size, layout and form. A buffer's slot is freed
+    after its last reader has run. With storage knob ``none`` every buffer has its own slot."""
+    tg = ctx.task_graph
+    by = {n.name: n for n in ctx.graph.nodes}
+    last = {b: l for b, _, l in ctx.liveness}
+    reuse = ctx.knobs.storage == "reuse"
+    slots: list[int] = []                 # bytes per sample of each slot
+    holder: dict[int, str] = {}           # slot -> the buffer in it now
+    assignment: dict[str, int] = {}
+    inplace: list[str] = []
+    for i, t in enumerate(tg.tasks):
+        dying = {tg.root(b) for b in t.inputs if last.get(tg.root(b)) == i}
+        for out in t.outputs:
+            if out not in last:            # an alias, or the caller's input box
+                continue
+            buf = tg.buffer(out)
+            need = buf.bytes_per_sample
+            slot = None
+            if reuse:
+                for cand in map(tg.root, _inplace_candidates(t, by)):
+                    cb = tg.buffer(cand)
+                    if cand in dying and cand in assignment and cb.bytes_per_sample == need \
+                            and cb.layout == buf.layout and cb.form == buf.form:
+                        slot = assignment[cand]
+                        dying.discard(cand)
+                        inplace.append(out)
+                        break
+                if slot is None:
+                    free = [s for s in range(len(slots)) if s not in holder]
+                    fits = [s for s in free if slots[s] >= need
+                            or _size_class(slots[s]) == _size_class(need)]
+                    if fits:
+                        slot = min(fits, key=lambda s: (_size_class(slots[s]) !=
+                                                        _size_class(need), slots[s]))
+            if slot is None:
+                slots.append(0)
+                slot = len(slots) - 1
+            slots[slot] = max(slots[slot], need)
+            holder[slot] = out
+            assignment[out] = slot
+        if reuse:
+            for r in dying:
+                if r in assignment and holder.get(assignment[r]) == r:
+                    del holder[assignment[r]]
+    unshared = sum(tg.buffer(b).bytes_per_sample for b in assignment)
+    plan = StoragePlan(reuse, ctx.liveness, tuple(slots), tuple(assignment.items()),
+                       tuple(inplace), sum(slots), unshared)
+    return ctx.but(storage_plan=plan)
+
+
+# --- cache and lowering ------------------------------------------------------------------
+
+def plan_cache(ctx: PlannerContext) -> PlannerContext:
+    """What a BoundCache may keep across runs (``persistent``): the outputs of CROWN tasks,
+    of the final task, and of the tasks whose buffers a CROWN or final task reads (with them
+    cached a later query resumes there); everything else is ``run``-scoped. Keys name the
+    task, its domain, the input box, the split state and the layout; final bounds also the
+    spec (``C``)."""
+    tg = ctx.task_graph
+    producer = tg.producer()
+    frontier = {producer[b] for t in tg.tasks if t.kind in ("crown", "final")
+                for b in t.inputs}
+    entries = []
+    for t in tg.tasks:
+        if t.kind == "input":
+            continue
+        scope = "persistent" if t.kind in ("crown", "final") or t.name in frontier else "run"
+        key = ("task", "domain", "box", "split", "layout")
+        if t.kind == "final":
+            key = ("task", "domain", "spec", "box", "split")
+        entries.append(CacheEntry(t.name, scope, key))
+    return ctx.but(cache_plan=CachePlan(tuple(entries)))
+
+
+def select_lowering(ctx: PlannerContext) -> PlannerContext:
+    """Each compute task's lowering and schedule parameters, from the knobs."""
+    names = {t.name for t in ctx.task_graph.tasks}
+    unknown = sorted(set(dict(ctx.knobs.task_lowering)) - names |
+                     set(dict(ctx.knobs.schedule)) - names)
+    if unknown:
+        raise PlanError(f"knobs set lowering or schedule for tasks {unknown}, which this "
+                        f"plan does not have")
+    rows = tuple((t.name, ctx.knobs.lowering_of(t.name), ctx.knobs.task_schedule(t.name))
+                 for t in ctx.task_graph.tasks if t.kind != "input")
+    return ctx.but(lowering_plan=LoweringPlan(rows))
+
+
+Pass = Callable[[PlannerContext], PlannerContext]
+PASSES: tuple[Pass, ...] = (normalise, partition, assign_domains, assign_layouts, liveness,
+                            reuse_buffers, plan_cache, select_lowering)
+
