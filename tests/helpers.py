@@ -64,3 +64,17 @@ def assert_contains(lower, upper, values, C=None, tol=1e-9, what="bounds"):
         f"{what} unsound: {int(below.sum())} values below the lower bound, "
         f"{int(above.sum())} above the upper bound; worst excess "
         f"{max((lower - values).max(), (values - upper).max()):.3g}")
+
+
+_GRAPHS: dict = {}
+
+
+def example_graph(name: str):
+    """A bundled example and its IR graph, built once per test session."""
+    if name not in _GRAPHS:
+        from boundflow.api import as_graph
+        from boundflow.examples import load
+
+        ex = load(name)
+        _GRAPHS[name] = ex, as_graph(ex.model, torch.as_tensor(ex.inputs[:1]).float())
+    return _GRAPHS[name]

@@ -115,3 +115,72 @@ def test_verify_model_with_each_method_is_at_least_as_strong_as_ibp(method, caps
     assert tight["method"] == method
     assert sum(tight["verified"]) >= sum(ibp["verified"])
     assert np.all(np.array(tight["lower"]) >= np.array(ibp["lower"]) - 1e-5)
+
+
+CNN = str(examples.DATA / "digits_cnn.pt2")
+
+
+def test_plan_writes_shows_and_verify_runs_it(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", CNN, "--method", "crown", "--batch", "8",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "crown:" in text and "planned peak" in text and f"wrote {out}" in text
+    assert main(["plan", "--show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    for part in ("task", "buffer", "domains:", "region NCHW", "storage: reuse"):
+        assert part in shown
+    assert main(["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.01", "--json",
+                 "--plan", str(out)]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert main(["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.01", "--json",
+                 "--method", "crown"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert planned["method"] == "crown" and planned["verdicts"] == direct["verdicts"]
+    np.testing.assert_allclose(planned["lower"], direct["lower"], rtol=1e-5, atol=1e-5)
+
+
+def test_plan_with_knobs_file(tmp_path, capsys):
+    from boundflow.frontend.pt2 import load_model
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import default
+
+    graph = load_model(CNN)
+    knobs = default(graph, Workload.of(graph, method="crown-ibp"))
+    knobs = knobs.replace(partition=tuple(False for _ in knobs.partition), storage="none")
+    path = tmp_path / "knobs.json"
+    path.write_text(knobs.to_json())
+    assert main(["plan", "--model", CNN, "--method", "crown-ibp", "--knobs", str(path),
+                 "--out", str(tmp_path / "p.json")]) == 0
+    assert "no reuse" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["plan"], "give one model"),
+    (["plan", "--show", "missing.json"], "plan file missing.json"),
+    (["plan", "--model", CNN, "--method", "magic"], "method 'magic'"),
+    (["plan", "--model", CNN, "--knobs", "missing.json"], "knobs file"),
+    (["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.1", "--plan", "nope.json"],
+     "plan file nope.json"),
+])
+def test_plan_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_verify_refuses_a_plan_from_another_schema_or_model(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", CNN, "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    d["schema_version"] = 99
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    capsys.readouterr()
+    argv = ["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.1", "--plan"]
+    assert main(argv + [str(tmp_path / "old.json")]) == 2
+    assert "schema version 99" in capsys.readouterr().err
+    assert main(["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.1",
+                 "--plan", str(out)]) == 2
+    assert "another structure" in capsys.readouterr().err
+    assert main(argv + [str(out), "--method", "ibp"]) == 2
+    assert "--plan fixes the method" in capsys.readouterr().err

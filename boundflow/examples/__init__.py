@@ -110,6 +110,24 @@ class ResidualNet(nn.Module):
         return self.head(h.reshape(h.shape[0], -1) * 0.5 - 0.1)
 
 
+class ChannelsLastNet(nn.Module):
+    """A channels-last (H, W, C) input permuted to NCHW, a transpose pair, two convs, then
+    permuted back to (H, W, C) and flattened: the layout planner's test case."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x.permute(0, 3, 1, 2)))
+        h = h.transpose(2, 3).transpose(2, 3)
+        h = torch.relu(self.conv2(h))
+        h = h.permute(0, 2, 3, 1)
+        return self.head(h.reshape(h.shape[0], -1))
+
+
 def reference_architecture(name: str) -> nn.Module:
     """The fixed models of auto_LiRPA's recorded bounds (``mlp``: 784-256-256-10, ``cnn``:
     two strided 4x4 convolutions then 2048-100-10), PyTorch's default initialisation after
@@ -162,12 +180,17 @@ def random_residual(seed: int = 0) -> Example:
     return _random("random_residual", ResidualNet, (3, 16, 16), seed)
 
 
+def random_nhwc(seed: int = 0) -> Example:
+    return _random("random_nhwc", ChannelsLastNet, (12, 12, 3), seed)
+
+
 EXAMPLES: dict[str, Callable[[], Example]] = {
     "digits_mlp": lambda: _digits("digits_mlp"),
     "digits_cnn": lambda: _digits("digits_cnn"),
     "random_mlp": random_mlp,
     "random_cnn": random_cnn,
     "random_residual": random_residual,
+    "random_nhwc": random_nhwc,
 }
 
 

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from boundflow.domains.crown import ibp_exact_nodes
 from boundflow.domains.traversal import ancestors
-from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import DomainPlan
 from boundflow.ir.graph import Graph
 from boundflow.ir.knobs import Knobs
