@@ -20,7 +20,7 @@ import torch
 
 from boundflow.api import BoundOptions, as_graph, bound_spec
 from boundflow.backend.torch import TorchExecutor
-from boundflow.examples import load
+from boundflow.examples import digits_module, load
 from boundflow.ir.spec import InputSpec, margin_spec
 from boundflow.ir.workload import Workload
 from boundflow.planner import default, plan
@@ -53,7 +53,7 @@ def storage_table(batch: int) -> None:
                 runs = {}
                 for storage in ("reuse", "none"):
                     bundle = plan(g, w, knobs.replace(storage=storage))
-                    out = TorchExecutor(bundle, g).run(x, C)
+                    out = TorchExecutor(bundle, g).run(x, C, measure_memory=True)
                     runs[storage] = (out, bundle.peak_bytes(batch))
                 (r, pr), (n, pn) = runs["reuse"], runs["none"]
                 same = torch.equal(r.lower, n.lower) and torch.equal(r.upper, n.upper)
@@ -100,7 +100,7 @@ def overhead_table(batch: int, repeat: int) -> None:
     for name in MODELS:
         ex, g, x, C = query(name, batch)
         xt = torch.as_tensor(x.center)
-        module = ex.model if isinstance(ex.model, torch.nn.Module) else None
+        module = ex.model if isinstance(ex.model, torch.nn.Module) else digits_module(name)
         for method in ("ibp", "crown"):
             w = Workload.of(g, batch=batch, method=method)
             t_plan = median_seconds(lambda: plan(g, w), max(3, repeat // 5))
@@ -108,9 +108,8 @@ def overhead_table(batch: int, repeat: int) -> None:
             t_exec = median_seconds(lambda: exe.run(x, C), repeat)
             opts = BoundOptions(method)
             t_direct = median_seconds(lambda: bound_spec(g, x, C, opts, torch.float32), repeat)
-            if module is not None:
-                with torch.no_grad():
-                    t_fwd = median_seconds(lambda: module(xt), repeat)
+            with torch.no_grad():
+                t_fwd = median_seconds(lambda: module(xt), repeat)
             print(f"{name:<16} {method:<10} {t_plan * 1e3:>8.2f} {t_exec * 1e3:>9.3f} "
                   f"{t_direct * 1e3:>8.3f} {t_exec / t_direct:>11.2f} {t_fwd * 1e3:>8.3f} "
                   f"{t_exec / t_fwd:>9.1f}")
@@ -121,12 +120,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tables", default="123", help="which tables to print (default 123)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    storage_table(args.batch)
-    cache_table(args.batch, args.repeat)
-    overhead_table(args.batch, args.repeat)
+    if "1" in args.tables:
+        storage_table(args.batch)
+    if "2" in args.tables:
+        cache_table(args.batch, args.repeat)
+    if "3" in args.tables:
+        overhead_table(args.batch, args.repeat)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ tasks in order:
   from the bounds backwards, and runs only the tasks whose outputs are not cached
   (``reuse_ibp``: intermediate bounds; ``cache_bounds``: final bounds).
 
-Each run reports ``peak_bytes``: measured, the bytes of slot storage allocated plus the
-largest set of task values in flight (the intervals of a fused task's nodes before they reach
-a slot); temporaries inside one CROWN pass are not counted.
+``run(..., measure_memory=True)`` reports ``peak_bytes``: measured, the bytes of slot storage
+allocated plus the largest set of task values in flight (the intervals of a fused task's nodes
+before they reach a slot); temporaries inside one CROWN pass are not counted.
 """
 
 from __future__ import annotations
@@ -169,14 +169,15 @@ class TorchExecutor:
 
     # --- tasks -----------------------------------------------------------------------------
 
-    def _ibp(self, t: Task, env: dict, tensors) -> tuple[dict[str, Value], int]:
+    def _ibp(self, t: Task, env: dict, tensors, measure: bool) -> tuple[dict[str, Value], int]:
         local: dict[str, Value] = {}
         for b in t.inputs:
             local[self.buffers[b].node] = env[b]
         peak = 0
         own: set[str] = set()            # values this task allocated (never a slot's memory)
-        held = self._arena_ptrs() | {t_.untyped_storage().data_ptr()   # counted elsewhere
-                                     for v in local.values() for t_ in (v.a, v.b)}
+        held = (self._arena_ptrs() | {t_.untyped_storage().data_ptr()   # counted elsewhere
+                                      for v in local.values() for t_ in (v.a, v.b)}
+                if measure else set())
         readers_left = {n: 0 for n in t.nodes}
         for name in t.nodes:
             for i in self.nodes[name].inputs:
@@ -202,7 +203,8 @@ class TorchExecutor:
                 out = Value("lu", iv.lower, iv.upper)
             local[name] = out
             own.add(name)
-            peak = max(peak, _storages(local.values(), held))
+            if measure:
+                peak = max(peak, _storages(local.values(), held))
             for i in node.inputs:
                 if i in readers_left:
                     readers_left[i] -= 1
@@ -283,12 +285,13 @@ class TorchExecutor:
                         layout if "layout" in entry.key else "")
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
-            cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None
-            ) -> RunResult:
+            cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
+            measure_memory: bool = False) -> RunResult:
         """Bounds over the box ``x`` (of ``C·y`` when the plan has specs). With ``cache``,
         ``reuse_ibp`` reuses intermediate bounds of an earlier run on the same box and split
         state, ``cache_bounds`` whole final bounds of the same query; ``split`` is the
-        branch-and-bound state (any value with a stable ``repr``), part of every key."""
+        branch-and-bound state (any value with a stable ``repr``), part of every key.
+        ``measure_memory`` adds the measured ``peak_bytes`` to the stats (it costs time)."""
         self._check(x, C)
         if (reuse_ibp or cache_bounds) and cache is None:
             raise BoundFlowError("reuse_ibp / cache_bounds need a BoundCache (cache=...)")
@@ -298,9 +301,10 @@ class TorchExecutor:
                        torch.as_tensor(x.upper).to(self.device, self.dtype))
         cmat = None if C is None else torch.as_tensor(C.C).to(self.device, self.dtype)
         tensors = graph_tensors(self.graph, self.dtype, self.device)
-        box_id = array_hash(x.lower, x.upper)
-        spec_id = array_hash(None if C is None else C.C)
-        split_id = repr(split) if split is not None else ""
+        if cache is not None:
+            box_id = array_hash(x.lower, x.upper)
+            spec_id = array_hash(None if C is None else C.C)
+            split_id = repr(split) if split is not None else ""
 
         def cacheable(t: Task) -> bool:
             if cache is None or self.cache_entries[t.name].scope != "persistent":
@@ -337,20 +341,22 @@ class TorchExecutor:
                         if t.kind == "layout":
                             outs, inflight = {t.outputs[0]: env[t.inputs[0]]}, 0
                         else:
-                            outs, inflight = self._ibp(t, env, tensors)
+                            outs, inflight = self._ibp(t, env, tensors, measure_memory)
                     elif t.kind == "crown":
                         outs = self._crown(t, env, tensors, box)
                     else:
                         outs = self._final(t, env, tensors, box, cmat)
-                    inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
+                    if measure_memory:
+                        inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
                     if cacheable(t):
                         cache.put(self._key(t, box_id, spec_id, split_id), outs)
                 else:
                     continue
                 for name, value in outs.items():
                     self._write(env, name, value, batch)
-                arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
-                peak = max(peak, arena + inflight)
+                if measure_memory:
+                    arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
+                    peak = max(peak, arena + inflight)
                 for b in t.inputs:
                     root = self._root(b)
                     if root in self.last_use and self.last_use[root] <= i:
@@ -361,8 +367,10 @@ class TorchExecutor:
         stats = {
             "seconds": time.perf_counter() - start,
             "tasks_run": len(run), "tasks_cached": len(cached),
-            "peak_bytes": peak, "planned_bytes": self.bundle.peak_bytes(batch),
+            "planned_bytes": self.bundle.peak_bytes(batch),
         }
+        if measure_memory:
+            stats["peak_bytes"] = peak
         if cache is not None:
             stats["cache"] = cache.stats()
         return RunResult(out.a.clone(), out.b.clone(), stats)

@@ -12,6 +12,7 @@ from boundflow.backend.torch import TorchExecutor
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.examples import EXAMPLES
+from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
 from boundflow.ir.workload import Workload
 from boundflow.planner import default, normalised, plan, space
@@ -42,7 +43,9 @@ def test_random_plans_equal_the_reference_and_are_sound(name):
     for i in range(N_KNOBS):
         knobs = sp.sample(rng)
         bundle = plan(g, w, knobs, alpha=ALPHA)
-        out = TorchExecutor(bundle, g).run(x, C)
+        assert PlanBundle.from_json(bundle.to_json()) == bundle
+        out = TorchExecutor(bundle, g).run(x, C, measure_memory=True)
+        assert out.stats["peak_bytes"] >= bundle.peak_bytes(2)      # every slot was written
         dp = bundle.domain_plan.plan
         if dp not in references:
             references[dp] = bound_spec(gn, x, C, BoundOptions(domains=dp, alpha=ALPHA),
@@ -78,7 +81,7 @@ def test_channels_last_plan_gives_the_original_models_bounds():
     nchw = plan(g, w, nhwc.knobs.replace(layouts=("NCHW",)))
     ref = compute_bounds(g, x, C=C, method="crown", dtype="float64")      # original graph
     for bundle in (nhwc, nchw):
-        out = TorchExecutor(bundle, g).run(x, C)
+        out = TorchExecutor(bundle, g).run(x, C, measure_memory=True)
         np.testing.assert_allclose(out.lower.numpy(), ref.lower.numpy(), rtol=1e-9)
         np.testing.assert_allclose(out.upper.numpy(), ref.upper.numpy(), rtol=1e-9)
 
@@ -101,7 +104,7 @@ def test_storage_reuse_lowers_measured_peak_and_keeps_bounds(name):
     runs = {}
     for storage in ("reuse", "none"):
         bundle = plan(g, w, unfused.replace(storage=storage))
-        runs[storage] = TorchExecutor(bundle, g).run(x, C)
+        runs[storage] = TorchExecutor(bundle, g).run(x, C, measure_memory=True)
     assert runs["reuse"].stats["peak_bytes"] < 0.75 * runs["none"].stats["peak_bytes"]
     assert torch.equal(runs["reuse"].lower, runs["none"].lower)
     assert torch.equal(runs["reuse"].upper, runs["none"].upper)
