@@ -18,7 +18,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method ibp | tail -1
-	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method crown
+	$(BIN)/boundflow plan --model $(EXAMPLES)/digits_cnn.pt2 --method crown --batch 8 --out $(VENV)/digits_cnn.plan.json | tail -3
+	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --plan $(VENV)/digits_cnn.plan.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
