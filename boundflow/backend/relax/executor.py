@@ -1,0 +1,156 @@
+"""A PlanBundle as one Relax function: a ``call_tir`` per task, compiled by TVM, run by the VM.
+
+``build_module(bundle, graph)`` emits, inside one dataflow block, a ``call_tir`` of each task's
+PrimFunc (see ``kernels.py``) with the task's input buffers, the weights it reads and, for the
+final task, ``C``; the function returns the lower and upper bounds. The batch dimension is a
+symbolic ``n``, so one compile serves every batch size. ``RelaxExecutor`` compiles it for a
+target and runs it with the same interface as the torch executor.
+
+Plans whose tasks are all interval tasks (``ibp``, ``layout``, and an IBP ``final``) lower
+today; CROWN tasks raise :class:`UnsupportedPlanError` naming the task.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import tvm
+from tvm import relax, te, tirx
+
+from boundflow.backend.torch import DTYPES, RunResult
+from boundflow.backend.relax.kernels import TaskLowering
+from boundflow.domains.traversal import graph_tensors
+from boundflow.errors import BoundFlowError, ShapeError, SpecError
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+from boundflow.ir.spec import InputSpec, LinearSpec
+from boundflow.planner.passes import normalised
+
+
+class UnsupportedPlanError(BoundFlowError):
+    """The plan holds a task this backend cannot lower yet."""
+
+
+def _name(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[str]]:
+    """The Relax module of ``bundle`` on the normalised ``graph``, and the weight keys its
+    ``main`` takes after the input box (and ``C``), in order."""
+    dtype = bundle.workload.dtype
+    n_specs = bundle.workload.n_specs
+    n = tirx.Var("n", "int64")
+    buffers = {b.name: b for b in bundle.task_graph.buffers}
+
+    def ty(shape):
+        return relax.TensorType([n] + [int(s) for s in shape], dtype)
+
+    inp = graph.input
+    xl, xu = relax.Var("x_lower", ty(inp.shape)), relax.Var("x_upper", ty(inp.shape))
+    params = [xl, xu]
+    cvar = None
+    if n_specs:
+        cvar = relax.Var("C", ty((n_specs, int(torch.tensor(graph.output_shape).prod()))))
+        params.append(cvar)
+    # every weight a task reads becomes a parameter of main, in order of first use
+    lowered = []
+    weight_keys: list[str] = []
+    for t in bundle.task_graph.tasks:
+        if t.kind == "input":
+            continue
+        low = TaskLowering(graph, dtype, n)
+        if t.kind in ("ibp", "layout"):
+            args, outs = low.ibp_task(t, buffers)
+            extra = []
+        elif t.kind == "final" and t.attr("method") == "ibp":
+            args, extra, outs = low.final_ibp(t, buffers, n_specs)
+        else:
+            raise UnsupportedPlanError(
+                f"the relax backend cannot lower task {t.name!r} (kind {t.kind}"
+                f"{', method ' + t.attr('method') if t.kind == 'final' else ''}) yet; "
+                f"run this plan on the torch backend")
+        keys = list(low.params)
+        for k in keys:
+            if k not in weight_keys:
+                weight_keys.append(k)
+        func = te.create_prim_func(args + [low.params[k] for k in keys] + extra + outs,
+                                   index_dtype_override="int64")
+        lowered.append((t, func, keys, outs))
+    wvars = {k: relax.Var(_name(k), relax.TensorType([int(s) for s in
+                                                       graph.params[k.removesuffix("|abs")].shape],
+                                                      dtype)) for k in weight_keys}
+    params += [wvars[k] for k in weight_keys]
+
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        env: dict[str, tuple] = {inp.name: (xl, xu)}
+        with bb.dataflow():
+            for t, func, keys, outs in lowered:
+                gv = bb.add_func(func.without_attr("global_symbol"), _name(t.name))
+                call_args = [v for b in t.inputs for v in env[b]] + [wvars[k] for k in keys]
+                if t.kind == "final" and cvar is not None:
+                    call_args.append(cvar)
+                out_ty = [relax.TensorType([int(s) if i else n for i, s in enumerate(o.shape)],
+                                           dtype) for o in outs]
+                res = bb.emit(relax.call_tir(gv, call_args, out_ty))
+                for j, b in enumerate(t.outputs):
+                    env[b] = (bb.emit(relax.TupleGetItem(res, 2 * j)),
+                              bb.emit(relax.TupleGetItem(res, 2 * j + 1)))
+            lo, hi = env[bundle.task_graph.output]
+            out = bb.emit_output(relax.Tuple([lo, hi]))
+        bb.emit_func_output(out)
+    return bb.get(), weight_keys
+
+
+def kernel_count(mod: tvm.IRModule) -> int:
+    """PrimFuncs in a module (kernels launched per run)."""
+    return sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
+
+
+class RelaxExecutor:
+    """A PlanBundle compiled with TVM for ``target``; ``run`` has the torch executor's
+    interface (no bound cache yet)."""
+
+    def __init__(self, bundle: PlanBundle, graph: Graph, target: str = "llvm"):
+        bundle.workload.check_graph(graph)
+        g, _ = normalised(graph)
+        if g.structural_hash() != bundle.graph_hash:
+            raise BoundFlowError("the plan's normalised graph differs from this model's")
+        self.bundle, self.graph = bundle, g
+        self.dtype = DTYPES[bundle.workload.dtype]
+        start = time.perf_counter()
+        self.module, self.weight_keys = build_module(bundle, g)
+        self.n_kernels = kernel_count(self.module)
+        self.target = target if isinstance(target, tvm.target.Target) else \
+            tvm.target.Target(target)
+        self.executable = tvm.compile(self.module, target=self.target)
+        self.compile_seconds = time.perf_counter() - start
+        self.device = tvm.cpu() if self.target.kind.name == "llvm" else tvm.cuda()
+        self.vm = relax.VirtualMachine(self.executable, self.device)
+        tensors = graph_tensors(g, self.dtype)
+        self.weights = [tvm.runtime.tensor(tensors[k].contiguous().numpy(), self.device)
+                        for k in self.weight_keys]
+
+    def run(self, x: InputSpec, C: LinearSpec | None = None, **_: Any) -> RunResult:
+        if x.sample_shape != self.graph.input_shape:
+            raise ShapeError(f"input of shape {list(x.lower.shape)} does not fit the model")
+        n_specs = self.bundle.workload.n_specs
+        if (C is None) != (n_specs == 0) or (C is not None and C.n_specs != n_specs):
+            raise SpecError(f"this plan bounds {n_specs} specs; C does not match")
+        start = time.perf_counter()
+        args = [tvm.runtime.tensor(torch.as_tensor(a).to(self.dtype).contiguous().numpy(),
+                                   self.device) for a in (x.lower, x.upper)]
+        if C is not None:
+            args.append(tvm.runtime.tensor(torch.as_tensor(C.C).to(self.dtype).contiguous()
+                                           .numpy(), self.device))
+        lo, hi = self.vm["main"](*args, *self.weights)
+        if self.device.dlpack_device_type() == 1:          # CPU: zero copy
+            lower, upper = torch.from_dlpack(lo), torch.from_dlpack(hi)
+        else:
+            lower, upper = torch.from_numpy(lo.numpy()), torch.from_numpy(hi.numpy())
+        return RunResult(lower, upper, {"seconds": time.perf_counter() - start,
+                                        "n_kernels": self.n_kernels,
+                                        "compile_seconds": self.compile_seconds})

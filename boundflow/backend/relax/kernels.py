@@ -1,0 +1,380 @@
+"""TIR PrimFuncs for the tasks of a plan, one PrimFunc per task.
+
+A task's nodes are lowered together: every value is an *accessor* (a function from a batch
+index and a logical element index to a TIR expression), so elementwise ops and views
+(flatten, reshape, permute) compose into index arithmetic and never materialise; only
+reductions (linear, conv2d, avgpool) and the task's outputs become stages. Inputs and outputs
+are buffers in their physical layout and interval form, each as two tensors (lower/upper or
+centre/radius) with a symbolic batch dimension, so one compile serves every batch size.
+
+The PrimFuncs are built with TE compute definitions turned into TIR by ``te.create_prim_func``
+(no TE schedules); ``schedules.py`` schedules them with ``tvm.s_tir.Schedule``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from tvm import te, tirx
+
+from boundflow.errors import UnsupportedOpError
+from boundflow.ir.graph import Graph, Node
+from boundflow.ir.task_graph import Buffer, Task
+
+Access = Callable[..., "tirx.PrimExpr"]
+
+
+@dataclass
+class Value:
+    """An interval over a per-sample ``shape``: ``form`` "lu" (a, b = lower, upper) or "cr"
+    (centre, radius), each an accessor ``f(batch, *index)``."""
+
+    form: str
+    a: Access
+    b: Access
+    shape: tuple[int, ...]
+
+    def lu(self) -> "Value":
+        if self.form == "lu":
+            return self
+        m, r = self.a, self.b
+        return Value("lu", lambda *i: m(*i) - r(*i), lambda *i: m(*i) + r(*i), self.shape)
+
+    def cr(self) -> "Value":
+        if self.form == "cr":
+            return self
+        lo, hi = self.a, self.b
+        half = lambda e: e * tirx.const(0.5, str(e.ty))  # noqa: E731
+        return Value("cr", lambda *i: half(hi(*i) + lo(*i)), lambda *i: half(hi(*i) - lo(*i)),
+                     self.shape)
+
+
+def _tensor_access(t: te.Tensor) -> Access:
+    return lambda *i: t[i]
+
+
+def _unravel(flat, shape: Sequence[int]) -> list:
+    idx = []
+    for s in reversed(shape):
+        idx.append(flat % s)
+        flat = flat // s
+    return list(reversed(idx))
+
+
+def _ravel(idx: Sequence, shape: Sequence[int]):
+    flat = idx[0] if idx else 0
+    for i, s in zip(idx[1:], shape[1:]):
+        flat = flat * s + i
+    return flat
+
+
+def _reshaped(v: Value, shape: tuple[int, ...]) -> Value:
+    """A view of ``v`` in another shape with the same row-major order."""
+    old = v.shape
+
+    def remap(f):
+        return lambda b, *i: f(b, *_unravel(_ravel(list(i), shape), old))
+    return Value(v.form, remap(v.a), remap(v.b), tuple(shape))
+
+
+def _permuted(v: Value, dims: Sequence[int]) -> Value:
+    inverse = [list(dims).index(j) for j in range(len(dims))]
+
+    def remap(f):
+        return lambda b, *i: f(b, *(i[inverse[j]] for j in range(len(dims))))
+    return Value(v.form, remap(v.a), remap(v.b), tuple(v.shape[d] for d in dims))
+
+
+def _broadcast(t: te.Tensor, shape: tuple[int, ...]) -> Access:
+    """``t`` (right-aligned, size-1 axes broadcast) indexed by an element of ``shape``."""
+    tshape = [int(s) for s in t.shape]
+    off = len(shape) - len(tshape)
+    return lambda *i: t[tuple(0 if tshape[k] == 1 else i[off + k] for k in range(len(tshape)))]
+
+
+class TaskLowering:
+    """Builds the PrimFunc of one task. ``params`` maps a graph parameter key to the TE
+    placeholder standing for it (the caller passes the same tensors to the Relax call)."""
+
+    def __init__(self, graph: Graph, dtype: str, batch: tirx.Var):
+        self.graph, self.dtype, self.n = graph, dtype, batch
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.params: dict[str, te.Tensor] = {}
+        self.zero = tirx.const(0, dtype)
+
+    def param(self, key: str) -> te.Tensor:
+        if key not in self.params:
+            arr = self.graph.params[key.removesuffix("|abs")]
+            self.params[key] = te.placeholder(tuple(int(s) for s in arr.shape), self.dtype,
+                                              name=key.replace(".", "_").replace("|", "_"))
+        return self.params[key]
+
+    # --- buffers -------------------------------------------------------------------------
+
+    def placeholder(self, buf: Buffer) -> tuple[Value, list[te.Tensor]]:
+        phys = (self.n,) + tuple(buf.shape[a] for a in buf.layout)
+        name = buf.name.replace("@", "_at_")
+        ta = te.placeholder(phys, self.dtype, name=name + "_0")
+        tb = te.placeholder(phys, self.dtype, name=name + "_1")
+        lay = buf.layout
+
+        def access(t):
+            return lambda b, *i: t[(b,) + tuple(i[a] for a in lay)]
+        return Value(buf.form, access(ta), access(tb), buf.shape), [ta, tb]
+
+    def materialise(self, v: Value, buf: Buffer) -> list[te.Tensor]:
+        v = v.lu() if buf.form == "lu" else v.cr()
+        phys = (self.n,) + tuple(buf.shape[a] for a in buf.layout)
+        lay = buf.layout
+
+        def stage(f, name):
+            def body(b, *p):
+                return f(b, *(p[lay.index(j)] for j in range(len(lay))))
+            return te.compute(phys, body, name=name)
+        base = buf.name.replace("@", "_at_")
+        return [stage(v.a, base + "_0"), stage(v.b, base + "_1")]
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def node(self, node: Node, ins: list[Value]) -> Value:
+        fn = getattr(self, "_" + node.op, None)
+        if fn is None:
+            raise UnsupportedOpError(f"the relax backend has no kernel for op {node.op!r} "
+                                     f"({node.describe()})")
+        return fn(node, ins)
+
+    def _stage_pair(self, shape, fa, fb, name) -> Value:
+        full = (self.n,) + tuple(shape)
+        ta = te.compute(full, lambda *i: fa(*i), name=name + "_a")
+        tb = te.compute(full, lambda *i: fb(*i), name=name + "_b")
+        return Value("cr", _tensor_access(ta), _tensor_access(tb), tuple(shape))
+
+    def _linear(self, node: Node, ins: list[Value]) -> Value:
+        v = self._materialised_cr(ins[0], node.name)
+        w = self.param(node.params["weight"])
+        wa = self.param(node.params["weight"] + "|abs")
+        bias = self.param(node.params["bias"]) if "bias" in node.params else None
+        out_f, in_f = (int(s) for s in w.shape)
+
+        def mid(b, *i):
+            k = te.reduce_axis((0, in_f), name="k")
+            s = te.sum(w[i[-1], k] * v.a(b, *i[:-1], k), axis=k)
+            return s
+        def rad(b, *i):
+            k = te.reduce_axis((0, in_f), name="k")
+            return te.sum(wa[i[-1], k] * v.b(b, *i[:-1], k), axis=k)
+        out = self._stage_pair(node.shape, mid, rad, node.name.replace(".", "_"))
+        if bias is not None:
+            m = out.a
+            out = Value("cr", lambda b, *i: m(b, *i) + bias[i[-1]], out.b, out.shape)
+        return out
+
+    def _conv2d(self, node: Node, ins: list[Value]) -> Value:
+        v = self._materialised_cr(ins[0], node.name)
+        w = self.param(node.params["weight"])
+        wa = self.param(node.params["weight"] + "|abs")
+        bias = self.param(node.params["bias"]) if "bias" in node.params else None
+        a = node.attrs
+        (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
+        C, H, W = ins[0].shape
+        O, cg, kh, kw = (int(s) for s in w.shape)
+        og = O // g
+
+        def padded(f):
+            def get(b, c, y, x):
+                inside = te.all(y >= 0, y < H, x >= 0, x < W)
+                return te.if_then_else(inside, f(b, c, te.max(te.min(y, H - 1), 0),
+                                                  te.max(te.min(x, W - 1), 0)), self.zero)
+            return get
+
+        def conv(f, wt):
+            src = padded(f)
+
+            def body(b, o, y, x):
+                rc = te.reduce_axis((0, cg), name="rc")
+                ry = te.reduce_axis((0, kh), name="ry")
+                rx = te.reduce_axis((0, kw), name="rx")
+                return te.sum(wt[o, rc, ry, rx] * src(b, (o // og) * cg + rc, y * sh + ry * dh - ph,
+                                                      x * sw + rx * dw - pw), axis=[rc, ry, rx])
+            return body
+        out = self._stage_pair(node.shape, conv(v.a, w), conv(v.b, wa), node.name)
+        if bias is not None:
+            m = out.a
+            out = Value("cr", lambda b, o, y, x: m(b, o, y, x) + bias[o], out.b, out.shape)
+        return out
+
+    def _materialised_cr(self, v: Value, name: str) -> Value:
+        """Centre/radius of ``v`` as stages (read many times by a reduction)."""
+        c = v.cr()
+        return self._stage_pair(v.shape, c.a, c.b, name.replace(".", "_") + "_in")
+
+    def _relu(self, node: Node, ins: list[Value]) -> Value:
+        v = ins[0].lu()
+        z = self.zero
+        return Value("lu", lambda *i: te.max(v.a(*i), z), lambda *i: te.max(v.b(*i), z), v.shape)
+
+    def _addsub(self, node: Node, ins: list[Value], sign: int) -> Value:
+        x = ins[0].lu()
+        if len(ins) == 2:
+            y = ins[1].lu()
+            if sign > 0:
+                return Value("lu", lambda *i: x.a(*i) + y.a(*i), lambda *i: x.b(*i) + y.b(*i),
+                             x.shape)
+            return Value("lu", lambda *i: x.a(*i) - y.b(*i), lambda *i: x.b(*i) - y.a(*i),
+                         x.shape)
+        c = _broadcast(self.param(node.params["other"]), x.shape)
+        if sign > 0:
+            return Value("lu", lambda b, *i: x.a(b, *i) + c(*i),
+                         lambda b, *i: x.b(b, *i) + c(*i), x.shape)
+        return Value("lu", lambda b, *i: x.a(b, *i) - c(*i),
+                     lambda b, *i: x.b(b, *i) - c(*i), x.shape)
+
+    def _add(self, node, ins):
+        return self._addsub(node, ins, 1)
+
+    def _sub(self, node, ins):
+        return self._addsub(node, ins, -1)
+
+    def _scale(self, x: Value, s: Access) -> Value:
+        x = x.lu()
+        lo = lambda b, *i: te.min(x.a(b, *i) * s(*i), x.b(b, *i) * s(*i))  # noqa: E731
+        hi = lambda b, *i: te.max(x.a(b, *i) * s(*i), x.b(b, *i) * s(*i))  # noqa: E731
+        return Value("lu", lo, hi, x.shape)
+
+    def _mul(self, node, ins):
+        return self._scale(ins[0], _broadcast(self.param(node.params["other"]), ins[0].shape))
+
+    def _div(self, node, ins):
+        c = _broadcast(self.param(node.params["other"]), ins[0].shape)
+        one = tirx.const(1, self.dtype)
+        return self._scale(ins[0], lambda *i: one / c(*i))
+
+    def _batchnorm(self, node, ins):
+        x = ins[0].lu()
+        p = {r: self.param(k) for r, k in node.params.items()}
+        eps = tirx.const(float(node.attrs["eps"]), self.dtype)
+        scale = lambda c: p["weight"][c] / te.sqrt(p["var"][c] + eps)  # noqa: E731
+        shift = lambda c: p["bias"][c] - p["mean"][c] * scale(c)  # noqa: E731
+        y = self._scale(x, lambda c, *rest: scale(c))
+        return Value("lu", lambda b, c, *r: y.a(b, c, *r) + shift(c),
+                     lambda b, c, *r: y.b(b, c, *r) + shift(c), x.shape)
+
+    def _flatten(self, node, ins):
+        return _reshaped(ins[0], node.shape)
+
+    def _reshape(self, node, ins):
+        return _reshaped(ins[0], node.shape)
+
+    def _permute(self, node, ins):
+        return _permuted(ins[0], node.attrs["dims"])
+
+    def _identity(self, node, ins):
+        return ins[0]
+
+    def _avgpool2d(self, node, ins):
+        x = ins[0].lu()
+        (kh, kw), (sh, sw), (ph, pw) = (node.attrs[k] for k in ("kernel_size", "stride",
+                                                                 "padding"))
+        C, H, W = x.shape
+        inv = tirx.const(1.0 / (kh * kw), self.dtype)
+
+        def pool(f):
+            def body(b, c, y, xx):
+                ry = te.reduce_axis((0, kh), name="ry")
+                rx = te.reduce_axis((0, kw), name="rx")
+                yy, xw = y * sh + ry - ph, xx * sw + rx - pw
+                inside = te.all(yy >= 0, yy < H, xw >= 0, xw < W)
+                val = te.if_then_else(inside, f(b, c, te.max(te.min(yy, H - 1), 0),
+                                                te.max(te.min(xw, W - 1), 0)), self.zero)
+                return te.sum(val, axis=[ry, rx])
+            return body
+        full = (self.n,) + tuple(node.shape)
+        ta = te.compute(full, pool(x.a), name=node.name + "_lo")
+        tb = te.compute(full, pool(x.b), name=node.name + "_hi")
+        return Value("lu", lambda *i: ta[i] * inv, lambda *i: tb[i] * inv, tuple(node.shape))
+
+    def _concat(self, node, ins):
+        axis = node.attrs["axis"] % len(node.shape)
+        parts = [v.lu() for v in ins]
+        starts = [0]
+        for v in parts:
+            starts.append(starts[-1] + v.shape[axis])
+
+        def pick(side):
+            def get(b, *i):
+                expr = None
+                for k in reversed(range(len(parts))):
+                    idx = list(i)
+                    idx[axis] = i[axis] - starts[k]
+                    f = parts[k].a if side == 0 else parts[k].b
+                    val = f(b, *[te.max(te.min(j, s - 1), 0) if d == axis else j
+                                 for d, (j, s) in enumerate(zip(idx, parts[k].shape))])
+                    expr = val if expr is None else te.if_then_else(i[axis] < starts[k + 1],
+                                                                    val, expr)
+                return expr
+            return get
+        return Value("lu", pick(0), pick(1), tuple(node.shape))
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def ibp_task(self, task: Task, buffers: dict[str, Buffer]):
+        """The PrimFunc of an ``ibp`` or ``layout`` task and its argument order."""
+        values: dict[str, Value] = {}
+        args: list[te.Tensor] = []
+        for b in task.inputs:
+            v, ts = self.placeholder(buffers[b])
+            values[buffers[b].node] = v
+            args += ts
+        for name in task.nodes:
+            node = self.nodes[name]
+            values[name] = self.node(node, [values[i] for i in node.inputs])
+        outs = []
+        for o in task.outputs:
+            src = values[buffers[o].node]
+            outs += self.materialise(src, buffers[o])
+        return args, outs
+
+    def final_ibp(self, task: Task, buffers: dict[str, Buffer], n_specs: int):
+        """The final task by IBP: bounds of ``C·y`` (``C`` folded into a last linear layer
+        when the plan says so), or of the output itself without a spec."""
+        src_buf = buffers[task.inputs[0]]
+        v, args = self.placeholder(src_buf)
+        if not n_specs:
+            return args, [], self.materialise(v, buffers[task.outputs[0]])
+        flat = _reshaped(v, (math.prod(v.shape),))
+        n_in = flat.shape[0]
+        out = self.graph.output_node
+        n_out = math.prod(out.shape)
+        C = te.placeholder((self.n, n_specs, n_out), self.dtype, name="C")
+        if task.attr("fold"):
+            w = self.param(out.params["weight"])
+            o = te.reduce_axis((0, n_out), name="o")
+            cw = te.compute((self.n, n_specs, n_in), lambda b, s, i: te.sum(
+                C[b, s, o] * w[o, i], axis=o), name="cw")
+            if "bias" in out.params:
+                bias = self.param(out.params["bias"])
+                o2 = te.reduce_axis((0, n_out), name="o2")
+                off = te.compute((self.n, n_specs), lambda b, s: te.sum(C[b, s, o2] * bias[o2],
+                                                                       axis=o2), name="off")
+            else:
+                off = None
+        else:
+            cw, off = C, None
+        c = self._materialised_cr(flat, "src")
+        k = te.reduce_axis((0, n_in), name="k")
+        k2 = te.reduce_axis((0, n_in), name="k2")
+        mid = te.compute((self.n, n_specs), lambda b, s: te.sum(cw[b, s, k] * c.a(b, k), axis=k),
+                         name="mid")
+        rad = te.compute((self.n, n_specs), lambda b, s: te.sum(
+            te.abs(cw[b, s, k2]) * c.b(b, k2), axis=k2), name="rad")
+        if off is not None:
+            lo = te.compute((self.n, n_specs), lambda b, s: mid[b, s] + off[b, s] - rad[b, s],
+                            name="lower")
+            hi = te.compute((self.n, n_specs), lambda b, s: mid[b, s] + off[b, s] + rad[b, s],
+                            name="upper")
+        else:
+            lo = te.compute((self.n, n_specs), lambda b, s: mid[b, s] - rad[b, s], name="lower")
+            hi = te.compute((self.n, n_specs), lambda b, s: mid[b, s] + rad[b, s], name="upper")
+        return args, [C], [lo, hi]

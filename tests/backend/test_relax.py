@@ -1,0 +1,119 @@
+"""The Relax backend (interval plans so far): one PrimFunc per task, the same bounds as the
+torch backend, sound, one compile for every batch size, CUDA source for the cuda target."""
+
+import random
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from boundflow.backend.relax.executor import (RelaxExecutor, UnsupportedPlanError,  # noqa: E402
+                                              build_module)
+from boundflow.backend.torch import TorchExecutor  # noqa: E402
+from boundflow.examples import EXAMPLES  # noqa: E402
+from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec  # noqa: E402
+from boundflow.ir.workload import Workload  # noqa: E402
+from boundflow.planner import default, normalised, plan, space  # noqa: E402
+from tests.helpers import assert_contains, box_points, example_graph, true_outputs  # noqa: E402
+
+
+def _query(name, batch=3, dtype=np.float32, eps=0.02):
+    ex, g = example_graph(name)
+    x = InputSpec.linf(ex.inputs[:batch].astype(dtype), eps)
+    n_out = int(np.prod(g.output_shape))
+    return g, x, margin_spec(np.arange(batch) % n_out, n_out)
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_interval_plans_match_the_torch_backend_and_are_sound(name):
+    g, x, C = _query(name)
+    w = Workload.of(g, batch=3, method="ibp")
+    k = default(g, w)
+    unfused = k.replace(partition=tuple(False for _ in k.partition))
+    sampled = space(g, w).sample(random.Random(3))
+    counts = {}
+    for label, knobs in (("default", k), ("unfused", unfused), ("sampled", sampled)):
+        bundle = plan(g, w, knobs)
+        exe = RelaxExecutor(bundle, g)
+        out = exe.run(x, C)
+        ref = TorchExecutor(bundle, g).run(x, C)
+        scale = float(ref.upper.abs().max())
+        _close(out.lower, ref.lower, atol=1e-6 * max(scale, 1.0))
+        _close(out.upper, ref.upper, atol=1e-6 * max(scale, 1.0))
+        counts[label] = exe.n_kernels
+        if label == "sampled":
+            pts = box_points(x.lower, x.upper, n=200)
+            assert_contains(out.lower, out.upper, true_outputs(g, pts), C.C, tol=1e-5)
+    assert counts["default"] < counts["unfused"]          # fusing tasks fuses kernels
+
+
+def test_float64_plan_matches_closely_and_one_compile_serves_every_batch():
+    g, x, C = _query("random_residual", dtype=np.float64)
+    w = Workload.of(g, batch=3, method="ibp", dtype="float64")
+    bundle = plan(g, w)
+    exe = RelaxExecutor(bundle, g)
+    ref = TorchExecutor(bundle, g)
+    for batch in (3, 1):
+        xb = InputSpec.box(x.lower[:batch], x.upper[:batch])
+        Cb = LinearSpec(C.C[:batch])
+        out, want = exe.run(xb, Cb), ref.run(xb, Cb)
+        _close(out.lower, want.lower, rtol=1e-10, atol=1e-10)
+        _close(out.upper, want.upper, rtol=1e-10, atol=1e-10)
+
+
+def test_crown_tasks_are_refused_by_name():
+    g, x, C = _query("digits_mlp")
+    bundle = plan(g, Workload.of(g, batch=3, method="crown"))
+    with pytest.raises(UnsupportedPlanError, match="crown:"):
+        RelaxExecutor(bundle, g)
+
+
+def test_cuda_target_builds_cuda_source():
+    import tvm
+
+    g, _, _ = _query("digits_cnn")
+    bundle = plan(g, Workload.of(g, batch=3, method="ibp", target="cuda"))
+    mod, _ = build_module(bundle, normalised(g)[0])
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    exe = tvm.compile(mod, target=target)
+
+    def find_cuda(m):
+        if m.kind == "cuda":
+            return m
+        return next((r for r in map(find_cuda, m.imports) if r is not None), None)
+
+    src = find_cuda(exe.mod).inspect_source()
+    kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src))
+    assert kernels and any(k.startswith("final") for k in kernels)
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: CUDA source generated but not compiled")
+    from tvm.support import nvcc
+
+    with target:
+        ptx = nvcc.compile_cuda(src, target_format="ptx", arch="sm_80", compiler="nvcc")
+    assert b".entry" in bytes(ptx)
+
+
+def _has_gpu() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA device")
+def test_cuda_run_matches_cpu(monkeypatch):                     # GPU machines only
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    g, x, C = _query("digits_cnn")
+    bundle = plan(g, Workload.of(g, batch=3, method="ibp", target="cuda"))
+    gpu = RelaxExecutor(bundle, g, target={"kind": "cuda", "arch": "sm_80"}).run(x, C)
+    cpu = TorchExecutor(bundle, g).run(x, C)
+    _close(gpu.lower.cpu(), cpu.lower, atol=1e-4)
+
