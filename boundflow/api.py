@@ -30,6 +30,7 @@ from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BACKENDS = ("torch", "relax")
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,8 +163,12 @@ class BoundOptions:
     lower_slope: str = "adaptive"
     alpha: AlphaConfig | None = None
     sparse: bool = False
+    backend: str = "torch"
+    target: str = "llvm"
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise BoundFlowError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.method not in METHODS:
             raise BoundFlowError(f"method {self.method!r} is not one of {sorted(METHODS)}")
         if self.lower_slope not in LOWER_SLOPES:
@@ -181,23 +186,48 @@ class BoundOptions:
 _EXECUTORS: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
 
 
-def executor(plan: PlanBundle, graph: Graph) -> TorchExecutor:
-    """The torch executor of ``plan`` bound to ``graph``, built once per (graph, plan)."""
+def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str = "llvm"):
+    """The executor of ``plan`` bound to ``graph`` on ``backend``, built once per (graph,
+    plan, backend, target); relax modules also go through the on-disk compile cache."""
     if not isinstance(plan, PlanBundle):
         raise BoundFlowError(f"plan must be a PlanBundle, got {type(plan).__name__}")
     per_graph = _EXECUTORS.setdefault(graph, {})
-    if plan.key not in per_graph:
-        per_graph[plan.key] = TorchExecutor(plan, graph)
-    return per_graph[plan.key]
+    key = (plan.key, backend, str(target))
+    if key not in per_graph:
+        if backend == "relax":
+            from boundflow.backend.relax.cache import CompileCache
+            from boundflow.backend.relax.executor import RelaxExecutor
+
+            global _COMPILE_CACHE
+            _COMPILE_CACHE = _COMPILE_CACHE or CompileCache()
+            per_graph[key] = RelaxExecutor(plan, graph, target, cache=_COMPILE_CACHE)
+        else:
+            per_graph[key] = TorchExecutor(plan, graph)
+    return per_graph[key]
+
+
+_COMPILE_CACHE = None
 
 
 def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
                dtype: torch.dtype, plan: PlanBundle | None = None) -> Bounds:
     """Bounds of ``graph`` (or ``C·graph``) over ``spec``: the checked-input core of
     :func:`compute_bounds`, for callers that already hold a Graph and validated specs.
-    With ``plan`` the plan runs on the torch backend (its own domains and dtype)."""
+    With ``plan`` the plan runs on ``options.backend`` (its own domains and dtype); the relax
+    backend without a plan runs the default plan of the workload."""
+    if plan is None and options.backend == "relax":
+        if options.domains is not None or options.sparse:
+            raise BoundFlowError("the relax backend runs plans: for per-layer domains build "
+                                 "one with boundflow.planner.plan and Knobs")
+        from boundflow.ir.workload import Workload
+        from boundflow.planner import plan as make_plan
+
+        dname = {v: k for k, v in _DTYPES.items()}[dtype]
+        work = Workload.of(graph, batch=spec.batch, n_specs=0 if C is None else C.n_specs,
+                           method=options.method, dtype=dname, target=options.target)
+        plan = make_plan(graph, work, lower_slope=options.lower_slope, alpha=options.alpha)
     if plan is not None:
-        out = executor(plan, graph).run(spec, C)
+        out = executor(plan, graph, options.backend, options.target).run(spec, C)
         return Bounds(out.lower, out.upper)
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
@@ -218,7 +248,8 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
                    method: str = "ibp", domains: DomainPlan | Mapping[str, str] | None = None,
                    lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
                    sparse: bool = False, clip: tuple[float, float] | None = None,
-                   dtype: str | None = None, plan: PlanBundle | None = None) -> Bounds:
+                   dtype: str | None = None, plan: PlanBundle | None = None,
+                   backend: str = "torch", target: str = "llvm") -> Bounds:
     """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
 
     ``x`` is an :class:`InputSpec`, or a batch of centres (``[batch, *in]``) for the L∞ ball
@@ -229,8 +260,10 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
     ``dtype`` ("float32" / "float64") defaults to the model's. See :class:`BoundOptions`
     for ``lower_slope``, ``alpha`` and ``sparse``. ``plan`` (a PlanBundle from
     :func:`boundflow.planner.plan`) runs that plan instead; it fixes domains and dtype.
+    ``backend`` "torch" (default) or "relax" (TVM, compiled for ``target``: "llvm" or "cuda";
+    interval plans only for now) runs the plan, or the workload's default plan.
     """
-    options = BoundOptions(method, domains, lower_slope, alpha, sparse)
+    options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     return bound_spec(graph, spec, _linear_spec(C), options, torch_dtype, plan)
 
@@ -240,14 +273,15 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
            domains: DomainPlan | Mapping[str, str] | None = None,
            lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
            sparse: bool = False, clip: tuple[float, float] | None = None,
-           dtype: str | None = None, plan: PlanBundle | None = None) -> VerifyResult:
+           dtype: str | None = None, plan: PlanBundle | None = None,
+           backend: str = "torch", target: str = "llvm") -> VerifyResult:
     """Try to prove ``C·y > threshold`` for every input in the region, per spec.
 
     Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
     class ``j``); without labels either, each sample's predicted class at the box centre.
     ``plan`` runs a PlanBundle (see :func:`compute_bounds`).
     """
-    options = BoundOptions(method, domains, lower_slope, alpha, sparse)
+    options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     n_out = math.prod(graph.output_shape)
     if C is not None and labels is not None:

@@ -105,7 +105,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
                     alpha=AlphaConfig(iterations=args.alpha_iterations),
                     clip=tuple(args.clip) if args.clip else None, dtype=args.dtype,
-                    plan=bundle)
+                    plan=bundle, backend=args.backend, target=args.target)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -182,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the input box to [LO, HI]")
     v.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
     v.add_argument("--plan", type=Path,
-                   help="run this plan (from `boundflow plan --out`) on the torch backend")
+                   help="run this plan (from `boundflow plan --out`)")
+    v.add_argument("--backend", choices=["torch", "relax"], default="torch",
+                   help="torch ops (default) or TVM Relax (interval plans for now)")
+    v.add_argument("--target", default="llvm", help="TVM target of --backend relax: llvm or "
+                   "cuda (default llvm)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_verify)
 

@@ -117,3 +117,71 @@ def test_cuda_run_matches_cpu(monkeypatch):                     # GPU machines o
     cpu = TorchExecutor(bundle, g).run(x, C)
     _close(gpu.lower.cpu(), cpu.lower, atol=1e-4)
 
+
+
+def test_compile_cache_memory_disk_and_corrupt_entries(tmp_path):
+    from boundflow.backend.relax.cache import CompileCache
+
+    g, x, C = _query("digits_mlp")
+    bundle = plan(g, Workload.of(g, batch=3, method="ibp"))
+    cache = CompileCache(tmp_path)
+    first = RelaxExecutor(bundle, g, cache=cache)
+    again = RelaxExecutor(bundle, g, cache=cache)
+    assert (first.compile_source, again.compile_source) == ("built", "memory")
+    other = RelaxExecutor(bundle, g, cache=CompileCache(tmp_path))       # as a new process
+    assert other.compile_source == "disk"
+    torch.testing.assert_close(other.run(x, C).lower, first.run(x, C).lower)
+    # a truncated library (in another folder: this process has the first one mapped)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tmp_path.glob("*.*"):
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[:100] if f.suffix == ".so" else data)
+    fresh = CompileCache(broken)
+    rebuilt = RelaxExecutor(bundle, g, cache=fresh)
+    assert rebuilt.compile_source == "built" and fresh.stats["rebuilt_corrupt"] == 1
+    torch.testing.assert_close(rebuilt.run(x, C).upper, first.run(x, C).upper)
+
+
+def test_second_process_loads_instead_of_compiling(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from boundflow.examples import load\n"
+        "from boundflow.api import as_graph, executor\n"
+        "from boundflow.ir.workload import Workload\n"
+        "from boundflow.planner import plan\n"
+        "import torch\n"
+        "ex = load('digits_mlp'); g = as_graph(ex.model, torch.as_tensor(ex.inputs[:1]))\n"
+        "e = executor(plan(g, Workload.of(g, method='ibp')), g, 'relax')\n"
+        "print(e.compile_source)\n")
+    env = dict(os.environ, BOUNDFLOW_CACHE=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert [r.stdout.strip().splitlines()[-1] for r in runs] == ["built", "disk"], \
+        [r.stderr[-500:] for r in runs]
+
+
+def test_api_and_cli_run_the_relax_backend(capsys):
+    from boundflow.api import compute_bounds
+    from boundflow.cli import main
+    import boundflow.examples as examples
+
+    g, x, C = _query("digits_cnn")
+    relax_b = compute_bounds(g, x, C=C, backend="relax")
+    torch_b = compute_bounds(g, x, C=C)
+    _close(relax_b.lower, torch_b.lower, atol=1e-4)
+    with pytest.raises(UnsupportedPlanError, match="torch backend"):
+        compute_bounds(g, x, C=C, method="crown", backend="relax")
+    argv = ["verify", "--model", str(examples.DATA / "digits_cnn.pt2"), "--input",
+            str(examples.DATA / "digits_x.npy"), "--eps", "0.01", "--json"]
+    assert main(argv + ["--backend", "relax"]) == 0
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    import json
+    a, b = json.loads(out[0]), json.loads(out[1])
+    assert a["verdicts"] == b["verdicts"]
+    np.testing.assert_allclose(a["lower"], b["lower"], rtol=1e-4, atol=1e-4)

@@ -20,6 +20,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from boundflow.backend.torch import DTYPES, RunResult
+from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.kernels import TaskLowering
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
@@ -114,22 +115,31 @@ class RelaxExecutor:
     """A PlanBundle compiled with TVM for ``target``; ``run`` has the torch executor's
     interface (no bound cache yet)."""
 
-    def __init__(self, bundle: PlanBundle, graph: Graph, target: str = "llvm"):
+    def __init__(self, bundle: PlanBundle, graph: Graph, target: Any = "llvm",
+                 cache: CompileCache | None = None):
         bundle.workload.check_graph(graph)
         g, _ = normalised(graph)
         if g.structural_hash() != bundle.graph_hash:
             raise BoundFlowError("the plan's normalised graph differs from this model's")
         self.bundle, self.graph = bundle, g
         self.dtype = DTYPES[bundle.workload.dtype]
-        start = time.perf_counter()
-        self.module, self.weight_keys = build_module(bundle, g)
-        self.n_kernels = kernel_count(self.module)
         self.target = target if isinstance(target, tvm.target.Target) else \
             tvm.target.Target(target)
-        self.executable = tvm.compile(self.module, target=self.target)
-        self.compile_seconds = time.perf_counter() - start
+
+        def build():
+            mod, keys = build_module(bundle, g)
+            return tvm.compile(mod, target=self.target), keys, kernel_count(mod)
+        if cache is None:
+            start = time.perf_counter()
+            executable, self.weight_keys, self.n_kernels = build()
+            self.compile_seconds, self.compile_source = time.perf_counter() - start, "built"
+        else:
+            got = cache.get(CompileCache.key(bundle.key, self.target), build)
+            executable, self.weight_keys, self.n_kernels = got.module, got.weight_keys, \
+                got.n_kernels
+            self.compile_seconds, self.compile_source = got.seconds, got.source
         self.device = tvm.cpu() if self.target.kind.name == "llvm" else tvm.cuda()
-        self.vm = relax.VirtualMachine(self.executable, self.device)
+        self.vm = relax.VirtualMachine(executable, self.device)
         tensors = graph_tensors(g, self.dtype)
         self.weights = [tvm.runtime.tensor(tensors[k].contiguous().numpy(), self.device)
                         for k in self.weight_keys]
@@ -153,4 +163,5 @@ class RelaxExecutor:
             lower, upper = torch.from_numpy(lo.numpy()), torch.from_numpy(hi.numpy())
         return RunResult(lower, upper, {"seconds": time.perf_counter() - start,
                                         "n_kernels": self.n_kernels,
-                                        "compile_seconds": self.compile_seconds})
+                                        "compile_seconds": self.compile_seconds,
+                                        "compile_source": self.compile_source})
