@@ -173,7 +173,7 @@ def default_knobs(graph: Graph, workload: Workload) -> Knobs:
     forms = tuple("cr" if users[a] and all(ops[u].op in _AFFINE for u in users[a]) else "lu"
                   for a in space.affine)
     return space.check(Knobs(partition, tuple(inner for _ in space.preactivations), final,
-                             layouts, forms))
+                             layouts, forms, lowering="tir"))
 
 
 def _fed_by_nhwc_permute(graph: Graph, region: tuple[str, ...]) -> bool:

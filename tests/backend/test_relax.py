@@ -11,8 +11,7 @@ import torch
 
 pytest.importorskip("tvm")
 
-from boundflow.backend.relax.executor import (RelaxExecutor, UnsupportedPlanError,  # noqa: E402
-                                              build_module)
+from boundflow.backend.relax.executor import RelaxExecutor, build_module  # noqa: E402
 from boundflow.backend.torch import TorchExecutor  # noqa: E402
 from boundflow.examples import EXAMPLES  # noqa: E402
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec  # noqa: E402
@@ -69,11 +68,26 @@ def test_float64_plan_matches_closely_and_one_compile_serves_every_batch():
         _close(out.upper, want.upper, rtol=1e-10, atol=1e-10)
 
 
-def test_crown_tasks_are_refused_by_name():
-    g, x, C = _query("digits_mlp")
-    bundle = plan(g, Workload.of(g, batch=3, method="crown"))
-    with pytest.raises(UnsupportedPlanError, match="crown:"):
-        RelaxExecutor(bundle, g)
+@pytest.mark.parametrize("name", ["digits_mlp", "random_residual"])
+def test_every_method_runs_with_torch_callbacks_for_what_does_not_lower(name):
+    g, x, C = _query(name)
+    from boundflow.domains.alpha import AlphaConfig
+    for method in ("crown-ibp", "crown", "alpha-crown"):
+        w = Workload.of(g, batch=3, method=method)
+        bundle = plan(g, w, alpha=AlphaConfig(iterations=3))
+        exe = RelaxExecutor(bundle, g)
+        kinds = {bundle.task_graph.task(t).kind for t in exe.fallbacks}
+        assert "final" in kinds and kinds <= {"crown", "final"}
+        out, ref = exe.run(x, C), TorchExecutor(bundle, g).run(x, C)
+        scale = max(1.0, float(ref.upper.abs().max()))
+        _close(out.lower, ref.lower, atol=1e-5 * scale)
+        _close(out.upper, ref.upper, atol=1e-5 * scale)
+    # lowering "torch": every task is a callback, same bounds
+    all_torch = plan(g, w, default(g, w).replace(lowering="torch"),
+                     alpha=AlphaConfig(iterations=3))
+    exe = RelaxExecutor(all_torch, g)
+    assert exe.n_kernels == 0 and len(exe.fallbacks) == len(all_torch.task_graph.tasks) - 1
+    _close(exe.run(x, C).lower, TorchExecutor(all_torch, g).run(x, C).lower, atol=1e-5 * scale)
 
 
 def test_cuda_target_builds_cuda_source():
@@ -174,8 +188,8 @@ def test_api_and_cli_run_the_relax_backend(capsys):
     relax_b = compute_bounds(g, x, C=C, backend="relax")
     torch_b = compute_bounds(g, x, C=C)
     _close(relax_b.lower, torch_b.lower, atol=1e-4)
-    with pytest.raises(UnsupportedPlanError, match="torch backend"):
-        compute_bounds(g, x, C=C, method="crown", backend="relax")
+    crown = compute_bounds(g, x, C=C, method="crown", backend="relax")
+    _close(crown.lower, compute_bounds(g, x, C=C, method="crown").lower, atol=1e-4)
     argv = ["verify", "--model", str(examples.DATA / "digits_cnn.pt2"), "--input",
             str(examples.DATA / "digits_x.npy"), "--eps", "0.01", "--json"]
     assert main(argv + ["--backend", "relax"]) == 0

@@ -6,8 +6,11 @@ final task, ``C``; the function returns the lower and upper bounds. The batch di
 symbolic ``n``, so one compile serves every batch size. ``RelaxExecutor`` compiles it for a
 target and runs it with the same interface as the torch executor.
 
-Plans whose tasks are all interval tasks (``ibp``, ``layout``, and an IBP ``final``) lower
-today; CROWN tasks raise :class:`UnsupportedPlanError` naming the task.
+A task whose lowering is ``tir`` and that the kernel generators cover (``ibp``, ``layout``
+and an IBP ``final`` today) becomes a PrimFunc; every other task (lowering ``torch``, or CROWN
+and alpha-CROWN tasks for now) becomes a ``call_dps_packed`` of a registered function that runs
+the torch executor's implementation of that task on the same buffers (zero-copy DLPack views),
+so every plan runs on this backend and ``fallbacks`` lists what did not lower.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax, te, tirx
 
-from boundflow.backend.torch import DTYPES, RunResult
+from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
 from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.kernels import TaskLowering
 from boundflow.domains.traversal import graph_tensors
@@ -30,12 +34,20 @@ from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.planner.passes import normalised
 
 
-class UnsupportedPlanError(BoundFlowError):
-    """The plan holds a task this backend cannot lower yet."""
-
-
 def _name(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def lowers_to_tir(bundle: PlanBundle, task) -> bool:
+    """Whether ``task`` becomes a TIR PrimFunc (else a torch callback)."""
+    if task.kind == "input" or bundle.lowering_plan.lowering(task.name) != "tir":
+        return False
+    return task.kind in ("ibp", "layout") or (task.kind == "final"
+                                              and task.attr("method") == "ibp")
+
+
+def callback_name(bundle: PlanBundle, task) -> str:
+    return f"boundflow.task.{bundle.key}.{_name(task.name)}"
 
 
 def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[str]]:
@@ -62,17 +74,15 @@ def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[s
     for t in bundle.task_graph.tasks:
         if t.kind == "input":
             continue
+        if not lowers_to_tir(bundle, t):
+            lowered.append((t, None, [], [buffers[o] for o in t.outputs]))
+            continue
         low = TaskLowering(graph, dtype, n)
         if t.kind in ("ibp", "layout"):
             args, outs = low.ibp_task(t, buffers)
             extra = []
-        elif t.kind == "final" and t.attr("method") == "ibp":
-            args, extra, outs = low.final_ibp(t, buffers, n_specs)
         else:
-            raise UnsupportedPlanError(
-                f"the relax backend cannot lower task {t.name!r} (kind {t.kind}"
-                f"{', method ' + t.attr('method') if t.kind == 'final' else ''}) yet; "
-                f"run this plan on the torch backend")
+            args, extra, outs = low.final_ibp(t, buffers, n_specs)
         keys = list(low.params)
         for k in keys:
             if k not in weight_keys:
@@ -90,13 +100,20 @@ def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[s
         env: dict[str, tuple] = {inp.name: (xl, xu)}
         with bb.dataflow():
             for t, func, keys, outs in lowered:
-                gv = bb.add_func(func.without_attr("global_symbol"), _name(t.name))
                 call_args = [v for b in t.inputs for v in env[b]] + [wvars[k] for k in keys]
                 if t.kind == "final" and cvar is not None:
                     call_args.append(cvar)
-                out_ty = [relax.TensorType([int(s) if i else n for i, s in enumerate(o.shape)],
-                                           dtype) for o in outs]
-                res = bb.emit(relax.call_tir(gv, call_args, out_ty))
+                if func is None:                 # a torch callback, destination-passing
+                    out_ty = [ty(tuple(o.shape[a] for a in o.layout)) for o in outs
+                              for _ in range(2)]
+                    res = bb.emit(relax.call_dps_packed(callback_name(bundle, t), call_args,
+                                                        out_ty))
+                else:
+                    gv = bb.add_func(func.without_attr("global_symbol"), _name(t.name))
+                    out_ty = [relax.TensorType([int(s) if i else n
+                                                for i, s in enumerate(o.shape)], dtype)
+                              for o in outs]
+                    res = bb.emit(relax.call_tir(gv, call_args, out_ty))
                 for j, b in enumerate(t.outputs):
                     env[b] = (bb.emit(relax.TupleGetItem(res, 2 * j)),
                               bb.emit(relax.TupleGetItem(res, 2 * j + 1)))
@@ -139,10 +156,53 @@ class RelaxExecutor:
                 got.n_kernels
             self.compile_seconds, self.compile_source = got.seconds, got.source
         self.device = tvm.cpu() if self.target.kind.name == "llvm" else tvm.cuda()
+        self.fallbacks = [t.name for t in bundle.task_graph.tasks
+                          if t.kind != "input" and not lowers_to_tir(bundle, t)]
+        if self.fallbacks:
+            self._torch = TorchExecutor(bundle, graph)
+            for t in bundle.task_graph.tasks:
+                if t.name in self.fallbacks:
+                    tvm_ffi.register_global_func(callback_name(bundle, t),
+                                                 self._callback(t), override=True)
         self.vm = relax.VirtualMachine(executable, self.device)
         tensors = graph_tensors(g, self.dtype)
         self.weights = [tvm.runtime.tensor(tensors[k].contiguous().numpy(), self.device)
                         for k in self.weight_keys]
+
+    def _callback(self, task):
+        """The torch implementation of ``task`` over DLPack views of the VM's tensors."""
+        exe = self._torch
+        buffers = exe.buffers
+        inputs = [buffers[b] for b in task.inputs]
+        n_in = 2 * len(inputs)
+        has_c = task.kind == "final" and self.bundle.workload.n_specs > 0
+        inp = self.graph.input.name
+
+        def logical(t, buf):
+            return torch.from_dlpack(t).permute(
+                (0,) + tuple(1 + buf.layout.index(j) for j in range(len(buf.shape))))
+
+        def run(*arrays):
+            env = {b.name: TorchValue(b.form, logical(arrays[2 * i], b),
+                                      logical(arrays[2 * i + 1], b))
+                   for i, b in enumerate(inputs)}
+            C = torch.from_dlpack(arrays[n_in]) if has_c else None
+            outs = arrays[n_in + has_c:]
+            tensors = graph_tensors(self.graph, self.dtype)
+            with torch.no_grad():
+                if task.kind in ("ibp", "layout"):
+                    values = (exe._ibp(task, env, tensors, False)[0] if task.kind == "ibp"
+                              else {task.outputs[0]: env[task.inputs[0]]})
+                else:
+                    box = env[inp].interval() if inp in env else None
+                    values = (exe._crown(task, env, tensors, box) if task.kind == "crown"
+                              else exe._final(task, env, tensors, box, C))
+            for j, name in enumerate(task.outputs):
+                buf = buffers[name]
+                v = values[name].as_form(buf.form)
+                logical(outs[2 * j], buf).copy_(v.a)
+                logical(outs[2 * j + 1], buf).copy_(v.b)
+        return run
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, **_: Any) -> RunResult:
         if x.sample_shape != self.graph.input_shape:
@@ -164,4 +224,5 @@ class RelaxExecutor:
         return RunResult(lower, upper, {"seconds": time.perf_counter() - start,
                                         "n_kernels": self.n_kernels,
                                         "compile_seconds": self.compile_seconds,
-                                        "compile_source": self.compile_source})
+                                        "compile_source": self.compile_source,
+                                        "fallbacks": len(self.fallbacks)})
