@@ -26,6 +26,7 @@ from tvm import relax, te, tirx
 from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
 from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.kernels import TaskLowering
+from boundflow.backend.relax.schedules import schedule
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
@@ -50,9 +51,13 @@ def callback_name(bundle: PlanBundle, task) -> str:
     return f"boundflow.task.{bundle.key}.{_name(task.name)}"
 
 
-def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[str]]:
-    """The Relax module of ``bundle`` on the normalised ``graph``, and the weight keys its
-    ``main`` takes after the input box (and ``C``), in order."""
+def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
+                 ) -> tuple[tvm.IRModule, list[str]]:
+    """The Relax module of ``bundle`` on the normalised ``graph`` (each PrimFunc scheduled
+    for ``target`` by its task's schedule knobs), and the weight keys its ``main`` takes
+    after the input box (and ``C``), in order."""
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    knobs = {t: dict(s) for t, _, s in bundle.lowering_plan.tasks}
     dtype = bundle.workload.dtype
     n_specs = bundle.workload.n_specs
     n = tirx.Var("n", "int64")
@@ -89,6 +94,7 @@ def build_module(bundle: PlanBundle, graph: Graph) -> tuple[tvm.IRModule, list[s
                 weight_keys.append(k)
         func = te.create_prim_func(args + [low.params[k] for k in keys] + extra + outs,
                                    index_dtype_override="int64")
+        func = schedule(func, knobs.get(t.name, {}), target)
         lowered.append((t, func, keys, outs))
     wvars = {k: relax.Var(_name(k), relax.TensorType([int(s) for s in
                                                        graph.params[k.removesuffix("|abs")].shape],
@@ -144,7 +150,7 @@ class RelaxExecutor:
             tvm.target.Target(target)
 
         def build():
-            mod, keys = build_module(bundle, g)
+            mod, keys = build_module(bundle, g, self.target)
             return tvm.compile(mod, target=self.target), keys, kernel_count(mod)
         if cache is None:
             start = time.perf_counter()
