@@ -68,26 +68,35 @@ def test_float64_plan_matches_closely_and_one_compile_serves_every_batch():
         _close(out.upper, want.upper, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "random_residual"])
-def test_every_method_runs_with_torch_callbacks_for_what_does_not_lower(name):
-    g, x, C = _query(name)
+@pytest.mark.parametrize("name, method", [
+    ("digits_mlp", "crown-ibp"), ("digits_cnn", "crown"), ("random_residual", "crown"),
+    ("random_nhwc", "crown-ibp"), ("random_cnn", "alpha-crown")])
+def test_crown_plans_lower_to_tir_and_match_the_torch_backend(name, method):
     from boundflow.domains.alpha import AlphaConfig
-    for method in ("crown-ibp", "crown", "alpha-crown"):
-        w = Workload.of(g, batch=3, method=method)
-        bundle = plan(g, w, alpha=AlphaConfig(iterations=3))
-        exe = RelaxExecutor(bundle, g)
-        kinds = {bundle.task_graph.task(t).kind for t in exe.fallbacks}
-        assert "final" in kinds and kinds <= {"crown", "final"}
-        out, ref = exe.run(x, C), TorchExecutor(bundle, g).run(x, C)
-        scale = max(1.0, float(ref.upper.abs().max()))
-        _close(out.lower, ref.lower, atol=1e-5 * scale)
-        _close(out.upper, ref.upper, atol=1e-5 * scale)
-    # lowering "torch": every task is a callback, same bounds
-    all_torch = plan(g, w, default(g, w).replace(lowering="torch"),
-                     alpha=AlphaConfig(iterations=3))
-    exe = RelaxExecutor(all_torch, g)
-    assert exe.n_kernels == 0 and len(exe.fallbacks) == len(all_torch.task_graph.tasks) - 1
-    _close(exe.run(x, C).lower, TorchExecutor(all_torch, g).run(x, C).lower, atol=1e-5 * scale)
+
+    g, x, C = _query(name)
+    w = Workload.of(g, batch=3, method=method)
+    knobs = space(g, w).sample(random.Random(5)).replace(lowering="tir", final=w.method
+                                                         if method != "crown-ibp" else "crown")
+    bundle = plan(g, w, knobs, alpha=AlphaConfig(iterations=3))
+    exe = RelaxExecutor(bundle, g)
+    # everything lowers to TIR except alpha-CROWN's final task (its optimiser needs autograd)
+    assert exe.fallbacks == (["final"] if method == "alpha-crown" else [])
+    out, ref = exe.run(x, C), TorchExecutor(bundle, g).run(x, C)
+    scale = max(1.0, float(ref.upper.abs().max()))
+    _close(out.lower, ref.lower, atol=1e-5 * scale)
+    _close(out.upper, ref.upper, atol=1e-5 * scale)
+    pts = box_points(x.lower, x.upper, n=200)
+    assert_contains(out.lower, out.upper, true_outputs(g, pts), C.C, tol=1e-5)
+
+
+def test_lowering_torch_runs_every_task_as_a_callback():
+    g, x, C = _query("digits_mlp")
+    w = Workload.of(g, batch=3, method="crown")
+    bundle = plan(g, w, default(g, w).replace(lowering="torch"))
+    exe = RelaxExecutor(bundle, g)
+    assert exe.n_kernels == 0 and len(exe.fallbacks) == len(bundle.task_graph.tasks) - 1
+    _close(exe.run(x, C).lower, TorchExecutor(bundle, g).run(x, C).lower)
 
 
 def test_cuda_target_builds_cuda_source():
@@ -95,8 +104,8 @@ def test_cuda_target_builds_cuda_source():
 
     g, _, _ = _query("digits_cnn")
     bundle = plan(g, Workload.of(g, batch=3, method="ibp", target="cuda"))
-    mod, _ = build_module(bundle, normalised(g)[0])
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    mod, _ = build_module(bundle, normalised(g)[0], target)
     exe = tvm.compile(mod, target=target)
 
     def find_cuda(m):

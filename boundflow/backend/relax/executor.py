@@ -6,9 +6,9 @@ final task, ``C``; the function returns the lower and upper bounds. The batch di
 symbolic ``n``, so one compile serves every batch size. ``RelaxExecutor`` compiles it for a
 target and runs it with the same interface as the torch executor.
 
-A task whose lowering is ``tir`` and that the kernel generators cover (``ibp``, ``layout``
-and an IBP ``final`` today) becomes a PrimFunc; every other task (lowering ``torch``, or CROWN
-and alpha-CROWN tasks for now) becomes a ``call_dps_packed`` of a registered function that runs
+A task whose lowering is ``tir`` and that the kernel generators cover (``ibp``, ``layout``,
+``crown`` and IBP / CROWN ``final`` tasks) becomes a PrimFunc; every other task (lowering
+``torch``, or an alpha-CROWN final task, whose slope optimisation needs autograd) becomes a ``call_dps_packed`` of a registered function that runs
 the torch executor's implementation of that task on the same buffers (zero-copy DLPack views),
 so every plan runs on this backend and ``fallbacks`` lists what did not lower.
 """
@@ -25,7 +25,7 @@ from tvm import relax, te, tirx
 
 from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
 from boundflow.backend.relax.cache import CompileCache
-from boundflow.backend.relax.kernels import TaskLowering
+from boundflow.backend.relax.crown_kernels import BackwardLowering
 from boundflow.backend.relax.schedules import schedule
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
@@ -43,8 +43,8 @@ def lowers_to_tir(bundle: PlanBundle, task) -> bool:
     """Whether ``task`` becomes a TIR PrimFunc (else a torch callback)."""
     if task.kind == "input" or bundle.lowering_plan.lowering(task.name) != "tir":
         return False
-    return task.kind in ("ibp", "layout") or (task.kind == "final"
-                                              and task.attr("method") == "ibp")
+    return task.kind in ("ibp", "layout", "crown") or (
+        task.kind == "final" and task.attr("method") in ("ibp", "crown"))
 
 
 def callback_name(bundle: PlanBundle, task) -> str:
@@ -82,12 +82,16 @@ def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
         if not lowers_to_tir(bundle, t):
             lowered.append((t, None, [], [buffers[o] for o in t.outputs]))
             continue
-        low = TaskLowering(graph, dtype, n)
+        low = BackwardLowering(graph, dtype, n, bundle.domain_plan.lower_slope)
+        extra = []
         if t.kind in ("ibp", "layout"):
             args, outs = low.ibp_task(t, buffers)
-            extra = []
-        else:
+        elif t.kind == "crown":
+            args, outs = low.crown_task(t, buffers)
+        elif t.attr("method") == "ibp":
             args, extra, outs = low.final_ibp(t, buffers, n_specs)
+        else:
+            args, extra, outs = low.final_crown(t, buffers, n_specs)
         keys = list(low.params)
         for k in keys:
             if k not in weight_keys:
