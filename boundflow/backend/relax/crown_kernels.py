@@ -81,7 +81,6 @@ class BackwardLowering(TaskLowering):
         same = c.la is c.ua
         if op == "linear":
             w = self.param(node.params["weight"])
-            in_f = int(w.shape[1])
             out_f = int(w.shape[0])
             in_shape = shapes[node.inputs[0]]
 

@@ -179,6 +179,17 @@ class RelaxExecutor:
         self.weights = [tvm.runtime.tensor(tensors[k].contiguous().numpy(), self.device)
                         for k in self.weight_keys]
 
+    def _tensor(self, array) -> Any:
+        """``array`` on the device: zero-copy through DLPack on the CPU when it is contiguous
+        and aligned, else copied."""
+        t = torch.as_tensor(array).to(self.dtype).contiguous()
+        if self.device.dlpack_device_type() == 1:
+            try:
+                return tvm.runtime.from_dlpack(t)
+            except Exception:          # e.g. "Data is not aligned to 64 bytes"
+                pass
+        return tvm.runtime.tensor(t.numpy(), self.device)
+
     def _callback(self, task):
         """The torch implementation of ``task`` over DLPack views of the VM's tensors."""
         exe = self._torch
@@ -221,11 +232,9 @@ class RelaxExecutor:
         if (C is None) != (n_specs == 0) or (C is not None and C.n_specs != n_specs):
             raise SpecError(f"this plan bounds {n_specs} specs; C does not match")
         start = time.perf_counter()
-        args = [tvm.runtime.tensor(torch.as_tensor(a).to(self.dtype).contiguous().numpy(),
-                                   self.device) for a in (x.lower, x.upper)]
+        args = [self._tensor(a) for a in (x.lower, x.upper)]
         if C is not None:
-            args.append(tvm.runtime.tensor(torch.as_tensor(C.C).to(self.dtype).contiguous()
-                                           .numpy(), self.device))
+            args.append(self._tensor(C.C))
         lo, hi = self.vm["main"](*args, *self.weights)
         if self.device.dlpack_device_type() == 1:          # CPU: zero copy
             lower, upper = torch.from_dlpack(lo), torch.from_dlpack(hi)
