@@ -208,3 +208,21 @@ def test_api_and_cli_run_the_relax_backend(capsys):
     a, b = json.loads(out[0]), json.loads(out[1])
     assert a["verdicts"] == b["verdicts"]
     np.testing.assert_allclose(a["lower"], b["lower"], rtol=1e-4, atol=1e-4)
+
+
+def test_relax_cache_bounds_and_refusals():
+    from boundflow.errors import BoundFlowError
+    from boundflow.runtime.cache import BoundCache
+
+    g, x, C = _query("digits_mlp")
+    exe = RelaxExecutor(plan(g, Workload.of(g, batch=3, method="ibp")), g)
+    cache = BoundCache()
+    first = exe.run(x, C, cache_bounds=True, cache=cache)
+    again = exe.run(x, C, cache_bounds=True, cache=cache)
+    assert cache.stats()["hits"] == 1 and torch.equal(first.lower, again.lower)
+    exe.run(InputSpec.linf(x.center, 0.05), C, cache_bounds=True, cache=cache)
+    assert cache.stats()["hits"] == 1
+    with pytest.raises(BoundFlowError, match="torch backend only"):
+        exe.run(x, C, reuse_ibp=True, cache=cache)
+    with pytest.raises(BoundFlowError, match="needs a BoundCache"):
+        exe.run(x, C, cache_bounds=True)

@@ -33,6 +33,7 @@ from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.planner.passes import normalised
+from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 
 
 def _name(text: str) -> str:
@@ -150,6 +151,7 @@ class RelaxExecutor:
             raise BoundFlowError("the plan's normalised graph differs from this model's")
         self.bundle, self.graph = bundle, g
         self.dtype = DTYPES[bundle.workload.dtype]
+        self.plan_id = bundle.key + graph.weights_hash()[:16]
         self.target = target if isinstance(target, tvm.target.Target) else \
             tvm.target.Target(target)
 
@@ -225,7 +227,26 @@ class RelaxExecutor:
                 logical(outs[2 * j + 1], buf).copy_(v.b)
         return run
 
-    def run(self, x: InputSpec, C: LinearSpec | None = None, **_: Any) -> RunResult:
+    def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
+            cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
+            measure_memory: bool = False) -> RunResult:
+        """Bounds over ``x`` (of ``C·y`` when the plan has specs). ``cache_bounds`` with a
+        ``cache`` returns the bounds of an identical earlier query (same box, spec and
+        split); intermediate-bound reuse and memory measurement are torch-backend only."""
+        if reuse_ibp or measure_memory:
+            raise BoundFlowError("reuse_ibp and measure_memory run on the torch backend only")
+        if cache_bounds:
+            if cache is None:
+                raise BoundFlowError("cache_bounds needs a BoundCache (cache=...)")
+            key = CacheKey(self.plan_id, "final", "relax", array_hash(None if C is None
+                                                                      else C.C),
+                           array_hash(x.lower, x.upper), repr(split) if split else "")
+            hit = cache.get(key)
+            if hit is not None:
+                return RunResult(hit[0].clone(), hit[1].clone(), {"tasks_cached": 1})
+            out = self.run(x, C)
+            cache.put(key, (out.lower, out.upper))
+            return out
         if x.sample_shape != self.graph.input_shape:
             raise ShapeError(f"input of shape {list(x.lower.shape)} does not fit the model")
         n_specs = self.bundle.workload.n_specs
