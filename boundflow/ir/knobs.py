@@ -30,7 +30,9 @@ class Knobs:
     ``layouts``: per conv region, ``NCHW`` or ``NHWC``; ``forms``: per affine node, keep its
     interval as ``lu`` (lower/upper) or ``cr`` (centre/radius); ``lowering``: every task's
     lowering unless ``task_lowering`` overrides it; ``schedule``: per task, backend-owned
-    parameters as (name, value) pairs; ``storage``: ``reuse`` buffers or give each its own."""
+    parameters as (name, value) pairs; ``storage``: ``reuse`` buffers or give each its own;
+    ``fuse_passes``: let the backend's own fusion passes (Relax FuseOps + FuseTIR) merge
+    neighbouring task kernels further."""
 
     partition: tuple[bool, ...] = ()
     domains: tuple[str, ...] = ()
@@ -41,6 +43,7 @@ class Knobs:
     task_lowering: tuple[tuple[str, str], ...] = ()
     schedule: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     storage: str = "reuse"
+    fuse_passes: bool = False
 
     def __post_init__(self):
         bad = [v for v in self.layouts if v not in LAYOUTS]
@@ -51,6 +54,8 @@ class Knobs:
             bad.append(self.storage)
         if bad:
             raise BoundFlowError(f"knobs hold unknown choices {bad}")
+        if not isinstance(self.fuse_passes, bool):
+            raise BoundFlowError("knobs.fuse_passes must be a boolean")
         if not all(isinstance(p, bool) for p in self.partition):
             raise BoundFlowError("partition knobs must be booleans")
 

@@ -112,7 +112,8 @@ class SearchSpace:
         out += [("final", 0, self.finals)]
         out += [("layouts", i, LAYOUTS) for i in range(len(self.regions))]
         out += [("forms", i, ("lu", "cr")) for i in range(len(self.affine))]
-        out += [("lowering", 0, self.lowerings), ("storage", 0, self.storage)]
+        out += [("lowering", 0, self.lowerings), ("storage", 0, self.storage),
+                ("fuse_passes", 0, (False, True))]
         return out
 
     @property
@@ -143,7 +144,7 @@ class SearchSpace:
             v = values.get((field, i))
             if v is None:
                 v = choices[0] if base is None else _get(base, field, i)
-            if field in ("final", "lowering", "storage"):
+            if field in ("final", "lowering", "storage", "fuse_passes"):
                 fields[field] = v
             else:
                 fields.setdefault(field, []).append(v)

@@ -226,3 +226,36 @@ def test_relax_cache_bounds_and_refusals():
         exe.run(x, C, reuse_ibp=True, cache=cache)
     with pytest.raises(BoundFlowError, match="needs a BoundCache"):
         exe.run(x, C, cache_bounds=True)
+
+
+def test_fuse_passes_knob_merges_kernels_and_keeps_bounds():
+    g, x, C = _query("digits_cnn")
+    w = Workload.of(g, batch=3, method="crown")
+    k = default(g, w)
+    unfused = k.replace(partition=tuple(False for _ in k.partition))
+    plain = RelaxExecutor(plan(g, w, unfused), g)
+    fused = RelaxExecutor(plan(g, w, unfused.replace(fuse_passes=True)), g)
+    assert fused.n_kernels < plain.n_kernels
+    a, b = fused.run(x, C), plain.run(x, C)
+    scale = max(1.0, float(b.upper.abs().max()))
+    _close(a.lower, b.lower, atol=1e-5 * scale)
+    _close(a.upper, b.upper, atol=1e-5 * scale)
+
+
+def test_random_schedule_knobs_keep_bounds():
+    from boundflow.backend.relax import schedules
+    from boundflow.errors import BoundFlowError
+
+    g, x, C = _query("random_cnn")
+    w = Workload.of(g, batch=3, method="crown-ibp")
+    base = plan(g, w)
+    rng = random.Random(11)
+    tasks = [t.name for t in base.task_graph.tasks if t.kind != "input"]
+    knobs = base.knobs.replace(schedule=tuple((t, schedules.sample(rng)) for t in tasks))
+    bundle = plan(g, w, knobs)
+    assert dict(bundle.lowering_plan.tasks[0][2]) == dict(knobs.schedule[0][1])
+    out, ref = RelaxExecutor(bundle, g).run(x, C), TorchExecutor(bundle, g).run(x, C)
+    scale = max(1.0, float(ref.upper.abs().max()))
+    _close(out.lower, ref.lower, atol=1e-5 * scale)
+    with pytest.raises(BoundFlowError, match="schedule knob"):
+        schedules.check({"tile": 8})

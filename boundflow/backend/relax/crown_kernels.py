@@ -19,7 +19,7 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from boundflow.backend.relax.kernels import TaskLowering, Value, _ravel, _unravel
+from boundflow.backend.relax.kernels import TaskLowering, Value, _broadcast, _ravel, _unravel
 from boundflow.domains.traversal import ancestors
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task_graph import Buffer, Task
@@ -110,14 +110,12 @@ class BackwardLowering(TaskLowering):
                 neg = Coef(lambda *i: -c.la(*i), lambda *i: -c.ua(*i), c.batched)
                 return [c, neg], []
             other = self.param(node.params["other"])
-            from boundflow.backend.relax.kernels import _broadcast
             k = _broadcast(other, node.shape)
             sign = 1.0 if op == "add" else -1.0
             return [c], [self._const_terms(c, S, node.shape,
                                            lambda *i: k(*i) * tirx.const(sign, self.dtype),
                                            node.name)]
         if op in ("mul", "div"):
-            from boundflow.backend.relax.kernels import _broadcast
             k = _broadcast(self.param(node.params["other"]), node.shape)
             one = tirx.const(1, self.dtype)
             f = (lambda *i: k(*i)) if op == "mul" else (lambda *i: one / k(*i))

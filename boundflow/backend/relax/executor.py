@@ -131,7 +131,12 @@ def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
             lo, hi = env[bundle.task_graph.output]
             out = bb.emit_output(relax.Tuple([lo, hi]))
         bb.emit_func_output(out)
-    return bb.get(), weight_keys
+    mod = bb.get()
+    if bundle.knobs.fuse_passes:           # TVM's own fusion over our task kernels
+        mod = tvm.ir.transform.Sequential([
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()])(mod)
+    return mod, weight_keys
 
 
 def kernel_count(mod: tvm.IRModule) -> int:

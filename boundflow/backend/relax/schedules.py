@@ -92,3 +92,9 @@ def schedule(func: tirx.PrimFunc, knobs: Mapping[str, Any], target: Any) -> tirx
             if parts is not None:
                 _try(sch.vectorize, parts[-1])
     return sch.mod["main"]
+
+
+def sample(rng) -> tuple[tuple[str, Any], ...]:
+    """Random legal schedule knobs of one task (``rng``: a ``random.Random``), as the
+    (name, value) pairs ``Knobs.schedule`` holds."""
+    return tuple(sorted((name, rng.choice(choices)) for name, choices in SPACE.items()))
