@@ -21,6 +21,7 @@ before they reach a slot); temporaries inside one CROWN pass are not counted.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -139,14 +140,15 @@ class TorchExecutor:
         self.domain_plan = bundle.domain_plan.plan
         self.lower_slope = bundle.domain_plan.lower_slope
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
         self._arena: dict[int, torch.Tensor] = {}
 
     # --- buffers in slots ------------------------------------------------------------------
 
     def _slot_view(self, buf: Buffer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.slot[buf.name]
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        need = self.bundle.storage_plan.slots[s] // itemsize * batch
+        need = self._slot_elems[s] * batch
         flat = self._arena.get(s)
         if flat is None or flat.numel() != need:
             flat = self._arena[s] = torch.empty(need, dtype=self.dtype, device=self.device)
@@ -270,10 +272,7 @@ class TorchExecutor:
                 raise SpecError(f"C must be a LinearSpec, got {type(C).__name__}")
             if C.n_specs != n_specs:
                 raise SpecError(f"C has {C.n_specs} specs; the plan was made for {n_specs}")
-            size = 1
-            for s in self.graph.output_shape:
-                size *= s
-            C.check(x.batch, size)
+            C.check(x.batch, math.prod(self.graph.output_shape))
 
     def _key(self, t: Task, box: str, spec: str, split: str) -> CacheKey:
         entry = self.cache_entries[t.name]
@@ -324,8 +323,7 @@ class TorchExecutor:
             want |= set(t.inputs)
 
         self._arena = {s: a for s, a in self._arena.items()
-                       if a.numel() == self.bundle.storage_plan.slots[s]
-                       // a.element_size() * batch}
+                       if a.numel() == self._slot_elems[s] * batch}
         env: dict[str, Value] = {}
         peak = 0
         with torch.no_grad():
@@ -337,11 +335,10 @@ class TorchExecutor:
                 if t.name in cached:
                     outs = cached[t.name]
                 elif t.name in run:
-                    if t.kind in ("ibp", "layout"):
-                        if t.kind == "layout":
-                            outs, inflight = {t.outputs[0]: env[t.inputs[0]]}, 0
-                        else:
-                            outs, inflight = self._ibp(t, env, tensors, measure_memory)
+                    if t.kind == "layout":            # the write below converts it
+                        outs = {t.outputs[0]: env[t.inputs[0]]}
+                    elif t.kind == "ibp":
+                        outs, inflight = self._ibp(t, env, tensors, measure_memory)
                     elif t.kind == "crown":
                         outs = self._crown(t, env, tensors, box)
                     else:
@@ -358,7 +355,7 @@ class TorchExecutor:
                     arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
                     peak = max(peak, arena + inflight)
                 for b in t.inputs:
-                    root = self._root(b)
+                    root = self.bundle.task_graph.root(b)
                     if root in self.last_use and self.last_use[root] <= i:
                         env.pop(b, None)
         out = env[self.bundle.task_graph.output]
@@ -377,8 +374,3 @@ class TorchExecutor:
 
     def _arena_ptrs(self) -> set[int]:
         return {a.untyped_storage().data_ptr() for a in self._arena.values()}
-
-    def _root(self, name: str) -> str:
-        while self.buffers[name].alias_of:
-            name = self.buffers[name].alias_of
-        return name

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from boundflow.errors import BoundFlowError
-from boundflow.ir.task_graph import freeze, record, thaw
+from boundflow.ir.task_graph import freeze, parse_json, record, thaw
 
 LAYOUTS = ("NCHW", "NHWC")
 LOWERINGS = ("torch", "tir")
@@ -68,11 +68,7 @@ class Knobs:
 
     @classmethod
     def from_json(cls, text: str) -> "Knobs":
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise BoundFlowError(f"knobs are not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text, "knobs are not valid JSON"))
 
     @property
     def key(self) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import DomainPlan
 from boundflow.ir.knobs import Knobs
-from boundflow.ir.task_graph import Buffer, PlanError, Task, TaskGraph, record, thaw
+from boundflow.ir.task_graph import (Buffer, PlanError, Task, TaskGraph, parse_json, record,
+                                     thaw)
 from boundflow.ir.workload import Workload
 
 SCHEMA_VERSION = 1
@@ -134,10 +135,7 @@ class PlanBundle:
 
     @classmethod
     def from_json(cls, text: str) -> "PlanBundle":
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise BoundFlowError(f"not a plan JSON: {e}") from None
+        d = parse_json(text, "not a plan JSON")
         if not isinstance(d, dict) or "schema_version" not in d:
             raise BoundFlowError("not a plan JSON: it has no schema_version")
         if d["schema_version"] != SCHEMA_VERSION:

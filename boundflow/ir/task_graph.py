@@ -13,6 +13,7 @@ and round-trip through JSON exactly.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
@@ -65,6 +66,14 @@ def record(cls, d: Any, nested: dict | None = None):
         return cls(**kwargs)
     except TypeError as e:
         raise PlanError(f"{cls.__name__}: {e}") from None
+
+
+def parse_json(text: str, problem: str) -> Any:
+    """``json.loads`` whose failure is a :class:`BoundFlowError` saying ``problem: why``."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise BoundFlowError(f"{problem}: {e}") from None
 
 
 def attr(attrs: tuple[tuple[str, Any], ...], key: str, default: Any = None) -> Any:
