@@ -2,10 +2,10 @@
 
     python benchmarks/bench_relax.py [--repeat 30] [--threads 1]
 
-For the digits MLP and CNN and the random CNN, at batch 1 and 32, IBP and CROWN-IBP (its
-CROWN final task runs as a torch callback until it has TIR kernels): compile seconds and
-kernel count of the default plan, its run time, the best of a small hand sweep of schedule
-knobs (applied to every task), the torch backend on the same plan, and a torch forward pass.
+For the digits MLP and CNN and the random CNN, at batch 1 and 32, IBP and CROWN-IBP: compile
+seconds and kernel count of the default plan, its run time, the best of a small hand sweep of
+schedule knobs (each applied to every task; the winner is printed), the torch backend on the
+same plan, and a torch forward pass.
 Times are medians of ``repeat`` calls of ``run`` (input conversion included).
 """
 
@@ -30,7 +30,9 @@ from bench_ibp import median_seconds
 
 MODELS = ("digits_mlp", "digits_cnn", "random_cnn")
 SWEEP = [dict(zip(("parallel", "vectorize", "unroll"), v))
-         for v in itertools.product((True, False), (0, 8), (0, 64))]
+         for v in itertools.product((True, False), (0, 8), (0, 64))] + [
+    dict(tile=t, vectorize=v, cache_write=c)
+    for t, v, c in ((4, 4, True), (8, 8, False), (8, 8, True), (16, 16, False), (4, 0, False))]
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s); times in ms")
     print(f"{'model':<11} {'B':>3} {'method':<9} {'compile s':>9} {'kernels':>7} "
           f"{'relax':>8} {'swept':>8} {'torch be':>8} {'forward':>8} {'relax/torch':>11} "
-          f"{'swept/fwd':>9}")
+          f"{'swept/fwd':>9}  best sweep")
     for name in MODELS:
         ex = load(name)
         g = as_graph(ex.model, torch.as_tensor(ex.inputs[:1]).float())
@@ -63,18 +65,20 @@ def main() -> None:
                 exe = RelaxExecutor(bundle, g)
                 t_relax = median_seconds(lambda: exe.run(x, C), args.repeat)
                 tasks = [t.name for t in bundle.task_graph.tasks if t.kind != "input"]
-                best = t_relax
+                best, winner = t_relax, "default"
                 for knobs in SWEEP:
                     pairs = tuple(sorted(knobs.items()))
                     swept = RelaxExecutor(plan(g, w, k.replace(
                         schedule=tuple((t, pairs) for t in tasks))), g)
-                    best = min(best, median_seconds(lambda: swept.run(x, C), args.repeat))
+                    t_swept = median_seconds(lambda: swept.run(x, C), args.repeat)
+                    if t_swept < best:
+                        best, winner = t_swept, ",".join(f"{a}={b}" for a, b in pairs)
                 torch_exe = TorchExecutor(bundle, g)
                 t_torch = median_seconds(lambda: torch_exe.run(x, C), args.repeat)
                 print(f"{name:<11} {batch:>3} {method:<9} {exe.compile_seconds:>9.2f} "
                       f"{exe.n_kernels:>7} {t_relax * 1e3:>8.3f} {best * 1e3:>8.3f} "
                       f"{t_torch * 1e3:>8.3f} {t_fwd * 1e3:>8.3f} {best / t_torch:>11.2f} "
-                      f"{best / t_fwd:>9.1f}")
+                      f"{best / t_fwd:>9.1f}  {winner}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,27 +2,38 @@
 
     python tools/relax_sweep.py [--plans 30] [--models digits_mlp,...] [--methods ibp,...]
 
-Prints, per (model, method), how many plans ran, the largest difference of the bounds relative
-to the largest bound, kernel counts and compile seconds. Slow: every plan is a TVM compile.
+Each plan: random planner knobs (partition, domains, layouts, forms, storage, fuse passes) with
+``tir`` lowering and random schedule knobs per task. Prints, per (model, method), how many plans
+ran, how many met ``|relax - torch| <= rtol·|torch| + atol`` (float32, 1e-5 and 1e-6; alpha-CROWN
+plans compare at 1e-4 of the largest bound since the slope optimiser amplifies 1-ulp
+differences), the largest difference relative to the largest bound, whether ``--points`` sampled
+points (and the box corners) lie inside every plan's bounds, kernel counts and compile seconds.
+Slow: every plan is a TVM compile. Exits non-zero when a plan fails either check.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from boundflow.api import as_graph
-from boundflow.backend.relax.executor import RelaxExecutor
-from boundflow.backend.torch import TorchExecutor
-from boundflow.domains.alpha import AlphaConfig
-from boundflow.examples import EXAMPLES, load
-from boundflow.ir.spec import InputSpec, margin_spec
-from boundflow.ir.workload import Workload
-from boundflow.planner import plan, space
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from boundflow.api import as_graph  # noqa: E402
+from boundflow.backend.relax import schedules  # noqa: E402
+from boundflow.backend.relax.executor import RelaxExecutor  # noqa: E402
+from boundflow.backend.torch import TorchExecutor  # noqa: E402
+from boundflow.domains.alpha import AlphaConfig  # noqa: E402
+from boundflow.examples import EXAMPLES, load  # noqa: E402
+from boundflow.ir.spec import InputSpec, margin_spec  # noqa: E402
+from boundflow.ir.workload import Workload  # noqa: E402
+from boundflow.planner import plan, space  # noqa: E402
+from tests.helpers import box_points, true_outputs  # noqa: E402
 
 
 def main() -> None:
@@ -30,23 +41,29 @@ def main() -> None:
     parser.add_argument("--plans", type=int, default=30)
     parser.add_argument("--models", default=",".join(EXAMPLES))
     parser.add_argument("--methods", default="ibp,crown-ibp,crown,alpha-crown")
+    parser.add_argument("--points", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"{'model':<16} {'method':<12} {'plans':>5} {'max rel diff':>12} {'kernels':>9} "
-          f"{'compile s':>10}")
+    print(f"{'model':<16} {'method':<12} {'plans':>5} {'within tol':>10} {'max rel diff':>12} "
+          f"{'sound':>5} {'kernels':>9} {'compile s':>10}", flush=True)
+    failed = False
     for name in args.models.split(","):
         ex = load(name)
         g = as_graph(ex.model, torch.as_tensor(ex.inputs[:1]).float())
         x = InputSpec.linf(ex.inputs[:3].astype(np.float32), 0.02)
         n_out = int(np.prod(g.output_shape))
         C = margin_spec(np.arange(3) % n_out, n_out)
+        truth = np.einsum("bsk,bmk->bms", np.asarray(C.C, np.float64),
+                          true_outputs(g, box_points(x.lower, x.upper, n=args.points)))
         for method in args.methods.split(","):
             w = Workload.of(g, batch=3, method=method)
             sp = space(g, w)
             rng = random.Random(args.seed)
-            worst, kernels, seconds = 0.0, [], []
+            worst, within, sound, kernels, seconds = 0.0, 0, True, [], []
             for _ in range(args.plans):
                 knobs = sp.sample(rng).replace(lowering="tir")
+                tasks = [t.name for t in plan(g, w, knobs).task_graph.tasks if t.kind != "input"]
+                knobs = knobs.replace(schedule=tuple((t, schedules.sample(rng)) for t in tasks))
                 bundle = plan(g, w, knobs, alpha=AlphaConfig(iterations=3))
                 start = time.perf_counter()
                 exe = RelaxExecutor(bundle, g)
@@ -54,10 +71,21 @@ def main() -> None:
                 kernels.append(exe.n_kernels)
                 out, ref = exe.run(x, C), TorchExecutor(bundle, g).run(x, C)
                 scale = max(1.0, float(ref.upper.abs().max()))
+                rtol, atol = (1e-5, 1e-6) if method != "alpha-crown" else (0.0, 1e-4 * scale)
+                ok = all(bool(((o - r).abs() <= rtol * r.abs() + atol).all())
+                         for o, r in ((out.lower, ref.lower), (out.upper, ref.upper)))
+                within += ok
                 worst = max(worst, float((out.lower - ref.lower).abs().max()) / scale,
                             float((out.upper - ref.upper).abs().max()) / scale)
-            print(f"{name:<16} {method:<12} {args.plans:>5} {worst:>12.2e} "
-                  f"{min(kernels):>4}-{max(kernels):<4} {np.median(seconds):>10.2f}", flush=True)
+                lo = out.lower.double().numpy()[:, None]
+                hi = out.upper.double().numpy()[:, None]
+                slack = 1e-5 * (1.0 + np.maximum(np.abs(lo), np.abs(hi)))
+                sound &= bool(((truth >= lo - slack) & (truth <= hi + slack)).all())
+            failed |= within < args.plans or not sound
+            print(f"{name:<16} {method:<12} {args.plans:>5} {within:>10} {worst:>12.2e} "
+                  f"{'yes' if sound else 'NO':>5} {min(kernels):>4}-{max(kernels):<4} "
+                  f"{np.median(seconds):>10.2f}", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

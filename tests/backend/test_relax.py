@@ -99,11 +99,20 @@ def test_lowering_torch_runs_every_task_as_a_callback():
     _close(exe.run(x, C).lower, TorchExecutor(bundle, g).run(x, C).lower)
 
 
-def test_cuda_target_builds_cuda_source():
+def _cuda_plan(g, method, threads):
+    """The default plan of ``g`` for cuda with every task's ``threads`` schedule knob set."""
+    w = Workload.of(g, batch=3, method=method, target="cuda")
+    k = default(g, w)
+    tasks = [t.name for t in plan(g, w, k).task_graph.tasks if t.kind != "input"]
+    return plan(g, w, k.replace(schedule=tuple((t, (("threads", threads),)) for t in tasks)))
+
+
+@pytest.mark.parametrize("threads", [0, 128])
+def test_cuda_target_builds_cuda_source(threads):
     import tvm
 
     g, _, _ = _query("digits_cnn")
-    bundle = plan(g, Workload.of(g, batch=3, method="ibp", target="cuda"))
+    bundle = _cuda_plan(g, "crown-ibp", threads)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     mod, _ = build_module(bundle, normalised(g)[0], target)
     exe = tvm.compile(mod, target=target)
@@ -116,6 +125,8 @@ def test_cuda_target_builds_cuda_source():
     src = find_cuda(exe.mod).inspect_source()
     kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src))
     assert kernels and any(k.startswith("final") for k in kernels)
+    if threads:                               # bound by our schedule, not dlight's
+        assert set(re.findall(r"__launch_bounds__\((\d+)\)", src)) == {str(threads)}
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found: CUDA source generated but not compiled")
     from tvm.support import nvcc
@@ -132,13 +143,15 @@ def _has_gpu() -> bool:
 
 
 @pytest.mark.skipif(not _has_gpu(), reason="no CUDA device")
-def test_cuda_run_matches_cpu(monkeypatch):                     # GPU machines only
+@pytest.mark.parametrize("threads", [0, 128])
+def test_cuda_run_matches_cpu(monkeypatch, threads):             # GPU machines only
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
     g, x, C = _query("digits_cnn")
-    bundle = plan(g, Workload.of(g, batch=3, method="ibp", target="cuda"))
+    bundle = _cuda_plan(g, "crown-ibp", threads)
     gpu = RelaxExecutor(bundle, g, target={"kind": "cuda", "arch": "sm_80"}).run(x, C)
     cpu = TorchExecutor(bundle, g).run(x, C)
     _close(gpu.lower.cpu(), cpu.lower, atol=1e-4)
+    _close(gpu.upper.cpu(), cpu.upper, atol=1e-4)
 
 
 
@@ -257,5 +270,17 @@ def test_random_schedule_knobs_keep_bounds():
     out, ref = RelaxExecutor(bundle, g).run(x, C), TorchExecutor(bundle, g).run(x, C)
     scale = max(1.0, float(ref.upper.abs().max()))
     _close(out.lower, ref.lower, atol=1e-5 * scale)
+    _close(out.upper, ref.upper, atol=1e-5 * scale)
+    # register tiling with a local accumulator, vectorised, on every task
+    tiled = (("cache_write", True), ("tile", 4), ("vectorize", 4))
+    bundle = plan(g, w, base.knobs.replace(schedule=tuple((t, tiled) for t in tasks)))
+    mod, _ = build_module(bundle, normalised(g)[0])
+    assert '"local"' in mod.script() and "T.vectorized" in mod.script()
+    out = RelaxExecutor(bundle, g).run(x, C)
+    _close(out.lower, ref.lower, atol=1e-5 * scale)
+    _close(out.upper, ref.upper, atol=1e-5 * scale)
     with pytest.raises(BoundFlowError, match="schedule knob"):
-        schedules.check({"tile": 8})
+        schedules.check({"tile": 3})
+    with pytest.raises(BoundFlowError, match="for target llvm"):
+        schedules.check({"threads": 64}, "llvm")
+    assert schedules.check({"threads": 64}, "cuda") == {"threads": 64}

@@ -1,14 +1,28 @@
 """Schedules for the task PrimFuncs, driven by a task's schedule knobs.
 
-The knobs and their legal values are this backend's to define (``SPACE``), so a search can
-enumerate them; a task's knobs come from the plan's lowering plan as (name, value) pairs.
+The knobs and their legal values are this backend's to define, per target kind
+(``space(target)``), so a search can enumerate them; a task's knobs come from the plan's
+lowering plan as (name, value) pairs. A primitive that does not apply to a stage (a shape it
+cannot split, a stage that cannot be inlined) is skipped for that stage, never an error.
 
-llvm: ``inline`` folds single-use elementwise stages (centre/radius conversions, epilogues)
-into their readers; ``parallel`` runs the outer spatial loops of each stage in parallel;
-``vectorize`` splits the innermost spatial loop of elementwise stages by that width;
-``unroll`` sets the auto-unroll limit of reduction stages. A primitive that does not apply to
-a stage (a shape it cannot split, a stage that cannot be inlined) is skipped for that stage,
-never an error. For ``cuda`` the default GPU pipeline (dlight) schedules the functions.
+llvm (every stage of the function):
+
+- ``inline``: fold single-use elementwise stages (centre/radius conversions, epilogues) into
+  their readers;
+- ``parallel``: fuse the two outer spatial loops of each stage and run them in parallel;
+- ``vectorize``: split the innermost spatial loop of elementwise stages by that width (and, with
+  ``tile``, vectorise the tile of reduction stages);
+- ``tile``: register tiling of reduction stages (linear, conv, the CROWN products): the
+  innermost spatial loop is split by the tile and the reduction loops moved outside the tile,
+  so each loaded weight / input element is used for a whole tile of outputs;
+- ``cache_write``: with ``tile``, accumulate the tile in a ``local`` buffer written back per
+  tile;
+- ``unroll``: the auto-unroll limit of reduction stages.
+
+cuda: ``threads`` = 0 hands the function to TVM's default GPU pipeline (dlight); a positive
+value binds every stage itself: its spatial loops fused and split over ``blockIdx.x`` ×
+``threadIdx.x`` with that many threads per block (reductions run serially inside a thread).
+A function whose stages cannot all be bound that way goes to dlight.
 """
 
 from __future__ import annotations
@@ -18,83 +32,167 @@ from typing import Any, Mapping
 import tvm
 from tvm import s_tir, tirx
 
-SPACE: dict[str, tuple[Any, ...]] = {      # first value of each: the default
+LLVM: dict[str, tuple[Any, ...]] = {      # first value of each: the default
     "inline": (False, True),     # inlining a conversion into a conv re-computes it per tap
     "parallel": (True, False),
     "vectorize": (0, 4, 8, 16),
+    "tile": (0, 4, 8, 16),
+    "cache_write": (False, True),
     "unroll": (64, 0, 16),
 }
-DEFAULT: dict[str, Any] = {name: choices[0] for name, choices in SPACE.items()}
+CUDA: dict[str, tuple[Any, ...]] = {
+    "threads": (0, 64, 128, 256, 512),
+}
 
 _REDUCE = 2          # IterVar.iter_type of a reduction axis
+_ERRORS = (RuntimeError, ValueError, TypeError)      # what TVM raises (ScheduleError, InternalError: RuntimeError)
 
 
-def check(knobs: Mapping[str, Any]) -> dict[str, Any]:
+def _kind(target: Any) -> str:
+    if isinstance(target, str):
+        return target.split()[0]
+    if isinstance(target, Mapping):
+        return str(target["kind"])
+    return target.kind.name
+
+
+def space(target: Any = "llvm") -> dict[str, tuple[Any, ...]]:
+    """The schedule knobs of ``target`` (a ``tvm.target.Target``, its kind name or dict) and
+    their legal values, the default first."""
+    kind = _kind(target)
+    if kind == "cuda":
+        return dict(CUDA)
+    if kind == "llvm":
+        return dict(LLVM)
+    from boundflow.errors import BoundFlowError
+    raise BoundFlowError(f"the relax backend has no schedules for target kind {kind!r} "
+                         f"(llvm or cuda)")
+
+
+def check(knobs: Mapping[str, Any], target: Any = "llvm") -> dict[str, Any]:
     """The knobs with defaults filled in; an unknown name or value raises."""
     from boundflow.errors import BoundFlowError
 
-    out = dict(DEFAULT)
+    legal = space(target)
+    out = {name: choices[0] for name, choices in legal.items()}
     for name, value in knobs.items():
-        if name not in SPACE:
-            raise BoundFlowError(f"schedule knob {name!r} is not one of {sorted(SPACE)}")
-        if value not in SPACE[name]:
-            raise BoundFlowError(f"schedule knob {name}={value!r} is not one of {SPACE[name]}")
+        if name not in legal:
+            raise BoundFlowError(f"schedule knob {name!r} is not one of {sorted(legal)} "
+                                 f"for target {_kind(target)}")
+        if value not in legal[name]:
+            raise BoundFlowError(f"schedule knob {name}={value!r} is not one of {legal[name]}")
         out[name] = value
     return out
+
+
+def sample(rng, target: Any = "llvm") -> tuple[tuple[str, Any], ...]:
+    """Random legal schedule knobs of one task (``rng``: a ``random.Random``), as the
+    (name, value) pairs ``Knobs.schedule`` holds."""
+    return tuple(sorted((name, rng.choice(choices))
+                        for name, choices in space(target).items()))
 
 
 def _try(fn, *args) -> bool:
     try:
         fn(*args)
         return True
-    except (tvm.error.TVMError, s_tir.ScheduleError, ValueError):
+    except _ERRORS:
         return False
+
+
+def _is_reduction(sch: s_tir.Schedule, b) -> bool:
+    return any(int(iv.iter_type) == _REDUCE for iv in sch.get(b).iter_vars)
 
 
 def schedule(func: tirx.PrimFunc, knobs: Mapping[str, Any], target: Any) -> tirx.PrimFunc:
     """``func`` scheduled for ``target`` under ``knobs`` (see the module docstring)."""
-    k = check(knobs)
-    if getattr(target, "kind", None) is not None and target.kind.name != "llvm":
-        return func
+    k = check(knobs, target)
+    if _kind(target) == "cuda":
+        return _cuda(func, k["threads"])
     sch = s_tir.Schedule(func)
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
-
-    def blocks():
-        return sch.get_child_blocks(sch.get_sblock("root"))
-
+    root = sch.get_sblock("root")
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     if k["inline"]:
-        for b in list(blocks()):
-            blk = sch.get(b)
-            if blk.name_hint not in outputs and all(int(iv.iter_type) != _REDUCE
-                                                    for iv in blk.iter_vars):
+        for b in list(sch.get_child_blocks(root)):
+            if sch.get(b).name_hint not in outputs and not _is_reduction(sch, b):
                 _try(sch.compute_inline, b)
-    for b in blocks():
+    for b in list(sch.get_child_blocks(root)):
+        if _is_reduction(sch, b) and k["tile"]:
+            _tile_reduction(sch, b, k["tile"], k["cache_write"], k["vectorize"])
         blk = sch.get(b)
-        reduce = any(int(iv.iter_type) == _REDUCE for iv in blk.iter_vars)
-        loops = sch.get_loops(b)
         n_spatial = sum(int(iv.iter_type) != _REDUCE for iv in blk.iter_vars)
         if k["parallel"] and n_spatial >= 2:
-            outer = loops[:2]
-            if _try(sch.fuse, *outer):
+            loops = sch.get_loops(b)
+            if _try(sch.fuse, loops[0], loops[1]):
                 loops = sch.get_loops(b)
             _try(sch.parallel, loops[0])
-        if reduce:
+        if _is_reduction(sch, b):
             if k["unroll"]:
                 _try(sch.annotate, sch.get_loops(b)[0], "pragma_auto_unroll_max_step",
                      k["unroll"])
         elif k["vectorize"] and len(sch.get_loops(b)) >= 2:
-            inner = sch.get_loops(b)[-1]
-            parts = None
             try:
-                parts = sch.split(inner, factors=[None, k["vectorize"]])
-            except (tvm.error.TVMError, s_tir.ScheduleError, ValueError):
-                parts = None
-            if parts is not None:
-                _try(sch.vectorize, parts[-1])
+                parts = sch.split(sch.get_loops(b)[-1], factors=[None, k["vectorize"]])
+            except _ERRORS:
+                continue
+            _try(sch.vectorize, parts[-1])
     return sch.mod["main"]
 
 
-def sample(rng) -> tuple[tuple[str, Any], ...]:
-    """Random legal schedule knobs of one task (``rng``: a ``random.Random``), as the
-    (name, value) pairs ``Knobs.schedule`` holds."""
-    return tuple(sorted((name, rng.choice(choices)) for name, choices in SPACE.items()))
+def _tile_reduction(sch: s_tir.Schedule, b, tile: int, cache_write: bool,
+                    vectorize: int) -> None:
+    """Register tiling of reduction block ``b`` (see ``tile`` in the module docstring); left
+    as it is where the innermost spatial extent is not a known multiple of ``tile``."""
+    kinds = [int(iv.iter_type) == _REDUCE for iv in sch.get(b).iter_vars]
+    loops = sch.get_loops(b)
+    if len(loops) != len(kinds) or kinds != sorted(kinds):      # spatial loops, then reduce
+        return
+    n_sp = kinds.index(True)
+    if n_sp < 2:
+        return
+    ext = sch.get(loops[n_sp - 1]).extent
+    if not isinstance(ext, tirx.IntImm) or int(ext) < tile or int(ext) % tile:
+        return
+    cw = None
+    if cache_write:
+        try:
+            cw = sch.cache_write(b, 0, "local")
+        except _ERRORS:
+            cw = None
+    loops = sch.get_loops(b)
+    outer, inner = sch.split(loops[n_sp - 1], factors=[None, tile])
+    reduce_loops = sch.get_loops(b)[n_sp + 1:]
+    sch.reorder(outer, *reduce_loops, inner)
+    if cw is not None:
+        sch.reverse_compute_at(cw, outer)
+    if vectorize:
+        try:
+            init = sch.decompose_reduction(b, reduce_loops[0])
+        except _ERRORS:
+            return
+        _try(sch.vectorize, sch.get_loops(init)[-1])
+        _try(sch.vectorize, sch.get_loops(b)[-1])
+        if cw is not None:
+            _try(sch.vectorize, sch.get_loops(cw)[-1])
+
+
+def _cuda(func: tirx.PrimFunc, threads: int) -> tirx.PrimFunc:
+    """``func`` with every stage bound over blocks × ``threads``; ``func`` unchanged (for the
+    default GPU pipeline) when ``threads`` is 0 or a stage cannot be bound."""
+    if not threads:
+        return func
+    sch = s_tir.Schedule(func)
+    try:
+        for b in sch.get_child_blocks(sch.get_sblock("root")):
+            kinds = [int(iv.iter_type) == _REDUCE for iv in sch.get(b).iter_vars]
+            loops = sch.get_loops(b)
+            if len(loops) != len(kinds) or kinds != sorted(kinds) or not kinds or kinds[0]:
+                return func
+            n_sp = kinds.count(False)
+            fused = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
+            bx, tx = sch.split(fused, factors=[None, threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+    except _ERRORS:
+        return func
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)     # dlight leaves it alone
