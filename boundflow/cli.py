@@ -160,6 +160,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """``boundflow db show|export|import``: read, and move records between machines."""
+    from boundflow.db import Database
+
+    with Database(args.db) as db:
+        if args.action == "show":
+            s = db.summary()
+            failures = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"
+            print(f"{db.shown()}: {s['workloads']} workloads, {s['candidates']} candidates, "
+                  f"{s['measurements']} measurements (failed: {failures}), "
+                  f"{s['cost_models']} cost models, {s['tuning_runs']} tuning runs")
+            for w in db.workloads():
+                if args.workload and not w.key.startswith(args.workload):
+                    continue
+                wl = w.workload
+                ops = w.summary.get("ops", {})
+                print(f"\nworkload {w.key[:12]}  {wl.method} batch {wl.batch} specs {wl.n_specs} "
+                      f"{wl.dtype} on {wl.target}  ({w.summary.get('nodes', '?')} nodes: "
+                      f"{', '.join(f'{k} {v}' for k, v in ops.items())})")
+                print(f"  {'plan':<14} {'backend':<7} {'median ms':>10} {'width':>10} "
+                      f"{'verified':>8} {'kernels':>7} {'peak KiB':>9}")
+                for r in db.top_k(wl, args.top):
+                    m = r.measurement.result
+                    width = float("nan") if m.mean_width is None else m.mean_width
+                    proved = float("nan") if m.verified_fraction is None else m.verified_fraction
+                    print(f"  {r.candidate.key[:12]:<14} {m.backend:<7} "
+                          f"{m.median_s * 1e3:>10.3f} {width:>10.4g} {proved:>8.2f} "
+                          f"{m.n_kernels or 0:>7} {(m.peak_bytes or 0) / 1024:>9.1f}")
+                best = db.best(wl)
+                if best is not None:
+                    print(f"  best: {best.candidate.key[:12]} ({best.measurement.result.backend}, "
+                          f"{best.measurement.result.median_s * 1e3:.3f} ms)")
+        elif args.action == "export":
+            out = sys.stdout if str(args.file) == "-" else open(args.file, "w")
+            try:
+                n = db.export_jsonl(out, args.workload)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+            print(f"exported {n} measurements", file=sys.stderr)
+        else:
+            try:
+                src = sys.stdin if str(args.file) == "-" else open(args.file)
+            except OSError as e:
+                raise BoundFlowError(f"import file {args.file}: {e.strerror or e}") from None
+            with src:
+                counts = db.import_jsonl(src)
+            print(f"imported {counts['added']} measurements ({counts['skipped']} already there)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the PlanBundle JSON here")
     p.add_argument("--show", type=Path, metavar="PLAN", help="print a saved plan readably")
     p.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("db", help="show a tuning database, or move its records (JSON lines)")
+    d.add_argument("action", choices=["show", "export", "import"])
+    d.add_argument("--db", required=True,
+                   help="an SQLite file or an SQLAlchemy URL (postgresql+psycopg://...)")
+    d.add_argument("--file", default="-", help="export to / import from this file "
+                   "(default: stdout / stdin)")
+    d.add_argument("--workload", help="only this workload (a key or its prefix for show)")
+    d.add_argument("--top", type=int, default=5, help="plans shown per workload (default 5)")
+    d.set_defaults(func=cmd_db)
     return parser
 
 

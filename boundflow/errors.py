@@ -29,3 +29,12 @@ class SpecError(BoundFlowError):
 
 class ModelLoadError(BoundFlowError):
     """A model file could not be read, or is not a kind BoundFlow loads."""
+
+
+class DatabaseError(BoundFlowError):
+    """A tuning database cannot be used: corrupt, foreign, of another schema version, or
+    unreachable."""
+
+
+class MeasureError(BoundFlowError):
+    """A measurement could not be set up (the measuring itself records its errors instead)."""

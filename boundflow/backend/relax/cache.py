@@ -35,6 +35,7 @@ class Compiled:
     n_kernels: int
     seconds: float               # compile, or load, time
     source: str                  # "built", "memory" or "disk"
+    build_seconds: float = 0.0   # the compile time of the entry, wherever it was compiled
 
 
 class CompileCache:
@@ -56,7 +57,8 @@ class CompileCache:
         hit = self._memory.get(key)
         if hit is not None:
             self.stats["memory"] += 1
-            return Compiled(hit.module, hit.weight_keys, hit.n_kernels, 0.0, "memory")
+            return Compiled(hit.module, hit.weight_keys, hit.n_kernels, 0.0, "memory",
+                            hit.build_seconds)
         if self.disk:
             loaded = self._load(key)
             if loaded is not None:
@@ -65,19 +67,20 @@ class CompileCache:
                 return loaded
         start = time.perf_counter()
         executable, weight_keys, n_kernels = build()
-        module = executable
+        seconds = time.perf_counter() - start
         if self.disk:
-            self._store(key, executable, weight_keys, n_kernels)
-        compiled = Compiled(module, weight_keys, n_kernels, time.perf_counter() - start, "built")
+            self._store(key, executable, weight_keys, n_kernels, seconds)
+        compiled = Compiled(executable, weight_keys, n_kernels, seconds, "built", seconds)
         self.stats["built"] += 1
         self._memory[key] = compiled
         return compiled
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
+    def paths(self, key: str) -> tuple[Path, Path]:
+        """The entry's module (``.so``) and metadata (``.json``) files."""
         return self.root / f"{key}.so", self.root / f"{key}.json"
 
     def _load(self, key: str) -> Compiled | None:
-        lib, meta = self._paths(key)
+        lib, meta = self.paths(key)
         if not (lib.exists() and meta.exists()):
             return None
         start = time.perf_counter()
@@ -85,21 +88,24 @@ class CompileCache:
             info = json.loads(meta.read_text())
             module = tvm.runtime.load_module(str(lib))
             return Compiled(module, list(info["weight_keys"]), int(info["n_kernels"]),
-                            time.perf_counter() - start, "disk")
+                            time.perf_counter() - start, "disk",
+                            float(info.get("compile_seconds", 0.0)))
         except Exception:                 # a truncated or foreign file: rebuild it
             self.stats["rebuilt_corrupt"] += 1
             for p in (lib, meta):
                 p.unlink(missing_ok=True)
             return None
 
-    def _store(self, key: str, executable: Any, weight_keys: list[str], n_kernels: int) -> None:
+    def _store(self, key: str, executable: Any, weight_keys: list[str], n_kernels: int,
+               seconds: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        lib, meta = self._paths(key)
+        lib, meta = self.paths(key)
         fd, tmp_lib = tempfile.mkstemp(suffix=".so", dir=self.root)
         os.close(fd)
         fd, tmp_meta = tempfile.mkstemp(suffix=".json", dir=self.root)
         with os.fdopen(fd, "w") as f:
-            json.dump({"weight_keys": weight_keys, "n_kernels": n_kernels}, f)
+            json.dump({"weight_keys": weight_keys, "n_kernels": n_kernels,
+                       "compile_seconds": seconds}, f)
         try:
             executable.export_library(tmp_lib)
             os.replace(tmp_meta, meta)

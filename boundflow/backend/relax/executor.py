@@ -167,11 +167,13 @@ class RelaxExecutor:
             start = time.perf_counter()
             executable, self.weight_keys, self.n_kernels = build()
             self.compile_seconds, self.compile_source = time.perf_counter() - start, "built"
+            self.build_seconds = self.compile_seconds
         else:
             got = cache.get(CompileCache.key(bundle.key, self.target), build)
             executable, self.weight_keys, self.n_kernels = got.module, got.weight_keys, \
                 got.n_kernels
             self.compile_seconds, self.compile_source = got.seconds, got.source
+            self.build_seconds = got.build_seconds      # the compile's own time, even if loaded
         self.device = tvm.cpu() if self.target.kind.name == "llvm" else tvm.cuda()
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
                           if t.kind != "input" and not lowers_to_tir(bundle, t)]

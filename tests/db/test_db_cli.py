@@ -1,0 +1,30 @@
+"""``boundflow db show|export|import``."""
+
+from __future__ import annotations
+
+from boundflow.cli import main
+from boundflow.db import Database
+from tests.db.conftest import sample_bundles
+from tests.db.test_database import _result
+
+
+def test_db_show_export_import(tmp_path, capsys):
+    bundles, g = sample_bundles(3)
+    src, dst = tmp_path / "a.db", tmp_path / "b.db"
+    with Database(src) as db:
+        for i, b in enumerate(bundles):
+            db.add_measurement(b, _result(b, 1e-3 * (i + 1)), graph=g)
+    assert main(["db", "show", "--db", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "1 workloads, 3 candidates, 3 measurements" in out
+    assert f"best: {bundles[0].key[:12]}" in out and "crown batch 2" in out
+    assert main(["db", "export", "--db", str(src), "--file", str(tmp_path / "x.jsonl")]) == 0
+    assert main(["db", "import", "--db", str(dst), "--file", str(tmp_path / "x.jsonl")]) == 0
+    assert "imported 3 measurements (0 already there)" in capsys.readouterr().out
+    with Database(dst) as db:
+        assert db.best(bundles[0].workload).candidate.key == bundles[0].key
+    (tmp_path / "bad.db").write_bytes(b"\0garbage" * 100)
+    assert main(["db", "show", "--db", str(tmp_path / "bad.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("boundflow: error:") and err.count("\n") == 1
+    assert main(["db", "import", "--db", str(dst), "--file", str(tmp_path / "none")]) == 2

@@ -1,0 +1,149 @@
+"""Builder and runners: real measurements on both backends, failures recorded per candidate
+(a segfault, a hang past the timeout, an exception) while the rest of the batch is measured,
+and the RPC runner over a tracker and two servers on loopback."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import time
+
+import numpy as np
+import pytest
+
+from boundflow.ir.spec import margin_spec
+from boundflow.ir.workload import Workload
+from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureInput, \
+    RPCRunner, measure
+from boundflow.measure.worker import measure_local
+from boundflow.planner import default, plan
+from tests.helpers import example_graph
+
+CONFIG = MeasureConfig(number=2, repeat=3, warmup=1, timeout_s=20)
+
+
+def _inputs(method="ibp", backend="relax", n=1, name="digits_mlp"):
+    ex, g = example_graph(name)
+    x = ex.inputs[:2].astype(np.float32)
+    n_out = int(np.prod(g.output_shape))
+    C = margin_spec(np.arange(2) % n_out, n_out).C
+    w = Workload.of(g, batch=2, method=method)
+    k = default(g, w)
+    bundles = [plan(g, w, k)]
+    if n > 1:                                    # other plans: unfuse one edge at a time
+        for i in range(len(k.partition)):
+            part = list(k.partition)
+            part[i] = False
+            bundles.append(plan(g, w, k.replace(partition=tuple(part))))
+    return [MeasureInput(b, g, x - 0.01, x + 0.01, C, backend) for b in bundles[:n]]
+
+
+def test_local_measurement_of_both_backends(tmp_path):
+    relax, torch_ = _inputs(backend="relax")[0], _inputs(backend="torch")[0]
+    builder, runner = LocalBuilder(tmp_path), LocalRunner(CONFIG)
+    try:
+        r, t = measure([relax, torch_], builder, runner)
+    finally:
+        builder.close()
+        runner.close()
+    for res in (r, t):
+        assert res.ok, res.error
+        assert res.median_s > 0 and len(res.times) == CONFIG.repeat
+        assert res.mean_width > 0 and 0 <= res.verified_fraction <= 1
+        assert res.peak_bytes > 0 and res.n_kernels >= 1
+    assert (r.backend, r.peak_source, t.peak_source) == ("relax", "planned", "measured")
+    assert r.compile_seconds > 0 and t.compile_seconds == 0
+    assert r.mean_width == pytest.approx(t.mean_width, rel=1e-5)      # same plan, same bounds
+    # the artifact is in the compile cache: a runner in a new process loads, never compiles
+    assert list(tmp_path.glob("*.so"))
+
+
+def _misbehave(behaviour, inp, build, config):
+    """A measurement function that fails as ``behaviour[inp.key]`` says."""
+    what = behaviour.get(inp.key)
+    if what == "segfault":
+        ctypes.string_at(0)
+    elif what == "hang":
+        time.sleep(600)
+    elif what == "raise":
+        raise RuntimeError("candidate exploded")
+    elif what == "memory":
+        np.ones(2**31, np.float64)                # 16 GiB, past the 1 GiB the test allows
+    return measure_local(inp, build, config)
+
+
+def test_runner_isolates_crashes_hangs_and_exceptions():
+    inputs = _inputs(backend="torch", n=5, name="digits_cnn")
+    assert len({i.key for i in inputs}) == 5
+    behaviour = {inputs[0].key: "segfault", inputs[1].key: "hang", inputs[3].key: "raise",
+                 inputs[4].key: "memory"}
+    runner = LocalRunner(MeasureConfig(number=1, repeat=2, timeout_s=10, memory_limit_mb=1024),
+                         f_run=functools.partial(_misbehave, behaviour))
+    builder = LocalBuilder()
+    try:
+        results = measure(inputs, builder, runner)
+    finally:
+        runner.close()
+    kinds = [r.error_kind for r in results]
+    assert kinds == ["crash", "timeout", None, "run", "memory"], [r.error for r in results]
+    assert "exploded" in results[3].error and "10 s" in results[1].error
+    assert results[2].median_s > 0
+    # the pool is healthy afterwards
+    again = runner.run([inputs[2]], builder.build([inputs[2]]))
+    assert again[0].ok
+    runner.close()
+
+
+def test_build_failures_are_results(tmp_path, monkeypatch):
+    inp = _inputs(backend="relax")[0]
+    builder = LocalBuilder(tmp_path / "not-a-dir-file")
+    (tmp_path / "not-a-dir-file").write_text("a file where the cache directory should be")
+    try:
+        (b,) = builder.build([inp])
+    finally:
+        builder.close()
+    assert b.error_kind == "build" and b.artifact is None
+    (res,) = LocalRunner(CONFIG).run([inp], [b])
+    assert res.error_kind == "build" and not res.ok
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker():
+    """A tracker and two servers on 127.0.0.1 under key ``bf-test``."""
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9390, silent=True)
+    servers = [Server(host="127.0.0.1", port=9400, port_end=9600, key="bf-test",
+                      tracker_addr=("127.0.0.1", tracker.port), silent=True) for _ in range(2)]
+    from tvm import rpc
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:               # until both servers have registered
+        queue = rpc.connect_tracker("127.0.0.1", tracker.port).summary()["queue_info"]
+        if queue.get("bf-test", {}).get("free", 0) == 2:
+            break
+        time.sleep(0.2)
+    yield ("127.0.0.1", tracker.port)
+    for s in servers:
+        s.terminate()
+    tracker.terminate()
+
+
+def test_rpc_runner_on_loopback(tmp_path, rpc_tracker):
+    ibp, alpha = _inputs("ibp")[0], _inputs("alpha-crown")[0]
+    builder = LocalBuilder(tmp_path)
+    local, remote = LocalRunner(CONFIG), RPCRunner(rpc_tracker, "bf-test", CONFIG, n_workers=2)
+    try:
+        builds = builder.build([ibp, alpha])
+        (loc,) = local.run([ibp], builds[:1])
+        rem, rem_alpha = remote.run([ibp, alpha], builds)
+    finally:
+        for x in (builder, local, remote):
+            x.close()
+    assert loc.ok and rem.ok, (loc.error, rem.error)
+    assert rem.runner == "rpc:bf-test" and len(rem.times) == CONFIG.repeat
+    assert rem.mean_width == pytest.approx(loc.mean_width, rel=1e-6)
+    assert rem.verified_fraction == loc.verified_fraction
+    # alpha-CROWN's optimiser runs as a torch callback: not measurable remotely, recorded so
+    assert rem_alpha.error_kind == "unsupported" and "torch callbacks" in rem_alpha.error
