@@ -1,2 +1,3 @@
-"""The TVM Relax backend: a TIR PrimFunc per task, called from one Relax function (work in
-progress: interval tasks lower; CROWN tasks, schedules, the compile cache and CUDA follow)."""
+"""The TVM Relax backend: a TIR PrimFunc per task, called from one Relax function
+(``executor.py``), scheduled per target from the plan's schedule knobs (``schedules.py``,
+legal values in ``schedule_space.py``), compiled once per plan (``cache.py``)."""

@@ -1,0 +1,164 @@
+"""Features of a (workload, PlanBundle): a fixed-length vector with documented names.
+
+Every candidate of every workload maps to the same ``FEATURE_NAMES``, so one model learns
+across workloads. Work is counted analytically from the normalised graph:
+
+* FLOPs per sample of each op (linear ``2·in·out``, conv ``2·out·Cin/groups·kh·kw``,
+  elementwise ``size``); an IBP task does about twice its ops' FLOPs (two bounds, or centre and
+  radius); a CROWN task bounding node ``v`` carries a ``size(v)``-row coefficient matrix back
+  through every affine ancestor (``size(v) × Σ FLOPs``); a final CROWN task does the same with
+  ``n_specs`` rows, alpha-CROWN times its iterations (forward and backward);
+* bytes: every buffer a task reads or writes (two halves of an interval), per sample;
+* the plan's shape: tasks by kind, kernels (TIR tasks), torch callbacks, layout conversions,
+  fused fraction, NHWC and centre/radius fractions, storage reuse, planned bytes, Relax fusion;
+* schedule knobs, averaged over the forward (ibp, layout) and backward (crown, final) tasks.
+
+Sizes enter as ``log2(1 + x)``. ``task_work`` gives the per-task FLOPs and bytes the analytic
+model and the inspection tool use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+
+FEATURE_VERSION = "features-v1"
+_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+_FINALS = ("ibp", "crown", "alpha-crown")
+_SCHEDULE = ("inline", "parallel", "vectorize", "tile", "cache_write", "unroll", "threads")
+_AFFINE = ("linear", "conv2d")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_batch", "n_specs", "log_input_size", "float64", "target_cuda",
+    *(f"method_{m}" for m in _METHODS),
+    "n_tasks", "n_ibp_tasks", "n_crown_tasks", "n_layout_tasks", "n_kernels", "n_callbacks",
+    *(f"final_{m}" for m in _FINALS),
+    "log_flops", "log_flops_ibp", "log_flops_crown", "log_flops_final",
+    "log_flops_batch", "log_bytes", "log_bytes_batch", "log_planned_bytes",
+    "log_max_task_flops", "fused_fraction", "nhwc_fraction", "cr_fraction", "storage_reuse",
+    "fuse_passes", "lowering_tir", "alpha_iterations",
+    *(f"fwd_{k}" for k in _SCHEDULE), *(f"bwd_{k}" for k in _SCHEDULE),
+)
+N_FEATURES = len(FEATURE_NAMES)
+
+
+def _log(x: float) -> float:
+    return math.log2(1.0 + max(0.0, float(x)))
+
+
+@lru_cache(maxsize=64)
+def _graph_work(graph: Graph) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """Per node: FLOPs per sample, output size, and Σ FLOPs of its affine ancestors
+    (itself included)."""
+    flops, size, back = {}, {}, {}
+    for n in graph.nodes:
+        size[n.name] = math.prod(n.shape)
+        if n.op == "linear":
+            f = 2.0 * math.prod(graph.node(n.inputs[0]).shape) * size[n.name]
+        elif n.op == "conv2d":
+            w = graph.params[f"{n.name}.weight"]
+            f = 2.0 * size[n.name] * math.prod(w.shape[1:])
+        elif n.op == "input":
+            f = 0.0
+        else:
+            f = float(size[n.name])
+        flops[n.name] = f
+    for n in graph.nodes:
+        back[n.name] = (flops[n.name] if n.op in _AFFINE else 0.0) + \
+            max((back[i] for i in n.inputs if i in back), default=0.0)
+    # a max over inputs keeps residual branches from double counting the shared trunk
+    return flops, size, back
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    task: str
+    kind: str
+    flops: float           # per sample
+    bytes: float           # per sample
+    lowering: str
+
+
+def task_work(bundle: PlanBundle, graph: Graph) -> list[TaskWork]:
+    """Analytic work of every task of ``bundle`` on the normalised ``graph``."""
+    flops, size, back = _graph_work(graph)
+    buffers = {b.name: b for b in bundle.task_graph.buffers}
+    n_specs = max(1, bundle.workload.n_specs)
+    alpha_iters = dict(bundle.domain_plan.alpha).get("iterations", 20)
+    out = []
+    for t in bundle.task_graph.tasks:
+        if t.kind == "input":
+            continue
+        nbytes = 2.0 * 4 * sum(math.prod(buffers[b].shape) for b in (*t.inputs, *t.outputs)
+                               if b in buffers)
+        if t.kind in ("ibp", "layout"):
+            f = 2.0 * sum(flops.get(n, 0.0) for n in t.nodes)
+        elif t.kind == "crown":
+            f = sum(size.get(n, 0) * back.get(n, 0.0) for n in t.nodes)
+        else:
+            method = t.attr("method")
+            tail = sum(back.get(n, 0.0) for n in t.nodes) or max(back.values(), default=0.0)
+            if method == "ibp":
+                f = 2.0 * sum(flops.get(n, 0.0) for n in t.nodes)
+            else:
+                f = n_specs * tail * (2 * alpha_iters if method == "alpha-crown" else 1)
+        out.append(TaskWork(t.name, t.kind, f, nbytes,
+                            bundle.lowering_plan.lowering(t.name)))
+    return out
+
+
+def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
+    """The effective schedule knobs (the backend's defaults filled in) of the TIR tasks of
+    ``kinds``, averaged; zeros when there are none."""
+    from boundflow.backend.relax.schedule_space import check
+
+    kind_of = {t.name: t.kind for t in bundle.task_graph.tasks}
+    target = bundle.workload.target
+    rows = [check(dict(s), target) for t, low, s in bundle.lowering_plan.tasks
+            if kind_of.get(t) in kinds and low == "tir"]
+    if not rows:
+        return [0.0] * len(_SCHEDULE)
+    return [float(np.mean([float(r.get(k, 0) or 0) for r in rows])) for k in _SCHEDULE]
+
+
+def features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
+    """The feature vector (``FEATURE_NAMES``) of ``bundle`` on its normalised ``graph``."""
+    w, k = bundle.workload, bundle.knobs
+    work = task_work(bundle, graph)
+    kinds = [t.kind for t in work]
+    by_kind = {kind: sum(t.flops for t in work if t.kind == kind)
+               for kind in ("ibp", "layout", "crown", "final")}
+    total = sum(t.flops for t in work)
+    nbytes = sum(t.bytes for t in work)
+    n_tir = sum(t.lowering == "tir" and not (t.kind == "final" and bundle.domain_plan.final
+                                             == "alpha-crown") for t in work)
+    regions = bundle.layout_plan.regions
+    vec = [
+        _log(w.batch), float(w.n_specs), _log(math.prod(w.input_shape)),
+        float(w.dtype == "float64"), float(w.target.startswith("cuda")),
+        *(float(w.method == m) for m in _METHODS),
+        float(len(work)), float(kinds.count("ibp")), float(kinds.count("crown")),
+        float(kinds.count("layout")), float(n_tir), float(len(work) - n_tir),
+        *(float(bundle.domain_plan.final == m) for m in _FINALS),
+        _log(total), _log(by_kind["ibp"] + by_kind["layout"]), _log(by_kind["crown"]),
+        _log(by_kind["final"]), _log(total * w.batch), _log(nbytes), _log(nbytes * w.batch),
+        _log(bundle.storage_plan.planned_bytes),
+        _log(max((t.flops for t in work), default=0.0)),
+        float(np.mean(k.partition)) if k.partition else 1.0,
+        float(np.mean([lay == "NHWC" for _, lay in regions])) if regions else 0.0,
+        float(np.mean([f == "cr" for f in k.forms])) if k.forms else 0.0,
+        float(bundle.storage_plan.reuse), float(k.fuse_passes),
+        float(k.lowering == "tir"),
+        float(dict(bundle.domain_plan.alpha).get("iterations", 0)
+              if bundle.domain_plan.final == "alpha-crown" else 0),
+        *_schedule_means(bundle, ("ibp", "layout")), *_schedule_means(bundle, ("crown", "final")),
+    ]
+    out = np.asarray(vec, np.float64)
+    assert out.shape == (N_FEATURES,)
+    return out

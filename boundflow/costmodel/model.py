@@ -1,0 +1,161 @@
+"""Cost models: predict, for feature vectors (``features.py``), three heads: ``log_time``
+(log seconds of one run), ``log_width`` (log mean bound width) and ``log_mem`` (log peak
+bytes). Lower is better for all three.
+
+``AnalyticModel`` needs no data: time from FLOPs, bytes and per-kernel / per-callback overheads
+with fixed machine constants, width from the final method and the CROWN tasks, memory from the
+planned bytes. It is the cold-start fallback and the baseline the learned model must beat.
+``XGBCostModel`` fits one XGBoost regressor per head on measured records, keeps its data so
+``update`` refits on old and new together, and serialises (``save``/``load``) with its feature
+version, so a model trained on other features is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Mapping
+
+import numpy as np
+
+from boundflow.costmodel.features import FEATURE_NAMES, FEATURE_VERSION, N_FEATURES
+from boundflow.errors import BoundFlowError
+from boundflow.measure.result import MeasureResult
+
+HEADS = ("log_time", "log_width", "log_mem")
+_IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+MIN_SAMPLES = 8        # fewer measured records than this: the analytic model answers
+
+
+def _as_matrix(X) -> np.ndarray:
+    X = np.asarray(X, np.float64)
+    if X.ndim == 1:
+        X = X[None]
+    if X.shape[1] != N_FEATURES:
+        raise BoundFlowError(f"feature vectors have {X.shape[1]} entries; this BoundFlow's "
+                             f"features ({FEATURE_VERSION}) have {N_FEATURES}")
+    return X
+
+
+def targets(result: MeasureResult) -> dict[str, float]:
+    """The heads' training targets of one measurement (NaN where unknown)."""
+    def log(v):
+        return math.log(v) if v is not None and v > 0 and math.isfinite(v) else math.nan
+    return {"log_time": log(result.median_s), "log_width": log(result.mean_width),
+            "log_mem": log(result.peak_bytes)}
+
+
+class AnalyticModel:
+    """FLOPs + bytes + overheads; no fitting."""
+
+    name = "analytic"
+    FLOPS_PER_S = 2e9
+    BYTES_PER_S = 4e9
+    KERNEL_S = 4e-6
+    CALLBACK_S = 1.5e-4
+
+    def predict(self, X) -> dict[str, np.ndarray]:
+        X = _as_matrix(X)
+
+        def un(col):
+            return np.exp2(X[:, _IDX[col]]) - 1.0
+        time = (un("log_flops_batch") / self.FLOPS_PER_S + un("log_bytes_batch") / self.BYTES_PER_S
+                + X[:, _IDX["n_kernels"]] * self.KERNEL_S
+                + X[:, _IDX["n_callbacks"]] * self.CALLBACK_S)
+        width = (-1.0 * X[:, _IDX["final_crown"]] - 1.5 * X[:, _IDX["final_alpha-crown"]]
+                 - 0.05 * X[:, _IDX["n_crown_tasks"]])
+        mem = np.log(1.0 + un("log_planned_bytes") * np.exp2(X[:, _IDX["log_batch"]]))
+        return {"log_time": np.log(np.maximum(time, 1e-9)), "log_width": width, "log_mem": mem}
+
+
+class XGBCostModel:
+    """One ``xgboost.XGBRegressor`` per head (see the module docstring)."""
+
+    name = "xgboost"
+
+    def __init__(self, seed: int = 0, n_estimators: int = 300, max_depth: int = 5,
+                 learning_rate: float = 0.08):
+        self.params = dict(n_estimators=n_estimators, max_depth=max_depth,
+                           learning_rate=learning_rate, subsample=0.9, colsample_bytree=0.9,
+                           min_child_weight=1.0, random_state=seed, n_jobs=1,
+                           tree_method="hist")
+        self.models: dict = {}
+        self.X = np.zeros((0, N_FEATURES))
+        self.Y = {h: np.zeros(0) for h in HEADS}
+        self.fallback = AnalyticModel()
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.X)
+
+    def fit(self, X, Y: Mapping[str, np.ndarray]) -> "XGBCostModel":
+        """Fit every head on ``X`` and its targets (rows with a NaN target are left out of
+        that head); replaces earlier data."""
+        self.X = _as_matrix(X)
+        self.Y = {h: np.asarray(Y[h], np.float64) for h in HEADS}
+        import xgboost as xgb
+
+        self.models = {}
+        for h in HEADS:
+            ok = np.isfinite(self.Y[h])
+            if ok.sum() < MIN_SAMPLES:
+                continue
+            m = xgb.XGBRegressor(**self.params)
+            m.fit(self.X[ok], self.Y[h][ok])
+            self.models[h] = m
+        return self
+
+    def update(self, X, Y: Mapping[str, np.ndarray]) -> "XGBCostModel":
+        """Refit on the data seen so far plus ``X``, ``Y``."""
+        X = _as_matrix(X)
+        return self.fit(np.concatenate([self.X, X]),
+                        {h: np.concatenate([self.Y[h], np.asarray(Y[h], np.float64)])
+                         for h in HEADS})
+
+    def predict(self, X) -> dict[str, np.ndarray]:
+        X = _as_matrix(X)
+        base = self.fallback.predict(X)
+        return {h: (self.models[h].predict(X).astype(np.float64) if h in self.models
+                    else base[h]) for h in HEADS}
+
+    def importance(self, head: str = "log_time") -> dict[str, float]:
+        """Gain per feature name of one head (empty before it is fitted)."""
+        m = self.models.get(head)
+        if m is None:
+            return {}
+        gain = m.get_booster().get_score(importance_type="gain")
+        return dict(sorted(((FEATURE_NAMES[int(k[1:])], float(v)) for k, v in gain.items()),
+                           key=lambda kv: -kv[1]))
+
+    def save(self) -> bytes:
+        heads = {}
+        for h, m in self.models.items():
+            heads[h] = bytes(m.get_booster().save_raw("json")).decode()
+        return json.dumps({"feature_version": FEATURE_VERSION, "params": self.params,
+                           "heads": heads, "X": self.X.tolist(),
+                           "Y": {h: [None if not math.isfinite(v) else v for v in self.Y[h]]
+                                 for h in HEADS}}).encode()
+
+    @classmethod
+    def load(cls, blob: bytes) -> "XGBCostModel":
+        import xgboost as xgb
+
+        try:
+            d = json.loads(bytes(blob).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BoundFlowError(f"not a saved cost model: {e}") from None
+        if d.get("feature_version") != FEATURE_VERSION:
+            raise BoundFlowError(f"the cost model was trained on {d.get('feature_version')!r}; "
+                                 f"this BoundFlow computes {FEATURE_VERSION!r}: retrain it")
+        model = cls()
+        model.params = d["params"]
+        model.X = np.asarray(d["X"], np.float64).reshape(-1, N_FEATURES)
+        model.Y = {h: np.asarray([math.nan if v is None else v for v in d["Y"][h]], np.float64)
+                   for h in HEADS}
+        for h, raw in d["heads"].items():
+            m = xgb.XGBRegressor(**model.params)
+            booster = xgb.Booster()
+            booster.load_model(bytearray(raw.encode()))
+            m._Booster = booster
+            model.models[h] = m
+        return model
