@@ -18,8 +18,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method ibp | tail -1
-	$(BIN)/boundflow plan --model $(EXAMPLES)/digits_cnn.pt2 --method crown --batch 8 --out $(VENV)/digits_cnn.plan.json | tail -3
-	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --plan $(VENV)/digits_cnn.plan.json
+	$(BIN)/boundflow tune --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method crown-ibp --db $(VENV)/tuning.db --seconds 60 --trials 24
+	$(BIN)/boundflow verify --model $(EXAMPLES)/digits_cnn.pt2 --input $(EXAMPLES)/digits_x.npy --eps 0.01 --method crown-ibp --db $(VENV)/tuning.db | tail -2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -9,6 +9,7 @@ raise a :class:`BoundFlowError` subclass naming the problem.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -56,6 +57,7 @@ class VerifyResult:
     verdicts: np.ndarray           # [batch, n_specs] of "verified" / "unknown"
     labels: np.ndarray | None      # [batch], when the spec is a margin spec
     method: str
+    tuned: Any = None              # the TunedPlan used, when verify was given a db and found one
 
     @property
     def verified(self) -> np.ndarray:
@@ -268,20 +270,12 @@ def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
     return bound_spec(graph, spec, _linear_spec(C), options, torch_dtype, plan)
 
 
-def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
-           C: Any = None, threshold: Any = 0.0, method: str = "ibp",
-           domains: DomainPlan | Mapping[str, str] | None = None,
-           lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-           sparse: bool = False, clip: tuple[float, float] | None = None,
-           dtype: str | None = None, plan: PlanBundle | None = None,
-           backend: str = "torch", target: str = "llvm") -> VerifyResult:
-    """Try to prove ``C·y > threshold`` for every input in the region, per spec.
-
-    Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
-    class ``j``); without labels either, each sample's predicted class at the box centre.
-    ``plan`` runs a PlanBundle (see :func:`compute_bounds`).
-    """
-    options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
+def query(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
+          C: Any = None, threshold: Any = 0.0, clip: tuple[float, float] | None = None,
+          dtype: str | None = None) -> tuple[Graph, InputSpec, LinearSpec, np.ndarray | None,
+                                             torch.dtype]:
+    """The checked query of :func:`verify`: graph, input box, spec (the margin spec of
+    ``labels``, or of the predicted classes, unless ``C`` is given), labels, dtype."""
     graph, spec, torch_dtype = _resolve(model, x, eps, clip, dtype)
     n_out = math.prod(graph.output_shape)
     if C is not None and labels is not None:
@@ -301,10 +295,49 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     else:
         linear = _linear_spec(C, threshold)
         labels = None
+    return graph, spec, linear, labels, torch_dtype
+
+
+def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] | None = None,
+           C: Any = None, threshold: Any = 0.0, method: str = "ibp",
+           domains: DomainPlan | Mapping[str, str] | None = None,
+           lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
+           sparse: bool = False, clip: tuple[float, float] | None = None,
+           dtype: str | None = None, plan: PlanBundle | None = None,
+           backend: str = "torch", target: str = "llvm", db: Any = None,
+           objective: str = "time@width") -> VerifyResult:
+    """Try to prove ``C·y > threshold`` for every input in the region, per spec.
+
+    Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
+    class ``j``); without labels either, each sample's predicted class at the box centre.
+    ``plan`` runs a PlanBundle (see :func:`compute_bounds`). ``db`` (a tuning database: path,
+    URL or :class:`~boundflow.db.Database`) looks up the plan ``boundflow tune`` recorded for
+    this workload under ``objective`` and runs it on the backend it was tuned on; without one,
+    a one-line notice goes to stderr and the default plan runs.
+    """
+    options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
+    graph, spec, linear, labels, torch_dtype = query(model, x, eps=eps, labels=labels, C=C,
+                                                     threshold=threshold, clip=clip,
+                                                     dtype=dtype)
+    tuned = None
+    if db is not None and plan is None:
+        from boundflow.ir.workload import Workload
+        from boundflow.search.lookup import describe_missing, tuned_plan
+
+        dname = {v: k for k, v in _DTYPES.items()}[torch_dtype]
+        work = Workload.of(graph, batch=spec.batch, n_specs=linear.n_specs, method=method,
+                           dtype=dname, target=target)
+        tuned = tuned_plan(db, work, objective)
+        if tuned is None:
+            print(describe_missing(db, work, objective), file=sys.stderr)
+        else:
+            plan = tuned.bundle
+            options = BoundOptions(method, domains, lower_slope, alpha, sparse, tuned.backend,
+                                   target)
     bounds = bound_spec(graph, spec, linear, options, torch_dtype, plan)
     if plan is not None:
         method = plan.workload.method
     ok = bounds.lower.detach().cpu().numpy() > linear.threshold
     verdicts = np.where(ok, "verified", "unknown")
     return VerifyResult(bounds, linear.threshold, verdicts,
-                        None if labels is None else np.asarray(labels), method)
+                        None if labels is None else np.asarray(labels), method, tuned)

@@ -102,14 +102,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bundle = _read_plan(args.plan) if args.plan else None
     if bundle is not None and (args.method_given or args.dtype):
         raise BoundFlowError("--plan fixes the method and dtype; drop --method / --dtype")
+    if bundle is not None and args.db:
+        raise BoundFlowError("give --plan or --db, not both")
+    import time
+    start = time.perf_counter()
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
                     alpha=AlphaConfig(iterations=args.alpha_iterations),
                     clip=tuple(args.clip) if args.clip else None, dtype=args.dtype,
-                    plan=bundle, backend=args.backend, target=args.target)
+                    plan=bundle, backend=args.backend, target=args.target, db=args.db,
+                    objective=args.objective)
+    seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps(result.to_dict()))
+        out = result.to_dict()
+        if result.tuned is not None:
+            out["tuned"] = {"plan": result.tuned.bundle.key, "backend": result.tuned.backend,
+                            "lookup_seconds": result.tuned.lookup_seconds,
+                            "tuned_median_s": result.tuned.median_s}
+        print(json.dumps(out))
     else:
         print(_table(result, predicted=args.label is None))
+        t = result.tuned
+        if t is not None:
+            print(f"plan: tuned ({t.objective}, {t.backend} backend, {t.median_s * 1e3:.3f} ms "
+                  f"when measured); database lookup {t.lookup_seconds * 1e3:.1f} ms, "
+                  f"verify total {seconds:.2f} s (load or compile included)")
     return 0
 
 
@@ -137,12 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.onnx):
         raise BoundFlowError("give one model: --model file.pt2 or --onnx file.onnx "
                              "(or --show plan.json)")
-    if args.onnx:
-        from boundflow.frontend.onnx import load_onnx
-        graph = load_onnx(args.onnx)
-    else:
-        from boundflow.frontend.pt2 import load_model
-        graph = load_model(args.model)
+    graph = _load_graph(args)
     workload = Workload.of(graph, batch=args.batch, n_specs=args.n_specs, method=args.method,
                            dtype=args.dtype, target=args.target)
     knobs = None
@@ -211,6 +222,63 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_graph(args: argparse.Namespace):
+    if bool(args.model) == bool(args.onnx):
+        raise BoundFlowError("give one model: --model file.pt2 or --onnx file.onnx")
+    if args.onnx:
+        from boundflow.frontend.onnx import load_onnx
+        return load_onnx(args.onnx)
+    from boundflow.frontend.pt2 import load_model
+    return load_model(args.model)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``boundflow tune``: measure plans of one workload into the database, print default vs
+    best."""
+    from boundflow.api import query
+    from boundflow.db import Database
+    from boundflow.measure import MeasureConfig
+    from boundflow.search import Tuner
+
+    if not (args.input and args.eps is not None):
+        raise BoundFlowError("give --input and --eps (the query the plans are measured on)")
+    if not args.eps >= 0:
+        raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
+    if args.trials < 1:
+        raise BoundFlowError(f"--trials must be at least 1, got {args.trials}")
+    graph = _load_graph(args)
+    x = _load_input(args.input, graph.input_shape)
+    graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
+                                      clip=tuple(args.clip) if args.clip else None,
+                                      dtype=args.dtype)
+    config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout)
+    with Database(args.db) as db:
+        tuner = Tuner(graph, spec.lower, spec.upper, linear.C, method=args.method, db=db,
+                      strategy=args.strategy, backend=args.backend, target=args.target,
+                      objective=args.objective, dtype=args.dtype, config=config,
+                      batch_size=args.batch_size, seed=args.seed,
+                      progress=not args.no_progress)
+        try:
+            report = tuner.tune(args.trials, args.seconds)
+        finally:
+            tuner.close()
+    d, b = report.default, report.best
+    print(f"workload {report.workload.key[:12]}: {report.workload.method}, batch "
+          f"{report.workload.batch}, {args.backend} on {args.target}; objective "
+          f"{report.objective}; {report.measured_now} plans measured now, "
+          f"{report.measured_before} before, {report.seconds:.0f} s")
+    print(f"{'plan':<8} {'time ms':>9} {'speedup':>8} {'mean width':>11} {'verified':>9} "
+          f"{'peak KiB':>9} {'kernels':>8}")
+    for name, r in (("default", d), ("best", b)):
+        print(f"{name:<8} {r.median_s * 1e3:>9.3f} {d.median_s / r.median_s:>7.2f}x "
+              f"{r.mean_width:>11.5g} {r.verified_fraction or 0:>9.2f} "
+              f"{(r.peak_bytes or 0) / 1024:>9.1f} {r.n_kernels or 0:>8}")
+    print(f"best plan {report.best_bundle.key[:12]}: {report.best_description}")
+    print(f"recorded in {args.db}; run it with: boundflow verify ... --method {args.method} "
+          f"--db {args.db}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch ops (default) or TVM Relax (interval plans for now)")
     v.add_argument("--target", default="llvm", help="TVM target of --backend relax: llvm or "
                    "cuda (default llvm)")
+    v.add_argument("--db", help="run the plan `boundflow tune` recorded in this tuning "
+                   "database (a file or an SQLAlchemy URL); the default plan when none")
+    v.add_argument("--objective", default="time@width",
+                   help="which tuned plan to look up (default time@width)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_verify)
 
@@ -256,6 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the PlanBundle JSON here")
     p.add_argument("--show", type=Path, metavar="PLAN", help="print a saved plan readably")
     p.set_defaults(func=cmd_plan)
+
+    t = sub.add_parser("tune", help="measure plans of a workload into a tuning database")
+    t.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
+    t.add_argument("--onnx", type=Path, help="an ONNX model")
+    t.add_argument("--input", help=".npy with the batch of inputs the plans are measured on")
+    t.add_argument("--eps", type=float, help="L-infinity radius")
+    t.add_argument("--label", type=int, nargs="+", help="true class per sample (default: "
+                   "predicted)")
+    t.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"))
+    t.add_argument("--method", default="crown-ibp",
+                   help="ibp, crown-ibp, crown or alpha-crown (default crown-ibp)")
+    t.add_argument("--dtype", choices=["float32", "float64"])
+    t.add_argument("--backend", choices=["relax", "torch"], default="relax")
+    t.add_argument("--target", default="llvm", help="llvm or cuda (default llvm)")
+    t.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
+    t.add_argument("--strategy", choices=["cpsat", "beam", "greedy", "random"],
+                   default="cpsat")
+    t.add_argument("--trials", type=int, default=32,
+                   help="plans measured for this workload in the database, in all (a rerun "
+                   "continues to this many; default 32)")
+    t.add_argument("--seconds", type=float, help="stop this run after about so many seconds")
+    t.add_argument("--objective", default="time@width",
+                   help="time, time@width (default: fastest at the default plan's tightness), "
+                   "time@mem:BYTES, mix:A,B")
+    t.add_argument("--batch-size", type=int, default=8, help="plans measured per round")
+    t.add_argument("--number", type=int, default=5, help="runs per timing (default 5)")
+    t.add_argument("--repeat", type=int, default=5, help="timings per plan (default 5)")
+    t.add_argument("--timeout", type=float, default=120.0, help="seconds per build or run")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_tune)
 
     d = sub.add_parser("db", help="show a tuning database, or move its records (JSON lines)")
     d.add_argument("action", choices=["show", "export", "import"])

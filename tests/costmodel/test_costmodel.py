@@ -1,0 +1,82 @@
+"""Features, the analytic and XGBoost cost models, and the ranking metrics."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from boundflow.costmodel import FEATURE_NAMES, AnalyticModel, XGBCostModel, evaluate, \
+    features, kendall, spearman, top_k_recall
+from boundflow.errors import BoundFlowError
+from boundflow.examples import EXAMPLES
+from boundflow.ir.workload import Workload
+from boundflow.planner import default, normalised, plan, space
+from tests.helpers import example_graph
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_features_have_fixed_length_and_follow_the_plan(name):
+    _, g = example_graph(name)
+    gn = normalised(g)[0]
+    for method in ("ibp", "crown"):
+        w = Workload.of(g, batch=4, method=method)
+        sp, rng = space(g, w), random.Random(0)
+        vecs = [features(plan(g, w, sp.sample(rng)), gn) for _ in range(5)]
+        assert all(v.shape == (len(FEATURE_NAMES),) and np.isfinite(v).all() for v in vecs)
+        k = default(g, w)
+        fused = dict(zip(FEATURE_NAMES, features(plan(g, w, k), gn)))
+        unfused = dict(zip(FEATURE_NAMES, features(plan(g, w, k.replace(
+            partition=tuple(False for _ in k.partition))), gn)))
+        if k.partition:
+            assert unfused["n_tasks"] > fused["n_tasks"]
+        assert fused["log_flops"] > 0 and fused[f"method_{method}"] == 1.0
+    w32 = Workload.of(g, batch=32, method="ibp")
+    f1 = dict(zip(FEATURE_NAMES, features(plan(g, Workload.of(g, batch=1, method="ibp")), gn)))
+    f32 = dict(zip(FEATURE_NAMES, features(plan(g, w32), gn)))
+    assert f32["log_flops_batch"] > f1["log_flops_batch"]
+
+
+def test_metrics():
+    x = np.arange(10.0)
+    assert spearman(x, x ** 3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert kendall(x, x) == pytest.approx(1.0) and kendall(x, -x) == pytest.approx(-1.0)
+    assert top_k_recall(x, x, 3) == 1.0 and top_k_recall(x, -x, 3) == 0.0
+    m = evaluate(x, x, groups=np.repeat([0, 1], 5), k=2)
+    assert m["spearman"] == pytest.approx(1.0) and m["top_k_recall"] == 1.0
+    assert (m["groups"], m["n"]) == (2, 10)
+
+
+def _synthetic(n, seed):
+    """Feature vectors with a known time relation: log time = flops + 0.5·n_kernels."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, (n, len(FEATURE_NAMES)))
+    idx = {k: i for i, k in enumerate(FEATURE_NAMES)}
+    X[:, idx["log_flops_batch"]] = rng.uniform(10, 30, n)
+    X[:, idx["n_kernels"]] = rng.integers(1, 12, n)
+    y = 0.7 * X[:, idx["log_flops_batch"]] + 0.5 * X[:, idx["n_kernels"]] - 20
+    return X, {"log_time": y, "log_width": np.full(n, np.nan), "log_mem": X[:, 0]}
+
+
+def test_xgboost_recovers_a_known_relation_and_round_trips():
+    X, Y = _synthetic(300, 0)
+    Xt, Yt = _synthetic(100, 1)
+    model = XGBCostModel().fit(X, Y)
+    m = evaluate(model.predict(Xt)["log_time"], Yt["log_time"])
+    assert m["spearman"] > 0.9
+    imp = model.importance()
+    assert set(list(imp)[:2]) == {"log_flops_batch", "n_kernels"}
+    again = XGBCostModel.load(model.save())
+    np.testing.assert_allclose(again.predict(Xt)["log_time"], model.predict(Xt)["log_time"])
+    assert "log_width" not in model.models          # too few targets: the analytic head answers
+    np.testing.assert_allclose(model.predict(Xt)["log_width"],
+                               AnalyticModel().predict(Xt)["log_width"])
+    more = XGBCostModel().fit(X[:100], {h: v[:100] for h, v in Y.items()})
+    more.update(X[100:], {h: v[100:] for h, v in Y.items()})
+    assert more.n_samples == 300
+    with pytest.raises(BoundFlowError, match="retrain"):
+        XGBCostModel.load(model.save().replace(b"features-v1", b"features-v0"))
+    with pytest.raises(BoundFlowError, match="entries"):
+        model.predict(np.zeros((2, 3)))
