@@ -279,6 +279,93 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_costmodel(args: argparse.Namespace) -> int:
+    """``boundflow costmodel inspect``: the dataset, held-out quality, importances, plots."""
+    from boundflow.costmodel.inspect import plot, report
+    from boundflow.db import Database
+
+    with Database(args.db) as db:
+        rep = report(db, args.workload)
+        if args.json:
+            print(json.dumps(rep, default=str))
+        else:
+            s = rep["summary"]
+            failures = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"
+            print(f"dataset: {s['workloads']} workloads, {s['candidates']} candidates, "
+                  f"{s['measurements']} measurements; failures by kind: {failures}")
+            if s["measurements"] == 0:
+                print("the database has no measurements yet: run `boundflow tune` first")
+            if rep["model"] is None:
+                print("no cost model stored in this database (`boundflow tune` trains and "
+                      "stores one)")
+            else:
+                m = rep["model"]
+                print(f"stored model: {m['name']} ({m['feature_version']}), trained on "
+                      f"{m['metrics'].get('n_train', '?')} measurements"
+                      + (f"; cannot load: {m['error']}" if "error" in m else ""))
+            if rep["held_out"]:
+                print("held-out quality (leave one workload out; ranking within each "
+                      "workload):")
+                print(f"  {'model':<10} {'spearman':>9} {'kendall':>8} {'top-5 recall':>13} "
+                      f"{'MAPE':>7} {'points':>7}")
+                for name, h in rep["held_out"].items():
+                    print(f"  {name:<10} {h['spearman']:>9.3f} {h['kendall']:>8.3f} "
+                          f"{h['top_k_recall']:>13.2f} {h['mape']:>7.2f} {h['n']:>7}")
+            elif s["measurements"]:
+                print("held-out quality: needs measurements of two workloads or more")
+            for head, imp in rep["importance"].items():
+                top = list(imp.items())[:8]
+                if top:
+                    print(f"importance (gain) for {head}: "
+                          + ", ".join(f"{k} {v:.3g}" for k, v in top))
+            for w in rep["workloads"]:
+                print(f"workload {w['key'][:12]} ({w['method']}, batch {w['batch']}, "
+                      f"{w['target']})")
+                for objective, b in w["best"].items():
+                    print(f"  best {objective}: {b['plan'][:12]} {b['backend']} "
+                          f"{b['median_ms']:.3f} ms, width {b['mean_width']:.4g}: {b['knobs']}")
+        if args.plot:
+            if int(rep["summary"]["measurements"]) == 0:
+                print("nothing to plot: no measurements")
+            else:
+                what = plot(db, args.plot)
+                print(f"wrote {args.plot} ({what})")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """``boundflow ablate``: the on/off matrix of passes and knobs, as CSV and plots."""
+    from boundflow import ablate
+    from boundflow.api import query
+    from boundflow.measure import MeasureConfig
+
+    if not (args.input and args.eps is not None):
+        raise BoundFlowError("give --input and --eps (the query the configurations run on)")
+    graph = _load_graph(args)
+    x = _load_input(args.input, graph.input_shape)
+    graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label)
+    if args.config:
+        configs = ablate.read_config(args.config)
+    else:
+        configs = ablate.configurations([t.strip() for t in args.toggle.split(",") if t.strip()],
+                                        args.backend)
+    rows = ablate.run(graph, spec.lower, spec.upper, linear.C, method=args.method,
+                      configs=configs, backend=args.backend, target=args.target,
+                      config=MeasureConfig(number=args.number, repeat=args.repeat,
+                                           warmup=2, timeout_s=args.timeout),
+                      progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ablate.write_csv(rows, out / "ablation.csv")
+    name = (args.model or args.onnx).stem
+    ablate.plot(rows, out / "ablation.png",
+                f"{name}: {args.method}, batch {len(x)}, {args.backend} on {args.target}")
+    for line in ablate.effects(rows):
+        print(line)
+    print(f"wrote {out / 'ablation.csv'} and {out / 'ablation.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -359,6 +446,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_tune)
+
+    c = sub.add_parser("costmodel", help="inspect the cost model in a tuning database")
+    c.add_argument("action", choices=["inspect"])
+    c.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
+    c.add_argument("--workload", help="only this workload (a key or its prefix)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--plot", type=Path, help="write predicted vs measured and residuals here")
+    c.set_defaults(func=cmd_costmodel)
+
+    a = sub.add_parser("ablate", help="turn planner passes and knobs on and off, measured")
+    a.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
+    a.add_argument("--onnx", type=Path, help="an ONNX model")
+    a.add_argument("--input", help=".npy with the batch of inputs")
+    a.add_argument("--eps", type=float, help="L-infinity radius")
+    a.add_argument("--label", type=int, nargs="+")
+    a.add_argument("--method", default="crown-ibp")
+    a.add_argument("--backend", choices=["relax", "torch"], default="relax")
+    a.add_argument("--target", default="llvm")
+    a.add_argument("--toggle", default="partition,fusion,domain,layout,forms,storage,cache,"
+                   "lowering,schedule", help="comma-separated toggles (default: all)")
+    a.add_argument("--config", type=Path, help="a JSON list of configurations instead")
+    a.add_argument("--out", default="ablation", help="directory for ablation.csv / .png")
+    a.add_argument("--number", type=int, default=5)
+    a.add_argument("--repeat", type=int, default=5)
+    a.add_argument("--timeout", type=float, default=120.0)
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_ablate)
 
     d = sub.add_parser("db", help="show a tuning database, or move its records (JSON lines)")
     d.add_argument("action", choices=["show", "export", "import"])

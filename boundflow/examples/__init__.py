@@ -3,7 +3,8 @@
 * ``digits_mlp`` / ``digits_cnn``: small classifiers trained in seconds on scikit-learn's
   8x8 digits (``tools/train_examples.py``), shipped as ``torch.export`` programs with 64 test
   images. Inputs are ``[batch, 1, 8, 8]`` in [0, 1]; the input normalisation is inside the model.
-* ``random_mlp`` / ``random_cnn`` / ``random_residual``: fixed-seed random models that cover the
+* ``random_mlp`` / ``random_deep_mlp`` / ``random_cnn`` / ``random_residual`` / ``random_nhwc``:
+  fixed-seed random models that cover the
   rest of the operator set (BatchNorm, average pooling, grouped / dilated / strided convolution,
   residual additions, concatenation, permutes and reshapes).
 """
@@ -167,6 +168,17 @@ def random_mlp(seed: int = 0) -> Example:
     return _random("random_mlp", build, (4, 5), seed)
 
 
+def random_deep_mlp(seed: int = 0) -> Example:
+    """Seven hidden layers: CROWN's backward passes grow with depth, so plans differ most."""
+    def build():
+        layers: list[nn.Module] = [Normalize(0.5, 0.25), nn.Flatten(), nn.Linear(20, 48),
+                                   nn.ReLU()]
+        for _ in range(6):
+            layers += [nn.Linear(48, 48), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(48, 5))
+    return _random("random_deep_mlp", build, (4, 5), seed)
+
+
 def random_cnn(seed: int = 0) -> Example:
     build = lambda: nn.Sequential(  # noqa: E731
         Normalize(torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), 0.3),
@@ -188,6 +200,7 @@ EXAMPLES: dict[str, Callable[[], Example]] = {
     "digits_mlp": lambda: _digits("digits_mlp"),
     "digits_cnn": lambda: _digits("digits_cnn"),
     "random_mlp": random_mlp,
+    "random_deep_mlp": random_deep_mlp,
     "random_cnn": random_cnn,
     "random_residual": random_residual,
     "random_nhwc": random_nhwc,

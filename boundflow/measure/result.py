@@ -40,10 +40,15 @@ class MeasureInput:
     upper: np.ndarray
     C: np.ndarray | None = None       # [batch, n_specs, n_out] when the workload has specs
     backend: str = "relax"
+    # executor run options with a BoundCache: ("cache_bounds", True), ("reuse_ibp", True)
+    run_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise BoundFlowError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        bad = [k for k, _ in self.run_options if k not in ("cache_bounds", "reuse_ibp")]
+        if bad:
+            raise BoundFlowError(f"run options {bad} are not cache_bounds / reuse_ibp")
 
     @property
     def target(self) -> str:

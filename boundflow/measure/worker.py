@@ -86,47 +86,54 @@ def _query(inp: MeasureInput):
 def measure_local(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
                   runner: str = "local") -> MeasureResult:
     """Time ``inp`` in this process: the Relax VM's ``time_evaluator`` for the relax backend,
-    a wall clock (synchronised on GPUs) for the torch backend."""
+    a wall clock (synchronised on GPUs) for the torch backend and for runs with
+    ``run_options`` (repeated identical queries through one BoundCache)."""
     import torch
 
     x, C = _query(inp)
     batch = inp.lower.shape[0]
     common: dict[str, Any] = dict(compile_seconds=build.compile_seconds, runner=runner)
+    options = dict(inp.run_options)
     if inp.backend == "relax":
         from boundflow.backend.relax.cache import CompileCache
         from boundflow.backend.relax.executor import RelaxExecutor
 
         exe = RelaxExecutor(inp.bundle, inp.graph, inp.target, cache=CompileCache(build.artifact))
         out = exe.run(x, C)
-        args = [exe._tensor(a) for a in (x.lower, x.upper)]
-        if C is not None:
-            args.append(exe._tensor(C.C))
-        for _ in range(config.warmup):
-            exe.vm["main"](*args, *exe.weights)
-        timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
-                                      repeat=config.repeat)
-        times = list(timer(*args, *exe.weights).results)
         common.update(n_kernels=exe.n_kernels, peak_bytes=inp.bundle.peak_bytes(batch),
                       peak_source="planned")
+        if not options:
+            args = [exe._tensor(a) for a in (x.lower, x.upper)]
+            if C is not None:
+                args.append(exe._tensor(C.C))
+            for _ in range(config.warmup):
+                exe.vm["main"](*args, *exe.weights)
+            timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
+                                          repeat=config.repeat)
+            times = list(timer(*args, *exe.weights).results)
     else:
         from boundflow.backend.torch import TorchExecutor
 
         exe = TorchExecutor(inp.bundle, inp.graph)
         out = exe.run(x, C, measure_memory=True)
+        n_tasks = sum(t.kind != "input" for t in inp.bundle.task_graph.tasks)
+        common.update(n_kernels=n_tasks, peak_bytes=int(out.stats["peak_bytes"]),
+                      peak_source="measured")
+    if inp.backend == "torch" or options:
+        from boundflow.runtime.cache import BoundCache
+
+        cache = BoundCache() if options else None
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for _ in range(config.warmup):
-            exe.run(x, C)
+            exe.run(x, C, cache=cache, **options)
         times = []
         for _ in range(config.repeat):
             sync()
             start = time.perf_counter()
             for _ in range(config.number):
-                exe.run(x, C)
+                exe.run(x, C, cache=cache, **options)
             sync()
             times.append((time.perf_counter() - start) / config.number)
-        n_tasks = sum(t.kind != "input" for t in inp.bundle.task_graph.tasks)
-        common.update(n_kernels=n_tasks, peak_bytes=int(out.stats["peak_bytes"]),
-                      peak_source="measured")
     return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
                          **tightness(out.lower.numpy(), out.upper.numpy(), C is not None),
                          **common)

@@ -122,6 +122,7 @@ class TuneReport:
     best: MeasureResult
     best_bundle: PlanBundle
     best_description: str
+    default_bundle: PlanBundle
     measured_now: int
     measured_before: int
     curve: list[tuple[int, float]] = field(default_factory=list)   # (trial, best objective)
@@ -233,7 +234,10 @@ class Tuner:
                 out[r.candidate.key] = m
         return out
 
-    def tune(self, trials: int = 32, seconds: float | None = None) -> TuneReport:
+    def tune(self, trials: int = 32, seconds: float | None = None,
+             stop: Callable[[float], bool] | None = None) -> TuneReport:
+        """Measure until the workload has ``trials`` plans in the database, ``seconds`` pass,
+        or ``stop(best objective so far)`` says so."""
         start = time.monotonic()
         if trials < 1:
             raise BoundFlowError("trials must be at least 1")
@@ -243,14 +247,15 @@ class Tuner:
                                     "batch_size": self.batch_size}, graph=self.graph)
         status = "failed"
         try:
-            report = self._tune(trials, seconds, start)
+            report = self._tune(trials, seconds, start, stop)
             status = "finished"
             return report
         finally:
             history = self._history()
             self.db.finish_run(run_id, status, len(history))
 
-    def _tune(self, trials: int, seconds: float | None, start: float) -> TuneReport:
+    def _tune(self, trials: int, seconds: float | None, start: float,
+              stop: Callable[[float], bool] | None) -> TuneReport:
         default_a = self.space.default()
         default_b = self.space.bundle(default_a)
         history = self._history()
@@ -278,6 +283,8 @@ class Tuner:
         try:
             while len(history) < trials:
                 if seconds is not None and time.monotonic() - start > seconds:
+                    break
+                if stop is not None and stop(best):
                     break
                 n = min(self.batch_size, trials - len(history))
                 incumbents = self._incumbents(history, by_key)
@@ -330,7 +337,7 @@ class Tuner:
         desc = self.space.describe(by_key[best_key]) if best_key in by_key else \
             f"plan {best_key[:12]} (from an earlier run)"
         return TuneReport(self.workload, self.objective.name, history[default_b.key], best,
-                          best_bundle, desc, len(history) - before, before, curve,
+                          best_bundle, desc, default_b, len(history) - before, before, curve,
                           time.monotonic() - start)
 
     def close(self) -> None:

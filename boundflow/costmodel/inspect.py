@@ -1,0 +1,168 @@
+"""What a cost model learned, from a tuning database: held-out ranking quality against the
+analytic baseline (split by workload), feature importances, the dataset behind it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from boundflow.costmodel.features import N_FEATURES
+from boundflow.costmodel.metrics import evaluate
+from boundflow.costmodel.model import HEADS, MIN_SAMPLES, AnalyticModel, XGBCostModel, targets
+
+
+def training_set(records) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Features, targets and workload key of every successful record that has features."""
+    recs = [r for r in records if r.measurement.result.ok and r.candidate.features is not None
+            and len(r.candidate.features) == N_FEATURES]
+    if not recs:
+        return np.zeros((0, N_FEATURES)), {h: np.zeros(0) for h in HEADS}, np.zeros(0, str)
+    X = np.array([r.candidate.features for r in recs], np.float64)
+    Y = {h: np.array([targets(r.measurement.result)[h] for r in recs]) for h in HEADS}
+    groups = np.array([r.workload.key for r in recs])
+    return X, Y, groups
+
+
+def held_out(db, k: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Leave one workload out: for each workload with at least 3 measured plans, an XGBoost
+    model trained on every other workload predicts its plans' times; ranking metrics within
+    each held-out workload (Spearman, Kendall, top-``k`` recall) are averaged, MAPE over all
+    points. The analytic model is scored on the same points. Empty when fewer than two
+    workloads qualify."""
+    X, Y, groups = training_set(db.records_for_training())
+    keys, counts = np.unique(groups, return_counts=True)
+    held = [key for key, n in zip(keys, counts) if n >= 3]
+    if len(keys) < 2 or not held:
+        return {}
+    pred_x, pred_a, true, grp = [], [], [], []
+    analytic = AnalyticModel()
+    for key in held:
+        test = groups == key
+        train = ~test & np.isfinite(Y["log_time"])
+        if train.sum() < MIN_SAMPLES:
+            continue
+        model = XGBCostModel(seed=seed).fit(X[train], {h: v[train] for h, v in Y.items()})
+        pred_x.append(model.predict(X[test])["log_time"])
+        pred_a.append(analytic.predict(X[test])["log_time"])
+        true.append(Y["log_time"][test])
+        grp += [key] * int(test.sum())
+    if not true:
+        return {}
+    true_all = np.concatenate(true)
+    return {"xgboost": evaluate(np.concatenate(pred_x), true_all, np.array(grp), k),
+            "analytic": evaluate(np.concatenate(pred_a), true_all, np.array(grp), k)}
+
+
+def knobs_summary(bundle) -> str:
+    """A plan's choices, readable without the model: what is fused, which domains, layouts,
+    forms, lowering, storage, fusion passes, schedules."""
+    k = bundle.knobs
+    parts = []
+    if k.partition:
+        parts.append(f"fused {sum(k.partition)}/{len(k.partition)} edges")
+    if k.domains:
+        parts.append("pre-activations " + ", ".join(f"{d}×{k.domains.count(d)}"
+                                                    for d in sorted(set(k.domains))))
+    parts.append(f"final {k.final}")
+    if k.layouts:
+        parts.append("layouts " + "/".join(k.layouts))
+    if k.forms:
+        parts.append(f"centre/radius {k.forms.count('cr')}/{len(k.forms)}")
+    parts += [f"lowering {k.lowering}", f"storage {k.storage}",
+              f"Relax fusion {'on' if k.fuse_passes else 'off'}"]
+    scheds = sorted({s for _, _, s in bundle.lowering_plan.tasks if s})
+    if scheds:
+        parts.append("schedules " + "; ".join(",".join(f"{a}={b}" for a, b in s)
+                                              for s in scheds))
+    return ", ".join(parts)
+
+
+def report(db, workload: str | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """Everything ``boundflow costmodel inspect`` shows, as plain data."""
+    from boundflow.search.tuner import COST_MODEL
+
+    summary = db.summary()
+    out: dict[str, Any] = {"summary": summary, "held_out": {}, "importance": {},
+                           "model": None, "workloads": []}
+    stored = db.load_cost_model(model_name or COST_MODEL)
+    if stored is not None:
+        out["model"] = {"name": stored.name, "feature_version": stored.feature_version,
+                        "metrics": stored.metrics, "created": stored.created}
+        try:
+            model = XGBCostModel.load(stored.blob)
+            out["importance"] = {h: model.importance(h) for h in HEADS if h in model.models}
+        except Exception as e:                  # noqa: BLE001 - shown, not fatal
+            out["model"]["error"] = str(e)
+    out["held_out"] = held_out(db)
+    for w in db.workloads():
+        if workload and not w.key.startswith(workload):
+            continue
+        entry = {"key": w.key, "method": w.workload.method, "batch": w.workload.batch,
+                 "target": w.target, "ops": w.summary.get("ops", {}), "best": {}}
+        for objective in ("time@width", "time"):
+            best = db.best(w.workload, objective=objective)
+            if best is not None:
+                m = best.measurement.result
+                entry["best"][objective] = {
+                    "plan": best.candidate.key, "backend": m.backend, "median_ms": m.median_s * 1e3,
+                    "mean_width": m.mean_width, "knobs": knobs_summary(best.candidate.bundle())}
+        out["workloads"].append(entry)
+    return out
+
+
+def plot(db, path, model_name: str | None = None) -> str:
+    """Predicted vs measured log time and the residuals, as a PNG: held-out predictions
+    (leave one workload out) where there are two workloads or more, else the stored model's
+    in-sample fit (said in the title). Returns what was plotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from boundflow.search.tuner import COST_MODEL
+
+    X, Y, groups = training_set(db.records_for_training())
+    if len(X) == 0:
+        raise ValueError("no measurements with features to plot")
+    keys = np.unique(groups)
+    pred, what = {}, ""
+    if len(keys) >= 2:
+        px, pa, true = np.full(len(X), np.nan), AnalyticModel().predict(X)["log_time"], \
+            Y["log_time"]
+        for key in keys:
+            test = groups == key
+            train = ~test & np.isfinite(true)
+            if train.sum() >= MIN_SAMPLES:
+                px[test] = XGBCostModel().fit(X[train], {h: v[train] for h, v in Y.items()}) \
+                    .predict(X[test])["log_time"]
+        pred = {"xgboost (held out)": px, "analytic": pa}
+        what = "held out by workload"
+    else:
+        stored = db.load_cost_model(model_name or COST_MODEL)
+        model = XGBCostModel.load(stored.blob) if stored is not None else XGBCostModel()
+        pred = {"xgboost (in sample)": model.predict(X)["log_time"],
+                "analytic": AnalyticModel().predict(X)["log_time"]}
+        true = Y["log_time"]
+        what = "in sample: one workload only"
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5))
+    lo, hi = np.nanmin(true), np.nanmax(true)
+    for (name, p), colour in zip(pred.items(), ("tab:blue", "tab:orange")):
+        ok = np.isfinite(p)
+        a1.scatter(np.exp(true[ok]) * 1e3, np.exp(p[ok]) * 1e3, s=12, alpha=0.6, label=name,
+                   color=colour)
+        a2.hist(p[ok] - true[ok], bins=30, alpha=0.5, label=name, color=colour)
+    a1.plot([np.exp(lo) * 1e3, np.exp(hi) * 1e3], [np.exp(lo) * 1e3, np.exp(hi) * 1e3],
+            color="black", lw=0.8, label="prediction = measurement")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    a1.set_xlabel("measured median time (ms)")
+    a1.set_ylabel("predicted time (ms)")
+    a1.legend()
+    a2.set_xlabel("residual: log predicted - log measured")
+    a2.set_ylabel("plans")
+    a2.legend()
+    fig.suptitle(f"cost model: {len(X)} measured plans, {len(keys)} workloads ({what})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return what
