@@ -25,6 +25,7 @@ from boundflow.measure.result import MeasureResult
 HEADS = ("log_time", "log_width", "log_mem")
 _IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 MIN_SAMPLES = 8        # fewer measured records than this: the analytic model answers
+_XGB_NAMES = [f"f{i}" for i in range(N_FEATURES)]     # importance keys map back by index
 
 
 def _as_matrix(X) -> np.ndarray:
@@ -75,10 +76,10 @@ class XGBCostModel:
 
     def __init__(self, seed: int = 0, n_estimators: int = 300, max_depth: int = 5,
                  learning_rate: float = 0.08):
-        self.params = dict(n_estimators=n_estimators, max_depth=max_depth,
-                           learning_rate=learning_rate, subsample=0.9, colsample_bytree=0.9,
-                           min_child_weight=1.0, random_state=seed, n_jobs=1,
-                           tree_method="hist")
+        self.rounds = n_estimators
+        self.params = dict(objective="reg:squarederror", max_depth=max_depth, eta=learning_rate,
+                           subsample=0.9, colsample_bytree=0.9, min_child_weight=1.0,
+                           seed=seed, nthread=1, tree_method="hist", verbosity=0)
         self.models: dict = {}
         self.X = np.zeros((0, N_FEATURES))
         self.Y = {h: np.zeros(0) for h in HEADS}
@@ -100,9 +101,8 @@ class XGBCostModel:
             ok = np.isfinite(self.Y[h])
             if ok.sum() < MIN_SAMPLES:
                 continue
-            m = xgb.XGBRegressor(**self.params)
-            m.fit(self.X[ok], self.Y[h][ok])
-            self.models[h] = m
+            data = xgb.DMatrix(self.X[ok], label=self.Y[h][ok], feature_names=_XGB_NAMES)
+            self.models[h] = xgb.train(self.params, data, num_boost_round=self.rounds)
         return self
 
     def update(self, X, Y: Mapping[str, np.ndarray]) -> "XGBCostModel":
@@ -115,7 +115,12 @@ class XGBCostModel:
     def predict(self, X) -> dict[str, np.ndarray]:
         X = _as_matrix(X)
         base = self.fallback.predict(X)
-        return {h: (self.models[h].predict(X).astype(np.float64) if h in self.models
+        if not self.models:
+            return base
+        import xgboost as xgb
+
+        data = xgb.DMatrix(X, feature_names=_XGB_NAMES)
+        return {h: (self.models[h].predict(data).astype(np.float64) if h in self.models
                     else base[h]) for h in HEADS}
 
     def importance(self, head: str = "log_time") -> dict[str, float]:
@@ -123,15 +128,16 @@ class XGBCostModel:
         m = self.models.get(head)
         if m is None:
             return {}
-        gain = m.get_booster().get_score(importance_type="gain")
+        gain = m.get_score(importance_type="gain")
         return dict(sorted(((FEATURE_NAMES[int(k[1:])], float(v)) for k, v in gain.items()),
                            key=lambda kv: -kv[1]))
 
     def save(self) -> bytes:
         heads = {}
         for h, m in self.models.items():
-            heads[h] = bytes(m.get_booster().save_raw("json")).decode()
+            heads[h] = bytes(m.save_raw("json")).decode()
         return json.dumps({"feature_version": FEATURE_VERSION, "params": self.params,
+                           "rounds": self.rounds,
                            "heads": heads, "X": self.X.tolist(),
                            "Y": {h: [None if not math.isfinite(v) else v for v in self.Y[h]]
                                  for h in HEADS}}).encode()
@@ -148,14 +154,12 @@ class XGBCostModel:
             raise BoundFlowError(f"the cost model was trained on {d.get('feature_version')!r}; "
                                  f"this BoundFlow computes {FEATURE_VERSION!r}: retrain it")
         model = cls()
-        model.params = d["params"]
+        model.params, model.rounds = d["params"], int(d.get("rounds", model.rounds))
         model.X = np.asarray(d["X"], np.float64).reshape(-1, N_FEATURES)
         model.Y = {h: np.asarray([math.nan if v is None else v for v in d["Y"][h]], np.float64)
                    for h in HEADS}
         for h, raw in d["heads"].items():
-            m = xgb.XGBRegressor(**model.params)
             booster = xgb.Booster()
             booster.load_model(bytearray(raw.encode()))
-            m._Booster = booster
-            model.models[h] = m
+            model.models[h] = booster
         return model
