@@ -70,7 +70,7 @@ class AnalyticModel:
 
 
 class XGBCostModel:
-    """One ``xgboost.XGBRegressor`` per head (see the module docstring)."""
+    """One XGBoost booster per head (see the module docstring)."""
 
     name = "xgboost"
 
