@@ -87,6 +87,26 @@ class TuneSpace:
         v = getattr(k, d.field)
         return v[d.position] if isinstance(v, tuple) else v
 
+    def seeds(self) -> list[Assignment]:
+        """The default plan under each of the backend's schedule presets, for every task and
+        for the backward tasks only: the first points a tuner measures after the default."""
+        if self.backend != "relax":
+            return []
+        from boundflow.backend.relax.schedule_space import presets
+
+        base = self.default()
+        out = []
+        for preset in presets(self.workload.target):
+            for groups in (("fwd", "bwd"), ("bwd",)):
+                a = list(base)
+                for i, d in enumerate(self.decisions):
+                    if d.field == "schedule":
+                        group, knob = str(d.position).split(".", 1)
+                        if group in groups and knob in preset:
+                            a[i] = preset[knob]
+                out.append(tuple(a))
+        return list(dict.fromkeys(out))
+
     def sample(self, rng: random.Random) -> Assignment:
         return tuple(rng.choice(d.choices) for d in self.decisions)
 

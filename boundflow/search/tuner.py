@@ -8,6 +8,10 @@ error), and the XGBoost cost model is refitted on every record in the database a
 it. The default plan is measured first: it is the reference of the tightness floor and of the
 final comparison.
 
+After the default, the backend's schedule presets on the default plan are measured first
+(``TuneSpace.seeds``), as MetaSchedule and Ansor seed their searches with rule-based
+schedules; the strategy proposes the rest.
+
 ``trials`` is the budget of measured plans for this workload and backend *in the database*:
 running the same command again after an interruption continues where it stopped, and a plan
 already measured is never measured again. ``seconds`` bounds one run's wall time.
@@ -292,7 +296,12 @@ class Tuner:
                         and self._ref_log_width is not None:
                     self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack
                     self.strategy.width_score = self.width_score
-                proposals = self.strategy.ask(n, self.score, set(history), incumbents)
+                seeds = [a for a in self.space.seeds()
+                         if self.space.bundle(a).key not in history][:n]
+                proposals = seeds + self.strategy.ask(n - len(seeds), self.score,
+                                                      set(history) | {self.space.bundle(a).key
+                                                                      for a in seeds},
+                                                      incumbents) if n > len(seeds) else seeds
                 if not proposals:
                     break                                   # the space is exhausted
                 bundles = [self.space.bundle(a) for a in proposals]

@@ -20,6 +20,21 @@ CUDA: dict[str, tuple[Any, ...]] = {
 }
 
 
+# Known-good starting points per target kind (the tuner measures them early, as MetaSchedule
+# and Ansor seed their searches with rule-based schedules); each a dict of non-default knobs.
+PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
+    "llvm": ({"tile": 4, "vectorize": 4, "cache_write": True},
+             {"tile": 8, "vectorize": 8},
+             {"parallel": False},
+             {"inline": True}),
+    "cuda": ({"threads": 128}, {"threads": 256}),
+}
+
+
+def presets(target: Any = "llvm") -> tuple[dict[str, Any], ...]:
+    return PRESETS.get(_kind(target), ())
+
+
 def _kind(target: Any) -> str:
     if isinstance(target, str):
         return target.split()[0]
