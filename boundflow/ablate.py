@@ -15,7 +15,9 @@ config file, several). Toggles and what their configurations change:
 * ``schedule``: register tiling with local accumulators and vectorisation; parallel off;
   loop unrolling off.
 
-Every configuration is built and measured by the measurement harness (worker processes); a
+Ratios are against the baseline on the same backend (a ``baseline-torch`` row is added when a
+configuration runs on the torch backend). Every configuration is built and measured by the
+measurement harness (worker processes); a
 configuration that fails to plan, build or run is a row with its error. ``run`` returns the
 rows; ``write_csv`` and ``plot`` write them (bars per configuration; time vs width with the
 Pareto front).
@@ -108,6 +110,9 @@ def configurations(toggles: Sequence[str], backend: str = "relax") -> list[Confi
                     Config("schedule=no-unroll", t, "unroll off", schedule=(("unroll", 0),))]
     if backend == "torch":        # Relax-only knobs mean nothing on the torch backend
         out = [c for c in out if c.toggle not in ("fusion", "lowering", "schedule")]
+    elif any(c.backend == "torch" for c in out):     # its own baseline to compare against
+        out.insert(1, Config("baseline-torch", "baseline", "default plan, torch backend",
+                             backend="torch"))
     return out
 
 
@@ -185,8 +190,9 @@ def run(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray | None
             bar.stop()
         for part in (builder, runner):
             part.close()
-    base_row = rows[0]
-    for row in rows:
+    baselines = {r["backend"]: r for r in reversed(rows) if r["toggle"] == "baseline"}
+    for row in rows:              # against the baseline on the same backend
+        base_row = baselines.get(row["backend"], rows[0])
         for col, ref in (("time_vs_baseline", "median_ms"), ("peak_vs_baseline", "peak_bytes"),
                          ("width_vs_baseline", "mean_width")):
             a, b = row.get(ref), base_row.get(ref)
@@ -269,6 +275,8 @@ def effects(rows: Sequence[dict[str, Any]]) -> list[str]:
     """One line per configuration: its change against the baseline."""
     out = []
     for r in rows[1:]:
+        if r["toggle"] == "baseline":
+            continue
         if r["error"]:
             out.append(f"{r['config']}: failed ({r['error'][:80]})")
             continue
@@ -278,7 +286,8 @@ def effects(rows: Sequence[dict[str, Any]]) -> list[str]:
             v = r.get(col)
             if v is not None and math.isfinite(v):
                 parts.append(f"{what} x{v:.2f}")
-        base_k = rows[0].get("n_kernels")
+        base_k = next((b.get("n_kernels") for b in rows if b["toggle"] == "baseline"
+                       and b["backend"] == r["backend"]), None)
         if r.get("n_kernels") is not None and base_k is not None:
             parts.append(f"kernels {base_k}->{r['n_kernels']}")
         out.append(f"{r['config']}: " + ", ".join(parts))

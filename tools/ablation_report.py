@@ -43,6 +43,8 @@ def render(rows: list[dict[str, str]], title: str) -> str:
                      f"{f('compile_s', '.2f')} |")
     lines += ["", "## Effects against the baseline", ""]
     for r in rows[1:]:
+        if r["toggle"] == "baseline":
+            continue
         if r["error"]:
             lines.append(f"- **{r['config']}** failed: {r['error'][:120]}")
             continue
@@ -55,7 +57,9 @@ def render(rows: list[dict[str, str]], title: str) -> str:
             bits.append(f"peak memory {(p - 1) * 100:+.0f}%")
         if w is not None:
             bits.append(f"width {(w - 1) * 100:+.1f}%")
-        bits.append(f"kernels {rows[0]['n_kernels']} → {r['n_kernels']}")
+        base = next((b for b in rows if b["toggle"] == "baseline"
+                     and b["backend"] == r["backend"]), rows[0])
+        bits.append(f"kernels {base['n_kernels']} → {r['n_kernels']} ({r['backend']})")
         lines.append(f"- **{r['config']}** ({r['setting']}): " + ", ".join(bits))
     return "\n".join(lines) + "\n"
 
