@@ -366,6 +366,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and the query its plans are measured on (tune, ablate)."""
+    p.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
+    p.add_argument("--onnx", type=Path, help="an ONNX model")
+    p.add_argument("--input", help=".npy with the batch of inputs the plans are measured on")
+    p.add_argument("--eps", type=float, help="L-infinity radius")
+    p.add_argument("--label", type=int, nargs="+",
+                   help="true class per sample (default: predicted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -417,12 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     t = sub.add_parser("tune", help="measure plans of a workload into a tuning database")
-    t.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
-    t.add_argument("--onnx", type=Path, help="an ONNX model")
-    t.add_argument("--input", help=".npy with the batch of inputs the plans are measured on")
-    t.add_argument("--eps", type=float, help="L-infinity radius")
-    t.add_argument("--label", type=int, nargs="+", help="true class per sample (default: "
-                   "predicted)")
+    _query_arguments(t)
     t.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"))
     t.add_argument("--method", default="crown-ibp",
                    help="ibp, crown-ibp, crown or alpha-crown (default crown-ibp)")
@@ -456,11 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_costmodel)
 
     a = sub.add_parser("ablate", help="turn planner passes and knobs on and off, measured")
-    a.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
-    a.add_argument("--onnx", type=Path, help="an ONNX model")
-    a.add_argument("--input", help=".npy with the batch of inputs")
-    a.add_argument("--eps", type=float, help="L-infinity radius")
-    a.add_argument("--label", type=int, nargs="+")
+    _query_arguments(a)
     a.add_argument("--method", default="crown-ibp")
     a.add_argument("--backend", choices=["relax", "torch"], default="relax")
     a.add_argument("--target", default="llvm")
