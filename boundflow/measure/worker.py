@@ -145,14 +145,11 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
     the module file is uploaded, loaded remotely and timed there with ``time_evaluator``;
     inputs and weights are copied to the remote device, bounds copied back."""
     import tvm
-    from tvm import relax, rpc
+    from tvm import rpc
 
     from boundflow.backend.relax.cache import CompileCache
     from boundflow.backend.relax.executor import lowers_to_tir
-    from boundflow.backend.torch import DTYPES
-    from boundflow.domains.traversal import graph_tensors
     from boundflow.errors import MeasureError
-    from boundflow.planner.passes import normalised
 
     bundle = inp.bundle
     if any(t.kind != "input" and not lowers_to_tir(bundle, t) for t in bundle.task_graph.tasks):
@@ -164,10 +161,34 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
     weight_keys = json.loads(meta.read_text())["weight_keys"]
     session = rpc.connect_tracker(*tracker).request(key, priority=1,
                                                     session_timeout=session_timeout)
+    try:
+        times, lower, upper = _time_remote(session, lib, target, inp, weight_keys, config)
+    finally:
+        # drop every remote handle now: a session kept alive by a reference cycle holds its
+        # server, and the next request would queue behind it until the timeout
+        del session
+        import gc
+        gc.collect()
+    return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
+                         **tightness(lower, upper, inp.C is not None),
+                         n_kernels=build.n_kernels,
+                         peak_bytes=bundle.peak_bytes(inp.lower.shape[0]), peak_source="planned",
+                         compile_seconds=build.compile_seconds, runner=f"rpc:{key}")
+
+
+def _time_remote(session, lib, target, inp: MeasureInput, weight_keys, config: MeasureConfig):
+    """Upload, load and time the module on ``session``: (times, lower, upper)."""
+    import tvm
+    from tvm import relax
+
+    from boundflow.backend.torch import DTYPES
+    from boundflow.domains.traversal import graph_tensors
+    from boundflow.planner.passes import normalised
+
     session.upload(str(lib))
     dev = session.cpu(0) if target.kind.name == "llvm" else session.device(target.kind.name, 0)
     vm = relax.VirtualMachine(session.load_module(lib.name), dev)
-    dtype = bundle.workload.dtype
+    dtype = inp.bundle.workload.dtype
     g, _ = normalised(inp.graph)
     tensors = graph_tensors(g, DTYPES[dtype])
 
@@ -184,8 +205,4 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
     timer = vm.time_evaluator("invoke_stateful", dev, number=config.number,
                               repeat=config.repeat)
     times = list(timer("main").results)
-    return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
-                         **tightness(lower, upper, inp.C is not None),
-                         n_kernels=build.n_kernels,
-                         peak_bytes=bundle.peak_bytes(inp.lower.shape[0]), peak_source="planned",
-                         compile_seconds=build.compile_seconds, runner=f"rpc:{key}")
+    return times, lower, upper
