@@ -99,41 +99,43 @@ def test_objectives():
     assert Objective.parse("time").measured(looser, ref) == pytest.approx(np.log(0.5))
 
 
-def _tune_cmd(db, trials, method="crown-ibp", backend="torch"):
+def _tune_cmd(db, trials, method="crown-ibp", backend="torch", batch_size=2):
     return [sys.executable, "-m", "boundflow.cli", "tune", "--model",
             os.path.join(DATA, "digits_mlp.pt2"), "--input", os.path.join(DATA, "digits_x.npy"),
             "--eps", "0.01", "--method", method, "--backend", backend, "--db", str(db),
-            "--trials", str(trials), "--batch-size", "2", "--number", "2", "--repeat", "2",
+            "--trials", str(trials), "--batch-size", str(batch_size), "--number", "2",
+            "--repeat", "2",
             "--strategy", "greedy", "--no-progress"]
 
 
 def test_tune_resumes_after_a_kill_without_duplicates(tmp_path):
     db_path = tmp_path / "tuning.db"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.Popen(_tune_cmd(db_path, 8), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=True)
+    # one plan per round, so the kill lands mid-run however fast the machine is
+    p = subprocess.Popen(_tune_cmd(db_path, 12, batch_size=1), cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
     while True:                                  # kill once some plans are measured
         assert p.poll() is None, p.communicate()[1].decode()[-2000:]
         assert time.monotonic() < deadline, "tune measured nothing in 300 s"
         if db_path.exists():
             with Database(db_path) as db:
-                if db.summary()["measurements"] >= 3:
+                if db.summary()["measurements"] >= 2:
                     break
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)            # the tuner and its workers
     p.wait()
     with Database(db_path) as db:
         first = db.summary()["measurements"]
-        assert 3 <= first < 8
-    out = subprocess.run(_tune_cmd(db_path, 8), cwd=ROOT, env=env, capture_output=True,
+        assert 2 <= first < 12
+    out = subprocess.run(_tune_cmd(db_path, 12), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"{8 - first} plans measured now, {first} before" in out.stdout
+    assert f"{12 - first} plans measured now, {first} before" in out.stdout
     with Database(db_path) as db:
         recs = db.records_for_training(include_failed=True)
         keys = [r.candidate.key for r in recs]
-        assert len(keys) == len(set(keys)) == 8             # no plan measured twice
+        assert len(keys) == len(set(keys)) == 12            # no plan measured twice
         runs = db.runs()
         assert [r.status for r in runs] == ["running", "finished"]   # the killed run stays so
 
