@@ -16,7 +16,6 @@ import pytest
 
 from boundflow.db import Database
 from boundflow.errors import BoundFlowError
-from boundflow.ir.spec import margin_spec
 from boundflow.ir.workload import Workload
 from boundflow.measure import MeasureConfig
 from boundflow.search import Objective, Tuner, TuneSpace, make
