@@ -1,27 +1,44 @@
 """BoundFlow: certified bounds of neural networks, computed by plans a compiler can tune.
 
 What users import lives here; everything else may change between versions.
+
+Names are resolved on first use (PEP 562), so ``import boundflow`` and ``boundflow --help``
+load neither torch nor TVM; ``boundflow.compute_bounds`` imports what it needs when called.
 """
 
-from boundflow.api import BoundOptions, Bounds, VerifyResult, as_graph, compute_bounds, verify
-from boundflow.domains.alpha import AlphaConfig
-from boundflow.errors import (BoundFlowError, GraphError, ModelLoadError, ShapeError,
-                              SpecError, UnsupportedOpError)
-from boundflow.frontend import from_torch, load_model
-from boundflow.ir import (DomainPlan, Graph, GraphBuilder, InputSpec, LinearSpec, margin_spec,
-                          preactivations)
-from boundflow.ir.knobs import Knobs
-from boundflow.ir.plan import PlanBundle
-from boundflow.ir.workload import Workload
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Bounds", "BoundOptions", "VerifyResult", "as_graph", "compute_bounds", "verify",
-    "AlphaConfig", "Knobs", "PlanBundle", "Workload",
-    "DomainPlan", "preactivations",
-    "BoundFlowError", "GraphError", "ModelLoadError", "ShapeError", "SpecError",
-    "UnsupportedOpError",
-    "from_torch", "load_model",
-    "Graph", "GraphBuilder", "InputSpec", "LinearSpec", "margin_spec",
-]
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["BoundOptions", "Bounds", "VerifyResult", "as_graph", "compute_bounds",
+                     "verify"], "boundflow.api"),
+    "AlphaConfig": "boundflow.domains.alpha",
+    **dict.fromkeys(["BoundFlowError", "GraphError", "ModelLoadError", "ShapeError",
+                     "SpecError", "UnsupportedOpError"], "boundflow.errors"),
+    **dict.fromkeys(["from_torch", "load_model"], "boundflow.frontend"),
+    **dict.fromkeys(["DomainPlan", "Graph", "GraphBuilder", "InputSpec", "LinearSpec",
+                     "margin_spec", "preactivations"], "boundflow.ir"),
+    "Knobs": "boundflow.ir.knobs",
+    "PlanBundle": "boundflow.ir.plan",
+    "Workload": "boundflow.ir.workload",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'boundflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value                 # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -196,6 +196,9 @@ def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str
     per_graph = _EXECUTORS.setdefault(graph, {})
     key = (plan.key, backend, str(target))
     if key not in per_graph:
+        from boundflow.planner import check_plan
+
+        check_plan(graph, plan)          # a plan from a file or a database is data, not code
         if backend == "relax":
             from boundflow.backend.relax.cache import CompileCache
             from boundflow.backend.relax.executor import RelaxExecutor
@@ -230,7 +233,7 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
         plan = make_plan(graph, work, lower_slope=options.lower_slope, alpha=options.alpha)
     if plan is not None:
         out = executor(plan, graph, options.backend, options.target).run(spec, C)
-        return Bounds(out.lower, out.upper)
+        return _finite(Bounds(out.lower, out.upper))
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
     domains = options.plan(graph)
@@ -243,7 +246,35 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
         else:
             out = crown(graph, x, tensors, cmat, domains, options.lower_slope, options.alpha,
                         options.sparse)
-    return Bounds(out.lower.detach(), out.upper.detach())
+    return _finite(Bounds(out.lower.detach(), out.upper.detach()))
+
+
+def _checked(graph: Graph, tuned, db):
+    """``tuned`` if its plan is one the planner makes for ``graph`` (see
+    :func:`boundflow.planner.check_plan`), else None after a one-line notice: a shared
+    database is written by others, and a plan read from it is data, not code."""
+    from boundflow.planner import check_plan
+    from boundflow.ir.task_graph import PlanError
+
+    try:
+        check_plan(graph, tuned.bundle)
+    except PlanError as e:
+        print(f"boundflow: the tuned plan in {getattr(db, 'url', db)} is refused, using the "
+              f"default plan: {e}", file=sys.stderr)
+        return None
+    return tuned
+
+
+def _finite(bounds: Bounds) -> Bounds:
+    """``bounds`` when every entry is finite; else a :class:`SpecError` saying why: a bound
+    that overflowed (or became NaN) is no bound a caller can act on."""
+    lo, hi = bounds.lower, bounds.upper
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        nan = bool(torch.isnan(lo).any() or torch.isnan(hi).any())
+        raise SpecError(f"the bounds {'are NaN' if nan else 'overflow to infinity'} in "
+                        f"{lo.dtype}: the input box (eps or its range) is too large for this "
+                        f"model in this precision; use a smaller box or dtype float64")
+    return bounds
 
 
 def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
@@ -331,6 +362,8 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
         if tuned is None:
             print(describe_missing(db, work, objective), file=sys.stderr)
         else:
+            tuned = _checked(graph, tuned, db)
+        if tuned is not None:
             plan = tuned.bundle
             options = BoundOptions(method, domains, lower_slope, alpha, sparse, tuned.backend,
                                    target)

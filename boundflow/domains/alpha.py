@@ -17,6 +17,7 @@ seen per element is kept, so the result is never looser than CROWN's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -45,9 +46,16 @@ class AlphaConfig:
     intermediate: bool = True
 
     def __post_init__(self):
-        if self.iterations < 0 or self.lr <= 0 or not 0 < self.decay <= 1:
-            raise BoundFlowError(f"alpha settings {self} are invalid: iterations >= 0, "
-                                 f"lr > 0 and 0 < decay <= 1")
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = (isinstance(self.iterations, int) and not isinstance(self.iterations, bool)
+              and 0 <= self.iterations <= 100_000 and number(self.lr) and self.lr > 0
+              and number(self.decay) and 0 < self.decay <= 1
+              and isinstance(self.intermediate, bool))
+        if not ok:
+            raise BoundFlowError(f"alpha settings {self} are invalid: need an integer "
+                                 f"0 <= iterations <= 100000, a finite lr > 0, a finite "
+                                 f"0 < decay <= 1 and intermediate True or False")
 
 
 def _slopes(graph: Graph, start: str, rows: int, bounds: Mapping[str, Interval], mode: str,

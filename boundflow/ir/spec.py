@@ -48,6 +48,9 @@ class InputSpec:
             raise SpecError(f"lower bound shape {lower.shape} != upper bound shape {upper.shape}")
         if lower.ndim < 2:
             raise SpecError(f"input box of shape {lower.shape} needs a batch dimension first")
+        if lower.shape[0] == 0 or lower.size == 0:
+            raise SpecError(f"input box of shape {lower.shape} is empty: give at least one "
+                            f"sample")
         bad = np.argwhere(lower > upper)
         if len(bad):
             i = tuple(int(v) for v in bad[0])

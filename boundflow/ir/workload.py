@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import METHODS
 from boundflow.ir.graph import DTYPES, Graph
-
-TARGETS = ("llvm", "cuda")
+from boundflow.ir.target import canonical_target
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,7 @@ class Workload:
             raise BoundFlowError(f"method {self.method!r} is not one of {sorted(METHODS)}")
         if self.dtype not in DTYPES:
             raise BoundFlowError(f"dtype {self.dtype!r} is not one of {DTYPES}")
-        if self.target.split()[0] not in TARGETS:
-            raise BoundFlowError(f"target {self.target!r} is not one of {TARGETS}")
+        object.__setattr__(self, "target", canonical_target(self.target))
         if self.batch < 1 or self.n_specs < 0:
             raise BoundFlowError(f"batch {self.batch} must be >= 1 and n_specs {self.n_specs} "
                                  f">= 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from boundflow.domains.alpha import AlphaConfig
+from boundflow.domains.crown import LOWER_SLOPES
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.knobs import Knobs
@@ -48,6 +49,41 @@ def plan(graph: Graph, workload: Workload, knobs: Knobs | None = None, *,
                       ctx.lowering_plan)
 
 
+def check_plan(graph: Graph, bundle: PlanBundle) -> PlanBundle:
+    """``bundle`` if it is exactly the plan this planner makes of ``graph`` from the bundle's
+    own workload, knobs and settings; else :class:`PlanError`.
+
+    A plan read from a file or a database is data, not code: a tampered storage plan (two
+    live buffers in one slot), task graph or cache plan could make a backend compute unsound
+    bounds. Re-planning from the stored knobs and requiring the same plan admits exactly the
+    plans the planner (whose passes keep soundness) could have made.
+    """
+    if not isinstance(bundle, PlanBundle):
+        raise PlanError(f"a plan must be a PlanBundle, got {type(bundle).__name__}")
+    d = bundle.domain_plan
+    if d.lower_slope not in LOWER_SLOPES:
+        raise PlanError(f"plan {bundle.key[:12]}: lower slope {d.lower_slope!r} is not one of "
+                        f"{LOWER_SLOPES}")
+    try:
+        alpha = AlphaConfig(**dict(d.alpha)) if d.alpha else None
+        again = plan(graph, bundle.workload, bundle.knobs, lower_slope=d.lower_slope,
+                     alpha=alpha)
+    except PlanError as e:
+        raise PlanError(f"plan {bundle.key[:12]} cannot be re-derived from its knobs: {e}") \
+            from None
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"plan {bundle.key[:12]} has invalid settings: {e}") from None
+    if again.key != bundle.key:
+        parts = [f for f in ("task_graph", "domain_plan", "layout_plan", "storage_plan",
+                             "cache_plan", "lowering_plan", "graph_hash")
+                 if getattr(again, f) != getattr(bundle, f)]
+        raise PlanError(f"plan {bundle.key[:12]} is not the plan its knobs give for this model "
+                        f"(differs in {', '.join(parts) or 'its encoding'}): it was edited or "
+                        f"made for another model; re-plan it with `boundflow plan` or "
+                        f"`boundflow tune`")
+    return bundle
+
+
 def space(graph: Graph, workload: Workload) -> SearchSpace:
     """The search space of ``graph`` (normalised as the planner does) for ``workload``."""
     return SearchSpace.of(normalised(graph)[0], workload)
@@ -57,5 +93,5 @@ def default(graph: Graph, workload: Workload) -> Knobs:
     return default_knobs(normalised(graph)[0], workload)
 
 
-__all__ = ["plan", "space", "default", "PlanBundle", "Knobs", "Workload", "SearchSpace",
+__all__ = ["plan", "check_plan", "space", "default", "PlanBundle", "Knobs", "Workload", "SearchSpace",
            "PASSES", "verify_plan", "normalised"]

@@ -15,6 +15,7 @@ so every plan runs on this backend and ``fallbacks`` lists what did not lower.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as T
 from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.crown_kernels import BackwardLowering
 from boundflow.backend.relax.schedules import schedule
+from boundflow.backend.relax.target import run_device, tvm_target
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
@@ -57,7 +59,7 @@ def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
     """The Relax module of ``bundle`` on the normalised ``graph`` (each PrimFunc scheduled
     for ``target`` by its task's schedule knobs), and the weight keys its ``main`` takes
     after the input box (and ``C``), in order."""
-    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    target = tvm_target(target)
     knobs = {t: dict(s) for t, _, s in bundle.lowering_plan.tasks}
     dtype = bundle.workload.dtype
     n_specs = bundle.workload.n_specs
@@ -157,8 +159,8 @@ class RelaxExecutor:
         self.bundle, self.graph = bundle, g
         self.dtype = DTYPES[bundle.workload.dtype]
         self.plan_id = bundle.key + graph.weights_hash()[:16]
-        self.target = target if isinstance(target, tvm.target.Target) else \
-            tvm.target.Target(target)
+        self.target = tvm_target(target)
+        self.device = run_device(self.target)
 
         def build():
             mod, keys = build_module(bundle, g, self.target)
@@ -174,7 +176,6 @@ class RelaxExecutor:
                 got.n_kernels
             self.compile_seconds, self.compile_source = got.seconds, got.source
             self.build_seconds = got.build_seconds      # the compile's own time, even if loaded
-        self.device = tvm.cpu() if self.target.kind.name == "llvm" else tvm.cuda()
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
                           if t.kind != "input" and not lowers_to_tir(bundle, t)]
         if self.fallbacks:
@@ -259,6 +260,8 @@ class RelaxExecutor:
         n_specs = self.bundle.workload.n_specs
         if (C is None) != (n_specs == 0) or (C is not None and C.n_specs != n_specs):
             raise SpecError(f"this plan bounds {n_specs} specs; C does not match")
+        if C is not None:
+            C.check(x.batch, math.prod(self.graph.output_shape))
         start = time.perf_counter()
         args = [self._tensor(a) for a in (x.lower, x.upper)]
         if C is not None:
