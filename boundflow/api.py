@@ -9,7 +9,7 @@ raise a :class:`BoundFlowError` subclass naming the problem.
 from __future__ import annotations
 
 import math
-import sys
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -29,6 +29,8 @@ from boundflow.ir.domain_plan import METHODS, DomainPlan
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
+
+log = logging.getLogger("boundflow")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BACKENDS = ("torch", "relax")
@@ -259,8 +261,8 @@ def _checked(graph: Graph, tuned, db):
     try:
         check_plan(graph, tuned.bundle)
     except PlanError as e:
-        print(f"boundflow: the tuned plan in {getattr(db, 'url', db)} is refused, using the "
-              f"default plan: {e}", file=sys.stderr)
+        log.warning(f"the tuned plan in {getattr(db, 'url', db)} is refused, using the "
+                    f"default plan: {e}")
         return None
     return tuned
 
@@ -360,7 +362,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
                            dtype=dname, target=target)
         tuned = tuned_plan(db, work, objective)
         if tuned is None:
-            print(describe_missing(db, work, objective), file=sys.stderr)
+            log.warning(describe_missing(db, work, objective))
         else:
             tuned = _checked(graph, tuned, db)
         if tuned is not None:

@@ -1,23 +1,124 @@
 """The ``boundflow`` command line: argument parsing and printing only.
 
-Every :class:`BoundFlowError` is printed on one line (``boundflow: error: ...``) and the
-command exits with status 2; nothing else is caught.
+Every :class:`BoundFlowError` and every malformed argument is printed on one line
+(``boundflow: error: ...``) and the command exits with status 2. Nothing heavy is imported
+before a command runs (``boundflow --help`` loads neither torch nor TVM). ``verify
+--timeout`` is a hard wall-clock limit over the whole run, start-up included: the work runs
+in a forked child that is killed at the deadline (:mod:`boundflow.deadline`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError
 
+_START = time.monotonic()          # the process's start, as near as this module can tell
+log = logging.getLogger("boundflow")
 
-def _load_input(path: str, sample_shape: tuple[int, ...]) -> np.ndarray:
+DEFAULT_METHOD = "alpha-crown"     # of `verify`, for --model and --onnx alike
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"boundflow: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, low: float | None = None, *, strict: bool = False,
+            what: str = "a number"):
+    """An argparse type: a finite ``kind`` that is >= ``low`` (> with ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        bad = not math.isfinite(value) or (low is not None and (
+            value <= low if strict else value < low))
+        if bad:
+            bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: need a finite number{bound}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_POSITIVE_INT = _number(int, 1, what="an integer")
+_COUNT = _number(int, 0, what="an integer")
+_NONNEG = _number(float, 0)
+_POSITIVE = _number(float, 0, strict=True)
+_FINITE = _number(float)
+
+
+def _target(text: str) -> str:
+    from boundflow.target import TargetError, canonical_target
+
+    try:
+        return canonical_target(text)
+    except TargetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _output_file(path: Path | None, what: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a missing directory,
+    a directory in its place."""
+    if path is None or str(path) == "-":
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BoundFlowError(f"{what} {path}: the directory {parent} does not exist")
+    if path.is_dir():
+        raise BoundFlowError(f"{what} {path} is a directory; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise BoundFlowError(f"{what} {path}: the directory {parent} is not writable")
+
+
+def _output_dir(path: Path, what: str) -> None:
+    """Refuse an output directory that is a file, or whose parent does not exist."""
+    if path.exists() and not path.is_dir():
+        raise BoundFlowError(f"{what} {path} exists and is not a directory")
+    if not path.exists() and not path.parent.is_dir():
+        raise BoundFlowError(f"{what} {path}: the directory {path.parent} does not exist")
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BoundFlowError(f"{what} {path}: {e.strerror or e}") from None
+
+
+def _objective(text: str) -> str:
+    """``text`` if it names a tuning objective, else a one-line error listing the forms."""
+    from boundflow.search.tuner import Objective
+
+    return Objective.parse(text).name
+
+
+def _cpu_only(args: argparse.Namespace) -> None:
+    from boundflow.target import target_kind
+
+    if args.backend == "torch" and target_kind(args.target) != "llvm":
+        raise BoundFlowError(f"the torch backend runs on the CPU (target llvm); --target "
+                             f"{args.target} needs --backend relax")
+
+
+def _load_input(path: str, sample_shape: tuple[int, ...]):
+    import numpy as np
+
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -53,23 +154,27 @@ def _table(result, predicted: bool) -> str:
 
 
 def cmd_verify_property(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from boundflow.api import BoundOptions
     from boundflow.domains.alpha import AlphaConfig
     from boundflow.frontend.onnx import load_onnx
     from boundflow.frontend.vnnlib import load_vnnlib
     from boundflow.vnncomp import check_property, onnx_runner
 
-    if args.timeout is not None and not args.timeout > 0:
-        raise BoundFlowError(f"--timeout must be > 0 seconds, got {args.timeout}")
     graph = load_onnx(args.onnx)
+    log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed())
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
     prop = load_vnnlib(args.vnnlib, n_in, n_out)
+    log.debug("read %s (%d disjuncts) at %.2f s", args.vnnlib, len(prop.disjuncts), _elapsed())
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations))
-    result = check_property(graph, prop, options, timeout=args.timeout,
+    # the checks between steps answer in time on their own; the hard limit is the backstop
+    soft = None if args.timeout is None else max(args.timeout - _elapsed() - _MARGIN, 1e-3)
+    result = check_property(graph, prop, options, timeout=soft,
                             confirm=onnx_runner(args.onnx))
     text = result.vnncomp()
     if args.out:
-        Path(args.out).write_text(text)
+        _write_text(args.out, text, "result file")
     if args.json:
         cex = result.counterexample
         print(json.dumps({"status": result.status, "seconds": result.seconds,
@@ -78,33 +183,80 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
                           {"x": cex[0].tolist(), "y": cex[1].tolist()}}))
     else:
         print(text, end="")
-        print(f"# {result.status}: {result.refuted}/{result.disjuncts} disjuncts refuted by "
-              f"{args.method} in {result.seconds:.3f} s", file=sys.stderr)
+        log.info("%s: %d/%d disjuncts refuted by %s in %.3f s", result.status,
+                    result.refuted, result.disjuncts, args.method, result.seconds)
+    return 0
+
+
+_MARGIN = 0.3       # seconds the soft limit leaves for printing before the hard one
+
+
+def _elapsed() -> float:
+    return time.monotonic() - _START
+
+
+def _timed_out(args: argparse.Namespace) -> int:
+    """The answer of a run the hard limit stopped: ``timeout``, as VNN-COMP expects it."""
+    if args.onnx:
+        if args.out:
+            _write_text(args.out, "timeout\n", "result file")
+        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(), 3)}) if args.json
+              else "timeout")
+    else:
+        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(), 3)}) if args.json
+              else f"timeout: no answer within {args.timeout:g} s")
+    log.warning("timeout after %.2f s (--timeout %g)", _elapsed(), args.timeout)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from boundflow.api import verify
-    from boundflow.frontend.pt2 import load_model
-
+    """``boundflow verify``: check the arguments, then do the work, under the hard limit of
+    ``--timeout`` when one is given."""
     if args.onnx or args.vnnlib:
         if not (args.onnx and args.vnnlib) or args.model or args.input or args.eps is not None:
             raise BoundFlowError("give --onnx with --vnnlib, or --model with --input and --eps")
-        return cmd_verify_property(args)
-    if not (args.model and args.input and args.eps is not None):
-        raise BoundFlowError("give --model with --input and --eps, or --onnx with --vnnlib")
-    if not args.eps >= 0:
-        raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
+        if args.plan or args.db:
+            raise BoundFlowError("--plan and --db run with --model inputs, not with "
+                                 "--onnx/--vnnlib")
+        _output_file(args.out, "result file")
+        work = cmd_verify_property
+    else:
+        if not (args.model and args.input and args.eps is not None):
+            raise BoundFlowError("give --model with --input and --eps, or --onnx with --vnnlib")
+        if args.out:
+            raise BoundFlowError("--out writes a VNN-COMP result file: it goes with "
+                                 "--onnx/--vnnlib (use --json for --model results)")
+        if args.plan and (args.method_given or args.dtype):
+            raise BoundFlowError("--plan fixes the method and dtype; drop --method / --dtype")
+        if args.plan and args.db:
+            raise BoundFlowError("give --plan or --db, not both")
+        _cpu_only(args)
+        if args.db:
+            _objective(args.objective)
+        work = _verify_model
+    if args.timeout is None:
+        return work(args)
+    from boundflow.deadline import run_with_deadline
+
+    def child() -> int:
+        try:
+            return work(args)
+        except BoundFlowError as e:
+            _print_error(e)
+            return 2
+    return run_with_deadline(child, args.argv, _START + args.timeout,
+                             lambda: _timed_out(args))
+
+
+def _verify_model(args: argparse.Namespace) -> int:
+    from boundflow.api import verify
+    from boundflow.domains.alpha import AlphaConfig
+    from boundflow.frontend.pt2 import load_model
+
     graph = load_model(args.model)
     x = _load_input(args.input, graph.input_shape)
-    from boundflow.domains.alpha import AlphaConfig
-
+    log.debug("loaded %s and %d inputs at %.2f s", args.model, len(x), _elapsed())
     bundle = _read_plan(args.plan) if args.plan else None
-    if bundle is not None and (args.method_given or args.dtype):
-        raise BoundFlowError("--plan fixes the method and dtype; drop --method / --dtype")
-    if bundle is not None and args.db:
-        raise BoundFlowError("give --plan or --db, not both")
-    import time
     start = time.perf_counter()
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
                     alpha=AlphaConfig(iterations=args.alpha_iterations),
@@ -153,6 +305,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.onnx):
         raise BoundFlowError("give one model: --model file.pt2 or --onnx file.onnx "
                              "(or --show plan.json)")
+    _output_file(args.out, "plan file")
     graph = _load_graph(args)
     workload = Workload.of(graph, batch=args.batch, n_specs=args.n_specs, method=args.method,
                            dtype=args.dtype, target=args.target)
@@ -164,7 +317,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise BoundFlowError(f"knobs file {args.knobs}: {e.strerror or e}") from None
     bundle = plan(graph, workload, knobs)
     if args.out:
-        Path(args.out).write_text(bundle.to_json(indent=1))
+        _write_text(args.out, bundle.to_json(indent=1), "plan file")
     print(describe(bundle))
     if args.out:
         print(f"wrote {args.out}")
@@ -175,6 +328,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     """``boundflow db show|export|import``: read, and move records between machines."""
     from boundflow.db import Database
 
+    if args.action == "export":
+        _output_file(Path(args.file), "export file")
     with Database(args.db) as db:
         if args.action == "show":
             s = db.summary()
@@ -204,13 +359,16 @@ def cmd_db(args: argparse.Namespace) -> int:
                     print(f"  best: {best.candidate.key[:12]} ({best.measurement.result.backend}, "
                           f"{best.measurement.result.median_s * 1e3:.3f} ms)")
         elif args.action == "export":
-            out = sys.stdout if str(args.file) == "-" else open(args.file, "w")
+            try:
+                out = sys.stdout if str(args.file) == "-" else open(args.file, "w")
+            except OSError as e:
+                raise BoundFlowError(f"export file {args.file}: {e.strerror or e}") from None
             try:
                 n = db.export_jsonl(out, args.workload)
             finally:
                 if out is not sys.stdout:
                     out.close()
-            print(f"exported {n} measurements", file=sys.stderr)
+            log.info("exported %d measurements", n)
         else:
             try:
                 src = sys.stdin if str(args.file) == "-" else open(args.file)
@@ -242,10 +400,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the plans are measured on)")
-    if not args.eps >= 0:
-        raise BoundFlowError(f"--eps must be a number >= 0, got {args.eps}")
-    if args.trials < 1:
-        raise BoundFlowError(f"--trials must be at least 1, got {args.trials}")
+    _cpu_only(args)
+    _objective(args.objective)
+    if args.backend == "relax":
+        from boundflow.backend.relax.target import run_device, tvm_target
+
+        run_device(tvm_target(args.target))        # measuring runs the plans here
     graph = _load_graph(args)
     x = _load_input(args.input, graph.input_shape)
     graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
@@ -284,6 +444,7 @@ def cmd_costmodel(args: argparse.Namespace) -> int:
     from boundflow.costmodel.inspect import plot, report
     from boundflow.db import Database
 
+    _output_file(args.plot, "plot file")
     with Database(args.db) as db:
         rep = report(db, args.workload)
         if args.json:
@@ -341,6 +502,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     if not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the configurations run on)")
+    _cpu_only(args)
+    out = Path(args.out)
+    _output_dir(out, "--out")
     graph = _load_graph(args)
     x = _load_input(args.input, graph.input_shape)
     graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label)
@@ -354,8 +518,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                       config=MeasureConfig(number=args.number, repeat=args.repeat,
                                            warmup=2, timeout_s=args.timeout),
                       progress=not args.no_progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise BoundFlowError(f"--out {out}: {e.strerror or e}") from None
     ablate.write_csv(rows, out / "ablation.csv")
     name = (args.model or args.onnx).stem
     ablate.plot(rows, out / "ablation.png",
@@ -369,138 +535,223 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def _query_arguments(p: argparse.ArgumentParser) -> None:
     """The model and the query its plans are measured on (tune, ablate)."""
     p.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
-    p.add_argument("--onnx", type=Path, help="an ONNX model")
+    p.add_argument("--onnx", type=Path, help="an ONNX model (.onnx or .onnx.gz)")
     p.add_argument("--input", help=".npy with the batch of inputs the plans are measured on")
-    p.add_argument("--eps", type=float, help="L-infinity radius")
-    p.add_argument("--label", type=int, nargs="+",
-                   help="true class per sample (default: predicted)")
+    p.add_argument("--eps", type=_NONNEG, help="L-infinity radius around each input")
+    p.add_argument("--label", type=_COUNT, nargs="+",
+                   help="true class per sample (default: the predicted class)")
+
+
+def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    p.add_argument("--method", default=default,
+                   help=f"ibp, crown-ibp, crown or alpha-crown ({what})")
+
+
+def _backend(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--backend", choices=["torch", "relax"], default=default,
+                   help=f"torch ops or TVM Relax with TIR kernels (default {default})")
+    p.add_argument("--target", type=_target, default="llvm",
+                   help="TVM target of --backend relax: llvm or cuda, as a string "
+                   "(\"llvm -mcpu=x86-64\") or TVM's JSON form ('{\"kind\": \"llvm\"}'); "
+                   "default llvm")
+
+
+def _logging_options(p: argparse.ArgumentParser, top: bool) -> None:
+    default = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="say more (the time each step took)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   default=False if top else argparse.SUPPRESS,
+                   help="print results and errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="boundflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="boundflow", description="BoundFlow: certified bounds of neural "
+                     "networks (IBP, CROWN-IBP, CROWN, alpha-CROWN), computed by plans a "
+                     "compiler tunes.")
+    from boundflow import __version__
+
+    parser.add_argument("--version", action="version", version=f"boundflow {__version__}",
+                        help="print the version and exit")
+    _logging_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
     v = sub.add_parser("verify", help="prove robustness around inputs, or a VNN-LIB property")
     v.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
     v.add_argument("--input", help=".npy with one input or a batch of inputs (batch first)")
-    v.add_argument("--eps", type=float, help="L-infinity radius")
-    v.add_argument("--onnx", type=Path, help="an ONNX model (with --vnnlib)")
-    v.add_argument("--vnnlib", type=Path, help="a VNN-LIB property (with --onnx)")
-    v.add_argument("--timeout", type=float, help="seconds for a VNN-LIB property")
-    v.add_argument("--out", type=Path, help="write the VNN-COMP result file here")
-    v.add_argument("--alpha-iterations", type=int, default=20,
+    v.add_argument("--eps", type=_NONNEG, help="L-infinity radius around each input")
+    v.add_argument("--onnx", type=Path, help="an ONNX model, .onnx or .onnx.gz (with --vnnlib)")
+    v.add_argument("--vnnlib", type=Path,
+                   help="a VNN-LIB property, .vnnlib or .vnnlib.gz (with --onnx)")
+    v.add_argument("--timeout", type=_POSITIVE,
+                   help="hard wall-clock limit in seconds for the whole run, start-up "
+                   "included; past it the answer is `timeout`")
+    v.add_argument("--out", type=Path, help="write the VNN-COMP result file here (--vnnlib)")
+    v.add_argument("--alpha-iterations", type=_COUNT, default=20,
                    help="optimisation steps of alpha-crown (default 20)")
-    v.add_argument("--label", type=int, nargs="+",
+    v.add_argument("--label", type=_COUNT, nargs="+",
                    help="true class per sample (one label for all); default: predicted class")
-    v.add_argument("--method", default=None,
-                   help="ibp, crown-ibp, crown or alpha-crown (default: ibp for --model, "
-                        "alpha-crown for --vnnlib)")
-    v.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"),
+    _method(v, None, f"default {DEFAULT_METHOD}, for --model and --onnx alike")
+    v.add_argument("--clip", type=_FINITE, nargs=2, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI]")
-    v.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
+    v.add_argument("--dtype", choices=["float32", "float64"],
+                   help="compute precision (default: the model's)")
     v.add_argument("--plan", type=Path,
-                   help="run this plan (from `boundflow plan --out`)")
-    v.add_argument("--backend", choices=["torch", "relax"], default="torch",
-                   help="torch ops (default) or TVM Relax (interval plans for now)")
-    v.add_argument("--target", default="llvm", help="TVM target of --backend relax: llvm or "
-                   "cuda (default llvm)")
+                   help="run this plan (from `boundflow plan --out`); it is checked first")
+    _backend(v, "torch")
     v.add_argument("--db", help="run the plan `boundflow tune` recorded in this tuning "
                    "database (a file or an SQLAlchemy URL); the default plan when none")
     v.add_argument("--objective", default="time@width",
-                   help="which tuned plan to look up (default time@width)")
+                   help="which tuned plan to look up: time, time@width, time@mem:BYTES or "
+                   "mix:A,B (default time@width)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
+    _logging_options(v, top=False)
     v.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("plan", help="build a PlanBundle for a model, or show one")
     p.add_argument("--model", type=Path, help="a program saved with torch.export.save (.pt2)")
-    p.add_argument("--onnx", type=Path, help="an ONNX model")
-    p.add_argument("--method", default="crown",
-                   help="ibp, crown-ibp, crown or alpha-crown (default crown)")
-    p.add_argument("--batch", type=int, default=1, help="batch size to plan for (default 1)")
-    p.add_argument("--n-specs", type=int, default=None,
+    p.add_argument("--onnx", type=Path, help="an ONNX model (.onnx or .onnx.gz)")
+    _method(p, "crown", "default crown")
+    p.add_argument("--batch", type=_POSITIVE_INT, default=1,
+                   help="batch size to plan for (default 1)")
+    p.add_argument("--n-specs", type=_COUNT, default=None,
                    help="rows of C (default: a margin spec, one per other class; 0: raw "
                         "output bounds)")
-    p.add_argument("--dtype", choices=["float32", "float64"], help="compute precision")
-    p.add_argument("--target", default="llvm", help="llvm or cuda (default llvm)")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="compute precision (default: the model's)")
+    p.add_argument("--target", type=_target, default="llvm",
+                   help="llvm or cuda, string or JSON form (default llvm)")
     p.add_argument("--knobs", type=Path, help="knobs JSON (default: the heuristic plan)")
     p.add_argument("--out", type=Path, help="write the PlanBundle JSON here")
     p.add_argument("--show", type=Path, metavar="PLAN", help="print a saved plan readably")
+    _logging_options(p, top=False)
     p.set_defaults(func=cmd_plan)
 
     t = sub.add_parser("tune", help="measure plans of a workload into a tuning database")
     _query_arguments(t)
-    t.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"))
-    t.add_argument("--method", default="crown-ibp",
-                   help="ibp, crown-ibp, crown or alpha-crown (default crown-ibp)")
-    t.add_argument("--dtype", choices=["float32", "float64"])
-    t.add_argument("--backend", choices=["relax", "torch"], default="relax")
-    t.add_argument("--target", default="llvm", help="llvm or cuda (default llvm)")
+    t.add_argument("--clip", type=_FINITE, nargs=2, metavar=("LO", "HI"),
+                   help="clip the input box to [LO, HI]")
+    _method(t, "crown-ibp", "default crown-ibp")
+    t.add_argument("--dtype", choices=["float32", "float64"],
+                   help="compute precision (default: the model's)")
+    _backend(t, "relax")
     t.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
     t.add_argument("--strategy", choices=["cpsat", "beam", "greedy", "random"],
-                   default="cpsat")
-    t.add_argument("--trials", type=int, default=32,
+                   default="cpsat", help="search strategy (default cpsat)")
+    t.add_argument("--trials", type=_POSITIVE_INT, default=32,
                    help="plans measured for this workload in the database, in all (a rerun "
                    "continues to this many; default 32)")
-    t.add_argument("--seconds", type=float, help="stop this run after about so many seconds")
+    t.add_argument("--seconds", type=_POSITIVE,
+                   help="stop this run after about so many seconds")
     t.add_argument("--objective", default="time@width",
                    help="time, time@width (default: fastest at the default plan's tightness), "
                    "time@mem:BYTES, mix:A,B")
-    t.add_argument("--batch-size", type=int, default=8, help="plans measured per round")
-    t.add_argument("--number", type=int, default=5, help="runs per timing (default 5)")
-    t.add_argument("--repeat", type=int, default=5, help="timings per plan (default 5)")
-    t.add_argument("--timeout", type=float, default=120.0, help="seconds per build or run")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--batch-size", type=_POSITIVE_INT, default=8,
+                   help="plans measured per round (default 8)")
+    t.add_argument("--number", type=_POSITIVE_INT, default=5,
+                   help="runs per timing (default 5)")
+    t.add_argument("--repeat", type=_POSITIVE_INT, default=5,
+                   help="timings per plan (default 5)")
+    t.add_argument("--timeout", type=_POSITIVE, default=120.0,
+                   help="seconds per build or run of one plan (default 120)")
+    t.add_argument("--memory-limit", type=_POSITIVE_INT, metavar="MIB",
+                   help="address-space cap per measured plan in MiB; a plan past it is "
+                   "recorded as a memory failure (default: none)")
+    t.add_argument("--seed", type=_COUNT, default=0, help="random seed (default 0)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _logging_options(t, top=False)
     t.set_defaults(func=cmd_tune)
 
     c = sub.add_parser("costmodel", help="inspect the cost model in a tuning database")
-    c.add_argument("action", choices=["inspect"])
+    c.add_argument("action", choices=["inspect"], help="what to do (inspect)")
     c.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
     c.add_argument("--workload", help="only this workload (a key or its prefix)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--plot", type=Path, help="write predicted vs measured and residuals here")
+    _logging_options(c, top=False)
     c.set_defaults(func=cmd_costmodel)
 
     a = sub.add_parser("ablate", help="turn planner passes and knobs on and off, measured")
     _query_arguments(a)
-    a.add_argument("--method", default="crown-ibp")
-    a.add_argument("--backend", choices=["relax", "torch"], default="relax")
-    a.add_argument("--target", default="llvm")
+    _method(a, "crown-ibp", "default crown-ibp")
+    _backend(a, "relax")
     a.add_argument("--toggle", default="partition,fusion,domain,layout,forms,storage,cache,"
                    "lowering,schedule", help="comma-separated toggles (default: all)")
     a.add_argument("--config", type=Path, help="a JSON list of configurations instead")
-    a.add_argument("--out", default="ablation", help="directory for ablation.csv / .png")
-    a.add_argument("--number", type=int, default=5)
-    a.add_argument("--repeat", type=int, default=5)
-    a.add_argument("--timeout", type=float, default=120.0)
-    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--out", default="ablation",
+                   help="directory for ablation.csv / .png (default ./ablation)")
+    a.add_argument("--number", type=_POSITIVE_INT, default=5,
+                   help="runs per timing (default 5)")
+    a.add_argument("--repeat", type=_POSITIVE_INT, default=5,
+                   help="timings per configuration (default 5)")
+    a.add_argument("--timeout", type=_POSITIVE, default=120.0,
+                   help="seconds per build or run of one configuration (default 120)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _logging_options(a, top=False)
     a.set_defaults(func=cmd_ablate)
 
     d = sub.add_parser("db", help="show a tuning database, or move its records (JSON lines)")
-    d.add_argument("action", choices=["show", "export", "import"])
+    d.add_argument("action", choices=["show", "export", "import"], help="what to do")
     d.add_argument("--db", required=True,
                    help="an SQLite file or an SQLAlchemy URL (postgresql+psycopg://...)")
     d.add_argument("--file", default="-", help="export to / import from this file "
                    "(default: stdout / stdin)")
     d.add_argument("--workload", help="only this workload (a key or its prefix for show)")
-    d.add_argument("--top", type=int, default=5, help="plans shown per workload (default 5)")
+    d.add_argument("--top", type=_POSITIVE_INT, default=5,
+                   help="plans shown per workload (default 5)")
+    _logging_options(d, top=False)
     d.set_defaults(func=cmd_db)
     return parser
 
 
+def _print_error(e: BaseException) -> None:
+    print(f"boundflow: error: {e}".replace("\n", " "), file=sys.stderr)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (not when it was made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else (
+        logging.INFO if not args.verbose else logging.DEBUG)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("boundflow: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``boundflow`` command: the exit status (0 done, 2 bad input or arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "verify":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:                        # --help, --version, argument errors
+        return e.code if isinstance(e.code, int) else 2
+    _configure_logging(args)
+    args.argv = argv
+    if hasattr(args, "no_progress"):
+        args.no_progress = args.no_progress or args.quiet
+    if args.command == "verify":
         args.method_given = args.method is not None
-        if args.method is None:
-            args.method = "alpha-crown" if args.vnnlib else "ibp"
-        if args.plan and (args.onnx or args.vnnlib):
-            parser.error("--plan runs with --model inputs, not with --onnx/--vnnlib")
+        args.method = args.method or DEFAULT_METHOD
     try:
         return args.func(args)
     except BoundFlowError as e:
-        print(f"boundflow: error: {e}".replace("\n", " "), file=sys.stderr)
+        _print_error(e)
         return 2
+    except BrokenPipeError:                        # `boundflow verify ... | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

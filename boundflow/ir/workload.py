@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import METHODS
 from boundflow.ir.graph import DTYPES, Graph
-from boundflow.ir.target import canonical_target
+from boundflow.target import canonical_target
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,14 @@ class TunedPlan:
 
 def tuned_plan(db, workload: Workload, objective: str = "time@width") -> TunedPlan | None:
     """The best plan recorded for ``workload`` under ``objective`` (``db``: a
-    :class:`~boundflow.db.Database`, a path or a URL), or None."""
+    :class:`~boundflow.db.Database`, a path or a URL), or None. An objective that is not one
+    of the valid forms raises :class:`~boundflow.search.ObjectiveError` (rather than finding
+    nothing); it is looked up by its canonical name (``time@mem:1e6`` is
+    ``time@mem:1000000``)."""
     from boundflow.db import Database
+    from boundflow.search.objective import Objective
 
+    objective = Objective.parse(objective).name
     start = time.perf_counter()
     own = not isinstance(db, Database)
     database = Database(db) if own else db
@@ -42,6 +47,6 @@ def tuned_plan(db, workload: Workload, objective: str = "time@width") -> TunedPl
 def describe_missing(db, workload: Workload, objective: str) -> str:
     """The one-line notice when there is no tuned plan."""
     where = db if isinstance(db, (str, Path)) else getattr(db, "url", "the database")
-    return (f"boundflow: no tuned plan for this workload ({workload.method}, batch "
+    return (f"no tuned plan for this workload ({workload.method}, batch "
             f"{workload.batch}, {workload.n_specs} specs, {workload.dtype}, {workload.target}; "
             f"objective {objective}) in {where}: using the default plan")

@@ -1,4 +1,4 @@
-"""TVM targets and devices from BoundFlow's canonical target strings (``boundflow.ir.target``)."""
+"""TVM targets and devices from BoundFlow's canonical target strings (``boundflow.target``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import tvm
 
-from boundflow.ir.target import TargetError, canonical_target, target_config
+from boundflow.target import TargetError, canonical_target, target_config
 
 
 def tvm_target(target: Any) -> tvm.target.Target:
