@@ -95,17 +95,27 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
 
 
 def onnx_runner(path) -> Callable[[np.ndarray], np.ndarray]:
-    """The model's own output at a flat input, by ONNX's reference evaluator."""
-    import onnx
-    from onnx.reference import ReferenceEvaluator
+    """The model's own output at a flat input, by ONNX's reference evaluator (the file, plain
+    or gzip, is read and the evaluator built on first use: only a counterexample needs it)."""
+    state: dict = {}
 
-    model = onnx.load(str(path))
-    sess = ReferenceEvaluator(model)
-    inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
-    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
-    elem = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    def load() -> dict:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        from boundflow.frontend.onnx import read_model
+
+        model = read_model(path)
+        inits = {t.name for t in model.graph.initializer}
+        inp = [i for i in model.graph.input if i.name not in inits][0]
+        state.update(
+            sess=ReferenceEvaluator(model), name=inp.name,
+            shape=[d.dim_value or 1 for d in inp.type.tensor_type.shape.dim],
+            elem=onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+        return state
 
     def run(x: np.ndarray) -> np.ndarray:
-        (y, *_) = sess.run(None, {inp.name: x.reshape(shape).astype(elem)})
+        s = state or load()
+        (y, *_) = s["sess"].run(None, {s["name"]: x.reshape(s["shape"]).astype(s["elem"])})
         return np.asarray(y).reshape(-1)
     return run

@@ -185,3 +185,18 @@ def test_verify_refuses_a_plan_from_another_schema_or_model(tmp_path, capsys):
     assert "another structure" in capsys.readouterr().err
     assert main(argv + [str(out), "--method", "ibp"]) == 2
     assert "--plan fixes the method" in capsys.readouterr().err
+
+
+def test_verify_reads_gzipped_instances(tmp_path, capsys):
+    """VNN-COMP ships `.onnx.gz` and `.vnnlib.gz`; the counterexample is confirmed on the
+    gzipped model too."""
+    import gzip
+
+    from tests.conftest import shared_path
+
+    base = shared_path("benchmarks", "vnncomp_test")
+    onnx, prop = tmp_path / "net.onnx.gz", tmp_path / "prop.vnnlib.gz"
+    onnx.write_bytes(gzip.compress((base / "test_sat.onnx").read_bytes()))
+    prop.write_bytes(gzip.compress((base / "test_prop.vnnlib").read_bytes()))
+    assert main(["verify", "--onnx", str(onnx), "--vnnlib", str(prop), "--method", "crown"]) == 0
+    assert capsys.readouterr().out.startswith("sat\n((X_0 ")

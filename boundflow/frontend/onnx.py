@@ -5,6 +5,11 @@ BatchNormalization, Constant, Identity, AveragePool, Concat (plus Dropout / Cast
 that verification models carry). A model input of rank >= 2 has its batch first; a rank-1
 input (common in tiny VNN-COMP models) is one unbatched sample. Constant subgraphs are
 folded with numpy. Anything else raises :class:`UnsupportedOpError` naming op and node.
+
+Malformed models raise a :class:`BoundFlowError` naming the node: an input no initializer,
+graph input or earlier node defines, a wrong number of inputs, a missing required attribute,
+a Reshape target that does not fit, an opset of the default domain newer than the installed
+``onnx`` package knows, an op of another domain. Files may be gzip-compressed (``.onnx.gz``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError, UnsupportedOpError
+from boundflow.errors import (BoundFlowError, GraphError, ModelLoadError, ShapeError,
+                              UnsupportedOpError)
+from boundflow.frontend.files import read_bytes
 from boundflow.ir.graph import Graph, GraphBuilder
 from boundflow.ir.normalize import normalize
 
@@ -63,6 +70,9 @@ class _Converter:
 
     def axis(self, axis: int, var: Var) -> int:
         full = len(var.shape) + (1 if self.batched else 0)
+        if not -full <= axis < full:
+            raise self.fail(f"axis {axis} is out of range for a tensor of rank {full}",
+                            ShapeError)
         axis = axis % full
         if not self.batched:
             return axis
@@ -74,9 +84,14 @@ class _Converter:
     def run(self) -> Graph:
         import onnx.numpy_helper as nh
 
+        check_opsets(self.model)
         graph = self.model.graph
         for init in graph.initializer:
-            self.env[init.name] = nh.to_array(init)
+            try:
+                self.env[init.name] = nh.to_array(init)
+            except Exception as e:      # onnx raises several kinds on a malformed tensor
+                raise GraphError(f"initializer {init.name!r} cannot be read: "
+                                 f"{_first_line(e)}") from None
         inputs = [i for i in graph.input if i.name not in self.env]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise UnsupportedOpError(f"the model has {len(inputs)} inputs and "
@@ -85,7 +100,10 @@ class _Converter:
         for node in graph.node:
             self.node = node
             self._call(node)
-        out = self.env.get(graph.output[0].name)
+        name = graph.output[0].name
+        if name not in self.env:
+            raise GraphError(f"the model output {name!r} is not produced by any node")
+        out = self.env[name]
         if not isinstance(out, Var):
             raise UnsupportedOpError("the model output does not depend on its input")
         return normalize(self.builder.build(out.name))
@@ -112,26 +130,84 @@ class _Converter:
         self.env[value_info.name] = Var(name, tuple(sample))
 
     def _call(self, node) -> None:
-        import onnx.helper
-
+        """Convert (or fold) one node into ``env``; malformed nodes raise a
+        :class:`BoundFlowError` naming the node."""
+        self._check_node(node)
         args = [self.env[i] if i else None for i in node.input]
-        if any(i and i not in self.env for i in node.input):
-            missing = [i for i in node.input if i and i not in self.env]
-            raise self.fail(f"inputs {missing} are not defined", ModelLoadError)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Constant" and not any(isinstance(a, Var) for a in args):
-            folded = FOLD.get(node.op_type)
-            if folded is None:
-                raise self.fail(f"unsupported op {node.op_type!r} (on constants)")
-            outs = folded(args, attrs)
-        else:
-            converter = CONVERTERS.get(node.op_type)
-            if converter is None:
-                raise self.fail(f"unsupported op {node.op_type!r}")
-            outs = converter(self, args, attrs)
+        try:
+            attrs = _Attrs(self.where(), node.attribute)
+            if node.op_type != "Constant" and not any(isinstance(a, Var) for a in args):
+                fn = FOLD.get(node.op_type)
+                if fn is None:
+                    raise self.fail(f"unsupported op {node.op_type!r} (on constants)")
+            else:
+                fn = CONVERTERS.get(node.op_type)
+                if fn is None:
+                    raise self.fail(f"unsupported op {node.op_type!r}")
+            outs = fn(self, args, attrs)
+        except (ValueError, IndexError, KeyError, TypeError, ArithmeticError) as e:
+            # numpy and onnx on malformed constants: bad broadcasts, axes, indices
+            raise self.fail(f"cannot convert: {_first_line(e)}", GraphError) from None
         outs = outs if isinstance(outs, tuple) else (outs,)
         for name, value in zip(node.output, outs):
             self.env[name] = value
+
+    def _check_node(self, node) -> None:
+        """The node's domain, arity, inputs defined and outputs not yet defined."""
+        if node.domain not in ("", "ai.onnx"):
+            opsets = {imp.domain: imp.version for imp in self.model.opset_import}
+            version = opsets.get(node.domain, "not imported")
+            raise self.fail(f"op {node.op_type!r} of domain {node.domain!r} (opset {version}) "
+                            f"is not supported; BoundFlow converts ops of the default ONNX "
+                            f"domain only")
+        lo, hi = _ARITY.get(node.op_type, (0, None))
+        n = len(node.input)
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi is not None else f">= {lo}"
+            raise self.fail(f"{node.op_type} takes {want} inputs, got {n}", GraphError)
+        if not all(node.input[:lo]):
+            raise self.fail(f"a required input of {node.op_type} is empty: "
+                            f"{list(node.input)}", GraphError)
+        missing = [i for i in node.input if i and i not in self.env]
+        if missing:
+            raise self.fail(f"input {missing[0]!r} is not defined by an initializer, the "
+                            f"graph input or an earlier node (are the nodes in topological "
+                            f"order?)", GraphError)
+        if not node.output:
+            raise self.fail("the node has no outputs", GraphError)
+        defined = [o for o in node.output if o and o in self.env]
+        if defined:
+            raise self.fail(f"output {defined[0]!r} is already defined (ONNX names each "
+                            f"value once)", GraphError)
+
+
+class _Attrs(dict):
+    """A node's attributes by name; reading a missing one with ``[]`` (a required
+    attribute) raises :class:`GraphError` naming the node, ``get`` gives a default."""
+
+    def __init__(self, where: str, attributes) -> None:
+        import onnx.helper
+
+        super().__init__((a.name, onnx.helper.get_attribute_value(a)) for a in attributes)
+        self.where = where
+
+    def __missing__(self, key: str):
+        raise GraphError(f"the required attribute {key!r} is missing at {self.where}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# inputs per op (lowest, highest; None: any number); the first ``lowest`` are required
+_ARITY: dict[str, tuple[int, int | None]] = {
+    "Gemm": (2, 3), "MatMul": (2, 2), "Add": (2, 2), "Sub": (2, 2), "Mul": (2, 2),
+    "Div": (2, 2), "Conv": (2, 3), "Relu": (1, 1), "Flatten": (1, 1), "Reshape": (2, 2),
+    "Transpose": (1, 1), "BatchNormalization": (5, 5), "Constant": (0, 0), "Identity": (1, 1),
+    "Dropout": (1, 3), "AveragePool": (1, 1), "Concat": (1, None), "Shape": (1, 1),
+    "Gather": (2, 2), "Unsqueeze": (1, 2), "Squeeze": (1, 2), "Cast": (1, 1),
+}
 
 
 # --- converters: (converter, inputs, attributes) -> Var ---------------------------------
@@ -141,11 +217,16 @@ def _gemm(c: _Converter, a, at) -> Var:
     if at.get("transA", 0):
         raise c.fail("Gemm with transA=1 is not supported")
     w = c.const(w, "the Gemm weight") * at.get("alpha", 1.0)
+    if w.ndim != 2:
+        raise c.fail(f"the Gemm weight has shape {w.shape}; it must be a matrix", ShapeError)
     weight = w if at.get("transB", 0) else w.T
     params = {"weight": weight}
     if len(a) > 2 and a[2] is not None:
-        params["bias"] = np.broadcast_to(c.const(a[2], "the Gemm bias") * at.get("beta", 1.0),
-                                         (weight.shape[0],))
+        bias = c.const(a[2], "the Gemm bias") * at.get("beta", 1.0)
+        if bias.size not in (1, weight.shape[0]) or bias.ndim > 2:
+            raise c.fail(f"the Gemm bias of shape {bias.shape} does not broadcast onto "
+                         f"{weight.shape[0]} outputs", ShapeError)
+        params["bias"] = np.broadcast_to(bias.reshape(-1), (weight.shape[0],))
     return c.add("linear", [x], params=params)
 
 
@@ -185,6 +266,9 @@ def _symmetric_pads(c: _Converter, at) -> tuple[int, int]:
     if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise c.fail(f"auto_pad={at['auto_pad']!r} is not supported (give explicit pads)")
     pads = list(at.get("pads", [0, 0, 0, 0]))
+    if len(pads) != 4:
+        raise c.fail(f"pads {pads} must hold 4 values (begin and end of 2 spatial axes)",
+                     ShapeError)
     if pads[:2] != pads[2:]:
         raise c.fail(f"asymmetric pads {pads} are not supported")
     return pads[0], pads[1]
@@ -212,26 +296,61 @@ def _flatten(c: _Converter, a, at) -> Var:
     return c.add("flatten", [x], attrs={"start_dim": 0, "end_dim": -1})
 
 
+def _reshape_target(c: _Converter, value: Any, full: list[int], allowzero: bool
+                    ) -> list[int]:
+    """The target shape of a Reshape of a tensor of shape ``full``, its zeros replaced by
+    the dimension they copy (unless ``allowzero``), a -1 kept. The target must be a 1-D
+    constant of whole numbers (folded shape arithmetic may leave them as floats) with at most
+    one -1 and no other negative entry that fits the elements of ``full``; anything else
+    raises :class:`ShapeError` naming the node."""
+    if isinstance(value, Var):
+        raise c.fail("the Reshape shape must be a constant, not a value computed from the "
+                     "input")
+    arr = np.asarray(value)
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf" or not np.all(np.mod(arr, 1) == 0):
+        raise c.fail(f"the Reshape shape must be a 1-D tensor of whole numbers, got "
+                     f"{arr.tolist() if arr.size <= 8 else arr.dtype} of shape {arr.shape}",
+                     ShapeError)
+    shape = [int(s) for s in arr]
+    if any(s < -1 for s in shape) or shape.count(-1) > 1 or (allowzero and 0 in shape
+                                                              and -1 in shape):
+        raise c.fail(f"Reshape to {shape} is invalid: give at most one -1 and no other "
+                     f"negative size", ShapeError)
+    if not allowzero:
+        if any(s == 0 and i >= len(full) for i, s in enumerate(shape)):
+            raise c.fail(f"Reshape to {shape} copies (0) a dimension that the input of "
+                         f"shape {full} does not have", ShapeError)
+        shape = [full[i] if s == 0 else s for i, s in enumerate(shape)]
+    total, known = int(np.prod(full)), int(np.prod([s for s in shape if s != -1]))
+    fits = (known > 0 and total % known == 0) if -1 in shape else known == total
+    if not fits:
+        raise c.fail(f"Reshape to {shape} does not fit the {total} elements of shape "
+                     f"{full}", ShapeError)
+    return shape
+
+
 def _reshape(c: _Converter, a, at) -> Var:
-    x, shape = a[0], [int(s) for s in c.const(a[1], "the target shape").astype(np.int64)]
-    full = ([1] if c.batched else []) + list(x.shape)
+    x = a[0]
     if at.get("allowzero", 0):
         raise c.fail("Reshape with allowzero=1 is not supported")
-    shape = [full[i] if s == 0 and i < len(full) else s for i, s in enumerate(shape)]
+    full = ([1] if c.batched else []) + list(x.shape)
+    shape = _reshape_target(c, a[1], full, False)
     if not c.batched:
         return c.add("reshape", [x], attrs={"shape": tuple(shape)})
-    if shape and shape[0] in (1, -1) and -1 not in shape[1:] and \
-            int(np.prod(shape[1:])) == int(np.prod(x.shape)):
-        return c.add("reshape", [x], attrs={"shape": tuple(shape[1:])})
-    if shape and shape[0] == 1 and shape[1:].count(-1) == 1:
-        return c.add("reshape", [x], attrs={"shape": tuple(shape[1:])})
-    raise c.fail(f"Reshape to {shape} does not keep the batch axis first")
+    rest = int(np.prod([s for s in shape[1:] if s != -1]))
+    batch = shape[0] if shape and shape[0] != -1 else int(np.prod(x.shape)) // rest
+    if not shape or batch != 1:
+        raise c.fail(f"Reshape to {shape} does not keep the batch axis first")
+    return c.add("reshape", [x], attrs={"shape": tuple(shape[1:])})
 
 
 def _transpose(c: _Converter, a, at) -> Var:
     x = a[0]
     n = len(x.shape) + (1 if c.batched else 0)
-    perm = list(at.get("perm", list(range(n))[::-1]))
+    perm = [int(p) for p in at.get("perm", list(range(n))[::-1])]
+    if sorted(perm) != list(range(n)):
+        raise c.fail(f"Transpose perm={perm} is not a permutation of the {n} axes",
+                     ShapeError)
     if c.batched:
         if perm[0] != 0:
             raise c.fail(f"Transpose perm={perm} moves the batch axis")
@@ -250,12 +369,14 @@ def _batchnorm(c: _Converter, a, at) -> Var:
 
 def _avgpool(c: _Converter, a, at) -> Var:
     x = a[0]
+    kernel = tuple(int(k) for k in at["kernel_shape"])
+    if len(kernel) != 2:
+        raise c.fail(f"AveragePool with a {len(kernel)}-D kernel {kernel} is not supported")
     pads = _symmetric_pads(c, at)
     if any(pads) and not at.get("count_include_pad", 0):
         raise c.fail("AveragePool with padding and count_include_pad=0 is not supported")
     if at.get("ceil_mode", 0):
         raise c.fail("AveragePool with ceil_mode=1 is not supported")
-    kernel = tuple(at["kernel_shape"])
     attrs = {"kernel_size": kernel, "stride": tuple(at.get("strides", kernel)), "padding": pads}
     return c.add("avgpool2d", [x], attrs=attrs)
 
@@ -296,44 +417,110 @@ CONVERTERS: dict[str, Callable] = {
     "AveragePool": _avgpool, "Concat": _concat,
 }
 
-# constant folding with numpy, for ops whose inputs are all constants
+def _shape_of(value: np.ndarray, at) -> np.ndarray:
+    return np.asarray(np.shape(value), dtype=np.int64)[at.get("start", 0):at.get("end", None)]
+
+
+def _axes(a, at, required: bool) -> tuple[int, ...] | None:
+    """Squeeze / Unsqueeze axes: the second input (opset 13) or the ``axes`` attribute."""
+    axes = a[1] if len(a) > 1 and a[1] is not None else at["axes"] if required \
+        else at.get("axes")
+    return None if axes is None else tuple(int(v) for v in np.asarray(axes).reshape(-1))
+
+
+def _numpy_dtype(onnx_type: int) -> np.dtype:
+    import onnx.helper
+
+    return onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def _fold_reshape(c: _Converter, a, at) -> np.ndarray:
+    allowzero = bool(at.get("allowzero", 0))
+    return np.reshape(a[0], _reshape_target(c, a[1], list(np.shape(a[0])), allowzero))
+
+
+# constant folding with numpy, for ops whose inputs are all constants: (converter, inputs,
+# attributes) -> array; numpy's errors on malformed constants become GraphError in _call
 FOLD: dict[str, Callable] = {
-    "Add": lambda a, at: np.add(a[0], a[1]), "Sub": lambda a, at: np.subtract(a[0], a[1]),
-    "Mul": lambda a, at: np.multiply(a[0], a[1]), "Div": lambda a, at: np.divide(a[0], a[1]),
-    "MatMul": lambda a, at: np.matmul(a[0], a[1]), "Identity": lambda a, at: a[0],
-    "Reshape": lambda a, at: np.reshape(a[0], [int(s) for s in a[1]]),
-    "Transpose": lambda a, at: np.transpose(a[0], at.get("perm")),
-    "Concat": lambda a, at: np.concatenate(a, axis=int(at["axis"])),
-    "Flatten": lambda a, at: np.reshape(a[0], (int(np.prod(a[0].shape[:at.get("axis", 1)])),
-                                               -1)),
-    "Gather": lambda a, at: np.take(a[0], np.asarray(a[1], dtype=np.int64),
-                                    axis=at.get("axis", 0)),
-    "Unsqueeze": lambda a, at: np.expand_dims(a[0], tuple(
-        int(v) for v in (a[1] if len(a) > 1 else at["axes"]))),
-    "Squeeze": lambda a, at: np.squeeze(a[0], tuple(
-        int(v) for v in (a[1] if len(a) > 1 else at["axes"]))),
-    "Cast": lambda a, at: np.asarray(a[0]),
+    "Add": lambda c, a, at: np.add(a[0], a[1]),
+    "Sub": lambda c, a, at: np.subtract(a[0], a[1]),
+    "Mul": lambda c, a, at: np.multiply(a[0], a[1]),
+    "Div": lambda c, a, at: np.divide(a[0], a[1]),
+    "MatMul": lambda c, a, at: np.matmul(a[0], a[1]),
+    "Relu": lambda c, a, at: np.maximum(a[0], 0),
+    "Identity": lambda c, a, at: a[0], "Dropout": lambda c, a, at: a[0],
+    "Reshape": _fold_reshape,
+    "Shape": lambda c, a, at: _shape_of(a[0], at),
+    "Transpose": lambda c, a, at: np.transpose(a[0], at.get("perm")),
+    "Concat": lambda c, a, at: np.concatenate(a, axis=int(at["axis"])),
+    "Flatten": lambda c, a, at: np.reshape(
+        a[0], (int(np.prod(np.shape(a[0])[:at.get("axis", 1)])), -1)),
+    "Gather": lambda c, a, at: np.take(a[0], np.asarray(a[1], dtype=np.int64),
+                                       axis=at.get("axis", 0)),
+    "Unsqueeze": lambda c, a, at: np.expand_dims(a[0], _axes(a, at, required=True)),
+    "Squeeze": lambda c, a, at: np.squeeze(a[0], _axes(a, at, required=False)),
+    "Cast": lambda c, a, at: np.asarray(a[0]).astype(_numpy_dtype(at["to"])),
 }
 
 
+def check_opsets(model) -> None:
+    """Refuse a model whose IR version or default-domain opset is newer than the installed
+    ``onnx`` package knows (its operators' meaning is then unknown): :class:`ModelLoadError`
+    naming the version and the fix."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > newest:
+            raise ModelLoadError(f"the model imports ONNX opset {imp.version}, newer than "
+                                 f"opset {newest}, the newest the installed onnx "
+                                 f"{onnx.__version__} knows; export it with opset <= {newest}")
+    if model.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(f"the model has ONNX IR version {model.ir_version}, newer than "
+                             f"{onnx.IR_VERSION}, the newest the installed onnx "
+                             f"{onnx.__version__} reads; export it with an older IR version")
+
+
+def read_model(path: str | Path):
+    """The ``onnx.ModelProto`` in an ONNX file, plain or gzip-compressed, with its external
+    data loaded (from the file's folder); anything unreadable raises
+    :class:`ModelLoadError` naming the path."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"ONNX file {path} does not exist")
+    data = read_bytes(path, ModelLoadError, "ONNX model")
+    try:
+        model = onnx.load_model_from_string(data)
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as e:          # protobuf's DecodeError, onnx's errors on external data
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {_first_line(e)}") from None
+    return model
+
+
 def load_onnx(path: str | Path) -> Graph:
-    """Read an ONNX file into a Graph; a file that is not ONNX raises :class:`ModelLoadError`."""
+    """Read an ONNX file (plain or ``.onnx.gz``) into a Graph. A file that is not ONNX
+    raises :class:`ModelLoadError`; a model BoundFlow cannot convert raises another
+    :class:`BoundFlowError` naming the node."""
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"ONNX file {path} does not exist")
+    model = read_model(path)
     try:
-        model = onnx.load(str(path))
+        check_opsets(model)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{path} is not a readable ONNX model: {first}") from None
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {_first_line(e)}") from None
     if not model.graph.node:
         raise ModelLoadError(f"{path} is not an ONNX model with a graph (no nodes)")
     return from_onnx(model)
 
 
 def from_onnx(model) -> Graph:
-    """Convert an in-memory ``onnx.ModelProto``."""
+    """Convert an in-memory ``onnx.ModelProto`` (see the module docstring for what raises)."""
     return _Converter(model).run()

@@ -7,6 +7,14 @@ box (bounds on single ``X_i``) and a conjunction of linear output constraints
 ``c·y + d <= 0``. A disjunct is refuted when bounds prove ``c·y + d > 0`` for one of its
 constraints, so each becomes a row of a :class:`LinearSpec` (``C = c``, ``threshold = -d``).
 Errors name the line and the reason.
+
+Reading is linear in the size of the file plus the size of the DNF it expands to, and uses
+explicit stacks, so any nesting depth parses: tokens and s-expressions in one pass; nested
+``and`` / ``or`` flattened; each atom compiled once into an input bound or an output row; an
+``and`` conjoins its runs of single-disjunct operands once and distributes only over the
+operands with several disjuncts. Disjuncts that share an input box share its arrays (the
+common VNN-COMP shape: a box of top-level asserts and one ``or`` over output constraints).
+Files may be gzip-compressed (``.vnnlib.gz``).
 """
 
 from __future__ import annotations
@@ -15,10 +23,13 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Union
 
 import numpy as np
 
 from boundflow.errors import BoundFlowError
+from boundflow.frontend.files import read_bytes
+from boundflow.frontend.sexpr import Expr, describe, head, parse
 from boundflow.ir.spec import InputSpec, LinearSpec
 
 MAX_DISJUNCTS = 100_000
@@ -31,7 +42,9 @@ class VnnlibError(BoundFlowError):
 @dataclass(frozen=True)
 class Disjunct:
     """One way to violate the property: an input box and output constraints ``C·y <= -thr``
-    (each row to refute: proving ``C_row·y > threshold_row`` rules the disjunct out)."""
+    (each row to refute: proving ``C_row·y > threshold_row`` rules the disjunct out).
+    Disjuncts with the same box may share the ``lower`` / ``upper`` arrays: do not write
+    into them."""
 
     lower: np.ndarray        # [n_inputs]
     upper: np.ndarray
@@ -53,9 +66,13 @@ class Property:
         """Disjuncts sharing an input box, as (box, all their rows as one spec, row ranges
         per disjunct). Disjuncts with an empty box are left out (they are unsatisfiable)."""
         by_box: dict[bytes, list[Disjunct]] = {}
+        keys: dict[tuple[int, int], bytes] = {}     # shared arrays are hashed once
         for d in self.disjuncts:
             if not d.empty_box:
-                by_box.setdefault(d.lower.tobytes() + d.upper.tobytes(), []).append(d)
+                ids = (id(d.lower), id(d.upper))
+                if ids not in keys:
+                    keys[ids] = d.lower.tobytes() + d.upper.tobytes()
+                by_box.setdefault(keys[ids], []).append(d)
         out = []
         for ds in by_box.values():
             rows, thr, ranges, start = [], [], [], 0
@@ -72,152 +89,354 @@ class Property:
         return out
 
 
-_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+# --- variables and linear terms ------------------------------------------------------------
+
+_VARIABLE = re.compile(r"([XY])_(\d+)")
+_Linear = tuple[dict[str, float], float]        # (coefficient per variable, constant)
 
 
-def _tokens(text: str):
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.split(";", 1)[0]
-        for tok in _TOKEN.findall(line):
-            yield tok, lineno
+class _Variables:
+    """The declared inputs ``X_i`` and outputs ``Y_j`` by name."""
 
-
-def _parse_sexprs(text: str) -> list:
-    """Nested lists of (token, line) leaves; each list carries its opening line."""
-    stack: list[list] = [[]]
-    lines: list[int] = []
-    for tok, lineno in _tokens(text):
-        if tok == "(":
-            stack.append([])
-            lines.append(lineno)
-        elif tok == ")":
-            if len(stack) == 1:
-                raise VnnlibError(f"line {lineno}: unbalanced ')'")
-            done = stack.pop()
-            stack[-1].append(_Expr(done, lines.pop()))
-        else:
-            stack[-1].append((tok, lineno))
-    if len(stack) != 1:
-        raise VnnlibError(f"line {lines[-1]}: '(' is never closed")
-    return stack[0]
-
-
-class _Expr(list):
-    def __init__(self, items, line):
-        super().__init__(items)
-        self.line = line
-
-
-def _head(e) -> str:
-    return e[0][0] if isinstance(e, _Expr) and e and isinstance(e[0], tuple) else ""
-
-
-def _line(e) -> int:
-    return e.line if isinstance(e, _Expr) else e[1]
-
-
-class _Reader:
-    def __init__(self):
+    def __init__(self) -> None:
         self.inputs: dict[str, int] = {}
         self.outputs: dict[str, int] = {}
 
-    def declare(self, e) -> None:
-        if len(e) != 3 or not all(isinstance(t, tuple) for t in e[1:]):
+    def declare(self, e: Expr) -> None:
+        if len(e) != 3 or not all(isinstance(t, str) for t in e[1:]):
             raise VnnlibError(f"line {e.line}: expected (declare-const NAME Real)")
-        name, kind = e[1][0], e[2][0]
+        name, kind = e[1], e[2]
         if kind != "Real":
             raise VnnlibError(f"line {e.line}: {name} has sort {kind}; only Real is supported")
-        m = re.fullmatch(r"([XY])_(\d+)", name)
+        m = _VARIABLE.fullmatch(name)
         if not m:
             raise VnnlibError(f"line {e.line}: variable {name!r} must be named X_i or Y_j")
         (self.inputs if m.group(1) == "X" else self.outputs)[name] = int(m.group(2))
 
-    def linear(self, e) -> tuple[dict[str, float], float]:
-        """A term as (coefficients by variable, constant)."""
-        if isinstance(e, tuple):
-            tok, line = e
-            if tok in self.inputs or tok in self.outputs:
-                return {tok: 1.0}, 0.0
-            try:
-                return {}, float(tok)
-            except ValueError:
-                raise VnnlibError(f"line {line}: {tok!r} is neither a declared variable nor "
-                                  f"a number") from None
-        op = _head(e)
-        terms = [self.linear(t) for t in e[1:]]
-        if op == "+" or (op == "-" and len(terms) >= 1):
-            coef, const = dict(terms[0][0]), terms[0][1]
-            sign = -1.0 if op == "-" else 1.0
-            if op == "-" and len(terms) == 1:
-                return {k: -v for k, v in coef.items()}, -const
-            for c2, k2 in terms[1:]:
-                for k, v in c2.items():
-                    coef[k] = coef.get(k, 0.0) + sign * v
-                const += sign * k2
-            return coef, const
-        if op == "*":
-            coef, const = {}, 1.0
-            for c2, k2 in terms:
-                if c2 and coef:
-                    raise VnnlibError(f"line {e.line}: product of two variables is not linear")
-                if c2:
-                    coef = {k: v * const for k, v in c2.items()}
-                    const = None
-                elif const is None:
-                    coef = {k: v * k2 for k, v in coef.items()}
-                else:
-                    const *= k2
-            return (coef, 0.0) if const is None else ({}, const)
-        raise VnnlibError(f"line {_line(e)}: unsupported term {op or e!r}")
+    def leaf(self, tok: str, line: int) -> _Linear:
+        """A variable or a finite number as a linear term."""
+        if tok in self.inputs or tok in self.outputs:
+            return {tok: 1.0}, 0.0
+        try:
+            value = float(tok)
+        except ValueError:
+            raise VnnlibError(f"line {line}: {tok!r} is neither a declared variable nor "
+                              f"a number") from None
+        if not np.isfinite(value):
+            raise VnnlibError(f"line {line}: {tok!r} is not a finite number")
+        return {}, value
 
-    def dnf(self, e) -> list[list]:
-        """The formula as a list of conjunctions of atoms."""
-        op = _head(e)
-        if op == "and":
-            parts = [self.dnf(x) for x in e[1:]]
-            out = [sum(combo, []) for combo in itertools.product(*parts)]
-        elif op == "or":
-            out = [c for x in e[1:] for c in self.dnf(x)]
-        elif op in ("<=", ">=", "<", ">"):
-            if len(e) != 3:
-                raise VnnlibError(f"line {e.line}: {op} takes two arguments")
-            out = [[e]]
+    def linear(self, term, line: int) -> _Linear:
+        """``term`` (a leaf or nested ``+``, ``-``, ``*``) as a linear term, evaluated
+        bottom-up with an explicit stack; ``line`` is the line of the enclosing atom."""
+        if isinstance(term, str):
+            return self.leaf(term, line)
+        values: list[_Linear] = []
+        stack: list[tuple[object, int, bool]] = [(term, line, False)]
+        while stack:
+            e, at, ready = stack.pop()
+            if isinstance(e, str):
+                values.append(self.leaf(e, at))
+            elif ready:
+                n = len(e) - 1
+                args = values[-n:]
+                del values[-n:]
+                values.append(_ARITHMETIC[e[0]](args, e.line))
+            elif head(e) in _ARITHMETIC and len(e) >= 2:
+                stack.append((e, at, True))
+                stack.extend((x, e.line, False) for x in reversed(e[1:]))
+            else:
+                raise VnnlibError(f"line {e.line}: unsupported term {describe(e)} (expected "
+                                  f"+, -, * with at least one argument, a variable or a number)")
+        return values[0]
+
+
+def _sum(terms: list[_Linear], signs: list[float]) -> _Linear:
+    """``Σ sign·term``. The largest coefficient dict (each term owns its dict) takes the
+    others in, so a long chain of nested sums costs time linear in its length."""
+    big = max(range(len(terms)), key=lambda i: len(terms[i][0]))
+    coef = terms[big][0]
+    if signs[big] < 0:
+        coef = {k: -v for k, v in coef.items()}
+    for i, (c, _) in enumerate(terms):
+        if i != big:
+            for k, v in c.items():
+                coef[k] = coef.get(k, 0.0) + signs[i] * v
+    const = 0.0
+    for (_, k), s in zip(terms, signs):
+        const += s * k
+    return coef, const
+
+
+def _product(terms: list[_Linear], line: int) -> _Linear:
+    """A product with at most one factor that is not a constant."""
+    scale, factor = 1.0, None
+    for coef, const in terms:
+        if not coef:
+            scale *= const
+        elif factor is None:
+            factor = coef, const
         else:
-            raise VnnlibError(f"line {_line(e)}: unsupported connective {op or e!r} "
-                              f"(expected and, or, <=, >=, <, >)")
-        if len(out) > MAX_DISJUNCTS:
-            raise VnnlibError(f"line {_line(e)}: more than {MAX_DISJUNCTS} disjuncts")
-        return out
+            raise VnnlibError(f"line {line}: product of two variables is not linear")
+    if factor is None:
+        return {}, scale
+    return {k: v * scale for k, v in factor[0].items()}, factor[1] * scale
 
-    def atom(self, e) -> tuple[dict[str, float], float]:
-        """``lhs op rhs`` as ``coef·v + const <= 0``."""
-        a, b = self.linear(e[1]), self.linear(e[2])
-        if e[0][0] in ("<=", "<"):
-            a, b = b, a
-        coef = dict(b[0])                      # b - a <= 0 for (>= a b)
-        for k, v in a[0].items():
-            coef[k] = coef.get(k, 0.0) - v
-        return {k: v for k, v in coef.items() if v != 0}, b[1] - a[1]
+
+def _minus(terms: list[_Linear], line: int) -> _Linear:
+    return _sum(terms, [-1.0] if len(terms) == 1 else [1.0] + [-1.0] * (len(terms) - 1))
+
+
+_ARITHMETIC = {"+": lambda terms, line: _sum(terms, [1.0] * len(terms)),
+               "-": _minus, "*": _product}
+
+
+# --- atoms: input bounds and output rows ---------------------------------------------------
+
+@dataclass(frozen=True)
+class _Bound:
+    """``X_index <= value`` (``upper``) or ``X_index >= value``."""
+
+    index: int
+    upper: bool
+    value: float
+
+
+@dataclass(frozen=True)
+class _Row:
+    """``Σ vals·Y[cols] + const <= 0``; refuted by proving the sum ``> thr = -const``."""
+
+    cols: tuple[int, ...]
+    vals: tuple[float, ...]
+    thr: float
+
+
+_Constraint = Union[_Bound, _Row, bool]          # a bool: a constant atom, True or False
+_COMPARISONS = ("<=", ">=", "<", ">")
+
+
+def _constraint(e: Expr, variables: _Variables) -> _Constraint:
+    """An atom ``(op lhs rhs)`` as ``coef·v + const <= 0``, classified (strict comparisons
+    are read as non-strict: the unsafe region only grows)."""
+    if len(e) != 3:
+        raise VnnlibError(f"line {e.line}: {e[0]} takes two arguments")
+    a, b = variables.linear(e[1], e.line), variables.linear(e[2], e.line)
+    if e[0] in ("<=", "<"):
+        a, b = b, a
+    coef = b[0]                                  # b - a <= 0 for (>= a b)
+    for k, v in a[0].items():
+        coef[k] = coef.get(k, 0.0) - v
+    coef = {k: v for k, v in coef.items() if v != 0}
+    const = b[1] - a[1]
+    xs = [k for k in coef if k in variables.inputs]
+    if xs and len(xs) != len(coef):
+        raise VnnlibError(f"line {e.line}: a constraint mixing inputs and outputs "
+                          f"is not supported")
+    if xs:
+        if len(xs) != 1:
+            raise VnnlibError(f"line {e.line}: input constraints must bound one "
+                              f"variable (a box)")
+        a_i = coef[xs[0]]
+        return _Bound(variables.inputs[xs[0]], a_i > 0, -const / a_i)
+    if coef:
+        return _Row(tuple(variables.outputs[k] for k in coef), tuple(coef.values()), -const)
+    return const <= 0
+
+
+# --- disjunctive normal form ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Conj:
+    """A compiled conjunction: the input box (``None``: no input bound; arrays may be shared
+    and are never written), the output rows in order, and whether an atom is constant
+    false."""
+
+    lower: np.ndarray | None
+    upper: np.ndarray | None
+    rows: tuple[_Row, ...]
+    false: bool
+
+
+def _conjoin(items: Iterable[_Conj | _Constraint], nx: int) -> _Conj:
+    """The conjunction of compiled conjunctions and constraints, rows kept in order."""
+    rows: list[_Row] = []
+    boxes: list[_Conj] = []
+    bounds: list[_Bound] = []
+    false = False
+    for it in items:
+        if isinstance(it, _Conj):
+            rows.extend(it.rows)
+            false = false or it.false
+            if it.lower is not None:
+                boxes.append(it)
+        elif isinstance(it, _Row):
+            rows.append(it)
+        elif isinstance(it, _Bound):
+            bounds.append(it)
+        elif it is False:
+            false = True
+    lower, upper = _box(boxes, bounds, nx)
+    return _Conj(lower, upper, tuple(rows), false)
+
+
+def _box(boxes: list[_Conj], bounds: list[_Bound], nx: int
+         ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The intersection of boxes and single-variable bounds; one box alone is shared."""
+    if not bounds and len(boxes) <= 1:
+        return (boxes[0].lower, boxes[0].upper) if boxes else (None, None)
+    lower, upper = np.full(nx, -np.inf), np.full(nx, np.inf)
+    for c in boxes:
+        np.maximum(lower, c.lower, out=lower)
+        np.minimum(upper, c.upper, out=upper)
+    for b in bounds:
+        if b.upper:
+            upper[b.index] = min(upper[b.index], b.value)
+        else:
+            lower[b.index] = max(lower[b.index], b.value)
+    return lower, upper
+
+
+def _operands(items: Iterable, op: str, line: int) -> list[tuple[object, int]]:
+    """``items`` with nested ``op`` expressions spliced in, in order (iterative), each with
+    the line of the expression it was written in (``line`` for ``items`` themselves)."""
+    out, todo = [], [(e, line) for e in reversed(list(items))]
+    while todo:
+        e, at = todo.pop()
+        if head(e) == op:
+            todo.extend((x, e.line) for x in reversed(e[1:]))
+        else:
+            out.append((e, at))
+    return out
+
+
+class _Frame:
+    """An ``and`` / ``or`` being converted: its operands and the values of those done."""
+
+    __slots__ = ("op", "line", "operands", "values")
+
+    def __init__(self, op: str, line: int, operands: list[tuple[object, int]]) -> None:
+        self.op, self.line, self.operands = op, line, operands
+        self.values: list[_Constraint | list[_Conj]] = []
+
+
+def _dnf(formulas: list[tuple[object, int]], variables: _Variables) -> list[_Conj]:
+    """The conjunction of ``formulas`` (each with its line) as a list of compiled
+    conjunctions, depth-first with an explicit stack of frames."""
+    nx = len(variables.inputs)
+    stack = [_Frame("and", 0, [])]
+    for e, line in formulas:
+        stack[0].operands.extend(_operands([e], "and", line))
+    while True:
+        frame = stack[-1]
+        if len(frame.values) < len(frame.operands):
+            e, line = frame.operands[len(frame.values)]
+            op = head(e)
+            if op in ("and", "or"):
+                stack.append(_Frame(op, e.line, _operands(e[1:], op, e.line)))
+            elif op in _COMPARISONS:
+                frame.values.append(_constraint(e, variables))
+            else:
+                line = e.line if isinstance(e, Expr) else line
+                raise VnnlibError(f"line {line}: unsupported connective {describe(e)} "
+                                  f"(expected and, or, <=, >=, <, >)")
+            continue
+        stack.pop()
+        conjs = (_distribute if frame.op == "and" else _union)(frame, nx)
+        if not stack:
+            return conjs
+        stack[-1].values.append(conjs)
+
+
+def _too_many(line: int) -> VnnlibError:
+    return VnnlibError(f"line {line}: the formula expands to more than {MAX_DISJUNCTS} disjuncts "
+                       f"in disjunctive normal form; split the property into several files")
+
+
+def _union(frame: _Frame, nx: int) -> list[_Conj]:
+    """An ``or``: the disjuncts of its operands, in order."""
+    out: list[_Conj] = []
+    for v in frame.values:
+        if isinstance(v, list):
+            out.extend(v)
+        else:
+            out.append(_conjoin([v], nx))
+        if len(out) > MAX_DISJUNCTS:
+            raise _too_many(frame.line)
+    return out
+
+
+def _distribute(frame: _Frame, nx: int) -> list[_Conj]:
+    """An ``and``: each run of operands with one disjunct is conjoined once; the product is
+    taken over the rest only, its size checked (naming the operand that passes the cap)
+    before it is built."""
+    parts: list[list[_Conj]] = []
+    run: list = []
+    size = 1
+    for v, (e, line) in zip(frame.values, frame.operands):
+        if isinstance(v, list) and len(v) != 1:
+            size *= len(v)
+            if size > MAX_DISJUNCTS:
+                raise _too_many(e.line if isinstance(e, Expr) else line)
+            if run:
+                parts.append([_conjoin(run, nx)])
+                run = []
+            parts.append(v)
+        else:
+            run.append(v[0] if isinstance(v, list) else v)
+    if size == 0:
+        return []                                # an empty ``or`` is false
+    if run or not parts:
+        parts.append([_conjoin(run, nx)])
+    if len(parts) == 1:
+        return parts[0]
+    return [_conjoin(combo, nx) for combo in itertools.product(*parts)]
+
+
+# --- the property --------------------------------------------------------------------------
+
+def _disjunct(c: _Conj, variables: _Variables, ny: int) -> Disjunct:
+    """A compiled conjunction as a :class:`Disjunct`; every input must be bounded."""
+    nx = len(variables.inputs)
+    lower = np.full(nx, -np.inf) if c.lower is None else c.lower
+    upper = np.full(nx, np.inf) if c.upper is None else c.upper
+    for side, arr, missing in (("lower", lower, -np.inf), ("upper", upper, np.inf)):
+        unbounded = np.flatnonzero(arr == missing)
+        if unbounded.size:
+            raise VnnlibError(f"every input needs a lower and an upper bound in each "
+                              f"disjunct: X_{unbounded[0]} has no {side} bound")
+    if c.false:                                  # a constant false atom: the box is empty
+        lower = np.full(nx, np.inf)
+    C = np.zeros((len(c.rows), ny))
+    for r, row in enumerate(c.rows):
+        C[r, list(row.cols)] = row.vals
+    return Disjunct(lower, upper, C, np.array([row.thr for row in c.rows], dtype=float))
+
+
+def _read(text: str) -> tuple[_Variables, list]:
+    """The declarations and the asserted formulas of ``text``."""
+    variables, asserts = _Variables(), []
+    for e in parse(text, VnnlibError):
+        command = head(e)
+        if command == "declare-const":
+            variables.declare(e)
+        elif command == "assert":
+            if len(e) != 2:
+                raise VnnlibError(f"line {e.line}: assert takes one formula")
+            asserts.append((e[1], e.line))
+        else:
+            raise VnnlibError(f"line {e.line}: expected declare-const or assert, got "
+                              f"{describe(e)}")
+    return variables, asserts
 
 
 def parse_vnnlib(text: str, n_inputs: int | None = None, n_outputs: int | None = None
                  ) -> Property:
-    """Parse VNN-LIB text; sizes are checked against ``n_inputs`` / ``n_outputs`` if given."""
-    reader = _Reader()
-    asserts = []
-    for e in _parse_sexprs(text):
-        head = _head(e)
-        if head == "declare-const":
-            reader.declare(e)
-        elif head == "assert":
-            if len(e) != 2:
-                raise VnnlibError(f"line {e.line}: assert takes one formula")
-            asserts.append(e[1])
-        else:
-            raise VnnlibError(f"line {_line(e)}: expected declare-const or assert, got "
-                              f"{head or e!r}")
-    nx, ny = len(reader.inputs), len(reader.outputs)
-    for kind, names, n in (("X", reader.inputs, nx), ("Y", reader.outputs, ny)):
+    """Parse VNN-LIB text; sizes are checked against ``n_inputs`` / ``n_outputs`` if given.
+    Raises :class:`VnnlibError` naming the line and the reason for anything it cannot read,
+    including a formula of more than :data:`MAX_DISJUNCTS` disjuncts."""
+    variables, asserts = _read(text)
+    nx, ny = len(variables.inputs), len(variables.outputs)
+    for kind, names, n in (("X", variables.inputs, nx), ("Y", variables.outputs, ny)):
         if sorted(names.values()) != list(range(n)):
             raise VnnlibError(f"{kind} variables must be numbered 0..{n - 1} without gaps")
     if n_inputs is not None and nx != n_inputs:
@@ -226,50 +445,20 @@ def parse_vnnlib(text: str, n_inputs: int | None = None, n_outputs: int | None =
         raise VnnlibError(f"the property declares {ny} outputs but the model has {n_outputs}")
     if not asserts:
         raise VnnlibError("the property has no assert")
-    formula = reader.dnf(_Expr([("and", 0), *asserts], 0))
-    disjuncts = []
-    for conj in formula:
-        lo, hi = np.full(nx, -np.inf), np.full(nx, np.inf)
-        rows, thr = [], []
-        for atom in conj:
-            coef, const = reader.atom(atom)
-            xs = [k for k in coef if k in reader.inputs]
-            ys = [k for k in coef if k in reader.outputs]
-            if xs and ys:
-                raise VnnlibError(f"line {atom.line}: a constraint mixing inputs and outputs "
-                                  f"is not supported")
-            if xs:
-                if len(xs) != 1:
-                    raise VnnlibError(f"line {atom.line}: input constraints must bound one "
-                                      f"variable (a box)")
-                i, a = reader.inputs[xs[0]], coef[xs[0]]
-                bound = -const / a                      # a·x + const <= 0
-                if a > 0:
-                    hi[i] = min(hi[i], bound)
-                else:
-                    lo[i] = max(lo[i], bound)
-            elif ys:
-                row = np.zeros(ny)
-                for k, v in coef.items():
-                    row[reader.outputs[k]] = v
-                rows.append(row)
-                thr.append(-const)              # refute c·y + const <= 0 by c·y > -const
-            elif const > 0:                     # a constant false atom: disjunct is empty
-                lo[:] = np.inf
-        if np.any(lo == -np.inf) or np.any(hi == np.inf):
-            raise VnnlibError("every input needs a lower and an upper bound in each disjunct")
-        disjuncts.append(Disjunct(lo, hi, np.array(rows).reshape(len(rows), ny),
-                                  np.array(thr, dtype=float)))
-    return Property(nx, ny, tuple(disjuncts))
+    conjs = _dnf(asserts, variables)
+    return Property(nx, ny, tuple(_disjunct(c, variables, ny) for c in conjs))
 
 
 def load_vnnlib(path: str | Path, n_inputs: int | None = None, n_outputs: int | None = None
                 ) -> Property:
+    """Read a VNN-LIB file, plain or gzip-compressed (see :func:`parse_vnnlib`); every
+    error is a :class:`VnnlibError` whose message starts with the path."""
     path = Path(path)
+    data = read_bytes(path, VnnlibError, "property file")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise VnnlibError(f"{path}: cannot read the property file: {e}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VnnlibError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     try:
         return parse_vnnlib(text, n_inputs, n_outputs)
     except VnnlibError as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import time
 
 import numpy as np
 import onnx
@@ -11,8 +13,10 @@ from onnx import TensorProto, helper
 
 import boundflow as bf
 from boundflow.api import BoundOptions
+from boundflow.frontend import files
 from boundflow.frontend.onnx import load_onnx
-from boundflow.frontend.vnnlib import VnnlibError, parse_vnnlib
+from boundflow.frontend.vnnlib import (MAX_DISJUNCTS, Property, VnnlibError, load_vnnlib,
+                                       parse_vnnlib)
 from boundflow.vnncomp import check_property, onnx_runner
 from tests.conftest import shared_path
 
@@ -52,10 +56,140 @@ def test_disjunctions_expand_to_dnf():
     ("(declare-const X_0 Int)", "line 1: X_0 has sort Int"),
     ("(declare-const A Real)", "must be named X_i or Y_j"),
     (HEADER, "no assert"),
+    (HEADER + BOX + "(assert (>= Y_0 nan))", r"line 9: 'nan' is not a finite number"),
+    (HEADER + BOX + "(assert (>= (+) Y_0))", r"line 9: unsupported term '\(\+ \.\.\.\)'"),
+    (HEADER + BOX + "stray", r"line 9: expected a parenthesised command, got 'stray'"),
+    (HEADER + BOX + "(assert (<= Y_0))", r"line 9: <= takes two arguments"),
 ])
 def test_malformed_vnnlib_names_line_and_reason(text, match):
     with pytest.raises(VnnlibError, match=match):
         parse_vnnlib(text)
+
+
+def test_products_with_constants_are_linear():
+    prop = parse_vnnlib(HEADER + BOX + "(assert (<= (* 2 (+ Y_0 1)) (- Y_1 (* Y_0 -3) 4)))")
+    # 2·y0 + 2 <= y1 + 3·y0 - 4  ->  -y0 - y1 + 6 <= 0: refuted by -y0 - y1 > -6
+    np.testing.assert_array_equal(prop.disjuncts[0].C, [[-1, -1]])
+    np.testing.assert_array_equal(prop.disjuncts[0].threshold, [-6])
+
+
+def _timed(text: str) -> tuple[Property, float]:
+    """The parsed property and the CPU seconds it took (robust to a busy machine)."""
+    start = time.process_time()
+    prop = parse_vnnlib(text)
+    return prop, time.process_time() - start
+
+
+def test_64k_single_variable_asserts_parse_within_a_ceiling():
+    """The box of a 32k-input property as 64k top-level asserts (2.9 MB): quadratic list
+    concatenation made this take 53 s in issue 13 (5.6 s of CPU here); about 1 s now."""
+    n = 32_000
+    lines = [f"(declare-const X_{i} Real)" for i in range(n)] + \
+            ["(declare-const Y_0 Real)", "(declare-const Y_1 Real)"]
+    for i in range(n):
+        lines += [f"(assert (>= X_{i} {i}))", f"(assert (<= X_{i} {i + 0.5}))"]
+    lines.append("(assert (>= Y_0 Y_1))")
+    prop, seconds = _timed("\n".join(lines))
+    assert seconds < 15, f"64k asserts took {seconds:.1f} s"
+    (d,) = prop.disjuncts
+    np.testing.assert_array_equal(d.lower, np.arange(n))
+    np.testing.assert_array_equal(d.upper, np.arange(n) + 0.5)
+    np.testing.assert_array_equal(d.C, [[-1, 1]])
+
+
+def _robustness_property(n_in: int, n_out: int, n_disjuncts: int) -> str:
+    """A box of top-level asserts and one ``or`` over output constraints, the shape of
+    VNN-COMP classification-robustness properties."""
+    lines = [f"(declare-const X_{i} Real)" for i in range(n_in)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
+    for i in range(n_in):
+        lo = i / n_in
+        lines += [f"(assert (>= X_{i} {lo:.6f}))", f"(assert (<= X_{i} {lo + 0.01:.6f}))"]
+    alternatives = "\n".join(f"  (and (>= Y_{k % n_out} Y_{(k + 1) % n_out}) (<= Y_0 {k}.5))"
+                              for k in range(n_disjuncts))
+    lines.append(f"(assert (or\n{alternatives}))")
+    return "\n".join(lines)
+
+
+def test_a_big_or_under_a_shared_box_parses_quickly():
+    """784 inputs, 30,000 disjuncts, 1.2 MB: each disjunct used to copy the whole box
+    (about 40 s for 5,000 disjuncts); the box is now built once and shared."""
+    text = _robustness_property(784, 10, 30_000)
+    assert len(text) > 1_000_000
+    prop, seconds = _timed(text)
+    assert seconds < 15, f"the 1.2 MB property took {seconds:.1f} s"
+    assert len(prop.disjuncts) == 30_000
+    d = prop.disjuncts[12_345]
+    np.testing.assert_allclose(d.lower[[0, 783]], [0, 783 / 784], atol=1e-6)
+    # (>= Y_5 Y_6) is y6 - y5 <= 0; (<= Y_0 12345.5) is y0 - 12345.5 <= 0
+    np.testing.assert_array_equal(d.C, [np.eye(10)[6] - np.eye(10)[5], np.eye(10)[0]])
+    np.testing.assert_array_equal(d.threshold, [0, 12345.5])
+    (group,) = prop.groups()
+    assert group[1].C.shape == (1, 60_000, 10)
+
+
+def test_deep_nesting_parses_without_recursion():
+    n = 5_000
+    nested_and = "(assert " + "(and (>= Y_0 1) " * n + "(<= Y_1 2)" + ")" * n + ")"
+    (d,) = parse_vnnlib(HEADER + BOX + nested_and).disjuncts
+    assert d.C.shape == (n + 1, 2)
+    nested_or = "(assert " + "(or (>= Y_0 1) " * n + "(<= Y_1 2)" + ")" * n + ")"
+    assert len(parse_vnnlib(HEADER + BOX + nested_or).disjuncts) == n + 1
+    nested_sum = "(assert (>= " + "(+ Y_0 " * n + "1" + ")" * n + " 0))"
+    (d,) = parse_vnnlib(HEADER + BOX + nested_sum).disjuncts
+    np.testing.assert_array_equal(d.C, [[-n, 0]])
+    np.testing.assert_array_equal(d.threshold, [1])
+
+
+def test_a_dnf_over_max_disjuncts_is_refused_before_it_is_built():
+    pairs = "(or (>= Y_0 1) (>= Y_1 1)) " * 20                  # 2**20 disjuncts
+    start = time.process_time()
+    with pytest.raises(VnnlibError, match=f"more than {MAX_DISJUNCTS} disjuncts"):
+        parse_vnnlib(HEADER + BOX + f"(assert (and {pairs}))")
+    assert time.process_time() - start < 5
+    deep = "(assert " + "(and (or (>= Y_0 1) (>= Y_1 1)) " * 5_000 + "(<= Y_1 2)" + \
+        ")" * 5_000 + ")"
+    with pytest.raises(VnnlibError, match=r"line 9: the formula expands to more than"):
+        parse_vnnlib(HEADER + BOX + deep)
+
+
+def _nano(name: str):
+    return shared_path("benchmarks", "vnncomp_test", name)
+
+
+def _same_property(a, b) -> None:
+    assert (a.n_inputs, a.n_outputs, len(a.disjuncts)) == (b.n_inputs, b.n_outputs,
+                                                           len(b.disjuncts))
+    for x, y in zip(a.disjuncts, b.disjuncts):
+        for field in ("lower", "upper", "C", "threshold"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+
+
+def test_gzipped_vnnlib_reads_like_the_plain_file(tmp_path):
+    plain = _nano("test_nano.vnnlib")
+    packed = gzip.compress(plain.read_bytes())
+    (tmp_path / "p.vnnlib.gz").write_bytes(packed)
+    (tmp_path / "no_suffix.vnnlib").write_bytes(packed)     # told apart by the magic bytes
+    want = load_vnnlib(plain, 1, 1)
+    _same_property(load_vnnlib(tmp_path / "p.vnnlib.gz", 1, 1), want)
+    _same_property(load_vnnlib(tmp_path / "no_suffix.vnnlib", 1, 1), want)
+
+
+def test_corrupt_misnamed_and_oversized_gzip_give_clean_errors(tmp_path, monkeypatch):
+    packed = gzip.compress((HEADER + BOX + "(assert (>= Y_0 1))\n" * 200).encode())
+    (tmp_path / "cut.vnnlib.gz").write_bytes(packed[:len(packed) // 2])
+    (tmp_path / "bad.vnnlib.gz").write_bytes(packed[:10] + b"\xff" * 40)
+    (tmp_path / "plain.vnnlib.gz").write_text(HEADER + BOX)
+    (tmp_path / "bomb.vnnlib.gz").write_bytes(packed)
+    for name, match in [("cut", "corrupt or truncated gzip"), ("bad", "corrupt or truncated"),
+                        ("plain", "not gzip data"), ("missing", "cannot read")]:
+        with pytest.raises(VnnlibError, match=match) as info:
+            load_vnnlib(tmp_path / f"{name}.vnnlib.gz")
+        assert str(info.value).startswith(str(tmp_path / f"{name}.vnnlib.gz"))
+        assert "\n" not in str(info.value)
+    monkeypatch.setattr(files, "MAX_DECOMPRESSED_BYTES", 1000)
+    with pytest.raises(VnnlibError, match="decompresses to more than 1,000 bytes"):
+        load_vnnlib(tmp_path / "bomb.vnnlib.gz")
 
 
 def test_size_mismatch_with_the_model():
