@@ -1,34 +1,39 @@
-"""The tuning database: workloads, candidates, measurements, best plans, cost models and
-tuning runs, behind a small API that returns frozen records.
+"""The tuning database: workloads, candidates, measurements, best plans, cost models, tuning
+runs and their claims, behind a small API that returns frozen records.
 
 ``Database(url)`` takes any SQLAlchemy URL (``postgresql+psycopg://...`` for a shared one) or a
 file path (SQLite; WAL journal, 30 s busy timeout, writes in ``BEGIN IMMEDIATE`` transactions
 so concurrent writers queue instead of failing with "database is locked"); ``":memory:"`` is a
-private in-memory database. A database with none of our tables is initialised; one with tables
-but not ours, a corrupt file or another schema version raises :class:`DatabaseError`.
+private in-memory database. A database with none of our tables is initialised; one of schema
+version 1 is migrated to 2 in place (one transaction: new nullable columns and the claims
+table); one with tables but not ours, a corrupt file or another schema version raises
+:class:`DatabaseError`.
 
-A measurement is written with its workload and candidate in one transaction, so a writer killed
-mid-way leaves nothing half-written. The best plan per (workload, target, objective) is kept up
-to date as measurements arrive (objective ``time``: the smallest median run time).
+The storage contract is in :class:`Database`'s docstring; how concurrent tuners share a
+workload is in ``runs.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
-from sqlalchemy import create_engine, event, func, inspect, select
+from sqlalchemy import create_engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from boundflow.db.models import APP, SCHEMA_VERSION, Base, BestPlanRow, CandidateRow, \
-    CostModelRow, MeasurementRow, Meta, TuningRunRow, WorkloadRow
+from boundflow.db import runs as coord
+from boundflow.db.liveness import DEFAULT_HEARTBEAT_TIMEOUT, process_id
+from boundflow.db.models import APP, RUN_STATUSES, SCHEMA_VERSION, V2_COLUMNS, Base, \
+    BestPlanRow, CandidateRow, ClaimRow, CostModelRow, MeasurementRow, Meta, TuningRunRow, \
+    WorkloadRow
 from boundflow.errors import BoundFlowError, DatabaseError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
@@ -37,6 +42,7 @@ from boundflow.measure.result import MeasureResult
 
 T = TypeVar("T")
 OBJECTIVE_TIME = "time"
+EXPORT_VERSION = 1          # the export line format (unchanged by schema 2: claims stay home)
 _RESULT_FIELDS = ("backend", "target", "error_kind", "error", "median_s", "mean_s", "std_s",
                   "peak_bytes", "peak_source", "mean_width", "verified_fraction", "n_kernels",
                   "compile_seconds", "runner", "machine", "timestamp")
@@ -92,6 +98,10 @@ class CostModelRecord:
 
 @dataclass(frozen=True)
 class TuningRunRecord:
+    """A tuning run. ``status`` is ``running``, ``finished``, ``failed`` or ``dead`` (a run
+    recorded as running whose process is gone or whose heartbeat is older than
+    ``heartbeat_timeout`` reads as dead, whether or not it was marked so yet)."""
+
     id: int
     workload_key: str
     strategy: str
@@ -100,6 +110,23 @@ class TuningRunRecord:
     n_trials: int
     started: float
     finished: float | None
+    backend: str | None = None
+    machine: str | None = None
+    heartbeat_at: float | None = None
+    heartbeat_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    """A plan a live run is measuring in the scope (workload, backend, target, machine)."""
+
+    workload_key: str
+    candidate_key: str
+    backend: str
+    target: str
+    machine: str
+    run_id: int
+    created: float
 
 
 def graph_summary(graph: Graph) -> dict:
@@ -130,11 +157,32 @@ def _is_busy(e: BaseException) -> bool:
 
 
 class Database:
-    """See the module docstring. Every method runs in its own transaction."""
+    """The tuning database. The storage contract:
+
+    * **Atomic.** Every method is one transaction: it happens wholly or not at all, and a
+      writer killed mid-way leaves nothing behind. A measurement is written with its workload,
+      its candidate, the best-plan update and the release of its claim in one transaction;
+      ``claim`` checks the budget and takes its claims in one transaction, serialised per
+      workload (SQLite: one writer at a time; PostgreSQL: a lock on the workload's row), so
+      concurrent tuners never claim the same plan nor together pass the budget. A transaction
+      that meets a busy database, a serialisation failure or a unique-key race is re-run.
+    * **Immutable.** Workloads, candidates (plans), measurements and saved cost models are
+      never changed once written (a candidate's features may be filled in later), only added
+      to; the same plan measured again is a second measurement. Best plans change only to a
+      better value. Tuning runs change status once, from ``running`` to ``finished``,
+      ``failed`` or ``dead``; claims live only while their plan is being measured.
+    * **Records.** Rows leave as frozen records; nothing returned is tied to a session.
+    * **Threads and processes.** A ``Database`` may be used from several threads (a session
+      per call; ``":memory:"``, one private connection, from one thread at a time) and any
+      number of processes may open the same file or URL.
+    * **Errors.** Every failure of the store is a :class:`DatabaseError` naming the database
+      (without its password) and the operation.
+    """
 
     def __init__(self, url: str | Path | None, *, echo: bool = False):
         self.url = _url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        self.is_private = self.url == "sqlite://"        # in memory: no other process sees it
         try:
             if self.url == "sqlite://":
                 engine = create_engine(self.url, echo=echo, poolclass=StaticPool,
@@ -236,12 +284,39 @@ class Database:
         if meta.get("app") != APP:
             raise DatabaseError(f"{self.shown()} is not a BoundFlow tuning database")
         version = meta.get("schema_version")
+        if version == "1":
+            self._migrate_v1()
+            version = str(SCHEMA_VERSION)
+            tables = set(inspect(self.engine).get_table_names())
         if version != str(SCHEMA_VERSION):
             raise DatabaseError(f"{self.shown()} has tuning-database schema version {version}; "
                                 f"this BoundFlow reads version {SCHEMA_VERSION}")
         missing = ours - tables
         if missing:
             raise DatabaseError(f"{self.shown()} lacks tables {sorted(missing)}")
+
+    def _migrate_v1(self) -> None:
+        """Schema 1 → 2 in one transaction: the runs' new (nullable) columns and the claims
+        table. Whoever migrates first wins; the others find version 2 inside their
+        transaction and change nothing."""
+        def migrate(s: Session) -> None:
+            row = s.scalar(select(Meta).where(Meta.key == "schema_version").with_for_update())
+            if row is None or row.value != "1":
+                return
+            conn = s.connection()
+            prep = conn.dialect.identifier_preparer
+            for table, names in V2_COLUMNS.items():
+                have = {c["name"] for c in inspect(conn).get_columns(table)}
+                for name in names:
+                    if name in have:
+                        continue
+                    col = Base.metadata.tables[table].c[name]
+                    kind = col.type.compile(dialect=conn.dialect)
+                    conn.execute(text(f"ALTER TABLE {prep.quote(table)} ADD COLUMN "
+                                      f"{prep.quote(name)} {kind}"))
+            ClaimRow.__table__.create(conn, checkfirst=True)
+            row.value = str(SCHEMA_VERSION)
+        self._tx("migrate to schema 2", migrate)
 
     def _create(self) -> None:
         for attempt in range(5):
@@ -329,19 +404,26 @@ class Database:
         return self._tx("add_candidate", add)
 
     def add_measurement(self, bundle: PlanBundle, result: MeasureResult, features: Any = None,
-                        graph: Graph | None = None) -> MeasurementRecord:
+                        graph: Graph | None = None, *, run_id: int | None = None
+                        ) -> MeasurementRecord:
         """Record ``result`` for ``bundle`` (creating its workload and candidate) in one
-        transaction, and update the workload's best plan for the time objective."""
+        transaction, update the workload's best plan for the time objective, and release the
+        plan's claim in the result's scope (backend, target, machine) and any claim of
+        ``run_id`` on it; with ``run_id``, the write is also that run's heartbeat."""
         if result.candidate != bundle.key:
             raise BoundFlowError(f"result of candidate {result.candidate} given for plan "
                                  f"{bundle.key}")
         def add(s: Session) -> MeasurementRecord:
+            if run_id is not None:              # run row, then claims: one lock order
+                self._beat(s, run_id, time.time())
             wrow = self._get_workload(s, bundle.workload, graph)
             crow = self._get_candidate(s, wrow, bundle, features)
             m = MeasurementRow(candidate_id=crow.id, times=list(result.times),
                                **{f: getattr(result, f) for f in _RESULT_FIELDS})
             s.add(m)
             s.flush()
+            coord.release_measured(s, wrow, bundle.key, result.backend, result.target,
+                                   result.machine, run_id)
             if result.ok and result.median_s is not None:
                 self._offer_best(s, wrow, crow, result.target, OBJECTIVE_TIME, result.backend,
                                  result.median_s)
@@ -379,12 +461,16 @@ class Database:
             row = s.scalar(select(WorkloadRow).where(WorkloadRow.key == key))
             return None if row is None else self._workload_record(row)
 
-    def candidates(self, workload: Workload | str) -> list[CandidateRecord]:
+    def candidates(self, workload: Workload | str, keys: Sequence[str] | None = None
+                   ) -> list[CandidateRecord]:
+        """The candidates of ``workload`` (only those with plan keys in ``keys``, if given),
+        oldest first."""
         key = workload if isinstance(workload, str) else workload.key
         with self._guard("candidates"), self._session() as s:
-            rows = s.scalars(select(CandidateRow).join(WorkloadRow)
-                             .where(WorkloadRow.key == key).order_by(CandidateRow.id))
-            return [self._candidate_record(r, key) for r in rows]
+            q = select(CandidateRow).join(WorkloadRow).where(WorkloadRow.key == key)
+            if keys is not None:
+                q = q.where(CandidateRow.key.in_(list(keys)))
+            return [self._candidate_record(r, key) for r in s.scalars(q.order_by(CandidateRow.id))]
 
     def has_measurement(self, bundle: PlanBundle, backend: str | None = None) -> bool:
         with self._guard("has_measurement"), self._session() as s:
@@ -445,7 +531,8 @@ class Database:
             return [self._tuning_record(m) for m in s.scalars(q.order_by(MeasurementRow.id))]
 
     def summary(self) -> dict:
-        """Counts of every table and failures by error kind."""
+        """Counts of every table, failures by error kind and runs by status (``runs``, with
+        dead runs read as dead)."""
         with self._guard("summary"), self._session() as s:
             counts = {name: int(s.scalar(select(func.count()).select_from(model)))
                       for name, model in (("workloads", WorkloadRow),
@@ -453,11 +540,17 @@ class Database:
                                           ("measurements", MeasurementRow),
                                           ("best_plans", BestPlanRow),
                                           ("cost_models", CostModelRow),
-                                          ("tuning_runs", TuningRunRow))}
+                                          ("tuning_runs", TuningRunRow),
+                                          ("claims", ClaimRow))}
             failures = dict(s.execute(select(MeasurementRow.error_kind, func.count())
                                       .where(MeasurementRow.error_kind.is_not(None))
                                       .group_by(MeasurementRow.error_kind)).all())
-            return {**counts, "failures": {str(k): int(v) for k, v in sorted(failures.items())}}
+            now, by_status = time.time(), {}
+            for r in s.scalars(select(TuningRunRow)):
+                status = "dead" if coord.run_is_dead(r, now) else r.status
+                by_status[status] = by_status.get(status, 0) + 1
+            return {**counts, "failures": {str(k): int(v) for k, v in sorted(failures.items())},
+                    "runs": dict(sorted(by_status.items()))}
 
     # -- cost models and runs ----------------------------------------------------------------
     def save_cost_model(self, name: str, blob: bytes, feature_version: str,
@@ -480,32 +573,117 @@ class Database:
                 row.created)
 
     def start_run(self, workload: Workload, strategy: str, config: dict,
-                  graph: Graph | None = None) -> int:
+                  graph: Graph | None = None, *, backend: str | None = None,
+                  machine: str | None = None,
+                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT) -> int:
+        """A new ``running`` run of ``workload``, measuring on ``backend`` and ``machine``
+        (the scope its claims take, see ``claim``), owned by this process. It is dead once it
+        goes ``heartbeat_timeout`` seconds without a heartbeat (``heartbeat``, ``claim`` or
+        ``add_measurement(run_id=...)``), or at once when its process is seen gone."""
+        if not (isinstance(heartbeat_timeout, (int, float)) and
+                math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
+            raise BoundFlowError(f"heartbeat_timeout must be a number of seconds > 0, not "
+                                 f"{heartbeat_timeout!r}")
+
         def start(s: Session) -> int:
             wrow = self._get_workload(s, workload, graph)
+            now = time.time()
             row = TuningRunRow(workload_id=wrow.id, strategy=strategy, config=dict(config),
-                               status="running", n_trials=0, started=time.time())
+                               status="running", n_trials=0, started=now, backend=backend,
+                               machine=machine, owner=process_id(), heartbeat_at=now,
+                               heartbeat_timeout=float(heartbeat_timeout))
             s.add(row)
             s.flush()
             return row.id
         return self._tx("start_run", start)
 
+    @staticmethod
+    def _beat(s: Session, run_id: int, now: float) -> TuningRunRow:
+        row = s.get(TuningRunRow, run_id)
+        if row is None:
+            raise DatabaseError(f"no tuning run {run_id}")
+        if row.status == "running":
+            row.heartbeat_at = now
+        return row
+
+    def heartbeat(self, run_id: int) -> bool:
+        """Say that run ``run_id`` is alive; False when it is no longer running (it finished,
+        or it was found dead and its claims were handed back: it should stop)."""
+        return self._tx("heartbeat",
+                        lambda s: self._beat(s, run_id, time.time()).status == "running")
+
+    def claim(self, run_id: int, keys: Sequence[str], budget: int | None = None
+              ) -> list[str]:
+        """Claim plans (``PlanBundle.key``) of the run's workload for run ``run_id`` in its
+        scope (workload, backend, target, machine), atomically: first every dead run is
+        marked ``dead`` and its claims released; then each key, in order, that is neither
+        measured nor claimed in the scope is claimed while the scope counts fewer than
+        ``budget`` plans (measured or claimed; None: no budget). Returns the keys claimed: the
+        run measures those and no others. The claim is also the run's heartbeat. Raises
+        :class:`DatabaseError` when the run is not running (found dead: it must stop)."""
+        def take(s: Session) -> list[str]:
+            now = time.time()
+            coord.reap(s, now)
+            run = self._beat(s, run_id, now)
+            if run.status != "running":
+                raise DatabaseError(f"tuning run {run_id} is {run.status}: it may claim no "
+                                    f"plans (a run silent for longer than its heartbeat "
+                                    f"timeout is dead, and its plans go to other runs)")
+            if run.backend is None or run.machine is None:
+                raise DatabaseError(f"tuning run {run_id} was started without a backend and "
+                                    f"machine: it has no scope to claim plans in")
+            wrow = s.get(WorkloadRow, run.workload_id)
+            return coord.take(s, run, wrow, keys, budget, now)
+        return self._tx("claim", take)
+
+    def reap_dead_runs(self) -> list[int]:
+        """Mark every dead run ``dead`` and release its claims; the ids marked."""
+        return self._tx("reap_dead_runs", lambda s: coord.reap(s))
+
     def finish_run(self, run_id: int, status: str, n_trials: int) -> None:
+        """End run ``run_id`` with ``status`` (``finished`` or ``failed``) and release its
+        claims, in one transaction. A run already marked ``dead`` keeps that status."""
+        if status not in RUN_STATUSES or status == "running":
+            raise BoundFlowError(f"a run ends finished, failed or dead, not {status!r}")
+
         def finish(s: Session) -> None:
             row = s.get(TuningRunRow, run_id)
             if row is None:
                 raise DatabaseError(f"no tuning run {run_id}")
-            row.status, row.n_trials, row.finished = status, int(n_trials), time.time()
+            if row.status != "dead":
+                row.status = status
+            row.n_trials, row.finished = int(n_trials), time.time()
+            coord.release_run(s, run_id)
         self._tx("finish_run", finish)
 
     def runs(self, workload: Workload | None = None) -> list[TuningRunRecord]:
+        """The tuning runs (of one workload, or all), oldest first; see
+        :class:`TuningRunRecord` for what ``status`` says."""
         with self._guard("runs"), self._session() as s:
             q = select(TuningRunRow, WorkloadRow.key).join(WorkloadRow)
             if workload is not None:
                 q = q.where(WorkloadRow.key == workload.key)
-            return [TuningRunRecord(r.id, key, r.strategy, dict(r.config), r.status,
-                                    r.n_trials, r.started, r.finished)
+            now = time.time()
+            return [TuningRunRecord(r.id, key, r.strategy, dict(r.config),
+                                    "dead" if coord.run_is_dead(r, now) else r.status,
+                                    r.n_trials, r.started, r.finished, r.backend, r.machine,
+                                    r.heartbeat_at, r.heartbeat_timeout)
                     for r, key in s.execute(q.order_by(TuningRunRow.id)).all()]
+
+    def claims(self, workload: Workload | str | None = None) -> list[ClaimRecord]:
+        """The claims of live runs (of one workload, or all), oldest first."""
+        with self._guard("claims"), self._session() as s:
+            q = (select(ClaimRow, WorkloadRow.key, TuningRunRow)
+                 .join(WorkloadRow, WorkloadRow.id == ClaimRow.workload_id)
+                 .join(TuningRunRow, TuningRunRow.id == ClaimRow.run_id))
+            if workload is not None:
+                q = q.where(WorkloadRow.key == (workload if isinstance(workload, str)
+                                                else workload.key))
+            now = time.time()
+            return [ClaimRecord(key, c.candidate_key, c.backend, c.target,
+                                c.machine, c.run_id, c.created)
+                    for c, key, run in s.execute(q.order_by(ClaimRow.id)).all()
+                    if run.status == "running" and not coord.run_is_dead(run, now)]
 
     # -- moving records between machines -----------------------------------------------------
     def export_jsonl(self, out: IO[str], workload: str | None = None) -> int:
@@ -513,7 +691,7 @@ class Database:
         workload and candidate; returns the number of lines."""
         n = 0
         for rec in self.records_for_training(workload, include_failed=True):
-            line = {"format": APP, "schema_version": SCHEMA_VERSION,
+            line = {"format": APP, "schema_version": EXPORT_VERSION,
                     "workload": {"key": rec.workload.key, "workload": rec.workload.workload
                                  .to_dict(), "summary": rec.workload.summary},
                     "candidate": {"key": rec.candidate.key, "plan": rec.candidate.plan,
@@ -534,9 +712,9 @@ class Database:
                 d = json.loads(text)
                 if d.get("format") != APP:
                     raise BoundFlowError("not a BoundFlow export line")
-                if d.get("schema_version") != SCHEMA_VERSION:
-                    raise BoundFlowError(f"schema version {d.get('schema_version')}, this "
-                                         f"BoundFlow reads {SCHEMA_VERSION}")
+                if d.get("schema_version") != EXPORT_VERSION:
+                    raise BoundFlowError(f"export format version {d.get('schema_version')}, "
+                                         f"this BoundFlow reads {EXPORT_VERSION}")
                 bundle = PlanBundle.from_json(d["candidate"]["plan"])
                 result = MeasureResult.from_dict(d["measurement"])
                 summary = d["workload"].get("summary") or {}

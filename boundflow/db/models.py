@@ -3,6 +3,11 @@
 ``meta`` holds the schema version and an application marker; a database without them is not a
 BoundFlow database. Every other table is keyed by content (workload key, plan key), so records
 from two machines merge by key: see ``Database.export_jsonl`` / ``import_jsonl``.
+
+Schema 2 (over 1): tuning runs carry their measuring backend and machine, the process that runs
+them and a heartbeat; ``bf_claims`` holds the plans a live run is measuring, one row per
+(workload, plan, backend, target, machine). Claims are coordination state, not results: they
+are not exported.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from sqlalchemy import JSON, Float, ForeignKey, Integer, LargeBinary, String, Te
     UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RUN_STATUSES = ("running", "finished", "failed", "dead")
 APP = "boundflow-tuning-db"
 
 
@@ -102,7 +108,35 @@ class TuningRunRow(Base):
     workload_id: Mapped[int] = mapped_column(ForeignKey("bf_workloads.id"), index=True)
     strategy: Mapped[str] = mapped_column(String(32))
     config: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16))        # running, finished, failed
+    status: Mapped[str] = mapped_column(String(16))        # one of RUN_STATUSES
     n_trials: Mapped[int] = mapped_column(Integer)
     started: Mapped[float] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # schema 2: where the run measures, who runs it, and when it last said it is alive
+    backend: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    machine: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(256), nullable=True)   # liveness.process_id
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heartbeat_timeout: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ClaimRow(Base):
+    """A plan a live run is measuring: taken before the measurement, deleted in the transaction
+    that writes it (or when the run finishes or is found dead)."""
+
+    __tablename__ = "bf_claims"
+    __table_args__ = (UniqueConstraint("workload_id", "candidate_key", "backend", "target",
+                                       "machine"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workload_id: Mapped[int] = mapped_column(ForeignKey("bf_workloads.id"), index=True)
+    candidate_key: Mapped[str] = mapped_column(String(64))    # PlanBundle.key
+    backend: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(256))
+    machine: Mapped[str] = mapped_column(String(256))
+    run_id: Mapped[int] = mapped_column(ForeignKey("bf_tuning_runs.id"), index=True)
+    created: Mapped[float] = mapped_column(Float)
+
+
+# columns schema 2 added to schema 1's tables (the migration adds them; every one nullable)
+V2_COLUMNS = {"bf_tuning_runs": ("backend", "machine", "owner", "heartbeat_at",
+                                 "heartbeat_timeout")}

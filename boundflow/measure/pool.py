@@ -42,7 +42,10 @@ def failure(error: BaseException, timeout_s: float) -> tuple[str, str]:
     if isinstance(error, ChildProcessError):
         return "crash", "the worker process died (segfault, abort, or killed for memory)"
     if isinstance(error, MemoryError):
-        return "memory", f"out of memory: {error}".strip(": ")
+        # the worker pool sends the traceback as the message: its last line is the error
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        last = lines[-1].removeprefix("MemoryError: ").strip() if lines else ""
+        return "memory", f"out of memory: {last}" if last else "out of memory"
     from boundflow.errors import MeasureError, UnsupportedOpError
     from boundflow.measure.result import WorkerError
 

@@ -8,6 +8,7 @@ or a timeout into a recorded error).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,19 +24,91 @@ from boundflow.measure.result import BuildResult, MeasureInput, MeasureResult, W
 class MeasureConfig:
     """The protocol: ``warmup`` untimed runs, then ``repeat`` timings of ``number`` runs each
     (each timing is the mean of its ``number`` runs); ``timeout_s`` per candidate (build or
-    run), in its worker."""
+    run), in its worker. ``memory_limit_mb``: MiB of address space a candidate's run may add to
+    its worker (Linux ``RLIMIT_AS``; None: no cap); a candidate that needs more is recorded
+    with error kind ``memory`` (as is any out-of-memory error a candidate raises)."""
 
     number: int = 3
     repeat: int = 5
     warmup: int = 1
     timeout_s: float = 120.0
-    memory_limit_mb: int | None = None    # address space a candidate may add to its worker
+    memory_limit_mb: int | None = None
 
     def __post_init__(self):
         from boundflow.errors import MeasureError
-        if self.number < 1 or self.repeat < 1 or self.warmup < 0 or self.timeout_s <= 0 or \
-                (self.memory_limit_mb is not None and self.memory_limit_mb <= 0):
-            raise MeasureError(f"bad measurement protocol {self}")
+
+        def whole(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        for name, least in (("number", 1), ("repeat", 1), ("warmup", 0)):
+            v = getattr(self, name)
+            if not whole(v) or v < least:
+                raise MeasureError(f"MeasureConfig.{name} must be a whole number >= {least}, "
+                                   f"not {v!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or \
+                not math.isfinite(t) or t <= 0:
+            raise MeasureError(f"MeasureConfig.timeout_s must be a finite number of seconds "
+                               f"> 0, not {t!r}")
+        m = self.memory_limit_mb
+        if m is not None and (not whole(m) or m < 1):
+            raise MeasureError(f"MeasureConfig.memory_limit_mb (the memory cap per candidate) "
+                               f"must be a whole number of MiB >= 1, or None for no cap, not "
+                               f"{m!r}")
+
+
+# how an allocation failure reads when it is not a MemoryError: torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory"), CUDA ("CUDA out of memory",
+# torch.OutOfMemoryError), C++ (std::bad_alloc), TVM and the C library
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
+             "bad_alloc", "failed to allocate", "unable to allocate")
+
+
+# under an address-space cap, oneDNN reports a failed scratch allocation only as this
+_OOM_TEXT_CAPPED = ("could not create a primitive",)
+
+
+def out_of_memory(error: BaseException, capped: bool = False) -> bool:
+    """Whether ``error`` is an allocation failure (of the host or the device); ``capped``:
+    raised under a memory cap, where some libraries' vaguer failures mean the same."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error).lower()
+    return any(t in text for t in _OOM_TEXT + (_OOM_TEXT_CAPPED if capped else ()))
+
+
+_warm: set[str] = set()
+
+
+def _warm_up(args: tuple) -> None:
+    """Load and initialise, outside the cap, what any candidate's run needs: the libraries
+    (mapping their code takes address space) and the thread pools (each thread's stack does),
+    so the cap measures the candidate and not the worker's first use of torch or TVM."""
+    if "torch" not in _warm:
+        import torch
+        import torch.nn.functional as F
+
+        import boundflow.backend.torch  # noqa: F401
+        import boundflow.runtime.cache  # noqa: F401
+        F.conv2d(torch.ones(1, 4, 16, 16), torch.ones(4, 4, 3, 3))     # oneDNN, OpenMP threads
+        (torch.ones(128, 128) @ torch.ones(128, 128)).sum()
+        torch.ones(1 << 18).sum()
+        _warm.add("torch")
+    relax = [a for a in args if isinstance(a, MeasureInput) and a.backend == "relax"]
+    if relax and "relax" not in _warm:
+        import tvm
+
+        import boundflow.backend.relax.executor  # noqa: F401
+        config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if config is not None:
+            config(1, 0)          # start the runtime's workers now (the default: big cores, all)
+        _warm.add("relax")
+    from boundflow.target import target_kind
+
+    if any(target_kind(a.target) == "cuda" for a in relax) and "cuda" not in _warm:
+        import tvm
+
+        tvm.device("cuda", 0).exist          # the driver maps its (large) address space now
+        _warm.add("cuda")
 
 
 def _address_space() -> int:
@@ -48,21 +121,27 @@ def _address_space() -> int:
 
 def guarded(fn, limit_mb: int | None, *args: Any) -> Any:
     """``fn(*args)`` with the worker's address space capped at what it has mapped now plus
-    ``limit_mb`` (Linux), so a candidate that wants too much memory gets a MemoryError in its
-    own worker instead of taking the machine down; the cap is lifted afterwards."""
+    ``limit_mb`` MiB (Linux), so a candidate that wants too much memory fails in its own worker
+    instead of taking the machine down; the cap is lifted afterwards. An allocation failure
+    (:func:`out_of_memory`) leaves as a plain ``MemoryError`` (recorded as kind ``memory``),
+    any other exception as a :class:`WorkerError` (kind ``run``): both unpickle in the
+    parent, whatever the original type."""
     import resource
 
     old = resource.getrlimit(resource.RLIMIT_AS)
     if limit_mb is not None:
+        _warm_up(args)
         resource.setrlimit(resource.RLIMIT_AS, (_address_space() + limit_mb * 2**20, old[1]))
     try:
         return fn(*args)
-    except MemoryError as e:              # numpy's subclass does not unpickle in the parent
-        raise MemoryError(str(e)) from None
     except BoundFlowError:
         raise
     except Exception as e:                # any exception type reaches the parent intact
-        raise WorkerError(f"{type(e).__name__}: {e}") from None
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if out_of_memory(e, capped=limit_mb is not None):    # recorded as kind "memory"
+            cap = "" if limit_mb is None else f" (the cap is {limit_mb} MiB per candidate)"
+            raise MemoryError(f"{text[:1500]}{cap}") from None
+        raise WorkerError(text) from None
     finally:
         if limit_mb is not None:
             resource.setrlimit(resource.RLIMIT_AS, old)

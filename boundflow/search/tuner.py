@@ -1,31 +1,39 @@
-"""The tuner loop: propose → build → measure → record → refit, in rounds.
+"""The tuner loop: propose → claim → build → measure → record → refit, in rounds.
 
 ``Tuner(graph, lower, upper, C, method=..., db=...)`` tunes the workload of that query (batch,
 specs, method, dtype, target) on one backend. Each round the strategy proposes a batch of
-unmeasured plans (scored by the cost model), the builder and runner measure them in worker
-processes, every result goes into the database with its features (failures too, with their
-error), and the XGBoost cost model is refitted on every record in the database and saved into
-it. The default plan is measured first: it is the reference of the tightness floor and of the
-final comparison.
+unmeasured plans (scored by the cost model), the run claims them in the database, the builder
+and runner measure the ones it got in worker processes, every result goes into the database
+with its features (failures too, with their error), and the XGBoost cost model is refitted on
+every record in the database and saved into it. The default plan is measured first: it is the
+reference of the tightness floor and of the final comparison.
 
 After the default, the backend's schedule presets on the default plan are measured first
 (``TuneSpace.seeds``), as MetaSchedule and Ansor seed their searches with rule-based
 schedules; the strategy proposes the rest.
 
-``trials`` is the budget of measured plans for this workload and backend *in the database*:
+``trials`` is the budget of plans for this workload, backend and machine *in the database*:
 running the same command again after an interruption continues where it stopped, and a plan
 already measured is never measured again. ``seconds`` bounds one run's wall time.
 
-Objectives (``Objective.parse``): ``time`` (fastest, whatever the tightness), ``time@width``
-(fastest among plans whose mean bound width is no worse than the default plan's: the default),
-``time@mem:BYTES`` (fastest within a peak-memory budget), ``mix:A,B`` (minimise log time +
-A·log width + B·log peak bytes). The best plan under the objective is recorded in the database
+Several tuners may tune one workload at once (processes on this machine, or on machines that
+share a PostgreSQL database): each round's plans are claimed atomically against the budget
+(``Database.claim``), so no plan is measured twice on one machine and together they stop at
+``trials`` plans; a run that has measured its share waits while other live runs still measure
+the last plans (should one die, its plans come back). A heartbeat thread keeps the run alive
+in the database, every ``heartbeat_timeout / 4`` seconds, however long a candidate takes; a run
+killed without a word is found dead once its heartbeat is ``heartbeat_timeout`` old (at once,
+by a run on the same machine) and its claims go back to the others.
+
+Objectives: see ``objective.py``. The best plan under the objective is recorded in the database
 under the objective's name, which is what ``verify --db`` looks up.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -34,14 +42,16 @@ import numpy as np
 
 from boundflow.costmodel.features import FEATURE_VERSION, features
 from boundflow.costmodel.model import HEADS, XGBCostModel, targets
-from boundflow.db import Database
-from boundflow.errors import BoundFlowError
+from boundflow.db import DEFAULT_HEARTBEAT_TIMEOUT, Database
+from boundflow.errors import BoundFlowError, DatabaseError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.workload import Workload
 from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureInput, \
     MeasureResult
+from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
+from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
 from boundflow.search.space import Assignment, TuneSpace
 from boundflow.search.strategies import make
 
@@ -49,73 +59,8 @@ COST_MODEL = "xgb-cost-model"
 DEFAULT_OBJECTIVE = "time@width"
 
 
-@dataclass(frozen=True)
-class Objective:
-    kind: str = "time@width"              # time, time@width, time@mem, mix
-    memory_budget: int | None = None
-    width_weight: float = 0.0
-    memory_weight: float = 0.0
-    width_slack: float = 1e-4             # float32 plans differ by rounding
-
-    @classmethod
-    def parse(cls, text: str) -> "Objective":
-        try:
-            if text in ("time", "time@width"):
-                return cls(text)
-            if text.startswith("time@mem:"):
-                return cls("time@mem", memory_budget=int(float(text.split(":", 1)[1])))
-            if text.startswith("mix:"):
-                a, b = (float(v) for v in text.split(":", 1)[1].split(","))
-                return cls("mix", width_weight=a, memory_weight=b)
-        except ValueError:
-            pass
-        raise BoundFlowError(f"objective {text!r} is not time, time@width, time@mem:BYTES or "
-                             f"mix:A,B")
-
-    @property
-    def name(self) -> str:
-        if self.kind == "time@mem":
-            return f"time@mem:{self.memory_budget}"
-        if self.kind == "mix":
-            return f"mix:{self.width_weight:g},{self.memory_weight:g}"
-        return self.kind
-
-    def measured(self, r: MeasureResult, reference: MeasureResult | None) -> float:
-        """The objective of a measurement (lower is better; ``inf`` when it failed or breaks a
-        constraint)."""
-        if not r.ok or r.median_s is None or r.median_s <= 0:
-            return math.inf
-        value = math.log(r.median_s)
-        if self.kind == "time@width":
-            ref = None if reference is None else reference.mean_width
-            if ref is not None and (r.mean_width is None
-                                    or r.mean_width > ref * (1 + self.width_slack) + 1e-12):
-                return math.inf
-        elif self.kind == "time@mem":
-            if r.peak_bytes is None or r.peak_bytes > self.memory_budget:
-                return math.inf
-        elif self.kind == "mix":
-            if r.mean_width is None or r.peak_bytes is None:
-                return math.inf
-            value += self.width_weight * math.log(max(r.mean_width, 1e-30)) + \
-                self.memory_weight * math.log(max(r.peak_bytes, 1))
-        return value
-
-    def predicted(self, heads: dict[str, np.ndarray], ref_log_width: float | None
-                  ) -> np.ndarray:
-        """The objective from predicted heads; a predicted constraint violation is a
-        penalty (so the ranking still orders the violators)."""
-        value = heads["log_time"].copy()
-        if self.kind == "time@width" and ref_log_width is not None:
-            excess = heads["log_width"] - (ref_log_width + self.width_slack)
-            value += np.where(excess > 0, 5.0 + 50.0 * excess, 0.0)
-        elif self.kind == "time@mem":
-            excess = heads["log_mem"] - math.log(self.memory_budget)
-            value += np.where(excess > 0, 5.0 + excess, 0.0)
-        elif self.kind == "mix":
-            value += self.width_weight * heads["log_width"] + \
-                self.memory_weight * heads["log_mem"]
-        return value
+def _whole(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass
@@ -127,15 +72,19 @@ class TuneReport:
     best_bundle: PlanBundle
     best_description: str
     default_bundle: PlanBundle
-    measured_now: int
-    measured_before: int
+    measured_now: int                  # plans this run measured
+    measured_before: int               # plans in the database when it started (any run's)
     curve: list[tuple[int, float]] = field(default_factory=list)   # (trial, best objective)
     seconds: float = 0.0
+    measured_by_others: int = 0        # plans other runs measured while this one ran
+    run_id: int | None = None
 
 
 class Tuner:
     """See the module docstring. ``callbacks`` are called after every round with
-    ``(tuner, assignments, results)``."""
+    ``(tuner, assignments, results)``. ``heartbeat_timeout``: seconds after which a run that
+    has not said it is alive is dead (its claims go to other runs); the run says so every
+    quarter of it, from a thread, so it need not exceed a candidate's ``timeout_s``."""
 
     def __init__(self, graph: Graph, lower: np.ndarray, upper: np.ndarray,
                  C: np.ndarray | None, *, method: str, db: Database,
@@ -143,7 +92,14 @@ class Tuner:
                  objective: str | Objective = DEFAULT_OBJECTIVE, dtype: str | None = None,
                  config: MeasureConfig = MeasureConfig(), batch_size: int = 8, seed: int = 0,
                  epsilon: float = 0.1, builder=None, runner=None, progress: bool = True,
-                 callbacks: Sequence[Callable[..., Any]] = (), **strategy_options: Any):
+                 callbacks: Sequence[Callable[..., Any]] = (),
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, **strategy_options: Any):
+        if not (isinstance(heartbeat_timeout, (int, float)) and
+                math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
+            raise BoundFlowError(f"heartbeat_timeout must be a number of seconds > 0, not "
+                                 f"{heartbeat_timeout!r}")
+        if not _whole(batch_size) or batch_size < 1:
+            raise BoundFlowError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         self.graph = graph
         self.lower, self.upper = np.asarray(lower), np.asarray(upper)
         self.C = None if C is None else np.asarray(C)
@@ -151,6 +107,8 @@ class Tuner:
         self.workload = Workload.of(graph, batch=int(self.lower.shape[0]), n_specs=n_specs,
                                     method=method, dtype=dtype, target=target)
         self.db, self.backend = db, backend
+        self.machine = machine()             # what this host's measurements record
+        self.heartbeat_timeout = float(heartbeat_timeout)
         self.objective = objective if isinstance(objective, Objective) else \
             Objective.parse(objective)
         self.space = TuneSpace(graph, self.workload, backend)
@@ -162,6 +120,10 @@ class Tuner:
         self.model = XGBCostModel(seed=seed)
         self.reference: MeasureResult | None = None
         self._ref_log_width: float | None = None
+        self._run_id: int | None = None
+        self._measured_now = 0
+        self._mine: dict[str, MeasureResult] = {}
+        self._unmapped: set[str] = set()
         if strategy == "cpsat" and self.objective.kind == "time@mem":
             strategy_options.setdefault("memory_budget", self.objective.memory_budget)
         self.strategy = make(strategy, self.space, seed=seed, epsilon=epsilon,
@@ -217,110 +179,178 @@ class Tuner:
 
     # -- measuring ---------------------------------------------------------------------------
     def _measure(self, bundles: Sequence[PlanBundle]) -> list[MeasureResult]:
+        """Build, run and record ``bundles`` (claimed by this run: each write releases its
+        claim)."""
         inputs = [MeasureInput(b, self.graph, self.lower, self.upper, self.C, self.backend)
                   for b in bundles]
         builds = self.builder.build(inputs)
         results = self.runner.run(inputs, builds)
         feats = self._features(bundles)
         for b, r, f in zip(bundles, results, feats):
-            self.db.add_measurement(b, r, features=f, graph=self.graph)
+            self.db.add_measurement(b, r, features=f, graph=self.graph, run_id=self._run_id)
+            self._measured_now += 1
+            self._mine.setdefault(b.key, r)
         return results
 
     def _history(self) -> dict[str, MeasureResult]:
-        """This workload's measurements on this backend, by plan key (fastest kept)."""
-        out: dict[str, MeasureResult] = {}
+        """This workload's measurements on this backend and machine, by any run, by plan key
+        (fastest kept); and whatever this run measured (a runner may record another
+        machine: a plan is never proposed twice all the same)."""
+        out: dict[str, MeasureResult] = dict(self._mine)
         for r in self.db.records_for_training(self.workload, include_failed=True):
             m = r.measurement.result
-            if m.backend != self.backend:
+            if m.backend != self.backend or m.machine != self.machine:
                 continue
             prev = out.get(r.candidate.key)
             if prev is None or (m.ok and (not prev.ok or m.median_s < prev.median_s)):
                 out[r.candidate.key] = m
         return out
 
+    def _claimed_by_others(self) -> set[str]:
+        return {c.candidate_key for c in self.db.claims(self.workload)
+                if c.run_id != self._run_id and c.backend == self.backend
+                and c.machine == self.machine}
+
+    def _learn(self, history: dict[str, MeasureResult], by_key: dict[str, Assignment]) -> None:
+        """Map plans measured by earlier or other runs back to assignments (incumbents)."""
+        new = [k for k in history if k not in by_key and k not in self._unmapped]
+        if not new:
+            return
+        for c in self.db.candidates(self.workload, keys=new):
+            a = self.space.assignment_of(c.bundle())
+            if a is None:
+                self._unmapped.add(c.key)
+            else:
+                by_key[c.key] = a
+
+    def _wait(self, beat: "_Heartbeat", others: set[str], deadline: float | None) -> None:
+        """Wait (the heartbeat goes on) until the plans other runs claim are not ``others``
+        any more (one was measured, or its run finished or died), or ``deadline``."""
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(min(0.25, self.heartbeat_timeout / 8))
+            beat.check()
+            if self._claimed_by_others() != others:
+                return
+
     def tune(self, trials: int = 32, seconds: float | None = None,
              stop: Callable[[float], bool] | None = None) -> TuneReport:
-        """Measure until the workload has ``trials`` plans in the database, ``seconds`` pass,
-        or ``stop(best objective so far)`` says so."""
+        """Measure until the workload has ``trials`` plans in the database (on this backend
+        and machine, measured by any run), ``seconds`` pass, or ``stop(best objective so
+        far)`` says so."""
         start = time.monotonic()
-        if trials < 1:
-            raise BoundFlowError("trials must be at least 1")
+        if not _whole(trials) or trials < 1:
+            raise BoundFlowError(f"trials must be a whole number >= 1, not {trials!r}")
         run_id = self.db.start_run(self.workload, self.strategy_name,
                                    {"trials": trials, "seconds": seconds,
                                     "objective": self.objective.name, "backend": self.backend,
-                                    "batch_size": self.batch_size}, graph=self.graph)
+                                    "batch_size": self.batch_size}, graph=self.graph,
+                                   backend=self.backend, machine=self.machine,
+                                   heartbeat_timeout=self.heartbeat_timeout)
+        self._run_id, self._measured_now, self._mine = run_id, 0, {}
+        beat = _Heartbeat(None if self.db.is_private else self.db, run_id,
+                          self.heartbeat_timeout)
         status = "failed"
         try:
-            report = self._tune(trials, seconds, start, stop)
+            report = self._tune(beat, trials, seconds, start, stop)
             status = "finished"
             return report
         finally:
-            history = self._history()
-            self.db.finish_run(run_id, status, len(history))
+            beat.stop()
+            try:
+                n_plans = len(self._history())
+            except BoundFlowError:
+                n_plans = self._measured_now
+            self.db.finish_run(run_id, status, n_plans)
 
-    def _tune(self, trials: int, seconds: float | None, start: float,
+    def _tune(self, beat: "_Heartbeat", trials: int, seconds: float | None, start: float,
               stop: Callable[[float], bool] | None) -> TuneReport:
         default_a = self.space.default()
         default_b = self.space.bundle(default_a)
         history = self._history()
         before = len(history)
-        if default_b.key not in history:
-            history[default_b.key] = self._measure([default_b])[0]
+        # the default plan is the reference: the first run to claim it measures it, others wait
+        # (it is measured even past the budget)
+        while default_b.key not in history:
+            if self.db.claim(self._run_id, [default_b.key]):
+                self._measure([default_b])
+            else:
+                self._wait(beat, {default_b.key}, None)   # until its claim goes
+            history = self._history()
         self.reference = history[default_b.key]
         if not self.reference.ok:
             raise BoundFlowError(f"the default plan failed to run ({self.reference.error_kind}: "
                                  f"{self.reference.error}); nothing to tune against")
         self._calibrate()
         by_key = {default_b.key: default_a}
-        for c in self.db.candidates(self.workload):       # earlier runs' plans, as points
-            if c.key in history and c.key not in by_key:
-                a = self.space.assignment_of(c.bundle())
-                if a is not None:
-                    by_key[c.key] = a
+        self._learn(history, by_key)                 # earlier runs' plans, as points
         self.refit()
-        curve: list[tuple[int, float]] = []
         best = min((self.objective.measured(r, self.reference) for r in history.values()),
                    default=math.inf)
-        curve.append((len(history), best))
+        curve: list[tuple[int, float]] = [(len(history), best)]
         progress = _Progress(self.progress, trials, len(history), self.workload,
                              self.objective.kind != "mix")
         try:
-            while len(history) < trials:
+            while True:
+                beat.check()
                 if seconds is not None and time.monotonic() - start > seconds:
                     break
                 if stop is not None and stop(best):
                     break
-                n = min(self.batch_size, trials - len(history))
-                incumbents = self._incumbents(history, by_key)
-                if self.strategy_name == "cpsat" and self.objective.kind == "time@width" \
-                        and self._ref_log_width is not None:
-                    self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack
-                    self.strategy.width_score = self.width_score
-                seeds = [a for a in self.space.seeds()
-                         if self.space.bundle(a).key not in history][:n]
-                proposals = seeds + self.strategy.ask(n - len(seeds), self.score,
-                                                      set(history) | {self.space.bundle(a).key
-                                                                      for a in seeds},
-                                                      incumbents) if n > len(seeds) else seeds
-                if not proposals:
-                    break                                   # the space is exhausted
-                bundles = [self.space.bundle(a) for a in proposals]
-                results = self._measure(bundles)
-                values = []
-                for a, b, r in zip(proposals, bundles, results):
-                    history[b.key] = r
-                    by_key[b.key] = a
-                    values.append(self.objective.measured(r, self.reference))
-                self.strategy.tell(proposals, values)
-                best = min([best] + values)
-                curve.append((len(history), best))
-                self.refit()
+                claimed = self._claimed_by_others()
+                others = claimed - history.keys()
+                left = trials - len(history) - len(others)
+                proposals = self._propose(min(self.batch_size, left), history, by_key,
+                                          others) if left > 0 else []
+                mine: list[tuple[Assignment, PlanBundle]] = []
+                results: list[MeasureResult] = []
+                if proposals:
+                    bundles = [self.space.bundle(a) for a in proposals]
+                    got = set(self.db.claim(self._run_id, [b.key for b in bundles],
+                                            budget=trials))
+                    mine = [(a, b) for a, b in zip(proposals, bundles) if b.key in got]
+                    results = self._measure([b for _, b in mine]) if mine else []
+                    for a, b in mine:
+                        by_key[b.key] = a
+                    # none got: other runs took them first, or filled the budget; look again
+                elif others:
+                    # other runs measure the last plans; should one die, they come back here
+                    self._wait(beat, claimed, None if seconds is None else start + seconds)
+                else:
+                    break                      # the budget is spent, or the space exhausted
+                history = self._history()      # with what other runs measured meanwhile
+                self._learn(history, by_key)
+                best = min((self.objective.measured(r, self.reference)
+                            for r in history.values()), default=math.inf)
+                if len(history) > curve[-1][0]:
+                    curve.append((len(history), best))
                 progress.update(len(history), best, self.reference)
-                for cb in self.callbacks:
-                    cb(self, proposals, results)
+                if mine:
+                    assignments = [a for a, _ in mine]
+                    self.strategy.tell(assignments, [self.objective.measured(r, self.reference)
+                                                     for r in results])
+                    self.refit()
+                    for cb in self.callbacks:
+                        cb(self, assignments, results)
         finally:
             progress.close()
         return self._report(history, by_key, before, curve, start)
+
+    def _propose(self, n: int, history: dict[str, MeasureResult],
+                 by_key: dict[str, Assignment], others: set[str]) -> list[Assignment]:
+        """Up to ``n`` plans measured and claimed by no run: seeds first, then the
+        strategy's."""
+        incumbents = self._incumbents(history, by_key)
+        if self.strategy_name == "cpsat" and self.objective.kind == "time@width" \
+                and self._ref_log_width is not None:
+            self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack
+            self.strategy.width_score = self.width_score
+        seen = set(history) | others
+        seeds = [a for a in self.space.seeds() if self.space.bundle(a).key not in seen][:n]
+        if n <= len(seeds):
+            return seeds
+        return seeds + self.strategy.ask(n - len(seeds), self.score,
+                                         seen | {self.space.bundle(a).key for a in seeds},
+                                         incumbents)
 
     def _incumbents(self, history: dict[str, MeasureResult], by_key: dict[str, Assignment]
                     ) -> list[Assignment]:
@@ -336,18 +366,19 @@ class Tuner:
         best_bundle = None
         if best_key in by_key:
             best_bundle = self.space.bundle(by_key[best_key])
-        else:                                   # measured in an earlier run
-            for c in self.db.candidates(self.workload):
-                if c.key == best_key:
-                    best_bundle = c.bundle()
+        else:                                   # measured by another run
+            (c,) = self.db.candidates(self.workload, keys=[best_key])
+            best_bundle = c.bundle()
         best = history[best_key]
         value = self.objective.measured(best, self.reference)
         self.db.set_best(best_bundle, self.objective.name, self.backend, value)
         desc = self.space.describe(by_key[best_key]) if best_key in by_key else \
-            f"plan {best_key[:12]} (from an earlier run)"
+            f"plan {best_key[:12]} (from another run)"
+        now = self._measured_now
         return TuneReport(self.workload, self.objective.name, history[default_b.key], best,
-                          best_bundle, desc, default_b, len(history) - before, before, curve,
-                          time.monotonic() - start)
+                          best_bundle, desc, default_b, now, before, curve,
+                          time.monotonic() - start,
+                          max(0, len(history) - before - now), self._run_id)
 
     def close(self) -> None:
         for part in (self.builder, self.runner):
@@ -390,3 +421,40 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class _Heartbeat:
+    """A daemon thread that tells the database, every ``timeout / 4`` seconds, that run
+    ``run_id`` is alive; ``check()`` raises once the database says the run is not running
+    (it was found dead and its plans handed to other runs). With no database (a private
+    in-memory one, which no other process sees) it does nothing."""
+
+    def __init__(self, db: Database | None, run_id: int, timeout: float):
+        self.db, self.run_id, self.timeout = db, run_id, timeout
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = None
+        if db is not None:
+            self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.timeout / 4):
+            try:
+                if not self.db.heartbeat(self.run_id):
+                    self.lost = True
+                    return
+            except BoundFlowError:
+                pass                    # unreachable for now: the next beat tries again
+
+    def check(self) -> None:
+        if self.lost:
+            raise DatabaseError(f"tuning run {self.run_id} was found dead (no heartbeat for "
+                                f"more than {self.timeout:g} s) and its plans handed to other "
+                                f"runs; stopping")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

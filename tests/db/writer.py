@@ -3,6 +3,8 @@
     python -m tests.db.writer URL WRITER N        # N measurements of 5 shared candidates
     python -m tests.db.writer URL --hang MARKER   # a candidate inside an open transaction, then
                                                   # touch MARKER and wait to be killed
+    python -m tests.db.writer URL --claim MARKER  # a tuning run claiming 2 plans, then touch
+                                                  # MARKER and wait to be killed
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ def main() -> None:
             Path(sys.argv[3]).write_text("in transaction")
             time.sleep(600)
         db._tx("hang", hang)
+        return
+    if sys.argv[2] == "--claim":
+        bundles, g = sample_bundles(2)
+        run = db.start_run(bundles[0].workload, "greedy", {}, g, backend="torch",
+                           machine="test-machine", heartbeat_timeout=600)
+        assert db.claim(run, [b.key for b in bundles], budget=2) == [b.key for b in bundles]
+        Path(sys.argv[3]).write_text("claimed")
+        time.sleep(600)
         return
     writer, n = int(sys.argv[2]), int(sys.argv[3])
     bundles, g = sample_bundles(5)

@@ -147,3 +147,72 @@ def test_rpc_runner_on_loopback(tmp_path, rpc_tracker):
     assert rem.verified_fraction == loc.verified_fraction
     # alpha-CROWN's optimiser runs as a torch callback: not measurable remotely, recorded so
     assert rem_alpha.error_kind == "unsupported" and "torch callbacks" in rem_alpha.error
+
+
+def test_out_of_memory_is_recognised_whatever_raises_it():
+    import torch
+
+    from boundflow.measure.pool import failure
+    from boundflow.measure.worker import guarded, out_of_memory
+
+    ooms = [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                         "allocate memory: you tried to allocate 26214400 bytes"),
+            RuntimeError("CUDA error: out of memory"), RuntimeError("std::bad_alloc")]
+    assert all(out_of_memory(e) for e in ooms)
+    assert not any(out_of_memory(e) for e in (RuntimeError("shape mismatch"), ValueError("x"),
+                                              RuntimeError("could not create a primitive")))
+    assert out_of_memory(RuntimeError("could not create a primitive"), capped=True)
+
+    def raises(e):
+        raise e
+    for e in ooms:                                   # leaves the worker as kind "memory"
+        with pytest.raises(MemoryError) as got:
+            guarded(raises, None, e)
+        kind, text = failure(got.value, 10)
+        assert kind == "memory" and text.startswith("out of memory: ")
+    with pytest.raises(MemoryError, match="the cap is 64 MiB"):
+        guarded(raises, 64, ooms[2])
+    with pytest.raises(Exception) as got:
+        guarded(raises, None, RuntimeError("shape mismatch"))
+    assert failure(got.value, 10)[0] == "run"
+    # the pool sends a traceback as the message: the record keeps its last line
+    tb = "Traceback (most recent call last):\n  File x\nMemoryError: RuntimeError: no room\n"
+    assert failure(MemoryError(tb), 10) == ("memory", "out of memory: RuntimeError: no room")
+
+
+def test_a_candidate_over_the_memory_cap_is_recorded_as_memory():
+    """A real plan (CROWN on the digits CNN, batch 64: its backward pass allocates tens of MB)
+    under a 4 MiB cap fails with kind memory; under a roomy cap it is measured."""
+    ex, g = example_graph("digits_cnn")
+    x = np.repeat(ex.inputs[:1].astype(np.float32), 64, axis=0)
+    n_out = int(np.prod(g.output_shape))
+    w = Workload.of(g, batch=64, method="crown")
+    inp = MeasureInput(plan(g, w, default(g, w)), g, x - 0.01, x + 0.01,
+                       margin_spec(np.arange(64) % n_out, n_out).C, "torch")
+    results = []
+    for cap in (4, 2048):
+        runner = LocalRunner(MeasureConfig(number=1, repeat=1, warmup=0, timeout_s=60,
+                                           memory_limit_mb=cap))
+        try:
+            results += measure([inp], LocalBuilder(), runner)
+        finally:
+            runner.close()
+    tight, roomy = results
+    assert tight.error_kind == "memory", tight.error
+    assert "4 MiB" in tight.error and "\n" not in tight.error
+    assert roomy.ok, roomy.error
+
+
+@pytest.mark.parametrize("bad", [dict(memory_limit_mb=0), dict(memory_limit_mb=-5),
+                                 dict(memory_limit_mb=1.5), dict(memory_limit_mb=True),
+                                 dict(memory_limit_mb="64"), dict(number=0), dict(repeat=2.0),
+                                 dict(warmup=-1), dict(timeout_s=0),
+                                 dict(timeout_s=float("inf")), dict(timeout_s=float("nan"))])
+def test_measure_config_names_the_bad_field(bad):
+    from boundflow.errors import MeasureError
+
+    (name,) = bad
+    with pytest.raises(MeasureError, match=f"MeasureConfig.{name}"):
+        MeasureConfig(**bad)
+    assert MeasureConfig(memory_limit_mb=64).memory_limit_mb == 64

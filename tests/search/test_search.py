@@ -18,7 +18,7 @@ from boundflow.db import Database
 from boundflow.errors import BoundFlowError
 from boundflow.ir.workload import Workload
 from boundflow.measure import MeasureConfig
-from boundflow.search import Objective, Tuner, TuneSpace, make
+from boundflow.search import Objective, ObjectiveError, Tuner, TuneSpace, make
 from boundflow.search.lookup import tuned_plan
 from tests.helpers import example_graph
 
@@ -88,7 +88,10 @@ def test_cpsat_respects_a_memory_budget():
 
 def test_objectives():
     assert Objective.parse("time@mem:1000").memory_budget == 1000
+    assert Objective.parse("time@mem:1e6").name == "time@mem:1000000"
     assert Objective.parse("mix:1,0.5").name == "mix:1,0.5"
+    assert Objective.parse("mix:0,2").memory_weight == 2
+    assert Objective.parse(" time ").name == "time"
     with pytest.raises(BoundFlowError, match="objective"):
         Objective.parse("fastest")
     from boundflow.measure import MeasureResult
@@ -96,6 +99,41 @@ def test_objectives():
     looser = MeasureResult("b", "torch", "llvm", median_s=0.5, mean_width=3.0)
     assert Objective.parse("time@width").measured(looser, ref) == np.inf
     assert Objective.parse("time").measured(looser, ref) == pytest.approx(np.log(0.5))
+
+
+@pytest.mark.parametrize("text", ["fastest", "", "time@", "time@mem:", "time@mem:0",
+                                  "time@mem:-5", "time@mem:inf", "time@mem:nan", "time@mem:0.5",
+                                  "time@mem:lots", "mix:nan,1", "mix:1,inf", "mix:-1,1",
+                                  "mix:0,0", "mix:1", "mix:1,2,3", "mix:a,b", "TIME"])
+def test_bad_objectives_fail_at_once_listing_the_valid_forms(text):
+    with pytest.raises(ObjectiveError) as got:
+        Objective.parse(text)
+    msg = str(got.value)
+    assert isinstance(got.value, BoundFlowError) and "\n" not in msg
+    assert repr(text) in msg
+    assert "time, time@width, time@mem:BYTES" in msg and "mix:A,B" in msg
+
+
+def test_objectives_are_validated_when_made_and_looked_up(tmp_path):
+    for bad in (dict(kind="fastest"), dict(kind="time@mem"), dict(kind="time@mem",
+                memory_budget=0), dict(kind="mix", width_weight=float("nan"), memory_weight=1),
+                dict(kind="mix"), dict(kind="time", width_weight=1.0),
+                dict(kind="time", memory_budget=5)):
+        with pytest.raises(ObjectiveError, match="valid forms"):
+            Objective(**bad)
+    # a tuner refuses a bad objective before measuring anything
+    _, g = example_graph("digits_mlp")
+    x = np.zeros((1,) + g.input_shape, np.float32)
+    with Database(tmp_path / "t.db") as db:
+        with pytest.raises(ObjectiveError):
+            Tuner(g, x, x, None, method="ibp", db=db, backend="torch", objective="mix:nan,1",
+                  progress=False)
+        assert db.summary()["measurements"] == 0
+        # verify --db with a typo fails instead of finding "no tuned plan"
+        w = Workload.of(g, batch=1, method="ibp")
+        with pytest.raises(ObjectiveError, match="fastest"):
+            tuned_plan(db, w, "fastest")
+        assert tuned_plan(db, w, "time@mem:1e3") is None
 
 
 def _tune_cmd(db, trials, method="crown-ibp", backend="torch", batch_size=2):
@@ -136,7 +174,9 @@ def test_tune_resumes_after_a_kill_without_duplicates(tmp_path):
         keys = [r.candidate.key for r in recs]
         assert len(keys) == len(set(keys)) == 12            # no plan measured twice
         runs = db.runs()
-        assert [r.status for r in runs] == ["running", "finished"]   # the killed run stays so
+        # the killed run is dead: its process is gone (found at once on this machine)
+        assert [r.status for r in runs] == ["dead", "finished"]
+        assert db.claims() == []
 
 
 def test_tuned_plan_is_used_by_verify_in_another_process(tmp_path):
@@ -174,3 +214,109 @@ def test_tuned_plan_is_used_by_verify_in_another_process(tmp_path):
     notice = [line for line in out.stderr.splitlines() if "no tuned plan" in line]
     assert len(notice) == 1 and "using the default plan" in notice[0]
     assert "tuned" not in json.loads(out.stdout)
+
+
+def _slow_measure(db_path, inp, build, config):
+    """Measures after sleeping past the tuner's heartbeat timeout, then checks (from this
+    worker process) that the run still reads as running: the heartbeat thread kept it."""
+    from boundflow.measure.worker import measure_local
+
+    time.sleep(2.5)
+    with Database(db_path) as db:
+        status = db.runs()[-1].status
+    if status != "running":
+        raise RuntimeError(f"the tuning run reads {status} while measuring")
+    return measure_local(inp, build, config)
+
+
+def _digits_query(n=2):
+    _, g = example_graph("digits_mlp")
+    x = np.load(os.path.join(DATA, "digits_x.npy")).astype(np.float32)[:n]
+    from boundflow.api import query
+
+    g, spec, linear, _, _ = query(g, x, eps=0.01)
+    return g, spec, linear
+
+
+def test_a_slow_candidate_does_not_make_its_run_dead(tmp_path):
+    import functools
+
+    from boundflow.measure import LocalRunner
+
+    g, spec, linear = _digits_query()
+    db_path = tmp_path / "tuning.db"
+    config = MeasureConfig(number=1, repeat=1, warmup=0, timeout_s=60)
+    with Database(db_path) as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=1,
+                      config=config, heartbeat_timeout=1.0,
+                      runner=LocalRunner(config, f_run=functools.partial(_slow_measure,
+                                                                         str(db_path))))
+        try:
+            report = tuner.tune(trials=2)
+        finally:
+            tuner.close()
+        assert report.best.ok and report.default.ok, report.default.error
+        assert [r.status for r in db.runs()] == ["finished"]
+
+
+def test_a_tuner_takes_over_the_plans_of_a_dead_run(tmp_path):
+    """Another run claimed the default plan and went silent: the tuner waits for it, finds it
+    dead once its heartbeat is stale, and measures the plan itself."""
+    g, spec, linear = _digits_query()
+    with Database(tmp_path / "tuning.db") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=1,
+                      config=MeasureConfig(number=1, repeat=1, warmup=0, timeout_s=60))
+        default_key = tuner.space.bundle(tuner.space.default()).key
+        silent = db.start_run(tuner.workload, "random", {}, backend="torch",
+                              machine=tuner.machine, heartbeat_timeout=1.5)
+        assert db.claim(silent, [default_key]) == [default_key]
+        try:
+            start = time.monotonic()
+            report = tuner.tune(trials=2)
+        finally:
+            tuner.close()
+        assert time.monotonic() - start > 1.0            # it waited for the heartbeat
+        assert report.measured_now == 2 and report.default.ok
+        assert [r.status for r in db.runs()] == ["dead", "finished"]
+        keys = [r.candidate.key for r in db.records_for_training(include_failed=True)]
+        assert keys.count(default_key) == 1 and len(keys) == 2
+        assert db.claims() == []
+
+
+class _ElsewhereRunner:
+    """Answers at once, as if measured on another machine (a table of old measurements)."""
+
+    def run(self, inputs, builds):
+        from boundflow.measure import MeasureResult
+
+        return [MeasureResult(i.key, i.backend, i.target, median_s=1e-3 * (1 + n),
+                              mean_s=1e-3, std_s=0.0, times=(1e-3,), mean_width=1.0,
+                              peak_bytes=1024, machine="elsewhere")
+                for n, i in enumerate(inputs)]
+
+    def close(self):
+        pass
+
+
+class _NoBuilder:
+    def build(self, inputs):
+        from boundflow.measure import BuildResult
+
+        return [BuildResult(None) for _ in inputs]
+
+    def close(self):
+        pass
+
+
+def test_a_runner_recording_another_machine_still_stops_at_the_budget():
+    g, spec, linear = _digits_query()
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="greedy", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=_NoBuilder(), runner=_ElsewhereRunner())
+        report = tuner.tune(trials=5)
+        keys = [r.candidate.key for r in db.records_for_training(include_failed=True)]
+        assert report.measured_now == 5 and len(keys) == len(set(keys)) == 5
+        assert db.claims() == [] and [r.status for r in db.runs()] == ["finished"]
