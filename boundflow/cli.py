@@ -334,9 +334,11 @@ def cmd_db(args: argparse.Namespace) -> int:
         if args.action == "show":
             s = db.summary()
             failures = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"
+            runs = ", ".join(f"{k} {v}" for k, v in sorted(s.get("runs", {}).items()))
             print(f"{db.shown()}: {s['workloads']} workloads, {s['candidates']} candidates, "
                   f"{s['measurements']} measurements (failed: {failures}), "
-                  f"{s['cost_models']} cost models, {s['tuning_runs']} tuning runs")
+                  f"{s['cost_models']} cost models, {s['tuning_runs']} tuning runs"
+                  + (f" ({runs})" if runs else ""))
             for w in db.workloads():
                 if args.workload and not w.key.startswith(args.workload):
                     continue
@@ -411,7 +413,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
                                       clip=tuple(args.clip) if args.clip else None,
                                       dtype=args.dtype)
-    config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout)
+    config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout,
+                           memory_limit_mb=args.memory_limit)
     with Database(args.db) as db:
         tuner = Tuner(graph, spec.lower, spec.upper, linear.C, method=args.method, db=db,
                       strategy=args.strategy, backend=args.backend, target=args.target,
@@ -426,7 +429,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"workload {report.workload.key[:12]}: {report.workload.method}, batch "
           f"{report.workload.batch}, {args.backend} on {args.target}; objective "
           f"{report.objective}; {report.measured_now} plans measured now, "
-          f"{report.measured_before} before, {report.seconds:.0f} s")
+          f"{report.measured_before} before ({report.measured_by_others} by other runs), "
+          f"{report.seconds:.0f} s")
     print(f"{'plan':<8} {'time ms':>9} {'speedup':>8} {'mean width':>11} {'verified':>9} "
           f"{'peak KiB':>9} {'kernels':>8}")
     for name, r in (("default", d), ("best", b)):

@@ -147,10 +147,11 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     _one_line_error(capsys, "no CUDA device")
 
 
-def test_version_and_quiet(capsys):
+def test_version_and_quiet(tmp_path, capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("boundflow ")
-    assert main([*VERIFY, "--method", "ibp", "--db", "missing.db", "--quiet", "--json"]) == 0
+    assert main([*VERIFY, "--method", "ibp", "--db", str(tmp_path / "none.db"), "--quiet",
+                 "--json"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and json.loads(captured.out)["method"] == "ibp"
 
