@@ -19,9 +19,7 @@ import torch
 
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
-from boundflow.domains.crown import LOWER_SLOPES, crown
-from boundflow.domains.interval import Interval, ibp
-from boundflow.domains.traversal import graph_tensors
+from boundflow.domains.crown import LOWER_SLOPES
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.frontend.torch import from_exported, from_torch
 from boundflow.backend.torch import TorchExecutor
@@ -198,9 +196,11 @@ def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str
     per_graph = _EXECUTORS.setdefault(graph, {})
     key = (plan.key, backend, str(target))
     if key not in per_graph:
-        from boundflow.planner import check_plan
+        if plan.key not in _TRUSTED:
+            from boundflow.planner import check_plan
 
-        check_plan(graph, plan)          # a plan from a file or a database is data, not code
+            check_plan(graph, plan)      # a plan from a file or a database is data, not code
+            _TRUSTED.add(plan.key)
         if backend == "relax":
             from boundflow.backend.relax.cache import CompileCache
             from boundflow.backend.relax.executor import RelaxExecutor
@@ -216,38 +216,71 @@ def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str
 _COMPILE_CACHE = None
 
 
+def _workload(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
+              dtype: torch.dtype):
+    from boundflow.ir.workload import Workload
+
+    dname = {v: k for k, v in _DTYPES.items()}[dtype]
+    method = options.method
+    if options.domains is not None:          # the narrowest method whose space holds them
+        plan = options.plan(graph)
+        inner = any(d == "crown" for _, d in plan.intermediate)
+        method = {"alpha-crown": "alpha-crown", "crown": "crown" if inner else "crown-ibp"
+                  }.get(plan.final, "crown-ibp" if inner else "ibp")
+    return Workload.of(graph, batch=spec.batch, n_specs=0 if C is None else C.n_specs,
+                       method=method, dtype=dname, target=options.target)
+
+
+_DEFAULT_PLANS: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def default_plan(graph: Graph, workload, options: BoundOptions) -> PlanBundle:
+    """The plan a query runs when none is given: the planner's default knobs for
+    ``workload``, with the per-layer domains of ``options`` when it has them; made once per
+    (graph, workload, settings)."""
+    from boundflow.planner import default, plan as make_plan, space
+
+    per_graph = _DEFAULT_PLANS.setdefault(graph, {})
+    domains = options.plan(graph) if options.domains is not None else None
+    key = (workload.key, options.lower_slope, options.alpha, options.sparse, domains)
+    if key not in per_graph:
+        knobs = default(graph, workload)
+        if domains is not None:
+            knobs = knobs.replace(domains=_positional(graph, workload, domains, space),
+                                  final=domains.final)
+        bundle = make_plan(graph, workload, knobs, lower_slope=options.lower_slope,
+                           alpha=options.alpha, sparse=options.sparse)
+        _TRUSTED.add(bundle.key)
+        per_graph[key] = bundle
+    return per_graph[key]
+
+
+def _positional(graph: Graph, workload, domains: DomainPlan, space) -> tuple[str, ...]:
+    """A per-node domain plan as the knobs' per-pre-activation choices (the planner numbers
+    the pre-activations of the normalised graph; normalising keeps the ReLUs and their
+    order, so the i-th pre-activation is the same neuron layer in both graphs)."""
+    ours = [d for _, d in domains.intermediate]
+    theirs = space(graph, workload).preactivations
+    if len(ours) != len(theirs):
+        raise BoundFlowError(f"the domain plan names {len(ours)} pre-activations, the "
+                             f"normalised model has {len(theirs)}")
+    return tuple(ours)
+
+
+_TRUSTED: set[str] = set()       # keys of plans this process's planner made
+
+
 def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
                dtype: torch.dtype, plan: PlanBundle | None = None) -> Bounds:
     """Bounds of ``graph`` (or ``C·graph``) over ``spec``: the checked-input core of
     :func:`compute_bounds`, for callers that already hold a Graph and validated specs.
-    With ``plan`` the plan runs on ``options.backend`` (its own domains and dtype); the relax
-    backend without a plan runs the default plan of the workload."""
-    if plan is None and options.backend == "relax":
-        if options.domains is not None or options.sparse:
-            raise BoundFlowError("the relax backend runs plans: for per-layer domains build "
-                                 "one with boundflow.planner.plan and Knobs")
-        from boundflow.ir.workload import Workload
-        from boundflow.planner import plan as make_plan
-
-        dname = {v: k for k, v in _DTYPES.items()}[dtype]
-        work = Workload.of(graph, batch=spec.batch, n_specs=0 if C is None else C.n_specs,
-                           method=options.method, dtype=dname, target=options.target)
-        plan = make_plan(graph, work, lower_slope=options.lower_slope, alpha=options.alpha)
-    if plan is not None:
-        out = executor(plan, graph, options.backend, options.target).run(spec, C)
-        return _finite(Bounds(out.lower, out.upper))
+    Every bound runs a plan on ``options.backend``: ``plan`` (with its own domains and
+    dtype), or the default plan of the workload."""
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
-    domains = options.plan(graph)
-    x = Interval(torch.as_tensor(spec.lower).to(dtype), torch.as_tensor(spec.upper).to(dtype))
-    cmat = None if C is None else torch.as_tensor(C.C).to(dtype)
-    tensors = graph_tensors(graph, dtype)
-    with torch.no_grad():
-        if not domains.needs_backward:
-            out = ibp(graph, x, tensors, cmat)
-        else:
-            out = crown(graph, x, tensors, cmat, domains, options.lower_slope, options.alpha,
-                        options.sparse)
+    if plan is None:
+        plan = default_plan(graph, _workload(graph, spec, C, options, dtype), options)
+    out = executor(plan, graph, options.backend, options.target).run(spec, C)
     return _finite(Bounds(out.lower.detach(), out.upper.detach()))
 
 

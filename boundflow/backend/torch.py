@@ -29,10 +29,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains.alpha import AlphaConfig, optimise
-from boundflow.domains.crown import (BackwardContext, backward_chunked, crown_node,
-                                     identity_start, intersect)
-from boundflow.domains.interval import RULES as IBP_RULES, Interval, spec_interval
+from boundflow.domains.alpha import AlphaConfig
+from boundflow.domains.crown import BackwardContext, crown_node
+from boundflow.domains.driver import final_bounds
+from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.traversal import apply_rule, graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
@@ -139,6 +139,7 @@ class TorchExecutor:
         self.alpha = AlphaConfig(**alpha) if alpha else None
         self.domain_plan = bundle.domain_plan.plan
         self.lower_slope = bundle.domain_plan.lower_slope
+        self.sparse = bundle.domain_plan.sparse
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
@@ -221,40 +222,17 @@ class TorchExecutor:
         node = t.nodes[0]
         iv = env[t.inputs[0]].interval()
         ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None)
-        out = crown_node(self.graph, node, iv, box, tensors, ctx)
+        out = crown_node(self.graph, node, iv, box, tensors, ctx, sparse=self.sparse)
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
     def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None
                ) -> dict[str, Value]:
-        g = self.graph
-        out_node = g.output_node
         src = env[t.inputs[0]].interval()
-        if C is None:
-            by_ibp = src
-        elif t.attr("fold"):
-            bias = tensors[out_node.params["bias"]] if "bias" in out_node.params else None
-            by_ibp = spec_interval(src, C, tensors[out_node.params["weight"]], bias)
-        else:
-            by_ibp = spec_interval(src, C)
         method = t.attr("method")
-        if method != "ibp":
-            bounds = self._bounds_of(t, env, 1)
-            batch = box.lower.shape[0]
-            if C is None:
-                shape = (1,) + out_node.shape
-                zero = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                A = identity_start(Interval(zero, zero))
-            else:
-                A = C.reshape((batch, C.shape[1]) + out_node.shape)
-            ctx = BackwardContext(bounds, self.lower_slope, None)
-            out = backward_chunked(g, g.output, A, box, tensors, ctx)
-            if method == "alpha-crown":
-                out = optimise(g, self.domain_plan, A, box, tensors, bounds, self.lower_slope,
-                               self.alpha, out)
-            shape = by_ibp.lower.shape
-            by_ibp = intersect(by_ibp, Interval(out.lower.reshape(shape),
-                                                out.upper.reshape(shape)))
-        return {t.outputs[0]: Value("lu", by_ibp.lower, by_ibp.upper)}
+        bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
+        out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
+                           bounds, self.domain_plan, self.lower_slope, self.alpha)
+        return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
     # --- a run -----------------------------------------------------------------------------
 

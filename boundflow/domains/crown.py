@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from boundflow.domains.crown_conv import conv_chain, crown_conv_rows
-from boundflow.domains.interval import Interval, RULES as IBP_RULES, spec_interval
+from boundflow.domains.interval import Interval, RULES as IBP_RULES
 from boundflow.domains.traversal import ancestors, apply_rule
 from boundflow.errors import BoundFlowError, UnsupportedOpError
 from boundflow.ir.domain_plan import DomainPlan, preactivations
@@ -426,43 +426,5 @@ def intermediate_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.T
     return bounds
 
 
-def final_ibp(graph: Graph, bounds: Mapping[str, Interval], tensors, C) -> Interval:
-    out = graph.output_node
-    if C is None:
-        return bounds[out.name]
-    if out.op == "linear" and len(out.shape) == 1:
-        bias = tensors[out.params["bias"]] if "bias" in out.params else None
-        return spec_interval(bounds[out.inputs[0]], C, tensors[out.params["weight"]], bias)
-    return spec_interval(bounds[out.name], C)
-
-
-def start_matrix(graph: Graph, bounds: Mapping[str, Interval], C) -> torch.Tensor:
-    out = bounds[graph.output]
-    if C is None:
-        return identity_start(out)
-    B, S = C.shape[:2]
-    return C.reshape((B, S) + tuple(out.lower.shape[1:]))
-
-
-def crown(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
-          C: torch.Tensor | None, plan: DomainPlan, lower_slope: str = "adaptive",
-          alpha=None, sparse: bool = False) -> Interval:
-    """Bounds of the output (or ``C·output``) under ``plan``; see the module docstring.
-    ``sparse`` bounds only IBP-unstable neurons of crown layers (see :func:`crown_node`)."""
-    plan.check(graph)
-    bounds = intermediate_bounds(graph, x, tensors, plan, lower_slope, sparse)
-    by_ibp = final_ibp(graph, bounds, tensors, C)
-    if plan.final == "ibp":
-        return by_ibp
-    A = start_matrix(graph, bounds, C)
-    ctx = BackwardContext(bounds, lower_slope, None)
-    out = backward_chunked(graph, graph.output, A, x, tensors, ctx)
-    if plan.final == "alpha-crown":
-        from boundflow.domains.alpha import optimise
-        out = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, out)
-    shape = by_ibp.lower.shape
-    return intersect(by_ibp, Interval(out.lower.reshape(shape), out.upper.reshape(shape)))
-
-
-__all__ = ["crown", "backward", "intermediate_bounds", "relu_relaxation", "LOWER_SLOPES",
+__all__ = ["backward", "intermediate_bounds", "relu_relaxation", "LOWER_SLOPES",
            "preactivations"]

@@ -39,6 +39,7 @@ class DomainSection:
     crown_nodes: tuple[str, ...]
     lower_slope: str = "adaptive"
     alpha: tuple[tuple[str, Any], ...] = ()
+    sparse: bool = False          # crown tasks bound only IBP-unstable neurons
 
     @property
     def plan(self) -> DomainPlan:

@@ -42,6 +42,7 @@ class PlannerContext:
     knobs: Knobs | None
     lower_slope: str = "adaptive"
     alpha: tuple[tuple[str, Any], ...] = ()
+    sparse: bool = False
     graph: Graph | None = None                      # normalised
     rewrites: tuple[str, ...] = ()
     space: SearchSpace | None = None
@@ -205,7 +206,8 @@ def assign_domains(ctx: PlannerContext) -> PlannerContext:
              if on and e[0] not in crown]
     groups = _groups(graph, ctx.workload, edges)
     domain = DomainSection(plan.intermediate, plan.final, crown, ctx.lower_slope,
-                           ctx.alpha if plan.final == "alpha-crown" else ())
+                           ctx.alpha if plan.final == "alpha-crown" else (),
+                           ctx.sparse and bool(crown))
     return ctx.but(groups=groups, domain=domain,
                    task_graph=build_tasks(graph, ctx.workload, groups, crown, plan.final))
 

@@ -46,6 +46,8 @@ def lowers_to_tir(bundle: PlanBundle, task) -> bool:
     """Whether ``task`` becomes a TIR PrimFunc (else a torch callback)."""
     if task.kind == "input" or bundle.lowering_plan.lowering(task.name) != "tir":
         return False
+    if task.kind == "crown" and bundle.domain_plan.sparse:
+        return False                   # the sparse crown rule has no TIR kernel
     return task.kind in ("ibp", "layout", "crown") or (
         task.kind == "final" and task.attr("method") in ("ibp", "crown"))
 
