@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["DomainPlan", "Graph", "GraphBuilder", "InputSpec", "LinearSpec",
                      "margin_spec", "preactivations"], "boundflow.ir"),
     "Knobs": "boundflow.ir.knobs",
+    **dict.fromkeys(["compile", "Verifier"], "boundflow.verifier"),
     "PlanBundle": "boundflow.ir.plan",
     "Workload": "boundflow.ir.workload",
 }

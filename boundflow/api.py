@@ -22,7 +22,7 @@ from boundflow.domains.concrete import evaluate
 from boundflow.domains.crown import LOWER_SLOPES
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.frontend.torch import from_exported, from_torch
-from boundflow.backend.torch import TorchExecutor
+from boundflow import backend as backends
 from boundflow.ir.domain_plan import METHODS, DomainPlan
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.graph import Graph
@@ -31,7 +31,6 @@ from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
 log = logging.getLogger("boundflow")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-BACKENDS = ("torch", "relax")
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,8 +168,7 @@ class BoundOptions:
     target: str = "llvm"
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise BoundFlowError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        backends.create(self.backend)                # names the valid ones if not
         if self.method not in METHODS:
             raise BoundFlowError(f"method {self.method!r} is not one of {sorted(METHODS)}")
         if self.lower_slope not in LOWER_SLOPES:
@@ -201,19 +199,8 @@ def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str
 
             check_plan(graph, plan)      # a plan from a file or a database is data, not code
             _TRUSTED.add(plan.key)
-        if backend == "relax":
-            from boundflow.backend.relax.cache import CompileCache
-            from boundflow.backend.relax.executor import RelaxExecutor
-
-            global _COMPILE_CACHE
-            _COMPILE_CACHE = _COMPILE_CACHE or CompileCache()
-            per_graph[key] = RelaxExecutor(plan, graph, target, cache=_COMPILE_CACHE)
-        else:
-            per_graph[key] = TorchExecutor(plan, graph)
+        per_graph[key] = backends.create(backend).executor(plan, graph, target)
     return per_graph[key]
-
-
-_COMPILE_CACHE = None
 
 
 def _workload(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
@@ -284,6 +271,28 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
     return _finite(Bounds(out.lower.detach(), out.upper.detach()))
 
 
+_LOOKUPS: dict[tuple, Any] = {}
+
+
+def lookup_tuned(graph: Graph, workload, db: Any, objective: str):
+    """The tuned plan of ``workload`` in ``db`` under ``objective`` (a
+    :class:`~boundflow.search.lookup.TunedPlan`), checked against ``graph``; None after a
+    one-line notice when there is none, or it is refused. Looked up once per process for a
+    (database, workload, objective): a loop of calls reads the database once."""
+    from boundflow.search.lookup import describe_missing, tuned_plan
+
+    where = getattr(db, "url", None) or str(db)
+    key = (where, workload.key, workload.weights_hash, objective)
+    if key not in _LOOKUPS:
+        tuned = tuned_plan(db, workload, objective)
+        if tuned is None:
+            log.warning(describe_missing(db, workload, objective))
+        else:
+            tuned = _checked(graph, tuned, db)
+        _LOOKUPS[key] = tuned
+    return _LOOKUPS[key]
+
+
 def _checked(graph: Graph, tuned, db):
     """``tuned`` if its plan is one the planner makes for ``graph`` (see
     :func:`boundflow.planner.check_plan`), else None after a one-line notice: a shared
@@ -304,6 +313,8 @@ def _finite(bounds: Bounds) -> Bounds:
     """``bounds`` when every entry is finite; else a :class:`SpecError` saying why: a bound
     that overflowed (or became NaN) is no bound a caller can act on."""
     lo, hi = bounds.lower, bounds.upper
+    if math.isfinite(float(lo.sum()) - float(hi.sum())):       # the cheap test first
+        return bounds
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         nan = bool(torch.isnan(lo).any() or torch.isnan(hi).any())
         raise SpecError(f"the bounds {'are NaN' if nan else 'overflow to infinity'} in "
@@ -388,16 +399,11 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     tuned = None
     if db is not None and plan is None:
         from boundflow.ir.workload import Workload
-        from boundflow.search.lookup import describe_missing, tuned_plan
 
         dname = {v: k for k, v in _DTYPES.items()}[torch_dtype]
         work = Workload.of(graph, batch=spec.batch, n_specs=linear.n_specs, method=method,
                            dtype=dname, target=target)
-        tuned = tuned_plan(db, work, objective)
-        if tuned is None:
-            log.warning(describe_missing(db, work, objective))
-        else:
-            tuned = _checked(graph, tuned, db)
+        tuned = lookup_tuned(graph, work, db, objective)
         if tuned is not None:
             plan = tuned.bundle
             options = BoundOptions(method, domains, lower_slope, alpha, sparse, tuned.backend,

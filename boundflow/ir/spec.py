@@ -25,7 +25,9 @@ def _float_array(value: Any, what: str) -> np.ndarray:
         raise SpecError(f"{what} must hold numbers, got dtype {arr.dtype}")
     if arr.dtype.kind != "f":
         arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(arr.sum()) or np.isfinite(arr).all()     # the sum: cheap test
+    if not finite:
         raise SpecError(f"{what} contains NaN or inf")
     return arr
 
@@ -51,8 +53,8 @@ class InputSpec:
         if lower.shape[0] == 0 or lower.size == 0:
             raise SpecError(f"input box of shape {lower.shape} is empty: give at least one "
                             f"sample")
-        bad = np.argwhere(lower > upper)
-        if len(bad):
+        if (lower > upper).any():
+            bad = np.argwhere(lower > upper)
             i = tuple(int(v) for v in bad[0])
             raise SpecError(f"lower > upper at index {i}: {lower[i]} > {upper[i]} "
                             f"({len(bad)} entries in all)")

@@ -1,0 +1,117 @@
+"""The backend interface and its registry.
+
+A backend turns a :class:`~boundflow.ir.plan.PlanBundle` into an executor (``run(box, C)``
+returning bounds), and says what it can tune and lower: its schedule knobs per target and
+which tasks it compiles. Everything outside ``backend/`` reaches a backend through
+:func:`create` (``register`` / ``create`` / ``names``, as in the house style); no other code
+tests backend names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from boundflow.errors import BoundFlowError
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+
+
+class Backend(Protocol):
+    """What the API, the measurement harness and the tuner ask of a backend."""
+
+    name: str
+    tunes_schedules: bool       # whether the plan's schedule / lowering knobs change its code
+    needs_build: bool           # whether a plan is compiled (in a builder) before it runs
+
+    def executor(self, bundle: PlanBundle, graph: Graph, target: str = "llvm",
+                 cache: Any = None) -> Any:
+        """An object whose ``run(box, C, ...)`` gives the bounds of ``bundle`` on ``graph``
+        (``cache``: where compiled code is kept, for backends that compile)."""
+
+    def schedule_space(self, target: str = "llvm") -> dict[str, tuple[Any, ...]]:
+        """Per-task schedule knobs and their legal values (the default first); empty when
+        the backend has none."""
+
+    def compiles(self, bundle: PlanBundle, task: Any) -> bool:
+        """Whether ``task`` of ``bundle`` becomes compiled code (else it runs as torch ops)."""
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {}
+_INSTANCES: dict[str, Backend] = {}
+
+
+def register(name: str, factory: Callable[[], Backend]) -> None:
+    """Make ``create(name)`` build a backend with ``factory`` (called once, on first use)."""
+    _FACTORIES[name] = factory
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_FACTORIES)
+
+
+def create(name: str) -> Backend:
+    """The backend called ``name``; a :class:`BoundFlowError` listing the valid ones if none."""
+    if name not in _FACTORIES:
+        raise BoundFlowError(f"backend {name!r} is not one of {', '.join(_FACTORIES)}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _FACTORIES[name]()
+    return _INSTANCES[name]
+
+
+class TorchBackend:
+    """Runs any plan with torch ops, on the CPU (target llvm)."""
+
+    name = "torch"
+    tunes_schedules = False
+    needs_build = False
+
+    def executor(self, bundle, graph, target="llvm", cache=None):
+        from boundflow.backend.torch import TorchExecutor
+        from boundflow.target import target_kind
+
+        if target_kind(target) != "llvm":
+            raise BoundFlowError(f"the torch backend runs on the CPU (target llvm), not "
+                                 f"{target!r}; use the relax backend for other targets")
+        return TorchExecutor(bundle, graph)
+
+    def schedule_space(self, target="llvm"):
+        return {}
+
+    def compiles(self, bundle, task):
+        return False
+
+
+class RelaxBackend:
+    """TVM Relax: a TIR PrimFunc per task under ``call_tir``, torch callbacks for the rest."""
+
+    name = "relax"
+    tunes_schedules = True
+    needs_build = True
+
+    def __init__(self):
+        self._cache = None
+
+    def executor(self, bundle, graph, target="llvm", cache=None):
+        """Compiled once per plan and target: in memory and in the on-disk compile cache
+        (``$BOUNDFLOW_CACHE``) unless ``cache`` names another."""
+        from boundflow.backend.relax.cache import CompileCache
+        from boundflow.backend.relax.executor import RelaxExecutor
+
+        if cache is None:
+            self._cache = self._cache or CompileCache()
+            cache = self._cache
+        return RelaxExecutor(bundle, graph, target, cache=cache)
+
+    def schedule_space(self, target="llvm"):
+        from boundflow.backend.relax.schedule_space import space
+
+        return space(target)
+
+    def compiles(self, bundle, task):
+        from boundflow.backend.relax.executor import lowers_to_tir
+
+        return lowers_to_tir(bundle, task)
+
+
+register("torch", TorchBackend)
+register("relax", RelaxBackend)
