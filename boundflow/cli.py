@@ -109,11 +109,10 @@ def _objective(text: str) -> str:
 
 
 def _cpu_only(args: argparse.Namespace) -> None:
-    from boundflow.target import target_kind
+    """Refuse, before any work, a backend that cannot run ``--target`` on this machine."""
+    from boundflow.backend import create
 
-    if args.backend == "torch" and target_kind(args.target) != "llvm":
-        raise BoundFlowError(f"the torch backend runs on the CPU (target llvm); --target "
-                             f"{args.target} needs --backend relax")
+    create(args.backend).check_target(args.target)
 
 
 def _load_input(path: str, sample_shape: tuple[int, ...]):
@@ -402,12 +401,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the plans are measured on)")
-    _cpu_only(args)
+    _cpu_only(args)                                # measuring runs the plans here
     _objective(args.objective)
-    if args.backend == "relax":
-        from boundflow.backend.relax.target import run_device, tvm_target
-
-        run_device(tvm_target(args.target))        # measuring runs the plans here
     graph = _load_graph(args)
     x = _load_input(args.input, graph.input_shape)
     graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,

@@ -20,8 +20,13 @@ class Backend(Protocol):
     """What the API, the measurement harness and the tuner ask of a backend."""
 
     name: str
+    targets: tuple[str, ...]    # target kinds it runs on
     tunes_schedules: bool       # whether the plan's schedule / lowering knobs change its code
     needs_build: bool           # whether a plan is compiled (in a builder) before it runs
+
+    def check_target(self, target: str) -> None:
+        """Raise a :class:`BoundFlowError` naming the problem unless plans for ``target`` can
+        run on this machine."""
 
     def executor(self, bundle: PlanBundle, graph: Graph, target: str = "llvm",
                  cache: Any = None) -> Any:
@@ -62,16 +67,21 @@ class TorchBackend:
     """Runs any plan with torch ops, on the CPU (target llvm)."""
 
     name = "torch"
+    targets = ("llvm",)
     tunes_schedules = False
     needs_build = False
 
-    def executor(self, bundle, graph, target="llvm", cache=None):
-        from boundflow.backend.torch import TorchExecutor
+    def check_target(self, target):
         from boundflow.target import target_kind
 
-        if target_kind(target) != "llvm":
+        if target_kind(target) not in self.targets:
             raise BoundFlowError(f"the torch backend runs on the CPU (target llvm), not "
-                                 f"{target!r}; use the relax backend for other targets")
+                                 f"{target!r}; use --backend relax for other targets")
+
+    def executor(self, bundle, graph, target="llvm", cache=None):
+        from boundflow.backend.torch import TorchExecutor
+
+        self.check_target(target)
         return TorchExecutor(bundle, graph)
 
     def schedule_space(self, target="llvm"):
@@ -85,11 +95,17 @@ class RelaxBackend:
     """TVM Relax: a TIR PrimFunc per task under ``call_tir``, torch callbacks for the rest."""
 
     name = "relax"
+    targets = ("llvm", "cuda")
     tunes_schedules = True
     needs_build = True
 
     def __init__(self):
         self._cache = None
+
+    def check_target(self, target):
+        from boundflow.backend.relax.target import run_device, tvm_target
+
+        run_device(tvm_target(target))
 
     def executor(self, bundle, graph, target="llvm", cache=None):
         """Compiled once per plan and target: in memory and in the on-disk compile cache
