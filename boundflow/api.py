@@ -266,9 +266,28 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
     if plan is None:
-        plan = default_plan(graph, _workload(graph, spec, C, options, dtype), options)
-    out = executor(plan, graph, options.backend, options.target).run(spec, C)
+        # the query's shape and options name its executor: no hashing on the hot path
+        fast = _FAST.setdefault(graph, {})
+        key = (spec.batch, 0 if C is None else C.n_specs, dtype, _options_key(options))
+        exe = fast.get(key)
+        if exe is None:
+            plan = default_plan(graph, _workload(graph, spec, C, options, dtype), options)
+            exe = fast[key] = executor(plan, graph, options.backend, options.target)
+    else:
+        exe = executor(plan, graph, options.backend, options.target)
+    out = exe.run(spec, C)
     return _finite(Bounds(out.lower.detach(), out.upper.detach()))
+
+
+_FAST: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def _options_key(options: BoundOptions) -> tuple:
+    d = options.domains
+    if d is not None and not isinstance(d, DomainPlan):
+        d = tuple(sorted(dict(d).items()))
+    return (options.method, d, options.lower_slope, options.alpha, options.sparse,
+            options.backend, options.target)
 
 
 _LOOKUPS: dict[tuple, Any] = {}

@@ -144,18 +144,33 @@ class TorchExecutor:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
         self._arena: dict[int, torch.Tensor] = {}
+        # per buffer in a slot: (slot, elements per sample, physical shape, axes to logical)
+        self._views = {
+            b.name: (self.slot[b.name], b.numel, tuple(b.shape[a] for a in b.layout),
+                     (0,) + tuple(1 + b.layout.index(j) for j in range(len(b.shape))))
+            for b in bundle.task_graph.buffers if b.name in self.slot}
+        self._root = {b.name: bundle.task_graph.root(b.name) for b in bundle.task_graph.buffers}
+        # per fused task: how many of its own nodes read each of its nodes
+        self._readers = {}
+        for t in self.tasks:
+            counts = dict.fromkeys(t.nodes, 0)
+            for name in t.nodes:
+                for i in self.nodes[name].inputs:
+                    if i in counts:
+                        counts[i] += 1
+            self._readers[t.name] = counts
+        self._affine: tuple[dict, dict] | None = None
 
     # --- buffers in slots ------------------------------------------------------------------
 
     def _slot_view(self, buf: Buffer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.slot[buf.name]
+        s, numel, phys, to_logical = self._views[buf.name]
         need = self._slot_elems[s] * batch
         flat = self._arena.get(s)
         if flat is None or flat.numel() != need:
             flat = self._arena[s] = torch.empty(need, dtype=self.dtype, device=self.device)
-        n = buf.numel * batch
-        phys = (batch,) + tuple(buf.shape[a] for a in buf.layout)
-        to_logical = (0,) + tuple(1 + buf.layout.index(j) for j in range(len(buf.shape)))
+        n = numel * batch
+        phys = (batch,) + phys
         return (flat[:n].view(phys).permute(to_logical),
                 flat[n:2 * n].view(phys).permute(to_logical))
 
@@ -181,11 +196,8 @@ class TorchExecutor:
         held = (self._arena_ptrs() | {t_.untyped_storage().data_ptr()   # counted elsewhere
                                       for v in local.values() for t_ in (v.a, v.b)}
                 if measure else set())
-        readers_left = {n: 0 for n in t.nodes}
-        for name in t.nodes:
-            for i in self.nodes[name].inputs:
-                if i in readers_left:
-                    readers_left[i] += 1
+        readers_left = dict(self._readers[t.name])
+        affine = self._affine_params(tensors)
         for name in t.nodes:
             node = self.nodes[name]
             ins = [local[i] for i in node.inputs]
@@ -193,10 +205,7 @@ class TorchExecutor:
                 v = ins[0]
                 out = Value(v.form, _view(node, v.a), _view(node, v.b))
             elif node.op in ("linear", "conv2d"):
-                params = {r: tensors[k] for r, k in node.params.items()}
-                if node.params["weight"] + "|abs" in tensors:
-                    params["weight_abs"] = tensors[node.params["weight"] + "|abs"]
-                out = _affine_cr(node, params, ins[0])
+                out = _affine_cr(node, affine[name], ins[0])
             elif node.op == "relu" and node.inputs[0] in own and \
                     readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs:
                 v = ins[0] if ins[0].form == "lu" else ins[0].as_form("lu")
@@ -214,6 +223,19 @@ class TorchExecutor:
                     if readers_left[i] == 0 and i not in t.outputs:
                         local.pop(i, None)
         return {o: local[o] for o in t.outputs}, peak
+
+    def _affine_params(self, tensors: dict) -> dict[str, dict]:
+        """Per affine node its parameter tensors (and ``|W|``), gathered once per tensors."""
+        if self._affine is None or self._affine[0] is not tensors:
+            per_node = {}
+            for node in self.graph.nodes:
+                if node.op in ("linear", "conv2d"):
+                    params = {r: tensors[k] for r, k in node.params.items()}
+                    if node.params["weight"] + "|abs" in tensors:
+                        params["weight_abs"] = tensors[node.params["weight"] + "|abs"]
+                    per_node[node.name] = params
+            self._affine = (tensors, per_node)
+        return self._affine[1]
 
     def _bounds_of(self, t: Task, env: dict, skip: int) -> dict[str, Interval]:
         return {self.buffers[b].node: env[b].interval() for b in t.inputs[skip:]}
@@ -333,7 +355,7 @@ class TorchExecutor:
                     arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
                     peak = max(peak, arena + inflight)
                 for b in t.inputs:
-                    root = self.bundle.task_graph.root(b)
+                    root = self._root[b]
                     if root in self.last_use and self.last_use[root] <= i:
                         env.pop(b, None)
         out = env[self.bundle.task_graph.output]

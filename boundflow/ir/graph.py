@@ -99,7 +99,15 @@ class Graph:
         return users
 
     def structural_hash(self) -> str:
-        """Hash of structure and shapes; independent of node names and weight values."""
+        """Hash of structure and shapes; independent of node names and weight values
+        (computed once per graph: graphs are immutable)."""
+        cached = self.__dict__.get("_structural_hash")
+        if cached is None:
+            cached = self._structural_hash_now()
+            object.__setattr__(self, "_structural_hash", cached)
+        return cached
+
+    def _structural_hash_now(self) -> str:
         index = {n.name: i for i, n in enumerate(self.nodes)}
         body = [
             [
@@ -117,7 +125,18 @@ class Graph:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def weights_hash(self) -> str:
-        """Hash of every parameter's values, in node order."""
+        """Hash of every parameter's values, in node order (computed once per graph; the
+        arrays are made read-only then, so the hash cannot go stale)."""
+        cached = self.__dict__.get("_weights_hash")
+        if cached is None:
+            cached = self._weights_hash_now()
+            for arr in self.params.values():
+                if isinstance(arr, np.ndarray):
+                    arr.flags.writeable = False
+            object.__setattr__(self, "_weights_hash", cached)
+        return cached
+
+    def _weights_hash_now(self) -> str:
         h = hashlib.sha256()
         for n in self.nodes:
             for role, key in sorted(n.params.items()):

@@ -167,8 +167,12 @@ class PlanBundle:
 
     @property
     def key(self) -> str:
-        """Hash of the whole plan (what a compile cache keys on)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+        """Hash of the whole plan (what a compile cache keys on; computed once)."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            cached = hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+            object.__setattr__(self, "_key", cached)
+        return cached
 
     def peak_bytes(self, batch: int | None = None) -> int:
         """Planned bytes of buffer memory at ``batch`` (default: the workload's)."""

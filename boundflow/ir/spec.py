@@ -89,7 +89,22 @@ class InputSpec:
             if np.any(center < lo) or np.any(center > hi):
                 raise SpecError(f"the input center lies outside the clip range {clip}")
             lower, upper = np.clip(lower, lo, hi), np.clip(upper, lo, hi)
-        return cls(lower.astype(center.dtype), upper.astype(center.dtype))
+        return cls._ordered(lower.astype(center.dtype), upper.astype(center.dtype))
+
+    @classmethod
+    def _ordered(cls, lower: np.ndarray, upper: np.ndarray) -> "InputSpec":
+        """A box whose ``lower <= upper`` holds by construction (and whose arrays are float
+        arrays of one dtype): only what can still be wrong is checked, cheaply; anything
+        unusual takes the full check of the constructor, which names the problem."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = (lower.ndim >= 2 and lower.shape[0] > 0 and lower.size > 0
+                  and np.isfinite(lower.sum() + upper.sum()))
+        if not ok:
+            return cls(lower, upper)
+        box = object.__new__(cls)
+        object.__setattr__(box, "lower", lower)
+        object.__setattr__(box, "upper", upper)
+        return box
 
     @property
     def batch(self) -> int:

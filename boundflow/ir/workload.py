@@ -56,7 +56,14 @@ class Workload:
 
     @property
     def key(self) -> str:
-        """The lookup key: everything but the weights hash."""
+        """The lookup key: everything but the weights hash (computed once)."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            cached = self._key_now()
+            object.__setattr__(self, "_key", cached)
+        return cached
+
+    def _key_now(self) -> str:
         d = self.to_dict()
         d.pop("weights_hash")
         text = json.dumps(d, sort_keys=True, separators=(",", ":"))
