@@ -39,7 +39,7 @@ from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.task_graph import Buffer, Task
-from boundflow.planner.passes import normalised
+from boundflow.ir.normalize import normalised
 from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

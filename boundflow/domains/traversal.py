@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from boundflow.errors import UnsupportedOpError
-from boundflow.ir.graph import Graph, Node
+from boundflow.ir.graph import Graph, Node, ancestors
 
 Rule = Callable[..., Any]
 
@@ -38,17 +38,6 @@ def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str =
 
 
 ABS = "|abs"
-
-
-def ancestors(graph: Graph, targets: Sequence[str]) -> set[str]:
-    need, stack = set(), list(targets)
-    by_name = {n.name: n for n in graph.nodes}
-    while stack:
-        name = stack.pop()
-        if name not in need:
-            need.add(name)
-            stack.extend(by_name[name].inputs)
-    return need
 
 
 def propagate(graph: Graph, rules: Mapping[str, Rule], init: Any,

@@ -217,6 +217,18 @@ def verify_graph(graph: Graph) -> Graph:
     return graph
 
 
+def ancestors(graph: Graph, targets) -> set[str]:
+    """The names of ``targets`` and every node they depend on."""
+    need, stack = set(), list(targets)
+    by_name = {n.name: n for n in graph.nodes}
+    while stack:
+        name = stack.pop()
+        if name not in need:
+            need.add(name)
+            stack.extend(by_name[name].inputs)
+    return need
+
+
 class GraphBuilder:
     """Builds a :class:`Graph` node by node, inferring and checking shapes as it goes.
 

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
-from boundflow.ir.graph import Graph, GraphBuilder, Node
+from boundflow.ir.graph import Graph, GraphBuilder, Node, ancestors
 
 
 def _bn_scale_shift(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray]:
@@ -54,3 +56,31 @@ def normalize(graph: Graph) -> Graph:
         rename[node.name] = b.add_node(node.op, [rename[i] for i in node.inputs], params=params,
                                        attrs=node.attrs, name=node.name, source=node.source)
     return b.build(rename[graph.output])
+
+
+_NORMALISED: "weakref.WeakKeyDictionary[Graph, tuple[Graph, tuple[str, ...]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _prune(graph: Graph) -> Graph:
+    live = ancestors(graph, [graph.output])
+    if len(live) == len(graph.nodes):
+        return graph
+    nodes = tuple(n for n in graph.nodes if n.name in live)
+    used = {k for n in nodes for k in n.params.values()}
+    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
+
+
+def normalised(graph: Graph) -> tuple[Graph, tuple[str, ...]]:
+    """``graph`` with dead nodes dropped, BatchNorm folded, identities dropped and permutes
+    simplified (see ``rewrite``); and the rewrites made. Exact and knob-independent, so the
+    planner and every backend binding a plan to a model derive the same graph; cached per
+    graph."""
+    from boundflow.ir.rewrite import simplify_permutes
+
+    cached = _NORMALISED.get(graph)
+    if cached is None:
+        g = normalize(_prune(graph))
+        g, log = simplify_permutes(g)
+        _NORMALISED[graph] = cached = (g, log)
+    return cached

@@ -17,7 +17,8 @@ from boundflow.ir.knobs import Knobs
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.task_graph import PlanError
 from boundflow.ir.workload import Workload
-from boundflow.planner.passes import PASSES, PlannerContext, normalised
+from boundflow.ir.normalize import normalised
+from boundflow.planner.passes import PASSES, PlannerContext
 from boundflow.planner.space import SearchSpace, default_knobs
 from boundflow.planner.verify import verify_plan
 

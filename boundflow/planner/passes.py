@@ -8,21 +8,18 @@ normalise -> partition -> assign_domains -> assign_layouts -> liveness -> reuse_
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from boundflow.domains.crown import ibp_exact_nodes
-from boundflow.domains.traversal import ancestors
 from boundflow.ir.domain_plan import DomainPlan
-from boundflow.ir.graph import Graph
+from boundflow.ir.graph import Graph, ancestors
 from boundflow.ir.knobs import Knobs
-from boundflow.ir.normalize import normalize
+from boundflow.ir.normalize import normalised
 from boundflow.ir.plan import (CacheEntry, CachePlan, DomainSection, LayoutPlan, LoweringPlan,
                                StoragePlan)
 from boundflow.ir.task_graph import Buffer, PlanError, Task, TaskGraph
 from boundflow.ir.workload import Workload
-from boundflow.planner.rewrite import simplify_permutes
 from boundflow.planner.space import SearchSpace, folds_output, knobs_for
 
 INPUT_TASK = "input"
@@ -61,31 +58,6 @@ class PlannerContext:
 
 
 # --- normalise ---------------------------------------------------------------------------
-
-_NORMALISED: "weakref.WeakKeyDictionary[Graph, tuple[Graph, tuple[str, ...]]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def _prune(graph: Graph) -> Graph:
-    live = ancestors(graph, [graph.output])
-    if len(live) == len(graph.nodes):
-        return graph
-    nodes = tuple(n for n in graph.nodes if n.name in live)
-    used = {k for n in nodes for k in n.params.values()}
-    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
-
-
-def normalised(graph: Graph) -> tuple[Graph, tuple[str, ...]]:
-    """``graph`` with dead nodes dropped, BatchNorm folded, identities dropped and permutes
-    simplified (see ``rewrite``); and the rewrites made. Cached per graph: every backend
-    binding a plan to a model calls this."""
-    cached = _NORMALISED.get(graph)
-    if cached is None:
-        g = normalize(_prune(graph))
-        g, log = simplify_permutes(g)
-        _NORMALISED[graph] = cached = (g, log)
-    return cached
-
 
 def normalise(ctx: PlannerContext) -> PlannerContext:
     graph, log = normalised(ctx.source)

@@ -34,7 +34,7 @@ from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec
-from boundflow.planner.passes import normalised
+from boundflow.ir.normalize import normalised
 from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 
 

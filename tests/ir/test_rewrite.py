@@ -6,7 +6,7 @@ import torch
 
 from boundflow.api import compute_bounds
 from boundflow.ir.graph import GraphBuilder
-from boundflow.planner.rewrite import simplify_permutes
+from boundflow.ir.rewrite import simplify_permutes
 
 rng = np.random.default_rng(0)
 
