@@ -15,8 +15,11 @@ config file, several). Toggles and what their configurations change:
 * ``schedule``: register tiling with local accumulators and vectorisation; parallel off;
   loop unrolling off.
 
-Ratios are against the baseline on the same backend (a ``baseline-torch`` row is added when a
-configuration runs on the torch backend). Every configuration is built and measured by the
+Ratios are against the baseline on the same backend. On a backend other than the default one
+of ``verify`` (torch), a ``baseline-torch`` row is added: the default path of ``verify``, the
+reference a tuned plan must beat (and the baseline of the configurations that run there, such
+as ``reuse_ibp``). Whether a toggle means anything on a backend is the backend's to say
+(``boundflow.backend.create(name).tunes_schedules``). Every configuration is built and measured by the
 measurement harness (worker processes); a
 configuration that fails to plan, build or run is a row with its error. ``run`` returns the
 rows; ``write_csv`` and ``plot`` write them (bars per configuration; time vs width with the
@@ -34,11 +37,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from boundflow.backend import create
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.knobs import Knobs
 from boundflow.ir.workload import Workload
+from boundflow.search.space import DEFAULT_BACKEND
 
+COMPILED_ONLY = ("fusion", "lowering", "schedule")   # toggles of a backend that tunes code
 TOGGLES = ("partition", "fusion", "domain", "layout", "forms", "storage", "cache", "lowering",
            "schedule")
 COLUMNS = ("config", "toggle", "setting", "backend", "median_ms", "std_ms", "peak_bytes",
@@ -98,8 +104,8 @@ def configurations(toggles: Sequence[str], backend: str = "relax") -> list[Confi
         elif t == "cache":
             out += [Config("cache=bounds", t, "repeated query, cache_bounds",
                            run_options=(("cache_bounds", True),)),
-                    Config("cache=reuse_ibp", t, "repeated query, reuse_ibp (torch)",
-                           run_options=(("reuse_ibp", True),), backend="torch")]
+                    Config("cache=reuse_ibp", t, "repeated query, reuse_ibp (torch executor)",
+                           run_options=(("reuse_ibp", True),), backend=DEFAULT_BACKEND)]
         elif t == "lowering":
             out.append(Config("lowering=torch", t, "every task a torch callback",
                               (("lowering", "torch"),)))
@@ -108,11 +114,15 @@ def configurations(toggles: Sequence[str], backend: str = "relax") -> list[Confi
                            schedule=(("cache_write", True), ("tile", 4), ("vectorize", 4))),
                     Config("schedule=serial", t, "parallel off", schedule=(("parallel", False),)),
                     Config("schedule=no-unroll", t, "unroll off", schedule=(("unroll", 0),))]
-    if backend == "torch":        # Relax-only knobs mean nothing on the torch backend
-        out = [c for c in out if c.toggle not in ("fusion", "lowering", "schedule")]
-    elif any(c.backend == "torch" for c in out):     # its own baseline to compare against
-        out.insert(1, Config("baseline-torch", "baseline", "default plan, torch backend",
-                             backend="torch"))
+    if not create(backend).tunes_schedules:     # lowering, fusion, schedules mean nothing
+        out = [c for c in out if c.toggle not in COMPILED_ONLY]
+    others = dict.fromkeys(c.backend for c in out if c.backend not in (None, backend))
+    if backend != DEFAULT_BACKEND:
+        others = {DEFAULT_BACKEND: None, **others}
+    for i, b in enumerate(others, 1):           # the default path, and their own baselines
+        out.insert(i, Config(f"baseline-{b}", "baseline", f"default plan, {b} backend"
+                             + (" (the default path of verify)" if b == DEFAULT_BACKEND
+                                else ""), backend=b))
     return out
 
 
@@ -148,9 +158,7 @@ def run(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray | None
     n_specs = 0 if C is None else int(np.asarray(C).shape[1])
     w = Workload.of(graph, batch=int(np.asarray(lower).shape[0]), n_specs=n_specs,
                     method=method, target=target)
-    base = default(graph, w)
-    if backend == "torch":
-        base = base.replace(lowering="torch")
+    base = default(graph, w)          # the default plan, as verify plans it
     inputs, rows, planned = [], [], []
     for c in configs:
         row = {"config": c.name, "toggle": c.toggle, "setting": c.setting,

@@ -1,7 +1,11 @@
-"""Features of a (workload, PlanBundle): a fixed-length vector with documented names.
+"""Features of a (workload, PlanBundle, backend): a fixed-length vector with documented names.
 
 Every candidate of every workload maps to the same ``FEATURE_NAMES``, so one model learns
-across workloads. Work is counted analytically from the normalised graph:
+across workloads. A candidate is a plan *on a backend*: the vector is the plan's own features
+(``PLAN_FEATURE_NAMES``, what the database stores with the plan, since one plan may be
+measured on several backends) followed by the backend's (``BACKEND_FEATURE_NAMES``), joined by
+:func:`with_backend`, which also clears what the backend ignores (kernels, callbacks, the
+lowering share, Relax fusion and schedules mean nothing to a backend that tunes no schedules). Work is counted analytically from the normalised graph:
 
 * FLOPs per sample of each op (linear ``2·in·out``, conv ``2·out·Cin/groups·kh·kw``,
   elementwise ``size``); an IBP task does about twice its ops' FLOPs (two bounds, or centre and
@@ -10,8 +14,12 @@ across workloads. Work is counted analytically from the normalised graph:
   ``n_specs`` rows, alpha-CROWN times its iterations (forward and backward);
 * bytes: every buffer a task reads or writes (two halves of an interval), per sample;
 * the plan's shape: tasks by kind, kernels (TIR tasks), torch callbacks, layout conversions,
-  fused fraction, NHWC and centre/radius fractions, storage reuse, planned bytes, Relax fusion;
-* schedule knobs, averaged over the forward (ibp, layout) and backward (crown, final) tasks.
+  fused fraction, NHWC and centre/radius fractions, storage reuse, planned bytes, Relax fusion,
+  the lowering share (``tir_fraction``: tasks lowered to TIR kernels over all tasks);
+* schedule knobs, averaged over the forward (ibp, layout) and backward (crown, final) tasks;
+* the backend: whether it compiles (``backend_compiled``), and the share of tasks that run as
+  torch ops there (``torch_fraction``: all of them on the torch backend, the callbacks on
+  Relax).
 
 Sizes enter as ``log2(1 + x)``. ``task_work`` gives the per-task FLOPs and bytes the analytic
 model and the inspection tool use.
@@ -28,13 +36,13 @@ import numpy as np
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
-FEATURE_VERSION = "features-v1"
+FEATURE_VERSION = "features-v2"
 _METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 _FINALS = ("ibp", "crown", "alpha-crown")
 _SCHEDULE = ("inline", "parallel", "vectorize", "tile", "cache_write", "unroll", "threads")
 _AFFINE = ("linear", "conv2d")
 
-FEATURE_NAMES: tuple[str, ...] = (
+PLAN_FEATURE_NAMES: tuple[str, ...] = (
     "log_batch", "n_specs", "log_input_size", "float64", "target_cuda",
     *(f"method_{m}" for m in _METHODS),
     "n_tasks", "n_ibp_tasks", "n_crown_tasks", "n_layout_tasks", "n_kernels", "n_callbacks",
@@ -42,10 +50,17 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_flops", "log_flops_ibp", "log_flops_crown", "log_flops_final",
     "log_flops_batch", "log_bytes", "log_bytes_batch", "log_planned_bytes",
     "log_max_task_flops", "fused_fraction", "nhwc_fraction", "cr_fraction", "storage_reuse",
-    "fuse_passes", "lowering_tir", "alpha_iterations",
+    "fuse_passes", "tir_fraction", "alpha_iterations",
     *(f"fwd_{k}" for k in _SCHEDULE), *(f"bwd_{k}" for k in _SCHEDULE),
 )
+BACKEND_FEATURE_NAMES: tuple[str, ...] = ("backend_compiled", "torch_fraction")
+FEATURE_NAMES: tuple[str, ...] = PLAN_FEATURE_NAMES + BACKEND_FEATURE_NAMES
+N_PLAN_FEATURES = len(PLAN_FEATURE_NAMES)
 N_FEATURES = len(FEATURE_NAMES)
+# plan features that only a backend tuning lowering and schedules reads
+_COMPILED_ONLY = tuple(i for i, n in enumerate(PLAN_FEATURE_NAMES)
+                       if n in ("n_kernels", "n_callbacks", "tir_fraction", "fuse_passes")
+                       or n.startswith(("fwd_", "bwd_")))
 
 
 def _log(x: float) -> float:
@@ -127,8 +142,32 @@ def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
     return [float(np.mean([float(r.get(k, 0) or 0) for r in rows])) for k in _SCHEDULE]
 
 
-def features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
-    """The feature vector (``FEATURE_NAMES``) of ``bundle`` on its normalised ``graph``."""
+def features(bundle: PlanBundle, graph: Graph, backend: str = "torch") -> np.ndarray:
+    """The feature vector (``FEATURE_NAMES``) of ``bundle`` on its normalised ``graph``, run
+    on ``backend``."""
+    return with_backend(plan_features(bundle, graph), backend)
+
+
+def with_backend(plan_vector, backend: str) -> np.ndarray:
+    """``plan_vector`` (``PLAN_FEATURE_NAMES``, or a matrix of them) on ``backend``: the full
+    ``FEATURE_NAMES`` vector."""
+    from boundflow.backend import create
+
+    b = create(backend)
+    X = np.array(plan_vector, np.float64, ndmin=2)
+    if X.shape[1] != N_PLAN_FEATURES:
+        raise ValueError(f"plan features have {N_PLAN_FEATURES} entries, not {X.shape[1]}")
+    if not b.tunes_schedules:
+        X[:, list(_COMPILED_ONLY)] = 0.0
+    tir = X[:, PLAN_FEATURE_NAMES.index("tir_fraction")]
+    extra = np.stack([np.full(len(X), float(b.needs_build)), 1.0 - tir], axis=1)
+    out = np.concatenate([X, extra], axis=1)
+    return out[0] if np.ndim(plan_vector) == 1 else out
+
+
+def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
+    """The plan's own features (``PLAN_FEATURE_NAMES``) on its normalised ``graph``: what the
+    database stores with a candidate."""
     w, k = bundle.workload, bundle.knobs
     work = task_work(bundle, graph)
     kinds = [t.kind for t in work]
@@ -136,8 +175,10 @@ def features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
                for kind in ("ibp", "layout", "crown", "final")}
     total = sum(t.flops for t in work)
     nbytes = sum(t.bytes for t in work)
+    # what the Relax backend compiles (``lowers_to_tir``, without importing TVM)
     n_tir = sum(t.lowering == "tir" and not (t.kind == "final" and bundle.domain_plan.final
-                                             == "alpha-crown") for t in work)
+                                             == "alpha-crown")
+                and not (t.kind == "crown" and bundle.domain_plan.sparse) for t in work)
     regions = bundle.layout_plan.regions
     vec = [
         _log(w.batch), float(w.n_specs), _log(math.prod(w.input_shape)),
@@ -154,11 +195,11 @@ def features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
         float(np.mean([lay == "NHWC" for _, lay in regions])) if regions else 0.0,
         float(np.mean([f == "cr" for f in k.forms])) if k.forms else 0.0,
         float(bundle.storage_plan.reuse), float(k.fuse_passes),
-        float(k.lowering == "tir"),
+        n_tir / max(1, len(work)),
         float(dict(bundle.domain_plan.alpha).get("iterations", 0)
               if bundle.domain_plan.final == "alpha-crown" else 0),
         *_schedule_means(bundle, ("ibp", "layout")), *_schedule_means(bundle, ("crown", "final")),
     ]
     out = np.asarray(vec, np.float64)
-    assert out.shape == (N_FEATURES,)
+    assert out.shape == (N_PLAN_FEATURES,)
     return out

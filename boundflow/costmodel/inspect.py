@@ -1,5 +1,6 @@
 """What a cost model learned, from a tuning database: held-out ranking quality against the
-analytic baseline (split by workload), feature importances, the dataset behind it."""
+analytic baseline (leave one workload out when there are two or more; with one, ``k``-fold
+within it), feature importances, the dataset behind it."""
 
 from __future__ import annotations
 
@@ -7,34 +8,47 @@ from typing import Any
 
 import numpy as np
 
-from boundflow.costmodel.features import N_FEATURES
+from boundflow.costmodel.features import N_FEATURES, N_PLAN_FEATURES, with_backend
 from boundflow.costmodel.metrics import evaluate
 from boundflow.costmodel.model import HEADS, MIN_SAMPLES, AnalyticModel, XGBCostModel, targets
+from boundflow.costmodel.select import out_of_fold
 
 
 def training_set(records) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """Features, targets and workload key of every successful record that has features."""
+    """Features (the candidate's plan features on the backend it was measured on), targets
+    and workload key of every successful record that has plan features of this version."""
     recs = [r for r in records if r.measurement.result.ok and r.candidate.features is not None
-            and len(r.candidate.features) == N_FEATURES]
+            and len(r.candidate.features) == N_PLAN_FEATURES]
     if not recs:
         return np.zeros((0, N_FEATURES)), {h: np.zeros(0) for h in HEADS}, np.zeros(0, str)
-    X = np.array([r.candidate.features for r in recs], np.float64)
+    X = np.array([with_backend(r.candidate.features, r.measurement.result.backend)
+                  for r in recs], np.float64)
     Y = {h: np.array([targets(r.measurement.result)[h] for r in recs]) for h in HEADS}
     groups = np.array([r.workload.key for r in recs])
     return X, Y, groups
 
 
-def held_out(db, k: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
+def split_name(db, folds: int = 5) -> str:
+    """How :func:`held_out` splits this database's data."""
+    _, _, groups = training_set(db.records_for_training())
+    return "leave one workload out" if len(np.unique(groups)) >= 2 else \
+        f"{folds}-fold within the workload"
+
+
+def held_out(db, k: int = 5, seed: int = 0, folds: int = 5) -> dict[str, dict[str, Any]]:
     """Leave one workload out: for each workload with at least 3 measured plans, an XGBoost
     model trained on every other workload predicts its plans' times; ranking metrics within
     each held-out workload (Spearman, Kendall, top-``k`` recall) are averaged, MAPE over all
-    points. The analytic model is scored on the same points. Empty when fewer than two
-    workloads qualify."""
+    points. The analytic model is scored on the same points. With one workload, ``folds``-fold
+    within it (each fold predicted by a model trained on the others). Empty when no workload
+    has 3 measured plans (or, with one workload, too few to train on)."""
     X, Y, groups = training_set(db.records_for_training())
     keys, counts = np.unique(groups, return_counts=True)
     held = [key for key, n in zip(keys, counts) if n >= 3]
-    if len(keys) < 2 or not held:
+    if not held:
         return {}
+    if len(keys) < 2:
+        return _within(X, Y, groups, k, seed, folds)
     pred_x, pred_a, true, grp = [], [], [], []
     analytic = AnalyticModel()
     for key in held:
@@ -52,6 +66,22 @@ def held_out(db, k: int = 5, seed: int = 0) -> dict[str, dict[str, Any]]:
     true_all = np.concatenate(true)
     return {"xgboost": evaluate(np.concatenate(pred_x), true_all, np.array(grp), k),
             "analytic": evaluate(np.concatenate(pred_a), true_all, np.array(grp), k)}
+
+
+def _within(X, Y, groups, k: int, seed: int, folds: int) -> dict[str, dict[str, Any]]:
+    """``folds``-fold held-out predictions within one workload's points."""
+    y = Y["log_time"]
+    ok = np.isfinite(y)
+    X, y, groups = X[ok], y[ok], groups[ok]
+    if len(y) < max(MIN_SAMPLES, 3):
+        return {}
+    pred = out_of_fold(X, y, np.zeros((0, X.shape[1])), np.zeros(0), folds, seed, rounds=300)
+    fine = np.isfinite(pred)
+    if fine.sum() < 3:
+        return {}
+    return {"xgboost": evaluate(pred[fine], y[fine], groups[fine], k),
+            "analytic": evaluate(AnalyticModel().predict(X[fine])["log_time"], y[fine],
+                                 groups[fine], k)}
 
 
 def knobs_summary(bundle) -> str:
@@ -95,6 +125,7 @@ def report(db, workload: str | None = None, model_name: str | None = None) -> di
         except Exception as e:                  # noqa: BLE001 - shown, not fatal
             out["model"]["error"] = str(e)
     out["held_out"] = held_out(db)
+    out["held_out_split"] = split_name(db)
     for w in db.workloads():
         if workload and not w.key.startswith(workload):
             continue
@@ -104,22 +135,25 @@ def report(db, workload: str | None = None, model_name: str | None = None) -> di
             best = db.best(w.workload, objective=objective)
             if best is not None:
                 m = best.measurement.result
+                rec = db.best_plan(w.workload, objective=objective)
                 entry["best"][objective] = {
                     "plan": best.candidate.key, "backend": m.backend, "median_ms": m.median_s * 1e3,
-                    "mean_width": m.mean_width, "knobs": knobs_summary(best.candidate.bundle())}
+                    "mean_width": m.mean_width, "knobs": knobs_summary(best.candidate.bundle()),
+                    # against the default verify path measured in the same runner pass
+                    "speedup_vs_default": None if rec is None else rec.speedup,
+                    "default_ms": None if rec is None or rec.baseline_s is None
+                    else rec.baseline_s * 1e3}
         out["workloads"].append(entry)
     return out
 
 
 def plot(db, path, model_name: str | None = None) -> str:
     """Predicted vs measured log time and the residuals, as a PNG: held-out predictions
-    (leave one workload out) where there are two workloads or more, else the stored model's
-    in-sample fit (said in the title). Returns what was plotted."""
+    (leave one workload out) where there are two workloads or more, else 5-fold within the
+    workload (said in the title). Returns what was plotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from boundflow.search.tuner import COST_MODEL
 
     X, Y, groups = training_set(db.records_for_training())
     if len(X) == 0:
@@ -138,12 +172,13 @@ def plot(db, path, model_name: str | None = None) -> str:
         pred = {"xgboost (held out)": px, "analytic": pa}
         what = "held out by workload"
     else:
-        stored = db.load_cost_model(model_name or COST_MODEL)
-        model = XGBCostModel.load(stored.blob) if stored is not None else XGBCostModel()
-        pred = {"xgboost (in sample)": model.predict(X)["log_time"],
-                "analytic": AnalyticModel().predict(X)["log_time"]}
         true = Y["log_time"]
-        what = "in sample: one workload only"
+        px = np.full(len(X), np.nan)
+        ok = np.isfinite(true)
+        if ok.sum() >= MIN_SAMPLES:
+            px[ok] = out_of_fold(X[ok], true[ok], np.zeros((0, X.shape[1])), np.zeros(0), 5)
+        pred = {"xgboost (held out)": px, "analytic": AnalyticModel().predict(X)["log_time"]}
+        what = "held out 5-fold within the one workload"
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5))
     lo, hi = np.nanmin(true), np.nanmax(true)
     for (name, p), colour in zip(pred.items(), ("tab:blue", "tab:orange")):

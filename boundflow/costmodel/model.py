@@ -2,8 +2,10 @@
 (log seconds of one run), ``log_width`` (log mean bound width) and ``log_mem`` (log peak
 bytes). Lower is better for all three.
 
-``AnalyticModel`` needs no data: time from FLOPs, bytes and per-kernel / per-callback overheads
-with fixed machine constants, width from the final method and the CROWN tasks, memory from the
+``AnalyticModel`` needs no data: time from FLOPs (at a torch rate for the share of tasks that
+run as torch ops, a lower one for plain TIR kernels), bytes, and per-task overheads (a torch
+op's dispatch, a kernel launch, a callback across the VM, the compiled call) with fixed
+machine constants, width from the final method and the CROWN tasks, memory from the
 planned bytes. It is the cold-start fallback and the baseline the learned model must beat.
 ``XGBCostModel`` fits one XGBoost regressor per head on measured records, keeps its data so
 ``update`` refits on old and new together, and serialises (``save``/``load``) with its feature
@@ -50,19 +52,28 @@ class AnalyticModel:
     """FLOPs + bytes + overheads; no fitting."""
 
     name = "analytic"
-    FLOPS_PER_S = 2e9
+    FLOPS_PER_S = 2e9           # plain TIR kernels
+    TORCH_FLOPS_PER_S = 1e10    # torch ops (BLAS, oneDNN)
     BYTES_PER_S = 4e9
     KERNEL_S = 4e-6
     CALLBACK_S = 1.5e-4
+    TORCH_TASK_S = 6e-5         # a task's torch ops dispatched from Python
+    CALL_S = 3e-5               # entering compiled code (VM call, argument conversion)
 
     def predict(self, X) -> dict[str, np.ndarray]:
         X = _as_matrix(X)
 
         def un(col):
             return np.exp2(X[:, _IDX[col]]) - 1.0
-        time = (un("log_flops_batch") / self.FLOPS_PER_S + un("log_bytes_batch") / self.BYTES_PER_S
+        torch_share = X[:, _IDX["torch_fraction"]]
+        compiled = X[:, _IDX["backend_compiled"]]
+        rate = 1.0 / ((1.0 - torch_share) / self.FLOPS_PER_S
+                      + torch_share / self.TORCH_FLOPS_PER_S)
+        torch_tasks = np.where(compiled > 0, 0.0, X[:, _IDX["n_tasks"]])
+        time = (un("log_flops_batch") / rate + un("log_bytes_batch") / self.BYTES_PER_S
                 + X[:, _IDX["n_kernels"]] * self.KERNEL_S
-                + X[:, _IDX["n_callbacks"]] * self.CALLBACK_S)
+                + X[:, _IDX["n_callbacks"]] * self.CALLBACK_S
+                + torch_tasks * self.TORCH_TASK_S + compiled * self.CALL_S)
         width = (-1.0 * X[:, _IDX["final_crown"]] - 1.5 * X[:, _IDX["final_alpha-crown"]]
                  - 0.05 * X[:, _IDX["n_crown_tasks"]])
         mem = np.log(1.0 + un("log_planned_bytes") * np.exp2(X[:, _IDX["log_batch"]]))

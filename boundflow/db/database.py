@@ -4,10 +4,10 @@ runs and their claims, behind a small API that returns frozen records.
 ``Database(url)`` takes any SQLAlchemy URL (``postgresql+psycopg://...`` for a shared one) or a
 file path (SQLite; WAL journal, 30 s busy timeout, writes in ``BEGIN IMMEDIATE`` transactions
 so concurrent writers queue instead of failing with "database is locked"); ``":memory:"`` is a
-private in-memory database. A database with none of our tables is initialised; one of schema
-version 1 is migrated to 2 in place (one transaction: new nullable columns and the claims
-table); one with tables but not ours, a corrupt file or another schema version raises
-:class:`DatabaseError`.
+private in-memory database. A database with none of our tables is initialised; one of an older
+schema version is migrated in place, one version at a time (each one transaction: 1 → 2 adds
+nullable columns and the claims table, 2 → 3 nullable columns); one with tables but not ours,
+a corrupt file or another schema version raises :class:`DatabaseError`.
 
 The storage contract is in :class:`Database`'s docstring; how concurrent tuners share a
 workload is in ``runs.py``.
@@ -31,7 +31,8 @@ from sqlalchemy.pool import StaticPool
 
 from boundflow.db import runs as coord
 from boundflow.db.liveness import DEFAULT_HEARTBEAT_TIMEOUT, process_id
-from boundflow.db.models import APP, RUN_STATUSES, SCHEMA_VERSION, V2_COLUMNS, Base, \
+from boundflow.db.models import APP, RUN_STATUSES, SCHEMA_VERSION, V2_COLUMNS, V3_COLUMNS, \
+    Base, \
     BestPlanRow, CandidateRow, ClaimRow, CostModelRow, MeasurementRow, Meta, TuningRunRow, \
     WorkloadRow
 from boundflow.errors import BoundFlowError, DatabaseError
@@ -42,10 +43,11 @@ from boundflow.measure.result import MeasureResult
 
 T = TypeVar("T")
 OBJECTIVE_TIME = "time"
-EXPORT_VERSION = 1          # the export line format (unchanged by schema 2: claims stay home)
+EXPORT_VERSION = 2          # the export line format: 2 adds the measurement's kernel_s
+_IMPORTS = (1, 2)           # export versions this BoundFlow reads
 _RESULT_FIELDS = ("backend", "target", "error_kind", "error", "median_s", "mean_s", "std_s",
                   "peak_bytes", "peak_source", "mean_width", "verified_fraction", "n_kernels",
-                  "compile_seconds", "runner", "machine", "timestamp")
+                  "compile_seconds", "kernel_s", "runner", "machine", "timestamp")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,37 @@ class TuningRecord:
     workload: WorkloadRecord
     candidate: CandidateRecord
     measurement: MeasurementRecord
+
+
+@dataclass(frozen=True)
+class BestPlanRecord:
+    """The best plan of a workload under an objective, with the comparison that made it best:
+    ``value`` is its objective; ``baseline_value`` the objective of the default verify path
+    measured in the same runner pass (None when it was never compared with it: recorded from
+    measurements alone, or by an older BoundFlow); ``best_s`` and ``baseline_s`` the two
+    whole-call times of that pass."""
+
+    workload_key: str
+    target: str
+    objective: str
+    candidate: CandidateRecord
+    backend: str
+    value: float
+    updated: float
+    baseline_value: float | None = None
+    best_s: float | None = None
+    baseline_s: float | None = None
+
+    @property
+    def compared(self) -> bool:
+        return self.baseline_value is not None
+
+    @property
+    def speedup(self) -> float | None:
+        """The default path's time over this plan's, measured together (None if never)."""
+        if self.best_s and self.baseline_s:
+            return self.baseline_s / self.best_s
+        return None
 
 
 @dataclass(frozen=True)
@@ -284,8 +317,8 @@ class Database:
         if meta.get("app") != APP:
             raise DatabaseError(f"{self.shown()} is not a BoundFlow tuning database")
         version = meta.get("schema_version")
-        if version == "1":
-            self._migrate_v1()
+        if version in ("1", "2"):
+            self._migrate(version)
             version = str(SCHEMA_VERSION)
             tables = set(inspect(self.engine).get_table_names())
         if version != str(SCHEMA_VERSION):
@@ -295,28 +328,37 @@ class Database:
         if missing:
             raise DatabaseError(f"{self.shown()} lacks tables {sorted(missing)}")
 
-    def _migrate_v1(self) -> None:
-        """Schema 1 → 2 in one transaction: the runs' new (nullable) columns and the claims
-        table. Whoever migrates first wins; the others find version 2 inside their
-        transaction and change nothing."""
-        def migrate(s: Session) -> None:
-            row = s.scalar(select(Meta).where(Meta.key == "schema_version").with_for_update())
-            if row is None or row.value != "1":
-                return
-            conn = s.connection()
-            prep = conn.dialect.identifier_preparer
-            for table, names in V2_COLUMNS.items():
-                have = {c["name"] for c in inspect(conn).get_columns(table)}
-                for name in names:
-                    if name in have:
-                        continue
-                    col = Base.metadata.tables[table].c[name]
-                    kind = col.type.compile(dialect=conn.dialect)
-                    conn.execute(text(f"ALTER TABLE {prep.quote(table)} ADD COLUMN "
-                                      f"{prep.quote(name)} {kind}"))
-            ClaimRow.__table__.create(conn, checkfirst=True)
-            row.value = str(SCHEMA_VERSION)
-        self._tx("migrate to schema 2", migrate)
+    def _migrate(self, version: str) -> None:
+        """Schema ``version`` → ... → the current one, each step one transaction: 1 → 2 the
+        runs' new (nullable) columns and the claims table; 2 → 3 the measurements' kernel time
+        and the best plans' comparison with the default path (nullable). Whoever migrates
+        first wins; the others find the next version inside their transaction and change
+        nothing."""
+        steps = {"1": ("2", V2_COLUMNS, True), "2": ("3", V3_COLUMNS, False)}
+        while version in steps:
+            new, columns, claims = steps[version]
+
+            def migrate(s: Session, old=version, new=new, columns=columns, claims=claims):
+                row = s.scalar(select(Meta).where(Meta.key == "schema_version")
+                               .with_for_update())
+                if row is None or row.value != old:
+                    return
+                conn = s.connection()
+                prep = conn.dialect.identifier_preparer
+                for table, names in columns.items():
+                    have = {c["name"] for c in inspect(conn).get_columns(table)}
+                    for name in names:
+                        if name in have:
+                            continue
+                        col = Base.metadata.tables[table].c[name]
+                        kind = col.type.compile(dialect=conn.dialect)
+                        conn.execute(text(f"ALTER TABLE {prep.quote(table)} ADD COLUMN "
+                                          f"{prep.quote(name)} {kind}"))
+                if claims:
+                    ClaimRow.__table__.create(conn, checkfirst=True)
+                row.value = new
+            self._tx(f"migrate to schema {new}", migrate)
+            version = new
 
     def _create(self) -> None:
         for attempt in range(5):
@@ -432,22 +474,41 @@ class Database:
 
     @staticmethod
     def _offer_best(s: Session, wrow: WorkloadRow, crow: CandidateRow, target: str,
-                    objective: str, backend: str, value: float) -> None:
+                    objective: str, backend: str, value: float,
+                    compared: tuple[float, float, float] | None = None) -> None:
+        """Offer a best plan. ``compared``: (baseline_value, best_s, baseline_s) of a runner
+        pass that measured the default verify path with it. A compared offer beats an
+        uncompared record; two compared ones are ranked by their advantage over the default
+        (``value - baseline_value``), two uncompared ones by ``value``."""
         best = s.get(BestPlanRow, (wrow.id, target, objective))
         if best is None:
-            s.add(BestPlanRow(workload_id=wrow.id, target=target, objective=objective,
-                              candidate_id=crow.id, backend=backend, value=value,
-                              updated=time.time()))
-        elif value < best.value:
-            best.candidate_id, best.backend, best.value = crow.id, backend, value
-            best.updated = time.time()
+            best = BestPlanRow(workload_id=wrow.id, target=target, objective=objective)
+            s.add(best)
+        elif compared is None:
+            if best.baseline_value is not None or value >= best.value:
+                return
+        elif best.baseline_value is not None and \
+                value - compared[0] >= best.value - best.baseline_value:
+            return
+        best.candidate_id, best.backend, best.value = crow.id, backend, value
+        best.baseline_value, best.best_s, best.baseline_s = compared or (None, None, None)
+        best.updated = time.time()
 
-    def set_best(self, bundle: PlanBundle, objective: str, backend: str, value: float) -> None:
-        """Offer ``bundle`` as best for ``objective`` (smaller ``value`` wins)."""
+    def set_best(self, bundle: PlanBundle, objective: str, backend: str, value: float, *,
+                 baseline_value: float | None = None, best_s: float | None = None,
+                 baseline_s: float | None = None) -> None:
+        """Offer ``bundle`` on ``backend`` as best for ``objective`` (see ``_offer_best``: the
+        smaller ``value``, or, with ``baseline_value``, the larger advantage over the default
+        verify path measured in the same runner pass, whose whole-call time was
+        ``baseline_s`` against this plan's ``best_s``)."""
+        compared = None if baseline_value is None else (float(baseline_value), best_s,
+                                                         baseline_s)
+
         def offer(s: Session) -> None:
             wrow = self._get_workload(s, bundle.workload, None)
             crow = self._get_candidate(s, wrow, bundle)
-            self._offer_best(s, wrow, crow, bundle.workload.target, objective, backend, value)
+            self._offer_best(s, wrow, crow, bundle.workload.target, objective, backend, value,
+                             compared)
         self._tx("set_best", offer)
 
     # -- reading -----------------------------------------------------------------------------
@@ -497,6 +558,23 @@ class Database:
                                 MeasurementRow.error_kind.is_(None))
                          .order_by(MeasurementRow.median_s).limit(1))
             return None if m is None else self._tuning_record(m)
+
+    def best_plan(self, workload: Workload, target: str | None = None,
+                  objective: str = OBJECTIVE_TIME) -> BestPlanRecord | None:
+        """The best-plan record of ``workload`` on ``target`` (default: the workload's) under
+        ``objective``, with its comparison against the default path; None when none."""
+        target = target or workload.target
+        with self._guard("best_plan"), self._session() as s:
+            row = s.scalar(select(BestPlanRow).join(WorkloadRow)
+                           .where(WorkloadRow.key == workload.key, BestPlanRow.target == target,
+                                  BestPlanRow.objective == objective))
+            if row is None:
+                return None
+            crow = s.get(CandidateRow, row.candidate_id)
+            return BestPlanRecord(workload.key, row.target, row.objective,
+                                  self._candidate_record(crow, workload.key), row.backend,
+                                  row.value, row.updated, row.baseline_value, row.best_s,
+                                  row.baseline_s)
 
     def top_k(self, workload: Workload, k: int = 5, backend: str | None = None
               ) -> list[TuningRecord]:
@@ -612,15 +690,20 @@ class Database:
         return self._tx("heartbeat",
                         lambda s: self._beat(s, run_id, time.time()).status == "running")
 
-    def claim(self, run_id: int, keys: Sequence[str], budget: int | None = None
-              ) -> list[str]:
+    def claim(self, run_id: int, keys: Sequence[str | tuple[str, str]],
+              budget: int | None = None, backends: Sequence[str] | None = None) -> list:
         """Claim plans (``PlanBundle.key``) of the run's workload for run ``run_id`` in its
         scope (workload, backend, target, machine), atomically: first every dead run is
         marked ``dead`` and its claims released; then each key, in order, that is neither
         measured nor claimed in the scope is claimed while the scope counts fewer than
         ``budget`` plans (measured or claimed; None: no budget). Returns the keys claimed: the
         run measures those and no others. The claim is also the run's heartbeat. Raises
-        :class:`DatabaseError` when the run is not running (found dead: it must stop)."""
+        :class:`DatabaseError` when the run is not running (found dead: it must stop).
+
+        A run that searches several backends claims ``(plan key, backend)`` pairs, each in
+        its backend's scope, and names them all in ``backends``: the budget then counts the
+        (plan, backend) candidates of every one of those scopes together. Plain keys claim on
+        the run's own backend."""
         def take(s: Session) -> list[str]:
             now = time.time()
             coord.reap(s, now)
@@ -633,7 +716,7 @@ class Database:
                 raise DatabaseError(f"tuning run {run_id} was started without a backend and "
                                     f"machine: it has no scope to claim plans in")
             wrow = s.get(WorkloadRow, run.workload_id)
-            return coord.take(s, run, wrow, keys, budget, now)
+            return coord.take(s, run, wrow, keys, budget, now, backends)
         return self._tx("claim", take)
 
     def reap_dead_runs(self) -> list[int]:
@@ -712,9 +795,9 @@ class Database:
                 d = json.loads(text)
                 if d.get("format") != APP:
                     raise BoundFlowError("not a BoundFlow export line")
-                if d.get("schema_version") != EXPORT_VERSION:
+                if d.get("schema_version") not in _IMPORTS:
                     raise BoundFlowError(f"export format version {d.get('schema_version')}, "
-                                         f"this BoundFlow reads {EXPORT_VERSION}")
+                                         f"this BoundFlow reads {' and '.join(map(str, _IMPORTS))}")
                 bundle = PlanBundle.from_json(d["candidate"]["plan"])
                 result = MeasureResult.from_dict(d["measurement"])
                 summary = d["workload"].get("summary") or {}

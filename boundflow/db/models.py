@@ -8,6 +8,11 @@ Schema 2 (over 1): tuning runs carry their measuring backend and machine, the pr
 them and a heartbeat; ``bf_claims`` holds the plans a live run is measuring, one row per
 (workload, plan, backend, target, machine). Claims are coordination state, not results: they
 are not exported.
+
+Schema 3 (over 2): a measurement keeps its kernel time beside the whole call (``kernel_s``); a
+best plan keeps the comparison that made it best: the objective of the default verify path
+measured in the same runner pass (``baseline_value``) and both whole-call times (``best_s``,
+``baseline_s``), so verification can refuse a record that was not faster than the default.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from sqlalchemy import JSON, Float, ForeignKey, Integer, LargeBinary, String, Te
     UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUN_STATUSES = ("running", "finished", "failed", "dead")
 APP = "boundflow-tuning-db"
 
@@ -75,6 +80,7 @@ class MeasurementRow(Base):
     verified_fraction: Mapped[float | None] = mapped_column(Float, nullable=True)
     n_kernels: Mapped[int | None] = mapped_column(Integer, nullable=True)
     compile_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kernel_s: Mapped[float | None] = mapped_column(Float, nullable=True)       # schema 3
     runner: Mapped[str] = mapped_column(String(128))
     machine: Mapped[str] = mapped_column(String(256))
     timestamp: Mapped[float] = mapped_column(Float, index=True)
@@ -90,6 +96,10 @@ class BestPlanRow(Base):
     backend: Mapped[str] = mapped_column(String(16))
     value: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+    # schema 3: the default verify path in the same runner pass (None: never compared)
+    baseline_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    baseline_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class CostModelRow(Base):
@@ -137,6 +147,8 @@ class ClaimRow(Base):
     created: Mapped[float] = mapped_column(Float)
 
 
-# columns schema 2 added to schema 1's tables (the migration adds them; every one nullable)
+# columns each schema added to the tables before it (the migrations add them; all nullable)
 V2_COLUMNS = {"bf_tuning_runs": ("backend", "machine", "owner", "heartbeat_at",
                                  "heartbeat_timeout")}
+V3_COLUMNS = {"bf_measurements": ("kernel_s",),
+              "bf_best_plans": ("baseline_value", "best_s", "baseline_s")}

@@ -81,22 +81,29 @@ def counted(s: Session, wrow: WorkloadRow, backend: str, machine: str
     return measured, claimed
 
 
-def take(s: Session, run: TuningRunRow, wrow: WorkloadRow, keys: Iterable[str],
-         budget: int | None, now: float) -> list[str]:
+def take(s: Session, run: TuningRunRow, wrow: WorkloadRow, keys: Iterable,
+         budget: int | None, now: float, backends: Iterable[str] | None = None) -> list:
     """Claim for ``run`` each of ``keys`` (in order) that is neither measured nor claimed in
-    the run's scope, while the scope counts fewer than ``budget`` plans; the keys claimed."""
+    its scope, while the scopes of ``backends`` (default: the run's backend) count fewer than
+    ``budget`` (plan, backend) candidates together; the keys claimed. A key is a plan key
+    (on the run's backend) or a ``(plan key, backend)`` pair."""
     lock_workload(s, wrow)
-    measured, claimed = counted(s, wrow, run.backend, run.machine)
-    used = len(measured | claimed)
-    out: list[str] = []
+    scopes = list(dict.fromkeys(backends or (run.backend,)))
+    taken = {b: set().union(*counted(s, wrow, b, run.machine)) for b in scopes}
+    used = sum(len(v) for v in taken.values())
+    out: list = []
     for key in dict.fromkeys(keys):
-        if key in measured or key in claimed:
+        plan, backend = (key, run.backend) if isinstance(key, str) else tuple(key)
+        if backend not in taken:
+            taken[backend] = set().union(*counted(s, wrow, backend, run.machine))
+        if plan in taken[backend]:
             continue
         if budget is not None and used >= budget:
             break
-        s.add(ClaimRow(workload_id=wrow.id, candidate_key=key, backend=run.backend,
+        s.add(ClaimRow(workload_id=wrow.id, candidate_key=plan, backend=backend,
                        target=wrow.target, machine=run.machine, run_id=run.id, created=now))
-        used += 1
+        taken[backend].add(plan)
+        used += backend in scopes
         out.append(key)
     s.flush()            # a concurrent claim of the same plan fails here, on the unique key
     return out

@@ -1,7 +1,8 @@
 """The builder: candidates → compiled artifacts, each compile in a worker process.
 
-Relax candidates are compiled into a compile cache directory (``export_library``; the runner's
-workers, and later verification, load them from there); torch candidates need no compile. A
+Candidates of a backend that compiles (``create(backend).needs_build``: Relax) are compiled into
+a compile cache directory (``export_library``; the runner's workers, and later verification,
+load them from there); the others need no build. A
 compile that raises, crashes or passes the timeout becomes a :class:`BuildResult` with an error.
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from boundflow.measure.pool import Pool, failure
 from boundflow.measure.result import BuildResult, MeasureInput
-from boundflow.measure.worker import MeasureConfig, build_relax, guarded
+from boundflow.measure.worker import MeasureConfig, build, guarded
 
 
 class LocalBuilder:
@@ -27,8 +28,10 @@ class LocalBuilder:
         self._pool = Pool(n_workers, timeout_s)
 
     def build(self, inputs: list[MeasureInput]) -> list[BuildResult]:
-        futures = [self._pool.submit(guarded, build_relax, None, inp, self.root)
-                   if inp.backend == "relax" else None for inp in inputs]
+        from boundflow.backend import create
+
+        futures = [self._pool.submit(guarded, build, None, inp, self.root)
+                   if create(inp.backend).needs_build else None for inp in inputs]
         results = []
         for fut in futures:
             if fut is None:

@@ -3,8 +3,9 @@
 A :class:`MeasureInput` is one candidate: a PlanBundle, the model graph it was planned on, the
 query it is measured on (an input box and, when the workload has specs, ``C``) and the backend.
 A :class:`BuildResult` is the builder's answer (an artifact path or an error), a
-:class:`MeasureResult` the runner's: times, memory, tightness, kernels, compile seconds, or an
-error with its kind. Errors are values here, never exceptions, so a search goes on past them.
+:class:`MeasureResult` the runner's: times of the whole call as ``verify`` makes it (host box
+and ``C`` in, bounds out) and, beside them, of the kernels alone; memory, tightness, kernels,
+compile seconds; or an error with its kind. Errors are values here, never exceptions, so a search goes on past them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
 ERROR_KINDS = ("build", "run", "timeout", "crash", "memory", "unsupported")
-BACKENDS = ("torch", "relax")
 
 
 class WorkerError(Exception):
@@ -44,8 +44,9 @@ class MeasureInput:
     run_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise BoundFlowError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        from boundflow.backend import create
+
+        create(self.backend)                    # names the registered backends if not one
         bad = [k for k, _ in self.run_options if k not in ("cache_bounds", "reuse_ibp")]
         if bad:
             raise BoundFlowError(f"run options {bad} are not cache_bounds / reuse_ibp")
@@ -76,9 +77,13 @@ def machine() -> str:
 
 @dataclass(frozen=True)
 class MeasureResult:
-    """One measured candidate. Times are seconds per run of the whole plan; ``times`` holds
-    the ``repeat`` per-run means. ``peak_source`` says whether ``peak_bytes`` was measured
-    (torch backend) or is the plan's planned storage (relax: the VM owns its memory)."""
+    """One measured candidate. Times are seconds per call of the whole plan as ``verify``
+    makes it (the host box and ``C`` in, the bounds out on the host, conversions included):
+    ``times`` holds the ``repeat`` per-call means, ``median_s`` their median (what objectives
+    use). ``kernel_s`` is the median time of the compiled code alone (the Relax VM's
+    ``time_evaluator``; for a backend that compiles nothing, the call itself).
+    ``peak_source`` says whether ``peak_bytes`` was measured (torch backend) or is the plan's
+    planned storage (relax: the VM owns its memory)."""
 
     candidate: str                    # MeasureInput.key
     backend: str
@@ -95,6 +100,7 @@ class MeasureResult:
     verified_fraction: float | None = None   # samples whose every spec's lower bound > 0
     n_kernels: int | None = None
     compile_seconds: float | None = None
+    kernel_s: float | None = None
     runner: str = "local"
     machine: str = field(default_factory=machine)
     timestamp: float = field(default_factory=time.time)

@@ -26,13 +26,37 @@ class MeasureConfig:
     (each timing is the mean of its ``number`` runs); ``timeout_s`` per candidate (build or
     run), in its worker. ``memory_limit_mb``: MiB of address space a candidate's run may add to
     its worker (Linux ``RLIMIT_AS``; None: no cap); a candidate that needs more is recorded
-    with error kind ``memory`` (as is any out-of-memory error a candidate raises)."""
+    with error kind ``memory`` (as is any out-of-memory error a candidate raises).
+    ``threads``: CPU threads of torch and of TVM's runtime in the worker (None: the
+    libraries' defaults, as ``verify`` runs; on a small or shared machine one thread gives
+    far steadier times: torch's thread team stalls whenever one of its threads loses its
+    core). ``max_seconds``: how long a candidate's timing may take after its first call (None:
+    no limit); a slow candidate is then timed with fewer calls (``fitted``), at least one."""
 
     number: int = 3
     repeat: int = 5
     warmup: int = 1
     timeout_s: float = 120.0
     memory_limit_mb: int | None = None
+    threads: int | None = None
+    max_seconds: float | None = None
+
+    def fitted(self, per_call_s: float, kernels: bool = False) -> "MeasureConfig":
+        """This protocol cut down to fit ``max_seconds`` at ``per_call_s`` seconds a call
+        (``kernels``: the kernels are timed after the calls, as many again): one call per
+        timing first, then fewer timings, then fewer warm-up calls; unchanged when it fits."""
+        import dataclasses
+
+        if self.max_seconds is None or per_call_s <= 0:
+            return self
+        per_timing = 2 if kernels else 1
+        calls = self.warmup + self.number * self.repeat * per_timing
+        budget = int(self.max_seconds // per_call_s)
+        if calls <= budget:
+            return self
+        repeat = max(1, min(self.repeat, budget // per_timing))
+        warmup = max(0, min(self.warmup, budget - repeat * per_timing))
+        return dataclasses.replace(self, number=1, repeat=repeat, warmup=warmup)
 
     def __post_init__(self):
         from boundflow.errors import MeasureError
@@ -49,6 +73,15 @@ class MeasureConfig:
                 not math.isfinite(t) or t <= 0:
             raise MeasureError(f"MeasureConfig.timeout_s must be a finite number of seconds "
                                f"> 0, not {t!r}")
+        n = self.threads
+        if n is not None and (not whole(n) or n < 1):
+            raise MeasureError(f"MeasureConfig.threads must be a whole number >= 1, or None for "
+                               f"the libraries' defaults, not {n!r}")
+        c = self.max_seconds
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float, np.number))
+                              or not math.isfinite(c) or c <= 0):
+            raise MeasureError(f"MeasureConfig.max_seconds must be a finite number of seconds "
+                               f"> 0, or None for no limit, not {c!r}")
         m = self.memory_limit_mb
         if m is not None and (not whole(m) or m < 1):
             raise MeasureError(f"MeasureConfig.memory_limit_mb (the memory cap per candidate) "
@@ -93,7 +126,11 @@ def _warm_up(args: tuple) -> None:
         (torch.ones(128, 128) @ torch.ones(128, 128)).sum()
         torch.ones(1 << 18).sum()
         _warm.add("torch")
-    relax = [a for a in args if isinstance(a, MeasureInput) and a.backend == "relax"]
+    from boundflow.backend import create
+
+    # the compiled backend runs on TVM's runtime: its thread pool starts here
+    flat = [x for a in args for x in (a if isinstance(a, list) else [a])]
+    relax = [a for a in flat if isinstance(a, MeasureInput) and create(a.backend).needs_build]
     if relax and "relax" not in _warm:
         import tvm
 
@@ -147,13 +184,27 @@ def guarded(fn, limit_mb: int | None, *args: Any) -> Any:
             resource.setrlimit(resource.RLIMIT_AS, old)
 
 
-def build_relax(inp: MeasureInput, root: str) -> tuple[float, int]:
-    """Compile ``inp``'s plan into the compile cache at ``root``: (compile seconds, kernels)."""
+def code_cache(root: str | None):
+    """The compiled-code cache at ``root`` that a compiling backend's executor reads and
+    writes (None: the backend's default)."""
+    if root is None:
+        return None
     from boundflow.backend.relax.cache import CompileCache
-    from boundflow.backend.relax.executor import RelaxExecutor
 
-    exe = RelaxExecutor(inp.bundle, inp.graph, inp.target, cache=CompileCache(root))
-    return exe.build_seconds, exe.n_kernels
+    return CompileCache(root)
+
+
+def build(inp: MeasureInput, root: str) -> tuple[float, int]:
+    """Compile ``inp``'s plan on its backend into the code cache at ``root``: (compile
+    seconds, kernels)."""
+    from boundflow.backend import create
+
+    exe = create(inp.backend).executor(inp.bundle, inp.graph, inp.target,
+                                       cache=code_cache(root))
+    return float(getattr(exe, "build_seconds", 0.0)), int(getattr(exe, "n_kernels", 0))
+
+
+build_relax = build          # the name earlier releases used
 
 
 def _query(inp: MeasureInput):
@@ -162,60 +213,132 @@ def _query(inp: MeasureInput):
     return InputSpec(inp.lower, inp.upper), (None if inp.C is None else LinearSpec(inp.C))
 
 
-def measure_local(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
-                  runner: str = "local") -> MeasureResult:
-    """Time ``inp`` in this process: the Relax VM's ``time_evaluator`` for the relax backend,
-    a wall clock (synchronised on GPUs) for the torch backend and for runs with
-    ``run_options`` (repeated identical queries through one BoundCache)."""
-    import torch
+class Prepared:
+    """One candidate ready to time in this process: its executor (built, or loaded from the
+    code cache), its query, its first bounds and what the result records besides times."""
 
-    x, C = _query(inp)
-    batch = inp.lower.shape[0]
-    common: dict[str, Any] = dict(compile_seconds=build.compile_seconds, runner=runner)
-    options = dict(inp.run_options)
-    if inp.backend == "relax":
-        from boundflow.backend.relax.cache import CompileCache
-        from boundflow.backend.relax.executor import RelaxExecutor
+    def __init__(self, inp: MeasureInput, build: BuildResult, runner: str = "local"):
+        from boundflow.backend import create
 
-        exe = RelaxExecutor(inp.bundle, inp.graph, inp.target, cache=CompileCache(build.artifact))
-        out = exe.run(x, C)
-        common.update(n_kernels=exe.n_kernels, peak_bytes=inp.bundle.peak_bytes(batch),
-                      peak_source="planned")
-        if not options:
-            args = [exe._tensor(a) for a in (x.lower, x.upper)]
-            if C is not None:
-                args.append(exe._tensor(C.C))
-            for _ in range(config.warmup):
-                exe.vm["main"](*args, *exe.weights)
-            timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
-                                          repeat=config.repeat)
-            times = list(timer(*args, *exe.weights).results)
-    else:
-        from boundflow.backend.torch import TorchExecutor
-
-        exe = TorchExecutor(inp.bundle, inp.graph)
-        out = exe.run(x, C, measure_memory=True)
+        self.inp = inp
+        self.exe = create(inp.backend).executor(inp.bundle, inp.graph, inp.target,
+                                                cache=code_cache(build.artifact))
+        self.x, self.C = _query(inp)
+        self.options = dict(inp.run_options)
+        self.common: dict[str, Any] = dict(compile_seconds=build.compile_seconds, runner=runner)
+        start = time.perf_counter()
+        try:                      # the torch executor measures its peak; others plan it
+            out = self.exe.run(self.x, self.C, measure_memory=True)
+            self.common.update(peak_bytes=int(out.stats["peak_bytes"]), peak_source="measured")
+        except BoundFlowError:
+            out = self.exe.run(self.x, self.C)
+            self.common.update(peak_bytes=inp.bundle.peak_bytes(inp.lower.shape[0]),
+                               peak_source="planned")
+        self.first_s = time.perf_counter() - start        # the first call, loading included
         n_tasks = sum(t.kind != "input" for t in inp.bundle.task_graph.tasks)
-        common.update(n_kernels=n_tasks, peak_bytes=int(out.stats["peak_bytes"]),
-                      peak_source="measured")
-    if inp.backend == "torch" or options:
+        self.common["n_kernels"] = int(getattr(self.exe, "n_kernels", n_tasks))
+        self.out = out
         from boundflow.runtime.cache import BoundCache
 
-        cache = BoundCache() if options else None
+        self.cache = BoundCache() if self.options else None
+
+    def call(self) -> bool:
+        """What ``verify`` does with the plan: bounds of the host box, checked finite and
+        back on the host as arrays."""
+        import torch
+
+        out = self.exe.run(self.x, self.C, cache=self.cache, **self.options)
+        lo, hi = out.lower.detach(), out.upper.detach()
+        finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
+        lo.cpu().numpy(), hi.cpu().numpy()
+        return finite
+
+    def time_calls(self, number: int) -> float:
+        """Seconds per call, over ``number`` calls (synchronised on GPUs)."""
+        import torch
+
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        for _ in range(config.warmup):
-            exe.run(x, C, cache=cache, **options)
-        times = []
-        for _ in range(config.repeat):
-            sync()
-            start = time.perf_counter()
-            for _ in range(config.number):
-                exe.run(x, C, cache=cache, **options)
-            sync()
-            times.append((time.perf_counter() - start) / config.number)
-    return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
-                         **tightness(out.lower.numpy(), out.upper.numpy(), C is not None),
-                         **common)
+        sync()
+        start = time.perf_counter()
+        for _ in range(number):
+            self.call()
+        sync()
+        return (time.perf_counter() - start) / number
+
+    def kernel_times(self, config: "MeasureConfig", calls: list[float]) -> list[float]:
+        """Per-call times of the compiled code alone: the Relax VM's ``time_evaluator`` on
+        device tensors already in place; for an executor with no VM (nothing compiled, or a
+        repeated query through the bound cache), the calls themselves."""
+        exe = self.exe
+        if getattr(exe, "vm", None) is None or self.options:
+            return list(calls)
+        args = [exe._tensor(a) for a in (self.x.lower, self.x.upper)]
+        if self.C is not None:
+            args.append(exe._tensor(self.C.C))
+        timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
+                                      repeat=config.repeat)
+        return list(timer(*args, *exe.weights).results)
+
+    def result(self, times: list[float], kernel: list[float]) -> MeasureResult:
+        inp = self.inp
+        return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
+                             kernel_s=float(np.median(kernel)),
+                             **tightness(self.out.lower.detach().numpy(),
+                                         self.out.upper.detach().numpy(), self.C is not None),
+                             **self.common)
+
+
+def set_threads(n: int | None, compiled: bool) -> None:
+    """Use ``n`` CPU threads in torch and (``compiled``) TVM's runtime (None: leave them)."""
+    if n is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if compiled:
+        import tvm
+
+        config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if config is not None:
+            config(1, n)
+
+
+def measure_local(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
+                  runner: str = "local") -> MeasureResult:
+    """Time ``inp`` in this process: ``warmup`` calls, then ``repeat`` timings of ``number``
+    calls each of the whole call ``verify`` makes (see :class:`Prepared`), then the kernels
+    alone (see ``Prepared.kernel_times``)."""
+    from boundflow.backend import create
+
+    set_threads(config.threads, create(inp.backend).needs_build)
+    p = Prepared(inp, build, runner)
+    config = config.fitted(p.first_s, getattr(p.exe, "vm", None) is not None)
+    for _ in range(config.warmup):
+        p.call()
+    times = [p.time_calls(config.number) for _ in range(config.repeat)]
+    return p.result(times, p.kernel_times(config, times))
+
+
+def measure_interleaved(inputs: list[MeasureInput], builds: list[BuildResult],
+                        config: MeasureConfig, runner: str = "local") -> list[MeasureResult]:
+    """Time several candidates in this process, interleaved: each timing round times
+    ``number`` calls of every candidate in turn, so all of them see the same machine load
+    (the final comparison of a tuned plan with the default path); then each one's kernels."""
+    from boundflow.backend import create
+
+    set_threads(config.threads, any(create(i.backend).needs_build for i in inputs))
+    prepared = [Prepared(inp, b, runner) for inp, b in zip(inputs, builds)]
+    config = config.fitted(sum(p.first_s for p in prepared),
+                           any(getattr(p.exe, "vm", None) is not None for p in prepared))
+    for _ in range(config.warmup):
+        for p in prepared:
+            p.call()
+    times: list[list[float]] = [[] for _ in prepared]
+    for _ in range(config.repeat):
+        for p, t in zip(prepared, times):
+            t.append(p.time_calls(config.number))
+    return [p.result(t, p.kernel_times(config, t)) for p, t in zip(prepared, times)]
 
 
 def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
@@ -226,14 +349,16 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
     import tvm
     from tvm import rpc
 
+    from boundflow.backend import create
     from boundflow.backend.relax.cache import CompileCache
-    from boundflow.backend.relax.executor import lowers_to_tir
     from boundflow.errors import MeasureError
 
     bundle = inp.bundle
-    if any(t.kind != "input" and not lowers_to_tir(bundle, t) for t in bundle.task_graph.tasks):
-        raise MeasureError("the plan has tasks that run as torch callbacks; only plans lowered "
-                           "wholly to TIR run over RPC")
+    backend = create(inp.backend)
+    if not backend.needs_build or any(t.kind != "input" and not backend.compiles(bundle, t)
+                                      for t in bundle.task_graph.tasks):
+        raise MeasureError("the plan has tasks that run as torch callbacks (or torch ops); "
+                           "only plans compiled wholly (every task a kernel) run over RPC")
     target = tvm.target.Target(inp.target)
     cache = CompileCache(build.artifact)
     lib, meta = cache.paths(CompileCache.key(bundle.key, target))
@@ -248,7 +373,9 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
         del session
         import gc
         gc.collect()
+    # the remote VM call is all that is timed there: kernels and call are one
     return MeasureResult(inp.key, inp.backend, inp.target, **summarise(times),
+                         kernel_s=float(np.median(times)),
                          **tightness(lower, upper, inp.C is not None),
                          n_kernels=build.n_kernels,
                          peak_bytes=bundle.peak_bytes(inp.lower.shape[0]), peak_source="planned",

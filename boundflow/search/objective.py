@@ -5,6 +5,11 @@ bound width is no worse than the default plan's: the default), ``time@mem:BYTES`
 within a peak-memory budget of BYTES > 0), ``mix:A,B`` (minimise log time + A·log width +
 B·log peak bytes; A and B finite, >= 0, not both 0). An objective is validated whole when it is
 made, so a bad one fails before any measuring, naming the valid forms.
+
+:func:`beats_default` is the one test of whether a tuned plan replaces the default path of
+``verify``: measured in the same runner pass, its objective must be better and its whole call
+faster by ``MIN_SPEEDUP`` (3%), whatever the objective (``verify --db`` never runs a plan
+slower than the default path), so that a tie within the noise never hands over a plan.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from boundflow.errors import BoundFlowError
 from boundflow.measure.result import MeasureResult
 
 KINDS = ("time", "time@width", "time@mem", "mix")
+MIN_SPEEDUP = 1.03              # a tuned plan must be 3% faster than the default path
 VALID_FORMS = ("time, time@width, time@mem:BYTES (BYTES a finite number >= 1) or mix:A,B "
                "(A, B finite and >= 0, not both 0)")
 
@@ -137,3 +143,15 @@ class Objective:
             value += self.width_weight * heads["log_width"] + \
                 self.memory_weight * heads["log_mem"]
         return value
+
+
+def beats_default(value: float | None, baseline_value: float | None, best_s: float | None,
+                  baseline_s: float | None, min_speedup: float = MIN_SPEEDUP) -> bool:
+    """Whether a plan replaces the default path of ``verify``, measured together in one
+    runner pass: its objective ``value`` below the default's ``baseline_value``, and its
+    whole call (``best_s``) at least ``min_speedup`` times faster than the default's
+    (``baseline_s``)."""
+    known = [v for v in (value, baseline_value, best_s, baseline_s) if v is not None]
+    if len(known) < 4 or not all(math.isfinite(v) for v in known) or best_s <= 0:
+        return False
+    return value < baseline_value and baseline_s / best_s >= min_speedup

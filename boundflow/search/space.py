@@ -1,15 +1,31 @@
-"""The tuning space of one workload: the planner's decisions plus the backend's schedule knobs.
+"""The tuning space of one workload: the backend, the planner's decisions, how each group of
+tasks is lowered, and the backends' schedule knobs.
 
 A point is an **assignment**: one choice per decision, a tuple in ``decisions`` order, so it
-hashes and compares. The planner's decisions come from :class:`~boundflow.planner.space.
-SearchSpace`; on the Relax backend the schedule knobs of ``schedule_space.space(target)`` are
-added twice, once for the forward tasks (ibp, layout) and once for the backward tasks (crown,
-final): per-task schedules would multiply the space by the number of tasks for little gain.
-On the torch backend lowering, Relax fusion and schedules change nothing and are left out.
+hashes and compares. The decisions:
 
-``bundle(assignment)`` plans it (cached); two assignments may give the same plan (e.g. backward
-schedule knobs of a plan with no backward task), so callers identify candidates by
-``PlanBundle.key``.
+* ``backend[0]``: the backend that runs the plan, one of the backends searched (registered
+  names; the default verify backend first when it is searched);
+* the planner's decisions (:class:`~boundflow.planner.space.SearchSpace`): partition, domains,
+  final, layouts, forms, storage, Relax fusion;
+* ``lowering[<group>]`` for the forward tasks (``fwd``: ibp, layout), the ``crown`` tasks and
+  the ``final`` task: how a backend that compiles lowers them, one of
+  :data:`~boundflow.ir.knobs.LOWERINGS` (a ``tir`` kernel or a ``torch`` callback). An
+  extern-library lowering (a BLAS or oneDNN call per task) joins the space as one more value
+  of ``LOWERINGS`` once a backend's ``compiles`` and executor know it: the choices are read
+  from there, nothing here changes;
+* ``schedule[<group>.<knob>]``: the schedule knobs of the backends that tune schedules, once
+  for the forward tasks (ibp, layout) and once for the backward tasks (crown, final):
+  per-task schedules would multiply the space by the number of tasks for little gain.
+
+Lowering, Relax fusion and schedule decisions exist only when a searched backend tunes
+schedules, and change nothing on a backend that does not (torch): there the plan keeps the
+default knobs' values, so the default assignment on the torch backend is exactly the plan that
+``verify`` runs without a database (:func:`boundflow.api.default_plan`).
+
+A **candidate** is a plan on a backend: ``candidate(a)`` is ``(PlanBundle.key, backend)``; two
+assignments may give the same candidate (schedules of a plan with no backward task, or any
+lowering choice on the torch backend), so callers identify candidates by it.
 """
 
 from __future__ import annotations
@@ -21,49 +37,100 @@ from typing import Any
 
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
-from boundflow.ir.knobs import Knobs
+from boundflow.ir.knobs import LOWERINGS, Knobs
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.workload import Workload
 
-GROUPS = {"fwd": ("ibp", "layout"), "bwd": ("crown", "final")}
-_TORCH_IRRELEVANT = ("lowering", "fuse_passes")
+GROUPS = {"fwd": ("ibp", "layout"), "bwd": ("crown", "final")}           # schedules
+LOWERING_GROUPS = {"fwd": ("ibp", "layout"), "crown": ("crown",), "final": ("final",)}
+_COMPILED_ONLY = ("fuse_passes",)        # planner decisions only a compiling backend reads
+DEFAULT_BACKEND = "torch"                # what `verify` runs without --db (BoundOptions)
 
 Assignment = tuple
+Candidate = tuple          # (PlanBundle.key, backend name)
 
 
 @dataclass(frozen=True)
 class Decision:
-    field: str                  # a Knobs field, or "schedule"
-    position: int | str         # index in the field, or "<group>.<knob>" for schedules
-    choices: tuple[Any, ...]
+    field: str                  # "backend", a Knobs field, "lowering" or "schedule"
+    position: int | str         # index in the field; the group for lowering;
+    choices: tuple[Any, ...]    # "<group>.<knob>" for schedules
 
     @property
     def name(self) -> str:
         return f"{self.field}[{self.position}]"
 
 
-class TuneSpace:
-    """See the module docstring."""
+def backend_names(backends: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The backends a space searches: a name, names (a sequence or ``"a,b"``), or None for
+    every registered backend; the default verify backend first; each checked."""
+    from boundflow import backend as registry
 
-    def __init__(self, graph: Graph, workload: Workload, backend: str = "relax"):
+    if backends is None:
+        names = list(registry.names())
+    elif isinstance(backends, str):
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+    else:
+        names = list(backends)
+    if not names:
+        raise BoundFlowError("no backend to search: name one or more of "
+                             f"{', '.join(registry.names())}")
+    for n in names:
+        registry.create(n)                   # names the valid ones if not one
+    names = list(dict.fromkeys(names))
+    names.sort(key=lambda n: n != DEFAULT_BACKEND)
+    return tuple(names)
+
+
+class TuneSpace:
+    """See the module docstring. ``backends``: see :func:`backend_names`."""
+
+    def __init__(self, graph: Graph, workload: Workload,
+                 backends: str | tuple[str, ...] | list[str] | None = None):
+        from boundflow import backend as registry
         from boundflow.planner import space as planner_space
 
-        if backend not in ("relax", "torch"):
-            raise BoundFlowError(f"backend {backend!r} is not relax or torch")
-        self.graph, self.workload, self.backend = graph, workload, backend
+        self.graph, self.workload = graph, workload
+        self.backends = backend_names(backends)
+        self._impl = {b: registry.create(b) for b in self.backends}
+        self.compiling = tuple(b for b in self.backends if self._impl[b].tunes_schedules)
         self.base = planner_space(graph, workload)
-        self._plans: dict[Assignment, PlanBundle] = {}
+        self._plans: dict[tuple, PlanBundle] = {}
+
+    @property
+    def backend(self) -> str:
+        """The first backend searched (the default verify backend when it is one)."""
+        return self.backends[0]
+
+    def tunes(self, backend: str) -> bool:
+        """Whether lowering, Relax fusion and schedules change ``backend``'s code."""
+        return self._impl[backend].tunes_schedules
+
+    @cached_property
+    def _default_knobs(self) -> Knobs:
+        from boundflow.planner import default as default_knobs
+
+        return default_knobs(self.graph, self.workload)
 
     @cached_property
     def decisions(self) -> tuple[Decision, ...]:
-        out = [Decision(f, i, c) for f, i, c in self.base.decisions()
-               if not (self.backend == "torch" and f in _TORCH_IRRELEVANT)]
-        if self.backend == "relax":
-            from boundflow.backend.relax.schedule_space import space as schedule_space
-
+        out = [Decision("backend", 0, self.backends)]
+        out += [Decision(f, i, c) for f, i, c in self.base.decisions()
+                if f != "lowering" and (self.compiling or f not in _COMPILED_ONLY)]
+        if self.compiling:
+            kinds = {"ibp", "layout", "final"} | \
+                ({"crown"} if "crown" in self.base.domain_choices else set())
+            default = self._default_knobs.lowering
+            order = (default,) + tuple(v for v in LOWERINGS if v != default)
+            for group, members in LOWERING_GROUPS.items():
+                if kinds & set(members):
+                    out.append(Decision("lowering", group, order))
+            schedules: dict[str, tuple] = {}
+            for b in self.compiling:
+                schedules.update(self._impl[b].schedule_space(self.workload.target))
             for group in GROUPS:
-                for knob, choices in schedule_space(self.workload.target).items():
-                    out.append(Decision("schedule", f"{group}.{knob}", choices))
+                for knob, choices in schedules.items():
+                    out.append(Decision("schedule", f"{group}.{knob}", tuple(choices)))
         return tuple(out)
 
     @property
@@ -73,38 +140,39 @@ class TuneSpace:
             n *= len(d.choices)
         return n
 
-    def default(self) -> Assignment:
-        """The planner's heuristic plan with the backend's default schedules."""
-        from boundflow.planner import default as default_knobs
+    def default(self, backend: str | None = None) -> Assignment:
+        """The planner's heuristic plan, with default lowering and schedules, on ``backend``
+        (default: the first searched, the default verify backend when it is one)."""
+        k = self._default_knobs
+        a = tuple(self._value(k, d) for d in self.decisions)
+        return self.with_choice(a, 0, backend or self.backend)
 
-        k = default_knobs(self.graph, self.workload)
-        return tuple(self._value(k, d) for d in self.decisions)
-
-    @staticmethod
-    def _value(k: Knobs, d: Decision) -> Any:
-        if d.field == "schedule":
+    def _value(self, k: Knobs, d: Decision) -> Any:
+        if d.field == "backend":
+            return self.backend
+        if d.field in ("schedule", "lowering"):
             return d.choices[0]
         v = getattr(k, d.field)
         return v[d.position] if isinstance(v, tuple) else v
 
     def seeds(self) -> list[Assignment]:
-        """The default plan under each of the backend's schedule presets, for every task and
-        for the backward tasks only: the first points a tuner measures after the default."""
-        if self.backend != "relax":
-            return []
-        from boundflow.backend.relax.schedule_space import presets
-
-        base = self.default()
-        out = []
-        for preset in presets(self.workload.target):
-            for groups in (("fwd", "bwd"), ("bwd",)):
-                a = list(base)
-                for i, d in enumerate(self.decisions):
-                    if d.field == "schedule":
-                        group, knob = str(d.position).split(".", 1)
-                        if group in groups and knob in preset:
-                            a[i] = preset[knob]
-                out.append(tuple(a))
+        """The first points a tuner measures after the default: the default plan on every
+        other backend searched, then, on each backend that has them, its schedule presets
+        (``schedule_presets(target)``) on the default plan, for every task and for the
+        backward tasks only."""
+        out = [self.default(b) for b in self.backends[1:]]
+        for b in self.compiling:
+            presets = getattr(self._impl[b], "schedule_presets", None)
+            base = self.default(b)
+            for preset in (presets(self.workload.target) if presets else ()):
+                for groups in (("fwd", "bwd"), ("bwd",)):
+                    a = list(base)
+                    for i, d in enumerate(self.decisions):
+                        if d.field == "schedule":
+                            group, knob = str(d.position).split(".", 1)
+                            if group in groups and knob in preset:
+                                a[i] = preset[knob]
+                    out.append(tuple(a))
         return list(dict.fromkeys(out))
 
     def sample(self, rng: random.Random) -> Assignment:
@@ -122,63 +190,99 @@ class TuneSpace:
                 raise BoundFlowError(f"{d.name} = {v!r} is not one of {d.choices}")
         return tuple(a)
 
+    def backend_of(self, a: Assignment) -> str:
+        return a[0]
+
     def knobs(self, a: Assignment) -> Knobs:
-        """The planner knobs of ``a`` (schedules not yet per task: see ``bundle``)."""
+        """The planner knobs of ``a`` (per-task lowering and schedules not yet: see
+        ``bundle``). On a backend that tunes no schedules, the default knobs' lowering and
+        fusion."""
+        tuned = self.tunes(self.backend_of(a))
         values = {(d.field, d.position): v for d, v in zip(self.decisions, a)
-                  if d.field != "schedule"}
-        k = self.base.from_choices(values)
-        if self.backend == "torch":
-            k = k.replace(lowering="torch")
-        return k
+                  if d.field not in ("backend", "schedule", "lowering")
+                  and (tuned or d.field not in _COMPILED_ONLY)}
+        return self.base.from_choices(values, base=self._default_knobs)
 
     def schedules(self, a: Assignment) -> dict[str, tuple[tuple[str, Any], ...]]:
-        """Per group, the schedule pairs ``a`` gives its tasks (non-default values only)."""
+        """Per group, the schedule pairs ``a`` gives its tasks (non-default values only;
+        none on a backend that tunes no schedules)."""
         out: dict[str, list] = {g: [] for g in GROUPS}
-        for d, v in zip(self.decisions, a):
-            if d.field == "schedule" and v != d.choices[0]:
-                group, knob = str(d.position).split(".", 1)
-                out[group].append((knob, v))
+        if self.tunes(self.backend_of(a)):
+            for d, v in zip(self.decisions, a):
+                if d.field == "schedule" and v != d.choices[0]:
+                    group, knob = str(d.position).split(".", 1)
+                    out[group].append((knob, v))
         return {g: tuple(sorted(p)) for g, p in out.items()}
 
+    def lowerings(self, a: Assignment) -> dict[str, str]:
+        """Per lowering group, the lowering ``a`` gives its tasks (the default knobs' on a
+        backend that tunes none)."""
+        out = {g: self._default_knobs.lowering for g in LOWERING_GROUPS}
+        if self.tunes(self.backend_of(a)):
+            out.update({str(d.position): v for d, v in zip(self.decisions, a)
+                        if d.field == "lowering"})
+        return out
+
     def bundle(self, a: Assignment) -> PlanBundle:
-        """The plan of ``a`` (cached)."""
+        """The plan of ``a`` (cached by the plan's own choices, whatever the backend)."""
         from boundflow.planner import plan
 
-        hit = self._plans.get(a)
+        k = self.knobs(self.check(a))
+        groups, lowering = self.schedules(a), self.lowerings(a)
+        memo = (k.key, tuple(sorted(groups.items())), tuple(sorted(lowering.items())))
+        hit = self._plans.get(memo)
         if hit is not None:
             return hit
-        k = self.knobs(self.check(a))
-        groups = self.schedules(a)
-        if any(groups.values()):
+        if any(groups.values()) or len(set(lowering.values())) > 1 or \
+                lowering["fwd"] != k.lowering:
             tasks = plan(self.graph, self.workload, k).task_graph.tasks
-            per_task = []
+            per_task, per_lowering = [], []
             for t in tasks:
                 for g, kinds in GROUPS.items():
                     if t.kind in kinds and groups[g]:
                         per_task.append((t.name, groups[g]))
-            k = k.replace(schedule=tuple(per_task))
+                for g, kinds in LOWERING_GROUPS.items():
+                    if t.kind in kinds and lowering[g] != lowering["fwd"]:
+                        per_lowering.append((t.name, lowering[g]))
+            k = k.replace(schedule=tuple(per_task), lowering=lowering["fwd"],
+                          task_lowering=tuple(per_lowering))
         b = plan(self.graph, self.workload, k)
         if len(self._plans) > 20000:
             self._plans.clear()
-        self._plans[a] = b
+        self._plans[memo] = b
         return b
 
-    def assignment_of(self, bundle: PlanBundle) -> Assignment | None:
-        """The point of this space a plan came from (None when it is not one: another
-        workload, or per-task schedules this space does not express)."""
-        if bundle.workload.key != self.workload.key:
+    def candidate(self, a: Assignment) -> Candidate:
+        """``(plan key, backend)``: what is measured when ``a`` is."""
+        return self.bundle(a).key, self.backend_of(a)
+
+    def assignment_of(self, bundle: PlanBundle, backend: str | None = None
+                      ) -> Assignment | None:
+        """The point of this space a plan on ``backend`` (default: the first searched) came
+        from (None when it is not one: another workload, a backend not searched, or per-task
+        choices this space does not express)."""
+        backend = backend or self.backend
+        if bundle.workload.key != self.workload.key or backend not in self.backends:
             return None
         kind_of = {t.name: t.kind for t in bundle.task_graph.tasks}
         per_group: dict[str, dict] = {}
-        for task, _, pairs in bundle.lowering_plan.tasks:
+        lowering: dict[str, str] = {}
+        for task, low, pairs in bundle.lowering_plan.tasks:
             for g, kinds in GROUPS.items():
                 if kind_of.get(task) in kinds and pairs:
                     per_group.setdefault(g, dict(pairs))
+            for g, kinds in LOWERING_GROUPS.items():
+                if kind_of.get(task) in kinds:
+                    lowering.setdefault(g, low)
         values = []
         for d in self.decisions:
-            if d.field == "schedule":
+            if d.field == "backend":
+                values.append(backend)
+            elif d.field == "schedule":
                 group, knob = str(d.position).split(".", 1)
                 values.append(per_group.get(group, {}).get(knob, d.choices[0]))
+            elif d.field == "lowering":
+                values.append(lowering.get(str(d.position), d.choices[0]))
             else:
                 values.append(self._value(bundle.knobs, d))
         a = tuple(values)
@@ -188,7 +292,12 @@ class TuneSpace:
             return None
 
     def describe(self, a: Assignment, base: Assignment | None = None) -> str:
-        """``a`` readably: the choices that differ from ``base`` (default: the default)."""
-        base = self.default() if base is None else base
-        diff = [f"{d.name}={v}" for d, v, b in zip(self.decisions, a, base) if v != b]
-        return ", ".join(diff) if diff else "(the default plan)"
+        """``a`` readably: its backend, and the choices that differ from ``base`` (default:
+        the default plan on that backend) and matter on it."""
+        backend = self.backend_of(a)
+        base = self.default(backend) if base is None else base
+        tuned = self.tunes(backend)
+        diff = [f"{d.name}={v}" for d, v, b in zip(self.decisions, a, base)
+                if v != b and d.field != "backend"
+                and (tuned or d.field not in ("lowering", "schedule", *_COMPILED_ONLY))]
+        return f"{backend}: " + (", ".join(diff) if diff else "the default plan")

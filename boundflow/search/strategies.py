@@ -1,7 +1,7 @@
 """Search strategies over a :class:`TuneSpace`, in ask/tell form.
 
-``ask(n, score, seen, incumbents)`` proposes up to ``n`` assignments whose plans are not in
-``seen`` (plan keys already measured); ``score(assignments)`` is the cost model's predicted
+``ask(n, score, seen, incumbents)`` proposes up to ``n`` assignments whose candidates are not
+in ``seen`` (``TuneSpace.candidate``: (plan key, backend) pairs already measured); ``score(assignments)`` is the cost model's predicted
 objective (lower is better), ``incumbents`` the best measured assignments so far, best first.
 ``tell(assignments, values)`` reports measured objectives (``inf`` for failures and plans
 outside the constraints). Every strategy fills a share ``epsilon`` of each batch with random
@@ -49,13 +49,13 @@ class Strategy:
     def tell(self, assignments: Sequence[Assignment], values: Sequence[float]) -> None:
         self.history += list(zip(assignments, values))
 
-    def _key(self, a: Assignment) -> str | None:
+    def _key(self, a: Assignment) -> tuple | None:
         try:
-            return self.space.bundle(a).key
+            return self.space.candidate(a)
         except (PlanError, BoundFlowError):
             return None
 
-    def _random(self, n: int, seen: set[str], taken: set[str]) -> list[Assignment]:
+    def _random(self, n: int, seen: set, taken: set) -> list[Assignment]:
         out = []
         for _ in range(50 * max(n, 1)):
             if len(out) == n:
@@ -67,19 +67,19 @@ class Strategy:
                 out.append(a)
         return out
 
-    def propose(self, n: int, score: Score, seen: set[str], incumbents: list[Assignment]
+    def propose(self, n: int, score: Score, seen: set, incumbents: list[Assignment]
                 ) -> list[Assignment]:
         """The strategy's own picks (best first)."""
         raise NotImplementedError
 
-    def ask(self, n: int, score: Score, seen: set[str], incumbents: list[Assignment]
+    def ask(self, n: int, score: Score, seen: set, incumbents: list[Assignment]
             ) -> list[Assignment]:
         n_random = sum(self.rng.random() < self.epsilon for _ in range(n))
         picks = self.propose(n - n_random, score, seen, incumbents) if n > n_random else []
         taken = {self._key(a) for a in picks}
         return picks + self._random(n - len(picks), seen, taken)
 
-    def _best_unseen(self, pool: dict[Assignment, float], n: int, seen: set[str]
+    def _best_unseen(self, pool: dict[Assignment, float], n: int, seen: set
                      ) -> list[Assignment]:
         out, taken = [], set()
         for a, _ in sorted(pool.items(), key=lambda kv: kv[1]):

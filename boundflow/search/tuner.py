@@ -1,29 +1,43 @@
-"""The tuner loop: propose → claim → build → measure → record → refit, in rounds.
+"""The tuner loop: propose → claim → (build → measure → record), one candidate at a time, →
+refit, in rounds; then one final runner pass that compares the best plan with the default.
 
 ``Tuner(graph, lower, upper, C, method=..., db=...)`` tunes the workload of that query (batch,
-specs, method, dtype, target) on one backend. Each round the strategy proposes a batch of
-unmeasured plans (scored by the cost model), the run claims them in the database, the builder
-and runner measure the ones it got in worker processes, every result goes into the database
-with its features (failures too, with their error), and the XGBoost cost model is refitted on
-every record in the database and saved into it. The default plan is measured first: it is the
-reference of the tightness floor and of the final comparison.
+specs, method, dtype, target). A candidate is a plan *on a backend*: the space
+(:class:`~boundflow.search.space.TuneSpace`) holds the backend as a decision beside the
+planner's choices, the lowering of each group of tasks and the schedules, so the default path
+of ``verify`` (the default plan on the torch backend, :func:`boundflow.api.default_plan`) is a
+point of it. That point is the **baseline**: it is measured first, whatever backends are
+searched, and it is the reference of the tightness floor and of every speedup reported.
 
-After the default, the backend's schedule presets on the default plan are measured first
-(``TuneSpace.seeds``), as MetaSchedule and Ansor seed their searches with rule-based
-schedules; the strategy proposes the rest.
+Each round the strategy proposes a batch of unmeasured candidates (scored by the cost model:
+XGBoost, or the analytic model where XGBoost ranks the workload's own plans worse, see
+``ranking.py``), the run claims them in the database, and then builds, measures and records
+them one at a time in worker processes (every result goes into the database with the plan's
+features, failures too), so the progress bar moves with every measured plan and a time budget
+is checked between candidates. Measurements time the whole call as ``verify`` makes it (see
+``boundflow.measure``). After the default on every backend searched, the backends' schedule
+presets seed the search, as MetaSchedule and Ansor seed theirs with rule-based schedules.
 
-``trials`` is the budget of plans for this workload, backend and machine *in the database*:
-running the same command again after an interruption continues where it stopped, and a plan
-already measured is never measured again. ``seconds`` bounds one run's wall time.
+At the end, the best candidate found is measured again **in one runner pass with the
+baseline**, interleaved (``LocalRunner.compare``): the report's ``default`` and ``best`` and
+every speedup come from that pass, and the best-plan record keeps it (``Database.set_best``
+with the baseline's value), so ``verify --db`` refuses a record that was not faster than the
+default path measured with it (:func:`boundflow.search.lookup.tuned_plan`).
+
+``trials`` is the budget of candidates for this workload and machine, over the backends
+searched, *in the database*: running the same command again after an interruption continues
+where it stopped, and a candidate already measured is never measured again. ``seconds`` bounds
+one run's wall time, the final comparison included: a candidate is started only if it is
+expected to finish, with the final pass, inside the budget.
 
 Several tuners may tune one workload at once (processes on this machine, or on machines that
-share a PostgreSQL database): each round's plans are claimed atomically against the budget
-(``Database.claim``), so no plan is measured twice on one machine and together they stop at
-``trials`` plans; a run that has measured its share waits while other live runs still measure
-the last plans (should one die, its plans come back). A heartbeat thread keeps the run alive
-in the database, every ``heartbeat_timeout / 4`` seconds, however long a candidate takes; a run
-killed without a word is found dead once its heartbeat is ``heartbeat_timeout`` old (at once,
-by a run on the same machine) and its claims go back to the others.
+share a PostgreSQL database): each round's candidates are claimed atomically against the
+budget (``Database.claim``), so no candidate is measured twice on one machine and together
+they stop at ``trials``; a run that has measured its share waits while other live runs still
+measure the last ones (should one die, its claims come back). A heartbeat thread keeps the run
+alive in the database, every ``heartbeat_timeout / 4`` seconds, however long a candidate
+takes; a run killed without a word is found dead once its heartbeat is ``heartbeat_timeout``
+old (at once, by a run on the same machine) and its claims go back to the others.
 
 Objectives: see ``objective.py``. The best plan under the objective is recorded in the database
 under the objective's name, which is what ``verify --db`` looks up.
@@ -31,19 +45,18 @@ under the objective's name, which is what ``verify --db`` looks up.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import numbers
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from boundflow.costmodel.features import FEATURE_VERSION, features
-from boundflow.costmodel.model import HEADS, XGBCostModel, targets
 from boundflow.db import DEFAULT_HEARTBEAT_TIMEOUT, Database
-from boundflow.errors import BoundFlowError, DatabaseError
+from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.workload import Workload
@@ -52,11 +65,13 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
 from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
 from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
-from boundflow.search.space import Assignment, TuneSpace
+from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
+from boundflow.search.session import Heartbeat, Progress
+from boundflow.search.space import DEFAULT_BACKEND, Assignment, Candidate, TuneSpace
 from boundflow.search.strategies import make
 
-COST_MODEL = "xgb-cost-model"
 DEFAULT_OBJECTIVE = "time@width"
+_FIRST_GUESS_S = {True: 6.0, False: 1.0}     # one candidate, before any is measured: compiled?
 
 
 def _whole(v: Any) -> bool:
@@ -65,6 +80,13 @@ def _whole(v: Any) -> bool:
 
 @dataclass
 class TuneReport:
+    """What a tuning run found. ``default`` and ``best`` are measured together in the final
+    runner pass (``best`` is ``default`` when the default path was the best candidate), so
+    ``speedup`` is the default path's time over the tuned plan's under the same load;
+    ``kept_default`` says the tuned plan was not faster, and ``verify --db`` will run the
+    default path. ``search_default`` / ``search_best``: the same two as measured during the
+    search."""
+
     workload: Workload
     objective: str
     default: MeasureResult
@@ -72,28 +94,47 @@ class TuneReport:
     best_bundle: PlanBundle
     best_description: str
     default_bundle: PlanBundle
-    measured_now: int                  # plans this run measured
-    measured_before: int               # plans in the database when it started (any run's)
+    measured_now: int                  # candidates this run measured
+    measured_before: int               # candidates in the database when it started (any run's)
     curve: list[tuple[int, float]] = field(default_factory=list)   # (trial, best objective)
     seconds: float = 0.0
-    measured_by_others: int = 0        # plans other runs measured while this one ran
+    measured_by_others: int = 0        # candidates other runs measured while this one ran
     run_id: int | None = None
+    best_backend: str = DEFAULT_BACKEND
+    default_backend: str = DEFAULT_BACKEND
+    kept_default: bool = True
+    search_default: MeasureResult | None = None
+    search_best: MeasureResult | None = None
+    cost_model: str = ""               # which model ranked, and why (Choice.describe)
+    first_measurement_s: float | None = None    # from the start to the first measured plan
+
+    @property
+    def speedup(self) -> float | None:
+        """Default path over tuned plan, whole call, same runner pass (None if either
+        failed)."""
+        if self.default.ok and self.best.ok and self.best.median_s:
+            return self.default.median_s / self.best.median_s
+        return None
 
 
 class Tuner:
-    """See the module docstring. ``callbacks`` are called after every round with
-    ``(tuner, assignments, results)``. ``heartbeat_timeout``: seconds after which a run that
-    has not said it is alive is dead (its claims go to other runs); the run says so every
-    quarter of it, from a thread, so it need not exceed a candidate's ``timeout_s``."""
+    """See the module docstring. ``backend``: the backends searched, a name, names (a
+    sequence, or ``"torch,relax"``) or None for every registered backend. ``callbacks`` are
+    called after every round with ``(tuner, assignments, results)``. ``heartbeat_timeout``:
+    seconds after which a run that has not said it is alive is dead (its claims go to other
+    runs); the run says so every quarter of it, from a thread, so it need not exceed a
+    candidate's ``timeout_s``. ``final_config``: the protocol of the final comparison
+    (default: ``config``)."""
 
     def __init__(self, graph: Graph, lower: np.ndarray, upper: np.ndarray,
                  C: np.ndarray | None, *, method: str, db: Database,
-                 strategy: str = "cpsat", backend: str = "relax", target: str = "llvm",
-                 objective: str | Objective = DEFAULT_OBJECTIVE, dtype: str | None = None,
-                 config: MeasureConfig = MeasureConfig(), batch_size: int = 8, seed: int = 0,
-                 epsilon: float = 0.1, builder=None, runner=None, progress: bool = True,
-                 callbacks: Sequence[Callable[..., Any]] = (),
-                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, **strategy_options: Any):
+                 strategy: str = "cpsat", backend: str | Sequence[str] | None = None,
+                 target: str = "llvm", objective: str | Objective = DEFAULT_OBJECTIVE,
+                 dtype: str | None = None, config: MeasureConfig = MeasureConfig(),
+                 batch_size: int = 8, seed: int = 0, epsilon: float = 0.1, builder=None,
+                 runner=None, progress: bool = True, callbacks: Sequence[Callable[..., Any]] = (),
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+                 final_config: MeasureConfig | None = None, **strategy_options: Any):
         if not (isinstance(heartbeat_timeout, (int, float)) and
                 math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
             raise BoundFlowError(f"heartbeat_timeout must be a number of seconds > 0, not "
@@ -106,149 +147,219 @@ class Tuner:
         n_specs = 0 if self.C is None else int(self.C.shape[1])
         self.workload = Workload.of(graph, batch=int(self.lower.shape[0]), n_specs=n_specs,
                                     method=method, dtype=dtype, target=target)
-        self.db, self.backend = db, backend
+        self.db = db
         self.machine = machine()             # what this host's measurements record
         self.heartbeat_timeout = float(heartbeat_timeout)
         self.objective = objective if isinstance(objective, Objective) else \
             Objective.parse(objective)
         self.space = TuneSpace(graph, self.workload, backend)
+        self.backends = self.space.backends
+        self.backend = self.space.backend
+        self.baseline_bundle, self.baseline = self._baseline()
+        self.scope = tuple(dict.fromkeys(self.backends + (self.baseline[1],)))
         self.normalised, _ = normalised(graph)
         self.config, self.batch_size, self.progress = config, batch_size, progress
+        self.final_config = final_config or config
         self.builder = builder if builder is not None else LocalBuilder(timeout_s=config.timeout_s)
         self.runner = runner if runner is not None else LocalRunner(config)
         self.callbacks = list(callbacks)
-        self.model = XGBCostModel(seed=seed)
+        self.ranker = Ranker(self.normalised, self.workload, seed)
         self.reference: MeasureResult | None = None
         self._ref_log_width: float | None = None
         self._run_id: int | None = None
         self._measured_now = 0
-        self._mine: dict[str, MeasureResult] = {}
-        self._unmapped: set[str] = set()
+        self._mine: dict[Candidate, MeasureResult] = {}
+        self._unmapped: set[Candidate] = set()
+        self._spent: dict[str, list[float]] = {}
+        self._refit_s = 0.0
+        self._first: float | None = None
         if strategy == "cpsat" and self.objective.kind == "time@mem":
             strategy_options.setdefault("memory_budget", self.objective.memory_budget)
         self.strategy = make(strategy, self.space, seed=seed, epsilon=epsilon,
                              **strategy_options)
         self.strategy_name = strategy
 
+    def _baseline(self) -> tuple[PlanBundle, Candidate]:
+        """The default path of ``verify`` without a database: the default plan on the
+        default backend (on the CPU; for another target, where verify needs a backend that
+        compiles, on the first backend searched)."""
+        from boundflow.api import BoundOptions, default_plan
+        from boundflow.target import target_kind
+
+        bundle = default_plan(self.graph, self.workload, BoundOptions(self.workload.method))
+        on = DEFAULT_BACKEND if target_kind(self.workload.target) == "llvm" else self.backend
+        return bundle, (bundle.key, on)
+
     # -- the model ---------------------------------------------------------------------------
-    def _features(self, bundles: Sequence[PlanBundle]) -> np.ndarray:
-        return np.stack([features(b, self.normalised) for b in bundles])
+    @property
+    def model(self):
+        """The XGBoost model (what is saved into the database)."""
+        return self.ranker.model
+
+    def _candidates(self, assignments: Sequence[Assignment]):
+        ok, cands = [], []
+        for i, a in enumerate(assignments):
+            try:
+                cands.append((self.space.bundle(a), self.space.backend_of(a)))
+                ok.append(i)
+            except BoundFlowError:
+                pass
+        return ok, cands
 
     def score(self, assignments: Sequence[Assignment]) -> np.ndarray:
         """The model's predicted objective of each assignment (``inf`` when it does not
         plan)."""
-        ok, bundles = [], []
-        for i, a in enumerate(assignments):
-            try:
-                bundles.append(self.space.bundle(a))
-                ok.append(i)
-            except BoundFlowError:
-                pass
+        ok, cands = self._candidates(assignments)
         out = np.full(len(assignments), np.inf)
-        if bundles:
-            heads = self.model.predict(self._features(bundles))
+        if cands:
+            heads = self.ranker.predict(self.ranker.features(cands))
             out[ok] = self.objective.predicted(heads, self._ref_log_width)
         return out
 
     def width_score(self, assignments: Sequence[Assignment]) -> np.ndarray:
-        bundles = [self.space.bundle(a) for a in assignments]
-        return self.model.predict(self._features(bundles))["log_width"]
+        _, cands = self._candidates(assignments)
+        return self.ranker.predict(self.ranker.features(cands))["log_width"]
 
-    def refit(self) -> dict[str, float]:
-        """Fit the cost model on every record in the database that has features of this
-        version; saved into the database."""
-        records = [r for r in self.db.records_for_training()
-                   if r.candidate.features is not None
-                   and len(r.candidate.features) == self.model.X.shape[1]]
-        if not records:
-            self._calibrate()
-            return {}
-        X = np.array([r.candidate.features for r in records])
-        Y = {h: np.array([targets(r.measurement.result)[h] for r in records]) for h in HEADS}
-        self.model.fit(X, Y)
-        metrics = {"n_train": len(records), "heads": sorted(self.model.models)}
-        self.db.save_cost_model(COST_MODEL, self.model.save(), FEATURE_VERSION, metrics)
+    def refit(self) -> dict:
+        """Fit the cost model on the database's records (saved into it) and choose the model
+        that ranks this workload's plans; recalibrate the tightness floor."""
+        start = time.monotonic()
+        metrics = self.ranker.refit(self.db)
         self._calibrate()
+        self._refit_s = time.monotonic() - start
         return metrics
 
     def _calibrate(self) -> None:
-        """The tightness floor in the model's own units: its predicted width of the default
-        plan (the analytic model's widths are only relative)."""
-        default = self.space.bundle(self.space.default())
-        self._ref_log_width = float(self.model.predict(self._features([default]))["log_width"][0])
+        """The tightness floor in the model's own units: its predicted width of the baseline
+        (the analytic model's widths are only relative)."""
+        X = self.ranker.features([(self.baseline_bundle, self.baseline[1])])
+        self._ref_log_width = float(self.ranker.predict(X)["log_width"][0])
 
     # -- measuring ---------------------------------------------------------------------------
-    def _measure(self, bundles: Sequence[PlanBundle]) -> list[MeasureResult]:
-        """Build, run and record ``bundles`` (claimed by this run: each write releases its
-        claim)."""
-        inputs = [MeasureInput(b, self.graph, self.lower, self.upper, self.C, self.backend)
-                  for b in bundles]
-        builds = self.builder.build(inputs)
-        results = self.runner.run(inputs, builds)
-        feats = self._features(bundles)
-        for b, r, f in zip(bundles, results, feats):
-            self.db.add_measurement(b, r, features=f, graph=self.graph, run_id=self._run_id)
-            self._measured_now += 1
-            self._mine.setdefault(b.key, r)
-        return results
+    def _input(self, bundle: PlanBundle, backend: str) -> MeasureInput:
+        return MeasureInput(bundle, self.graph, self.lower, self.upper, self.C, backend)
 
-    def _history(self) -> dict[str, MeasureResult]:
-        """This workload's measurements on this backend and machine, by any run, by plan key
-        (fastest kept); and whatever this run measured (a runner may record another
-        machine: a plan is never proposed twice all the same)."""
-        out: dict[str, MeasureResult] = dict(self._mine)
+    def _measure(self, bundle: PlanBundle, backend: str,
+                 deadline: float | None = None, reserve: float = 0.0) -> MeasureResult:
+        """Build, run and record one candidate (claimed by this run: the write releases the
+        claim). With a ``deadline``, its timing is cut down to end ``reserve`` seconds
+        before it (``MeasureConfig.max_seconds``: a slow plan is timed with fewer calls)."""
+        start = time.monotonic()
+        inp = self._input(bundle, backend)
+        builds = self.builder.build([inp])
+        kw = {}
+        if deadline is not None and "config" in inspect.signature(self.runner.run).parameters:
+            room = max(0.5, deadline - time.monotonic() - reserve)
+            kw["config"] = dataclasses.replace(self.config, max_seconds=min(
+                room, self.config.max_seconds or math.inf))
+        result = self.runner.run([inp], builds, **kw)[0]
+        self.db.add_measurement(bundle, result, features=self.ranker.plan_features(bundle),
+                                graph=self.graph, run_id=self._run_id)
+        self._measured_now += 1
+        self._mine.setdefault((bundle.key, backend), result)
+        self._first = self._first or time.monotonic()
+        self._spent.setdefault(backend, []).append(time.monotonic() - start)
+        return result
+
+    def _history(self) -> dict[Candidate, MeasureResult]:
+        """This workload's measurements on the backends searched (and the baseline's) on
+        this machine, by any run, by candidate (fastest kept); and whatever this run measured
+        (a runner may record another machine: a candidate is never proposed twice all the
+        same)."""
+        out: dict[Candidate, MeasureResult] = dict(self._mine)
         for r in self.db.records_for_training(self.workload, include_failed=True):
             m = r.measurement.result
-            if m.backend != self.backend or m.machine != self.machine:
+            if m.backend not in self.scope or m.machine != self.machine:
                 continue
-            prev = out.get(r.candidate.key)
+            c = (r.candidate.key, m.backend)
+            prev = out.get(c)
             if prev is None or (m.ok and (not prev.ok or m.median_s < prev.median_s)):
-                out[r.candidate.key] = m
+                out[c] = m
         return out
 
-    def _claimed_by_others(self) -> set[str]:
-        return {c.candidate_key for c in self.db.claims(self.workload)
-                if c.run_id != self._run_id and c.backend == self.backend
+    def _claimed_by_others(self) -> set[Candidate]:
+        return {(c.candidate_key, c.backend) for c in self.db.claims(self.workload)
+                if c.run_id != self._run_id and c.backend in self.scope
                 and c.machine == self.machine}
 
-    def _learn(self, history: dict[str, MeasureResult], by_key: dict[str, Assignment]) -> None:
-        """Map plans measured by earlier or other runs back to assignments (incumbents)."""
-        new = [k for k in history if k not in by_key and k not in self._unmapped]
+    def _learn(self, history: dict[Candidate, MeasureResult],
+               by_cand: dict[Candidate, Assignment]) -> None:
+        """Map candidates measured by earlier or other runs back to assignments."""
+        new = [c for c in history if c not in by_cand and c not in self._unmapped]
         if not new:
             return
-        for c in self.db.candidates(self.workload, keys=new):
-            a = self.space.assignment_of(c.bundle())
+        records = {r.key: r for r in self.db.candidates(self.workload,
+                                                        keys=sorted({c[0] for c in new}))}
+        for c in new:
+            rec = records.get(c[0])
+            a = None if rec is None else self.space.assignment_of(rec.bundle(), c[1])
             if a is None:
-                self._unmapped.add(c.key)
+                self._unmapped.add(c)
             else:
-                by_key[c.key] = a
+                by_cand[c] = a
 
-    def _wait(self, beat: "_Heartbeat", others: set[str], deadline: float | None) -> None:
-        """Wait (the heartbeat goes on) until the plans other runs claim are not ``others``
-        any more (one was measured, or its run finished or died), or ``deadline``."""
+    def _wait(self, beat: Heartbeat, others: set, deadline: float | None) -> None:
+        """Wait (the heartbeat goes on) until the candidates other runs claim are not
+        ``others`` any more (one was measured, or its run finished or died), or
+        ``deadline``."""
         while deadline is None or time.monotonic() < deadline:
             time.sleep(min(0.25, self.heartbeat_timeout / 8))
             beat.check()
             if self._claimed_by_others() != others:
                 return
 
+    # -- the time budget ---------------------------------------------------------------------
+    def _expected(self, backend: str) -> float:
+        """Seconds one more candidate on ``backend`` is expected to take (build, measure,
+        record): the mean of this run's so far (the first left out once there are others: it
+        started the worker processes), else a first guess."""
+        from boundflow.backend import create
+
+        guess = _FIRST_GUESS_S[create(backend).needs_build]
+        spent = self._spent.get(backend, [])
+        if len(spent) > 1:
+            return float(np.mean(spent[1:][-8:]))
+        return min(spent[0], guess) if spent else guess
+
+    def _final_reserve(self, history: dict[Candidate, MeasureResult]) -> float:
+        """Seconds to keep for the final comparison of the best candidate so far with the
+        baseline: their calls under the final protocol, plus loading them."""
+        best = self._best(history)
+        if best is None or best == self.baseline:
+            return 0.0
+        cfg = self.final_config
+        calls = 1 + cfg.warmup + 2 * cfg.repeat * cfg.number
+        per_call = sum(history[c].median_s or 0.0 for c in (best, self.baseline))
+        return 1.0 + calls * per_call
+
+    def _fits(self, backend: str, deadline: float | None,
+              history: dict[Candidate, MeasureResult]) -> bool:
+        if deadline is None:
+            return True
+        need = self._expected(backend) + self._final_reserve(history)
+        return time.monotonic() + need <= deadline
+
+    # -- the loop ----------------------------------------------------------------------------
     def tune(self, trials: int = 32, seconds: float | None = None,
              stop: Callable[[float], bool] | None = None) -> TuneReport:
-        """Measure until the workload has ``trials`` plans in the database (on this backend
-        and machine, measured by any run), ``seconds`` pass, or ``stop(best objective so
-        far)`` says so."""
+        """Measure until the workload has ``trials`` candidates in the database (on this
+        machine and the backends searched, measured by any run), ``seconds`` pass (the final
+        comparison included), or ``stop(best objective so far)`` says so."""
         start = time.monotonic()
         if not _whole(trials) or trials < 1:
             raise BoundFlowError(f"trials must be a whole number >= 1, not {trials!r}")
+        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise BoundFlowError(f"seconds must be a number > 0, not {seconds!r}")
         run_id = self.db.start_run(self.workload, self.strategy_name,
                                    {"trials": trials, "seconds": seconds,
-                                    "objective": self.objective.name, "backend": self.backend,
+                                    "objective": self.objective.name,
+                                    "backend": list(self.backends),
                                     "batch_size": self.batch_size}, graph=self.graph,
-                                   backend=self.backend, machine=self.machine,
+                                   backend=",".join(self.scope), machine=self.machine,
                                    heartbeat_timeout=self.heartbeat_timeout)
-        self._run_id, self._measured_now, self._mine = run_id, 0, {}
-        beat = _Heartbeat(None if self.db.is_private else self.db, run_id,
-                          self.heartbeat_timeout)
+        self._run_id, self._measured_now, self._mine, self._first = run_id, 0, {}, None
+        beat = Heartbeat(None if self.db.is_private else self.db, run_id,
+                         self.heartbeat_timeout)
         status = "failed"
         try:
             report = self._tune(beat, trials, seconds, start, stop)
@@ -262,199 +373,154 @@ class Tuner:
                 n_plans = self._measured_now
             self.db.finish_run(run_id, status, n_plans)
 
-    def _tune(self, beat: "_Heartbeat", trials: int, seconds: float | None, start: float,
+    def _best(self, history: dict[Candidate, MeasureResult]) -> Candidate | None:
+        """The candidate of least objective (the baseline on a tie), None if none is
+        finite."""
+        scored = [(self.objective.measured(r, self.reference), c != self.baseline, c)
+                  for c, r in history.items()]
+        if not scored:
+            return None
+        value, _, c = min(scored, key=lambda t: (t[0], t[1]))
+        return c if math.isfinite(value) else None
+
+    def _best_value(self, history) -> float:
+        return min((self.objective.measured(r, self.reference) for r in history.values()),
+                   default=math.inf)
+
+    def _tune(self, beat: Heartbeat, trials: int, seconds: float | None, start: float,
               stop: Callable[[float], bool] | None) -> TuneReport:
-        default_a = self.space.default()
-        default_b = self.space.bundle(default_a)
+        deadline = None if seconds is None else start + seconds
         history = self._history()
         before = len(history)
-        # the default plan is the reference: the first run to claim it measures it, others wait
-        # (it is measured even past the budget)
-        while default_b.key not in history:
-            if self.db.claim(self._run_id, [default_b.key]):
-                self._measure([default_b])
-            else:
-                self._wait(beat, {default_b.key}, None)   # until its claim goes
-            history = self._history()
-        self.reference = history[default_b.key]
-        if not self.reference.ok:
-            raise BoundFlowError(f"the default plan failed to run ({self.reference.error_kind}: "
-                                 f"{self.reference.error}); nothing to tune against")
-        self._calibrate()
-        by_key = {default_b.key: default_a}
-        self._learn(history, by_key)                 # earlier runs' plans, as points
-        self.refit()
-        best = min((self.objective.measured(r, self.reference) for r in history.values()),
-                   default=math.inf)
-        curve: list[tuple[int, float]] = [(len(history), best)]
-        progress = _Progress(self.progress, trials, len(history), self.workload,
-                             self.objective.kind != "mix")
+        progress = Progress(self.progress, trials, before, self.workload,
+                            self.objective.kind != "mix")
         try:
+            # the baseline first: the first run to claim it measures it, others wait (it is
+            # measured even past the budget)
+            while self.baseline not in history:
+                if self.db.claim(self._run_id, [self.baseline], backends=self.scope):
+                    self._measure(self.baseline_bundle, self.baseline[1])
+                else:
+                    self._wait(beat, {self.baseline}, None)    # until its claim goes
+                history = self._history()
+            self.reference = history[self.baseline]
+            if not self.reference.ok:
+                raise BoundFlowError(f"the default plan failed to run on the "
+                                     f"{self.baseline[1]} backend ({self.reference.error_kind}"
+                                     f": {self.reference.error}); nothing to tune against")
+            progress.update(len(history), self._best_value(history), self.reference)
+            by_cand: dict[Candidate, Assignment] = {}
+            default_a = self.space.default()
+            if self.space.candidate(default_a) == self.baseline:
+                by_cand[self.baseline] = default_a
+            self._learn(history, by_cand)             # earlier runs' candidates, as points
+            self.refit()
+            best = self._best_value(history)
+            curve: list[tuple[int, float]] = [(len(history), best)]
             while True:
                 beat.check()
-                if seconds is not None and time.monotonic() - start > seconds:
-                    break
                 if stop is not None and stop(best):
+                    break
+                fitting = [b for b in self.backends if self._fits(b, deadline, history)]
+                if not fitting:
                     break
                 claimed = self._claimed_by_others()
                 others = claimed - history.keys()
                 left = trials - len(history) - len(others)
-                proposals = self._propose(min(self.batch_size, left), history, by_key,
-                                          others) if left > 0 else []
-                mine: list[tuple[Assignment, PlanBundle]] = []
-                results: list[MeasureResult] = []
+                proposals = self._propose(min(self.batch_size, left), history, by_cand,
+                                          others, fitting) if left > 0 else []
+                done: list[tuple[Assignment, MeasureResult]] = []
                 if proposals:
-                    bundles = [self.space.bundle(a) for a in proposals]
-                    got = set(self.db.claim(self._run_id, [b.key for b in bundles],
-                                            budget=trials))
-                    mine = [(a, b) for a, b in zip(proposals, bundles) if b.key in got]
-                    results = self._measure([b for _, b in mine]) if mine else []
-                    for a, b in mine:
-                        by_key[b.key] = a
+                    cands = [self.space.candidate(a) for a in proposals]
+                    got = set(self.db.claim(self._run_id, cands, budget=trials,
+                                            backends=self.scope))
+                    mine = [(a, c) for a, c in zip(proposals, cands) if c in got]
+                    for a, c in mine:                # one at a time, the budget between
+                        if not self._fits(c[1], deadline, history):
+                            continue
+                        beat.check()
+                        r = self._measure(self.space.bundle(a), c[1], deadline,
+                                          self._final_reserve(history))
+                        by_cand[c] = a
+                        done.append((a, r))
+                        history[c] = r
+                        progress.update(len(history), self._best_value(history),
+                                        self.reference)
+                    if mine and not done:
+                        break                        # none fits in the time left
                     # none got: other runs took them first, or filled the budget; look again
                 elif others:
-                    # other runs measure the last plans; should one die, they come back here
-                    self._wait(beat, claimed, None if seconds is None else start + seconds)
+                    # other runs measure the last candidates; should one die, they come back
+                    self._wait(beat, claimed, deadline)
                 else:
-                    break                      # the budget is spent, or the space exhausted
-                history = self._history()      # with what other runs measured meanwhile
-                self._learn(history, by_key)
-                best = min((self.objective.measured(r, self.reference)
-                            for r in history.values()), default=math.inf)
+                    break                  # the budget is spent, or the space exhausted
+                history = self._history()  # with what other runs measured meanwhile
+                self._learn(history, by_cand)
+                best = self._best_value(history)
                 if len(history) > curve[-1][0]:
                     curve.append((len(history), best))
                 progress.update(len(history), best, self.reference)
-                if mine:
-                    assignments = [a for a, _ in mine]
+                if done:
+                    assignments = [a for a, _ in done]
                     self.strategy.tell(assignments, [self.objective.measured(r, self.reference)
-                                                     for r in results])
-                    self.refit()
+                                                     for _, r in done])
+                    if deadline is None or time.monotonic() + self._refit_s + \
+                            self._final_reserve(history) <= deadline:
+                        self.refit()
                     for cb in self.callbacks:
-                        cb(self, assignments, results)
+                        cb(self, assignments, [r for _, r in done])
         finally:
             progress.close()
-        return self._report(history, by_key, before, curve, start)
+        from boundflow.search.final import report
 
-    def _propose(self, n: int, history: dict[str, MeasureResult],
-                 by_key: dict[str, Assignment], others: set[str]) -> list[Assignment]:
-        """Up to ``n`` plans measured and claimed by no run: seeds first, then the
-        strategy's."""
-        incumbents = self._incumbents(history, by_key)
+        return report(self, history, by_cand, before, curve, start)
+
+    def _propose(self, n: int, history: dict[Candidate, MeasureResult],
+                 by_cand: dict[Candidate, Assignment], others: set[Candidate],
+                 backends: Sequence[str] | None = None) -> list[Assignment]:
+        """Up to ``n`` candidates, on ``backends`` (default: all searched; those a time
+        budget still has room for), measured and claimed by no run: seeds first (the default
+        on every backend, then schedule presets), then the strategy's."""
+        backends = set(backends or self.backends)
+        incumbents = self._incumbents(history, by_cand)
         if self.strategy_name == "cpsat" and self.objective.kind == "time@width" \
                 and self._ref_log_width is not None:
             self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack
             self.strategy.width_score = self.width_score
         seen = set(history) | others
-        seeds = [a for a in self.space.seeds() if self.space.bundle(a).key not in seen][:n]
-        if n <= len(seeds):
-            return seeds
-        return seeds + self.strategy.ask(n - len(seeds), self.score,
-                                         seen | {self.space.bundle(a).key for a in seeds},
-                                         incumbents)
+        out = []
+        for a in [self.space.default()] + self.space.seeds():
+            c = self.space.candidate(a)
+            if c not in seen and c[1] in backends and len(out) < n:
+                seen.add(c)
+                out.append(a)
+        for _ in range(3):                  # the strategy's picks on the backends allowed
+            if len(out) >= n:
+                break
+            picks = self.strategy.ask(n - len(out), self.score, set(seen), incumbents)
+            if not picks:
+                break
+            for pick in picks:
+                seen.add(self.space.candidate(pick))
+                # a pick on a backend with no room left: the same plan on one with room
+                options = [pick] if pick[0] in backends else \
+                    [self.space.with_choice(pick, 0, b) for b in sorted(backends)]
+                for a in options:
+                    c = self.space.candidate(a)
+                    if a is pick or c not in seen:
+                        seen.add(c)
+                        out.append(a)
+                        break
+        return out[:n]
 
-    def _incumbents(self, history: dict[str, MeasureResult], by_key: dict[str, Assignment]
-                    ) -> list[Assignment]:
-        ranked = sorted((self.objective.measured(r, self.reference), k)
-                        for k, r in history.items() if k in by_key)
-        return [by_key[k] for v, k in ranked if math.isfinite(v)]
-
-    def _report(self, history, by_key, before, curve, start) -> TuneReport:
-        default_b = self.space.bundle(self.space.default())
-        scored = sorted(((self.objective.measured(r, self.reference), k)
-                         for k, r in history.items()), key=lambda vk: vk[0])
-        best_key = scored[0][1] if scored and math.isfinite(scored[0][0]) else default_b.key
-        best_bundle = None
-        if best_key in by_key:
-            best_bundle = self.space.bundle(by_key[best_key])
-        else:                                   # measured by another run
-            (c,) = self.db.candidates(self.workload, keys=[best_key])
-            best_bundle = c.bundle()
-        best = history[best_key]
-        value = self.objective.measured(best, self.reference)
-        self.db.set_best(best_bundle, self.objective.name, self.backend, value)
-        desc = self.space.describe(by_key[best_key]) if best_key in by_key else \
-            f"plan {best_key[:12]} (from another run)"
-        now = self._measured_now
-        return TuneReport(self.workload, self.objective.name, history[default_b.key], best,
-                          best_bundle, desc, default_b, now, before, curve,
-                          time.monotonic() - start,
-                          max(0, len(history) - before - now), self._run_id)
+    def _incumbents(self, history: dict[Candidate, MeasureResult],
+                    by_cand: dict[Candidate, Assignment]) -> list[Assignment]:
+        ranked = sorted(((self.objective.measured(r, self.reference), str(c), c)
+                         for c, r in history.items() if c in by_cand))
+        return [by_cand[c] for v, _, c in ranked if math.isfinite(v)]
 
     def close(self) -> None:
         for part in (self.builder, self.runner):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
-
-
-class _Progress:
-    """A rich progress bar with the best time so far (nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, done: int, workload: Workload,
-                 is_time: bool = True):
-        self.bar, self.is_time = None, is_time
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("tuning {task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
-                            TimeElapsedColumn(), transient=False)
-        self.task = self.bar.add_task(f"{workload.method} batch {workload.batch}", total=total,
-                                      completed=done, best="")
-        self.bar.start()
-
-    def update(self, done: int, best: float, reference: MeasureResult | None) -> None:
-        if self.bar is None:
-            return
-        text = ""
-        if math.isfinite(best) and not self.is_time:
-            text = f"best objective {best:.4f}"
-        elif math.isfinite(best):
-            ms = math.exp(best) * 1e3
-            text = f"best {ms:.3f} ms"
-            if reference is not None and reference.median_s:
-                text += f" ({reference.median_s * 1e3 / ms:.2f}x default)"
-        self.bar.update(self.task, completed=done, best=text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-class _Heartbeat:
-    """A daemon thread that tells the database, every ``timeout / 4`` seconds, that run
-    ``run_id`` is alive; ``check()`` raises once the database says the run is not running
-    (it was found dead and its plans handed to other runs). With no database (a private
-    in-memory one, which no other process sees) it does nothing."""
-
-    def __init__(self, db: Database | None, run_id: int, timeout: float):
-        self.db, self.run_id, self.timeout = db, run_id, timeout
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = None
-        if db is not None:
-            self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}",
-                                            daemon=True)
-            self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.timeout / 4):
-            try:
-                if not self.db.heartbeat(self.run_id):
-                    self.lost = True
-                    return
-            except BoundFlowError:
-                pass                    # unreachable for now: the next beat tries again
-
-    def check(self) -> None:
-        if self.lost:
-            raise DatabaseError(f"tuning run {self.run_id} was found dead (no heartbeat for "
-                                f"more than {self.timeout:g} s) and its plans handed to other "
-                                f"runs; stopping")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()

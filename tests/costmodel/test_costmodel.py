@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from boundflow.costmodel import FEATURE_NAMES, AnalyticModel, XGBCostModel, evaluate, \
+from boundflow.costmodel import FEATURE_NAMES, FEATURE_VERSION, AnalyticModel, XGBCostModel, evaluate, \
     features, kendall, spearman, top_k_recall
 from boundflow.errors import BoundFlowError
 from boundflow.examples import EXAMPLES
@@ -76,7 +76,7 @@ def test_xgboost_recovers_a_known_relation_and_round_trips():
     more = XGBCostModel().fit(X[:100], {h: v[:100] for h, v in Y.items()})
     more.update(X[100:], {h: v[100:] for h, v in Y.items()})
     assert more.n_samples == 300
-    with pytest.raises(BoundFlowError, match="retrain"):
-        XGBCostModel.load(model.save().replace(b"features-v1", b"features-v0"))
+    with pytest.raises(BoundFlowError, match="retrain"):      # (the version, not its number)
+        XGBCostModel.load(model.save().replace(FEATURE_VERSION.encode(), b"features-v0"))
     with pytest.raises(BoundFlowError, match="entries"):
         model.predict(np.zeros((2, 3)))

@@ -8,7 +8,7 @@ import random
 import numpy as np
 
 from boundflow.cli import main
-from boundflow.costmodel import FEATURE_NAMES
+from boundflow.costmodel import PLAN_FEATURE_NAMES
 from boundflow.costmodel.inspect import held_out, report
 from boundflow.db import Database
 from boundflow.ir.workload import Workload
@@ -16,11 +16,12 @@ from boundflow.measure import MeasureResult
 from boundflow.planner import plan, space
 from tests.helpers import example_graph
 
-IDX = {k: i for i, k in enumerate(FEATURE_NAMES)}
+IDX = {k: i for i, k in enumerate(PLAN_FEATURE_NAMES)}
 
 
 def _synthetic_db(path, n_workloads=3, n_plans=40):
-    """Workloads whose measured time is a known function of the stored features."""
+    """Workloads whose measured time is a known function of the stored features (a
+    candidate stores its plan's features; the backend's join them when read)."""
     _, g = example_graph("digits_cnn")
     rng = np.random.default_rng(0)
     with Database(path) as db:
@@ -33,7 +34,7 @@ def _synthetic_db(path, n_workloads=3, n_plans=40):
                 if b.key in seen:
                     continue
                 seen.add(b.key)
-                f = rng.uniform(0, 1, len(FEATURE_NAMES))
+                f = rng.uniform(0, 1, len(PLAN_FEATURE_NAMES))
                 f[IDX["log_flops_batch"]] = rng.uniform(10, 30)
                 f[IDX["n_kernels"]] = rng.integers(1, 12)
                 t = np.exp(0.7 * f[IDX["log_flops_batch"]] + 0.4 * f[IDX["n_kernels"]] - 25)
@@ -49,6 +50,15 @@ def test_held_out_metrics_recover_a_known_relation(tmp_path):
     assert m["xgboost"]["spearman"] > 0.9 and m["xgboost"]["groups"] == 3
     assert m["xgboost"]["spearman"] > m["analytic"]["spearman"]
     assert 0 <= m["xgboost"]["top_k_recall"] <= 1
+
+
+def test_held_out_quality_with_one_workload_is_k_fold_within_it(tmp_path):
+    with Database(_synthetic_db(tmp_path / "one.db", n_workloads=1)) as db:
+        m = held_out(db)
+        rep = report(db)
+    assert m["xgboost"]["spearman"] > 0.8 and m["xgboost"]["groups"] == 1
+    assert m["xgboost"]["n"] == 40 and "analytic" in m
+    assert rep["held_out_split"] == "5-fold within the workload"
 
 
 def test_inspect_cli_messages_and_plot(tmp_path, capsys):

@@ -43,14 +43,19 @@ def test_local_measurement_of_both_backends(tmp_path):
     builder, runner = LocalBuilder(tmp_path), LocalRunner(CONFIG)
     try:
         r, t = measure([relax, torch_], builder, runner)
+        # the final comparison of a tuning run: both in one worker, interleaved
+        both = runner.compare([torch_, relax], builder.build([torch_, relax]))
     finally:
         builder.close()
         runner.close()
-    for res in (r, t):
+    for res in (r, t, *both):
         assert res.ok, res.error
         assert res.median_s > 0 and len(res.times) == CONFIG.repeat
         assert res.mean_width > 0 and 0 <= res.verified_fraction <= 1
         assert res.peak_bytes > 0 and res.n_kernels >= 1
+    # the whole call (host box in, bounds out) is what objectives use; the kernels beside it
+    assert 0 < r.kernel_s and t.kernel_s == t.median_s
+    assert [x.backend for x in both] == ["torch", "relax"]
     assert (r.backend, r.peak_source, t.peak_source) == ("relax", "planned", "measured")
     assert r.compile_seconds > 0 and t.compile_seconds == 0
     assert r.mean_width == pytest.approx(t.mean_width, rel=1e-5)      # same plan, same bounds
@@ -208,7 +213,9 @@ def test_a_candidate_over_the_memory_cap_is_recorded_as_memory():
                                  dict(memory_limit_mb=1.5), dict(memory_limit_mb=True),
                                  dict(memory_limit_mb="64"), dict(number=0), dict(repeat=2.0),
                                  dict(warmup=-1), dict(timeout_s=0),
-                                 dict(timeout_s=float("inf")), dict(timeout_s=float("nan"))])
+                                 dict(timeout_s=float("inf")), dict(timeout_s=float("nan")),
+                                 dict(threads=0), dict(threads=1.5), dict(max_seconds=0),
+                                 dict(max_seconds=float("inf"))])
 def test_measure_config_names_the_bad_field(bad):
     from boundflow.errors import MeasureError
 
@@ -216,3 +223,14 @@ def test_measure_config_names_the_bad_field(bad):
     with pytest.raises(MeasureError, match=f"MeasureConfig.{name}"):
         MeasureConfig(**bad)
     assert MeasureConfig(memory_limit_mb=64).memory_limit_mb == 64
+
+
+def test_a_slow_candidate_is_timed_with_fewer_calls_to_fit_max_seconds():
+    c = MeasureConfig(number=3, repeat=5, warmup=1, max_seconds=2.0)
+    assert c.fitted(0.01) == c                               # 16 calls of 10 ms fit
+    slow = c.fitted(0.25)                                    # 8 calls fit: 1 per timing
+    assert (slow.number, slow.repeat, slow.warmup) == (1, 5, 1)
+    both = c.fitted(0.25, kernels=True)                      # calls and kernels: 4 timings
+    assert (both.number, both.repeat, both.warmup) == (1, 4, 0)
+    assert c.fitted(10.0).repeat == 1                         # one timed call at least
+    assert MeasureConfig().fitted(10.0) == MeasureConfig()    # no limit, no change

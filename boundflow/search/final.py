@@ -1,0 +1,96 @@
+"""The end of a tuning run: the best candidate and the default path of ``verify`` measured
+together in one runner pass, the best-plan record written with that comparison, the report.
+
+The search measured each candidate once, at its own moment; a machine's load moves between
+moments, so the comparison that decides what ``verify --db`` runs is made again, side by side:
+``LocalRunner.compare`` times the baseline and the best candidate interleaved in one worker.
+The plan replaces the default path only if it beats it clearly: in objective and by 3% of
+time (:func:`~boundflow.search.objective.beats_default`), and in most of the
+interleaved timing rounds (``WINS``), so a tie within the noise never hands over a plan. The
+record keeps the comparison (``Database.set_best(..., baseline_value=...)``); when the plan did
+not beat the default, the default path itself is recorded as the best, and verification runs
+it (:func:`boundflow.search.lookup.tuned_plan`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+from boundflow.measure import MeasureResult
+from boundflow.search.objective import beats_default
+
+WINS = 0.7          # of the interleaved rounds, the share the plan must be faster in
+
+if TYPE_CHECKING:
+    from boundflow.search.tuner import Tuner, TuneReport
+
+
+def compare(tuner: "Tuner", candidates: list[tuple]) -> list[MeasureResult]:
+    """``candidates`` ((bundle, backend) pairs) measured in one runner pass under the tuner's
+    ``final_config``, interleaved where the runner can (``compare``), else one after the
+    other."""
+    inputs = [tuner._input(b, backend) for b, backend in candidates]
+    builds = tuner.builder.build(inputs)
+    together = getattr(tuner.runner, "compare", None)
+    if together is not None:
+        return together(inputs, builds, tuner.final_config)
+    return tuner.runner.run(inputs, builds)
+
+
+def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: list,
+           start: float) -> "TuneReport":
+    from boundflow.search.tuner import TuneReport
+
+    objective, base = tuner.objective, tuner.baseline
+    best_c = tuner._best(history) or base
+    bundle = _bundle(tuner, best_c, by_cand)
+    search_default, search_best = history[base], history.get(best_c)
+    if best_c == base:
+        default = best = search_default
+    else:
+        default, best = compare(tuner, [(tuner.baseline_bundle, base[1]), (bundle, best_c[1])])
+    value_d = objective.measured(default, default)
+    value_b = objective.measured(best, default) if best_c != base else value_d
+    kept = best_c == base or not (beats_default(value_b, value_d, best.median_s,
+                                                default.median_s) and _wins(best, default))
+    if kept and math.isfinite(value_d):          # the default path is what verify should run
+        tuner.db.set_best(tuner.baseline_bundle, objective.name, base[1], value_d,
+                          baseline_value=value_d, best_s=default.median_s,
+                          baseline_s=default.median_s)
+    elif not kept:
+        tuner.db.set_best(bundle, objective.name, best_c[1], value_b, baseline_value=value_d,
+                          best_s=best.median_s, baseline_s=default.median_s)
+    if best_c == base:
+        desc = f"the default path of verify ({base[1]}: the default plan)"
+    elif best_c in by_cand:
+        desc = tuner.space.describe(by_cand[best_c])
+    else:
+        desc = f"plan {best_c[0][:12]} on {best_c[1]} (from another run)"
+    now = tuner._measured_now
+    first = None if tuner._first is None else tuner._first - start
+    return TuneReport(tuner.workload, objective.name, default, best, bundle, desc,
+                      tuner.baseline_bundle, now, before, curve, time.monotonic() - start,
+                      max(0, len(history) - before - now), tuner._run_id,
+                      best_backend=best_c[1], default_backend=base[1], kept_default=kept,
+                      search_default=search_default, search_best=search_best,
+                      cost_model=tuner.ranker.choice.describe(), first_measurement_s=first)
+
+
+def _wins(best: MeasureResult, default: MeasureResult) -> bool:
+    """Whether ``best`` was faster than ``default`` in at least ``WINS`` of the timing rounds
+    they shared (paired by round, as ``compare`` interleaves them)."""
+    pairs = list(zip(best.times, default.times))
+    if len(pairs) < 3:
+        return True                 # too few rounds to say more than the medians do
+    return sum(b < d for b, d in pairs) >= math.ceil(WINS * len(pairs))
+
+
+def _bundle(tuner: "Tuner", c: tuple, by_cand: dict):
+    if c == tuner.baseline:
+        return tuner.baseline_bundle
+    if c in by_cand:
+        return tuner.space.bundle(by_cand[c])
+    (rec,) = tuner.db.candidates(tuner.workload, keys=[c[0]])      # measured by another run
+    return rec.bundle()

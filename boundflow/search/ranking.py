@@ -1,0 +1,86 @@
+"""The tuner's cost model: XGBoost fitted on the tuning database, with the analytic model
+ranking instead wherever XGBoost ranks the workload's own measured plans worse (held out, see
+:mod:`boundflow.costmodel.select`).
+
+Features are a plan's own (stored with the candidate in the database, so one model learns
+across workloads) joined with the backend it runs on (``costmodel.features.with_backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from boundflow.costmodel.features import FEATURE_VERSION, N_PLAN_FEATURES, plan_features, \
+    with_backend
+from boundflow.costmodel.model import HEADS, XGBCostModel, targets
+from boundflow.costmodel.select import Choice, Chosen, choose
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+from boundflow.ir.workload import Workload
+
+COST_MODEL = "xgb-cost-model"
+MAX_OTHER = 400          # records of other workloads a refit trains on (the newest)
+
+
+class Ranker:
+    """``features`` / ``predict`` / ``refit`` for one workload (``graph``: its normalised
+    graph). ``choice`` says which model ranks the time head, and on what evidence."""
+
+    def __init__(self, graph: Graph, workload: Workload, seed: int = 0,
+                 n_estimators: int = 120, learning_rate: float = 0.15):
+        self.graph, self.workload, self.seed = graph, workload, seed
+        self.model = XGBCostModel(seed=seed, n_estimators=n_estimators,
+                                  learning_rate=learning_rate)
+        self.choice = Choice("xgboost")
+        self._plan_features: dict[str, np.ndarray] = {}
+        self._own_seen = -1
+
+    def plan_features(self, bundle: PlanBundle) -> np.ndarray:
+        hit = self._plan_features.get(bundle.key)
+        if hit is None:
+            if len(self._plan_features) > 20000:
+                self._plan_features.clear()
+            hit = self._plan_features[bundle.key] = plan_features(bundle, self.graph)
+        return hit
+
+    def features(self, candidates: Sequence[tuple[PlanBundle, str]]) -> np.ndarray:
+        """Full feature vectors of (plan, backend) candidates."""
+        return np.stack([with_backend(self.plan_features(b), backend)
+                         for b, backend in candidates])
+
+    def predict(self, X) -> dict[str, np.ndarray]:
+        return Chosen(self.model, self.choice).predict(X)
+
+    def refit(self, db) -> dict:
+        """Fit on this workload's records and the newest ``MAX_OTHER`` of the others that
+        have plan features of this version; saved into the database. Then, when the workload
+        has new measured plans, choose the model that ranks them better (held out)."""
+        records = [r for r in db.records_for_training()
+                   if r.candidate.features is not None
+                   and len(r.candidate.features) == N_PLAN_FEATURES]
+        own = [r for r in records if r.workload.key == self.workload.key]
+        other = [r for r in records if r.workload.key != self.workload.key][-MAX_OTHER:]
+        if not own and not other:
+            return {}
+
+        def matrix(recs):
+            if not recs:
+                return np.zeros((0, N_PLAN_FEATURES + 2)), {h: np.zeros(0) for h in HEADS}
+            X = np.stack([with_backend(r.candidate.features, r.measurement.result.backend)
+                          for r in recs])
+            Y = {h: np.array([targets(r.measurement.result)[h] for r in recs]) for h in HEADS}
+            return X, Y
+        Xo, Yo = matrix(own)
+        Xr, Yr = matrix(other)
+        X = np.concatenate([Xo, Xr])
+        self.model.fit(X, {h: np.concatenate([Yo[h], Yr[h]]) for h in HEADS})
+        metrics = {"n_train": len(X), "heads": sorted(self.model.models)}
+        db.save_cost_model(COST_MODEL, self.model.save(), FEATURE_VERSION, metrics)
+        if len(own) != self._own_seen:
+            self._own_seen = len(own)
+            self.choice = choose(Xo, Yo["log_time"], Xr, Yr["log_time"], folds=4,
+                                 seed=self.seed)
+        metrics["ranking"] = self.choice.model
+        return metrics

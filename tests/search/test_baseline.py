@@ -1,0 +1,183 @@
+"""The tuner's baseline is the default path of ``verify`` (the default plan on the torch
+backend): a point of the space, measured first, re-measured with the best plan in the final
+pass; a record that was not faster than it is never used; ``seconds`` holds."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from boundflow.api import BoundOptions, default_plan, query, verify
+from boundflow.db import Database
+from boundflow.measure import BuildResult, LocalBuilder, MeasureConfig, MeasureResult
+from boundflow.search import Tuner, TuneSpace
+from boundflow.search.lookup import describe_missing, lookup, tuned_plan
+from boundflow.search.space import DEFAULT_BACKEND
+from tests.helpers import example_graph
+
+
+class Scripted:
+    """A runner that answers at once, as if measured on this machine: the baseline takes
+    ``default_ms``; every other candidate ``search_ms`` (a little more for each later one)
+    in the search and ``final_ms`` in the final pass (``compare``). Equal widths."""
+
+    def __init__(self, baseline, default_ms, search_ms, final_ms):
+        self.baseline, self.ms = baseline, (default_ms, search_ms, final_ms)
+        self.n = 0
+
+    def _result(self, inp, ms):
+        s = ms * 1e-3
+        return MeasureResult(inp.key, inp.backend, inp.target, median_s=s, mean_s=s,
+                             std_s=0.0, times=(s,), kernel_s=s, mean_width=1.0,
+                             peak_bytes=1024)
+
+    def _is_base(self, inp):
+        return (inp.key, inp.backend) == self.baseline
+
+    def run(self, inputs, builds):
+        out = []
+        for i in inputs:
+            self.n += 1
+            out.append(self._result(i, self.ms[0] if self._is_base(i)
+                                    else self.ms[1] * (1 + 0.01 * self.n)))
+        return out
+
+    def compare(self, inputs, builds, config=None):
+        return [self._result(i, self.ms[0] if self._is_base(i) else self.ms[2])
+                for i in inputs]
+
+    def close(self):
+        pass
+
+
+class NoBuilder:
+    def build(self, inputs):
+        return [BuildResult(None) for _ in inputs]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    _, g = example_graph("digits_mlp")
+    x = np.load("boundflow/examples/data/digits_x.npy").astype(np.float32)[:2]
+    g, spec, linear, _, _ = query(g, x, eps=0.01)
+    return g, spec, linear, x
+
+
+def _tuner(db, digits, **kw):
+    g, spec, linear, _ = digits
+    kw.setdefault("builder", NoBuilder())
+    kw.setdefault("batch_size", 2)
+    return Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                 strategy="greedy", progress=False, **kw)
+
+
+def test_the_default_verify_path_is_a_candidate_and_measured_first(digits):
+    g, spec, linear, _ = digits
+    with Database(":memory:") as db:
+        tuner = _tuner(db, digits)          # both backends, the default verify backend first
+        tuner.runner = Scripted(tuner.baseline, 1.0, 2.0, 2.0)
+        verify_plan = default_plan(g, tuner.workload, BoundOptions("crown-ibp"))
+        assert tuner.backends == ("torch", "relax") and BoundOptions().backend == "torch"
+        assert DEFAULT_BACKEND == BoundOptions().backend
+        assert tuner.baseline == (verify_plan.key, "torch")
+        assert tuner.space.candidate(tuner.space.default()) == tuner.baseline
+        report = tuner.tune(trials=4)
+        first = db.records_for_training(include_failed=True)[0]
+        assert (first.candidate.key, first.measurement.result.backend) == tuner.baseline
+        # nothing beat it: the report says so, and verify will run the default path
+        assert report.kept_default and report.best_bundle.key == verify_plan.key
+        assert report.speedup == pytest.approx(1.0)
+        assert "default path" in report.best_description
+    # the default path is a point of every space that searches the torch backend
+    sp = TuneSpace(g, tuner.workload, "torch")
+    assert sp.bundle(sp.default()).key == verify_plan.key
+
+
+def test_a_record_slower_than_the_default_is_not_used(digits, caplog):
+    """The search saw a plan at half the default's time (noise, say); measured with the
+    default in the final pass it is slower: the default path is recorded as the best, and
+    verify runs it. A record slower than the default, or faster only within the margin, or
+    never compared with it, is refused."""
+    import math
+
+    g, spec, linear, x = digits
+    with Database(":memory:") as db:
+        tuner = _tuner(db, digits, backend="torch")
+        tuner.runner = Scripted(tuner.baseline, default_ms=1.0, search_ms=0.5, final_ms=1.5)
+        # before the final pass, the measurements alone made a best plan for "time": never
+        # compared with the default path, it is refused
+        report = tuner.tune(trials=3)
+        got = lookup(db, report.workload, "time")
+        assert got.tuned is None and "never measured against the default path" in got.reason
+        assert report.kept_default and report.best_bundle.key != tuner.baseline[0]
+        assert report.search_best.median_s < report.search_default.median_s
+        assert report.speedup == pytest.approx(1 / 1.5)
+        assert tuned_plan(db, report.workload) is None
+        why = describe_missing(db, report.workload, "time@width")
+        assert "no plan faster than the default path" in why
+        with caplog.at_level(logging.WARNING, logger="boundflow"):
+            result = verify(g, x, eps=0.01, method="crown-ibp", db=db)
+        assert result.tuned is None
+        assert any("no plan faster than the default path" in r.message for r in caplog.records)
+        # records compared with the default path: slower, then 1% faster (within the
+        # margin), then 10% faster: only the last is used
+
+        def offer(ms):
+            db.set_best(report.best_bundle, "time", "torch", math.log(ms * 1e-3),
+                        baseline_value=math.log(1e-3), best_s=ms * 1e-3, baseline_s=1e-3)
+            return lookup(db, report.workload, "time")
+        got = offer(1.5)
+        assert got.tuned is None and "1.500 ms against 1.000 ms" in got.reason
+        assert "not faster than the default path" in got.reason
+        assert offer(0.99).tuned is None
+        found = offer(0.9).tuned
+        assert found is not None and found.speedup == pytest.approx(1 / 0.9)
+        assert found.bundle.key == report.best_bundle.key and found.backend == "torch"
+
+
+def test_seconds_are_honoured_mid_round_with_the_default_first(digits, tmp_path, monkeypatch):
+    """Real measurements, the Relax backend searched (a fresh compile cache: every plan
+    compiles, seconds each), a budget far smaller than one round of 64: the run stops inside
+    the round, within 10% of the budget (plus a little slack for the last write), the
+    progress bar moving with every plan, the default verify path (torch) measured first and
+    early all the same."""
+    import boundflow.search.tuner as tuner_module
+
+    updates = []
+
+    class Recorder:
+        def __init__(self, enabled, total, done, workload, is_time=True):
+            updates.append(done)
+
+        def update(self, done, best, reference):
+            updates.append(done)
+
+        def close(self):
+            pass
+    monkeypatch.setattr(tuner_module, "Progress", Recorder)
+    seconds, batch = 12.0, 64
+    with Database(tmp_path / "t.db") as db:
+        tuner = _tuner(db, digits, builder=LocalBuilder(tmp_path / "cache"), batch_size=batch,
+                       backend="relax",
+                       config=MeasureConfig(number=1, repeat=2, warmup=1, timeout_s=60,
+                                            threads=1))
+        try:
+            start = time.monotonic()
+            report = tuner.tune(trials=500, seconds=seconds)
+            took = time.monotonic() - start
+        finally:
+            tuner.close()
+        recs = db.records_for_training(include_failed=True)
+    assert seconds * 0.4 <= took <= seconds * 1.1 + 2.0, took
+    assert 2 <= report.measured_now < batch + 1           # stopped inside the first round
+    assert report.first_measurement_s < 15
+    assert (recs[0].candidate.key, recs[0].measurement.result.backend) == tuner.baseline
+    assert [r.measurement.result.backend for r in recs[1:]] == ["relax"] * (len(recs) - 1)
+    # one update per measured plan (after the bar starts with what was there)
+    assert set(range(1, report.measured_now + 1)) <= set(updates)
