@@ -355,10 +355,15 @@ def cmd_db(args: argparse.Namespace) -> int:
                     print(f"  {r.candidate.key[:12]:<14} {m.backend:<7} "
                           f"{m.median_s * 1e3:>10.3f} {width:>10.4g} {proved:>8.2f} "
                           f"{m.n_kernels or 0:>7} {(m.peak_bytes or 0) / 1024:>9.1f}")
-                best = db.best(wl)
-                if best is not None:
-                    print(f"  best: {best.candidate.key[:12]} ({best.measurement.result.backend}, "
-                          f"{best.measurement.result.median_s * 1e3:.3f} ms)")
+                from boundflow.search.lookup import describe_best
+
+                fastest = db.best(wl)
+                if fastest is not None:
+                    m = fastest.measurement.result
+                    print(f"  fastest measured: {fastest.candidate.key[:12]} ({m.backend}, "
+                          f"{m.median_s * 1e3:.3f} ms)")
+                line = describe_best(db, wl, args.objective)
+                print(f"  {line or f'best ({args.objective}): none recorded by a tune'}")
         elif args.action == "export":
             try:
                 out = sys.stdout if str(args.file) == "-" else open(args.file, "w")
@@ -401,7 +406,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the plans are measured on)")
-    _cpu_only(args)                                # measuring runs the plans here
+    backends = _backend_set(args.backend)
+    from boundflow.backend import create
+
+    for name in backends:                          # measuring runs the plans here
+        create(name).check_target(args.target)
     _objective(args.objective)
     graph = _load_graph(args)
     x = _load_input(args.input, graph.input_shape)
@@ -409,10 +418,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                       clip=tuple(args.clip) if args.clip else None,
                                       dtype=args.dtype)
     config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout,
-                           memory_limit_mb=args.memory_limit)
+                           memory_limit_mb=args.memory_limit, threads=args.threads)
     with Database(args.db) as db:
         tuner = Tuner(graph, spec.lower, spec.upper, linear.C, method=args.method, db=db,
-                      strategy=args.strategy, backend=args.backend, target=args.target,
+                      strategy=args.strategy, backend=backends, target=args.target,
                       objective=args.objective, dtype=args.dtype, config=config,
                       batch_size=args.batch_size, seed=args.seed,
                       progress=not args.no_progress)
@@ -421,21 +430,48 @@ def cmd_tune(args: argparse.Namespace) -> int:
         finally:
             tuner.close()
     d, b = report.default, report.best
+    first = report.first_measurement_s
     print(f"workload {report.workload.key[:12]}: {report.workload.method}, batch "
-          f"{report.workload.batch}, {args.backend} on {args.target}; objective "
-          f"{report.objective}; {report.measured_now} plans measured now, "
+          f"{report.workload.batch}, backends {','.join(tuner.backends)} on {args.target}; "
+          f"objective {report.objective}; {report.measured_now} plans measured now, "
           f"{report.measured_before} before ({report.measured_by_others} by other runs), "
-          f"{report.seconds:.0f} s")
-    print(f"{'plan':<8} {'time ms':>9} {'speedup':>8} {'mean width':>11} {'verified':>9} "
-          f"{'peak KiB':>9} {'kernels':>8}")
-    for name, r in (("default", d), ("best", b)):
-        print(f"{name:<8} {r.median_s * 1e3:>9.3f} {d.median_s / r.median_s:>7.2f}x "
-              f"{r.mean_width:>11.5g} {r.verified_fraction or 0:>9.2f} "
-              f"{(r.peak_bytes or 0) / 1024:>9.1f} {r.n_kernels or 0:>8}")
-    print(f"best plan {report.best_bundle.key[:12]}: {report.best_description}")
+          f"{report.seconds:.0f} s" + ("" if first is None else
+                                      f", first measurement at {first:.1f} s"))
+    if report.cost_model:
+        print(f"cost model: {report.cost_model}")
+    print("default = the path `boundflow verify` runs without --db (torch, default plan); "
+          "both timed as the whole call, together in one final pass")
+    print(f"{'plan':<8} {'backend':<7} {'call ms':>9} {'kernel ms':>10} {'speedup':>8} "
+          f"{'mean width':>11} {'verified':>9} {'kernels':>8}")
+    for name, r, backend in (("default", d, report.default_backend),
+                             ("best", b, report.best_backend)):
+        kernel = r.kernel_s * 1e3 if r.kernel_s is not None else float("nan")
+        print(f"{name:<8} {backend:<7} {r.median_s * 1e3:>9.3f} {kernel:>10.3f} "
+              f"{d.median_s / r.median_s:>7.2f}x {r.mean_width:>11.5g} "
+              f"{r.verified_fraction or 0:>9.2f} {r.n_kernels or 0:>8}")
+    if report.kept_default:
+        print("no plan beat the default path (by the 3% margin, in most paired rounds): "
+              "`verify --db` keeps running the default path")
+    else:
+        print(f"best plan {report.best_bundle.key[:12]} ({report.best_backend}, "
+              f"{report.speedup:.2f}x the default path): {report.best_description}")
     print(f"recorded in {args.db}; run it with: boundflow verify ... --method {args.method} "
           f"--db {args.db}")
     return 0
+
+
+def _backend_set(text: str | None) -> tuple[str, ...]:
+    """``--backend`` of tune: comma-separated backend names, default every registered one."""
+    from boundflow.backend import create, names
+
+    if not text:
+        return names()
+    chosen = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for name in chosen:
+        create(name)                               # names the valid ones if not
+    if not chosen:
+        raise BoundFlowError("--backend names no backend; give e.g. torch,relax")
+    return chosen
 
 
 def cmd_costmodel(args: argparse.Namespace) -> int:
@@ -464,15 +500,13 @@ def cmd_costmodel(args: argparse.Namespace) -> int:
                       f"{m['metrics'].get('n_train', '?')} measurements"
                       + (f"; cannot load: {m['error']}" if "error" in m else ""))
             if rep["held_out"]:
-                print("held-out quality (leave one workload out; ranking within each "
-                      "workload):")
+                print(f"held-out quality ({rep.get('held_out_split', 'held out')}; ranking "
+                      f"within each workload):")
                 print(f"  {'model':<10} {'spearman':>9} {'kendall':>8} {'top-5 recall':>13} "
                       f"{'MAPE':>7} {'points':>7}")
                 for name, h in rep["held_out"].items():
                     print(f"  {name:<10} {h['spearman']:>9.3f} {h['kendall']:>8.3f} "
                           f"{h['top_k_recall']:>13.2f} {h['mape']:>7.2f} {h['n']:>7}")
-            elif s["measurements"]:
-                print("held-out quality: needs measurements of two workloads or more")
             for head, imp in rep["importance"].items():
                 top = list(imp.items())[:8]
                 if top:
@@ -633,7 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
     _method(t, "crown-ibp", "default crown-ibp")
     t.add_argument("--dtype", choices=["float32", "float64"],
                    help="compute precision (default: the model's)")
-    _backend(t, "relax")
+    t.add_argument("--backend", default=None,
+                   help="backends searched, comma-separated (default: all, torch,relax); the "
+                   "default path of verify (torch) is always measured as the baseline")
+    t.add_argument("--target", type=_target, default="llvm",
+                   help="TVM target of the relax backend: llvm or cuda, string or JSON form "
+                   "(default llvm)")
+    t.add_argument("--threads", type=_POSITIVE_INT, default=None,
+                   help="threads per measuring worker (default: the machine's)")
     t.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
     t.add_argument("--strategy", choices=["cpsat", "beam", "greedy", "random"],
                    default="cpsat", help="search strategy (default cpsat)")
@@ -698,6 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workload", help="only this workload (a key or its prefix for show)")
     d.add_argument("--top", type=_POSITIVE_INT, default=5,
                    help="plans shown per workload (default 5)")
+    d.add_argument("--objective", default="time@width",
+                   help="which best-plan record `show` describes (default time@width)")
     _logging_options(d, top=False)
     d.set_defaults(func=cmd_db)
     return parser

@@ -37,6 +37,9 @@ class Backend(Protocol):
         """Per-task schedule knobs and their legal values (the default first); empty when
         the backend has none."""
 
+    def schedule_presets(self, target: str = "llvm") -> tuple[dict[str, Any], ...]:
+        """Known-good settings of the schedule knobs, measured early by the tuner."""
+
     def compiles(self, bundle: PlanBundle, task: Any) -> bool:
         """Whether ``task`` of ``bundle`` becomes compiled code (else it runs as torch ops)."""
 
@@ -87,6 +90,9 @@ class TorchBackend:
     def schedule_space(self, target="llvm"):
         return {}
 
+    def schedule_presets(self, target="llvm"):
+        return ()
+
     def compiles(self, bundle, task):
         return False
 
@@ -122,6 +128,12 @@ class RelaxBackend:
         from boundflow.backend.relax.schedule_space import space
 
         return space(target)
+
+    def schedule_presets(self, target="llvm"):
+        """Known-good schedules to measure early (as MetaSchedule seeds its search)."""
+        from boundflow.backend.relax.schedule_space import presets
+
+        return presets(target)
 
     def compiles(self, bundle, task):
         from boundflow.backend.relax.executor import lowers_to_tir

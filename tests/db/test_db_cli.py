@@ -17,7 +17,7 @@ def test_db_show_export_import(tmp_path, capsys):
     assert main(["db", "show", "--db", str(src)]) == 0
     out = capsys.readouterr().out
     assert "1 workloads, 3 candidates, 3 measurements" in out
-    assert f"best: {bundles[0].key[:12]}" in out and "crown batch 2" in out
+    assert f"fastest measured: {bundles[0].key[:12]}" in out and "crown batch 2" in out
     assert main(["db", "export", "--db", str(src), "--file", str(tmp_path / "x.jsonl")]) == 0
     assert main(["db", "import", "--db", str(dst), "--file", str(tmp_path / "x.jsonl")]) == 0
     assert "imported 3 measurements (0 already there)" in capsys.readouterr().out
