@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError
 
-_START = time.monotonic()          # the process's start, as near as this module can tell
+_IMPORTED = time.monotonic()       # the process's start, as near as this module can tell
 log = logging.getLogger("boundflow")
 
 DEFAULT_METHOD = "alpha-crown"     # of `verify`, for --model and --onnx alike
@@ -162,13 +162,13 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
     from boundflow.vnncomp import check_property, onnx_runner
 
     graph = load_onnx(args.onnx)
-    log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed())
+    log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed(args))
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
     prop = load_vnnlib(args.vnnlib, n_in, n_out)
-    log.debug("read %s (%d disjuncts) at %.2f s", args.vnnlib, len(prop.disjuncts), _elapsed())
+    log.debug("read %s (%d disjuncts) at %.2f s", args.vnnlib, len(prop.disjuncts), _elapsed(args))
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations))
     # the checks between steps answer in time on their own; the hard limit is the backstop
-    soft = None if args.timeout is None else max(args.timeout - _elapsed() - _MARGIN, 1e-3)
+    soft = None if args.timeout is None else max(args.timeout - _elapsed(args) - _MARGIN, 1e-3)
     result = check_property(graph, prop, options, timeout=soft,
                             confirm=onnx_runner(args.onnx))
     text = result.vnncomp()
@@ -190,8 +190,9 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
 _MARGIN = 0.3       # seconds the soft limit leaves for printing before the hard one
 
 
-def _elapsed() -> float:
-    return time.monotonic() - _START
+def _elapsed(args: argparse.Namespace) -> float:
+    """Seconds since the command started (its process's start when run as `boundflow`)."""
+    return time.monotonic() - args.start
 
 
 def _timed_out(args: argparse.Namespace) -> int:
@@ -199,12 +200,12 @@ def _timed_out(args: argparse.Namespace) -> int:
     if args.onnx:
         if args.out:
             _write_text(args.out, "timeout\n", "result file")
-        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(), 3)}) if args.json
+        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(args), 3)}) if args.json
               else "timeout")
     else:
-        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(), 3)}) if args.json
+        print(json.dumps({"status": "timeout", "seconds": round(_elapsed(args), 3)}) if args.json
               else f"timeout: no answer within {args.timeout:g} s")
-    log.warning("timeout after %.2f s (--timeout %g)", _elapsed(), args.timeout)
+    log.warning("timeout after %.2f s (--timeout %g)", _elapsed(args), args.timeout)
     return 0
 
 
@@ -243,7 +244,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except BoundFlowError as e:
             _print_error(e)
             return 2
-    return run_with_deadline(child, args.argv, _START + args.timeout,
+    return run_with_deadline(child, args.argv, args.start + args.timeout,
                              lambda: _timed_out(args))
 
 
@@ -254,7 +255,7 @@ def _verify_model(args: argparse.Namespace) -> int:
 
     graph = load_model(args.model)
     x = _load_input(args.input, graph.input_shape)
-    log.debug("loaded %s and %d inputs at %.2f s", args.model, len(x), _elapsed())
+    log.debug("loaded %s and %d inputs at %.2f s", args.model, len(x), _elapsed(args))
     bundle = _read_plan(args.plan) if args.plan else None
     start = time.perf_counter()
     result = verify(graph, x, eps=args.eps, labels=args.label, method=args.method,
@@ -772,6 +773,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``boundflow`` command: the exit status (0 done, 2 bad input or arguments)."""
+    start = _IMPORTED if argv is None else time.monotonic()    # as a command: from start-up
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -779,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:                        # --help, --version, argument errors
         return e.code if isinstance(e.code, int) else 2
     _configure_logging(args)
-    args.argv = argv
+    args.argv, args.start = argv, start
     if hasattr(args, "no_progress"):
         args.no_progress = args.no_progress or args.quiet
     if args.command == "verify":
