@@ -590,6 +590,16 @@ def _backend(p: argparse.ArgumentParser, default: str) -> None:
                    "default llvm")
 
 
+def _measure_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """How each candidate is timed (tune, ablate)."""
+    p.add_argument("--number", type=_POSITIVE_INT, default=5, help="runs per timing (default 5)")
+    p.add_argument("--repeat", type=_POSITIVE_INT, default=5,
+                   help=f"timings per {what} (default 5)")
+    p.add_argument("--timeout", type=_POSITIVE, default=120.0,
+                   help=f"seconds per build or run of one {what} (default 120)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _logging_options(p: argparse.ArgumentParser, top: bool) -> None:
     default = 0 if top else argparse.SUPPRESS
     p.add_argument("-v", "--verbose", action="count", default=default,
@@ -689,17 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "time@mem:BYTES, mix:A,B")
     t.add_argument("--batch-size", type=_POSITIVE_INT, default=8,
                    help="plans measured per round (default 8)")
-    t.add_argument("--number", type=_POSITIVE_INT, default=5,
-                   help="runs per timing (default 5)")
-    t.add_argument("--repeat", type=_POSITIVE_INT, default=5,
-                   help="timings per plan (default 5)")
-    t.add_argument("--timeout", type=_POSITIVE, default=120.0,
-                   help="seconds per build or run of one plan (default 120)")
+    _measure_arguments(t, "plan")
     t.add_argument("--memory-limit", type=_POSITIVE_INT, metavar="MIB",
                    help="address-space cap per measured plan in MiB; a plan past it is "
                    "recorded as a memory failure (default: none)")
     t.add_argument("--seed", type=_COUNT, default=0, help="random seed (default 0)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _logging_options(t, top=False)
     t.set_defaults(func=cmd_tune)
 
@@ -721,13 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", type=Path, help="a JSON list of configurations instead")
     a.add_argument("--out", default="ablation",
                    help="directory for ablation.csv / .png (default ./ablation)")
-    a.add_argument("--number", type=_POSITIVE_INT, default=5,
-                   help="runs per timing (default 5)")
-    a.add_argument("--repeat", type=_POSITIVE_INT, default=5,
-                   help="timings per configuration (default 5)")
-    a.add_argument("--timeout", type=_POSITIVE, default=120.0,
-                   help="seconds per build or run of one configuration (default 120)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _measure_arguments(a, "configuration")
     _logging_options(a, top=False)
     a.set_defaults(func=cmd_ablate)
 
