@@ -293,11 +293,16 @@ def _options_key(options: BoundOptions) -> tuple:
 _LOOKUPS: dict[tuple, Any] = {}
 
 
-def lookup_tuned(graph: Graph, workload, db: Any, objective: str):
+def lookup_tuned(graph: Graph, workload, db: Any, objective: str, calls: int | None = None):
     """The tuned plan of ``workload`` in ``db`` under ``objective`` (a
     :class:`~boundflow.search.lookup.TunedPlan`), checked against ``graph``; None after a
     one-line notice when there is none, or it is refused. Looked up once per process for a
-    (database, workload, objective): a loop of calls reads the database once."""
+    (database, workload, objective): a loop of calls reads the database once.
+
+    ``calls``: how many calls this process will make with it (``verify`` from the command
+    line: one). A plan whose backend this process has not started yet is then used only if
+    its saving over those calls exceeds the backend's start-up (e.g. importing TVM): the
+    speed a user sees is the whole run, not the kernel."""
     from boundflow.search.lookup import describe_missing, tuned_plan
 
     where = getattr(db, "url", None) or str(db)
@@ -309,7 +314,25 @@ def lookup_tuned(graph: Graph, workload, db: Any, objective: str):
         else:
             tuned = _checked(graph, tuned, db)
         _LOOKUPS[key] = tuned
-    return _LOOKUPS[key]
+    tuned = _LOOKUPS[key]
+    if tuned is not None and calls is not None and not _pays_off(tuned, calls):
+        return None
+    return tuned
+
+
+def _pays_off(tuned, calls: int) -> bool:
+    start = backends.create(tuned.backend).start_seconds()
+    if start <= 0:
+        return True
+    saving = (tuned.default_s - tuned.median_s) * calls \
+        if tuned.default_s and tuned.median_s else 0.0
+    if saving > start:
+        return True
+    log.warning(f"the tuned plan ({tuned.backend}) saves {saving * 1e3:.3g} ms over {calls} "
+                f"call(s), and starting the {tuned.backend} backend costs about {start:.1f} s "
+                f"here: using the default path, faster end to end (tuned plans pay off in a "
+                f"process that makes many calls, e.g. bf.compile(..., db=...))")
+    return False
 
 
 def _checked(graph: Graph, tuned, db):
@@ -401,7 +424,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
            sparse: bool = False, clip: tuple[float, float] | None = None,
            dtype: str | None = None, plan: PlanBundle | None = None,
            backend: str = "torch", target: str = "llvm", db: Any = None,
-           objective: str = "time@width") -> VerifyResult:
+           objective: str = "time@width", calls: int | None = None) -> VerifyResult:
     """Try to prove ``C·y > threshold`` for every input in the region, per spec.
 
     Without ``C``, the margin spec of ``labels`` is used (``y[label] > y[j]`` for every other
@@ -409,7 +432,8 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     ``plan`` runs a PlanBundle (see :func:`compute_bounds`). ``db`` (a tuning database: path,
     URL or :class:`~boundflow.db.Database`) looks up the plan ``boundflow tune`` recorded for
     this workload under ``objective`` and runs it on the backend it was tuned on; without one,
-    a one-line notice goes to stderr and the default plan runs.
+    a one-line notice goes to stderr and the default plan runs. ``calls``: how many calls
+    this process makes with the workload, when known (see :func:`lookup_tuned`).
     """
     options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
     graph, spec, linear, labels, torch_dtype = query(model, x, eps=eps, labels=labels, C=C,
@@ -422,7 +446,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
         dname = {v: k for k, v in _DTYPES.items()}[torch_dtype]
         work = Workload.of(graph, batch=spec.batch, n_specs=linear.n_specs, method=method,
                            dtype=dname, target=target)
-        tuned = lookup_tuned(graph, work, db, objective)
+        tuned = lookup_tuned(graph, work, db, objective, calls)
         if tuned is not None:
             plan = tuned.bundle
             options = BoundOptions(method, domains, lower_slope, alpha, sparse, tuned.backend,

@@ -262,7 +262,7 @@ def _verify_model(args: argparse.Namespace) -> int:
                     alpha=AlphaConfig(iterations=args.alpha_iterations),
                     clip=tuple(args.clip) if args.clip else None, dtype=args.dtype,
                     plan=bundle, backend=args.backend, target=args.target, db=args.db,
-                    objective=args.objective)
+                    objective=args.objective, calls=1)          # one query per process
     seconds = time.perf_counter() - start
     if args.json:
         out = result.to_dict()
@@ -430,6 +430,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             report = tuner.tune(args.trials, args.seconds)
         finally:
             tuner.close()
+    from boundflow.backend.base import import_seconds
+
+    if any(create(b).needs_build for b in tuner.backends):
+        import_seconds("tvm", here=False)          # what verify weighs a tuned plan against
     d, b = report.default, report.best
     first = report.first_measurement_s
     print(f"workload {report.workload.key[:12]}: {report.workload.method}, batch "

@@ -9,6 +9,12 @@ tests backend names.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from boundflow.errors import BoundFlowError
@@ -23,6 +29,11 @@ class Backend(Protocol):
     targets: tuple[str, ...]    # target kinds it runs on
     tunes_schedules: bool       # whether the plan's schedule / lowering knobs change its code
     needs_build: bool           # whether a plan is compiled (in a builder) before it runs
+
+    def start_seconds(self) -> float:
+        """What a process that has not used this backend yet pays before its first call
+        (importing a compiler runtime); 0 once paid. Weighs a tuned plan's per-call saving
+        against it."""
 
     def check_target(self, target: str) -> None:
         """Raise a :class:`BoundFlowError` naming the problem unless plans for ``target`` can
@@ -42,6 +53,41 @@ class Backend(Protocol):
 
     def compiles(self, bundle: PlanBundle, task: Any) -> bool:
         """Whether ``task`` of ``bundle`` becomes compiled code (else it runs as torch ops)."""
+
+
+def cache_root() -> Path:
+    """Where backends keep what they compile or measure (``$BOUNDFLOW_CACHE``, else the
+    user's cache folder)."""
+    env = os.environ.get("BOUNDFLOW_CACHE")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME",
+                                                     Path.home() / ".cache")) / "boundflow"
+
+
+def import_seconds(module: str, here: bool = True) -> float:
+    """Seconds a fresh Python process here takes to import ``module``: 0 when this process
+    has it already (``here``); else measured once per machine and interpreter, in a child
+    process, and kept in the cache folder (``tune`` measures it, so ``verify`` finds it)."""
+    if here and module in sys.modules:
+        return 0.0
+    path = cache_root() / "start" / f"{module}.json"
+    try:
+        d = json.loads(path.read_text())
+        if d.get("python") == sys.executable and float(d["seconds"]) >= 0:
+            return float(d["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                   timeout=300)
+    seconds = time.perf_counter() - start
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"python": sys.executable, "seconds": seconds}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return seconds
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
@@ -73,6 +119,9 @@ class TorchBackend:
     targets = ("llvm",)
     tunes_schedules = False
     needs_build = False
+
+    def start_seconds(self):
+        return 0.0                         # torch is what every bound already runs on
 
     def check_target(self, target):
         from boundflow.target import target_kind
@@ -107,6 +156,9 @@ class RelaxBackend:
 
     def __init__(self):
         self._cache = None
+
+    def start_seconds(self):
+        return import_seconds("tvm")
 
     def check_target(self, target):
         from boundflow.backend.relax.target import run_device, tvm_target

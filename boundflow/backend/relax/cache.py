@@ -22,10 +22,9 @@ import tvm
 
 
 def default_root() -> Path:
-    env = os.environ.get("BOUNDFLOW_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME",
-                                                     Path.home() / ".cache")) / "boundflow"
-    return base / "relax"
+    from boundflow.backend.base import cache_root
+
+    return cache_root() / "relax"
 
 
 @dataclass
