@@ -70,6 +70,16 @@ def import_seconds(module: str, here: bool = True) -> float:
     if here and module in sys.modules:
         return 0.0
     path = cache_root() / "start" / f"{module}.json"
+    if path in _IMPORT_SECONDS:
+        return _IMPORT_SECONDS[path]
+    _IMPORT_SECONDS[path] = seconds = _import_seconds(module, path)
+    return seconds
+
+
+_IMPORT_SECONDS: dict[Path, float] = {}      # read or measured once per process
+
+
+def _import_seconds(module: str, path: Path) -> float:
     try:
         d = json.loads(path.read_text())
         if d.get("python") == sys.executable and float(d["seconds"]) >= 0:

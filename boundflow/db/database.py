@@ -541,15 +541,19 @@ class Database:
                 q = q.where(MeasurementRow.backend == backend)
             return bool(s.scalar(q))
 
+    @staticmethod
+    def _best_row(s: Session, workload: Workload, target: str, objective: str):
+        return s.scalar(select(BestPlanRow).join(WorkloadRow)
+                        .where(WorkloadRow.key == workload.key, BestPlanRow.target == target,
+                               BestPlanRow.objective == objective))
+
     def best(self, workload: Workload, target: str | None = None,
              objective: str = OBJECTIVE_TIME) -> TuningRecord | None:
         """The best candidate for ``workload`` on ``target`` (default: the workload's) under
         ``objective``, with its best measurement; None when nothing was measured."""
         target = target or workload.target
         with self._guard("best"), self._session() as s:
-            row = s.scalar(select(BestPlanRow).join(WorkloadRow)
-                           .where(WorkloadRow.key == workload.key, BestPlanRow.target == target,
-                                  BestPlanRow.objective == objective))
+            row = self._best_row(s, workload, target, objective)
             if row is None:
                 return None
             m = s.scalar(select(MeasurementRow)
@@ -565,9 +569,7 @@ class Database:
         ``objective``, with its comparison against the default path; None when none."""
         target = target or workload.target
         with self._guard("best_plan"), self._session() as s:
-            row = s.scalar(select(BestPlanRow).join(WorkloadRow)
-                           .where(WorkloadRow.key == workload.key, BestPlanRow.target == target,
-                                  BestPlanRow.objective == objective))
+            row = self._best_row(s, workload, target, objective)
             if row is None:
                 return None
             crow = s.get(CandidateRow, row.candidate_id)

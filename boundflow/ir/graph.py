@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,6 +50,16 @@ class Node:
     def describe(self) -> str:
         where = f" (from {self.source})" if self.source else ""
         return f"node {self.name!r} [{self.op}]{where}"
+
+
+def memo(obj: Any, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per frozen ``obj``, kept in its ``__dict__`` under ``name`` (not a
+    field: equality, ``asdict`` and JSON never see it)."""
+    value = obj.__dict__.get(name)
+    if value is None:
+        value = compute()
+        object.__setattr__(obj, name, value)
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,11 +111,7 @@ class Graph:
     def structural_hash(self) -> str:
         """Hash of structure and shapes; independent of node names and weight values
         (computed once per graph: graphs are immutable)."""
-        cached = self.__dict__.get("_structural_hash")
-        if cached is None:
-            cached = self._structural_hash_now()
-            object.__setattr__(self, "_structural_hash", cached)
-        return cached
+        return memo(self, "_structural_hash", self._structural_hash_now)
 
     def _structural_hash_now(self) -> str:
         index = {n.name: i for i, n in enumerate(self.nodes)}
@@ -127,16 +133,12 @@ class Graph:
     def weights_hash(self) -> str:
         """Hash of every parameter's values, in node order (computed once per graph; the
         arrays are made read-only then, so the hash cannot go stale)."""
-        cached = self.__dict__.get("_weights_hash")
-        if cached is None:
-            cached = self._weights_hash_now()
-            for arr in self.params.values():
-                if isinstance(arr, np.ndarray):
-                    arr.flags.writeable = False
-            object.__setattr__(self, "_weights_hash", cached)
-        return cached
+        return memo(self, "_weights_hash", self._weights_hash_now)
 
     def _weights_hash_now(self) -> str:
+        for arr in self.params.values():
+            if isinstance(arr, np.ndarray):
+                arr.flags.writeable = False
         h = hashlib.sha256()
         for n in self.nodes:
             for role, key in sorted(n.params.items()):

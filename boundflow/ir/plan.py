@@ -17,6 +17,7 @@ from typing import Any
 
 from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import DomainPlan
+from boundflow.ir.graph import memo
 from boundflow.ir.knobs import Knobs
 from boundflow.ir.task_graph import (Buffer, PlanError, Task, TaskGraph, parse_json, record,
                                      thaw)
@@ -168,11 +169,8 @@ class PlanBundle:
     @property
     def key(self) -> str:
         """Hash of the whole plan (what a compile cache keys on; computed once)."""
-        cached = self.__dict__.get("_key")
-        if cached is None:
-            cached = hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
-            object.__setattr__(self, "_key", cached)
-        return cached
+        return memo(self, "_key",
+                    lambda: hashlib.sha256(self.to_json().encode()).hexdigest()[:24])
 
     def peak_bytes(self, batch: int | None = None) -> int:
         """Planned bytes of buffer memory at ``batch`` (default: the workload's)."""

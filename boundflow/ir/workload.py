@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from boundflow.errors import BoundFlowError
 from boundflow.ir.domain_plan import METHODS
-from boundflow.ir.graph import DTYPES, Graph
+from boundflow.ir.graph import DTYPES, Graph, memo
 from boundflow.target import canonical_target
 
 
@@ -57,11 +57,7 @@ class Workload:
     @property
     def key(self) -> str:
         """The lookup key: everything but the weights hash (computed once)."""
-        cached = self.__dict__.get("_key")
-        if cached is None:
-            cached = self._key_now()
-            object.__setattr__(self, "_key", cached)
-        return cached
+        return memo(self, "_key", self._key_now)
 
     def _key_now(self) -> str:
         d = self.to_dict()
