@@ -7,6 +7,10 @@
   fixed-seed random models that cover the
   rest of the operator set (BatchNorm, average pooling, grouped / dilated / strided convolution,
   residual additions, concatenation, permutes and reshapes).
+* ``digits_maxpool_cnn`` / ``digits_sigmoid_mlp`` / ``digits_tanh_mlp`` (:data:`MORE_EXAMPLES`):
+  digits classifiers with max pooling, sigmoid and tanh, trained the same way
+  (``python -m boundflow.examples.generate``), each shipped as a ``torch.export`` program, an
+  ONNX file and a VNN-LIB robustness property (``data/<name>.pt2|.onnx|.vnnlib``).
 """
 
 from __future__ import annotations
@@ -52,11 +56,28 @@ def digits_architectures(mean: float = 0.0, std: float = 1.0) -> dict[str, nn.Mo
     }
 
 
+def more_digits_architectures(mean: float = 0.0, std: float = 1.0) -> dict[str, nn.Module]:
+    """The untrained digits models of :data:`MORE_EXAMPLES` (``examples/generate.py`` trains
+    them): max pooling, sigmoid and tanh."""
+    def mlp(act: type[nn.Module]) -> nn.Module:
+        return nn.Sequential(Normalize(mean, std), nn.Flatten(), nn.Linear(64, 32), act(),
+                             nn.Linear(32, 32), act(), nn.Linear(32, 10))
+
+    return {
+        "digits_maxpool_cnn": nn.Sequential(
+            Normalize(mean, std),
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)),
+        "digits_sigmoid_mlp": mlp(nn.Sigmoid),
+        "digits_tanh_mlp": mlp(nn.Tanh),
+    }
+
+
 def digits_module(name: str) -> nn.Module:
     """A bundled digits model as a plain ``nn.Module`` (weights from its saved program)."""
     from boundflow.frontend.pt2 import load_exported
 
-    model = digits_architectures()[name]
+    model = {**digits_architectures(), **more_digits_architectures()}[name]
     program = load_exported(DATA / f"{name}.pt2")
     model.load_state_dict({k: v.detach().clone() for k, v in program.state_dict.items()})
     return model.eval()
@@ -207,10 +228,19 @@ EXAMPLES: dict[str, Callable[[], Example]] = {
 }
 
 
+# The examples of max pooling, sigmoid and tanh. Kept apart from EXAMPLES, which the planner,
+# backend and domain suites run over, until every backend takes these ops; ``load`` finds both.
+MORE_EXAMPLES: dict[str, Callable[[], Example]] = {
+    name: (lambda name=name: _digits(name))
+    for name in ("digits_maxpool_cnn", "digits_sigmoid_mlp", "digits_tanh_mlp")
+}
+
+
 def load(name: str) -> Example:
     """The example called ``name``; an unknown name raises, listing the examples."""
     from boundflow.errors import BoundFlowError
 
-    if name not in EXAMPLES:
-        raise BoundFlowError(f"no example {name!r}; the examples are {sorted(EXAMPLES)}")
-    return EXAMPLES[name]()
+    every = {**EXAMPLES, **MORE_EXAMPLES}
+    if name not in every:
+        raise BoundFlowError(f"no example {name!r}; the examples are {sorted(every)}")
+    return every[name]()

@@ -1,10 +1,15 @@
 """ONNX frontend: an ONNX model of one input and one output into an IR graph.
 
-Operators: Gemm, MatMul, Add, Sub, Mul, Div, Conv, Relu, Flatten, Reshape, Transpose,
-BatchNormalization, Constant, Identity, AveragePool, Concat (plus Dropout / Cast-free no-ops
-that verification models carry). A model input of rank >= 2 has its batch first; a rank-1
-input (common in tiny VNN-COMP models) is one unbatched sample. Constant subgraphs are
-folded with numpy. Anything else raises :class:`UnsupportedOpError` naming op and node.
+Operators: Gemm, MatMul, Add, Sub, Mul, Div, Conv, ConvTranspose, Relu, LeakyRelu, Sigmoid,
+Tanh, Clip, Softmax, Flatten, Reshape, Transpose, BatchNormalization, Constant, Identity,
+AveragePool, MaxPool, GlobalAveragePool, ReduceMean (over H and W), Concat, Slice, Split,
+Gather, Pad, Squeeze, Unsqueeze (plus Dropout / Cast-free no-ops that verification models
+carry); the new ones are in ``onnx_layers.py`` and ``onnx_index.py``. A model input of rank
+>= 2 has its batch first; a rank-1 input (common in tiny VNN-COMP models) is one unbatched
+sample. Constant subgraphs are folded with numpy (the shape arithmetic exporters write for
+``F.pad`` and ``chunk`` among them). Anything else raises :class:`UnsupportedOpError` naming op
+and node, and so does a supported op in a form BoundFlow does not take (along the batch axis,
+MaxPool with dilations, Pad in reflect mode, Slice with a negative step, ...).
 
 Malformed models raise a :class:`BoundFlowError` naming the node: an input no initializer,
 graph input or earlier node defines, a wrong number of inputs, a missing required attribute,
@@ -22,6 +27,8 @@ import numpy as np
 
 from boundflow.errors import (BoundFlowError, GraphError, ModelLoadError, ShapeError,
                               UnsupportedOpError)
+from boundflow.frontend import onnx_index as index
+from boundflow.frontend import onnx_layers as layers
 from boundflow.frontend.files import read_bytes
 from boundflow.ir.graph import Graph, GraphBuilder
 from boundflow.ir.normalize import normalize
@@ -40,6 +47,9 @@ class _Converter:
         self.builder: GraphBuilder | None = None
         self.batched = True
         self.node = None
+        self.opset = max([imp.version for imp in model.opset_import
+                          if imp.domain in ("", "ai.onnx")] or [1])
+        self._used: set[str] | None = None
 
     # helpers ---------------------------------------------------------------------------
     def where(self) -> str:
@@ -57,6 +67,23 @@ class _Converter:
         if isinstance(value, Var):
             raise self.fail(f"{what} must be a constant, not a value computed from the input")
         return np.asarray(value, dtype=self.builder.dtype)
+
+    def array(self, value: Any, what: str) -> np.ndarray:
+        """A constant as it is (index arguments keep their integer type)."""
+        if isinstance(value, Var):
+            raise self.fail(f"{what} must be a constant, not a value computed from the input")
+        return np.asarray(value)
+
+    def full_shape(self, var: Var) -> tuple[int, ...]:
+        """The shape ONNX sees: the per-sample shape behind a batch of 1 when batched."""
+        return ((1,) if self.batched else ()) + var.shape
+
+    def used_names(self) -> set[str]:
+        """The values some node or the graph output reads."""
+        if self._used is None:
+            graph = self.model.graph
+            self._used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        return self._used
 
     def operand(self, value: Any, like: Var) -> np.ndarray:
         """A constant broadcast onto one sample of ``like`` (a leading batch axis of 1 dropped)."""
@@ -77,7 +104,7 @@ class _Converter:
         if not self.batched:
             return axis
         if axis == 0:
-            raise self.fail("an operation along the batch axis is not supported")
+            raise self.fail(f"{self.node.op_type} along the batch axis is not supported")
         return axis - 1
 
     # walk ------------------------------------------------------------------------------
@@ -207,6 +234,10 @@ _ARITY: dict[str, tuple[int, int | None]] = {
     "Transpose": (1, 1), "BatchNormalization": (5, 5), "Constant": (0, 0), "Identity": (1, 1),
     "Dropout": (1, 3), "AveragePool": (1, 1), "Concat": (1, None), "Shape": (1, 1),
     "Gather": (2, 2), "Unsqueeze": (1, 2), "Squeeze": (1, 2), "Cast": (1, 1),
+    "MaxPool": (1, 1), "GlobalAveragePool": (1, 1), "ReduceMean": (1, 2),
+    "ConvTranspose": (2, 3), "Sigmoid": (1, 1), "Tanh": (1, 1), "LeakyRelu": (1, 1),
+    "Clip": (1, 3), "Softmax": (1, 1), "Slice": (1, 5), "Split": (1, 2), "Pad": (1, 4),
+    "ConstantOfShape": (1, 1),
 }
 
 
@@ -262,18 +293,6 @@ def _binary(op: str) -> Callable:
     return convert
 
 
-def _symmetric_pads(c: _Converter, at) -> tuple[int, int]:
-    if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise c.fail(f"auto_pad={at['auto_pad']!r} is not supported (give explicit pads)")
-    pads = list(at.get("pads", [0, 0, 0, 0]))
-    if len(pads) != 4:
-        raise c.fail(f"pads {pads} must hold 4 values (begin and end of 2 spatial axes)",
-                     ShapeError)
-    if pads[:2] != pads[2:]:
-        raise c.fail(f"asymmetric pads {pads} are not supported")
-    return pads[0], pads[1]
-
-
 def _conv(c: _Converter, a, at) -> Var:
     x = a[0]
     w = c.const(a[1], "the Conv weight")
@@ -282,7 +301,8 @@ def _conv(c: _Converter, a, at) -> Var:
     params = {"weight": w}
     if len(a) > 2 and a[2] is not None:
         params["bias"] = c.const(a[2], "the Conv bias")
-    attrs = {"stride": tuple(at.get("strides", [1, 1])), "padding": _symmetric_pads(c, at),
+    attrs = {"stride": tuple(at.get("strides", [1, 1])),
+             "padding": layers.symmetric_pads(c, at),
              "dilation": tuple(at.get("dilations", [1, 1])), "groups": int(at.get("group", 1))}
     return c.add("conv2d", [x], params=params, attrs=attrs)
 
@@ -369,15 +389,15 @@ def _batchnorm(c: _Converter, a, at) -> Var:
 
 def _avgpool(c: _Converter, a, at) -> Var:
     x = a[0]
-    kernel = tuple(int(k) for k in at["kernel_shape"])
-    if len(kernel) != 2:
-        raise c.fail(f"AveragePool with a {len(kernel)}-D kernel {kernel} is not supported")
-    pads = _symmetric_pads(c, at)
+    kernel = layers.kernel_2d(c, at, "AveragePool")
+    pads = layers.symmetric_pads(c, at)
     if any(pads) and not at.get("count_include_pad", 0):
         raise c.fail("AveragePool with padding and count_include_pad=0 is not supported")
-    if at.get("ceil_mode", 0):
-        raise c.fail("AveragePool with ceil_mode=1 is not supported")
-    attrs = {"kernel_size": kernel, "stride": tuple(at.get("strides", kernel)), "padding": pads}
+    if any(d != 1 for d in at.get("dilations", [1, 1])):
+        raise c.fail(f"AveragePool with dilations {list(at['dilations'])} is not supported")
+    stride = tuple(int(s) for s in at.get("strides", [1, 1]))   # ONNX's default: 1
+    layers.check_ceil_mode(c, at, x, kernel, stride, pads, "AveragePool")
+    attrs = {"kernel_size": kernel, "stride": stride, "padding": pads}
     return c.add("avgpool2d", [x], attrs=attrs)
 
 
@@ -415,6 +435,13 @@ CONVERTERS: dict[str, Callable] = {
     "Transpose": _transpose, "BatchNormalization": _batchnorm, "Constant": _constant,
     "Identity": lambda c, a, at: a[0], "Dropout": lambda c, a, at: a[0],
     "AveragePool": _avgpool, "Concat": _concat,
+    "MaxPool": layers.maxpool, "GlobalAveragePool": layers.global_avgpool,
+    "ReduceMean": layers.reduce_mean, "ConvTranspose": layers.conv_transpose,
+    "Sigmoid": lambda c, a, at: c.add("sigmoid", [a[0]]),
+    "Tanh": lambda c, a, at: c.add("tanh", [a[0]]),
+    "LeakyRelu": layers.leaky_relu, "Clip": layers.clip, "Softmax": layers.softmax,
+    "Slice": index.slice_, "Split": index.split, "Gather": index.gather, "Pad": index.pad,
+    "Squeeze": index.squeeze, "Unsqueeze": index.unsqueeze,
 }
 
 def _shape_of(value: np.ndarray, at) -> np.ndarray:
@@ -434,6 +461,25 @@ def _numpy_dtype(onnx_type: int) -> np.dtype:
     return onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
 
 
+def _fold_div(x, y) -> np.ndarray:
+    """ONNX's Div: integers divide truncating toward zero (shape arithmetic), floats as usual."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind in "iu" and y.dtype.kind in "iu":
+        q = np.abs(x) // np.abs(y)
+        return (np.sign(x) * np.sign(y) * q).astype(x.dtype)
+    return np.divide(x, y)
+
+
+def _constant_of_shape(c: _Converter, a, at) -> np.ndarray:
+    import onnx.numpy_helper as nh
+
+    fill = nh.to_array(at["value"]).reshape(-1) if "value" in at else np.zeros(1, np.float32)
+    shape = index.ints(c, a[0], "the ConstantOfShape shape")
+    if min(shape, default=0) < 0 or int(np.prod(shape)) > 1 << 24:
+        raise c.fail(f"ConstantOfShape of shape {shape} is not supported", ShapeError)
+    return np.full(shape, fill[0], dtype=fill.dtype)
+
+
 def _fold_reshape(c: _Converter, a, at) -> np.ndarray:
     allowzero = bool(at.get("allowzero", 0))
     return np.reshape(a[0], _reshape_target(c, a[1], list(np.shape(a[0])), allowzero))
@@ -445,7 +491,7 @@ FOLD: dict[str, Callable] = {
     "Add": lambda c, a, at: np.add(a[0], a[1]),
     "Sub": lambda c, a, at: np.subtract(a[0], a[1]),
     "Mul": lambda c, a, at: np.multiply(a[0], a[1]),
-    "Div": lambda c, a, at: np.divide(a[0], a[1]),
+    "Div": lambda c, a, at: _fold_div(a[0], a[1]),
     "MatMul": lambda c, a, at: np.matmul(a[0], a[1]),
     "Relu": lambda c, a, at: np.maximum(a[0], 0),
     "Identity": lambda c, a, at: a[0], "Dropout": lambda c, a, at: a[0],
@@ -460,6 +506,8 @@ FOLD: dict[str, Callable] = {
     "Unsqueeze": lambda c, a, at: np.expand_dims(a[0], _axes(a, at, required=True)),
     "Squeeze": lambda c, a, at: np.squeeze(a[0], _axes(a, at, required=False)),
     "Cast": lambda c, a, at: np.asarray(a[0]).astype(_numpy_dtype(at["to"])),
+    "Slice": index.fold_slice,
+    "ConstantOfShape": lambda c, a, at: _constant_of_shape(c, a, at),
 }
 
 

@@ -3,8 +3,11 @@ read by ``frontend/pt2.py``).
 
 The module is exported with a batch of two copies of the example, so the batch dimension can
 be told apart from the others; the IR keeps per-sample shapes and serves every batch size.
-Each ATen operator has one small converter below; an operator without one raises
-:class:`UnsupportedOpError` naming the operator, the module path and the node.
+Each ATen operator has one small converter: the affine core below, pooling / transposed
+convolution / activations / softmax in ``torch_layers.py``, slicing / splitting / gathering /
+padding in ``torch_index.py``. An operator without one, or a form of one BoundFlow does not
+take (along the batch dimension, max pooling with dilation, padding in reflect mode, ...),
+raises :class:`UnsupportedOpError` naming the operator, the module path and the node.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 import torch.fx
 
 from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError, UnsupportedOpError
-from boundflow.ir.graph import Graph, GraphBuilder
+from boundflow.frontend import torch_index
+from boundflow.frontend import torch_layers as layers
+from boundflow.ir.graph import Graph, GraphBuilder, ancestors
 from boundflow.ir.normalize import normalize
 
 TRACE_BATCH = 2
@@ -37,6 +42,14 @@ class BatchDim:
 
 
 BATCH = BatchDim()
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An output BoundFlow does not compute (the indices of max pooling): exported programs
+    read every output of an op, so this fails only when something uses it."""
+
+    message: str
 
 
 class _Converter:
@@ -91,7 +104,9 @@ class _Converter:
             raise self.fail(f"axis {dim} is out of range", ShapeError)
         dim %= full
         if dim == 0:
-            raise self.fail("an operation across the batch dimension is not supported")
+            op = self.fx_node.target.name() if isinstance(
+                getattr(self.fx_node, "target", None), torch._ops.OpOverload) else "an operation"
+            raise self.fail(f"{op} across the batch dimension is not supported")
         return dim - 1
 
     # -- the walk ------------------------------------------------------------------------
@@ -137,15 +152,21 @@ class _Converter:
 
     def _output(self, node: torch.fx.Node) -> Graph:
         outs = torch.utils._pytree.tree_leaves(node.args[0])
+        if len(outs) == 1 and isinstance(self.env[outs[0]], Refused):
+            raise UnsupportedOpError(self.env[outs[0]].message)
         if len(outs) != 1 or not isinstance(self.env[outs[0]], Var):
             raise UnsupportedOpError(f"the model must return one tensor computed from its "
                                      f"input; it returns {len(outs)} values")
-        return normalize(self.builder.build(self.env[outs[0]].name))
+        return normalize(_live_only(self.builder.build(self.env[outs[0]].name)))
 
     def _call(self, node: torch.fx.Node) -> Any:
         target = node.target
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.env[n])
-        is_var = any(isinstance(a, Var) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        refused = [a for a in leaves if isinstance(a, Refused)]
+        if refused:
+            raise UnsupportedOpError(refused[0].message)
+        is_var = any(isinstance(a, Var) for a in leaves)
         if not is_var:  # constant folding: nothing here depends on the input
             return target(*args, **kwargs)
         key = target.name() if isinstance(target, torch._ops.OpOverload) else getattr(
@@ -154,6 +175,17 @@ class _Converter:
         if converter is None:
             raise self.fail(f"unsupported op {key!r}")
         return converter(self, _bind(target, args, kwargs))
+
+
+def _live_only(graph: Graph) -> Graph:
+    """``graph`` without the nodes its output does not depend on (exported programs read
+    every output of a split, for instance, where the model uses one)."""
+    live = ancestors(graph, [graph.output])
+    if len(live) == len(graph.nodes):
+        return graph
+    nodes = tuple(n for n in graph.nodes if n.name in live)
+    used = {k for n in nodes for k in n.params.values()}
+    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
 
 
 def _bind(target: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -187,7 +219,7 @@ def _linear(c: _Converter, a: dict) -> Var:
 def _conv(c: _Converter, a: dict) -> Var:
     x = a["input"]
     if a.get("transposed"):
-        raise c.fail("unsupported op 'convolution' with transposed=True")
+        return layers.conv_transpose(c, a)
     if isinstance(a["padding"], str):
         raise c.fail(f"conv2d with padding={a['padding']!r} (give integer padding)")
     params = {"weight": c.array(a["weight"], "the weight")}
@@ -262,8 +294,11 @@ def _batchnorm_no_training(c: _Converter, a: dict) -> tuple:
 def _getitem(c: _Converter, a: dict) -> Var:
     seq, index = a["args"]
     value = seq[index]
+    message = f"unsupported use of output {index} of a multi-output op at {c.where()}"
+    if value is None:
+        return Refused(message)
     if not isinstance(value, Var):
-        raise c.fail(f"unsupported use of output {index} of a multi-output op")
+        raise UnsupportedOpError(message)
     return value
 
 
@@ -330,11 +365,7 @@ def _avgpool(c: _Converter, a: dict) -> Var:
         raise c.fail("avg_pool2d with padding and count_include_pad=False is not supported")
     attrs = {"kernel_size": kernel, "stride": stride, "padding": padding}
     out = c.add("avgpool2d", [x], attrs=attrs)
-    if a["ceil_mode"]:  # ceil_mode only matters where it would add a window
-        h = [(x.shape[i + 1] + 2 * padding[i] - kernel[i] + stride[i] - 1) // stride[i] + 1
-             for i in (0, 1)]
-        if tuple(h) != out.shape[1:]:
-            raise c.fail("avg_pool2d with ceil_mode=True that adds a partial window")
+    layers.check_ceil_mode(c, a, x, out, kernel, stride, padding, "avg_pool2d")
     return out
 
 
@@ -388,6 +419,8 @@ CONVERTERS: dict[str, Callable[[_Converter, dict], Any]] = {
     "aten::contiguous": _identity,
     "aten::alias": _identity,
     "aten::detach": _identity,
+    **layers.CONVERTERS,
+    **torch_index.CONVERTERS,
 }
 
 

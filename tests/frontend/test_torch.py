@@ -60,8 +60,8 @@ class Square(nn.Module):
 
 
 @pytest.mark.parametrize("body, match", [
-    (nn.Sigmoid(), r"unsupported op 'aten::sigmoid' at module 'body' \(Sigmoid\)"),
-    (nn.Sequential(nn.Tanh()), r"'aten::tanh' at module 'body.0' \(Tanh\)"),
+    (nn.GELU(), r"unsupported op 'aten::gelu' at module 'body' \(GELU\)"),
+    (nn.Sequential(nn.SiLU()), r"'aten::silu' at module 'body.0' \(SiLU\)"),
     (Square(), r"'mul' of two input-dependent tensors .* at module 'body' \(Square\)"),
     (nn.Softmax(dim=0), "across the batch dimension|unsupported op"),
 ])
