@@ -1,18 +1,20 @@
-"""alpha-CROWN: the lower slopes of unstable ReLUs optimised by gradient steps.
+"""alpha-CROWN: the relaxation parameters of activations optimised by gradient steps.
 
-Every (ReLU, start node) pair gets its own slopes per bounded neuron and per side (one set
-to raise lower bounds, one to lower upper bounds), initialised from the CROWN choice and
-kept in [0, 1], so every iterate is sound. The lower and the upper bound are optimised
-separately, each with slopes of its own. A start node is the output (one row per spec) or
-a pre-activation the plan bounds by ``crown`` (one row per neuron still unstable after
-CROWN; for conv chains every neuron, with slopes in the window layout of ``crown_conv``).
-Each iteration re-derives those intermediate bounds with their own slopes, intersected with
-the CROWN bounds they started from, then bounds the output. The intersection passes its
-gradient straight through to the re-derived rows: a plain ``max`` with a fixed bound gives
-rows that start no tighter than it no gradient (half at ties), and their slopes would never
-move (which also made results depend on float noise in the start). The loss is the sum of
-the output bounds being tightened; Adam with an exponentially decaying step; the best bound
-seen per element is kept, so the result is never looser than CROWN's.
+Every (activation, start node) pair gets its own parameters per bounded neuron and per side
+(one set to raise lower bounds, one to lower upper bounds), initialised from the CROWN choice
+and kept in [0, 1], where every value gives sound lines (ReLU: its lower slope; see
+:mod:`boundflow.domains.relaxation`), so every iterate is sound. The lower and the upper
+bound are optimised separately, each with parameters of its own. A start node is the output
+(one row per spec) or a pre-activation the plan bounds by ``crown`` (one row per neuron still
+inexactly relaxed after CROWN; for conv chains every neuron, with parameters in the window
+layout of ``crown_conv``). Each iteration re-derives those intermediate bounds with their
+own parameters, intersected with the CROWN bounds they started from, then bounds the output.
+The intersection passes its gradient straight through to the re-derived rows: a plain
+``max`` with a fixed bound gives rows that start no tighter than it no gradient (half at
+ties), and their parameters would never move (which also made results depend on float noise
+in the start). The loss is the sum of the output bounds being tightened; Adam with an
+exponentially decaying step; the best bound seen per element is kept, so the result is never
+looser than CROWN's.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from typing import Mapping
 
 import torch
 
-import boundflow.domains.crown as crown_mod
-from boundflow.domains.crown import (BackwardContext, backward, crown_node,
-                                     default_lower_slope, ibp_exact_nodes, tighten_rows,
-                                     unstable_index)
+from boundflow.domains import activations
+from boundflow.domains.backward import backward, masked_index, tighten_rows
+from boundflow.domains.coeffs import BackwardContext
+from boundflow.domains.crown import crown_node, crown_nodes
 from boundflow.domains.crown_conv import PatchSlopes, conv_chain, crown_conv_rows
+from boundflow.domains.crown_relaxed import inexact
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
+from boundflow.domains.relaxation import stack_params
 from boundflow.domains.traversal import ancestors, apply_rule
 from boundflow.errors import BoundFlowError
-from boundflow.ir.domain_plan import DomainPlan, preactivations
+from boundflow.ir.analysis import preactivations
+from boundflow.ir.domain_plan import DomainPlan
 from boundflow.ir.graph import Graph
 
 
@@ -60,16 +65,23 @@ class AlphaConfig:
 
 def _slopes(graph: Graph, start: str, rows: int, bounds: Mapping[str, Interval], mode: str,
             params: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Learnable (lower-side, upper-side) slopes ``[B, rows, *shape]`` for each ReLU that
+    """Learnable (lower-side, upper-side) parameters ``[B, rows, *shape]`` (stacked on a
+    leading axis where an activation has several per neuron) for each activation that
     ``start`` depends on."""
     need = ancestors(graph, [start])
     slopes = {}
     for node in graph.nodes:
-        if node.op != "relu" or node.name not in need or node.name == start:
+        if node.op not in activations.ACTIVATIONS or node.name not in need \
+                or node.name == start:
+            continue
+        relaxation = activations.get(node.op)
+        if relaxation.n_params == 0:
             continue
         pre = bounds[node.inputs[0]]
-        init = default_lower_slope(pre.lower, pre.upper, mode).unsqueeze(1)
-        init = init.expand((-1, rows) + tuple(init.shape[2:]))
+        state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
+        init = stack_params(tuple(
+            t.unsqueeze(1).expand((-1, rows) + tuple(t.shape[1:]))
+            for t in relaxation.default_params(state, node.attrs, mode)))
         pair = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
         slopes[node.name] = pair
         params.extend(pair)
@@ -78,34 +90,37 @@ def _slopes(graph: Graph, start: str, rows: int, bounds: Mapping[str, Interval],
 
 def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
              tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
-             lower_slope: str, config: AlphaConfig | None, start: Interval) -> Interval:
+             lower_slope: str, config: AlphaConfig | None, start: Interval,
+             patches: bool = True) -> Interval:
     """Tighten ``start`` (the CROWN bounds of ``A·output`` given ``bounds``) by optimising
-    ReLU slopes, the lower and the upper bound each with slopes of their own."""
+    the activations' relaxation parameters, the lower and the upper bound each with
+    parameters of their own; ``patches`` keeps conv-chain starts in window layout."""
     config = config or AlphaConfig()
     # only pre-activation intervals are kept fixed: every other node's re-bounded interval
     # lies inside its first one already, and intersecting at ties would halve gradients
     pre = set(preactivations(graph))
     bounds = {k: v for k, v in bounds.items() if k in pre}
-    lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0)
-    upper = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0)
+    lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0,
+                           patches)
+    upper = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0,
+                           patches)
     return Interval(lower.lower, upper.upper)
 
 
 def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start,
-                   sign: float) -> Interval:
+                   sign: float, patches: bool) -> Interval:
     """Minimise ``sign * sum(bound)``: ``-1`` raises the lower bound, ``+1`` lowers the upper."""
     params: list[torch.Tensor] = []
-    crown_nodes = ({n for n, d in plan.intermediate if d == "crown"} - ibp_exact_nodes(graph)
-                   if config.intermediate else set())
-    starts = {}                      # pre-activation -> (unstable index, slopes[, conv chain])
+    tighten = crown_nodes(graph, plan) if config.intermediate else set()
+    starts = {}                      # pre-activation -> (inexact index, slopes[, conv chain])
     for node in graph.nodes:
-        if node.name not in crown_nodes:
+        if node.name not in tighten:
             continue
-        chain = conv_chain(graph, node.name, tensors) if crown_mod.PATCHES else None
+        chain = conv_chain(graph, node.name, tensors) if patches else None
         if chain is not None:        # every neuron, slopes in window layout (made lazily)
             starts[node.name] = (None, PatchSlopes(), chain)
             continue
-        index = unstable_index(bounds[node.name])
+        index = masked_index(inexact(graph, node.name, bounds[node.name]))
         if index.numel():
             starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
                                                 lower_slope, params))

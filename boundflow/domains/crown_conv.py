@@ -9,8 +9,11 @@ The arithmetic is the dense rule's, restricted to where it is not zero; out-of-m
 entries are masked to zero (they stand for padding, which is constant 0).
 
 It applies when the path from the start node back to the input is a chain of conv2d
-(groups 1, dilation 1), relu and per-channel affine ops (batchnorm, add/sub/mul/div by a
-constant that is scalar or per channel), starting at a conv2d; :func:`conv_chain` says.
+(groups 1, dilation 1), activations (any entry of the relaxation registry: their lines are
+elementwise, so they are unfolded into windows like any map) and per-channel affine ops
+(``linear`` and ``elementwise`` ops with a window rule in ``_AFFINE``, by a constant that is
+scalar or per channel), starting at a conv2d; :func:`conv_chain` says. Any other op (maxpool,
+pad, ...) makes the start fall back to dense coefficients.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from boundflow.domains import activations
 from boundflow.domains.interval import Interval
+from boundflow.domains.relaxation import split_params, stack_params
+from boundflow.ir import ops
 from boundflow.ir.graph import Graph, Node
-
-_ELEMENTWISE = {"batchnorm", "mul", "div", "add", "sub", "identity"}
 
 
 def _per_channel(t: torch.Tensor | None) -> bool:
@@ -45,14 +49,15 @@ def conv_chain(graph: Graph, start: str, tensors: Mapping[str, torch.Tensor]
         if node.op == "conv2d":
             if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
                 return None
-        elif node.op in _ELEMENTWISE:
-            if node.op in ("add", "sub", "mul", "div"):
+        elif node.op in _AFFINE and ops.has(node.op, "linear") \
+                and ops.has(node.op, "elementwise"):
+            if "other" in node.params:
                 other = tensors[node.params["other"]]
                 if other.dim() == 1 and other.numel() != 1:
                     return None              # a per-width constant, not per channel
                 if not _per_channel(other):
                     return None
-        elif node.op != "relu":
+        elif node.op not in activations.ACTIVATIONS:
             return None
         chain.append(node)
         node = graph.node(node.inputs[0])
@@ -82,9 +87,10 @@ def _channel(t: torch.Tensor) -> torch.Tensor:
 
 
 class PatchSlopes(dict):
-    """alpha-CROWN slopes in window layout, ``relu name -> (lower-side, upper-side)`` tensors
-    ``[B, L, Cs, C, Rh, Rw]``; created from the default slopes the first time a ReLU is met,
-    and collected in ``params`` for the optimiser."""
+    """alpha-CROWN parameters in window layout, ``activation name -> (lower-side,
+    upper-side)`` tensors ``[B, L, Cs, C, Rh, Rw]`` (stacked on a leading axis for entries
+    with several parameters per neuron); created from the default parameters the first time
+    an activation is met, and collected in ``params`` for the optimiser."""
 
     def __init__(self):
         super().__init__()
@@ -95,9 +101,7 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
                     tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
                     lower_slope: str, alphas: PatchSlopes | None = None) -> Interval:
     """CROWN bounds ``[B, n]`` of every neuron of ``chain[0]`` (a conv2d), in its flat order;
-    with ``alphas``, unstable ReLU lower slopes come from there (alpha-CROWN)."""
-    from boundflow.domains.crown import default_lower_slope, relu_relaxation
-
+    with ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN)."""
     start = chain[0]
     w = tensors[start.params["weight"]]
     Cs, Ho, Wo = start.shape
@@ -119,20 +123,14 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
         lA, uA = lA * mask, (uA * mask if uA is not lA else None)
         uA = lA if uA is None else uA
         p = {r: tensors[k] for r, k in node.params.items()}
-        if node.op == "relu":
-            pre = bounds[node.inputs[0]]
-            up_s, up_b, unstable = relu_relaxation(pre.lower, pre.upper)
-            lo_s = torch.where(unstable, default_lower_slope(pre.lower, pre.upper, lower_slope),
-                               (pre.lower >= 0).to(pre.lower.dtype))
-            up_s, up_b, lo_s = win.unfold(up_s), win.unfold(up_b), win.unfold(lo_s)
-            lo_l = lo_u = lo_s
-            if alphas is not None:
-                lo_l, lo_u = _learned(alphas, node.name, lo_s, lA.shape, win.unfold(
-                    unstable.to(lo_s.dtype)))
+        if node.op in activations.ACTIVATIONS:
+            low, up = _relax_windows(node, win, bounds, lower_slope, alphas, lA.shape)
             lpos, lneg, upos, uneg = lA.clamp(min=0), lA.clamp(max=0), uA.clamp(min=0), \
                 uA.clamp(max=0)
-            lb, ub = lb + wsum(lneg * up_b), ub + wsum(upos * up_b)
-            lA, uA = lpos * lo_l + lneg * up_s, upos * up_s + uneg * lo_u
+            lb, ub = lb + _bias(lneg, low.upper_bias, lpos, low.lower_bias), \
+                ub + _bias(upos, up.upper_bias, uneg, up.lower_bias)
+            lA, uA = lpos * low.lower_slope + lneg * low.upper_slope, \
+                upos * up.upper_slope + uneg * up.lower_slope
         elif node.op == "conv2d":
             wk = p["weight"]
             if "bias" in p:
@@ -171,25 +169,62 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
     return Interval(flat(lower), flat(upper))
 
 
-def _learned(alphas: PatchSlopes, name: str, default: torch.Tensor, shape, unstable):
-    """The (lower-side, upper-side) slopes of ReLU ``name``: learned on unstable entries."""
+def _bias(c1, b1, c2, b2):
+    """``wsum(c1·b1) + wsum(c2·b2)``, skipping zero (None) biases."""
+    terms = [(c * b).sum((-1, -2, -3)) for c, b in ((c1, b1), (c2, b2)) if b is not None]
+    if not terms:
+        return 0.0
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _relax_windows(node: Node, win: _Windows, bounds: Mapping[str, Interval], mode: str,
+                   alphas: PatchSlopes | None, shape):
+    """The (lower-side, upper-side) lines of an activation in window layout. Without alphas
+    the lines are found on the map and unfolded; with them the relaxation's state is unfolded
+    and the lines are found per window entry from the learned parameters."""
+    relaxation = activations.get(node.op)
+    pre = bounds[node.inputs[0]]
+    state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
+    if alphas is None:
+        lines = relaxation.lines(state, node.attrs,
+                                 relaxation.default_params(state, node.attrs, mode))
+        lines = type(lines)(*(None if t is None else win.unfold(t) for t in lines))
+        return lines, lines
+    state = tuple(win.unfold(t) for t in state)
+    t_low, t_up = _learned(alphas, node.name, relaxation, state, node.attrs, mode, shape)
+    return relaxation.lines(state, node.attrs, t_low), relaxation.lines(state, node.attrs, t_up)
+
+
+def _learned(alphas: PatchSlopes, name: str, relaxation, state, attrs, mode: str, shape):
+    """The (lower-side, upper-side) parameters of activation ``name``, made the first time
+    from the default ones, broadcast to the coefficients' window layout ``shape``."""
     if name not in alphas:
-        init = torch.broadcast_to(default.detach(),
-                                  torch.broadcast_shapes(default.shape, shape))
+        default = relaxation.default_params(state, attrs, mode)
+        full = torch.broadcast_shapes(default[0].shape, shape)
+        init = stack_params(tuple(torch.broadcast_to(t.detach(), full) for t in default))
         pair = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
         alphas[name] = pair
         alphas.params.extend(pair)
     a_l, a_u = alphas[name]
-    keep = default * (1 - unstable)
-    return keep + unstable * a_l, keep + unstable * a_u
+    return split_params(a_l, relaxation.n_params), split_params(a_u, relaxation.n_params)
 
 
 def _affine(node: Node, p: dict):
     """(scale, shift) of a per-channel affine node, each None or broadcastable [C,1,1]."""
-    if node.op == "identity":
-        return None, None
-    if node.op == "batchnorm":
-        scale = p["weight"] / torch.sqrt(p["var"] + node.attrs["eps"])
-        return scale.reshape(-1, 1, 1), (p["bias"] - p["mean"] * scale).reshape(-1, 1, 1)
-    c = _channel(p["other"])
-    return {"mul": (c, None), "div": (1 / c, None), "add": (None, c), "sub": (None, -c)}[node.op]
+    return _AFFINE[node.op](node, p)
+
+
+def _batchnorm(node: Node, p: dict):
+    scale = p["weight"] / torch.sqrt(p["var"] + node.attrs["eps"])
+    return scale.reshape(-1, 1, 1), (p["bias"] - p["mean"] * scale).reshape(-1, 1, 1)
+
+
+# window rules of the per-channel affine ops: (node, params) -> (scale, shift)
+_AFFINE = {
+    "identity": lambda node, p: (None, None),
+    "batchnorm": _batchnorm,
+    "mul": lambda node, p: (_channel(p["other"]), None),
+    "div": lambda node, p: (1 / _channel(p["other"]), None),
+    "add": lambda node, p: (None, _channel(p["other"])),
+    "sub": lambda node, p: (None, -_channel(p["other"])),
+}

@@ -16,8 +16,9 @@ from typing import Mapping
 import torch
 
 from boundflow.domains.alpha import AlphaConfig, optimise
-from boundflow.domains.crown import (BackwardContext, backward_chunked, identity_start,
-                                     intermediate_bounds, intersect)
+from boundflow.domains.backward import backward_chunked, identity_start, intersect
+from boundflow.domains.coeffs import BackwardContext
+from boundflow.domains.crown import intermediate_bounds
 from boundflow.domains.interval import Interval, spec_interval
 from boundflow.ir.domain_plan import DomainPlan
 from boundflow.ir.graph import Graph
@@ -34,11 +35,13 @@ def folds_spec(graph: Graph) -> bool:
 def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                  C: torch.Tensor | None, src: Interval, fold: bool, method: str,
                  bounds: Mapping[str, Interval], plan: DomainPlan,
-                 lower_slope: str = "adaptive", alpha: AlphaConfig | None = None) -> Interval:
+                 lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
+                 patches: bool = True) -> Interval:
     """Bounds of the output (or of ``C·output``) by ``method`` ("ibp", "crown",
     "alpha-crown"). ``src`` is the output's interval, or with ``fold`` the interval of the
     output layer's input; ``bounds`` holds the pre-activation intervals the backward pass
-    relaxes at (``plan`` says which of them alpha-CROWN re-derives)."""
+    relaxes at (``plan`` says which of them alpha-CROWN re-derives; ``patches`` whether
+    its conv-chain starts keep window-layout coefficients)."""
     out = graph.output_node
     if C is None:
         by_ibp = src
@@ -54,22 +57,26 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
         A = identity_start(Interval(zero, zero))
     else:
         A = C.reshape((C.shape[0], C.shape[1]) + tuple(out.shape))
-    ctx = BackwardContext(bounds, lower_slope, None)
+    ctx = BackwardContext(bounds, lower_slope, None, patches=patches)
     res = backward_chunked(graph, graph.output, A, x, tensors, ctx)
     if method == "alpha-crown":
-        res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res)
+        res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res, patches)
     shape = by_ibp.lower.shape
     return intersect(by_ibp, Interval(res.lower.reshape(shape), res.upper.reshape(shape)))
 
 
 def reference_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                      C: torch.Tensor | None, plan: DomainPlan, lower_slope: str = "adaptive",
-                     alpha: AlphaConfig | None = None, sparse: bool = False) -> Interval:
+                     alpha: AlphaConfig | None = None, sparse: bool = False,
+                     patches: bool = True) -> Interval:
     """The un-partitioned reference: intermediate bounds under ``plan`` in graph order, then
-    :func:`final_bounds`. ``sparse`` bounds only IBP-unstable neurons of crown layers."""
+    :func:`final_bounds`. ``sparse`` bounds only the IBP-inexactly relaxed neurons of crown
+    layers (ReLU: the unstable ones); ``patches`` (default) bounds conv-chain
+    pre-activations with window-layout coefficients, ``False`` with dense ones (the same
+    bounds, slower: for tests)."""
     plan.check(graph)
-    bounds = intermediate_bounds(graph, x, tensors, plan, lower_slope, sparse)
+    bounds = intermediate_bounds(graph, x, tensors, plan, lower_slope, sparse, patches)
     fold = C is not None and folds_spec(graph)
     src = bounds[graph.output_node.inputs[0]] if fold else bounds[graph.output]
     return final_bounds(graph, x, tensors, C, src, fold, plan.final, bounds, plan,
-                        lower_slope, alpha)
+                        lower_slope, alpha, patches)

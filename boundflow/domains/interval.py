@@ -2,19 +2,22 @@
 
 Values are :class:`Interval` pairs of tensors with a leading batch dimension. Affine maps with
 a weight use the centre/radius form, ``mid' = W·mid + b`` and ``rad' = |W|·rad``, which costs
-two products instead of four; elementwise maps are computed on the endpoints directly. Every
-rule works in float32 and float64 alike.
+two products instead of four; monotone maps are computed on the endpoints directly;
+activations take their interval image from the relaxation registry
+(:mod:`boundflow.domains.activations`). Every rule works in float32 and float64 alike.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from boundflow.ir.graph import Graph, Node
+from boundflow.domains import activations
 from boundflow.domains.traversal import propagate
+from boundflow.ir.graph import Graph, Node
 
 
 class Interval(NamedTuple):
@@ -31,7 +34,8 @@ def _from_center_radius(mid: torch.Tensor, rad: torch.Tensor) -> Interval:
 
 
 def _each(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Interval]:
-    """A rule for a map that is monotone increasing elementwise (relu, reshapes, pooling)."""
+    """A rule for a map that is nondecreasing in every input element (views, pooling, pad,
+    slice, gather): it maps each endpoint."""
     def rule(node: Node, params: dict, x: Interval) -> Interval:
         return Interval(fn(node, x.lower), fn(node, x.upper))
     return rule
@@ -105,10 +109,90 @@ def _avgpool(node: Node, t: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(t, a["kernel_size"], a["stride"], a["padding"], count_include_pad=True)
 
 
+def _maxpool(node: Node, t: torch.Tensor) -> torch.Tensor:
+    """Max pooling; the padding is -inf (never the maximum), as torch's is."""
+    a = node.attrs
+    return F.max_pool2d(t, a["kernel_size"], a["stride"], a["padding"])
+
+
+def pad_widths(node: Node) -> list[int]:
+    """``pads`` as ``F.pad`` takes them: (before, after) pairs from the last axis back."""
+    return [int(v) for pair in reversed(node.attrs["pads"]) for v in pair]
+
+
+def _pad(node: Node, t: torch.Tensor) -> torch.Tensor:
+    return F.pad(t, pad_widths(node), value=float(node.attrs["value"]))
+
+
+def _slice(node: Node, t: torch.Tensor) -> torch.Tensor:
+    a = node.attrs
+    index = (slice(None),) * (a["axis"] + 1) + (slice(a["start"], a["end"], a["step"]),)
+    return t[index]
+
+
+def gather_index(node: Node, device) -> torch.Tensor:
+    return torch.tensor([int(i) for i in node.attrs["indices"]], dtype=torch.long,
+                        device=device)
+
+
+def _gather(node: Node, t: torch.Tensor) -> torch.Tensor:
+    axis = node.attrs["axis"] + 1
+    out = t.index_select(axis, gather_index(node, t.device))
+    return out if node.attrs["keepdim"] else out.squeeze(axis)
+
+
+def conv_transpose_args(node: Node) -> dict:
+    a = node.attrs
+    return dict(stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                output_padding=tuple(a["output_padding"]), groups=a["groups"],
+                dilation=tuple(a["dilation"]))
+
+
+def conv_transpose2d(node: Node, params: dict, x: Interval) -> Interval:
+    mid, rad = _center_radius(x)
+    w = params["weight"]
+    w_abs = params["weight_abs"] if "weight_abs" in params else w.abs()
+    kw = conv_transpose_args(node)
+    return _from_center_radius(F.conv_transpose2d(mid, w, params.get("bias"), **kw),
+                               F.conv_transpose2d(rad, w_abs, None, **kw))
+
+
+def softmax_interval(x: Interval, axis: int) -> Interval:
+    """The tight interval of ``softmax(x)`` along tensor ``axis`` over the box ``x``:
+    ``y_i`` is smallest where ``x_i = l_i`` and every other ``x_j = u_j``, so
+    ``y_i >= 1 / (1 + sum_{j!=i} exp(u_j - l_i)) = sigmoid(l_i - logsumexp_{j!=i} u_j)``,
+    and ``y_i <= sigmoid(u_i - logsumexp_{j!=i} l_j)`` likewise (the log-sum-exp over the
+    others taken directly, without cancellation; with one element, ``[1, 1]``)."""
+    lo, hi = x.lower.movedim(axis, -1), x.upper.movedim(axis, -1)
+    n = lo.shape[-1]
+    if n == 1:
+        one = torch.ones_like(x.lower)
+        return Interval(one, one)
+    self_mask = torch.eye(n, dtype=torch.bool, device=lo.device)
+
+    def others(t):                         # [..., n, n]: row i holds t_j for j != i
+        return torch.logsumexp(t.unsqueeze(-2).masked_fill(self_mask, -math.inf), -1)
+
+    low, up = torch.sigmoid(lo - others(hi)), torch.sigmoid(hi - others(lo))
+    return Interval(low.movedim(-1, axis), up.movedim(-1, axis))
+
+
+def softmax(node: Node, params: dict, x: Interval) -> Interval:
+    return softmax_interval(x, node.attrs["axis"] + 1)
+
+
+def _activation(op: str) -> Callable[..., Interval]:
+    relaxation = activations.get(op)
+
+    def rule(node: Node, params: dict, x: Interval) -> Interval:
+        return Interval(*relaxation.interval(x.lower, x.upper, node.attrs))
+    return rule
+
+
 RULES: dict[str, Callable[..., Interval]] = {
     "linear": linear,
     "conv2d": conv2d,
-    "relu": _each(lambda n, t: torch.relu(t)),
+    "conv_transpose2d": conv_transpose2d,
     "add": add,
     "sub": sub,
     "mul": mul,
@@ -118,8 +202,14 @@ RULES: dict[str, Callable[..., Interval]] = {
     "reshape": _each(lambda n, t: t.reshape((t.shape[0],) + tuple(n.attrs["shape"]))),
     "permute": _each(lambda n, t: t.permute(0, *(d + 1 for d in n.attrs["dims"]))),
     "avgpool2d": _each(_avgpool),
+    "maxpool2d": _each(_maxpool),
+    "pad": _each(_pad),
+    "slice": _each(_slice),
+    "gather": _each(_gather),
+    "softmax": softmax,
     "identity": _each(lambda n, t: t),
     "concat": concat,
+    **{op: _activation(op) for op in sorted(activations.ACTIVATIONS)},
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from boundflow.errors import UnsupportedOpError
+from boundflow.ir import ops
 from boundflow.ir.graph import Graph, Node, ancestors
 
 Rule = Callable[..., Any]
@@ -23,14 +24,16 @@ _PARAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictiona
 
 def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str = "cpu"
                   ) -> dict[str, torch.Tensor]:
-    """The graph's parameters as tensors of ``dtype`` on ``device``, converted once per graph."""
+    """The graph's parameters as tensors of ``dtype`` on ``device``, converted once per graph,
+    with ``|W|`` beside the weight of every ``weighted`` op (key ``weight + ABS``)."""
     per_graph = _PARAM_CACHE.setdefault(graph, {})
     key = (dtype, str(device))
     if key not in per_graph:
         tensors = {k: torch.tensor(np.asarray(v), device=device, dtype=dtype)
                    for k, v in graph.params.items()}
+        weighted = ops.having("weighted")
         for node in graph.nodes:       # |W| of every weight, for centre/radius rules
-            if "weight" in node.params and node.op in ("linear", "conv2d"):
+            if "weight" in node.params and node.op in weighted:
                 k = node.params["weight"]
                 tensors[k + ABS] = tensors[k].abs()
         per_graph[key] = tensors

@@ -1,7 +1,8 @@
-"""The domain plan: which method bounds each ReLU's pre-activation, and the final output.
+"""The domain plan: which method bounds each pre-activation, and the final output.
 
 This is the planner's most valuable knob, so it is an explicit value rather than a mode
-string: ``intermediate`` maps every pre-activation node (a node some ``relu`` reads) to
+string: ``intermediate`` maps every pre-activation node (a node some relaxed op reads: an
+activation, maxpool2d, softmax; :func:`boundflow.ir.analysis.preactivations`) to
 ``"ibp"`` or ``"crown"``, and ``final`` is ``"ibp"``, ``"crown"`` or ``"alpha-crown"``. The
 method names users know expand into plans with :meth:`DomainPlan.for_method`.
 """
@@ -13,7 +14,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from boundflow.errors import BoundFlowError
+from boundflow.ir.analysis import preactivations
 from boundflow.ir.graph import Graph
+
+__all__ = ["DomainPlan", "FINAL", "INTERMEDIATE", "METHODS", "preactivations"]
 
 INTERMEDIATE = ("ibp", "crown")
 FINAL = ("ibp", "crown", "alpha-crown")
@@ -24,12 +28,6 @@ METHODS: dict[str, tuple[str, str]] = {
     "crown": ("crown", "crown"),
     "alpha-crown": ("crown", "alpha-crown"),
 }
-
-
-def preactivations(graph: Graph) -> tuple[str, ...]:
-    """The nodes whose bounds set a ReLU relaxation, in graph order."""
-    read = {n.inputs[0] for n in graph.nodes if n.op == "relu"}
-    return tuple(n.name for n in graph.nodes if n.name in read)
 
 
 @dataclass(frozen=True)

@@ -184,9 +184,10 @@ def test_each_layer_is_bounded_once_per_method(monkeypatch, example):
     import importlib
 
     crown_mod = importlib.import_module("boundflow.domains.crown")
+    walk = importlib.import_module("boundflow.domains.backward")
     ex, graph, C = example
     starts = []
-    real = crown_mod.backward
+    real = walk.backward
 
     def counting(graph_, start, *args, **kwargs):
         starts.append(start)
@@ -198,7 +199,7 @@ def test_each_layer_is_bounded_once_per_method(monkeypatch, example):
         starts.append(chain[0].name)
         return real_patches(graph_, chain, *args, **kwargs)
 
-    monkeypatch.setattr(crown_mod, "backward", counting)
+    monkeypatch.setattr(walk, "backward", counting)
     monkeypatch.setattr(crown_mod, "crown_conv_rows", counting_patches)
     bf.compute_bounds(graph, ex.inputs[:1], eps=0.02, C=C[:1], method="crown")
     exact = crown_mod.ibp_exact_nodes(graph)
@@ -252,9 +253,18 @@ def _conv_chain_graph(seed, k, stride, pad, first_k=(3, 3)):
         (2, b.shape(h)[0]))}))
 
 
+def _reference(g, x, eps, method, patches, alpha=None):
+    from boundflow.domains.driver import reference_bounds
+    from boundflow.domains.interval import Interval
+
+    box = Interval(torch.as_tensor(x - eps), torch.as_tensor(x + eps))
+    return reference_bounds(g, box, bf.domains.traversal.graph_tensors(g, torch.float64), None,
+                            DomainPlan.for_method(g, method), alpha=alpha, patches=patches)
+
+
 @pytest.mark.parametrize("k, stride, pad", [((3, 3), (1, 1), (1, 1)), ((4, 2), (2, 1), (2, 0)),
                                             ((2, 3), (2, 2), (0, 1)), ((5, 5), (3, 3), (2, 2))])
-def test_patch_coefficients_equal_dense_ones(monkeypatch, k, stride, pad):
+def test_patch_coefficients_equal_dense_ones(k, stride, pad):
     import importlib
 
     crown_mod = importlib.import_module("boundflow.domains.crown")
@@ -263,27 +273,20 @@ def test_patch_coefficients_equal_dense_ones(monkeypatch, k, stride, pad):
     assert crown_mod.conv_chain(g, conv, bf.domains.traversal.graph_tensors(
         g, torch.float64)) is not None
     x = np.random.default_rng(1).standard_normal((3,) + g.input_shape)
-    out = {}
-    for patches in (False, True):
-        monkeypatch.setattr(crown_mod, "PATCHES", patches)
-        out[patches] = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")
+    out = {patches: _reference(g, x, 0.3, "crown", patches) for patches in (False, True)}
     torch.testing.assert_close(out[True].lower, out[False].lower, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-10, atol=1e-10)
+    engine = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")
+    torch.testing.assert_close(engine.lower, out[True].lower, rtol=1e-9, atol=1e-9)
     values = true_outputs(g, box_points(x - 0.3, x + 0.3, n=3000))
     assert_contains(out[True].lower, out[True].upper, values)
 
 
-def test_alpha_with_patch_slopes_equals_dense_slopes(monkeypatch):
-    import importlib
-
-    crown_mod = importlib.import_module("boundflow.domains.crown")
+def test_alpha_with_patch_slopes_equals_dense_slopes():
     g = _conv_chain_graph(3, (3, 3), (2, 2), (1, 1))
     x = np.random.default_rng(2).standard_normal((2,) + g.input_shape)
-    out = {}
-    for patches in (False, True):
-        monkeypatch.setattr(crown_mod, "PATCHES", patches)
-        out[patches] = bf.compute_bounds(g, x, eps=0.3, method="alpha-crown", dtype="float64",
-                                         alpha=bf.AlphaConfig(iterations=5))
+    out = {patches: _reference(g, x, 0.3, "alpha-crown", patches, bf.AlphaConfig(iterations=5))
+           for patches in (False, True)}
     torch.testing.assert_close(out[True].lower, out[False].lower, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-6, atol=1e-6)
     crown = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")

@@ -1,0 +1,61 @@
+"""What CROWN's backward rules exchange: coefficient pairs and the context they read.
+
+A backward rule is ``rule(node, params, coeffs, ctx) -> ([coeffs per input], lb_add,
+ub_add)``: it maps the coefficients of ``node``'s output to those of its inputs and returns
+the constant terms its relaxation adds to the lower and upper bounds (``[B, S]`` tensors, or
+0.0). The rule tables are :mod:`boundflow.domains.crown_rules` (affine and view ops) and
+:mod:`boundflow.domains.crown_relaxed` (relaxed ops); the walk is
+:mod:`boundflow.domains.backward`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+
+from boundflow.domains.interval import Interval
+
+
+class Coeffs(NamedTuple):
+    """Coefficients of the lower and upper linear bounds, ``[B, S, *shape]`` each (``B`` may
+    be 1 while they are the same for every sample; the two may be one tensor until the first
+    relaxation separates them)."""
+
+    lA: torch.Tensor
+    uA: torch.Tensor
+
+
+class BackwardContext(NamedTuple):
+    """What rules read besides the coefficients: intervals of the nodes bounded so far (a
+    relaxed op reads its input's; nothing else is needed), the lower-slope mode of the
+    activation relaxations, learned relaxation parameters (alpha-CROWN: per activation node,
+    a (lower-side, upper-side) pair; for ReLU its lower slopes ``[B, S, *shape]``, for
+    entries with several parameters per neuron those stacked on a leading axis), every node's
+    per-sample shape (filled in from the graph by the walk), and whether conv
+    pre-activations may be bounded in patch form (:mod:`boundflow.domains.crown_conv`)."""
+
+    bounds: Mapping[str, Interval]
+    lower_slope: str
+    alphas: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None
+    shapes: Mapping[str, tuple[int, ...]] | None = None
+    patches: bool = True
+
+
+def sum_trailing(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every axis after ``[B, S]``."""
+    return t.flatten(2).sum(-1)
+
+
+def same(a: Coeffs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Coeffs:
+    """``fn`` on both sides; once where they are still one tensor (before any relaxation)."""
+    if a.lA is a.uA:
+        out = fn(a.lA)
+        return Coeffs(out, out)
+    return Coeffs(fn(a.lA), fn(a.uA))
+
+
+def const_term(a: Coeffs, c: torch.Tensor, sign: float = 1.0):
+    """The constant terms ``sign·sum(A·c)`` of both sides (computed once while shared)."""
+    low = sign * sum_trailing(a.lA * c)
+    return low, (low if a.lA is a.uA else sign * sum_trailing(a.uA * c))
