@@ -51,8 +51,10 @@ class Backend(Protocol):
     def schedule_presets(self, target: str = "llvm") -> tuple[dict[str, Any], ...]:
         """Known-good settings of the schedule knobs, measured early by the tuner."""
 
-    def compiles(self, bundle: PlanBundle, task: Any) -> bool:
-        """Whether ``task`` of ``bundle`` becomes compiled code (else it runs as torch ops)."""
+    def compiles(self, bundle: PlanBundle, task: Any, graph: Graph | None = None) -> bool:
+        """Whether ``task`` of ``bundle`` becomes compiled code (else it runs as torch ops);
+        with the model ``graph`` the ops the task holds are asked too (a task holding an op
+        the backend has no kernel for runs as torch ops)."""
 
 
 def cache_root() -> Path:
@@ -152,7 +154,7 @@ class TorchBackend:
     def schedule_presets(self, target="llvm"):
         return ()
 
-    def compiles(self, bundle, task):
+    def compiles(self, bundle, task, graph=None):
         return False
 
 
@@ -197,10 +199,12 @@ class RelaxBackend:
 
         return presets(target)
 
-    def compiles(self, bundle, task):
-        from boundflow.backend.relax.executor import lowers_to_tir
+    def compiles(self, bundle, task, graph=None):
+        """Whether ``task`` becomes a kernel (else a torch callback); pass the model as
+        ``graph`` to have the ops the task holds asked too."""
+        from boundflow.backend.relax.coverage import lowers_to_tir
 
-        return lowers_to_tir(bundle, task)
+        return lowers_to_tir(bundle, task, graph)
 
 
 register("torch", TorchBackend)

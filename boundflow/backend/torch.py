@@ -7,8 +7,10 @@ tasks in order:
 * buffers live in the storage plan's slots: one flat tensor per slot, allocated at its first
   write; a buffer is a view of its slot in the buffer's physical layout and interval form,
   so tasks write into reused memory and layout conversions are real copies;
-* ``ibp`` tasks walk their nodes (affine ops in centre/radius form, views on both halves of an
-  interval without moving data, other ops by the IBP rules); ``crown`` tasks tighten a
+* ``ibp`` tasks walk their nodes (``weighted`` ops, i.e. linear, conv2d, conv_transpose2d, in
+  centre/radius form; ``view`` ops on both halves of an interval without moving data; every
+  other op by the domains' IBP rule table, so an op gains this backend with its rule); buffers
+  are logical views of their slots, so every op reads any layout; ``crown`` tasks tighten a
   pre-activation; ``final`` bounds the output or ``C·y`` by IBP, CROWN or alpha-CROWN;
 * with a :class:`~boundflow.runtime.cache.BoundCache`, a run first looks up what it needs,
   from the bounds backwards, and runs only the tasks whose outputs are not cached
@@ -35,6 +37,7 @@ from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.traversal import apply_rule, graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
+from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec
@@ -43,7 +46,8 @@ from boundflow.ir.normalize import normalised
 from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_VIEW_OPS = {"flatten", "reshape", "permute", "identity"}
+_VIEW_OPS = ops.having("view")               # flatten, reshape, permute, identity
+_WEIGHTED = ops.having("weighted")           # linear, conv2d, conv_transpose2d
 
 
 class Value(NamedTuple):
@@ -80,7 +84,8 @@ class RunResult:
 
 
 def _affine_cr(node, params: dict, v: Value) -> Value:
-    """linear / conv2d in centre/radius form: ``W·mid + b`` and ``|W|·rad``."""
+    """A ``weighted`` op (linear, conv2d, conv_transpose2d) in centre/radius form:
+    ``W·mid + b`` and ``|W|·rad``."""
     _, mid, rad = v.as_form("cr")
     w = params["weight"]
     w_abs = params.get("weight_abs", None)
@@ -90,6 +95,13 @@ def _affine_cr(node, params: dict, v: Value) -> Value:
     a = node.attrs
     kw = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
               groups=a["groups"])
+    if node.op == "conv_transpose2d":
+        kw["output_padding"] = a["output_padding"]
+        return Value("cr", F.conv_transpose2d(mid, w, params.get("bias"), **kw),
+                     F.conv_transpose2d(rad, w_abs, **kw))
+    if node.op != "conv2d":
+        raise BoundFlowError(f"the torch backend has no centre/radius rule for weighted op "
+                             f"{node.op!r}")
     return Value("cr", F.conv2d(mid, w, params.get("bias"), **kw), F.conv2d(rad, w_abs, **kw))
 
 
@@ -102,6 +114,13 @@ def _view(node, t: torch.Tensor) -> torch.Tensor:
     if node.op == "permute":
         return t.permute(0, *(d + 1 for d in node.attrs["dims"]))
     return t
+
+
+def _private(v: Value, inputs: set[int]) -> bool:
+    """Whether ``v`` as lower/upper shares no memory in ``inputs`` (a centre/radius value is
+    converted into fresh tensors first)."""
+    return v.form == "cr" or not {v.a.untyped_storage().data_ptr(),
+                                  v.b.untyped_storage().data_ptr()} & inputs
 
 
 def _storages(values, exclude: set[int] = frozenset()) -> int:
@@ -192,10 +211,11 @@ class TorchExecutor:
         for b in t.inputs:
             local[self.buffers[b].node] = env[b]
         peak = 0
-        own: set[str] = set()            # values this task allocated (never a slot's memory)
-        held = (self._arena_ptrs() | {t_.untyped_storage().data_ptr()   # counted elsewhere
-                                      for v in local.values() for t_ in (v.a, v.b)}
-                if measure else set())
+        own: set[str] = set()            # values this task computed
+        # the memory of the task's inputs (slots, or the caller's box): never written here,
+        # though a view or slice of an input computed here may share it
+        inputs = {t_.untyped_storage().data_ptr() for v in local.values() for t_ in (v.a, v.b)}
+        held = (self._arena_ptrs() | inputs if measure else set())   # counted elsewhere
         readers_left = dict(self._readers[t.name])
         affine = self._affine_params(tensors)
         for name in t.nodes:
@@ -204,10 +224,13 @@ class TorchExecutor:
             if node.op in _VIEW_OPS:
                 v = ins[0]
                 out = Value(v.form, _view(node, v.a), _view(node, v.b))
-            elif node.op in ("linear", "conv2d"):
+            elif node.op in _WEIGHTED:
                 out = _affine_cr(node, affine[name], ins[0])
+            # relu's rule is [relu(l), relu(u)]: computed in place where its input dies here
+            # (other activations take their rule from the table)
             elif node.op == "relu" and node.inputs[0] in own and \
-                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs:
+                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs \
+                    and _private(ins[0], inputs):
                 v = ins[0] if ins[0].form == "lu" else ins[0].as_form("lu")
                 out = Value("lu", v.a.relu_(), v.b.relu_())    # in place: its input dies here
             else:
@@ -229,7 +252,7 @@ class TorchExecutor:
         if self._affine is None or self._affine[0] is not tensors:
             per_node = {}
             for node in self.graph.nodes:
-                if node.op in ("linear", "conv2d"):
+                if node.op in _WEIGHTED:
                     params = {r: tensors[k] for r, k in node.params.items()}
                     if node.params["weight"] + "|abs" in tensors:
                         params["weight_abs"] = tensors[node.params["weight"] + "|abs"]

@@ -8,7 +8,7 @@ measured on several backends) followed by the backend's (``BACKEND_FEATURE_NAMES
 lowering share, Relax fusion and schedules mean nothing to a backend that tunes no schedules). Work is counted analytically from the normalised graph:
 
 * FLOPs per sample of each op (linear ``2·in·out``, conv ``2·out·Cin/groups·kh·kw``,
-  elementwise ``size``); an IBP task does about twice its ops' FLOPs (two bounds, or centre and
+  transposed conv ``2·in·Cout/groups·kh·kw``, every other op ``size``); an IBP task does about twice its ops' FLOPs (two bounds, or centre and
   radius); a CROWN task bounding node ``v`` carries a ``size(v)``-row coefficient matrix back
   through every affine ancestor (``size(v) × Σ FLOPs``); a final CROWN task does the same with
   ``n_specs`` rows, alpha-CROWN times its iterations (forward and backward);
@@ -33,6 +33,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from boundflow.backend.relax.coverage import lowers_to_tir
+from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
@@ -40,7 +42,7 @@ FEATURE_VERSION = "features-v2"
 _METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 _FINALS = ("ibp", "crown", "alpha-crown")
 _SCHEDULE = ("inline", "parallel", "vectorize", "tile", "cache_write", "unroll", "threads")
-_AFFINE = ("linear", "conv2d")
+_WEIGHTED = ops.having("weighted")      # linear, conv2d, conv_transpose2d: CROWN's work
 
 PLAN_FEATURE_NAMES: tuple[str, ...] = (
     "log_batch", "n_specs", "log_input_size", "float64", "target_cuda",
@@ -79,13 +81,16 @@ def _graph_work(graph: Graph) -> tuple[dict[str, float], dict[str, int], dict[st
         elif n.op == "conv2d":
             w = graph.params[f"{n.name}.weight"]
             f = 2.0 * size[n.name] * math.prod(w.shape[1:])
+        elif n.op == "conv_transpose2d":        # each input element scatters a weight slice
+            w = graph.params[n.params["weight"]]
+            f = 2.0 * math.prod(graph.node(n.inputs[0]).shape) * math.prod(w.shape[1:])
         elif n.op == "input":
             f = 0.0
         else:
             f = float(size[n.name])
         flops[n.name] = f
     for n in graph.nodes:
-        back[n.name] = (flops[n.name] if n.op in _AFFINE else 0.0) + \
+        back[n.name] = (flops[n.name] if n.op in _WEIGHTED else 0.0) + \
             max((back[i] for i in n.inputs if i in back), default=0.0)
     # a max over inputs keeps residual branches from double counting the shared trunk
     return flops, size, back
@@ -175,10 +180,9 @@ def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
                for kind in ("ibp", "layout", "crown", "final")}
     total = sum(t.flops for t in work)
     nbytes = sum(t.bytes for t in work)
-    # what the Relax backend compiles (``lowers_to_tir``, without importing TVM)
-    n_tir = sum(t.lowering == "tir" and not (t.kind == "final" and bundle.domain_plan.final
-                                             == "alpha-crown")
-                and not (t.kind == "crown" and bundle.domain_plan.sparse) for t in work)
+    # what the Relax backend compiles (``lowers_to_tir`` imports no TVM)
+    n_tir = sum(lowers_to_tir(bundle, t, graph) for t in bundle.task_graph.tasks
+                if t.kind != "input")
     regions = bundle.layout_plan.regions
     vec = [
         _log(w.batch), float(w.n_specs), _log(math.prod(w.input_shape)),

@@ -24,6 +24,8 @@ def _bn_scale_shift(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray]:
 
 def _foldable(graph: Graph, bn: Node, users: dict[str, list[str]]) -> bool:
     prev = graph.node(bn.inputs[0])
+    # folding scales the weight's axis 0, which must be the output channel: so linear and
+    # conv2d by name, not every ``weighted`` op (conv_transpose2d's axis 0 is its input)
     if prev.op not in ("linear", "conv2d") or users[prev.name] != [bn.name]:
         return False
     return prev.name != graph.output and (prev.op == "conv2d" or len(prev.shape) == 1)

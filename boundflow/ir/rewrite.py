@@ -2,8 +2,10 @@
 
 * two permutes in a row compose into one, and a permute that keeps every axis in place is
   dropped (a transpose pair cancels);
-* a permute read only by an elementwise op (relu, or a constant add/sub/mul/div) sinks below
-  it, the constant permuted to match, so it can meet the next permute or a flatten;
+* a permute read only by a one-input ``elementwise`` op whose only constant is an ``other``
+  operand (an activation, or a constant add/sub/mul/div; not batchnorm, whose constants are
+  per channel) sinks below it, the constant permuted to match, so it can meet the next
+  permute or a flatten;
 * a permute whose only reader flattens every axis for a ``linear`` layer is folded into that
   layer's weight columns and disappears.
 
@@ -15,9 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from boundflow.ir import ops
 from boundflow.ir.graph import Graph, Node, verify_graph
 
-_ELEMENTWISE = {"relu", "add", "sub", "mul", "div"}
+
+def _commutes_with_permute(node: Node) -> bool:
+    """Trait ``elementwise``, one node input, and no constant but a broadcast ``other``:
+    then ``f(permute(x)) = permute(f'(x))`` with the constant permuted."""
+    return (ops.has(node.op, "elementwise") and len(node.inputs) == 1
+            and set(node.params) <= {"other"})
 
 
 def _inverse(dims) -> tuple[int, ...]:
@@ -89,7 +97,7 @@ def _drop_identity(ed: _Editor, p: Node, log: list[str]) -> bool:
 
 def _sink(ed: _Editor, p: Node, log: list[str]) -> bool:
     e = ed.single_reader(p.name)
-    if e is None or e.op not in _ELEMENTWISE or len(e.inputs) != 1:
+    if e is None or not _commutes_with_permute(e):
         return False
     dims = tuple(p.attrs["dims"])
     x_shape = ed.by_name()[p.inputs[0]].shape
@@ -116,7 +124,8 @@ def _sink(ed: _Editor, p: Node, log: list[str]) -> bool:
 
 def _fold_into_linear(ed: _Editor, p: Node, log: list[str]) -> bool:
     flat = ed.single_reader(p.name)
-    if flat is None or flat.op not in ("flatten", "reshape") or len(flat.shape) != 1:
+    if flat is None or not (ops.has(flat.op, "view") and ops.has(flat.op, "row_major")) \
+            or len(flat.shape) != 1:                     # flatten or reshape to 1-D
         return False
     lin = ed.single_reader(flat.name)
     if lin is None or lin.op != "linear":

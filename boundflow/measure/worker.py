@@ -355,8 +355,9 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
 
     bundle = inp.bundle
     backend = create(inp.backend)
-    if not backend.needs_build or any(t.kind != "input" and not backend.compiles(bundle, t)
-                                      for t in bundle.task_graph.tasks):
+    if not backend.needs_build or any(
+            t.kind != "input" and not backend.compiles(bundle, t, inp.graph)
+            for t in bundle.task_graph.tasks):
         raise MeasureError("the plan has tasks that run as torch callbacks (or torch ops); "
                            "only plans compiled wholly (every task a kernel) run over RPC")
     target = tvm.target.Target(inp.target)

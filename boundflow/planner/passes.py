@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from boundflow.domains.crown import ibp_exact_nodes
+from boundflow.ir import ops
+from boundflow.ir.analysis import ancestors, ibp_exact_nodes
 from boundflow.ir.domain_plan import DomainPlan
-from boundflow.ir.graph import Graph, ancestors
+from boundflow.ir.graph import Graph
 from boundflow.ir.knobs import Knobs
 from boundflow.ir.normalize import normalised
 from boundflow.ir.plan import (CacheEntry, CachePlan, DomainSection, LayoutPlan, LoweringPlan,
@@ -25,9 +26,10 @@ from boundflow.planner.space import SearchSpace, folds_output, knobs_for
 INPUT_TASK = "input"
 BOUNDS = "@bounds"
 NHWC = (1, 2, 0)
-# ops whose output element i depends only on input element i (in-place safe in any backend)
-_ELEMENTWISE = {"relu", "add", "sub", "mul", "div", "batchnorm", "identity"}
-_NEEDS_ROW_MAJOR = {"flatten", "reshape", "linear"}
+# Op facts are asked of the traits in ``boundflow.ir.ops``: ``elementwise`` (output element i
+# reads only input element i, so a task of them may write over a dying input), ``row_major``
+# (reads its input in row-major order: flatten, reshape, linear), ``relaxed`` (its CROWN rule
+# reads its input's interval: activations, maxpool2d, softmax).
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,18 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
     def final_buf(v: str) -> str:
         return _crown_buffer(v) if v in crown_set else v
 
-    def relu_inputs_above(v: str) -> list[str]:
-        up = ancestors(graph, [v])
-        return [by[r].inputs[0] for r in (n.name for n in graph.nodes)
-                if r in up and by[r].op == "relu"]
+    relaxed = ops.having("relaxed")
 
-    backward_reads: dict[str, list[str]] = {c: relu_inputs_above(c) for c in crown}
+    def relaxed_inputs_above(v: str) -> list[str]:
+        """The inputs of the relaxed ops a backward pass from ``v`` crosses: it reads
+        their intervals to relax them."""
+        up = ancestors(graph, [v])
+        return list(dict.fromkeys(by[r].inputs[0] for r in (n.name for n in graph.nodes)
+                                  if r in up and by[r].op in relaxed))
+
+    backward_reads: dict[str, list[str]] = {c: relaxed_inputs_above(c) for c in crown}
     if final != "ibp":
-        backward_reads[BOUNDS] = relu_inputs_above(graph.output)
+        backward_reads[BOUNDS] = relaxed_inputs_above(graph.output)
     needed_by_backward = {v for vs in backward_reads.values() for v in vs}
     group_of = {n: gi for gi, g in enumerate(groups) for n in g}
     users = graph.consumers()
@@ -168,7 +174,7 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
 def assign_domains(ctx: PlannerContext) -> PlannerContext:
     """The domain plan from the knobs; CROWN only where IBP is not already exact. Fused
     edges out of a CROWN pre-activation are cut (its tightened interval must exist before
-    its ReLU reads it) and each gets a ``crown`` task; the final task gets its method."""
+    the relaxed op reading it does) and each gets a ``crown`` task; the final task gets its method."""
     graph, knobs = ctx.graph, ctx.knobs
     plan = DomainPlan(tuple(zip(ctx.space.preactivations, knobs.domains)), knobs.final)
     plan.check(graph)
@@ -198,6 +204,19 @@ def permuted_layout(dims, in_layout: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inverse[a] for a in in_layout)
 
 
+def _needed_layout(node, src, node_layout) -> tuple[int, ...] | None:
+    """The layout ``node`` needs its input ``src`` in when that comes from another task
+    (``None``: any). ``row_major`` ops read row-major; a permute reads any layout (it becomes
+    a view or a copy); an op of another rank than its input (gather dropping an axis) reads
+    any layout, since both backends index a buffer through its logical axes; every other op
+    reads its input in its own output's layout."""
+    if ops.has(node.op, "row_major"):
+        return tuple(range(len(src.shape)))
+    if node.op == "permute" or len(node.shape) != len(src.shape):
+        return None
+    return node_layout[node.name]
+
+
 def assign_layouts(ctx: PlannerContext) -> PlannerContext:
     """Conv regions take their knob layout; a permute whose output layout is its input's
     memory relabelled becomes a view; where a task needs another layout than a buffer has,
@@ -217,8 +236,8 @@ def assign_layouts(ctx: PlannerContext) -> PlannerContext:
         if n.op == "permute" and permuted_layout(n.attrs["dims"], node_layout[n.inputs[0]]) \
                 == node_layout[n.name]:
             views.append(n.name)
-        elif n.op in ("flatten", "reshape") and node_layout[n.inputs[0]] == \
-                tuple(range(len(by[n.inputs[0]].shape))):
+        elif ops.has(n.op, "view") and ops.has(n.op, "row_major") and \
+                node_layout[n.inputs[0]] == tuple(range(len(by[n.inputs[0]].shape))):
             views.append(n.name)
     forms = dict(zip(ctx.space.affine, ctx.knobs.forms))
     buffers = {b.name: dataclasses.replace(
@@ -239,8 +258,7 @@ def assign_layouts(ctx: PlannerContext) -> PlannerContext:
                 if i in members:
                     continue
                 src = next(b for b in t.inputs if buffers[b].node == i)
-                need = (tuple(range(len(by[i].shape))) if node.op in _NEEDS_ROW_MAJOR
-                        else None if node.op == "permute" else node_layout[name])
+                need = _needed_layout(node, by[i], node_layout)
                 if need is None or buffers[src].layout == need:
                     continue
                 conv = f"{src}@{_layout_name(need)}"
@@ -293,7 +311,7 @@ def _size_class(nbytes: int) -> int:
 def _inplace_candidates(task: Task, by) -> tuple[str, ...]:
     if task.kind == "crown":
         return task.inputs[:1]
-    if task.kind == "ibp" and all(by[n].op in _ELEMENTWISE for n in task.nodes):
+    if task.kind == "ibp" and all(ops.has(by[n].op, "elementwise") for n in task.nodes):
         return task.inputs
     return ()
 

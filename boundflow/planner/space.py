@@ -4,10 +4,15 @@ The space is read off the normalised graph (see :func:`boundflow.planner.passes.
 
 * ``fusible``: edges ``producer -> reader`` where the producer has that one reader (so a
   fused group is an in-tree and runs as one task);
-* ``preactivations``: the nodes a ReLU reads, each bounded by ``ibp`` or ``crown``;
+* ``preactivations``: the nodes a relaxed op (an activation, maxpool2d, softmax) reads, each
+  bounded by ``ibp`` or ``crown`` (``boundflow.ir.analysis.preactivations``);
 * ``finals``: the final methods up to the workload's own;
-* ``regions``: connected (C, H, W) regions holding a conv or pool, each ``NCHW`` or ``NHWC``;
-* ``affine``: linear / conv2d nodes whose interval may be kept as centre/radius.
+* ``regions``: connected (C, H, W) regions holding a ``spatial`` op (conv2d, avgpool2d), each
+  ``NCHW`` or ``NHWC``;
+* ``affine``: the ``weighted`` nodes (linear, conv2d, conv_transpose2d) whose interval may be
+  kept as centre/radius.
+
+Which op is which is asked of the op traits in ``boundflow.ir.ops``, never listed here.
 
 ``default_knobs`` is the heuristic plan the tuner starts from.
 """
@@ -20,15 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from boundflow.errors import BoundFlowError
-from boundflow.ir.domain_plan import METHODS, preactivations
+from boundflow.ir import ops
+from boundflow.ir.analysis import preactivations
+from boundflow.ir.domain_plan import METHODS
 from boundflow.ir.graph import Graph
 from boundflow.ir.knobs import LAYOUTS, LOWERINGS, STORAGE, Knobs
 from boundflow.ir.workload import Workload
 
 FINAL_ORDER = ("ibp", "crown", "alpha-crown")
-_VIEWS = ("permute", "reshape", "flatten")
-_SPATIAL = ("conv2d", "avgpool2d")
-_AFFINE = ("linear", "conv2d")
 
 
 def folds_output(graph: Graph, workload: Workload) -> bool:
@@ -53,9 +57,12 @@ def fusible_edges(graph: Graph, workload: Workload) -> tuple[tuple[str, str], ..
 
 
 def conv_regions(graph: Graph) -> tuple[tuple[str, ...], ...]:
-    """Connected sets of (C, H, W) nodes joined by layout-preserving ops, holding at least
-    one conv or pool. A view op's output joins its readers' region, never its input's (the
-    view can change layout for free); the input node keeps the caller's layout."""
+    """Connected sets of (C, H, W) nodes joined by every op but views, holding at least one
+    ``spatial`` op (conv2d, avgpool2d). A view op's output joins its readers' region, never
+    its input's (the view can change layout for free); the input node keeps the caller's
+    layout. Other (C, H, W) ops (maxpool2d, pad, slice, gather, softmax, activations,
+    conv_transpose2d) join the region they touch and run in its layout: both backends read a
+    buffer through its logical axes, so a layout is a cost, never a change of meaning."""
     parent: dict[str, str] = {}
 
     def find(a: str) -> str:
@@ -68,16 +75,17 @@ def conv_regions(graph: Graph) -> tuple[tuple[str, ...], ...]:
     for n in three_d:
         parent[n.name] = n.name
     for n in three_d:
-        if n.op in _VIEWS:
-            continue
+        if ops.has(n.op, "view"):        # trait ``view``: flatten, reshape, permute (identity
+            continue                     # is normalised away)
         for i in n.inputs:
             if i in parent:
                 parent[find(i)] = find(n.name)
     groups: dict[str, list[str]] = {}
     for n in three_d:
         groups.setdefault(find(n.name), []).append(n.name)
-    ops = {n.name: n.op for n in graph.nodes}
-    return tuple(tuple(g) for g in groups.values() if any(ops[m] in _SPATIAL for m in g))
+    op_of = {n.name: n.op for n in graph.nodes}
+    spatial = ops.having("spatial")      # conv2d, avgpool2d
+    return tuple(tuple(g) for g in groups.values() if any(op_of[m] in spatial for m in g))
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ class SearchSpace:
         finals = FINAL_ORDER[: FINAL_ORDER.index(method_final) + 1]
         domain_choices = ("ibp",) if workload.method == "ibp" else ("ibp", "crown")
         fold = folds_output(graph, workload)
-        affine = tuple(n.name for n in graph.nodes if n.op in _AFFINE
+        weighted = ops.having("weighted")          # linear, conv2d, conv_transpose2d
+        affine = tuple(n.name for n in graph.nodes if n.op in weighted
                        and not (fold and n.name == graph.output))
         return cls(fusible_edges(graph, workload), preactivations(graph), domain_choices,
                    finals, conv_regions(graph), affine)
@@ -165,13 +174,14 @@ def default_knobs(graph: Graph, workload: Workload) -> Knobs:
     pre-activation is cut out by the planner anyway), the method's own domains, NHWC only where a permute into the region becomes free, centre/radius where
     an affine output feeds another affine op, torch lowering, buffers reused."""
     space = SearchSpace.of(graph, workload)
-    ops = {n.name: n for n in graph.nodes}
+    op_of = {n.name: n.op for n in graph.nodes}
+    weighted = ops.having("weighted")
     partition = tuple(True for _ in space.fusible)
     inner, final = METHODS[workload.method]
     layouts = tuple("NHWC" if _fed_by_nhwc_permute(graph, region) else "NCHW"
                     for region in space.regions)
     users = graph.consumers()
-    forms = tuple("cr" if users[a] and all(ops[u].op in _AFFINE for u in users[a]) else "lu"
+    forms = tuple("cr" if users[a] and all(op_of[u] in weighted for u in users[a]) else "lu"
                   for a in space.affine)
     return space.check(Knobs(partition, tuple(inner for _ in space.preactivations), final,
                              layouts, forms, lowering="tir"))

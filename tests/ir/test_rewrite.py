@@ -78,3 +78,26 @@ def test_composition_of_two_permutes(dims):
     xs = torch.as_tensor(rng.random((2, 3, 4, 5)))
     from boundflow.domains.concrete import evaluate
     torch.testing.assert_close(evaluate(g, xs.float()), evaluate(out, xs.float()))
+
+
+def test_permute_sinks_below_activations_but_not_batchnorm():
+    """Any one-input elementwise op whose only constant is ``other`` commutes with a permute
+    (sigmoid, leaky_relu); batchnorm's constants are per channel, so a permute stays above."""
+    b = GraphBuilder("float64")
+    x = b.input((3, 4, 5))
+    h = b.add_node("permute", [x], attrs={"dims": (1, 2, 0)})           # (4, 5, 3)
+    h = b.add_node("sigmoid", [h])
+    h = b.add_node("leaky_relu", [h], attrs={"negative_slope": 0.2})
+    h = b.add_node("batchnorm", [h], params={
+        "mean": rng.normal(size=4), "var": rng.random(4) + 0.5, "weight": rng.normal(size=4),
+        "bias": rng.normal(size=4)}, attrs={"eps": 1e-5})
+    h = b.add_node("flatten", [h], attrs={"start_dim": 0, "end_dim": -1})
+    g = b.build(b.add_node("linear", [h], params={"weight": rng.normal(size=(4, 60))}))
+    out, log = simplify_permutes(g)
+    assert [line.split()[0] for line in log] == ["sank", "sank"]
+    assert out.node("permute").inputs == ("leaky_relu",)
+    assert out.node("batchnorm").inputs == ("permute",)
+    from boundflow.domains.interval import RULES
+
+    if {"sigmoid", "leaky_relu"} <= set(RULES):
+        _bounds_equal(g, out, "crown")

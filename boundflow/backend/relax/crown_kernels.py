@@ -2,9 +2,12 @@
 
 Coefficients ``[batch or 1, S, *node_shape]`` flow from the start node back to the input, one
 stage per node (fan-out contributions summed there): ``A·W`` through a linear layer, a
-transposed convolution through conv2d and avgpool, the ReLU relaxation (the same lines as
-``domains/crown.py``: chord above, adaptive / zero / one below) which also makes coefficients
-per sample, index remaps through views and concat, and constant terms accumulated per spec.
+transposed convolution through conv2d and avgpool, per-channel scales through batchnorm, the
+ReLU relaxation (the same lines as ``domains/crown.py``: chord above, adaptive / zero / one
+below) which also makes coefficients per sample, index remaps through views, concat, pad,
+slice and gather, a convolution through conv_transpose2d, and constant terms accumulated per
+spec. The other relaxed ops (leaky_relu, hardtanh, sigmoid, tanh, maxpool2d, softmax) have no
+rule here: a task crossing one runs as a torch callback (``coverage.py``).
 At the input they are concretised against the box. A ``crown`` task intersects the rows with
 its pre-activation's IBP interval; a CROWN ``final`` task intersects ``C·y`` with the IBP bound
 of the final task. Identity starts are batch-free until the first ReLU, as in the torch code.
@@ -20,7 +23,7 @@ from typing import Callable
 from tvm import te, tirx
 
 from boundflow.backend.relax.kernels import TaskLowering, Value, _broadcast, _ravel, _unravel
-from boundflow.domains.traversal import ancestors
+from boundflow.ir.analysis import ancestors
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task_graph import Buffer, Task
 
@@ -73,83 +76,204 @@ class BackwardLowering(TaskLowering):
         z = self.zero_i
         return lambda b, s: t[z, s]
 
-    # --- backward rules: (node, coef, S, pre) -> ([coef per input], [(lo, hi, batched)]) --
+    # --- backward rules: _back_<op>(node, coef, S, pre) -> ([coef per input], terms) -------
+    # terms: [(lo, hi, batched)] constant terms per spec; ``pre`` holds the intervals of the
+    # relaxed ops' inputs. ``coverage.CROWN_KERNELS`` lists the ops with a rule here.
 
     def _back(self, node, c: Coef, S: int, pre: dict[str, Value]):
-        shapes = {i: self.nodes[i].shape for i in node.inputs}
-        op = node.op
-        same = c.la is c.ua
-        if op == "linear":
-            w = self.param(node.params["weight"])
-            out_f = int(w.shape[0])
-            in_shape = shapes[node.inputs[0]]
+        fn = getattr(self, "_back_" + node.op, None)
+        if fn is None:
+            raise UnsupportedOpError(f"the relax CROWN kernels have no rule for op {node.op!r} "
+                                     f"({node.describe()})")
+        return fn(node, c, S, pre)
 
-            def through(f):
-                def body(b, s, *i):
-                    o = te.reduce_axis((0, out_f), name="o")
-                    return te.sum(f(b, s, *i[:-1], o) * w[o, i[-1]], axis=o)
-                return body
-            new = self._coef(through(c.la), through(c.ua), c.batched, S, in_shape, node.name,
-                             same)
-            terms = []
-            if "bias" in node.params:
-                bias = self.param(node.params["bias"])
-                terms.append(self._const_terms(c, S, node.shape,
-                                               lambda *i: bias[i[-1]], node.name))
-            return [new], terms
-        if op == "conv2d":
-            return self._conv_back(node, c, S, shapes[node.inputs[0]])
-        if op == "avgpool2d":
-            return self._pool_back(node, c, S, shapes[node.inputs[0]])
-        if op == "relu":
-            return self._relu_back(node, c, S, pre[node.inputs[0]].lu())
-        if op in ("add", "sub"):
-            if len(node.inputs) == 2:
-                if op == "add":
-                    return [c, c], []
-                neg = Coef(lambda *i: -c.la(*i), lambda *i: -c.ua(*i), c.batched)
-                return [c, neg], []
-            other = self.param(node.params["other"])
-            k = _broadcast(other, node.shape)
-            sign = 1.0 if op == "add" else -1.0
-            return [c], [self._const_terms(c, S, node.shape,
-                                           lambda *i: k(*i) * tirx.const(sign, self.dtype),
-                                           node.name)]
-        if op in ("mul", "div"):
-            k = _broadcast(self.param(node.params["other"]), node.shape)
-            one = tirx.const(1, self.dtype)
-            f = (lambda *i: k(*i)) if op == "mul" else (lambda *i: one / k(*i))
-            return [Coef(lambda b, s, *i: c.la(b, s, *i) * f(*i),
-                         lambda b, s, *i: c.ua(b, s, *i) * f(*i), c.batched)], []
-        if op in ("flatten", "reshape"):
-            in_shape = shapes[node.inputs[0]]
-            out_shape = node.shape
+    def _in_shape(self, node, k: int = 0):
+        return self.nodes[node.inputs[k]].shape
 
-            def remap(f):
-                return lambda b, s, *i: f(b, s, *_unravel(_ravel(list(i), in_shape), out_shape))
-            return [Coef(remap(c.la), remap(c.ua), c.batched)], []
-        if op == "permute":
-            dims = node.attrs["dims"]
+    def _back_linear(self, node, c: Coef, S, pre):
+        w = self.param(node.params["weight"])
+        out_f = int(w.shape[0])
 
-            def remap(f):
-                return lambda b, s, *j: f(b, s, *(j[d] for d in dims))
-            return [Coef(remap(c.la), remap(c.ua), c.batched)], []
-        if op == "identity":
-            return [c], []
-        if op == "concat":
-            axis = node.attrs["axis"] % len(node.shape)
-            outs, start = [], 0
-            for i in node.inputs:
-                off = start
+        def through(f):
+            def body(b, s, *i):
+                o = te.reduce_axis((0, out_f), name="o")
+                return te.sum(f(b, s, *i[:-1], o) * w[o, i[-1]], axis=o)
+            return body
+        new = self._coef(through(c.la), through(c.ua), c.batched, S, self._in_shape(node),
+                         node.name, c.la is c.ua)
+        terms = []
+        if "bias" in node.params:
+            bias = self.param(node.params["bias"])
+            terms.append(self._const_terms(c, S, node.shape, lambda *i: bias[i[-1]],
+                                           node.name))
+        return [new], terms
 
-                def part(f, off=off):
-                    return lambda b, s, *j: f(b, s, *(x + off if d == axis else x
-                                                      for d, x in enumerate(j)))
-                outs.append(Coef(part(c.la), part(c.ua), c.batched))
-                start += shapes[i][axis]
-            return outs, []
-        raise UnsupportedOpError(f"the relax CROWN kernels have no rule for op {op!r} "
-                                 f"({node.describe()})")
+    def _back_conv2d(self, node, c: Coef, S, pre):
+        return self._conv_back(node, c, S, self._in_shape(node))
+
+    def _back_conv_transpose2d(self, node, c: Coef, S, pre):
+        """The adjoint of a transposed convolution is a convolution: input ``(ci, iy, ix)``
+        gathers output ``(o, iy·s - p + ky·d, ...)`` times ``W[ci, o % og, ky, kx]`` over the
+        output channels of its group."""
+        w = self.param(node.params["weight"])
+        a = node.attrs
+        (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
+        cin, og, kh, kw = (int(x) for x in w.shape)
+        cg = cin // g
+        _, Ho, Wo = node.shape
+
+        def through(f):
+            def body(b, s, ci, y, x):
+                ro = te.reduce_axis((0, og), name="ro")
+                ky = te.reduce_axis((0, kh), name="ky")
+                kx = te.reduce_axis((0, kw), name="kx")
+                oy, ox = y * sh - ph + ky * dh, x * sw - pw + kx * dw
+                ok = te.all(oy >= 0, ox >= 0, oy < Ho, ox < Wo)
+                val = f(b, s, (ci // cg) * og + ro, te.max(te.min(oy, Ho - 1), 0),
+                        te.max(te.min(ox, Wo - 1), 0))
+                return te.sum(te.if_then_else(ok, val * w[ci, ro, ky, kx], self.zero),
+                              axis=[ro, ky, kx])
+            return body
+        new = self._coef(through(c.la), through(c.ua), c.batched, S, self._in_shape(node),
+                         node.name, c.la is c.ua)
+        terms = []
+        if "bias" in node.params:
+            bias = self.param(node.params["bias"])
+            terms.append(self._const_terms(c, S, node.shape, lambda o, y, x: bias[o],
+                                           node.name))
+        return [new], terms
+
+    def _back_avgpool2d(self, node, c: Coef, S, pre):
+        return self._pool_back(node, c, S, self._in_shape(node))
+
+    def _back_relu(self, node, c: Coef, S, pre):
+        return self._relu_back(node, c, S, pre[node.inputs[0]].lu())
+
+    def _addsub_back(self, node, c: Coef, S, sign: float):
+        if len(node.inputs) == 2:
+            if sign > 0:
+                return [c, c], []
+            return [c, Coef(lambda *i: -c.la(*i), lambda *i: -c.ua(*i), c.batched)], []
+        k = _broadcast(self.param(node.params["other"]), node.shape)
+        return [c], [self._const_terms(c, S, node.shape,
+                                       lambda *i: k(*i) * tirx.const(sign, self.dtype),
+                                       node.name)]
+
+    def _back_add(self, node, c: Coef, S, pre):
+        return self._addsub_back(node, c, S, 1.0)
+
+    def _back_sub(self, node, c: Coef, S, pre):
+        return self._addsub_back(node, c, S, -1.0)
+
+    def _scaled(self, c: Coef, f) -> Coef:
+        return Coef(lambda b, s, *i: c.la(b, s, *i) * f(*i),
+                    lambda b, s, *i: c.ua(b, s, *i) * f(*i), c.batched)
+
+    def _back_mul(self, node, c: Coef, S, pre):
+        k = _broadcast(self.param(node.params["other"]), node.shape)
+        return [self._scaled(c, lambda *i: k(*i))], []
+
+    def _back_div(self, node, c: Coef, S, pre):
+        k = _broadcast(self.param(node.params["other"]), node.shape)
+        one = tirx.const(1, self.dtype)
+        return [self._scaled(c, lambda *i: one / k(*i))], []
+
+    def _back_batchnorm(self, node, c: Coef, S, pre):
+        """``y = s·x + t`` per channel (axis 0): coefficients times ``s``, ``A·t`` a term."""
+        p = {r: self.param(k) for r, k in node.params.items()}
+        eps = tirx.const(float(node.attrs["eps"]), self.dtype)
+        scale = lambda ch: p["weight"][ch] / te.sqrt(p["var"][ch] + eps)  # noqa: E731
+        shift = lambda ch: p["bias"][ch] - p["mean"][ch] * scale(ch)  # noqa: E731
+        return [self._scaled(c, lambda ch, *rest: scale(ch))], \
+            [self._const_terms(c, S, node.shape, lambda ch, *rest: shift(ch), node.name)]
+
+    def _remapped(self, c: Coef, remap) -> Coef:
+        return Coef(remap(c.la), remap(c.ua), c.batched)
+
+    def _back_flatten(self, node, c: Coef, S, pre):
+        in_shape, out_shape = self._in_shape(node), node.shape
+
+        def remap(f):
+            return lambda b, s, *i: f(b, s, *_unravel(_ravel(list(i), in_shape), out_shape))
+        return [self._remapped(c, remap)], []
+
+    _back_reshape = _back_flatten
+
+    def _back_permute(self, node, c: Coef, S, pre):
+        dims = node.attrs["dims"]
+
+        def remap(f):
+            return lambda b, s, *j: f(b, s, *(j[d] for d in dims))
+        return [self._remapped(c, remap)], []
+
+    def _back_identity(self, node, c: Coef, S, pre):
+        return [c], []
+
+    def _back_concat(self, node, c: Coef, S, pre):
+        axis = node.attrs["axis"] % len(node.shape)
+        outs, start = [], 0
+        for i in node.inputs:
+            def part(f, off=start):
+                return lambda b, s, *j: f(b, s, *(x + off if d == axis else x
+                                                  for d, x in enumerate(j)))
+            outs.append(self._remapped(c, part))
+            start += self.nodes[i].shape[axis]
+        return outs, []
+
+    def _back_pad(self, node, c: Coef, S, pre):
+        """Input element ``j`` is output element ``j + before``; the border, a constant,
+        adds ``A·value`` over the border elements."""
+        before = [int(p[0]) for p in node.attrs["pads"]]
+
+        def remap(f):
+            return lambda b, s, *j: f(b, s, *(x + p for x, p in zip(j, before)))
+        terms = []
+        value = float(node.attrs["value"])
+        if value != 0.0:
+            in_shape = self._in_shape(node)
+            v, z = tirx.const(value, self.dtype), self.zero
+
+            def border(*i):
+                src = [e - p for e, p in zip(i, before)]
+                inside = te.all(*[e >= 0 for e in src],
+                                *[e < n for e, n in zip(src, in_shape)])
+                return te.if_then_else(inside, z, v)
+            terms.append(self._const_terms(c, S, node.shape, border, node.name))
+        return [self._remapped(c, remap)], terms
+
+    def _back_slice(self, node, c: Coef, S, pre):
+        """Input element ``j`` is output ``(j - start) / step`` when that is a whole index
+        in range, else has coefficient zero."""
+        axis, start, step = (int(node.attrs[k]) for k in ("axis", "start", "step"))
+        n_out, z = node.shape[axis], self.zero
+
+        def remap(f):
+            def get(b, s, *j):
+                rel = j[axis] - start
+                k = te.max(te.min(rel // step, n_out - 1), 0)
+                ok = te.all(rel >= 0, rel % step == 0, rel // step < n_out)
+                return te.if_then_else(ok, f(b, s, *(k if d == axis else x
+                                                     for d, x in enumerate(j))), z)
+            return get
+        return [self._remapped(c, remap)], []
+
+    def _back_gather(self, node, c: Coef, S, pre):
+        """Input element ``j`` sums the coefficients of every output position whose index
+        is ``j`` along ``axis`` (indices may repeat)."""
+        axis, idx, z = int(node.attrs["axis"]), [int(i) for i in node.attrs["indices"]], \
+            self.zero
+        keep = bool(node.attrs["keepdim"])
+
+        def remap(f):
+            def get(b, s, *j):
+                rest = lambda k: (*j[:axis], *((k,) if keep else ()), *j[axis + 1:])  # noqa
+                total = None
+                for k, at in enumerate(idx):
+                    term = te.if_then_else(j[axis] == at, f(b, s, *rest(k)), z)
+                    total = term if total is None else total + term
+                return total
+            return get
+        return [self._remapped(c, remap)], []
 
     def _const_terms(self, c: Coef, S, shape, k, name):
         lo = self._total(c.batched, S, shape, lambda b, s, *i: c.la(b, s, *i) * k(*i),

@@ -6,11 +6,25 @@ final task, ``C``; the function returns the lower and upper bounds. The batch di
 symbolic ``n``, so one compile serves every batch size. ``RelaxExecutor`` compiles it for a
 target and runs it with the same interface as the torch executor.
 
-A task whose lowering is ``tir`` and that the kernel generators cover (``ibp``, ``layout``,
-``crown`` and IBP / CROWN ``final`` tasks) becomes a PrimFunc; every other task (lowering
-``torch``, or an alpha-CROWN final task, whose slope optimisation needs autograd) becomes a ``call_dps_packed`` of a registered function that runs
-the torch executor's implementation of that task on the same buffers (zero-copy DLPack views),
-so every plan runs on this backend and ``fallbacks`` lists what did not lower.
+A task whose lowering is ``tir`` and that the kernel generators cover becomes a PrimFunc
+(``coverage.lowers_to_tir``); every other task becomes a ``call_dps_packed`` of a registered
+function that runs the torch executor's implementation of that task on the same buffers
+(zero-copy DLPack views), so every plan runs on this backend and ``fallbacks`` lists what did
+not lower. What lowers:
+
+* ``ibp`` tasks whose ops all have a TIR IBP kernel: linear, conv2d, conv_transpose2d,
+  avgpool2d, maxpool2d, relu, leaky_relu, hardtanh, sigmoid, tanh, add, sub, mul, div, batchnorm, flatten, reshape,
+  permute, identity, concat, pad, slice, gather; ``layout`` tasks;
+* ``crown`` tasks (not with the sparse rule) and CROWN ``final`` tasks whose walk back to the
+  input crosses only ops with a TIR backward rule: linear, conv2d, conv_transpose2d,
+  avgpool2d, relu, add, sub, mul, div, batchnorm, flatten, reshape, permute, identity, concat,
+  pad, slice, gather;
+* IBP ``final`` tasks.
+
+Torch callbacks: tasks with lowering ``torch``; ``ibp`` tasks holding softmax; ``crown`` /
+CROWN ``final`` tasks behind any relaxed op but relu (leaky_relu, hardtanh, sigmoid, tanh,
+maxpool2d, softmax: their relaxations live in ``boundflow.domains``); sparse ``crown`` tasks; alpha-CROWN's final task (its slope optimisation
+needs autograd).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from tvm import relax, te, tirx
 
 from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
 from boundflow.backend.relax.cache import CompileCache
+from boundflow.backend.relax.coverage import lowers_to_tir
 from boundflow.backend.relax.crown_kernels import BackwardLowering
 from boundflow.backend.relax.schedules import schedule
 from boundflow.backend.relax.target import run_device, tvm_target
@@ -38,18 +53,11 @@ from boundflow.ir.normalize import normalised
 from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 
 
+__all__ = ["RelaxExecutor", "build_module", "callback_name", "kernel_count", "lowers_to_tir"]
+
+
 def _name(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
-
-
-def lowers_to_tir(bundle: PlanBundle, task) -> bool:
-    """Whether ``task`` becomes a TIR PrimFunc (else a torch callback)."""
-    if task.kind == "input" or bundle.lowering_plan.lowering(task.name) != "tir":
-        return False
-    if task.kind == "crown" and bundle.domain_plan.sparse:
-        return False                   # the sparse crown rule has no TIR kernel
-    return task.kind in ("ibp", "layout", "crown") or (
-        task.kind == "final" and task.attr("method") in ("ibp", "crown"))
 
 
 def callback_name(bundle: PlanBundle, task) -> str:
@@ -84,7 +92,7 @@ def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
     for t in bundle.task_graph.tasks:
         if t.kind == "input":
             continue
-        if not lowers_to_tir(bundle, t):
+        if not lowers_to_tir(bundle, t, graph):
             lowered.append((t, None, [], [buffers[o] for o in t.outputs]))
             continue
         low = BackwardLowering(graph, dtype, n, bundle.domain_plan.lower_slope)
@@ -179,7 +187,7 @@ class RelaxExecutor:
             self.compile_seconds, self.compile_source = got.seconds, got.source
             self.build_seconds = got.build_seconds      # the compile's own time, even if loaded
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
-                          if t.kind != "input" and not lowers_to_tir(bundle, t)]
+                          if t.kind != "input" and not lowers_to_tir(bundle, t, g)]
         if self.fallbacks:
             self._torch = TorchExecutor(bundle, graph)
             for t in bundle.task_graph.tasks:

@@ -2,8 +2,10 @@
 
 A task's nodes are lowered together: every value is an *accessor* (a function from a batch
 index and a logical element index to a TIR expression), so elementwise ops and views
-(flatten, reshape, permute) compose into index arithmetic and never materialise; only
-reductions (linear, conv2d, avgpool) and the task's outputs become stages. Inputs and outputs
+(flatten, reshape, permute) and selections (pad, slice, gather) compose into index arithmetic
+and never materialise; only reductions (linear, conv2d, conv_transpose2d, avgpool2d,
+maxpool2d) and the task's outputs become stages. Every op but softmax has an IBP kernel here
+(``coverage.IBP_KERNELS``); a task holding softmax runs as a torch callback. Inputs and outputs
 are buffers in their physical layout and interval form, each as two tensors (lower/upper or
 centre/radius) with a symbolic batch dimension, so one compile serves every batch size.
 
@@ -205,6 +207,39 @@ class TaskLowering:
             out = Value("cr", lambda b, o, y, x: m(b, o, y, x) + bias[o], out.b, out.shape)
         return out
 
+    def _conv_transpose2d(self, node: Node, ins: list[Value]) -> Value:
+        """Output ``(o, y, x)`` sums input ``(ci, iy, ix)`` times ``W[ci, o % og, ky, kx]``
+        where ``y = iy·s - p + ky·d`` (and likewise for x): centre by ``W``, radius by
+        ``|W|``."""
+        v = self._materialised_cr(ins[0], node.name)
+        w = self.param(node.params["weight"])
+        wa = self.param(node.params["weight"] + "|abs")
+        bias = self.param(node.params["bias"]) if "bias" in node.params else None
+        a = node.attrs
+        (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
+        C, H, W = ins[0].shape
+        _, og, kh, kw = (int(s) for s in w.shape)
+        cg = C // g
+
+        def conv(f, wt):
+            def body(b, o, y, x):
+                rc = te.reduce_axis((0, cg), name="rc")
+                ry = te.reduce_axis((0, kh), name="ry")
+                rx = te.reduce_axis((0, kw), name="rx")
+                ci = (o // og) * cg + rc
+                yy, xx = y + ph - ry * dh, x + pw - rx * dw
+                iy, ix = yy // sh, xx // sw
+                ok = te.all(yy >= 0, xx >= 0, yy % sh == 0, xx % sw == 0, iy < H, ix < W)
+                val = f(b, ci, te.max(te.min(iy, H - 1), 0), te.max(te.min(ix, W - 1), 0))
+                return te.sum(te.if_then_else(ok, val * wt[ci, o % og, ry, rx], self.zero),
+                              axis=[rc, ry, rx])
+            return body
+        out = self._stage_pair(node.shape, conv(v.a, w), conv(v.b, wa), node.name)
+        if bias is not None:
+            m = out.a
+            out = Value("cr", lambda b, o, y, x: m(b, o, y, x) + bias[o], out.b, out.shape)
+        return out
+
     def _materialised_cr(self, v: Value, name: str) -> Value:
         """Centre/radius of ``v`` as stages (read many times by a reduction)."""
         c = v.cr()
@@ -294,6 +329,91 @@ class TaskLowering:
         ta = te.compute(full, pool(x.a), name=node.name + "_lo")
         tb = te.compute(full, pool(x.b), name=node.name + "_hi")
         return Value("lu", lambda *i: ta[i] * inv, lambda *i: tb[i] * inv, tuple(node.shape))
+
+    def _maxpool2d(self, node, ins):
+        """Max pooling is monotone: ``[maxpool(l), maxpool(u)]``; padding reads -inf."""
+        x = ins[0].lu()
+        (kh, kw), (sh, sw), (ph, pw) = (node.attrs[k] for k in ("kernel_size", "stride",
+                                                                 "padding"))
+        C, H, W = x.shape
+        low = tirx.min_value(self.dtype)
+
+        def pool(f):
+            def body(b, c, y, xx):
+                ry = te.reduce_axis((0, kh), name="ry")
+                rx = te.reduce_axis((0, kw), name="rx")
+                yy, xw = y * sh + ry - ph, xx * sw + rx - pw
+                inside = te.all(yy >= 0, yy < H, xw >= 0, xw < W)
+                val = te.if_then_else(inside, f(b, c, te.max(te.min(yy, H - 1), 0),
+                                                te.max(te.min(xw, W - 1), 0)), low)
+                return te.max(val, axis=[ry, rx])
+            return body
+        full = (self.n,) + tuple(node.shape)
+        ta = te.compute(full, pool(x.a), name=node.name.replace(".", "_") + "_lo")
+        tb = te.compute(full, pool(x.b), name=node.name.replace(".", "_") + "_hi")
+        return Value("lu", _tensor_access(ta), _tensor_access(tb), tuple(node.shape))
+
+    def _monotone(self, ins, f) -> Value:
+        """A non-decreasing elementwise ``f``: ``[f(l), f(u)]``."""
+        v = ins[0].lu()
+        return Value("lu", lambda *i: f(v.a(*i)), lambda *i: f(v.b(*i)), v.shape)
+
+    def _sigmoid(self, node, ins):
+        return self._monotone(ins, tirx.sigmoid)
+
+    def _tanh(self, node, ins):
+        return self._monotone(ins, tirx.tanh)
+
+    def _leaky_relu(self, node, ins):
+        a, z = tirx.const(float(node.attrs["negative_slope"]), self.dtype), self.zero
+        return self._monotone(ins, lambda e: te.max(e, z) + a * te.min(e, z))
+
+    def _hardtanh(self, node, ins):
+        lo = tirx.const(float(node.attrs["min_val"]), self.dtype)
+        hi = tirx.const(float(node.attrs["max_val"]), self.dtype)
+        return self._monotone(ins, lambda e: te.min(te.max(e, lo), hi))
+
+    def _pad(self, node, ins):
+        """The border reads the constant ``value`` in both bounds."""
+        x = ins[0].lu()
+        before = [int(p[0]) for p in node.attrs["pads"]]
+        value = tirx.const(float(node.attrs["value"]), self.dtype)
+
+        def get(f):
+            def at(b, *i):
+                src = [j - p for j, p in zip(i, before)]
+                inside = te.all(*[e >= 0 for e in src], *[e < s for e, s in zip(src, x.shape)])
+                return te.if_then_else(inside, f(b, *[te.max(te.min(e, s - 1), 0)
+                                                       for e, s in zip(src, x.shape)]), value)
+            return at
+        return Value("lu", get(x.a), get(x.b), tuple(node.shape))
+
+    def _slice(self, node, ins):
+        x = ins[0]
+        axis, start, step = (int(node.attrs[k]) for k in ("axis", "start", "step"))
+
+        def get(f):
+            return lambda b, *i: f(b, *(j * step + start if d == axis else j
+                                        for d, j in enumerate(i)))
+        return Value(x.form, get(x.a), get(x.b), tuple(node.shape))
+
+    def _gather(self, node, ins):
+        """Constant indices along ``axis``: the source index is picked by a chain of selects
+        (``keepdim`` False: one index, the axis dropped)."""
+        x = ins[0]
+        axis, idx = int(node.attrs["axis"]), [int(i) for i in node.attrs["indices"]]
+
+        def source(k):
+            expr = tirx.const(idx[-1], "int64")
+            for j in reversed(range(len(idx) - 1)):
+                expr = te.if_then_else(k == j, tirx.const(idx[j], "int64"), expr)
+            return expr
+
+        def get(f):
+            if not node.attrs["keepdim"]:
+                return lambda b, *i: f(b, *i[:axis], tirx.const(idx[0], "int64"), *i[axis:])
+            return lambda b, *i: f(b, *(source(j) if d == axis else j for d, j in enumerate(i)))
+        return Value(x.form, get(x.a), get(x.b), tuple(node.shape))
 
     def _concat(self, node, ins):
         axis = node.attrs["axis"] % len(node.shape)
