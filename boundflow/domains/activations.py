@@ -16,6 +16,13 @@ Piecewise-linear entries, for input bounds ``[l, u]``:
   at ``b``); with both kinks inside, the lower line passes through ``(a, a)`` with slope
   ``t_lo·(b - a)/(u - a)`` and the upper through ``(b, b)`` with slope
   ``t_up·(b - a)/(b - l)`` (each below / above the convex hull of the graph).
+
+Convex entries:
+
+- ``elu`` (``x`` above zero, ``alpha·(exp(x) - 1)`` below, ``alpha`` in (0, 1], so convex and
+  increasing): the chord above; below, the tangent at ``d = l + t·(u - l)`` (any tangent of
+  a convex function lies below it; at ``d = 0`` the slope ``alpha`` is a subgradient).
+  Adaptive: the midpoint (the tangent of least area); zero / one: the ends.
 """
 
 from __future__ import annotations
@@ -173,10 +180,45 @@ HARDTANH = Relaxation(
     n_params=2)
 
 
+# --- elu ------------------------------------------------------------------------------------
+
+def _elu(x: Tensor, attrs: Mapping) -> Tensor:
+    return F.elu(x, float(attrs["alpha"]))
+
+
+def _elu_slope(d: Tensor, attrs: Mapping) -> Tensor:
+    """A subgradient of ELU at ``d`` (its derivative away from 0)."""
+    return torch.where(d > 0, torch.ones_like(d),
+                       float(attrs["alpha"]) * torch.exp(torch.clamp(d, max=0.0)))
+
+
+def _elu_lines(state, attrs: Mapping, params: tuple) -> Lines:
+    l, u = state
+    fl, fu = _elu(l, attrs), _elu(u, attrs)
+    point = u <= l
+    width = torch.where(point, torch.ones_like(u), u - l)
+    # the chord; at a point, the steepest subgradient there (a line through it, exact)
+    up_slope = torch.where(point, _elu_slope(u, attrs), (fu - fl) / width)
+    d = l + params[0] * (u - l)
+    lo_slope = _elu_slope(d, attrs)
+    return Lines(lo_slope, _elu(d, attrs) - lo_slope * d, up_slope, fl - up_slope * l)
+
+
+def _convex_defaults(state, attrs: Mapping, mode: str) -> tuple:
+    check_mode(mode)
+    t = {"adaptive": 0.5, "zero": 0.0, "one": 1.0}[mode]
+    return (torch.full_like(state[0], t),)
+
+
+ELU = Relaxation(
+    "elu", fn=_elu, interval=monotone_interval(_elu), prepare=bounds_state, lines=_elu_lines,
+    default_params=_convex_defaults, inexact=lambda l, u, attrs: (l < 0) & (u > l), n_params=1)
+
+
 # --- the registry --------------------------------------------------------------------------
 
 ACTIVATIONS: dict[str, Relaxation] = {r.name: r for r in (RELU, LEAKY_RELU, HARDTANH, SIGMOID,
-                                                         TANH)}
+                                                         TANH, ELU)}
 
 
 def get(op: str) -> Relaxation:

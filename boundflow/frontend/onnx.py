@@ -1,6 +1,6 @@
 """ONNX frontend: an ONNX model of one input and one output into an IR graph.
 
-Operators: Gemm, MatMul, Add, Sub, Mul, Div, Conv, ConvTranspose, Relu, LeakyRelu, Sigmoid,
+Operators: Gemm, MatMul, Add, Sub, Mul, Div, Conv, ConvTranspose, Relu, LeakyRelu, Elu, Sigmoid,
 Tanh, Clip, Softmax, Flatten, Reshape, Transpose, BatchNormalization, Constant, Identity,
 AveragePool, MaxPool, GlobalAveragePool, ReduceMean (over H and W), Concat, Slice, Split,
 Gather, Pad, Squeeze, Unsqueeze (plus Dropout / Cast-free no-ops that verification models
@@ -235,7 +235,7 @@ _ARITY: dict[str, tuple[int, int | None]] = {
     "Dropout": (1, 3), "AveragePool": (1, 1), "Concat": (1, None), "Shape": (1, 1),
     "Gather": (2, 2), "Unsqueeze": (1, 2), "Squeeze": (1, 2), "Cast": (1, 1),
     "MaxPool": (1, 1), "GlobalAveragePool": (1, 1), "ReduceMean": (1, 2),
-    "ConvTranspose": (2, 3), "Sigmoid": (1, 1), "Tanh": (1, 1), "LeakyRelu": (1, 1),
+    "ConvTranspose": (2, 3), "Sigmoid": (1, 1), "Tanh": (1, 1), "LeakyRelu": (1, 1), "Elu": (1, 1),
     "Clip": (1, 3), "Softmax": (1, 1), "Slice": (1, 5), "Split": (1, 2), "Pad": (1, 4),
     "ConstantOfShape": (1, 1),
 }
@@ -439,7 +439,7 @@ CONVERTERS: dict[str, Callable] = {
     "ReduceMean": layers.reduce_mean, "ConvTranspose": layers.conv_transpose,
     "Sigmoid": lambda c, a, at: c.add("sigmoid", [a[0]]),
     "Tanh": lambda c, a, at: c.add("tanh", [a[0]]),
-    "LeakyRelu": layers.leaky_relu, "Clip": layers.clip, "Softmax": layers.softmax,
+    "LeakyRelu": layers.leaky_relu, "Elu": layers.elu, "Clip": layers.clip, "Softmax": layers.softmax,
     "Slice": index.slice_, "Split": index.split, "Gather": index.gather, "Pad": index.pad,
     "Squeeze": index.squeeze, "Unsqueeze": index.unsqueeze,
 }

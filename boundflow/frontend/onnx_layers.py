@@ -1,5 +1,5 @@
 """ONNX converters for pooling, transposed convolution and the nonlinear activations:
-MaxPool, GlobalAveragePool, ReduceMean (over H and W), ConvTranspose, Sigmoid, Tanh, LeakyRelu,
+MaxPool, GlobalAveragePool, ReduceMean (over H and W), ConvTranspose, Sigmoid, Tanh, LeakyRelu, Elu,
 Clip, Softmax; and the pads rule they share with Conv and AveragePool.
 
 The converters take ``(converter, inputs, attributes)`` like those of ``frontend/onnx.py``,
@@ -163,6 +163,13 @@ def leaky_relu(c, a, at):
     if not 0.0 <= alpha <= 1.0:
         raise c.fail(f"LeakyRelu with alpha={alpha} outside [0, 1] is not supported")
     return c.add("leaky_relu", [a[0]], attrs={"negative_slope": alpha})
+
+
+def elu(c, a, at):
+    alpha = float(at.get("alpha", 1.0))
+    if not 0.0 < alpha <= 1.0:
+        raise c.fail(f"Elu with alpha={alpha} outside (0, 1] is not supported")
+    return c.add("elu", [a[0]], attrs={"alpha": alpha})
 
 
 def _bound(c, value, default: float, what: str) -> float:

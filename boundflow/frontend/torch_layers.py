@@ -1,6 +1,6 @@
 """ATen converters for pooling, transposed convolution and the nonlinear activations:
 max_pool2d, adaptive_avg_pool2d and the mean over H and W (both average pooling with one
-window), conv_transpose2d, sigmoid, tanh, leaky_relu, hardtanh / relu6 / clamp, softmax; and
+window), conv_transpose2d, sigmoid, tanh, leaky_relu, elu, hardtanh / relu6 / clamp, softmax; and
 the ceil-mode rule average pooling shares.
 
 The converters take ``(converter, bound arguments)`` like those of ``frontend/torch.py``, which
@@ -45,6 +45,15 @@ def leaky_relu(c, a: dict):
     if not 0.0 <= slope <= 1.0:
         raise c.fail(f"leaky_relu with negative_slope={slope} outside [0, 1] is not supported")
     return c.add("leaky_relu", [a["self"]], attrs={"negative_slope": slope})
+
+
+def elu(c, a: dict):
+    alpha = float(a["alpha"])
+    if float(a["scale"]) != 1.0 or float(a["input_scale"]) != 1.0:
+        raise c.fail("elu with scale or input_scale other than 1 (SELU, CELU) is not supported")
+    if not 0.0 < alpha <= 1.0:
+        raise c.fail(f"elu with alpha={alpha} outside (0, 1] is not supported")
+    return c.add("elu", [a["self"]], attrs={"alpha": alpha})
 
 
 def scalar_bound(c, value: Any, default: float, what: str) -> float:
@@ -174,6 +183,8 @@ CONVERTERS: dict[str, Callable] = {
     "aten::tanh_": unary("tanh"),
     "aten::leaky_relu": leaky_relu,
     "aten::leaky_relu_": leaky_relu,
+    "aten::elu": elu,
+    "aten::elu_": elu,
     "aten::hardtanh": hardtanh,
     "aten::hardtanh_": hardtanh,
     "aten::relu6": relu6,

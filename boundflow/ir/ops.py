@@ -318,6 +318,13 @@ def _leaky_relu(attrs, ins, ps) -> Shape:
     return ins[0]
 
 
+def _elu(attrs, ins, ps) -> Shape:
+    a = float(attrs["alpha"])
+    if not 0.0 < a <= 1.0:
+        raise ShapeError(f"alpha {a} must be in (0, 1] (where ELU is convex)")
+    return ins[0]
+
+
 def _hardtanh(attrs, ins, ps) -> Shape:
     lo, hi = float(attrs["min_val"]), float(attrs["max_val"])
     if math.isnan(lo) or math.isnan(hi) or not lo < hi:
@@ -364,6 +371,7 @@ register(OpDef("leaky_relu", (1, 1), _leaky_relu, elementwise=True, activation=T
 register(OpDef("hardtanh", (1, 1), _hardtanh, elementwise=True, activation=True, relaxed=True))
 register(OpDef("sigmoid", (1, 1), _same, elementwise=True, activation=True, relaxed=True))
 register(OpDef("tanh", (1, 1), _same, elementwise=True, activation=True, relaxed=True))
+register(OpDef("elu", (1, 1), _elu, elementwise=True, activation=True, relaxed=True))
 # add/sub: two nodes of one shape, or a node and an 'other' constant; mul/div by a constant only.
 register(OpDef("add", (1, 2), _elementwise, (), ("other",), linear=True, elementwise=True))
 register(OpDef("sub", (1, 2), _elementwise, (), ("other",), linear=True, elementwise=True))

@@ -29,6 +29,8 @@ ENTRIES = [
     ("hardtanh", {"min_val": -0.3, "max_val": math.inf}),
     ("sigmoid", {}),
     ("tanh", {}),
+    ("elu", {"alpha": 1.0}),
+    ("elu", {"alpha": 0.3}),
 ]
 IDS = [f"{op}-{'-'.join(str(v) for v in attrs.values())}" for op, attrs in ENTRIES]
 

@@ -53,6 +53,7 @@ CASES = {
     "sigmoid": (nn.Sigmoid(), ["sigmoid"]),
     "tanh": (nn.Tanh(), ["tanh"]),
     "leaky_relu": (nn.LeakyReLU(0.2), ["leaky_relu"]),
+    "elu": (nn.ELU(0.7), ["elu"]),
     "hardtanh": (nn.Hardtanh(-0.5, 0.75), ["hardtanh"]),
     "relu6": (nn.ReLU6(), ["hardtanh"]),
     "clamp_min": (Fn(lambda x: x.clamp(min=0.1)), ["hardtanh"]),
@@ -99,7 +100,8 @@ def _ops(graph) -> list[str]:
     return [n.op for n in graph.nodes][1:]
 
 
-NEW_OPS = {"maxpool2d", "avgpool2d", "sigmoid", "tanh", "leaky_relu", "hardtanh", "relu", "pad",
+NEW_OPS = {"maxpool2d", "avgpool2d", "sigmoid", "tanh", "leaky_relu", "elu", "hardtanh", "relu",
+           "pad",
            "softmax", "slice", "gather", "conv_transpose2d"}
 # another exporter may write an op of the torch frontend as another (unbind as split+squeeze)
 SAME_AS = {"gather": {"gather", "slice"}}
@@ -177,6 +179,8 @@ REFUSED = {
                                r"max_pool2d with ceil_mode=True that adds a partial window"),
     "maxpool indices": (Indices(), r"output 1 of a multi-output op"),
     "leaky slope": (nn.LeakyReLU(2.0), r"leaky_relu with negative_slope=2.0 outside \[0, 1\]"),
+    "elu alpha": (nn.ELU(1.5), r"elu with alpha=1.5 outside \(0, 1\]"),
+    "selu": (nn.SELU(), r"unsupported op 'aten::selu'"),
     "clamp empty": (Fn(lambda x: x.clamp(0.5, 0.5)), r"clamp to \[0.5, 0.5\]"),
     "clamp by a tensor": (Fn(lambda x: x.clamp(min=torch.zeros(4, 6))), r"clamp with a min "
                                                                         r"tensor of shape"),

@@ -129,6 +129,7 @@ MODELS = {
     "clip_relu6": lambda dtype="float32": _mlp("hardtanh", {"min_val": 0.0,
                                                             "max_val": float("inf")},
                                                dtype=dtype)(),
+    "elu": lambda dtype="float32": _mlp("elu", {"alpha": 0.8}, dtype=dtype)(),
     "conv_maxpool": _conv_maxpool,
     "pad_conv": _pad_conv,
     "slice_gather": _slice_gather,

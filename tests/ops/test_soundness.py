@@ -69,15 +69,30 @@ def test_sampled_points_lie_inside_on_torch(name, method, dtype):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tightness_order(name):
-    widths = {}
+    """alpha-crown ⊆ crown and crown-ibp ⊆ ibp hold per bound by construction (alpha starts
+    from CROWN's slopes and keeps its best; CROWN-IBP is intersected with IBP). crown ⊆
+    crown-ibp is not a theorem once a relaxation's lines move with its input bounds (a
+    tighter interval moves sigmoid's tangent points and ELU's tangent): it holds on average
+    width, and per bound for the ReLU-family models."""
+    b = {}
     for method in METHODS:
         _, _, lo, hi = _bounds(name, method, "torch", "float64")
-        widths[method] = (lo, hi)
-    order = ("ibp", "crown-ibp", "crown", "alpha-crown")
-    for loose, tight in zip(order, order[1:]):
-        lo_l, hi_l = widths[loose]
-        lo_t, hi_t = widths[tight]
-        assert (lo_t >= lo_l - 1e-9).all() and (hi_t <= hi_l + 1e-9).all(), (loose, tight)
+        b[method] = (lo, hi)
+
+    def inside(tight, loose):
+        (lo_t, hi_t), (lo_l, hi_l) = b[tight], b[loose]
+        return (lo_t >= lo_l - 1e-9).all() and (hi_t <= hi_l + 1e-9).all()
+
+    def width(m):
+        return float(np.mean(b[m][1] - b[m][0]))
+
+    assert inside("alpha-crown", "crown") and inside("crown-ibp", "ibp")
+    assert inside("crown", "ibp")
+    assert width("crown") <= width("crown-ibp") + 1e-9
+    graph, _ = MODELS[name]("float64")
+    moving = {"sigmoid", "tanh", "elu", "hardtanh"} & {n.op for n in graph.nodes}
+    if not moving:
+        assert inside("crown", "crown-ibp")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
