@@ -23,7 +23,7 @@ import torch.fx
 from boundflow.errors import BoundFlowError, ModelLoadError, ShapeError, UnsupportedOpError
 from boundflow.frontend import torch_index
 from boundflow.frontend import torch_layers as layers
-from boundflow.ir.graph import Graph, GraphBuilder, ancestors
+from boundflow.ir.graph import Graph, GraphBuilder, live_only
 from boundflow.ir.normalize import normalize
 
 TRACE_BATCH = 2
@@ -157,7 +157,7 @@ class _Converter:
         if len(outs) != 1 or not isinstance(self.env[outs[0]], Var):
             raise UnsupportedOpError(f"the model must return one tensor computed from its "
                                      f"input; it returns {len(outs)} values")
-        return normalize(_live_only(self.builder.build(self.env[outs[0]].name)))
+        return normalize(live_only(self.builder.build(self.env[outs[0]].name)))
 
     def _call(self, node: torch.fx.Node) -> Any:
         target = node.target
@@ -175,17 +175,6 @@ class _Converter:
         if converter is None:
             raise self.fail(f"unsupported op {key!r}")
         return converter(self, _bind(target, args, kwargs))
-
-
-def _live_only(graph: Graph) -> Graph:
-    """``graph`` without the nodes its output does not depend on (exported programs read
-    every output of a split, for instance, where the model uses one)."""
-    live = ancestors(graph, [graph.output])
-    if len(live) == len(graph.nodes):
-        return graph
-    nodes = tuple(n for n in graph.nodes if n.name in live)
-    used = {k for n in nodes for k in n.params.values()}
-    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
 
 
 def _bind(target: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:

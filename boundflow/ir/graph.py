@@ -231,6 +231,17 @@ def ancestors(graph: Graph, targets) -> set[str]:
     return need
 
 
+def live_only(graph: Graph) -> Graph:
+    """``graph`` without the nodes its output does not depend on (and their parameters);
+    ``graph`` itself when every node is live."""
+    live = ancestors(graph, [graph.output])
+    if len(live) == len(graph.nodes):
+        return graph
+    nodes = tuple(n for n in graph.nodes if n.name in live)
+    used = {k for n in nodes for k in n.params.values()}
+    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
+
+
 class GraphBuilder:
     """Builds a :class:`Graph` node by node, inferring and checking shapes as it goes.
 

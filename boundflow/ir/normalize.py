@@ -13,7 +13,7 @@ import weakref
 
 import numpy as np
 
-from boundflow.ir.graph import Graph, GraphBuilder, Node, ancestors
+from boundflow.ir.graph import Graph, GraphBuilder, Node, live_only
 
 
 def _bn_scale_shift(graph: Graph, bn: Node) -> tuple[np.ndarray, np.ndarray]:
@@ -64,15 +64,6 @@ _NORMALISED: "weakref.WeakKeyDictionary[Graph, tuple[Graph, tuple[str, ...]]]" =
     weakref.WeakKeyDictionary()
 
 
-def _prune(graph: Graph) -> Graph:
-    live = ancestors(graph, [graph.output])
-    if len(live) == len(graph.nodes):
-        return graph
-    nodes = tuple(n for n in graph.nodes if n.name in live)
-    used = {k for n in nodes for k in n.params.values()}
-    return Graph(nodes, {k: v for k, v in graph.params.items() if k in used}, graph.output)
-
-
 def normalised(graph: Graph) -> tuple[Graph, tuple[str, ...]]:
     """``graph`` with dead nodes dropped, BatchNorm folded, identities dropped and permutes
     simplified (see ``rewrite``); and the rewrites made. Exact and knob-independent, so the
@@ -82,7 +73,7 @@ def normalised(graph: Graph) -> tuple[Graph, tuple[str, ...]]:
 
     cached = _NORMALISED.get(graph)
     if cached is None:
-        g = normalize(_prune(graph))
+        g = normalize(live_only(graph))
         g, log = simplify_permutes(g)
         _NORMALISED[graph] = cached = (g, log)
     return cached
