@@ -40,6 +40,7 @@ NEW_OP_BUILDERS = {
     "hardtanh_inf_high": ((5,), _act("hardtanh", min_val=-0.3, max_val=math.inf)),
     "sigmoid": ((5,), _act("sigmoid")),
     "tanh": ((5,), _act("tanh")),
+    "elu": ((5,), _act("elu", alpha=0.6)),
     "maxpool2d": ((2, 6, 6), lambda b, x, w: b.add_node(
         "maxpool2d", [x], attrs={"kernel_size": (3, 2), "stride": (2, 2), "padding": (1, 1)})),
     "maxpool2d_overlap": ((2, 5, 5), lambda b, x, w: b.add_node(

@@ -107,7 +107,7 @@ def test_relax_agrees_with_torch_and_is_sound(name, method, dtype):
     scale = 1 + np.abs(lo_t).max() + np.abs(hi_t).max()
     np.testing.assert_allclose(lo, lo_t, rtol=rtol, atol=rtol * scale)
     np.testing.assert_allclose(hi, hi_t, rtol=rtol, atol=rtol * scale)
-    out = _outputs(graph, _points(x.astype(dtype), EPS, 2_000, seed=1),
+    out = _outputs(graph, _points(x.astype(dtype), EPS, N_SAMPLES, seed=1),
                    {"float32": torch.float32, "float64": torch.float64}[dtype])
     tol = (1e-5 if dtype == "float32" else 1e-10) * (1 + np.abs(out).max())
     assert (out >= lo - tol).all() and (out <= hi + tol).all()
