@@ -64,6 +64,7 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
     MeasureResult
 from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
+from boundflow.search.final import CONFIRM, report
 from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
 from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
 from boundflow.search.session import Heartbeat, Progress
@@ -323,14 +324,15 @@ class Tuner:
 
     def _final_reserve(self, history: dict[Candidate, MeasureResult]) -> float:
         """Seconds to keep for the final comparison of the best candidate so far with the
-        baseline: their calls under the final protocol, plus loading them."""
+        baseline: their calls under the final protocol, plus loading them, once for each of
+        the ``CONFIRM`` passes it may take."""
         best = self._best(history)
         if best is None or best == self.baseline:
             return 0.0
         cfg = self.final_config
         calls = 1 + cfg.warmup + 2 * cfg.repeat * cfg.number
         per_call = sum(history[c].median_s or 0.0 for c in (best, self.baseline))
-        return 1.0 + calls * per_call
+        return CONFIRM * (1.0 + calls * per_call)
 
     def _fits(self, backend: str, deadline: float | None,
               history: dict[Candidate, MeasureResult]) -> bool:
@@ -471,7 +473,6 @@ class Tuner:
                         cb(self, assignments, [r for _, r in done])
         finally:
             progress.close()
-        from boundflow.search.final import report
 
         return report(self, history, by_cand, before, curve, start)
 
