@@ -12,21 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from boundflow.examples import DATA, digits_architectures
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+from boundflow.examples.generate import train  # the one training loop of the examples
 
 
 def main() -> None:
