@@ -6,8 +6,8 @@ and kept in [0, 1], where every value gives sound lines (ReLU: its lower slope; 
 :mod:`boundflow.domains.relaxation`), so every iterate is sound. The lower and the upper
 bound are optimised separately, each with parameters of its own. A start node is the output
 (one row per spec) or a pre-activation the plan bounds by ``crown`` (one row per neuron still
-inexactly relaxed after CROWN; for conv chains every neuron, with parameters in the window
-layout of ``crown_conv``). Each iteration re-derives those intermediate bounds with their
+inexactly relaxed after CROWN; where the patch form covers the start, with parameters in the
+window layout of ``crown_conv``). Each iteration re-derives those intermediate bounds with their
 own parameters, intersected with the CROWN bounds they started from, then bounds the output.
 The intersection passes its gradient straight through to the re-derived rows: a plain
 ``max`` with a fixed bound gives rows that start no tighter than it no gradient (half at
@@ -116,26 +116,21 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
     for node in graph.nodes:
         if node.name not in tighten:
             continue
-        chain = conv_chain(graph, node.name, tensors) if patches else None
-        if chain is not None:        # every neuron, slopes in window layout (made lazily)
-            starts[node.name] = (None, PatchSlopes(), chain)
-            continue
         index = masked_index(inexact(graph, node.name, bounds[node.name]))
-        if index.numel():
+        if not index.numel():
+            continue
+        chain = conv_chain(graph, node.name, tensors) if patches else None
+        if chain is not None:        # slopes in window layout (made lazily)
+            starts[node.name] = (index, PatchSlopes(), chain)
+        else:
             starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
                                                 lower_slope, params))
     final = _slopes(graph, graph.output, A.shape[1], bounds, lower_slope, params)
-    if any(len(s) == 3 for s in starts.values()):
-        with torch.enable_grad():   # one pass creates the window-layout slopes
-            _rebound(graph, x, tensors, bounds, starts, lower_slope)
-        for entry in starts.values():
-            if len(entry) == 3:
-                params.extend(entry[1].params)
     best_lo, best_hi = start.lower.detach().clone(), start.upper.detach().clone()
-    if not params or config.iterations == 0:
+    windowed = [entry[1] for entry in starts.values() if len(entry) == 3]
+    if not (params or windowed) or config.iterations == 0:
         return Interval(best_lo, best_hi)
-    opt = torch.optim.Adam(params, lr=config.lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.decay)
+    opt = sched = None
     with torch.enable_grad():
         for step in range(config.iterations + 1):
             current = _rebound(graph, x, tensors, bounds, starts, lower_slope) if starts \
@@ -146,6 +141,12 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
             best_hi = torch.minimum(best_hi, out.upper.detach())
             if step == config.iterations:
                 break
+            if opt is None:          # the first pass made the window-layout slopes
+                params.extend(p for slopes in windowed for p in slopes.params)
+                if not params:
+                    break
+                opt = torch.optim.Adam(params, lr=config.lr)
+                sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.decay)
             opt.zero_grad(set_to_none=True)
             (sign * (out.upper if sign > 0 else out.lower).sum()).backward()
             opt.step()
@@ -161,7 +162,7 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
     """Every node's interval again: IBP from the optimised pre-activation bounds, each
     intersected with its fixed bound; optimised pre-activations by CROWN with their slopes.
     ``starts`` maps a pre-activation to ``(index, slopes)`` (dense rows) or
-    ``(None, PatchSlopes, chain)`` (a conv chain in window layout)."""
+    ``(index, PatchSlopes, chain)`` (rows in window layout, :mod:`crown_conv`)."""
     current: dict[str, Interval] = {}
     for node in graph.nodes:
         if node.op == "input":
@@ -172,9 +173,9 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
         if ref is not None:
             iv = Interval(torch.maximum(iv.lower, ref.lower), torch.minimum(iv.upper, ref.upper))
         if node.name in starts and len(starts[node.name]) == 3:
-            _, slopes, chain = starts[node.name]
-            rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes)
-            index = torch.arange(rows.lower.shape[1], device=rows.lower.device)
+            index, slopes, chain = starts[node.name]
+            rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes,
+                                   index)
             iv = tighten_rows(iv, index, rows, straight_through=True)
         elif node.name in starts:
             index, slopes = starts[node.name]

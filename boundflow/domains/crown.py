@@ -60,8 +60,9 @@ def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
     reading ``node``) is inexact under ``bound`` (for ReLU: the unstable ones). Exactly
     relaxed neurons need no tighter bound for their relaxation, so ``sparse`` saves work;
     but their intervals also feed IBP downstream, which ``sparse`` leaves looser (and then
-    more crown layers are no longer never-looser). Conv pre-activations are bounded in
-    patch form where ``ctx.patches`` allows and the graph is a conv chain."""
+    more crown layers are no longer never-looser). Spatial pre-activations are bounded in
+    patch form where ``ctx.patches`` allows and the patch form covers every node upstream
+    (:func:`boundflow.domains.crown_conv.conv_chain`)."""
     if index is None and sparse and ctx.alphas is None:
         return _crown_sparse(graph, node, bound, x, tensors, ctx)
     if index is None and ctx.alphas is None and ctx.patches:

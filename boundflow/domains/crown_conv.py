@@ -1,230 +1,151 @@
-"""CROWN for convolutional pre-activations with local ("patch") coefficients.
+"""CROWN for spatial pre-activations with local ("patch") coefficients.
 
-Bounding every neuron ``(c, i, j)`` of a conv layer by a backward pass needs, at each
+Bounding every neuron ``(c, i, j)`` of a ``C x H x W`` node by a backward pass needs, at each
 upstream feature map, coefficients that are non-zero only inside the receptive field of
-pixel ``(i, j)``. The dense rule stores them as full ``[rows, C, H, W]`` maps; here each row
-keeps only its window ``[C, Rh, Rw]``, placed at ``(i·S - O, j·S - O)`` of the map, where the
-window size ``R``, stride ``S`` and offset ``O`` grow as the walk passes each convolution.
-The arithmetic is the dense rule's, restricted to where it is not zero; out-of-map window
-entries are masked to zero (they stand for padding, which is constant 0).
+pixel ``(i, j)``. The dense walk (:mod:`boundflow.domains.backward`) stores them as full
+``[rows, C, H, W]`` maps; here each row keeps only its window ``[C, Rh, Rw]`` of each map
+(geometry: :mod:`boundflow.domains.crown_windows`; per-op rules:
+:mod:`boundflow.domains.crown_patches`). This module plans and drives the walk.
 
-It applies when the path from the start node back to the input is a chain of conv2d
-(groups 1, dilation 1), activations (any entry of the relaxation registry: their lines are
-elementwise, so they are unfolded into windows like any map) and per-channel affine ops
-(``linear`` and ``elementwise`` ops with a window rule in ``_AFFINE``, by a constant that is
-scalar or per channel), starting at a conv2d; :func:`conv_chain` says. Any other op (maxpool,
-pad, ...) makes the start fall back to dense coefficients.
+The walk is the dense walk's, over window coefficients. It starts with the identity at the
+start node (a window of one entry per neuron), visits the start's ancestors in reverse
+topological order, and processes a node only after every reader has contributed. Where
+readers leave a node windows of different geometry (a residual block: the skip path and the
+convolutions of the main path, with different sizes and offsets), each contribution is
+zero-padded at its offset into the smallest window holding them all (the largest offset and
+the largest extent past the start position, :meth:`Window.joined`) and they are summed.
+Where that window would span the whole map, or paths of different stride meet, the node and
+everything upstream of it is walked in the whole-map form (dense coefficients in window
+layout, stride 0): windows grow with every convolution and are not worth keeping once they
+are as large as the map. Before a node's rule runs, window entries that lie off its map are
+zeroed (zero padding or positions past the border: they stand for nothing). At the input the
+windows are concretised against the box, unfolded alike.
+
+:func:`conv_chain` says whether a start is covered: every ancestor (a DAG, not only a chain)
+is a ``(C, H, W)`` node the window rules take (conv2d, avgpool2d, maxpool2d, spatial
+constant pad, activations, per-element affine ops, add/sub of two nodes, concat along
+channels; :func:`crown_patches.covers`). Anything else upstream (a flatten, linear,
+reshape, permute, slice, softmax, conv_transpose2d, a pad or concat on the channel axis)
+makes the start fall back to the dense walk: never wrong, only slower.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from boundflow.domains import activations
+from boundflow.domains.coeffs import Coeffs, same
+from boundflow.domains.crown_patches import (PatchContext, PatchSlopes, RULES, covers,
+                                             input_windows)
+from boundflow.domains.crown_windows import Window, mask, start_window
 from boundflow.domains.interval import Interval
-from boundflow.domains.relaxation import split_params, stack_params
-from boundflow.ir import ops
-from boundflow.ir.graph import Graph, Node
+from boundflow.ir.graph import Graph, Node, ancestors
 
 
-def _per_channel(t: torch.Tensor | None) -> bool:
-    return t is None or t.dim() == 0 or t.numel() == 1 or (
-        t.dim() == 3 and t.shape[1:] == (1, 1)) or t.dim() == 1
+def _order(graph: Graph, start: str) -> list[Node]:
+    """``start`` and its ancestors in reverse topological order (``start`` first)."""
+    need = ancestors(graph, [start])
+    return [n for n in reversed(graph.nodes) if n.name in need]
+
+
+def _windows(graph: Graph, order: list[Node], tensors: Mapping[str, torch.Tensor]
+             ) -> dict[str, Window] | None:
+    """Each node's window (joined over its readers), or None where a node is not covered."""
+    shapes = {n.name: n.shape for n in graph.nodes}
+    start = order[0]
+    windows = {start.name: Window((1, 1), (1, 1), (0, 0), tuple(start.shape[1:]))}
+    for node in order:
+        if node.op == "input":
+            return windows if len(node.shape) == 3 else None
+        if not covers(node, shapes, tensors):
+            return None
+        for name, win in zip(node.inputs, input_windows(node, windows[node.name], tensors)):
+            windows[name] = win.joined(windows.get(name), tuple(shapes[name][1:]))
+    return None                                      # the start does not reach the input
 
 
 def conv_chain(graph: Graph, start: str, tensors: Mapping[str, torch.Tensor]
                ) -> list[Node] | None:
-    """The nodes from ``start`` back to (not including) the input, or None if the fast path
-    does not apply."""
+    """The nodes from ``start`` back to (not including) the input, in reverse topological
+    order with ``start`` first, or None if the patch form does not cover ``start`` (module
+    docstring)."""
     node = graph.node(start)
-    if node.op != "conv2d":
+    if node.op == "input" or len(node.shape) != 3:
         return None
-    chain = []
-    while node.op != "input":
-        if len(node.inputs) != 1 or len(node.shape) != 3:
-            return None
-        if node.op == "conv2d":
-            if node.attrs["groups"] != 1 or tuple(node.attrs["dilation"]) != (1, 1):
-                return None
-        elif node.op in _AFFINE and ops.has(node.op, "linear") \
-                and ops.has(node.op, "elementwise"):
-            if "other" in node.params:
-                other = tensors[node.params["other"]]
-                if other.dim() == 1 and other.numel() != 1:
-                    return None              # a per-width constant, not per channel
-                if not _per_channel(other):
-                    return None
-        elif node.op not in activations.ACTIVATIONS:
-            return None
-        chain.append(node)
-        node = graph.node(node.inputs[0])
-    return chain if len(node.shape) == 3 else None
+    order = _order(graph, start)
+    if _windows(graph, order, tensors) is None:
+        return None
+    return [n for n in order if n.op != "input"]
 
 
-class _Windows:
-    """Coefficients ``[B', L, Cs, C, Rh, Rw]`` (L start positions, Cs start channels) and the
-    window geometry at the current map."""
-
-    def __init__(self, A, size, stride, offset, out_hw):
-        self.A, self.size, self.stride, self.offset, self.out_hw = A, size, stride, offset, out_hw
-
-    def unfold(self, t: torch.Tensor) -> torch.Tensor:
-        """A map ``[B, C, H, W]`` as windows ``[B, L, 1, C, Rh, Rw]`` (zero outside the map)."""
-        B, C, H, W = t.shape
-        (rh, rw), (sh, sw), (oh, ow), (ho, wo) = self.size, self.stride, self.offset, self.out_hw
-        need_h, need_w = (ho - 1) * sh + rh, (wo - 1) * sw + rw
-        t = F.pad(t, (ow, max(0, need_w - W - ow), oh, max(0, need_h - H - oh)))
-        t = t[..., :need_h, :need_w]       # exactly the area the windows cover
-        cols = F.unfold(t, (rh, rw), stride=(sh, sw))            # [B, C*rh*rw, L]
-        return cols.reshape(B, C, rh, rw, ho * wo).permute(0, 4, 1, 2, 3).unsqueeze(2)
+def _add(a: Coeffs | None, b: Coeffs) -> Coeffs:
+    if a is None:
+        return b
+    if a.lA is a.uA and b.lA is b.uA:
+        total = a.lA + b.lA
+        return Coeffs(total, total)
+    return Coeffs(a.lA + b.lA, a.uA + b.uA)
 
 
-def _channel(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, 1, 1) if t.dim() >= 1 and t.numel() > 1 else t.reshape(())
-
-
-class PatchSlopes(dict):
-    """alpha-CROWN parameters in window layout, ``activation name -> (lower-side,
-    upper-side)`` tensors ``[B, L, Cs, C, Rh, Rw]`` (stacked on a leading axis for entries
-    with several parameters per neuron); created from the default parameters the first time
-    an activation is met, and collected in ``params`` for the optimiser."""
-
-    def __init__(self):
-        super().__init__()
-        self.params: list[torch.Tensor] = []
+def _placed(a: Coeffs, win: Window, target: Window, hw) -> Coeffs:
+    """Coefficients on windows ``win`` as coefficients on the node's windows ``target``:
+    zero-padded (or cut) into them, or written out on the whole map."""
+    if win == target:
+        return a
+    if target.is_whole and not win.is_whole:
+        return same(a, lambda t: win.to_whole(t, hw))
+    widths = win.widths_to(target)
+    return same(a, lambda t: F.pad(t, widths))
 
 
 def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interval,
                     tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
-                    lower_slope: str, alphas: PatchSlopes | None = None) -> Interval:
-    """CROWN bounds ``[B, n]`` of every neuron of ``chain[0]`` (a conv2d), in its flat order;
-    with ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN)."""
+                    lower_slope: str, alphas: PatchSlopes | None = None,
+                    index: torch.Tensor | None = None) -> Interval:
+    """CROWN bounds ``[B, k]`` of the neurons ``index`` (flat; default every one, in flat
+    order) of ``chain[0]`` (the start; ``chain`` is what :func:`conv_chain` returned); with
+    ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN)."""
+    order = list(chain) + [graph.nodes[0]]
     start = chain[0]
-    w = tensors[start.params["weight"]]
-    Cs, Ho, Wo = start.shape
-    L = Ho * Wo
-    A = w.reshape(1, 1, Cs, *w.shape[1:]).expand(1, L, *((Cs,) + tuple(w.shape[1:])))
-    win = _Windows(A, tuple(w.shape[2:]), tuple(start.attrs["stride"]),
-                   tuple(start.attrs["padding"]), (Ho, Wo))
-    lA = uA = win.A
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    lb = ub = tensors[start.params["bias"]].reshape(1, 1, Cs) if "bias" in start.params else zero
-    mask_of = lambda name: win.unfold(torch.ones((1,) + graph.node(name).shape,  # noqa: E731
-                                                dtype=w.dtype, device=w.device))
-
-    def wsum(t):                                   # sum over (C, Rh, Rw)
-        return t.sum((-1, -2, -3))
-
-    for node in chain[1:]:
-        mask = mask_of(node.name)
-        lA, uA = lA * mask, (uA * mask if uA is not lA else None)
-        uA = lA if uA is None else uA
-        p = {r: tensors[k] for r, k in node.params.items()}
-        if node.op in activations.ACTIVATIONS:
-            low, up = _relax_windows(node, win, bounds, lower_slope, alphas, lA.shape)
-            lpos, lneg, upos, uneg = lA.clamp(min=0), lA.clamp(max=0), uA.clamp(min=0), \
-                uA.clamp(max=0)
-            lb, ub = lb + _bias(lneg, low.upper_bias, lpos, low.lower_bias), \
-                ub + _bias(upos, up.upper_bias, uneg, up.lower_bias)
-            lA, uA = lpos * low.lower_slope + lneg * low.upper_slope, \
-                upos * up.upper_slope + uneg * up.lower_slope
-        elif node.op == "conv2d":
-            wk = p["weight"]
-            if "bias" in p:
-                b = p["bias"].reshape(-1, 1, 1)
-                lb = lb + wsum(lA * b)
-                ub = ub + wsum(uA * b) if uA is not lA else lb
-            s, pad = tuple(node.attrs["stride"]), tuple(node.attrs["padding"])
-
-            def through(t):
-                shape = t.shape
-                flat = t.reshape((-1,) + tuple(shape[3:]))
-                out = F.conv_transpose2d(flat, wk, stride=s)
-                return out.reshape(tuple(shape[:3]) + tuple(out.shape[1:]))
-            same = uA is lA
-            lA = through(lA)
-            uA = lA if same else through(uA)
-            win = _Windows(None, tuple((win.size[i] - 1) * s[i] + wk.shape[2 + i] for i in (0, 1)),
-                           tuple(win.stride[i] * s[i] for i in (0, 1)),
-                           tuple(win.offset[i] * s[i] + pad[i] for i in (0, 1)), (Ho, Wo))
-        else:                                      # per-channel affine
-            scale, shift = _affine(node, p)
-            if shift is not None:
-                lb = lb + wsum(lA * shift)
-                ub = ub + wsum(uA * shift) if uA is not lA else lb
-            if scale is not None:
-                same = uA is lA
-                lA = lA * scale
-                uA = lA if same else uA * scale
-    mask = mask_of(graph.nodes[0].name)
-    mid = win.unfold((x.upper + x.lower) / 2) * mask
-    rad = win.unfold((x.upper - x.lower) / 2) * mask
-    lower = wsum(lA * mid) - wsum(lA.abs() * rad) + lb
-    upper = wsum(uA * mid) + wsum(uA.abs() * rad) + ub
-    B = x.lower.shape[0]
-    flat = lambda t: t.expand(B, L, Cs).permute(0, 2, 1).reshape(B, Cs * L)  # noqa: E731
-    return Interval(flat(lower), flat(upper))
+    A, first_win = start_window(start.shape, x.lower, index)
+    windows = {name: replace(w, rows=first_win.rows)
+               for name, w in _windows(graph, order, tensors).items()}
+    shapes = {n.name: n.shape for n in graph.nodes}
+    ctx = PatchContext(bounds, lower_slope, alphas, shapes)
+    pending = {start.name: Coeffs(A, A)}
+    lb = ub = 0.0                                    # constant terms [B', L', Cs]
+    for node in chain:
+        a, win = pending.pop(node.name), windows[node.name]
+        if not win.inside(tuple(node.shape[1:])):
+            on_map = mask(node.shape, win, x.lower)
+            a = same(a, lambda t: t * on_map)
+        params = {role: tensors[key] for role, key in node.params.items()}
+        ins, dl, du = RULES[node.op](node, params, a, win, ctx)
+        lb, ub = lb + dl, ub + du
+        for name, coeffs, w in zip(node.inputs, ins, input_windows(node, win, tensors)):
+            coeffs = _placed(coeffs, w, windows[name], tuple(shapes[name][1:]))
+            pending[name] = _add(pending.get(name), coeffs)
+    first = order[-1]
+    out = _concretize(pending.pop(first.name), windows[first.name], x)
+    B, (Cs, H, W) = x.lower.shape[0], start.shape
+    if index is not None:                            # [B, k, 1]
+        return Interval((out.lower + lb).reshape(B, -1), (out.upper + ub).reshape(B, -1))
+    flat = lambda t: t.expand(B, H * W, Cs).transpose(1, 2).reshape(B, Cs * H * W)  # noqa
+    return Interval(flat(out.lower + lb), flat(out.upper + ub))
 
 
-def _bias(c1, b1, c2, b2):
-    """``wsum(c1·b1) + wsum(c2·b2)``, skipping zero (None) biases."""
-    terms = [(c * b).sum((-1, -2, -3)) for c, b in ((c1, b1), (c2, b2)) if b is not None]
-    if not terms:
-        return 0.0
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+def _concretize(a: Coeffs, win: Window, x: Interval) -> Interval:
+    """``lA·x`` minimised and ``uA·x`` maximised over the box per window row, ``[B, L,
+    Cs]``. Off-map window entries meet zero centre and radius."""
+    mid = win.unfold((x.upper + x.lower) / 2).flatten(3).transpose(-1, -2)    # [B, L, K, 1]
+    rad = win.unfold((x.upper - x.lower) / 2).flatten(3).transpose(-1, -2)
+    lA, uA = a.lA.flatten(3), a.uA.flatten(3)                                 # [B', L', Cs, K]
+    lower = (torch.matmul(lA, mid) - torch.matmul(lA.abs(), rad)).squeeze(-1)
+    upper = (torch.matmul(uA, mid) + torch.matmul(uA.abs(), rad)).squeeze(-1)
+    return Interval(lower, upper)
 
 
-def _relax_windows(node: Node, win: _Windows, bounds: Mapping[str, Interval], mode: str,
-                   alphas: PatchSlopes | None, shape):
-    """The (lower-side, upper-side) lines of an activation in window layout. Without alphas
-    the lines are found on the map and unfolded; with them the relaxation's state is unfolded
-    and the lines are found per window entry from the learned parameters."""
-    relaxation = activations.get(node.op)
-    pre = bounds[node.inputs[0]]
-    state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
-    if alphas is None:
-        lines = relaxation.lines(state, node.attrs,
-                                 relaxation.default_params(state, node.attrs, mode))
-        lines = type(lines)(*(None if t is None else win.unfold(t) for t in lines))
-        return lines, lines
-    state = tuple(win.unfold(t) for t in state)
-    t_low, t_up = _learned(alphas, node.name, relaxation, state, node.attrs, mode, shape)
-    return relaxation.lines(state, node.attrs, t_low), relaxation.lines(state, node.attrs, t_up)
-
-
-def _learned(alphas: PatchSlopes, name: str, relaxation, state, attrs, mode: str, shape):
-    """The (lower-side, upper-side) parameters of activation ``name``, made the first time
-    from the default ones, broadcast to the coefficients' window layout ``shape``."""
-    if name not in alphas:
-        default = relaxation.default_params(state, attrs, mode)
-        full = torch.broadcast_shapes(default[0].shape, shape)
-        init = stack_params(tuple(torch.broadcast_to(t.detach(), full) for t in default))
-        pair = (init.clone().requires_grad_(True), init.clone().requires_grad_(True))
-        alphas[name] = pair
-        alphas.params.extend(pair)
-    a_l, a_u = alphas[name]
-    return split_params(a_l, relaxation.n_params), split_params(a_u, relaxation.n_params)
-
-
-def _affine(node: Node, p: dict):
-    """(scale, shift) of a per-channel affine node, each None or broadcastable [C,1,1]."""
-    return _AFFINE[node.op](node, p)
-
-
-def _batchnorm(node: Node, p: dict):
-    scale = p["weight"] / torch.sqrt(p["var"] + node.attrs["eps"])
-    return scale.reshape(-1, 1, 1), (p["bias"] - p["mean"] * scale).reshape(-1, 1, 1)
-
-
-# window rules of the per-channel affine ops: (node, params) -> (scale, shift)
-_AFFINE = {
-    "identity": lambda node, p: (None, None),
-    "batchnorm": _batchnorm,
-    "mul": lambda node, p: (_channel(p["other"]), None),
-    "div": lambda node, p: (1 / _channel(p["other"]), None),
-    "add": lambda node, p: (None, _channel(p["other"])),
-    "sub": lambda node, p: (None, -_channel(p["other"])),
-}
+__all__ = ["PatchSlopes", "conv_chain", "crown_conv_rows"]

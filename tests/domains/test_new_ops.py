@@ -257,7 +257,7 @@ def test_patch_form_through_every_activation_equals_dense():
         torch.testing.assert_close(out[True].upper, out[False].upper, rtol=tol, atol=tol)
 
 
-def test_maxpool_ends_a_patch_chain():
+def test_maxpool_keeps_the_patch_form():
     import importlib
 
     crown_mod = importlib.import_module("boundflow.domains.crown")
@@ -271,7 +271,11 @@ def test_maxpool_ends_a_patch_chain():
     h = b.add_node("conv2d", [h], params={"weight": np.ones((1, 1, 2, 2))}, attrs={
         "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1})
     g2 = b.build(b.add_node("relu", [h]))
-    assert crown_mod.conv_chain(g2, h, graph_tensors(g2, torch.float64)) is None
+    assert crown_mod.conv_chain(g2, h, graph_tensors(g2, torch.float64)) is not None
+    x = np.random.default_rng(3).standard_normal((2,) + g2.input_shape)
+    out = {p: _bounds(g2, x - 0.5, x + 0.5, "crown", patches=p) for p in (False, True)}
+    torch.testing.assert_close(out[True].lower, out[False].lower, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[True].upper, out[False].upper, rtol=1e-10, atol=1e-10)
 
 
 def test_sparse_crown_is_sound_with_smooth_activations():
