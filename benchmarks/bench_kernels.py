@@ -1,0 +1,187 @@
+"""The default path and the compiled default plan beside a forward pass and auto_LiRPA.
+
+    python benchmarks/bench_kernels.py [--rounds 15] [--rows mlp,cnn,deep,residual]
+                                       [--methods ibp,crown-ibp,crown,alpha-crown]
+
+One row per (model, batch, method), each measured in one run of interleaved rounds (a forward
+pass, then ``bf.compute_bounds`` on the default torch path, then the same call with
+``backend="relax"``, which compiles the same default plan with TVM; medians). Models: the
+shared auto_LiRPA ``mlp`` and ``cnn`` (recorded weights, their inputs and margin spec, eps
+8/255), ``deep`` (the ``random_deep_mlp`` example) and ``residual`` (``random_residual``; its
+plain counterpart ``random_cnn`` rides along for CROWN per FLOP), margin spec on the clean
+prediction, eps 2/255. Batch 1 and 32; alpha-CROWN (10 iterations, as auto_LiRPA's record)
+at batch 1. One torch thread.
+
+``x fwd`` = call time over the forward pass. ``aL x`` = the implied speedup over auto_LiRPA,
+``alirpa_over_forward / (ms / forward_ms)`` from ../shared/reference/alirpa/speed_vs_forward.csv
+(shared models only). ``relax/torch`` > 1 means the compiled plan is slower. ``ms/MFLOP`` is
+call time per forward MFLOP (per sample), for the residual-vs-plain comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import boundflow as bf
+from boundflow.api import as_graph
+from boundflow.examples import load
+from bench_ibp import model as shared_model
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "alirpa"
+ALPHA = bf.AlphaConfig(iterations=10)
+
+
+def alirpa_ratios() -> dict[tuple[str, int, str], float]:
+    path = REF / "speed_vs_forward.csv"
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return {(r["model"], int(r["batch"]), r["method"]): float(r["alirpa_over_forward"])
+                for r in csv.DictReader(f)}
+
+
+def margin(labels: np.ndarray, n_out: int) -> np.ndarray:
+    C = np.zeros((len(labels), n_out - 1, n_out), np.float32)
+    for b, y in enumerate(labels):
+        others = [j for j in range(n_out) if j != y]
+        for k, j in enumerate(others):
+            C[b, k, y], C[b, k, j] = 1.0, -1.0
+    return C
+
+
+def workload(name: str, batch: int):
+    """(module, x, C, eps) of a row."""
+    if name in ("mlp", "cnn"):
+        data = np.load(REF / f"{name}_inputs.npz")
+        return shared_model(name), data["x"][:batch], data["C"][:batch], 8 / 255
+    ex = load({"deep": "random_deep_mlp", "residual": "random_residual",
+               "plain_cnn": "random_cnn"}[name])
+    x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
+    with torch.no_grad():
+        out = ex.model(torch.from_numpy(x))
+    return ex.model, x, margin(out.argmax(1).numpy(), out.shape[1]), 2 / 255
+
+
+def forward_mflops(module: torch.nn.Module, x: np.ndarray) -> float:
+    """Multiply-adds of one sample's forward pass through linear and conv layers, in millions."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, torch.nn.Linear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, torch.nn.Conv2d):
+            total += out[0].numel() * m.in_channels // m.groups * m.kernel_size[0] \
+                * m.kernel_size[1]
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    with torch.no_grad():
+        module(torch.from_numpy(x[:1]))
+    for h in handles:
+        h.remove()
+    return 2 * total / 1e6
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each function, timed in interleaved rounds after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def row(name: str, batch: int, method: str, rounds: int, ratios: dict) -> dict:
+    module, x, C, eps = workload(name, batch)
+    graph = as_graph(module, torch.from_numpy(x[:1]))
+    xt = torch.from_numpy(x)
+    opts = dict(eps=eps, C=C, method=method, alpha=ALPHA)
+
+    def forward():
+        with torch.no_grad():
+            module(xt)
+    fns = {"forward": forward,
+           "torch": lambda: bf.compute_bounds(graph, x, **opts),
+           "relax": lambda: bf.compute_bounds(graph, x, backend="relax", **opts)}
+    t0 = time.perf_counter()
+    fns["relax"]()                                   # compile (or load) outside the rounds
+    compile_s = time.perf_counter() - t0
+    a, b = bf.compute_bounds(graph, x, **opts), bf.compute_bounds(graph, x, backend="relax",
+                                                                   **opts)
+    gap = float(max((a.lower - b.lower).abs().max(), (a.upper - b.upper).abs().max()))
+    slow = method == "alpha-crown" or (method == "crown" and batch == 32 and name == "cnn")
+    ms = interleaved(fns, max(3, rounds // 5) if slow else rounds)
+    ref = ratios.get((name, batch, method))
+    out = {"model": name, "batch": batch, "method": method, "forward_ms": ms["forward"],
+           "torch_ms": ms["torch"], "relax_ms": ms["relax"], "compile_s": compile_s,
+           "torch_x_fwd": ms["torch"] / ms["forward"], "relax_x_fwd": ms["relax"] / ms["forward"],
+           "relax_over_torch": ms["relax"] / ms["torch"], "max_gap": gap,
+           "torch_ms_per_mflop": ms["torch"] / batch / forward_mflops(module, x)}
+    if ref is not None:
+        out["alirpa_x_fwd"] = ref
+        out["torch_vs_alirpa"] = ref / out["torch_x_fwd"]
+        out["relax_vs_alirpa"] = ref / out["relax_x_fwd"]
+    return out
+
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rows", default="mlp,cnn,deep,residual")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--methods", default="ibp,crown-ibp,crown,alpha-crown")
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ratios = alirpa_ratios()
+    print(f"torch {torch.__version__}, 1 thread; load average before {os.getloadavg()[0]:.2f}")
+    head = (f"{'model':<9} {'B':>3} {'method':<11} {'fwd ms':>7} {'torch ms':>9} "
+            f"{'relax ms':>9} {'torch xfwd':>10} {'relax xfwd':>10} {'aL xfwd':>8} "
+            f"{'torch/aL':>8} {'relax/aL':>8} {'relax/torch':>11} {'ms/MFLOP':>8} {'gap':>8}")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    names = args.rows.split(",")
+    if "residual" in names and "crown" in args.methods and "plain_cnn" not in names:
+        names.append("plain_cnn")
+    for name in names:
+        for batch in (int(b) for b in args.batches.split(",")):
+            for method in args.methods.split(","):
+                if method == "alpha-crown" and batch != 1:
+                    continue
+                if name == "plain_cnn" and method != "crown":
+                    continue
+                r = row(name, batch, method, args.rounds, ratios)
+                rows.append(r)
+                print(f"{name:<9} {batch:>3} {method:<11} {r['forward_ms']:>7.3f} "
+                      f"{r['torch_ms']:>9.3f} {r['relax_ms']:>9.3f} {r['torch_x_fwd']:>10.1f} "
+                      f"{r['relax_x_fwd']:>10.1f} {fmt(r.get('alirpa_x_fwd'), '8.1f')} "
+                      f"{fmt(r.get('torch_vs_alirpa'), '7.2f')}x "
+                      f"{fmt(r.get('relax_vs_alirpa'), '7.2f')}x "
+                      f"{r['relax_over_torch']:>10.2f}x {r['torch_ms_per_mflop']:>8.3f} "
+                      f"{r['max_gap']:>8.1e}", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
