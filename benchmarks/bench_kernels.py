@@ -10,7 +10,7 @@ shared auto_LiRPA ``mlp`` and ``cnn`` (recorded weights, their inputs and margin
 8/255), ``deep`` (the ``random_deep_mlp`` example) and ``residual`` (``random_residual``; its
 plain counterpart ``random_cnn`` rides along for CROWN per FLOP), margin spec on the clean
 prediction, eps 2/255. Batch 1 and 32; alpha-CROWN (10 iterations, as auto_LiRPA's record)
-at batch 1. One torch thread.
+at batch 1. One torch thread, one TVM thread.
 
 ``x fwd`` = call time over the forward pass. ``aL x`` = the implied speedup over auto_LiRPA,
 ``alirpa_over_forward / (ms / forward_ms)`` from ../shared/reference/alirpa/speed_vs_forward.csv
@@ -20,20 +20,23 @@ call time per forward MFLOP (per sample), for the residual-vs-plain comparison.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import os
-import statistics
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("TVM_NUM_THREADS", "1")   # TVM's thread pool as small as torch's
 
-import boundflow as bf
-from boundflow.api import as_graph
-from boundflow.examples import load
-from bench_ibp import model as shared_model
+import argparse                                # noqa: E402
+import csv                                     # noqa: E402
+import statistics                              # noqa: E402
+import time                                    # noqa: E402
+from pathlib import Path                       # noqa: E402
+
+import numpy as np                             # noqa: E402
+import torch                                   # noqa: E402
+
+import boundflow as bf                         # noqa: E402
+from boundflow.api import as_graph             # noqa: E402
+from boundflow.examples import load            # noqa: E402
+from bench_ibp import model as shared_model    # noqa: E402
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "alirpa"
 ALPHA = bf.AlphaConfig(iterations=10)

@@ -38,10 +38,11 @@ from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
-FEATURE_VERSION = "features-v2"
+FEATURE_VERSION = "features-v3"
 _METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 _FINALS = ("ibp", "crown", "alpha-crown")
-_SCHEDULE = ("inline", "parallel", "vectorize", "tile", "cache_write", "unroll", "threads")
+_SCHEDULE = ("inline", "parallel", "vectorize", "tile", "tile_rows", "cache_write", "unroll",
+             "threads")
 _WEIGHTED = ops.having("weighted")      # linear, conv2d, conv_transpose2d: CROWN's work
 
 PLAN_FEATURE_NAMES: tuple[str, ...] = (
@@ -144,7 +145,9 @@ def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
             if kind_of.get(t) in kinds and low == "tir"]
     if not rows:
         return [0.0] * len(_SCHEDULE)
-    return [float(np.mean([float(r.get(k, 0) or 0) for r in rows])) for k in _SCHEDULE]
+    def number(v) -> float:          # "auto" (the rule's choice) as -1
+        return -1.0 if isinstance(v, str) else float(v or 0)
+    return [float(np.mean([number(r.get(k, 0)) for r in rows])) for k in _SCHEDULE]
 
 
 def features(bundle: PlanBundle, graph: Graph, backend: str = "torch") -> np.ndarray:

@@ -19,7 +19,9 @@ from boundflow.errors import BoundFlowError
 from boundflow.ir.task_graph import freeze, parse_json, record, thaw
 
 LAYOUTS = ("NCHW", "NHWC")
-LOWERINGS = ("torch", "tir")
+# a task's lowering: a ``torch`` (ATen) callback, a ``tir`` kernel, or ``auto``: the planner's
+# cost rule picks one of the two per task (``planner.passes.auto_lowering``)
+LOWERINGS = ("torch", "tir", "auto")
 STORAGE = ("reuse", "none")
 
 

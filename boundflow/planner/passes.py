@@ -393,15 +393,44 @@ def plan_cache(ctx: PlannerContext) -> PlannerContext:
     return ctx.but(cache_plan=CachePlan(tuple(entries)))
 
 
+# Convolutions whose TIR kernels are direct loop nests (no im2col or packed-weight GEMM, and
+# CROWN's coefficients dense through them where the torch rules keep patches): ATen's
+# convolutions beat them several times over (benchmarks/bench_kernels.py), so ``auto`` sends
+# tasks holding them to a library call. GEMM-shaped work (linear layers, CROWN products) is
+# on par with ATen in TIR (benchmarks/bench_gemm.py) and runs there, with less per-call cost.
+_LIBRARY_OPS = frozenset(op for op in ops.having("weighted") if ops.has(op, "spatial")) \
+    | {"conv_transpose2d"}
+
+
+def auto_lowering(task: Task, graph: Graph) -> str:
+    """The cost rule behind the ``auto`` lowering: ``torch`` (ATen's library kernels) for a
+    task whose work crosses a convolution, ``tir`` otherwise. An ``ibp`` task's work is its
+    own nodes; a ``crown`` task's and a CROWN ``final`` task's is the backward walk from its
+    start back to the input."""
+    op = {n.name: n.op for n in graph.nodes}
+    if task.kind == "crown":
+        work = ancestors(graph, list(task.nodes))
+    elif task.kind == "final" and task.attr("method") != "ibp":
+        work = ancestors(graph, [graph.output])
+    else:
+        work = task.nodes
+    return "torch" if any(op[n] in _LIBRARY_OPS for n in work) else "tir"
+
+
 def select_lowering(ctx: PlannerContext) -> PlannerContext:
-    """Each compute task's lowering and schedule parameters, from the knobs."""
+    """Each compute task's lowering and schedule parameters, from the knobs (``auto``
+    resolved per task by :func:`auto_lowering`)."""
     names = {t.name for t in ctx.task_graph.tasks}
     unknown = sorted(set(dict(ctx.knobs.task_lowering)) - names |
                      set(dict(ctx.knobs.schedule)) - names)
     if unknown:
         raise PlanError(f"knobs set lowering or schedule for tasks {unknown}, which this "
                         f"plan does not have")
-    rows = tuple((t.name, ctx.knobs.lowering_of(t.name), ctx.knobs.task_schedule(t.name))
+
+    def lowering(t: Task) -> str:
+        chosen = ctx.knobs.lowering_of(t.name)
+        return auto_lowering(t, ctx.graph) if chosen == "auto" else chosen
+    rows = tuple((t.name, lowering(t), ctx.knobs.task_schedule(t.name))
                  for t in ctx.task_graph.tasks if t.kind != "input")
     return ctx.but(lowering_plan=LoweringPlan(rows))
 

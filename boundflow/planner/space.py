@@ -172,7 +172,8 @@ def _get(knobs: Knobs, field: str, i: int) -> Any:
 def default_knobs(graph: Graph, workload: Workload) -> Knobs:
     """The heuristic plan: fuse every fusible edge (fewer buffers, nothing lost: a CROWN
     pre-activation is cut out by the planner anyway), the method's own domains, NHWC only where a permute into the region becomes free, centre/radius where
-    an affine output feeds another affine op, torch lowering, buffers reused."""
+    an affine output feeds another affine op, each task's lowering by the planner's cost rule
+    (``auto``), buffers reused."""
     space = SearchSpace.of(graph, workload)
     op_of = {n.name: n.op for n in graph.nodes}
     weighted = ops.having("weighted")
@@ -184,7 +185,7 @@ def default_knobs(graph: Graph, workload: Workload) -> Knobs:
     forms = tuple("cr" if users[a] and all(op_of[u] in weighted for u in users[a]) else "lu"
                   for a in space.affine)
     return space.check(Knobs(partition, tuple(inner for _ in space.preactivations), final,
-                             layouts, forms, lowering="tir"))
+                             layouts, forms, lowering="auto"))
 
 
 def _fed_by_nhwc_permute(graph: Graph, region: tuple[str, ...]) -> bool:

@@ -272,8 +272,8 @@ class TuneSpace:
                 if kind_of.get(task) in kinds and pairs:
                     per_group.setdefault(g, dict(pairs))
             for g, kinds in LOWERING_GROUPS.items():
-                if kind_of.get(task) in kinds:
-                    lowering.setdefault(g, low)
+                if kind_of.get(task) in kinds:          # the knob (``auto`` unresolved)
+                    lowering.setdefault(g, bundle.knobs.lowering_of(task))
         values = []
         for d in self.decisions:
             if d.field == "backend":

@@ -378,7 +378,7 @@ def test_tir_ibp_kernels_of_new_ops_match_a_float64_reference(case):
     _needs_plannable(g)
     w = Workload.of(g, batch=BATCH, method="ibp", n_specs=0)
     bundle = plan(g, w, default(g, w).replace(partition=tuple(
-        i % 2 == 0 for i in range(len(space(g, w).fusible)))))
+        i % 2 == 0 for i in range(len(space(g, w).fusible))), lowering="tir"))
     exe = _relax().RelaxExecutor(bundle, g)
     assert exe.fallbacks == []
     x, _ = _query(g, np.float32)
@@ -403,11 +403,12 @@ def test_tir_crown_kernels_of_linear_new_ops_are_sound_and_tighter(case):
     g = {**CASES, "batchnorm_after_relu": batchnorm_after_relu}[case]("float32")
     x, C = _query(g, np.float32)
     w = Workload.of(g, batch=BATCH, method="crown", n_specs=C.n_specs)
-    bundle = plan(g, w)
+    bundle = plan(g, w, default(g, w).replace(lowering="tir"))
     exe = _relax().RelaxExecutor(bundle, g)
     assert exe.fallbacks == [] and any(t.kind == "crown" for t in bundle.task_graph.tasks)
     out = exe.run(x, C)
-    ibp_plan = plan(g, Workload.of(g, batch=BATCH, method="ibp", n_specs=C.n_specs))
+    wi = Workload.of(g, batch=BATCH, method="ibp", n_specs=C.n_specs)
+    ibp_plan = plan(g, wi, default(g, wi).replace(lowering="tir"))
     ibp = _relax().RelaxExecutor(ibp_plan, g).run(x, C)
     assert (out.lower >= ibp.lower - 1e-5).all() and (out.upper <= ibp.upper + 1e-5).all()
     pts = box_points(x.lower, x.upper, n=300)

@@ -102,7 +102,7 @@ def test_lowering_torch_runs_every_task_as_a_callback():
 def _cuda_plan(g, method, threads):
     """The default plan of ``g`` for cuda with every task's ``threads`` schedule knob set."""
     w = Workload.of(g, batch=3, method=method, target="cuda")
-    k = default(g, w)
+    k = default(g, w).replace(lowering="tir")
     tasks = [t.name for t in plan(g, w, k).task_graph.tasks if t.kind != "input"]
     return plan(g, w, k.replace(schedule=tuple((t, (("threads", threads),)) for t in tasks)))
 
@@ -261,7 +261,7 @@ def test_random_schedule_knobs_keep_bounds():
 
     g, x, C = _query("random_cnn")
     w = Workload.of(g, batch=3, method="crown-ibp")
-    base = plan(g, w)
+    base = plan(g, w, default(g, w).replace(lowering="tir"))     # convolutions too
     rng = random.Random(11)
     tasks = [t.name for t in base.task_graph.tasks if t.kind != "input"]
     knobs = base.knobs.replace(schedule=tuple((t, schedules.sample(rng)) for t in tasks))

@@ -52,7 +52,7 @@ def test_space_lists_decisions_and_rejects_bad_knobs():
     w = Workload.of(g, method="crown")
     sp = space(g, w)
     assert sp.size == 2 ** len(sp.fusible) * 2 ** len(sp.preactivations) * 2 \
-        * 2 ** len(sp.regions) * 2 ** len(sp.affine) * 2 * 2 * 2
+        * 2 ** len(sp.regions) * 2 ** len(sp.affine) * 3 * 2 * 2     # lowering: 3 choices
     assert sp.finals == ("ibp", "crown")                 # nothing past the method's own
     k = default(g, w)
     with pytest.raises(BoundFlowError, match="knobs.partition has"):

@@ -1,7 +1,7 @@
 """Compiled Relax modules, kept in memory and on disk.
 
 A compile is keyed by the plan (its JSON hash, which covers the workload and every choice), the
-target and the TVM version; weights are parameters of the module, so retrained weights reuse
+target, the TVM version and ``KERNELS_VERSION``; weights are parameters of the module, so retrained weights reuse
 it. On disk an entry is ``<key>.so`` (``export_library``) plus ``<key>.json`` (the weight order
 of ``main``), written to temporary names and renamed into place, so a reader never sees half a
 file. An entry that fails to load is deleted and rebuilt.
@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import tvm
+
+
+# Bumped whenever kernel generation or scheduling changes what a plan compiles to, so a
+# module compiled by older code is never loaded for a plan it no longer matches.
+KERNELS_VERSION = "kernels-6"
 
 
 def default_root() -> Path:
@@ -49,7 +54,7 @@ class CompileCache:
 
     @staticmethod
     def key(plan_key: str, target: Any) -> str:
-        text = json.dumps([plan_key, str(target), tvm.__version__])
+        text = json.dumps([plan_key, str(target), tvm.__version__, KERNELS_VERSION])
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def get(self, key: str, build: Callable[[], tuple[Any, list[str], int]]) -> Compiled:

@@ -22,7 +22,8 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from boundflow.backend.relax.kernels import TaskLowering, Value, _broadcast, _ravel, _unravel
+from boundflow.backend.relax.kernels import (TaskLowering, Value, _broadcast, _ravel, _unravel,
+                                             matrix)
 from boundflow.ir.analysis import ancestors
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task_graph import Buffer, Task
@@ -91,13 +92,13 @@ class BackwardLowering(TaskLowering):
         return self.nodes[node.inputs[k]].shape
 
     def _back_linear(self, node, c: Coef, S, pre):
-        w = self.param(node.params["weight"])
-        out_f = int(w.shape[0])
+        w = matrix(self, node.params["weight"])          # packed in panels where they fit
+        out_f = int(self.graph.params[node.params["weight"]].shape[0])
 
         def through(f):
             def body(b, s, *i):
                 o = te.reduce_axis((0, out_f), name="o")
-                return te.sum(f(b, s, *i[:-1], o) * w[o, i[-1]], axis=o)
+                return te.sum(f(b, s, *i[:-1], o) * w(o, i[-1]), axis=o)
             return body
         new = self._coef(through(c.la), through(c.ua), c.batched, S, self._in_shape(node),
                          node.name, c.la is c.ua)

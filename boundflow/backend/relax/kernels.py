@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
 from tvm import te, tirx
 
 from boundflow.errors import UnsupportedOpError
@@ -72,6 +73,65 @@ def _ravel(idx: Sequence, shape: Sequence[int]):
     return flat
 
 
+PAD_ROWS = 4     # a symbolic batch is padded to a multiple of this in GEMM-shaped stages, so
+                 # a register tile of 4 rows needs no bounds check (schedules.py)
+PANEL = 16       # columns per panel of a packed weight (AVX-512's float32 lanes)
+PACKED_T = "|T"  # parameter key suffixes: a 2-D weight transposed at compile time, and
+PACKED_P = "|P"  # panelled: [R, C] stored as [ceil(C / PANEL), R, PANEL], zero-padded, so
+# a register tile's columns are contiguous (rows of a weight whose row length is a power of
+# two map to one cache set: read column block by column block, they evict each other)
+
+
+def _padded(cols: int) -> int:
+    return -(-cols // PANEL) * PANEL
+
+
+def _packing(key: str) -> tuple[str, list[str]]:
+    """``key`` as (graph parameter name, its packing suffixes in order); the name itself may
+    hold ``|`` (normalisation's ``|folded``)."""
+    packing: list[str] = []
+    for suffix in (PACKED_P, PACKED_T, "|abs"):
+        if key.endswith(suffix):
+            key = key.removesuffix(suffix)
+            packing.insert(0, suffix[1:])
+    return key, packing
+
+
+def param_shape(graph: Graph, key: str) -> tuple[int, ...]:
+    """The shape of parameter ``key``: a graph parameter's name, optionally followed by
+    ``|abs`` (its absolute value), ``|T`` (a 2-D weight transposed) and ``|P`` (panelled)."""
+    base, packing = _packing(key)
+    shape = tuple(int(s) for s in graph.params[base].shape)
+    if "T" in packing:
+        shape = shape[::-1]
+    if "P" in packing:
+        shape = (_padded(shape[1]) // PANEL, shape[0], PANEL)
+    return shape
+
+
+def param_tensor(tensors, key: str):
+    """The tensor of parameter ``key`` (see :func:`param_shape`) from the graph's tensors
+    (``domains.traversal.graph_tensors``), packed contiguous."""
+    base, packing = _packing(key)
+    t = tensors[base]
+    if "abs" in packing:
+        t = t.abs()
+    if "T" in packing:
+        t = t.t()
+    if "P" in packing:
+        rows, cols = t.shape
+        t = torch.nn.functional.pad(t, (0, _padded(cols) - cols))
+        t = t.reshape(rows, -1, PANEL).permute(1, 0, 2)
+    return t.contiguous()
+
+
+def matrix(lowering: "TaskLowering", key: str, transposed: bool = False) -> Callable:
+    """``m(r, c)``: element (r, c) of the 2-D weight ``key`` (transposed: of its transpose),
+    read from a panelled copy (zero in the padding columns up to a multiple of ``PANEL``)."""
+    t = lowering.param(key + (PACKED_T if transposed else "") + PACKED_P)
+    return lambda r, c: t[c // PANEL, r, c % PANEL]
+
+
 def _reshaped(v: Value, shape: tuple[int, ...]) -> Value:
     """A view of ``v`` in another shape with the same row-major order."""
     old = v.shape
@@ -107,9 +167,10 @@ class TaskLowering:
         self.zero = tirx.const(0, dtype)
 
     def param(self, key: str) -> te.Tensor:
+        """The placeholder of parameter ``key``: a graph parameter, or one packed from it
+        (see :func:`param_shape`)."""
         if key not in self.params:
-            arr = self.graph.params[key.removesuffix("|abs")]
-            self.params[key] = te.placeholder(tuple(int(s) for s in arr.shape), self.dtype,
+            self.params[key] = te.placeholder(param_shape(self.graph, key), self.dtype,
                                               name=key.replace(".", "_").replace("|", "_"))
         return self.params[key]
 
@@ -147,27 +208,42 @@ class TaskLowering:
                                      f"({node.describe()})")
         return fn(node, ins)
 
-    def _stage_pair(self, shape, fa, fb, name) -> Value:
-        full = (self.n,) + tuple(shape)
+    def _stage_pair(self, shape, fa, fb, name, padded: bool = False) -> Value:
+        """Two stages over the batch. ``padded`` (GEMM-shaped stages): the batch is rounded
+        up to a multiple of ``PAD_ROWS`` (padding rows recompute the last sample) and the
+        last axis to one of ``PANEL`` (padding columns read the weights' zero padding), so a
+        register tile needs no bounds check (``schedules.py``); readers see ``shape``."""
+        n = self.n
+        full_shape = tuple(shape)
+        if padded:
+            last = n - 1
+            fa0, fb0 = fa, fb
+            fa = lambda b, *i: fa0(te.min(b, last), *i)  # noqa: E731
+            fb = lambda b, *i: fb0(te.min(b, last), *i)  # noqa: E731
+            n = (n + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS
+            full_shape = full_shape[:-1] + (_padded(full_shape[-1]),)
+        full = (n,) + full_shape
         ta = te.compute(full, lambda *i: fa(*i), name=name + "_a")
         tb = te.compute(full, lambda *i: fb(*i), name=name + "_b")
         return Value("cr", _tensor_access(ta), _tensor_access(tb), tuple(shape))
 
     def _linear(self, node: Node, ins: list[Value]) -> Value:
         v = self._materialised_cr(ins[0], node.name)
-        w = self.param(node.params["weight"])
-        wa = self.param(node.params["weight"] + "|abs")
+        # W and |W| pre-packed as [in, out], so the vectorised output loop reads them in order
+        w = matrix(self, node.params["weight"], transposed=True)
+        wa = matrix(self, node.params["weight"] + "|abs", transposed=True)
         bias = self.param(node.params["bias"]) if "bias" in node.params else None
-        out_f, in_f = (int(s) for s in w.shape)
+        in_f = int(self.graph.params[node.params["weight"]].shape[1])
 
         def mid(b, *i):
             k = te.reduce_axis((0, in_f), name="k")
-            s = te.sum(w[i[-1], k] * v.a(b, *i[:-1], k), axis=k)
-            return s
+            return te.sum(v.a(b, *i[:-1], k) * w(k, i[-1]), axis=k)
+
         def rad(b, *i):
             k = te.reduce_axis((0, in_f), name="k")
-            return te.sum(wa[i[-1], k] * v.b(b, *i[:-1], k), axis=k)
-        out = self._stage_pair(node.shape, mid, rad, node.name.replace(".", "_"))
+            return te.sum(v.b(b, *i[:-1], k) * wa(k, i[-1]), axis=k)
+        out = self._stage_pair(node.shape, mid, rad, node.name.replace(".", "_"),
+                               padded=len(node.shape) == 1)
         if bias is not None:
             m = out.a
             out = Value("cr", lambda b, *i: m(b, *i) + bias[i[-1]], out.b, out.shape)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+AUTO = "auto"                # the rule in schedules.py picks the value per stage
 LLVM: dict[str, tuple[Any, ...]] = {      # first value of each: the default
     "inline": (False, True),     # inlining a conversion into a conv re-computes it per tap
     "parallel": (True, False),
-    "vectorize": (0, 4, 8, 16),
-    "tile": (0, 4, 8, 16),
-    "cache_write": (False, True),
+    "vectorize": (AUTO, 0, 4, 8, 16),
+    "tile": (AUTO, 0, 4, 8, 16, 32, 64),
+    "tile_rows": (AUTO, 1, 2, 3, 4, 8),
+    "cache_write": (True, False),
     "unroll": (64, 0, 16),
 }
 CUDA: dict[str, tuple[Any, ...]] = {
@@ -23,8 +25,8 @@ CUDA: dict[str, tuple[Any, ...]] = {
 # Known-good starting points per target kind (the tuner measures them early, as MetaSchedule
 # and Ansor seed their searches with rule-based schedules); each a dict of non-default knobs.
 PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
-    "llvm": ({"tile": 4, "vectorize": 4, "cache_write": True},
-             {"tile": 8, "vectorize": 8},
+    "llvm": ({"tile": 32, "tile_rows": 2},
+             {"tile": 16, "tile_rows": 8},
              {"parallel": False},
              {"inline": True}),
     "cuda": ({"threads": 128}, {"threads": 256}),

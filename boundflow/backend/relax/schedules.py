@@ -5,18 +5,22 @@ The knobs and their legal values are this backend's to define, per target kind
 lowering plan as (name, value) pairs. A primitive that does not apply to a stage (a shape it
 cannot split, a stage that cannot be inlined) is skipped for that stage, never an error.
 
-llvm (every stage of the function):
+llvm (every stage of the function); ``auto`` (the default) lets a rule pick per stage from its
+shape and the CPU's vector width, as MetaSchedule's and Ansor's rule-based first schedules do:
 
 - ``inline``: fold single-use elementwise stages (centre/radius conversions, epilogues) into
   their readers;
-- ``parallel``: fuse the two outer spatial loops of each stage and run them in parallel;
-- ``vectorize``: split the innermost spatial loop of elementwise stages by that width (and, with
-  ``tile``, vectorise the tile of reduction stages);
-- ``tile``: register tiling of reduction stages (linear, conv, the CROWN products): the
-  innermost spatial loop is split by the tile and the reduction loops moved outside the tile,
-  so each loaded weight / input element is used for a whole tile of outputs;
-- ``cache_write``: with ``tile``, accumulate the tile in a ``local`` buffer written back per
-  tile;
+- ``parallel``: fuse the two outer loops of each stage and run them in parallel;
+- ``vectorize``: split the innermost loop of elementwise stages by that width and vectorise it
+  (``auto``: the CPU's lanes where the extent divides);
+- ``tile`` / ``tile_rows``: the register tile of reduction stages (linear, conv, the CROWN
+  products): ``tile`` vectorised columns of the innermost spatial loop times ``tile_rows``
+  rows of the next one, with the reduction loops moved outside the tile (innermost reduction
+  unrolled by 4), so each loaded weight / input element is used for a whole tile of outputs.
+  ``auto``: ``tile`` = the CPU's lanes where they divide the extent (the whole row where it is
+  shorter), ``tile_rows`` = the largest of 4, 3, 2 that provably divides the row extent (the
+  kernels pad a symbolic batch to a multiple of 4 so that it does); 0 / 1 turn either off;
+- ``cache_write``: accumulate the tile in a ``local`` buffer written back per tile;
 - ``unroll``: the auto-unroll limit of reduction stages.
 
 cuda: ``threads`` = 0 hands the function to TVM's default GPU pipeline (dlight); a positive
@@ -29,9 +33,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 
-from boundflow.backend.relax.schedule_space import CUDA, LLVM, _kind, check, sample, space
+from boundflow.backend.relax.schedule_space import AUTO, CUDA, LLVM, _kind, check, sample, space
 
 __all__ = ["schedule", "space", "check", "sample", "LLVM", "CUDA"]
 
@@ -64,63 +68,129 @@ def schedule(func: tirx.PrimFunc, knobs: Mapping[str, Any], target: Any) -> tirx
             if sch.get(b).name_hint not in outputs and not _is_reduction(sch, b):
                 _try(sch.compute_inline, b)
     for b in list(sch.get_child_blocks(root)):
-        if _is_reduction(sch, b) and k["tile"]:
-            _tile_reduction(sch, b, k["tile"], k["cache_write"], k["vectorize"])
-        blk = sch.get(b)
-        n_spatial = sum(int(iv.iter_type) != _REDUCE for iv in blk.iter_vars)
+        lanes = _lanes(target, sch.get(b))
+        reduction = _is_reduction(sch, b)
+        n_spatial = sum(int(iv.iter_type) != _REDUCE for iv in sch.get(b).iter_vars)
+        vector = 0 if reduction else int(_vectorize_inner(sch, b, k["vectorize"], lanes))
+        if reduction:
+            _tile_reduction(sch, b, k, lanes)
         if k["parallel"] and n_spatial >= 2:
             loops = sch.get_loops(b)
-            if _try(sch.fuse, loops[0], loops[1]):
+            if len(loops) - vector >= 2 and _try(sch.fuse, loops[0], loops[1]):
                 loops = sch.get_loops(b)
-            _try(sch.parallel, loops[0])
-        if _is_reduction(sch, b):
-            if k["unroll"]:
-                _try(sch.annotate, sch.get_loops(b)[0], "pragma_auto_unroll_max_step",
-                     k["unroll"])
-        elif k["vectorize"] and len(sch.get_loops(b)) >= 2:
-            try:
-                parts = sch.split(sch.get_loops(b)[-1], factors=[None, k["vectorize"]])
-            except _ERRORS:
-                continue
-            _try(sch.vectorize, parts[-1])
+            if len(loops) - vector >= 1:
+                _try(sch.parallel, loops[0])
+        if reduction and k["unroll"]:
+            _try(sch.annotate, sch.get_loops(b)[0], "pragma_auto_unroll_max_step", k["unroll"])
     return sch.mod["main"]
 
 
-def _tile_reduction(sch: s_tir.Schedule, b, tile: int, cache_write: bool,
-                    vectorize: int) -> None:
-    """Register tiling of reduction block ``b`` (see ``tile`` in the module docstring); left
-    as it is where the innermost spatial extent is not a known multiple of ``tile``."""
+def _lanes(target: Any, block) -> int:
+    """SIMD lanes of the element type ``block`` writes."""
+    from boundflow.backend.relax.target import tvm_target, vector_lanes
+
+    dtype = str(block.writes[0].source.dtype) if block.writes else "float32"
+    return vector_lanes(tvm_target(target), dtype)
+
+
+def _const(extent) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _divides(extent, factor: int) -> bool:
+    """Whether ``factor`` provably divides ``extent`` (a constant or a symbolic expression
+    such as a batch padded to a multiple of 4)."""
+    if factor <= 1:
+        return True
+    return bool(sym.Analyzer().can_prove(tirx.floormod(extent, factor) == 0))
+
+
+def _vectorize_inner(sch: s_tir.Schedule, b, width: Any, lanes: int) -> bool:
+    """Vectorise the innermost loop of elementwise block ``b`` by ``width`` (``auto``: the
+    CPU's lanes where they divide it, the whole loop where it is shorter); whether it did."""
+    loops = sch.get_loops(b)
+    if not loops or not width:
+        return False
+    ext = _const(sch.get(loops[-1]).extent)
+    if width == AUTO:
+        if ext is None:
+            return False
+        width = lanes if ext % lanes == 0 else ext if ext <= lanes else 0
+        if not width:
+            return False
+    if ext == width:
+        return _try(sch.vectorize, loops[-1])
+    try:
+        parts = sch.split(loops[-1], factors=[None, width])
+    except _ERRORS:
+        return False
+    return _try(sch.vectorize, parts[-1])
+
+
+def _column_tile(extent: int | None, lanes: int) -> int:
+    """The vector columns of a reduction's register tile, by rule: the CPU's lanes where
+    they divide the row, the whole row where it is shorter, else the widest power of two
+    from half the lanes down to 4 that divides it (0: no tile)."""
+    if extent is None:
+        return 0
+    if extent <= lanes:
+        return extent
+    for t in (lanes, lanes // 2, lanes // 4):
+        if t >= 4 and extent % t == 0:
+            return t
+    return 0
+
+
+def _tile_reduction(sch: s_tir.Schedule, b, knobs: Mapping[str, Any], lanes: int) -> None:
+    """Register tiling of reduction block ``b`` (``tile`` / ``tile_rows`` in the module
+    docstring); left as it is where its loops are not the plain spatial-then-reduction nest
+    or its innermost spatial extent is not a known multiple of the tile."""
     kinds = [int(iv.iter_type) == _REDUCE for iv in sch.get(b).iter_vars]
     loops = sch.get_loops(b)
-    if len(loops) != len(kinds) or kinds != sorted(kinds):      # spatial loops, then reduce
+    if len(loops) != len(kinds) or kinds != sorted(kinds) or kinds[0]:
         return
     n_sp = kinds.index(True)
-    if n_sp < 2:
+    ext = _const(sch.get(loops[n_sp - 1]).extent)
+    tj = knobs["tile"] if knobs["tile"] != AUTO else _column_tile(ext, lanes)
+    if not tj or ext is None or ext % tj:
         return
-    ext = sch.get(loops[n_sp - 1]).extent
-    if not isinstance(ext, tirx.IntImm) or int(ext) < tile or int(ext) % tile:
-        return
+    ti = knobs["tile_rows"]
+    row = sch.get(loops[n_sp - 2]).extent if n_sp >= 2 else None
+    if ti == AUTO:
+        ti = next((t for t in (4, 3, 2) if row is not None and _divides(row, t)), 1)
+        while ti > 1 and ti * tj > 8 * lanes:          # accumulators fit the registers
+            ti //= 2
+    if row is None or not _divides(row, ti):
+        ti = 1
     cw = None
-    if cache_write:
+    if knobs["cache_write"]:
         try:
             cw = sch.cache_write(b, 0, "local")
         except _ERRORS:
             cw = None
     loops = sch.get_loops(b)
-    outer, inner = sch.split(loops[n_sp - 1], factors=[None, tile])
-    reduce_loops = sch.get_loops(b)[n_sp + 1:]
-    sch.reorder(outer, *reduce_loops, inner)
+    jo, ji = sch.split(loops[n_sp - 1], factors=[None, tj])
+    if ti > 1:
+        io, ii = sch.split(loops[n_sp - 2], factors=[None, ti])
+    reduce_loops = sch.get_loops(b)[n_sp + (2 if ti > 1 else 1):]
+    last = reduce_loops[-1]
+    r_ext = _const(sch.get(last).extent)
+    inner_k = None
+    if r_ext is not None and r_ext % 4 == 0 and r_ext > 4:
+        ko, inner_k = sch.split(last, factors=[None, 4])
+        reduce_loops = reduce_loops[:-1] + [ko, inner_k]
+    tile_loops = [ii, ji] if ti > 1 else [ji]
+    sch.reorder(*([io, jo] if ti > 1 else [jo]), *reduce_loops, *tile_loops)
     if cw is not None:
-        sch.reverse_compute_at(cw, outer)
-    if vectorize:
-        try:
-            init = sch.decompose_reduction(b, reduce_loops[0])
-        except _ERRORS:
-            return
-        _try(sch.vectorize, sch.get_loops(init)[-1])
-        _try(sch.vectorize, sch.get_loops(b)[-1])
-        if cw is not None:
-            _try(sch.vectorize, sch.get_loops(cw)[-1])
+        sch.reverse_compute_at(cw, jo)
+    _try(sch.vectorize, ji)
+    if ti > 1:
+        _try(sch.unroll, ii)
+    if inner_k is not None:
+        _try(sch.unroll, inner_k)
+    _try(sch.decompose_reduction, b, reduce_loops[0])
+    if cw is not None:
+        _try(sch.vectorize, sch.get_loops(cw)[-1])
 
 
 def _cuda(func: tirx.PrimFunc, threads: int) -> tirx.PrimFunc:
