@@ -21,8 +21,6 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import argparse          # noqa: E402
 import json              # noqa: E402
-import statistics        # noqa: E402
-import time              # noqa: E402
 
 import numpy as np       # noqa: E402
 import torch             # noqa: E402
@@ -36,6 +34,7 @@ from boundflow.backend.relax.schedules import schedule          # noqa: E402
 from boundflow.backend.relax.target import tvm_target           # noqa: E402
 from boundflow.domains.traversal import graph_tensors           # noqa: E402
 from boundflow.ir.normalize import normalised                   # noqa: E402
+from bench_ibp import median_seconds                            # noqa: E402
 
 # (what, batch, rows S, out features N, in features K): CROWN computes A[b, S, N] · W[N, K]
 CROWN = [("mlp layer-2 rows", 1, 256, 256, 784), ("mlp final", 1, 9, 256, 784),
@@ -44,16 +43,6 @@ CROWN = [("mlp layer-2 rows", 1, 256, 256, 784), ("mlp final", 1, 9, 256, 784),
          ("cnn final", 32, 9, 100, 2048)]
 IBP = [("mlp layer 1", 1, 784, 256), ("mlp layer 1", 32, 784, 256),
        ("cnn head", 32, 2048, 100), ("mlp layer 2", 32, 256, 256)]
-
-
-def seconds(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def linear_graph(k: int, n: int):
@@ -84,8 +73,8 @@ def crown_case(batch, S, N, K, knobs, target, repeat):
     args = [tvm.runtime.tensor(a.numpy())] + [tvm.runtime.tensor(t.numpy()) for t in w] \
         + [tvm.runtime.tensor(np.zeros((batch, S, K), np.float32))]
     weight = tensors[node.params["weight"]]
-    ours = seconds(lambda: f(*args), repeat)
-    ref = seconds(lambda: torch.matmul(a, weight), repeat)
+    ours = median_seconds(lambda: f(*args), repeat)
+    ref = median_seconds(lambda: torch.matmul(a, weight), repeat)
     ok = np.allclose(args[-1].numpy(), torch.matmul(a, weight).numpy(), rtol=1e-4, atol=1e-4)
     return 2 * batch * S * N * K, ours, ref, ok
 
@@ -108,8 +97,8 @@ def ibp_case(batch, K, N, knobs, target, repeat):
         + [tvm.runtime.tensor(np.zeros((batch, N), np.float32)) for _ in range(2)]
     w, b = tensors[node.params["weight"]], tensors[node.params["bias"]]
     wa = w.abs()
-    ours = seconds(lambda: f(*args), repeat)
-    ref = seconds(lambda: (torch.addmm(b, ct, w.t()), torch.matmul(rt, wa.t())), repeat)
+    ours = median_seconds(lambda: f(*args), repeat)
+    ref = median_seconds(lambda: (torch.addmm(b, ct, w.t()), torch.matmul(rt, wa.t())), repeat)
     ok = np.allclose(args[-1].numpy(), (rt @ wa.t()).numpy(), rtol=1e-4, atol=1e-4)
     return 2 * 2 * batch * K * N, ours, ref, ok
 
