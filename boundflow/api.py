@@ -156,14 +156,18 @@ def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]
 class BoundOptions:
     """How to bound: ``method`` (``ibp``, ``crown-ibp``, ``crown``, ``alpha-crown``) or an
     explicit per-layer ``domains`` plan, the ReLU ``lower_slope`` rule, alpha settings, and
-    ``sparse``: run CROWN on each sample's IBP-unstable neurons only (faster; stable
-    neurons keep IBP intervals, so IBP downstream may be looser than with every neuron)."""
+    ``sparse``, which neurons of a CROWN-bounded layer get a backward pass: ``None``
+    (default, auto) each sample's neurons whose tighter bound can change a result (ReLU:
+    all but the stable inactive ones), where that is faster than all of them; the bounds
+    are those of ``False`` (every neuron). ``True``: each sample's IBP-unstable neurons
+    only (faster still; stable neurons keep IBP intervals, so IBP downstream may be looser
+    than with every neuron)."""
 
     method: str = "ibp"
     domains: DomainPlan | Mapping[str, str] | None = None
     lower_slope: str = "adaptive"
     alpha: AlphaConfig | None = None
-    sparse: bool = False
+    sparse: bool | None = None
     backend: str = "torch"
     target: str = "llvm"
 
@@ -174,6 +178,9 @@ class BoundOptions:
         if self.lower_slope not in LOWER_SLOPES:
             raise BoundFlowError(f"lower_slope {self.lower_slope!r} is not one of "
                                  f"{LOWER_SLOPES}")
+        if not (self.sparse is None or isinstance(self.sparse, bool)):
+            raise BoundFlowError(f"sparse must be None (auto), True or False, got "
+                                 f"{self.sparse!r}")
 
     def plan(self, graph: Graph) -> DomainPlan:
         if isinstance(self.domains, DomainPlan):
@@ -368,7 +375,7 @@ def _finite(bounds: Bounds) -> Bounds:
 def compute_bounds(model: Any, x: Any = None, *, eps: Any = None, C: Any = None,
                    method: str = "ibp", domains: DomainPlan | Mapping[str, str] | None = None,
                    lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-                   sparse: bool = False, clip: tuple[float, float] | None = None,
+                   sparse: bool | None = None, clip: tuple[float, float] | None = None,
                    dtype: str | None = None, plan: PlanBundle | None = None,
                    backend: str = "torch", target: str = "llvm") -> Bounds:
     """Certified bounds of ``model``'s output (or of ``C·output``) over an input region.
@@ -421,7 +428,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
            C: Any = None, threshold: Any = 0.0, method: str = "ibp",
            domains: DomainPlan | Mapping[str, str] | None = None,
            lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-           sparse: bool = False, clip: tuple[float, float] | None = None,
+           sparse: bool | None = None, clip: tuple[float, float] | None = None,
            dtype: str | None = None, plan: PlanBundle | None = None,
            backend: str = "torch", target: str = "llvm", db: Any = None,
            objective: str = "time@width", calls: int | None = None) -> VerifyResult:

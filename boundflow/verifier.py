@@ -106,7 +106,7 @@ def compile(model: Any, sample: Any = None, *, batch: int = 1, n_specs: int | No
             method: str = "crown", dtype: str | None = None, db: Any = None,
             objective: str = "time@width", backend: str = "torch", target: str = "llvm",
             lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-            sparse: bool = False) -> Verifier:
+            sparse: bool | None = None) -> Verifier:
     """A :class:`Verifier` of ``model`` (a Graph, an ExportedProgram, or an ``nn.Module``
     traced at ``sample``) for queries of ``batch`` samples and ``n_specs`` specs each (default:
     a margin spec, one row per other class; 0 for raw output bounds) by ``method``.

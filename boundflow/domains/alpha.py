@@ -6,9 +6,10 @@ and kept in [0, 1], where every value gives sound lines (ReLU: its lower slope; 
 :mod:`boundflow.domains.relaxation`), so every iterate is sound. The lower and the upper
 bound are optimised separately, each with parameters of its own. A start node is the output
 (one row per spec) or a pre-activation the plan bounds by ``crown`` (one row per neuron still
-inexactly relaxed after CROWN; where the patch form covers the start, with parameters in the
-window layout of ``crown_conv``). Each iteration re-derives those intermediate bounds with their
-own parameters, intersected with the CROWN bounds they started from, then bounds the output.
+inexactly relaxed after CROWN; where the patch form covers the start and pays for those rows,
+``crown_conv.patches_pay``, with parameters in the window layout of ``crown_conv``). Each
+iteration re-derives those intermediate bounds with their own parameters, intersected with
+the CROWN bounds they started from, then bounds the output.
 The intersection passes its gradient straight through to the re-derived rows: a plain
 ``max`` with a fixed bound gives rows that start no tighter than it no gradient (half at
 ties), and their parameters would never move (which also made results depend on float noise
@@ -29,7 +30,8 @@ from boundflow.domains import activations
 from boundflow.domains.backward import backward, masked_index, tighten_rows
 from boundflow.domains.coeffs import BackwardContext
 from boundflow.domains.crown import crown_node, crown_nodes
-from boundflow.domains.crown_conv import PatchSlopes, conv_chain, crown_conv_rows
+from boundflow.domains.crown_conv import (PatchSlopes, conv_chain, crown_conv_rows,
+                                          patches_pay)
 from boundflow.domains.crown_relaxed import inexact
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.relaxation import stack_params
@@ -120,6 +122,9 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
         if not index.numel():
             continue
         chain = conv_chain(graph, node.name, tensors) if patches else None
+        if chain is not None and not patches_pay(graph, chain, index.numel(),
+                                                 x.lower.shape[0], tensors):
+            chain = None             # too few rows for the patch form to pay
         if chain is not None:        # slopes in window layout (made lazily)
             starts[node.name] = (index, PatchSlopes(), chain)
         else:

@@ -24,7 +24,7 @@ from boundflow.domains.backward import (backward, backward_chunked, concretize, 
                                         tighten_rows)
 from boundflow.domains.coeffs import BackwardContext, Coeffs
 from boundflow.domains.crown_conv import conv_chain, crown_conv_rows
-from boundflow.domains.crown_relaxed import inexact
+from boundflow.domains.crown_relaxed import inexact, settled
 from boundflow.domains.crown_rules import RULES
 from boundflow.domains.interval import Interval, RULES as IBP_RULES
 from boundflow.domains.relaxation import LOWER_SLOPES
@@ -34,10 +34,19 @@ from boundflow.ir.domain_plan import DomainPlan
 from boundflow.ir.graph import Graph
 
 
-def _crown_sparse(graph: Graph, node: str, bound: Interval, x: Interval,
-                  tensors: Mapping[str, torch.Tensor], ctx: BackwardContext) -> Interval:
-    """CROWN on each sample's own inexactly relaxed neurons only."""
-    index, valid = masked_rows(inexact(graph, node, bound))
+# ``sparse="auto"`` (``None``) bounds a node's needed neurons only while they are at most
+# this fraction of its neurons (per sample for dense rows, over the batch for patch rows);
+# above it, bounding every neuron at once is faster (benchmarks/bench_sparse.py).
+DENSE_FRACTION = 0.6
+PATCH_FRACTION = 0.7
+
+
+def _crown_masked(graph: Graph, node: str, bound: Interval, x: Interval,
+                  tensors: Mapping[str, torch.Tensor], ctx: BackwardContext,
+                  mask: torch.Tensor) -> Interval:
+    """CROWN on each sample's own neurons ``mask`` (``[B, *shape]``) only, dense rows; the
+    other neurons keep ``bound``."""
+    index, valid = masked_rows(mask)
     B, k = index.shape
     if k == 0:
         return bound
@@ -52,21 +61,64 @@ def _crown_sparse(graph: Graph, node: str, bound: Interval, x: Interval,
                     hi.scatter(1, index, new_hi).reshape(bound.upper.shape))
 
 
+def needed(graph: Graph, node: str, bound: Interval) -> torch.Tensor:
+    """The neurons (``[B, *shape]``) of ``node`` whose tighter bound can change any result:
+    all but those both exactly relaxed and :func:`~boundflow.domains.crown_relaxed.settled`
+    under ``bound`` (ReLU: all but the stable inactive ones, ``u <= 0``)."""
+    return inexact(graph, node, bound) | ~settled(graph, node, bound)
+
+
+def _crown_needed(graph: Graph, node: str, bound: Interval, x: Interval,
+                  tensors: Mapping[str, torch.Tensor], ctx: BackwardContext,
+                  chain: list | None) -> Interval | None:
+    """``bound`` tightened on the :func:`needed` neurons only: every result equals that of
+    tightening every neuron (up to float rounding). None where the needed neurons are too
+    many for this to be faster (``DENSE_FRACTION``, ``PATCH_FRACTION``). Patch rows
+    (``chain``) share one neuron index over the batch: the union of the samples' needs."""
+    mask = needed(graph, node, bound)
+    n = mask[0].numel()
+    if chain is None:
+        most = int(mask.flatten(1).sum(1).max()) if mask.numel() else 0
+        return _crown_masked(graph, node, bound, x, tensors, ctx, mask) \
+            if most <= DENSE_FRACTION * n else None
+    index = masked_index(mask)
+    if index.numel() > PATCH_FRACTION * n:
+        return None
+    if index.numel() == 0:
+        return bound
+    rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope,
+                           index=index)
+    return tighten_rows(bound, index, rows)
+
+
 def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
                tensors: Mapping[str, torch.Tensor], ctx: BackwardContext,
-               index: torch.Tensor | None = None, sparse: bool = False) -> Interval:
-    """Tighten the pre-activation ``bound`` of ``node`` by CROWN on the neurons ``index``:
-    by default all of them; with ``sparse`` only those whose relaxation (by the relaxed ops
-    reading ``node``) is inexact under ``bound`` (for ReLU: the unstable ones). Exactly
-    relaxed neurons need no tighter bound for their relaxation, so ``sparse`` saves work;
-    but their intervals also feed IBP downstream, which ``sparse`` leaves looser (and then
-    more crown layers are no longer never-looser). Spatial pre-activations are bounded in
-    patch form where ``ctx.patches`` allows and the patch form covers every node upstream
-    (:func:`boundflow.domains.crown_conv.conv_chain`)."""
-    if index is None and sparse and ctx.alphas is None:
-        return _crown_sparse(graph, node, bound, x, tensors, ctx)
-    if index is None and ctx.alphas is None and ctx.patches:
-        chain = conv_chain(graph, node, tensors)
+               index: torch.Tensor | None = None, sparse: bool | None = False) -> Interval:
+    """Tighten the pre-activation ``bound`` of ``node`` by CROWN on the neurons ``index``,
+    by default chosen by ``sparse``:
+
+    - ``False``: every neuron;
+    - ``None`` (auto): only the :func:`needed` ones where that is faster. Exact: the
+      neurons left out are exactly relaxed and every reader maps any interval inside theirs
+      to the same point, so no result (later intervals, by IBP or CROWN, final bounds)
+      changes, and more crown layers stay never looser;
+    - ``True``: only those whose relaxation (by the relaxed ops reading ``node``) is
+      inexact under ``bound`` (for ReLU: the unstable ones). Their intervals also feed IBP
+      downstream, which this leaves looser (so more crown layers are no longer
+      never-looser).
+
+    Spatial pre-activations are bounded in patch form where ``ctx.patches`` allows and the
+    patch form covers every node upstream (:func:`boundflow.domains.crown_conv.conv_chain`)
+    (``sparse=True`` always uses dense rows)."""
+    if index is None and ctx.alphas is None:
+        if sparse is True:
+            return _crown_masked(graph, node, bound, x, tensors, ctx,
+                                 inexact(graph, node, bound))
+        chain = conv_chain(graph, node, tensors) if ctx.patches else None
+        if sparse is None:
+            out = _crown_needed(graph, node, bound, x, tensors, ctx, chain)
+            if out is not None:
+                return out
         if chain is not None:
             rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope)
             return tighten_rows(bound, torch.arange(rows.lower.shape[1],
@@ -91,7 +143,8 @@ def crown_nodes(graph: Graph, plan: DomainPlan) -> set[str]:
 
 
 def intermediate_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
-                        plan: DomainPlan, lower_slope: str = "adaptive", sparse: bool = False,
+                        plan: DomainPlan, lower_slope: str = "adaptive",
+                        sparse: bool | None = False,
                         patches: bool = True) -> dict[str, Interval]:
     """Intervals of every node: IBP throughout, and at each pre-activation the plan marks
     ``crown`` a backward pass from that node, intersected with its IBP interval (so a tighter

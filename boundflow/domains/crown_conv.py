@@ -31,6 +31,7 @@ makes the start fall back to the dense walk: never wrong, only slower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Mapping
 
@@ -81,6 +82,25 @@ def conv_chain(graph: Graph, start: str, tensors: Mapping[str, torch.Tensor]
     return [n for n in order if n.op != "input"]
 
 
+# the patch walk's extra fixed cost per node of a chain, in coefficient elements the dense
+# walk handles beyond it (fitted on the examples' alpha-CROWN starts, one thread)
+PATCH_OVERHEAD = 20_000
+
+
+def patches_pay(graph: Graph, chain: list[Node], rows: int, batch: int,
+                tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether bounding ``rows`` selected neurons of ``chain[0]`` for ``batch`` samples in
+    patch form is expected to beat the dense walk: where the coefficient elements it saves
+    (each row's windows instead of whole maps, over the chain and the input) reach
+    ``PATCH_OVERHEAD`` per node of the chain. Few rows, or windows nearly as large as their
+    maps, go dense: the patch walk runs more (small) operations per node."""
+    windows = _windows(graph, list(chain) + [graph.nodes[0]], tensors)
+    shapes = {n.name: n.shape for n in graph.nodes}
+    saved = sum(math.prod(shapes[n]) - shapes[n][0] * w.size[0] * w.size[1]
+                for n, w in windows.items() if n != chain[0].name)
+    return batch * rows * saved >= PATCH_OVERHEAD * len(chain)
+
+
 def _add(a: Coeffs | None, b: Coeffs) -> Coeffs:
     if a is None:
         return b
@@ -101,36 +121,78 @@ def _placed(a: Coeffs, win: Window, target: Window, hw) -> Coeffs:
     return same(a, lambda t: F.pad(t, widths))
 
 
+def _position_free(node: Node, win: Window, hw) -> bool:
+    """Whether ``node``'s window rule reads neither the rows' positions nor any interval
+    (conv2d, avgpool2d, add/sub of two nodes, on windows inside the map): coefficients of
+    selected rows may pass it still alike for every position, one row per start channel."""
+    two = node.op in ("add", "sub") and len(node.inputs) == 2
+    return (node.op in ("conv2d", "avgpool2d") or two) and win.inside(hw)
+
+
+def _picked(t, channel: torch.Tensor | None):
+    """Alike coefficients ``[B', 1, Cs, ...]`` or constants ``[B', 1, Cs]`` as those of
+    the selected rows, whose start channels are ``channel``: ``[B', k, 1, ...]``."""
+    if channel is None or not torch.is_tensor(t):
+        return t
+    return t.index_select(2, channel).transpose(1, 2)
+
+
+def _merged(prev, new, channel):
+    """Two pending ``(coeffs, alike)`` contributions summed; in row form unless both are
+    alike."""
+    if prev is None:
+        return new
+    if prev[1] != new[1]:
+        prev, new = [(same(c, lambda t: _picked(t, channel)) if al else c, False)
+                     for c, al in (prev, new)]
+    return _add(prev[0], new[0]), prev[1]
+
+
 def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interval,
                     tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
                     lower_slope: str, alphas: PatchSlopes | None = None,
                     index: torch.Tensor | None = None) -> Interval:
     """CROWN bounds ``[B, k]`` of the neurons ``index`` (flat; default every one, in flat
     order) of ``chain[0]`` (the start; ``chain`` is what :func:`conv_chain` returned); with
-    ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN)."""
+    ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN).
+    Selected rows more than the start's channels start alike (the identity per channel)
+    through the :func:`_position_free` nodes next to the start, and are picked out of it
+    before the first other node (the same numbers, without one product per row there)."""
     order = list(chain) + [graph.nodes[0]]
     start = chain[0]
+    B, (Cs, H, W) = x.lower.shape[0], start.shape
     A, first_win = start_window(start.shape, x.lower, index)
+    channel = None
+    if index is not None and index.numel() > Cs:
+        channel, A = index // (H * W), start_window(start.shape, x.lower)[0]
     windows = {name: replace(w, rows=first_win.rows)
                for name, w in _windows(graph, order, tensors).items()}
     shapes = {n.name: n.shape for n in graph.nodes}
     ctx = PatchContext(bounds, lower_slope, alphas, shapes)
-    pending = {start.name: Coeffs(A, A)}
-    lb = ub = 0.0                                    # constant terms [B', L', Cs]
+    pending = {start.name: (Coeffs(A, A), channel is not None)}
+    consts = {False: [0.0, 0.0], True: [0.0, 0.0]}     # lb, ub [B', L', Cs] per form
     for node in chain:
-        a, win = pending.pop(node.name), windows[node.name]
+        (a, alike), win = pending.pop(node.name), windows[node.name]
+        if alike and not _position_free(node, win, tuple(node.shape[1:])):
+            a, alike = same(a, lambda t: _picked(t, channel)), False
         if not win.inside(tuple(node.shape[1:])):
             on_map = mask(node.shape, win, x.lower)
             a = same(a, lambda t: t * on_map)
         params = {role: tensors[key] for role, key in node.params.items()}
         ins, dl, du = RULES[node.op](node, params, a, win, ctx)
-        lb, ub = lb + dl, ub + du
+        consts[alike] = [consts[alike][0] + dl, consts[alike][1] + du]
         for name, coeffs, w in zip(node.inputs, ins, input_windows(node, win, tensors)):
+            here = alike and not (windows[name].is_whole and not w.is_whole)
+            if alike and not here:
+                coeffs = same(coeffs, lambda t: _picked(t, channel))
             coeffs = _placed(coeffs, w, windows[name], tuple(shapes[name][1:]))
-            pending[name] = _add(pending.get(name), coeffs)
+            pending[name] = _merged(pending.get(name), (coeffs, here), channel)
     first = order[-1]
-    out = _concretize(pending.pop(first.name), windows[first.name], x)
-    B, (Cs, H, W) = x.lower.shape[0], start.shape
+    a, alike = pending.pop(first.name)
+    out = _concretize(same(a, lambda t: _picked(t, channel)) if alike else a,
+                      windows[first.name], x)
+    lb = consts[False][0] + _picked(consts[True][0], channel)
+    ub = consts[False][1] + _picked(consts[True][1], channel)
     if index is not None:                            # [B, k, 1]
         return Interval((out.lower + lb).reshape(B, -1), (out.upper + ub).reshape(B, -1))
     flat = lambda t: t.expand(B, H * W, Cs).transpose(1, 2).reshape(B, Cs * H * W)  # noqa
@@ -143,9 +205,16 @@ def _concretize(a: Coeffs, win: Window, x: Interval) -> Interval:
     mid = win.unfold((x.upper + x.lower) / 2).flatten(3).transpose(-1, -2)    # [B, L, K, 1]
     rad = win.unfold((x.upper - x.lower) / 2).flatten(3).transpose(-1, -2)
     lA, uA = a.lA.flatten(3), a.uA.flatten(3)                                 # [B', L', Cs, K]
-    lower = (torch.matmul(lA, mid) - torch.matmul(lA.abs(), rad)).squeeze(-1)
-    upper = (torch.matmul(uA, mid) + torch.matmul(uA.abs(), rad)).squeeze(-1)
-    return Interval(lower, upper)
+    return Interval(_dot(lA, mid) - _dot(lA.abs(), rad), _dot(uA, mid) + _dot(uA.abs(), rad))
 
 
-__all__ = ["PatchSlopes", "conv_chain", "crown_conv_rows"]
+def _dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A [B', L', Cs, K]`` times ``v [B, L, K, 1]`` per window row: ``[B, L, Cs]``. One
+    start channel per row (selected neurons) is a product and a sum: a batched matrix
+    product of ``1 x K`` by ``K x 1`` blocks is far slower on CPU."""
+    if A.shape[2] == 1:
+        return (A * v.transpose(-1, -2)).sum(-1)
+    return torch.matmul(A, v).squeeze(-1)
+
+
+__all__ = ["PATCH_OVERHEAD", "PatchSlopes", "conv_chain", "crown_conv_rows", "patches_pay"]

@@ -181,3 +181,21 @@ def inexact(graph: Graph, name: str, bound: Interval) -> torch.Tensor:
         else:
             mask |= bound.lower < bound.upper
     return mask
+
+
+def settled(graph: Graph, name: str, bound: Interval) -> torch.Tensor:
+    """Where (``[B, *shape]``) every reader of node ``name`` is a nondecreasing activation
+    whose image of the neuron's interval is one point (ReLU: ``u <= 0``): any tighter
+    interval inside ``bound`` has the same image, so tightening such a neuron changes
+    nothing downstream of ``name``, by IBP or CROWN. Nowhere if ``name`` has no reader
+    (its interval is a result) or a reader of any other kind."""
+    readers = [n for n in graph.nodes if name in n.inputs]
+    mask = torch.full_like(bound.lower, bool(readers), dtype=torch.bool)
+    for reader in readers:
+        relaxation = activations.ACTIVATIONS.get(reader.op)
+        if relaxation is None or not relaxation.monotone:
+            return torch.zeros_like(mask)
+        lo, hi = relaxation.interval(bound.lower, bound.upper, reader.attrs)
+        mask &= lo == hi
+    return mask
+

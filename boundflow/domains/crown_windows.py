@@ -129,22 +129,12 @@ class Window:
         need_h, need_w = (ho - 1) * sh + rh, (wo - 1) * sw + rw
         t = F.pad(t, (ow, max(0, need_w - W - ow), oh, max(0, need_h - H - oh)))
         t = t[..., :need_h, :need_w]                  # exactly the area the windows cover
-        if self.rows is not None:                     # only the rows' windows
-            cols = t.flatten(2)[:, :, self._entries(need_w)]         # [B, C, k, rh*rw]
-            return cols.transpose(1, 2).reshape(B, -1, 1, C, rh, rw)
-        cols = F.unfold(t, (rh, rw), stride=(sh, sw))            # [B, C*rh*rw, L]
-        return cols.reshape(B, C, rh, rw, -1).permute(0, 4, 1, 2, 3).unsqueeze(2)
-
-    def _entries(self, width: int) -> torch.Tensor:
-        """``[k, Rh·Rw]``: where the rows' window entries lie on a map ``width`` wide whose
-        first row and column are each window's first at position 0."""
-        ph, pw = self.rows // self.out_hw[1], self.rows % self.out_hw[1]
-        dev = self.rows.device
-        r = (ph * self.stride[0])[:, None, None] + torch.arange(self.size[0], device=dev)[
-            None, :, None]
-        c = (pw * self.stride[1])[:, None, None] + torch.arange(self.size[1], device=dev)[
-            None, None, :]
-        return (r * width + c).reshape(len(self.rows), -1)
+        # [B, L, C*rh*rw] in memory order: later products with window-layout coefficients
+        # then run over contiguous memory
+        cols = F.unfold(t, (rh, rw), stride=(sh, sw)).transpose(1, 2).contiguous()
+        if self.rows is not None:                     # only the rows' windows (rows share
+            cols = cols.index_select(1, self.rows)    # positions: unfold once, then pick)
+        return cols.reshape(B, -1, 1, C, rh, rw)
 
 
 def mask(shape, win: Window, like: torch.Tensor) -> torch.Tensor:

@@ -67,13 +67,14 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
 
 def reference_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                      C: torch.Tensor | None, plan: DomainPlan, lower_slope: str = "adaptive",
-                     alpha: AlphaConfig | None = None, sparse: bool = False,
+                     alpha: AlphaConfig | None = None, sparse: bool | None = False,
                      patches: bool = True) -> Interval:
     """The un-partitioned reference: intermediate bounds under ``plan`` in graph order, then
-    :func:`final_bounds`. ``sparse`` bounds only the IBP-inexactly relaxed neurons of crown
-    layers (ReLU: the unstable ones); ``patches`` (default) bounds conv-chain
-    pre-activations with window-layout coefficients, ``False`` with dense ones (the same
-    bounds, slower: for tests)."""
+    :func:`final_bounds`. ``sparse`` picks the neurons of crown layers a backward pass
+    bounds (:func:`~boundflow.domains.crown.crown_node`: False every one, None the ones
+    that can change a result, True the IBP-inexactly relaxed ones); ``patches`` (default)
+    bounds conv-chain pre-activations with window-layout coefficients, ``False`` with dense
+    ones (the same bounds, slower: for tests)."""
     plan.check(graph)
     bounds = intermediate_bounds(graph, x, tensors, plan, lower_slope, sparse, patches)
     fold = C is not None and folds_spec(graph)

@@ -40,7 +40,9 @@ class DomainSection:
     crown_nodes: tuple[str, ...]
     lower_slope: str = "adaptive"
     alpha: tuple[tuple[str, Any], ...] = ()
-    sparse: bool = False          # crown tasks bound only IBP-unstable neurons
+    # crown tasks bound: False every neuron; None (auto) the neurons whose bound can change
+    # a result, where faster (same bounds as False); True only the IBP-unstable neurons
+    sparse: bool | None = False
 
     @property
     def plan(self) -> DomainPlan:

@@ -31,18 +31,19 @@ def alpha_settings(alpha: AlphaConfig | None) -> tuple[tuple[str, Any], ...]:
 
 def plan(graph: Graph, workload: Workload, knobs: Knobs | None = None, *,
          lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-         sparse: bool = False, verify: bool = False) -> PlanBundle:
+         sparse: bool | None = None, verify: bool = False) -> PlanBundle:
     """The PlanBundle of ``graph`` for ``workload`` under ``knobs`` (default: the heuristic
     ``default_knobs``). ``lower_slope``, ``alpha`` and ``sparse`` are relaxation settings
-    the plan records (see :class:`~boundflow.api.BoundOptions`). With ``verify`` the plan
-    verifier runs after every pass."""
+    the plan records (see :class:`~boundflow.api.BoundOptions`; ``sparse`` None is auto).
+    With ``verify`` the plan verifier runs after every pass."""
     if not isinstance(graph, Graph):
         raise BoundFlowError(f"plan() takes a boundflow Graph, got {type(graph).__name__}")
     if lower_slope not in LOWER_SLOPES:
         raise PlanError(f"lower slope {lower_slope!r} is not one of {LOWER_SLOPES}")
+    if not (sparse is None or isinstance(sparse, bool)):
+        raise PlanError(f"sparse must be None (auto), True or False, got {sparse!r}")
     workload.check_graph(graph)
-    ctx = PlannerContext(graph, workload, knobs, lower_slope, alpha_settings(alpha),
-                         bool(sparse))
+    ctx = PlannerContext(graph, workload, knobs, lower_slope, alpha_settings(alpha), sparse)
     for step in PASSES:
         ctx = step(ctx)
         if verify:
@@ -73,7 +74,7 @@ def check_plan(graph: Graph, bundle: PlanBundle) -> PlanBundle:
     try:
         alpha = AlphaConfig(**dict(d.alpha)) if d.alpha else None
         again = plan(graph, bundle.workload, bundle.knobs, lower_slope=d.lower_slope,
-                     alpha=alpha, sparse=d.sparse is True)
+                     alpha=alpha, sparse=d.sparse)
     except PlanError as e:
         raise PlanError(f"plan {bundle.key[:12]} cannot be re-derived from its knobs: {e}") \
             from None

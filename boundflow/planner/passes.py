@@ -41,7 +41,7 @@ class PlannerContext:
     knobs: Knobs | None
     lower_slope: str = "adaptive"
     alpha: tuple[tuple[str, Any], ...] = ()
-    sparse: bool = False
+    sparse: bool | None = None                      # None: auto (see BoundOptions)
     graph: Graph | None = None                      # normalised
     rewrites: tuple[str, ...] = ()
     space: SearchSpace | None = None
@@ -174,7 +174,9 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
 def assign_domains(ctx: PlannerContext) -> PlannerContext:
     """The domain plan from the knobs; CROWN only where IBP is not already exact. Fused
     edges out of a CROWN pre-activation are cut (its tightened interval must exist before
-    the relaxed op reading it does) and each gets a ``crown`` task; the final task gets its method."""
+    the relaxed op reading it does) and each gets a ``crown`` task; the final task gets its method.
+    The sparse setting is recorded as given (None: auto) where there are crown tasks, else
+    False."""
     graph, knobs = ctx.graph, ctx.knobs
     plan = DomainPlan(tuple(zip(ctx.space.preactivations, knobs.domains)), knobs.final)
     plan.check(graph)
@@ -185,7 +187,7 @@ def assign_domains(ctx: PlannerContext) -> PlannerContext:
     groups = _groups(graph, ctx.workload, edges)
     domain = DomainSection(plan.intermediate, plan.final, crown, ctx.lower_slope,
                            ctx.alpha if plan.final == "alpha-crown" else (),
-                           ctx.sparse and bool(crown))
+                           ctx.sparse if crown else False)
     return ctx.but(groups=groups, domain=domain,
                    task_graph=build_tasks(graph, ctx.workload, groups, crown, plan.final))
 

@@ -282,7 +282,8 @@ def test_patch_coefficients_equal_dense_ones(k, stride, pad):
     assert_contains(out[True].lower, out[True].upper, values)
 
 
-def test_alpha_with_patch_slopes_equals_dense_slopes():
+def test_alpha_with_patch_slopes_equals_dense_slopes(monkeypatch):
+    monkeypatch.setattr("boundflow.domains.crown_conv.PATCH_OVERHEAD", 0)   # always patches
     g = _conv_chain_graph(3, (3, 3), (2, 2), (1, 1))
     x = np.random.default_rng(2).standard_normal((2,) + g.input_shape)
     out = {patches: _reference(g, x, 0.3, "alpha-crown", patches, bf.AlphaConfig(iterations=5))

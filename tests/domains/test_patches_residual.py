@@ -183,9 +183,17 @@ def test_crown_patches_equal_dense_and_are_sound(name):
     assert torch.all(out[True].upper - out[True].lower <= ibp.upper - ibp.lower + 1e-9)
 
 
+@pytest.fixture(params=["always", "rule"])
+def alpha_patches(request, monkeypatch):
+    """alpha-CROWN's starts in patch form wherever covered, or where ``patches_pay``."""
+    if request.param == "always":
+        monkeypatch.setattr(crown_conv, "PATCH_OVERHEAD", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["random_residual", "residual_projection", "conv_maxpool_conv",
                                   "pad_conv_relu_conv"])
-def test_alpha_patches_equal_dense_and_are_sound(name):
+def test_alpha_patches_equal_dense_and_are_sound(name, alpha_patches):
     g, lower, upper = _graph_and_box(name, batch=1)
     out = {p: _bounds(g, lower, upper, "alpha-crown", p) for p in (False, True)}
     torch.testing.assert_close(out[True].lower, out[False].lower, rtol=TOL, atol=TOL)
@@ -227,6 +235,42 @@ def test_rows_of_a_subset_equal_those_of_every_neuron():
                                       "adaptive", index=index)
     torch.testing.assert_close(some.lower, full.lower[:, index], rtol=TOL, atol=TOL)
     torch.testing.assert_close(some.upper, full.upper[:, index], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_rows_of_every_neuron_in_any_order_equal_the_full_walk(name):
+    """Selected rows more than the start's channels start alike through the position-free
+    nodes next to the start (convs, residual adds, whole-map joins) and are picked later."""
+    g, lower, upper = _graph_and_box(name)
+    tensors = graph_tensors(g, torch.float64)
+    box = Interval(torch.as_tensor(lower), torch.as_tensor(upper))
+    bounds = intermediate_bounds(g, box, tensors, DomainPlan.for_method(g, "crown"))
+    for start in _starts(g):
+        chain = crown_conv.conv_chain(g, start, tensors)
+        full = crown_conv.crown_conv_rows(g, chain, bounds[start], box, tensors, bounds,
+                                          "adaptive")
+        index = torch.randperm(full.lower.shape[1], generator=torch.Generator().manual_seed(0))
+        rows = crown_conv.crown_conv_rows(g, chain, bounds[start], box, tensors, bounds,
+                                          "adaptive", index=index)
+        torch.testing.assert_close(rows.lower, full.lower[:, index], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(rows.upper, full.upper[:, index], rtol=TOL, atol=TOL)
+
+
+def test_alpha_takes_patches_where_they_pay():
+    g, _, _ = _graph_and_box("random_residual")
+    tensors = graph_tensors(g, torch.float64)
+    chains = [crown_conv.conv_chain(g, s, tensors) for s in _starts(g)]
+    assert not any(crown_conv.patches_pay(g, c, 1, 1, tensors) for c in chains)
+    big = [crown_conv.patches_pay(g, c, 10_000, 32, tensors) for c in chains]
+    assert all(big), big
+    rng = np.random.default_rng(0)                   # windows as large as the maps: no gain
+    b = GraphBuilder("float64")
+    h = b.add_node("relu", [_conv(b, b.input((2, 3, 3)), 3, 3, rng=rng)])
+    start = _conv(b, h, 2, 1, rng=rng)
+    whole = _head(b, b.add_node("relu", [start]), rng)
+    wt = graph_tensors(whole, torch.float64)
+    chain = crown_conv.conv_chain(whole, start, wt)
+    assert chain is not None and not crown_conv.patches_pay(whole, chain, 10_000, 32, wt)
 
 
 # --- coverage ------------------------------------------------------------------------------
