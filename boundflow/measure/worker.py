@@ -351,6 +351,7 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
 
     from boundflow.backend import create
     from boundflow.backend.relax.cache import CompileCache
+    from boundflow.backend.relax.target import tvm_target
     from boundflow.errors import MeasureError
 
     bundle = inp.bundle
@@ -360,7 +361,7 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
             for t in bundle.task_graph.tasks):
         raise MeasureError("the plan has tasks that run as torch callbacks (or torch ops); "
                            "only plans compiled wholly (every task a kernel) run over RPC")
-    target = tvm.target.Target(inp.target)
+    target = tvm_target(inp.target)        # as the builder resolved it (llvm: this CPU)
     cache = CompileCache(build.artifact)
     lib, meta = cache.paths(CompileCache.key(bundle.key, target))
     weight_keys = json.loads(meta.read_text())["weight_keys"]
@@ -388,6 +389,7 @@ def _time_remote(session, lib, target, inp: MeasureInput, weight_keys, config: M
     import tvm
     from tvm import relax
 
+    from boundflow.backend.relax.kernels import param_tensor
     from boundflow.backend.torch import DTYPES
     from boundflow.domains.traversal import graph_tensors
     from boundflow.planner.passes import normalised
@@ -402,7 +404,7 @@ def _time_remote(session, lib, target, inp: MeasureInput, weight_keys, config: M
     def remote(a):
         return tvm.runtime.tensor(np.ascontiguousarray(np.asarray(a, dtype=dtype)), dev)
     args = [remote(inp.lower), remote(inp.upper)] + ([] if inp.C is None else [remote(inp.C)])
-    weights = [remote(tensors[k].numpy()) for k in weight_keys]
+    weights = [remote(param_tensor(tensors, k).numpy()) for k in weight_keys]  # packed
     vm.set_input("main", *args, *weights)            # the RPC-friendly calling convention
     vm.invoke_stateful("main")
     lo, hi = vm.get_outputs("main")
