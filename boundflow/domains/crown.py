@@ -36,8 +36,11 @@ from boundflow.ir.graph import Graph
 
 # ``sparse="auto"`` (``None``) bounds a node's needed neurons only while they are at most
 # this fraction of its neurons (per sample for dense rows, over the batch for patch rows);
-# above it, bounding every neuron at once is faster (benchmarks/bench_sparse.py).
+# above it, bounding every neuron at once is faster (benchmarks/bench_sparse.py). Dense
+# rows must also save at least DENSE_MIN_SAVED rows over the batch: on small layers the
+# per-sample rows cost more than the rows they save.
 DENSE_FRACTION = 0.6
+DENSE_MIN_SAVED = 256
 PATCH_FRACTION = 0.7
 
 
@@ -73,14 +76,18 @@ def _crown_needed(graph: Graph, node: str, bound: Interval, x: Interval,
                   chain: list | None) -> Interval | None:
     """``bound`` tightened on the :func:`needed` neurons only: every result equals that of
     tightening every neuron (up to float rounding). None where the needed neurons are too
-    many for this to be faster (``DENSE_FRACTION``, ``PATCH_FRACTION``). Patch rows
-    (``chain``) share one neuron index over the batch: the union of the samples' needs."""
+    many for this to be faster (``DENSE_FRACTION``, ``DENSE_MIN_SAVED``,
+    ``PATCH_FRACTION``). Patch rows (``chain``) share one neuron index over the batch: the
+    union of the samples' needs."""
+    B, n = bound.lower.shape[0], bound.lower[0].numel()
+    if chain is None and B * n * (1 - DENSE_FRACTION) < DENSE_MIN_SAVED:
+        return None                     # too small to pay, whatever the mask
     mask = needed(graph, node, bound)
-    n = mask[0].numel()
     if chain is None:
         most = int(mask.flatten(1).sum(1).max()) if mask.numel() else 0
-        return _crown_masked(graph, node, bound, x, tensors, ctx, mask) \
-            if most <= DENSE_FRACTION * n else None
+        if most > DENSE_FRACTION * n or B * (n - most) < DENSE_MIN_SAVED:
+            return None
+        return _crown_masked(graph, node, bound, x, tensors, ctx, mask)
     index = masked_index(mask)
     if index.numel() > PATCH_FRACTION * n:
         return None

@@ -27,9 +27,14 @@ def fractions(request, monkeypatch):
     """The auto rule as it is, or taking the sparse walk wherever a neuron can be skipped
     (so the sparse walks run on every example)."""
     if request.param == "always":
-        monkeypatch.setattr(crown_mod, "DENSE_FRACTION", 1.0)
-        monkeypatch.setattr(crown_mod, "PATCH_FRACTION", 1.0)
+        _always(monkeypatch)
     return request.param
+
+
+def _always(monkeypatch):
+    monkeypatch.setattr(crown_mod, "DENSE_FRACTION", 1.0)
+    monkeypatch.setattr(crown_mod, "DENSE_MIN_SAVED", 0)
+    monkeypatch.setattr(crown_mod, "PATCH_FRACTION", 1.0)
 
 
 def _intervals(g, x, eps, sparse):
@@ -58,8 +63,7 @@ def test_auto_sparse_leaks_no_loose_interval_into_a_reader(name, monkeypatch):
     """Every interval under auto equals that of bounding every neuron, except skipped
     neurons' own, which must be settled (their readers map them to one point) and contain
     the tighter one. ``True`` leaves stable neurons' IBP intervals to IBP downstream."""
-    monkeypatch.setattr(crown_mod, "DENSE_FRACTION", 1.0)
-    monkeypatch.setattr(crown_mod, "PATCH_FRACTION", 1.0)
+    _always(monkeypatch)
     ex, g = example_graph(name)
     x = ex.inputs[:3].astype(np.float64)
     full, auto, unstable = (_intervals(g, x, 0.02, s) for s in (False, None, True))
