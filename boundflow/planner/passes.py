@@ -395,28 +395,32 @@ def plan_cache(ctx: PlannerContext) -> PlannerContext:
     return ctx.but(cache_plan=CachePlan(tuple(entries)))
 
 
-# Convolutions whose TIR kernels are direct loop nests (no im2col or packed-weight GEMM, and
-# CROWN's coefficients dense through them where the torch rules keep patches): ATen's
-# convolutions beat them several times over (benchmarks/bench_kernels.py), so ``auto`` sends
-# tasks holding them to a library call. GEMM-shaped work (linear layers, CROWN products) is
-# on par with ATen in TIR (benchmarks/bench_gemm.py) and runs there, with less per-call cost.
-_LIBRARY_OPS = frozenset(op for op in ops.having("weighted") if ops.has(op, "spatial")) \
+# What ``auto`` sends to ATen (a library call) rather than TIR, by measurement
+# (benchmarks/bench_kernels.py, bench_gemm.py). IBP's convolutions are blocked direct
+# convolutions in TIR (register tile of output positions × a vector of output channels, packed
+# weights) and beat ATen's at batch 1 and 32, without the per-call cost of a callback; its
+# transposed convolution is still a plain loop nest. CROWN's coefficients stay dense through a
+# convolution in TIR where the torch rules keep patches (several times faster), so a CROWN walk
+# crossing a convolution goes to ATen. GEMM-shaped work (linear layers, CROWN products) is on
+# par with ATen in TIR and runs there.
+_LIBRARY_IBP_OPS = frozenset({"conv_transpose2d"})
+_LIBRARY_CROWN_OPS = frozenset(op for op in ops.having("weighted") if ops.has(op, "spatial")) \
     | {"conv_transpose2d"}
 
 
 def auto_lowering(task: Task, graph: Graph) -> str:
-    """The cost rule behind the ``auto`` lowering: ``torch`` (ATen's library kernels) for a
-    task whose work crosses a convolution, ``tir`` otherwise. An ``ibp`` task's work is its
-    own nodes; a ``crown`` task's and a CROWN ``final`` task's is the backward walk from its
-    start back to the input."""
+    """The cost rule behind the ``auto`` lowering: ``torch`` (ATen's library kernels) for an
+    ``ibp`` task holding a transposed convolution and for a backward walk crossing any
+    convolution (a ``crown`` task's and a CROWN ``final`` task's walk runs from its start back
+    to the input), ``tir`` otherwise."""
     op = {n.name: n.op for n in graph.nodes}
     if task.kind == "crown":
-        work = ancestors(graph, list(task.nodes))
+        work, library = ancestors(graph, list(task.nodes)), _LIBRARY_CROWN_OPS
     elif task.kind == "final" and task.attr("method") != "ibp":
-        work = ancestors(graph, [graph.output])
+        work, library = ancestors(graph, [graph.output]), _LIBRARY_CROWN_OPS
     else:
-        work = task.nodes
-    return "torch" if any(op[n] in _LIBRARY_OPS for n in work) else "tir"
+        work, library = task.nodes, _LIBRARY_IBP_OPS
+    return "torch" if any(op[n] in library for n in work) else "tir"
 
 
 def select_lowering(ctx: PlannerContext) -> PlannerContext:

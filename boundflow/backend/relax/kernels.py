@@ -80,17 +80,29 @@ PACKED_T = "|T"  # parameter key suffixes: a 2-D weight transposed at compile ti
 PACKED_P = "|P"  # panelled: [R, C] stored as [ceil(C / PANEL), R, PANEL], zero-padded, so
 # a register tile's columns are contiguous (rows of a weight whose row length is a power of
 # two map to one cache set: read column block by column block, they evict each other)
+PACKED_O = "|O"  # a conv weight [O, Cg, kh, kw] blocked by output channel:
+# [ceil(O / ob), Cg, kh, kw, ob] (``conv_block``), zero-padded, so the output-channel loop of a
+# register tile reads one contiguous vector per (input channel, tap)
 
 
 def _padded(cols: int) -> int:
     return -(-cols // PANEL) * PANEL
 
 
+def conv_block(out_channels: int) -> int:
+    """Output channels per block of a blocked convolution: all of them up to ``PANEL``, else
+    the largest of ``PANEL``, ``PANEL / 2``, ``PANEL / 4`` dividing them, else ``PANEL`` (the
+    weight zero-padded)."""
+    if out_channels <= PANEL:
+        return out_channels
+    return next((b for b in (PANEL, PANEL // 2, PANEL // 4) if out_channels % b == 0), PANEL)
+
+
 def _packing(key: str) -> tuple[str, list[str]]:
     """``key`` as (graph parameter name, its packing suffixes in order); the name itself may
     hold ``|`` (normalisation's ``|folded``)."""
     packing: list[str] = []
-    for suffix in (PACKED_P, PACKED_T, "|abs"):
+    for suffix in (PACKED_O, PACKED_P, PACKED_T, "|abs"):
         if key.endswith(suffix):
             key = key.removesuffix(suffix)
             packing.insert(0, suffix[1:])
@@ -99,13 +111,17 @@ def _packing(key: str) -> tuple[str, list[str]]:
 
 def param_shape(graph: Graph, key: str) -> tuple[int, ...]:
     """The shape of parameter ``key``: a graph parameter's name, optionally followed by
-    ``|abs`` (its absolute value), ``|T`` (a 2-D weight transposed) and ``|P`` (panelled)."""
+    ``|abs`` (its absolute value), ``|T`` (a 2-D weight transposed), ``|P`` (panelled) or
+    ``|O`` (a conv weight blocked by output channel)."""
     base, packing = _packing(key)
     shape = tuple(int(s) for s in graph.params[base].shape)
     if "T" in packing:
         shape = shape[::-1]
     if "P" in packing:
         shape = (_padded(shape[1]) // PANEL, shape[0], PANEL)
+    if "O" in packing:
+        ob = conv_block(shape[0])
+        shape = (-(-shape[0] // ob),) + shape[1:] + (ob,)
     return shape
 
 
@@ -122,6 +138,11 @@ def param_tensor(tensors, key: str):
         rows, cols = t.shape
         t = torch.nn.functional.pad(t, (0, _padded(cols) - cols))
         t = t.reshape(rows, -1, PANEL).permute(1, 0, 2)
+    if "O" in packing:
+        ob = conv_block(t.shape[0])
+        blocks = -(-t.shape[0] // ob)
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, blocks * ob - t.shape[0]))
+        t = t.reshape((blocks, ob) + tuple(t.shape[1:])).movedim(1, -1)
     return t.contiguous()
 
 
@@ -250,6 +271,57 @@ class TaskLowering:
         return out
 
     def _conv2d(self, node: Node, ins: list[Value]) -> Value:
+        """A direct convolution blocked by output channel: the input materialised once with
+        its zero border (no bounds checks in the reduction), the weight pre-packed as
+        ``[O / ob, Cg, kh, kw, ob]`` and the output computed as ``[n, O / ob, Y, X, ob]``, so
+        the register tile of ``schedules.py`` is output positions × a vector of ``ob``
+        channels (readers see ``(o, y, x)``). Groups whose size ``ob`` does not divide keep
+        the plain channel-major form."""
+        a = node.attrs
+        (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
+        C, H, W = ins[0].shape
+        O, cg, kh, kw = (int(s) for s in self.graph.params[node.params["weight"]].shape)
+        og = O // g
+        Y, X = node.shape[1:]
+        ob = conv_block(O)
+        if og % ob and g > 1:
+            return self._conv2d_plain(node, ins)
+        # the rows and columns the taps read, from -ph / -pw on
+        Hp, Wp = (Y - 1) * sh + (kh - 1) * dh + 1, (X - 1) * sw + (kw - 1) * dw + 1
+        c = ins[0].cr()
+        base = node.name.replace(".", "_")
+
+        def bordered(f):
+            def get(b, ch, y, x):
+                yy, xx = y - ph, x - pw
+                inside = te.all(yy >= 0, yy < H, xx >= 0, xx < W)
+                return te.if_then_else(inside, f(b, ch, te.max(te.min(yy, H - 1), 0),
+                                                  te.max(te.min(xx, W - 1), 0)), self.zero)
+            return get
+        src = Value("cr", bordered(c.a), bordered(c.b), (C, Hp, Wp))
+        src = self._stage_pair(src.shape, src.a, src.b, base + "_in")
+        w = self.param(node.params["weight"] + PACKED_O)
+        wa = self.param(node.params["weight"] + "|abs" + PACKED_O)
+        blocks = -(-O // ob)
+
+        def conv(f, wt, name):
+            def body(b, oo, y, x, oi):
+                rc = te.reduce_axis((0, cg), name="rc")
+                ry = te.reduce_axis((0, kh), name="ry")
+                rx = te.reduce_axis((0, kw), name="rx")
+                ch = (oo * ob // og) * cg + rc if g > 1 else rc
+                return te.sum(wt[oo, rc, ry, rx, oi] * f(b, ch, y * sh + ry * dh,
+                                                         x * sw + rx * dw), axis=[rc, ry, rx])
+            t = te.compute((self.n, blocks, Y, X, ob), body, name=name)
+            return lambda b, o, y, x: t[b, o // ob, y, x, o % ob]
+        mid, rad = conv(src.a, w, base + "_a"), conv(src.b, wa, base + "_b")
+        if "bias" in node.params:
+            bias = self.param(node.params["bias"])
+            m = mid
+            mid = lambda b, o, y, x: m(b, o, y, x) + bias[o]  # noqa: E731
+        return Value("cr", mid, rad, tuple(node.shape))
+
+    def _conv2d_plain(self, node: Node, ins: list[Value]) -> Value:
         v = self._materialised_cr(ins[0], node.name)
         w = self.param(node.params["weight"])
         wa = self.param(node.params["weight"] + "|abs")
