@@ -1,9 +1,12 @@
 """Checking a VNN-LIB property on a model, with VNN-COMP verdicts.
 
-``unsat``: bounds prove every disjunct of the unsafe region empty. ``sat``: the falsifier
-found an input of the box whose output, recomputed on the model, lies in the unsafe region.
-``unknown`` otherwise, ``timeout`` when the budget ran out first. A wrong verdict is never
-given: ``unsat`` rests on sound bounds, ``sat`` on a checked counterexample.
+First the bounds of each input box (one plan run per box), then the falsifier on the
+disjuncts left open, then branch-and-bound on them (``boundflow.bab``; input splitting where
+the input is low-dimensional). ``unsat``: bounds prove every disjunct of the unsafe region
+empty (on the whole box or on every sub-box). ``sat``: an input of the box whose output,
+recomputed on the model, lies in the unsafe region. ``unknown`` otherwise, ``timeout`` when
+the budget ran out first. A wrong verdict is never given: ``unsat`` rests on sound bounds
+over boxes rounded outward to the bound's precision, ``sat`` on a checked counterexample.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch
 
 from boundflow.api import BoundOptions, bound_spec
 from boundflow.attack import AttackConfig, find_counterexample
+from boundflow.bab import BabConfig, choose_strategy, input_split
+from boundflow.bab.bounder import float_box
+from boundflow.ir.spec import InputSpec
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import BoundFlowError
 from boundflow.frontend.vnnlib import Property
@@ -31,6 +37,9 @@ class PropertyResult:
     refuted: int = 0                             # disjuncts proven empty
     disjuncts: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    strategy: str = "none"                       # the branch-and-bound that ran, if any
+    domains: int = 0                             # domains it bounded
+    bound_calls: int = 0                         # plan runs it made
 
     def vnncomp(self) -> str:
         """The result file of VNN-COMP: the status, and for ``sat`` the assignment."""
@@ -44,9 +53,15 @@ class PropertyResult:
 
 def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOptions("crown"),
                    timeout: float | None = None, attack: AttackConfig | None = AttackConfig(),
-                   confirm: Callable[[np.ndarray], np.ndarray] | None = None) -> PropertyResult:
+                   confirm: Callable[[np.ndarray], np.ndarray] | None = None,
+                   bab: BabConfig | None = BabConfig(), db=None) -> PropertyResult:
     """Decide ``prop`` on ``graph``. ``confirm`` maps a flat input to the model's flat output
-    (e.g. the ONNX reference runtime) to re-check a counterexample on the original model."""
+    (e.g. the ONNX reference runtime) to re-check a counterexample on the original model.
+    Without branch-and-bound (``bab`` None, or its strategy ``none``) each input box is bounded
+    once by ``options`` and the falsifier tries the disjuncts left open. Where the strategy
+    resolves to input splitting the search does it all: its first plan run bounds each whole
+    box (by ``bab.method``) and its falsifier starts there. ``db``: a tuning database holding
+    a plan for the search's bound workload."""
     start = time.perf_counter()
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
     if prop.n_inputs != n_in or prop.n_outputs != n_out:
@@ -54,14 +69,24 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                              f"outputs; the model has {n_in} and {n_out}")
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
     refuted = sum(d.empty_box for d in prop.disjuncts)
+    n_disjuncts = len(prop.disjuncts)
     open_disjuncts = []
     dtype = torch.float64 if graph.dtype == "float64" else torch.float32
-    for box, spec, ranges in prop.groups():
+    groups = prop.groups()
+    strategy = "none" if bab is None else choose_strategy(bab, n_in)
+    if strategy == "input" and all(spec is not None for _, spec, _ in groups):
+        # the search's first plan run bounds each whole box and its falsifier starts there
+        everything = [(box, spec, a, b) for box, spec, ranges in groups for a, b in ranges]
+        return _input_split(graph, everything, bab, db, timeout, elapsed,
+                            _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
+                            n_disjuncts)
+    for box, spec, ranges in groups:
         if timeout is not None and elapsed() > timeout:
             return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
-                                  disjuncts=len(prop.disjuncts))
-        shaped = type(box)(box.lower.reshape((1,) + graph.input_shape),
-                           box.upper.reshape((1,) + graph.input_shape))
+                                  disjuncts=n_disjuncts)
+        lo, hi = float_box(box.lower, box.upper, dtype)
+        shaped = InputSpec.box(lo.numpy().reshape((1,) + graph.input_shape),
+                               hi.numpy().reshape((1,) + graph.input_shape))
         proven = np.zeros(0, dtype=bool)
         if spec is not None:
             bounds = bound_spec(graph, shaped, spec, options, dtype)
@@ -70,10 +95,12 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
             if b > a and proven[a:b].any():
                 refuted += 1
             else:
-                open_disjuncts.append((shaped, spec, a, b))
+                open_disjuncts.append((box, spec, a, b))
     if not open_disjuncts:
         return PropertyResult("unsat", seconds=elapsed(), refuted=refuted,
-                              disjuncts=len(prop.disjuncts))
+                              disjuncts=n_disjuncts)
+
+    found = _checker(graph, confirm, elapsed, refuted, n_disjuncts)
     if attack is not None:
         for box, spec, a, b in open_disjuncts:
             if timeout is not None and elapsed() > timeout:
@@ -81,17 +108,63 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
             C = spec.C[0, a:b] if spec is not None else np.zeros((0, n_out))
             thr = spec.threshold[0, a:b] if spec is not None else np.zeros(0)
             x = find_counterexample(graph, box.lower[0], box.upper[0], C, thr, attack)
-            if x is None:
-                continue
-            y = evaluate(graph, torch.as_tensor(x[None])).flatten().numpy()
-            if confirm is not None:
-                y = np.asarray(confirm(x.reshape(-1)), dtype=np.float64).reshape(-1)
-            if np.all(C @ y <= thr):
-                return PropertyResult("sat", (x.reshape(-1), y), elapsed(), refuted,
-                                      len(prop.disjuncts))
+            if x is not None and (res := found(x, C, thr)) is not None:
+                return res
     status = "timeout" if timeout is not None and elapsed() > timeout else "unknown"
-    return PropertyResult(status, seconds=elapsed(), refuted=refuted,
-                          disjuncts=len(prop.disjuncts))
+    return PropertyResult(status, seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts)
+
+
+def _checker(graph: Graph, confirm, elapsed, refuted: int, n_disjuncts: int):
+    """``found(x, C, thr)``: the ``sat`` result of input ``x`` when its output, in float64
+    (and on the original model by ``confirm``), meets every row ``C·y <= thr``; else None."""
+    def found(x: np.ndarray, C: np.ndarray, thr: np.ndarray) -> PropertyResult | None:
+        x = np.asarray(x, np.float64)
+        y = evaluate(graph, torch.as_tensor(x.reshape((1,) + graph.input_shape))
+                     ).flatten().numpy()
+        if confirm is not None:
+            y = np.asarray(confirm(x.reshape(-1)), dtype=np.float64).reshape(-1)
+        if np.all(C @ y <= thr):
+            return PropertyResult("sat", (x.reshape(-1), y), elapsed(), refuted, n_disjuncts)
+        return None
+    return found
+
+
+def _input_split(graph: Graph, open_disjuncts, bab: BabConfig, db, timeout, elapsed, found,
+                 refuted: int, n_disjuncts: int) -> PropertyResult:
+    """Input-split branch-and-bound on the open disjuncts, one search per input box."""
+    by_box: dict[int, list] = {}
+    for item in open_disjuncts:
+        by_box.setdefault(id(item[0]), []).append(item)
+    domains = calls = 0
+    deadline = None if timeout is None else time.monotonic() + timeout - elapsed()
+    for items in by_box.values():
+        box, spec = items[0][0], items[0][1]
+        C = np.concatenate([spec.C[0, a:b] for _, _, a, b in items])
+        thr = np.concatenate([spec.threshold[0, a:b] for _, _, a, b in items])
+        ranges, start = [], 0
+        for _, _, a, b in items:
+            ranges.append((start, start + b - a))
+            start += b - a
+
+        def confirm(x: np.ndarray) -> bool:
+            return any(found(x, C[a:b], thr[a:b]) is not None for a, b in ranges)
+        res = input_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
+                          deadline=deadline, confirm=confirm, db=db)
+        domains, calls = domains + res.domains, calls + res.bound_calls
+        stats = dict(strategy="input", domains=domains, bound_calls=calls)
+        if res.status == "sat":
+            for a, b in ranges:
+                if (hit := found(res.counterexample, C[a:b], thr[a:b])) is not None:
+                    return PropertyResult("sat", hit.counterexample, elapsed(), refuted,
+                                          n_disjuncts, **stats)
+        if res.status != "unsat":
+            notes = (res.reason,) if res.reason else ()
+            return PropertyResult(res.status if res.status != "sat" else "unknown",
+                                  seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
+                                  notes=notes, **stats)
+        refuted += len(items)
+    return PropertyResult("unsat", seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
+                          strategy="input", domains=domains, bound_calls=calls)
 
 
 def onnx_runner(path) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,0 +1,76 @@
+"""The settings of a branch-and-bound search and what it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from boundflow.errors import BoundFlowError
+
+INPUT_SPLIT_MAX_DIMS = 16     # ``auto`` splits the input box up to this many input dimensions
+STRATEGIES = ("auto", "input", "none")
+BRANCHINGS = ("sensitivity", "widest")
+
+
+@dataclass(frozen=True)
+class BabConfig:
+    """``strategy``: ``input`` (split input boxes), ``none`` (bound the whole box only) or
+    ``auto`` (:func:`choose_strategy`). ``batch``: domains bounded per plan run (a knob of
+    the bound workload). ``branching``: ``sensitivity`` splits the dimension whose width
+    times the spec's gradient at the box centre is largest (an estimate of how much the
+    linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
+    limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
+    each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend.
+    ``attack_every``: iterations between falsifier runs from the domains closest to a
+    violation (0: only the check of every domain's centre)."""
+
+    strategy: str = "auto"
+    batch: int = 1024
+    branching: str = "sensitivity"
+    max_domains: int = 1_000_000
+    method: str = "crown"
+    backend: str = "torch"
+    attack_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise BoundFlowError(f"unknown BaB strategy {self.strategy!r}; choose from "
+                                 f"{', '.join(STRATEGIES)}")
+        if self.branching not in BRANCHINGS:
+            raise BoundFlowError(f"unknown branching {self.branching!r}; choose from "
+                                 f"{', '.join(BRANCHINGS)}")
+        for name in ("batch", "max_domains"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 2:
+                raise BoundFlowError(f"BaB {name} must be an integer >= 2, got {v!r}")
+        if not isinstance(self.attack_every, (int, np.integer)) or self.attack_every < 0:
+            raise BoundFlowError(f"attack_every must be an integer >= 0, got "
+                                 f"{self.attack_every!r}")
+
+
+def choose_strategy(config: BabConfig, n_inputs: int) -> str:
+    """The strategy ``config`` asks for, ``auto`` resolved by the input's dimension."""
+    if config.strategy != "auto":
+        return config.strategy
+    return "input" if n_inputs <= INPUT_SPLIT_MAX_DIMS else "none"
+
+
+@dataclass(frozen=True)
+class BabResult:
+    """``status``: ``unsat`` (every domain proven), ``sat`` (``counterexample`` is an input
+    whose output violates the property, checked in float64), ``unknown`` (``reason`` says
+    why) or ``timeout``. ``domains``: domains bounded; ``bound_calls``: plan runs."""
+
+    status: str
+    counterexample: np.ndarray | None = None
+    domains: int = 0
+    bound_calls: int = 0
+    seconds: float = 0.0
+    max_queue: int = 0
+    reason: str = ""
+
+    @property
+    def domains_per_second(self) -> float:
+        return self.domains / self.seconds if self.seconds > 0 else 0.0

@@ -1,0 +1,188 @@
+"""Input-split branch-and-bound: the input box is bisected until every sub-box is proven.
+
+A disjunct of the unsafe region (rows ``a:b`` of the spec: ``C_r·y <= thr_r`` for every row
+``r``) is ruled out on a box when one of its rows has a lower bound above its threshold; a
+box is done when every open disjunct is ruled out on it. Each iteration takes the
+``batch / 2`` open boxes closest to a violation, bisects each along the dimension the
+branching rule picks, bounds the children in one plan run (a child keeps the better of its
+own bound and its parent's, which holds on it too), drops the proven ones and queues the
+rest. The centre of every queued box is evaluated (that gives the branching rule its
+gradient) and checked as a counterexample; every ``attack_every`` iterations the falsifier
+also searches the boxes closest to a violation. Any counterexample is re-checked in float64
+inside the original box before it is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from boundflow.attack import AttackConfig, find_counterexample
+from boundflow.bab.bounder import PlanBounder, float_box
+from boundflow.bab.config import BabConfig, BabResult
+from boundflow.domains.concrete import evaluate
+from boundflow.ir.graph import Graph
+
+log = logging.getLogger("boundflow.bab")
+
+_PROGRESS_SECONDS = 2.0
+_ATTACK = AttackConfig(samples=64, restarts=2, steps=15)
+
+
+class _Spec:
+    """The open disjuncts' rows: ``C`` [rows, n_out], ``thr`` [rows], ``ranges``."""
+
+    def __init__(self, C: np.ndarray, thr: np.ndarray, ranges: Sequence[tuple[int, int]],
+                 dtype: torch.dtype):
+        self.C = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
+        self.thr = torch.as_tensor(np.asarray(thr, np.float64), dtype=dtype)
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+
+    def margins(self, lb: torch.Tensor) -> torch.Tensor:
+        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` (> 0: ruled out)."""
+        gap = lb - self.thr
+        return torch.stack([gap[:, a:b].max(1).values for a, b in self.ranges], 1)
+
+    def violated(self, y: torch.Tensor) -> torch.Tensor:
+        """``[N]``: whether the outputs ``y`` [N, n_out] satisfy every row of a disjunct."""
+        ok = (y @ self.C.T) <= self.thr
+        return torch.stack([ok[:, a:b].all(1) for a, b in self.ranges], 1).any(1)
+
+
+def _centres(graph: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: _Spec, lb: torch.Tensor,
+             shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model at each box's centre: (centres, outputs, gradient of the row the branching
+    follows). That row is the best-bounded row of the box's worst disjunct: the one whose
+    bound is closest to proving the box."""
+    x = ((lo + hi) / 2).requires_grad_(True)
+    y = evaluate(graph, x.reshape((-1,) + shape)).flatten(1)
+    margins = spec.margins(lb)
+    worst = margins.argmin(1)
+    rows = torch.empty_like(worst)
+    gap = lb - spec.thr
+    for d, (a, b) in enumerate(spec.ranges):
+        pick = worst == d
+        if pick.any():
+            rows[pick] = a + gap[pick, a:b].argmax(1)
+    s = (y @ spec.C.T).gather(1, rows[:, None]).sum()
+    (g,) = torch.autograd.grad(s, x)
+    return x.detach(), y.detach(), g
+
+
+def _split_dims(rule: str, lo: torch.Tensor, hi: torch.Tensor, grad: torch.Tensor | None
+                ) -> torch.Tensor:
+    width = hi - lo
+    if rule == "widest" or grad is None:
+        return width.argmax(1)
+    score = grad.abs() * width
+    # a box whose gradient vanishes (all its ReLUs off at the centre) still gets split
+    flat = score.max(1).values <= 0
+    dims = score.argmax(1)
+    dims[flat] = width[flat].argmax(1)
+    return dims
+
+
+def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray,
+                threshold: np.ndarray, ranges: Sequence[tuple[int, int]],
+                config: BabConfig = BabConfig(), *, deadline: float | None = None,
+                confirm: Callable[[np.ndarray], bool] | None = None,
+                bounder: PlanBounder | None = None, db=None) -> BabResult:
+    """Decide whether some point of the box ``[lower, upper]`` (flat, float64) has an output
+    meeting every row of one of the disjuncts (``C`` [rows, n_out], ``threshold`` [rows],
+    ``ranges``: each disjunct's rows). ``deadline``: a ``time.monotonic()`` time.
+    ``confirm(x)``: a further check of a counterexample (e.g. on the original model).
+    ``bounder``: the bound call (default: a :class:`PlanBounder` for ``config`` and
+    ``db``)."""
+    start = time.monotonic()
+    shape = tuple(graph.input_shape)
+    if bounder is None:
+        bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
+                              backend=config.backend, db=db)
+    dtype = bounder.dtype
+    spec = _Spec(C, threshold, ranges, dtype)
+    lo64 = np.asarray(lower, np.float64).reshape(-1)
+    hi64 = np.asarray(upper, np.float64).reshape(-1)
+    C64 = torch.as_tensor(np.asarray(C, np.float64))
+    thr64 = torch.as_tensor(np.asarray(threshold, np.float64))
+    lo0, hi0 = float_box(lo64, hi64, dtype)
+    lo, hi = lo0[None], hi0[None]
+    stats = {"domains": 0, "max_queue": 1}
+    elapsed = lambda: time.monotonic() - start  # noqa: E731
+
+    def result(status, cex=None, reason=""):
+        return BabResult(status, cex, stats["domains"], bounder.calls, elapsed(),
+                         stats["max_queue"], reason)
+
+    def counterexample(points: torch.Tensor) -> np.ndarray | None:
+        """The first of ``points`` that, clipped into the original box, violates the
+        property in float64 (and passes ``confirm``)."""
+        for p in points:
+            x = np.clip(p.detach().double().numpy().reshape(-1), lo64, hi64)
+            y = evaluate(graph, torch.from_numpy(x).reshape((1,) + shape)).flatten()
+            ok = (C64 @ y) <= thr64
+            if any(bool(ok[a:b].all()) for a, b in spec.ranges) and \
+                    (confirm is None or confirm(x)):
+                return x
+        return None
+
+    lb = bounder(lo, hi)
+    stats["domains"] += 1
+    iteration, last_report = 0, time.monotonic()
+    while True:
+        open_ = spec.margins(lb).min(1).values <= 0
+        lo, hi, lb = lo[open_], hi[open_], lb[open_]
+        n = lo.shape[0]
+        if n == 0:
+            return result("unsat")
+        centres, y, grad = _centres(graph, lo, hi, spec, lb, shape)
+        bad = spec.violated(y)
+        if bad.any():
+            x = counterexample(centres[bad][:8])
+            if x is not None:
+                return result("sat", x)
+        if config.attack_every and iteration % config.attack_every == 0:
+            worst = spec.margins(lb).min(1).values.argsort()[:2]
+            for i in worst.tolist():
+                for a, b in spec.ranges:
+                    found = find_counterexample(graph, lo[i].double().numpy().reshape(shape),
+                                                hi[i].double().numpy().reshape(shape),
+                                                C64[a:b].numpy(), thr64[a:b].numpy(),
+                                                AttackConfig(_ATTACK.samples, _ATTACK.restarts,
+                                                             _ATTACK.steps, config.seed +
+                                                             iteration))
+                    if found is not None:
+                        x = counterexample(torch.from_numpy(found).reshape(1, -1))
+                        if x is not None:
+                            return result("sat", x)
+        if deadline is not None and time.monotonic() > deadline:
+            return result("timeout")
+        if n > config.max_domains:
+            return result("unknown", reason=f"more than {config.max_domains} open domains "
+                                            f"(max_domains)")
+        dims = _split_dims(config.branching, lo, hi, grad)
+        # the boxes closest to a violation first
+        take = min(n, max(1, config.batch // 2))
+        order = spec.margins(lb).min(1).values.argsort()
+        pick, rest = order[:take], order[take:]
+        plo, phi, plb, pd = lo[pick], hi[pick], lb[pick], dims[pick]
+        rows = torch.arange(take)
+        mid = plo[rows, pd] + (phi[rows, pd] - plo[rows, pd]) / 2
+        left_hi, right_lo = phi.clone(), plo.clone()
+        left_hi[rows, pd] = mid
+        right_lo[rows, pd] = mid
+        clo, chi = torch.cat([plo, right_lo]), torch.cat([left_hi, phi])
+        clb = torch.maximum(bounder(clo, chi), torch.cat([plb, plb]))
+        stats["domains"] += clo.shape[0]
+        lo, hi, lb = torch.cat([lo[rest], clo]), torch.cat([hi[rest], chi]), \
+            torch.cat([lb[rest], clb])
+        stats["max_queue"] = max(stats["max_queue"], lo.shape[0])
+        iteration += 1
+        if time.monotonic() - last_report > _PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            log.info("bab: %d domains bounded, %d open, %.0f domains/s, worst margin %.4g",
+                     stats["domains"], lo.shape[0], stats["domains"] / max(elapsed(), 1e-9),
+                     float(spec.margins(lb).min()))
