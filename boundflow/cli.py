@@ -161,6 +161,9 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
     from boundflow.frontend.vnnlib import load_vnnlib
     from boundflow.vnncomp import check_property, onnx_runner
 
+    bab = _bab_config(args, args.backend)
+    if args.db:
+        _objective(args.objective)
     graph = load_onnx(args.onnx)
     log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed(args))
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
@@ -169,8 +172,8 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations))
     # the checks between steps answer in time on their own; the hard limit is the backstop
     soft = None if args.timeout is None else max(args.timeout - _elapsed(args) - _MARGIN, 1e-3)
-    result = check_property(graph, prop, options, timeout=soft,
-                            confirm=onnx_runner(args.onnx))
+    result = check_property(graph, prop, options, timeout=soft, confirm=onnx_runner(args.onnx),
+                            bab=bab, db=args.db)
     text = result.vnncomp()
     if args.out:
         _write_text(args.out, text, "result file")
@@ -178,13 +181,67 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
         cex = result.counterexample
         print(json.dumps({"status": result.status, "seconds": result.seconds,
                           "refuted": result.refuted, "disjuncts": result.disjuncts,
+                          "strategy": result.strategy, "domains": result.domains,
+                          "bound_calls": result.bound_calls,
                           "counterexample": None if cex is None else
                           {"x": cex[0].tolist(), "y": cex[1].tolist()}}))
     else:
         print(text, end="")
+        how = args.method if result.strategy == "none" else \
+            f"{bab.method} on {result.domains} domains ({result.strategy} splitting)"
         log.info("%s: %d/%d disjuncts refuted by %s in %.3f s", result.status,
-                    result.refuted, result.disjuncts, args.method, result.seconds)
+                 result.refuted, result.disjuncts, how, result.seconds)
     return 0
+
+
+def cmd_vnncomp(args: argparse.Namespace) -> int:
+    """``boundflow vnncomp``: every instance of a CSV in one process, one line each; exit 1
+    when a verdict contradicts the CSV's expected one."""
+    import statistics
+
+    from boundflow.api import BoundOptions
+    from boundflow.domains.alpha import AlphaConfig
+    from boundflow.vnncomp import read_instances, run_instances
+
+    rows = read_instances(args.instances)
+    bab = _bab_config(args, args.backend)
+    if args.db:
+        _objective(args.objective)
+    _output_file(args.csv, "CSV file")
+    options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations),
+                           backend=args.backend, target=args.target)
+    root = args.root or args.instances.parent
+    started = _elapsed(args)
+    print(f"{'instance':<52} {'expected':>8} {'verdict':>8} {'total s':>8} {'solve s':>8} "
+          f"{'domains':>8} {'dom/s':>8}", flush=True)
+
+    def line(r) -> None:
+        name = f"{Path(r.onnx).stem[:28]} {Path(r.vnnlib).stem[:22]}"
+        res = r.result
+        rate = res.domains / res.seconds if res.seconds > 0 else 0.0
+        print(f"{name:<52} {r.expected or '-':>8} {res.status:>8} {r.total_s:>8.2f} "
+              f"{res.seconds:>8.2f} {res.domains:>8} {rate:>8.0f}"
+              + ("  WRONG" if r.wrong else ""), flush=True)
+    results = run_instances(rows, root, options, bab, args.db, args.results, line)
+    decided = [r for r in results if r.result.status in ("sat", "unsat")]
+    fixed = [r.total_s - r.result.seconds for r in results]
+    wrong = [r for r in results if r.wrong]
+    print(f"decided {len(decided)}/{len(results)}, wrong {len(wrong)}; median time per "
+          f"instance {statistics.median(r.total_s for r in results):.2f} s; fixed cost per "
+          f"instance (total - solving) median {statistics.median(fixed):.3f} s; process "
+          f"start-up (imports) {started:.2f} s")
+    if args.csv:
+        import csv as csv_module
+
+        with open(args.csv, "w", newline="") as f:
+            w = csv_module.writer(f)
+            w.writerow(["onnx", "vnnlib", "expected", "status", "total_s", "solve_s", "load_s",
+                        "domains", "bound_calls", "strategy"])
+            for r in results:
+                w.writerow([r.onnx, r.vnnlib, r.expected, r.result.status, f"{r.total_s:.4f}",
+                            f"{r.result.seconds:.4f}", f"{r.load_s:.4f}", r.result.domains,
+                            r.result.bound_calls, r.result.strategy])
+    return 1 if wrong else 0
 
 
 _MARGIN = 0.3       # seconds the soft limit leaves for printing before the hard one
@@ -215,9 +272,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.onnx or args.vnnlib:
         if not (args.onnx and args.vnnlib) or args.model or args.input or args.eps is not None:
             raise BoundFlowError("give --onnx with --vnnlib, or --model with --input and --eps")
-        if args.plan or args.db:
-            raise BoundFlowError("--plan and --db run with --model inputs, not with "
-                                 "--onnx/--vnnlib")
+        if args.plan:
+            raise BoundFlowError("--plan runs with --model inputs, not with --onnx/--vnnlib "
+                                 "(--db looks up the plan of the branch-and-bound's bound "
+                                 "workload, recorded by `boundflow tune --vnnlib`)")
         _output_file(args.out, "result file")
         work = cmd_verify_property
     else:
@@ -580,6 +638,33 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
                    help="true class per sample (default: the predicted class)")
 
 
+def _bab_arguments(p: argparse.ArgumentParser) -> None:
+    """The branch-and-bound of a VNN-LIB property (verify, tune --vnnlib, vnncomp)."""
+    p.add_argument("--bab", choices=["auto", "input", "none"], default="auto",
+                   help="branch-and-bound for what the whole box leaves open: input (split "
+                   "the input box), none, or auto (input splitting for inputs of at most "
+                   "16 dimensions; default)")
+    p.add_argument("--bab-batch", type=_POSITIVE_INT, default=1024,
+                   help="domains bounded per plan run (default 1024)")
+    p.add_argument("--bab-method", default="crown",
+                   help="the bound of each domain: ibp, crown-ibp, crown or alpha-crown "
+                   "(default crown)")
+    p.add_argument("--branching", choices=["sensitivity", "widest"], default="sensitivity",
+                   help="input dimension to split: largest width x spec gradient at the "
+                   "centre (default), or the widest")
+    p.add_argument("--max-domains", type=_POSITIVE_INT, default=1_000_000,
+                   help="open domains kept at most; past it the answer is unknown "
+                   "(default 1000000)")
+
+
+def _bab_config(args: argparse.Namespace, backend: str = "torch"):
+    from boundflow.bab import BabConfig
+
+    return BabConfig(strategy=args.bab, batch=args.bab_batch, branching=args.branching,
+                     max_domains=max(args.max_domains, 2), method=args.bab_method,
+                     backend=backend)
+
+
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
     p.add_argument("--method", default=default,
                    help=f"ibp, crown-ibp, crown or alpha-crown ({what})")
@@ -653,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which tuned plan to look up: time, time@width, time@mem:BYTES or "
                    "mix:A,B (default time@width)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
+    _bab_arguments(v)
     _logging_options(v, top=False)
     v.set_defaults(func=cmd_verify)
 
@@ -710,6 +796,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_COUNT, default=0, help="random seed (default 0)")
     _logging_options(t, top=False)
     t.set_defaults(func=cmd_tune)
+
+    n = sub.add_parser("vnncomp", help="decide every instance of a VNN-COMP instances.csv "
+                       "in one process")
+    n.add_argument("--instances", type=Path, required=True,
+                   help="a CSV of onnx,vnnlib,timeout[,expected] rows (paths relative to "
+                   "--root)")
+    n.add_argument("--root", type=Path, help="folder the paths are relative to (default: the "
+                   "CSV's folder)")
+    n.add_argument("--results", type=Path, help="write each VNN-COMP result file into this "
+                   "folder")
+    n.add_argument("--csv", type=Path, help="write one row per instance here")
+    _method(n, DEFAULT_METHOD, f"of whole-box bounds without branch-and-bound; default "
+            f"{DEFAULT_METHOD}")
+    n.add_argument("--alpha-iterations", type=_COUNT, default=20,
+                   help="optimisation steps of alpha-crown (default 20)")
+    _backend(n, "torch")
+    n.add_argument("--db", help="a tuning database with plans for the bound workloads")
+    n.add_argument("--objective", default="time@width", help="which tuned plan to look up")
+    _bab_arguments(n)
+    _logging_options(n, top=False)
+    n.set_defaults(func=cmd_vnncomp)
 
     c = sub.add_parser("costmodel", help="inspect the cost model in a tuning database")
     c.add_argument("action", choices=["inspect"], help="what to do (inspect)")

@@ -192,3 +192,88 @@ def onnx_runner(path) -> Callable[[np.ndarray], np.ndarray]:
         (y, *_) = s["sess"].run(None, {s["name"]: x.reshape(s["shape"]).astype(s["elem"])})
         return np.asarray(y).reshape(-1)
     return run
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """One row of a benchmark run: the verdict, and where the time went (``load_s``: reading
+    the model and property; ``solve_s``: deciding it)."""
+
+    onnx: str
+    vnnlib: str
+    expected: str
+    result: PropertyResult
+    load_s: float
+    total_s: float
+
+    @property
+    def wrong(self) -> bool:
+        decided = {"sat", "unsat"}
+        return self.result.status in decided and self.expected in decided and \
+            self.result.status != self.expected
+
+
+def read_instances(path) -> list[tuple[str, str, float, str]]:
+    """``instances.csv`` rows as (onnx, vnnlib, timeout, expected); with or without the
+    header line of the shared benchmarks, expected optional (VNN-COMP's own files have
+    three columns)."""
+    import csv
+    from pathlib import Path
+
+    rows = []
+    with open(Path(path), newline="") as f:
+        for i, row in enumerate(csv.reader(f), 1):
+            row = [c.strip() for c in row]
+            if not row or not any(row) or (i == 1 and row[0] == "onnx"):
+                continue
+            if len(row) < 3:
+                raise BoundFlowError(f"{path}, line {i}: expected onnx,vnnlib,timeout[,expected]"
+                                     f", got {len(row)} fields")
+            try:
+                timeout = float(row[2])
+            except ValueError:
+                raise BoundFlowError(f"{path}, line {i}: timeout {row[2]!r} is not a number"
+                                     ) from None
+            if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+                raise BoundFlowError(f"{path}, line {i}: timeout must be positive and finite")
+            rows.append((row[0], row[1], timeout, row[3] if len(row) > 3 else ""))
+    if not rows:
+        raise BoundFlowError(f"{path} lists no instances")
+    return rows
+
+
+def run_instances(rows, root, options: BoundOptions, bab: BabConfig | None, db=None,
+                  results_dir=None, on_result: Callable[[InstanceResult], None] | None = None
+                  ) -> list[InstanceResult]:
+    """Decide every instance in one process (imports, loaded models and compiled plans
+    shared), each within its own timeout, counted from when its files are read; writes each
+    VNN-COMP result file to ``results_dir`` when given."""
+    from pathlib import Path
+
+    from boundflow.frontend.onnx import load_onnx
+    from boundflow.frontend.vnnlib import load_vnnlib
+
+    root = Path(root)
+    graphs: dict[str, Graph] = {}
+    out = []
+    for onnx_path, vnnlib_path, timeout, expected in rows:
+        start = time.perf_counter()
+        if onnx_path not in graphs:
+            graphs[onnx_path] = load_onnx(root / onnx_path)
+        graph = graphs[onnx_path]
+        prop = load_vnnlib(root / vnnlib_path, int(np.prod(graph.input_shape)),
+                           int(np.prod(graph.output_shape)))
+        load_s = time.perf_counter() - start
+        result = check_property(graph, prop, options, timeout=max(timeout - load_s, 1e-3),
+                                confirm=onnx_runner(root / onnx_path), bab=bab, db=db)
+        row = InstanceResult(onnx_path, vnnlib_path, expected, result, load_s,
+                             time.perf_counter() - start)
+        if results_dir is not None:
+            name = f"{Path(onnx_path).stem}__{Path(vnnlib_path).stem}.txt"
+            target = Path(results_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(result.vnncomp())
+        out.append(row)
+        if on_result is not None:
+            on_result(row)
+    return out

@@ -31,6 +31,29 @@ def float_box(lower: np.ndarray, upper: np.ndarray, dtype: torch.dtype
     return lo, hi
 
 
+_VERIFIERS: dict[tuple, tuple[Graph, Any]] = {}
+_KEEP = 16
+
+
+def _verifier(graph: Graph, batch: int, rows: int, method: str, backend: str, db: Any,
+              objective: str):
+    """The compiled verifier of the workload, made once per process (a run of many
+    instances on one model compiles and looks up its plan once)."""
+    from boundflow.verifier import compile as compile_verifier
+
+    key = (id(graph), batch, rows, method, backend, db if isinstance(db, (str, type(None)))
+           else id(db), objective)
+    hit = _VERIFIERS.get(key)
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    v = compile_verifier(graph, batch=batch, n_specs=rows, method=method, backend=backend,
+                         db=db, objective=objective)
+    if len(_VERIFIERS) >= _KEEP:
+        _VERIFIERS.pop(next(iter(_VERIFIERS)))
+    _VERIFIERS[key] = (graph, v)
+    return v
+
+
 class PlanBounder:
     """Lower bounds of ``C·y`` (rows of ``C``: ``[rows, n_out]``) over batches of boxes,
     each batch of up to ``batch`` boxes one run of the workload's plan (see the module
@@ -38,13 +61,9 @@ class PlanBounder:
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
                  backend: str = "torch", db: Any = None, objective: str = "time@width"):
-        from boundflow.verifier import compile as compile_verifier
-
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
-        self.verifier = compile_verifier(graph, batch=self.batch, n_specs=self.rows,
-                                         method=method, backend=backend, db=db,
-                                         objective=objective)
+        self.verifier = _verifier(graph, self.batch, self.rows, method, backend, db, objective)
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
         self._C = np.ascontiguousarray(np.broadcast_to(
@@ -71,3 +90,17 @@ class PlanBounder:
             out.append(self.verifier.run(InputSpec.box(lo, hi), spec).lower.to(self.dtype))
             self.calls += 1
         return torch.cat(out)
+
+
+def sample_domains(lower: np.ndarray, upper: np.ndarray, batch: int, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` sub-boxes of ``[lower, upper]`` (flat, float64) like those an input-split
+    search bounds: each dimension halved 0-6 times, at a random one of the pieces (what
+    ``boundflow tune --vnnlib`` measures the search's bound workload on)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    depth = rng.integers(0, 7, size=(batch, lo.size))
+    piece = np.floor(rng.random((batch, lo.size)) * 2.0 ** depth)
+    width = (hi - lo) / 2.0 ** depth
+    sub_lo = lo + piece * width
+    return sub_lo, np.minimum(sub_lo + width, hi)

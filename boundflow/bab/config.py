@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from boundflow.errors import BoundFlowError
+from boundflow.ir.workload import METHODS
 
 INPUT_SPLIT_MAX_DIMS = 16     # ``auto`` splits the input box up to this many input dimensions
 STRATEGIES = ("auto", "input", "none")
@@ -38,6 +39,8 @@ class BabConfig:
         if self.strategy not in STRATEGIES:
             raise BoundFlowError(f"unknown BaB strategy {self.strategy!r}; choose from "
                                  f"{', '.join(STRATEGIES)}")
+        if self.method not in METHODS:
+            raise BoundFlowError(f"BaB method {self.method!r} is not one of {sorted(METHODS)}")
         if self.branching not in BRANCHINGS:
             raise BoundFlowError(f"unknown branching {self.branching!r}; choose from "
                                  f"{', '.join(BRANCHINGS)}")
