@@ -463,8 +463,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from boundflow.measure import MeasureConfig
     from boundflow.search import Tuner
 
-    if not (args.input and args.eps is not None):
-        raise BoundFlowError("give --input and --eps (the query the plans are measured on)")
+    if args.vnnlib:
+        if not args.onnx or args.input or args.eps is not None or args.model:
+            raise BoundFlowError("--vnnlib tunes the branch-and-bound workload of a property: "
+                                 "give it with --onnx, without --model/--input/--eps")
+    elif not (args.input and args.eps is not None):
+        raise BoundFlowError("give --input and --eps (the query the plans are measured on), "
+                             "or --onnx with --vnnlib (the bound workload of its "
+                             "branch-and-bound)")
     backends = _backend_set(args.backend)
     from boundflow.backend import create
 
@@ -472,14 +478,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         create(name).check_target(args.target)
     _objective(args.objective)
     graph = _load_graph(args)
-    x = _load_input(args.input, graph.input_shape)
-    graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
-                                      clip=tuple(args.clip) if args.clip else None,
-                                      dtype=args.dtype)
+    if args.vnnlib:
+        args.method, lower, upper, C = _bab_workload(args, graph)
+    else:
+        x = _load_input(args.input, graph.input_shape)
+        graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
+                                          clip=tuple(args.clip) if args.clip else None,
+                                          dtype=args.dtype)
+        lower, upper, C = spec.lower, spec.upper, linear.C
     config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout,
                            memory_limit_mb=args.memory_limit, threads=args.threads)
     with Database(args.db) as db:
-        tuner = Tuner(graph, spec.lower, spec.upper, linear.C, method=args.method, db=db,
+        tuner = Tuner(graph, lower, upper, C, method=args.method, db=db,
                       strategy=args.strategy, backend=backends, target=args.target,
                       objective=args.objective, dtype=args.dtype, config=config,
                       batch_size=args.batch_size, seed=args.seed,
@@ -518,9 +528,42 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         print(f"best plan {report.best_bundle.key[:12]} ({report.best_backend}, "
               f"{report.speedup:.2f}x the default path): {report.best_description}")
-    print(f"recorded in {args.db}; run it with: boundflow verify ... --method {args.method} "
-          f"--db {args.db}")
+    if args.vnnlib:
+        print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
+              f"--vnnlib {args.vnnlib} --bab-batch {args.bab_batch} --bab-method "
+              f"{args.method} --db {args.db}")
+    else:
+        print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
+              f"{args.method} --db {args.db}")
     return 0
+
+
+def _bab_workload(args: argparse.Namespace, graph):
+    """(method, lower, upper, C) of the bound workload the branch-and-bound of
+    ``--vnnlib`` runs (``--bab-batch`` sub-boxes of its first input box, every spec row of
+    that box), the batch its plans are measured on."""
+    import numpy as np
+
+    from boundflow.bab.bounder import float_box, sample_domains
+    from boundflow.frontend.vnnlib import load_vnnlib
+
+    config = _bab_config(args)
+    n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
+    prop = load_vnnlib(args.vnnlib, n_in, n_out)
+    groups = [(box, spec) for box, spec, _ in prop.groups() if spec is not None]
+    if not groups:
+        raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
+    box, spec = groups[0]
+    lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
+    dtype = __import__("torch").float64 if (args.dtype or graph.dtype) == "float64" \
+        else __import__("torch").float32
+    lo, hi = float_box(lo, hi, dtype)
+    shape = (config.batch,) + tuple(graph.input_shape)
+    C = np.broadcast_to(spec.C[0], (config.batch,) + spec.C.shape[1:])
+    log.info("tuning the branch-and-bound workload of %s: %d sub-boxes, %d spec rows, %s",
+             args.vnnlib, config.batch, C.shape[1], config.method)
+    return config.method, lo.numpy().reshape(shape), hi.numpy().reshape(shape), \
+        np.ascontiguousarray(C)
 
 
 def _backend_set(text: str | None) -> tuple[str, ...]:
@@ -763,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="measure plans of a workload into a tuning database")
     _query_arguments(t)
+    t.add_argument("--vnnlib", type=Path, help="with --onnx: tune the bound workload of this "
+                   "property's branch-and-bound (--bab-batch sub-boxes, --bab-method), the "
+                   "plan `verify --onnx --vnnlib --db` then runs")
     t.add_argument("--clip", type=_FINITE, nargs=2, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI]")
     _method(t, "crown-ibp", "default crown-ibp")
@@ -794,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address-space cap per measured plan in MiB; a plan past it is "
                    "recorded as a memory failure (default: none)")
     t.add_argument("--seed", type=_COUNT, default=0, help="random seed (default 0)")
+    _bab_arguments(t)
     _logging_options(t, top=False)
     t.set_defaults(func=cmd_tune)
 

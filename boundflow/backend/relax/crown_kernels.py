@@ -335,8 +335,16 @@ class BackwardLowering(TaskLowering):
                      raw.batched)], []
 
     def _relu_back(self, node, c: Coef, S, pre: Value):
-        l, u = pre.a, pre.b
+        """The relaxation's slopes and bias per neuron as ``[n, *shape]`` stages, computed
+        once per neuron rather than per spec row (each holds a division)."""
+        l0, u0 = pre.a, pre.b
         zero, one = self.zero, tirx.const(1, self.dtype)
+        per_neuron = (self.n,) + tuple(node.shape)
+        name = node.name.replace(".", "_")
+        lo_t = te.compute(per_neuron, lambda b, *i: l0(b, *i), name=self._name(name + "_l"))
+        up_t = te.compute(per_neuron, lambda b, *i: u0(b, *i), name=self._name(name + "_u"))
+        l = lambda b, *i: lo_t[(b,) + tuple(i)]  # noqa: E731
+        u = lambda b, *i: up_t[(b,) + tuple(i)]  # noqa: E731
 
         def unstable(b, *i):
             return te.all(l(b, *i) < zero, u(b, *i) > zero)
@@ -356,18 +364,23 @@ class BackwardLowering(TaskLowering):
             return te.if_then_else(unstable(b, *i), mode,
                                    te.if_then_else(l(b, *i) >= zero, one, zero))
 
+        def per(fn, key):
+            t = te.compute(per_neuron, fn, name=self._name(f"{name}_{key}"))
+            return lambda b, *i: t[(b,) + tuple(i)]
+        up_s, up_b, lo_s = per(up_slope, "us"), per(up_bias, "ub"), per(lo_slope, "ls")
+
         def la(b, s, *i):
             a = c.la(b, s, *i)
-            return te.max(a, zero) * lo_slope(b, *i) + te.min(a, zero) * up_slope(b, *i)
+            return te.max(a, zero) * lo_s(b, *i) + te.min(a, zero) * up_s(b, *i)
 
         def ua(b, s, *i):
             a = c.ua(b, s, *i)
-            return te.max(a, zero) * up_slope(b, *i) + te.min(a, zero) * lo_slope(b, *i)
+            return te.max(a, zero) * up_s(b, *i) + te.min(a, zero) * lo_s(b, *i)
         shape = node.shape
         lb = self._total(True, S, shape, lambda b, s, *i: te.min(c.la(b, s, *i), zero)
-                         * up_bias(b, *i), node.name + "_lb")
+                         * up_b(b, *i), node.name + "_lb")
         ub = self._total(True, S, shape, lambda b, s, *i: te.max(c.ua(b, s, *i), zero)
-                         * up_bias(b, *i), node.name + "_ub")
+                         * up_b(b, *i), node.name + "_ub")
         return [self._coef(la, ua, True, S, shape, node.name)], [(lb, ub, True)]
 
     # --- the walk ------------------------------------------------------------------------

@@ -8,8 +8,9 @@ cannot split, a stage that cannot be inlined) is skipped for that stage, never a
 llvm (every stage of the function); ``auto`` (the default) lets a rule pick per stage from its
 shape and the CPU's vector width, as MetaSchedule's and Ansor's rule-based first schedules do:
 
-- ``inline``: fold single-use elementwise stages (centre/radius conversions, epilogues) into
-  their readers;
+- ``inline``: fold elementwise stages (centre/radius conversions, epilogues) into their
+  readers, except where a reader has more loops (a per-neuron slope read by every spec row
+  would be recomputed per row);
 - ``parallel``: fuse the two outer loops of each stage and run them in parallel;
 - ``vectorize``: split the innermost loop of elementwise stages by that width and vectorise it
   (``auto``: the CPU's lanes where the extent divides);
@@ -18,8 +19,9 @@ shape and the CPU's vector width, as MetaSchedule's and Ansor's rule-based first
   rows of the next one, with the reduction loops moved outside the tile (innermost reduction
   unrolled by 4), so each loaded weight / input element is used for a whole tile of outputs.
   ``auto``: ``tile`` = the CPU's lanes where they divide the extent (the whole row where it is
-  shorter), ``tile_rows`` = the largest of 4, 3, 2 that provably divides the row extent (the
-  kernels pad a symbolic batch to a multiple of 4 so that it does); 0 / 1 turn either off;
+  shorter, else its widest divisor down to 4: 10 for 50), ``tile_rows`` = the first of 4, 3,
+  5, 2 that provably divides the row extent (the kernels pad a symbolic batch to a multiple
+  of 4 so that it does); 0 / 1 turn either off;
 - ``cache_write``: accumulate the tile in a ``local`` buffer written back per tile;
 - ``unroll``: the auto-unroll limit of reduction stages.
 
@@ -51,6 +53,15 @@ def _try(fn, *args) -> bool:
         return False
 
 
+def _reused(sch: s_tir.Schedule, b) -> bool:
+    """Whether a reader of block ``b`` has more spatial loops than ``b`` (each element is
+    read by many of its iterations): inlining would recompute it that many times."""
+    def spatial(block) -> int:
+        return sum(int(iv.iter_type) != _REDUCE for iv in sch.get(block).iter_vars)
+    own = spatial(b)
+    return any(spatial(c) > own for c in sch.get_consumers(b))
+
+
 def _is_reduction(sch: s_tir.Schedule, b) -> bool:
     return any(int(iv.iter_type) == _REDUCE for iv in sch.get(b).iter_vars)
 
@@ -65,7 +76,8 @@ def schedule(func: tirx.PrimFunc, knobs: Mapping[str, Any], target: Any) -> tirx
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     if k["inline"]:
         for b in list(sch.get_child_blocks(root)):
-            if sch.get(b).name_hint not in outputs and not _is_reduction(sch, b):
+            if sch.get(b).name_hint not in outputs and not _is_reduction(sch, b) \
+                    and not _reused(sch, b):
                 _try(sch.compute_inline, b)
     for b in list(sch.get_child_blocks(root)):
         lanes = _lanes(target, sch.get(b))
@@ -113,9 +125,7 @@ def _vectorize_inner(sch: s_tir.Schedule, b, width: Any, lanes: int) -> bool:
         return False
     ext = _const(sch.get(loops[-1]).extent)
     if width == AUTO:
-        if ext is None:
-            return False
-        width = lanes if ext % lanes == 0 else ext if ext <= lanes else 0
+        width = _column_tile(ext, lanes)
         if not width:
             return False
     if ext == width:
@@ -128,9 +138,10 @@ def _vectorize_inner(sch: s_tir.Schedule, b, width: Any, lanes: int) -> bool:
 
 
 def _column_tile(extent: int | None, lanes: int) -> int:
-    """The vector columns of a reduction's register tile, by rule: the CPU's lanes where
-    they divide the row, the whole row where it is shorter, else the widest power of two
-    from half the lanes down to 4 that divides it (0: no tile)."""
+    """The vector width of a loop of ``extent`` by rule: the CPU's lanes where they divide
+    it, the whole loop where it is shorter, else the widest power of two from half the lanes
+    down to 4 that divides it, else its widest divisor from the lanes down to 4 (a row of
+    50 goes as 5 × 10; 0: none)."""
     if extent is None:
         return 0
     if extent <= lanes:
@@ -138,7 +149,7 @@ def _column_tile(extent: int | None, lanes: int) -> int:
     for t in (lanes, lanes // 2, lanes // 4):
         if t >= 4 and extent % t == 0:
             return t
-    return 0
+    return next((t for t in range(lanes, 3, -1) if extent % t == 0), 0)
 
 
 def _tile_reduction(sch: s_tir.Schedule, b, knobs: Mapping[str, Any], lanes: int) -> None:
@@ -157,8 +168,8 @@ def _tile_reduction(sch: s_tir.Schedule, b, knobs: Mapping[str, Any], lanes: int
     ti = knobs["tile_rows"]
     row = sch.get(loops[n_sp - 2]).extent if n_sp >= 2 else None
     if ti == AUTO:
-        ti = next((t for t in (4, 3, 2) if row is not None and _divides(row, t)), 1)
-        while ti > 1 and ti * tj > 8 * lanes:          # accumulators fit the registers
+        ti = next((t for t in (4, 3, 5, 2) if row is not None and _divides(row, t)), 1)
+        while ti > 1 and ti * -(-tj // lanes) > 8:     # accumulators fit the registers
             ti //= 2
     if row is None or not _divides(row, ti):
         ti = 1
