@@ -1,21 +1,26 @@
 """The bound call of a branch-and-bound search: a compiled plan run on a batch of domains.
 
 The workload is (model, ``batch`` domains, ``len(C)`` spec rows, method): the plan comes from
-the tuning database when one is given and holds a plan for it (``boundflow tune --bab``
+the tuning database when one is given and holds a plan for it (``boundflow tune --vnnlib``
 records one), else it is the default plan; either way it is planned and compiled once and
 every batch of domains is one run of it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec
+
+log = logging.getLogger("boundflow.bab")
 
 
 def float_box(lower: np.ndarray, upper: np.ndarray, dtype: torch.dtype
@@ -54,22 +59,53 @@ def _verifier(graph: Graph, batch: int, rows: int, method: str, backend: str, db
     return v
 
 
+SWITCH_AFTER_S = 3.0   # bound-call seconds on the default plan before a tuned one is loaded
+
+
 class PlanBounder:
     """Lower bounds of ``C·y`` (rows of ``C``: ``[rows, n_out]``) over batches of boxes,
     each batch of up to ``batch`` boxes one run of the workload's plan (see the module
-    docstring). ``db``: a tuning database to look the plan up in."""
+    docstring). ``db``: a tuning database to look the plan up in.
+
+    A tuned plan costs a set-up the default plan does not: the look-up, and for a compiled
+    plan the import of TVM and the load of its module (about 1.5 s here). A search that
+    ends sooner would only wait for it, so with ``switch_after`` seconds (the default) the
+    default plan bounds first and the tuned plan is loaded once the search has spent that
+    long in bound calls: a short search never pays for it, a long one pays once and runs
+    the tuned plan from then on (a rent-or-buy rule: at worst the set-up is added to a
+    search that ends right after). ``switch_after=0`` loads it at once. A look-up that
+    fails leaves the default plan running, with a log line."""
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
-                 backend: str = "torch", db: Any = None, objective: str = "time@width"):
+                 backend: str = "torch", db: Any = None, objective: str = "time@width",
+                 switch_after: float = SWITCH_AFTER_S):
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
-        self.verifier = _verifier(graph, self.batch, self.rows, method, backend, db, objective)
+        self._args = (graph, self.batch, self.rows, method, backend)
+        self._later = (db, objective) if db is not None and switch_after > 0 else None
+        self.verifier = _verifier(*self._args, None if self._later else db, objective)
+        self.switch_after = float(switch_after)
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
         self._C = np.ascontiguousarray(np.broadcast_to(
             np.asarray(C, np.float64).astype(self.dtype_np),
             (self.batch, self.rows, int(C.shape[1]))))
         self.calls = 0
+        self.seconds = 0.0
+
+    def _switch(self) -> None:
+        """Load the tuned plan, and run it from the next call when there is one."""
+        db, objective = self._later
+        self._later = None
+        try:
+            tuned = _verifier(*self._args, db, objective)
+        except BoundFlowError as e:
+            log.warning("the tuned plan could not be loaded (%s); the default plan runs on", e)
+            return
+        if tuned.tuned is not None and tuned.plan.workload == self.verifier.plan.workload:
+            self.verifier = tuned
+            log.info("bab: the tuned plan (%s) runs from bound call %d on", tuned.backend,
+                     self.calls + 1)
 
     @property
     def dtype_np(self):
@@ -87,8 +123,12 @@ class PlanBounder:
             lo = lower[start:start + self.batch].reshape(shape).numpy()
             hi = upper[start:start + self.batch].reshape(shape).numpy()
             spec = LinearSpec(self._C[:lo.shape[0]])
+            if self._later is not None and self.seconds >= self.switch_after:
+                self._switch()
+            t0 = time.perf_counter()
             out.append(self.verifier.run(InputSpec.box(lo, hi), spec).lower.to(self.dtype))
             self.calls += 1
+            self.seconds += time.perf_counter() - t0
         return torch.cat(out)
 
 

@@ -1,0 +1,165 @@
+"""The command line of branch-and-bound: verify's BaB options, `boundflow vnncomp` over an
+instances CSV, tune --vnnlib's argument checks, the VNN-COMP scripts, and the rule that
+loads a tuned plan only once a search has run long enough to pay for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from boundflow.cli import main
+from tests.conftest import shared_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _acas(prop: int, net: str = "1_1"):
+    base = shared_path("benchmarks", "acasxu")
+    return (str(base / "onnx" / f"ACASXU_run2a_{net}_batch_2000.onnx"),
+            str(base / "vnnlib" / f"prop_{prop}.vnnlib"))
+
+
+def test_input_splitting_decides_what_one_bound_leaves_open(capsys):
+    onnx, vnnlib = _acas(2)
+    assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--json", "--bab", "none",
+                 "--method", "crown"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["status"] == "unknown" and alone["strategy"] == "none"
+    assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--json", "--timeout",
+                 "116"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert split["status"] == "unsat" and split["strategy"] == "input"
+    assert split["domains"] > 1 and split["bound_calls"] >= 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--bab-batch", "0"], "--bab-batch"),
+    (["--bab-batch", "1"], "batch must be an integer >= 2"),
+    (["--bab-method", "magic"], "BaB method 'magic'"),
+    (["--bab", "relu"], "--bab"),
+    (["--branching", "random"], "--branching"),
+    (["--max-domains", "-3"], "--max-domains"),
+])
+def test_bad_bab_options_are_one_line(argv, match, capsys):
+    onnx, vnnlib = _acas(1)
+    assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_vnncomp_runs_a_whole_csv_in_one_process(tmp_path, capsys):
+    base = shared_path("benchmarks")
+    csv = tmp_path / "instances.csv"
+    csv.write_text("vnncomp_test/test_sat.onnx,vnncomp_test/test_prop.vnnlib,60,sat\n"
+                   "vnncomp_test/test_unsat.onnx,vnncomp_test/test_prop.vnnlib,60,unsat\n"
+                   "acasxu/onnx/ACASXU_run2a_1_9_batch_2000.onnx,acasxu/vnnlib/prop_2.vnnlib,"
+                   "116,unsat\n")
+    results, table = tmp_path / "results", tmp_path / "rows.csv"
+    assert main(["vnncomp", "--instances", str(csv), "--root", str(base), "--results",
+                 str(results), "--csv", str(table)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 3 + 1 and out[-1].startswith("decided 3/3, wrong 0")
+    assert "fixed cost per instance" in out[-1]
+    files = sorted(p.name for p in results.iterdir())
+    assert files == ["ACASXU_run2a_1_9_batch_2000__prop_2.txt", "test_sat__test_prop.txt",
+                     "test_unsat__test_prop.txt"]
+    assert (results / "test_sat__test_prop.txt").read_text().startswith("sat\n((X_0 ")
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("onnx,vnnlib,expected,status") and len(rows) == 4
+
+
+def test_vnncomp_says_when_a_verdict_contradicts_the_csv(tmp_path, capsys):
+    base = shared_path("benchmarks")
+    csv = tmp_path / "instances.csv"
+    csv.write_text("vnncomp_test/test_sat.onnx,vnncomp_test/test_prop.vnnlib,60,unsat\n")
+    assert main(["vnncomp", "--instances", str(csv), "--root", str(base)]) == 1
+    assert "WRONG" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a.onnx,b.vnnlib\n", "expected onnx,vnnlib,timeout"),
+    ("a.onnx,b.vnnlib,soon\n", "is not a number"),
+    ("a.onnx,b.vnnlib,-4\n", "positive and finite"),
+    ("a.onnx,b.vnnlib,nan\n", "positive and finite"),
+    ("", "lists no instances"),
+])
+def test_a_bad_instances_csv_is_one_line(tmp_path, capsys, text, match):
+    csv = tmp_path / "instances.csv"
+    csv.write_text(text)
+    assert main(["vnncomp", "--instances", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--vnnlib", "p.vnnlib", "--model", "m.pt2"], "--vnnlib tunes the branch-and-bound"),
+    (["--vnnlib", "p.vnnlib"], "--vnnlib tunes the branch-and-bound"),
+])
+def test_tune_vnnlib_argument_errors(tmp_path, argv, match, capsys):
+    assert main(["tune", "--db", str(tmp_path / "t.db"), *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_the_vnncomp_scripts_write_the_result_file(tmp_path):
+    onnx, vnnlib = _acas(4, "1_9")
+    scripts = ROOT / "tools" / "vnncomp"
+    prep = subprocess.run([str(scripts / "prepare_instance.sh"), "v1", "acasxu", onnx, vnnlib],
+                          capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    out = tmp_path / "result.txt"
+    run = subprocess.run([str(scripts / "run_instance.sh"), "v1", "acasxu", onnx, vnnlib,
+                          str(out), "116"], capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr
+    assert out.read_text().startswith("sat\n((X_0 ")
+    bad = subprocess.run([str(scripts / "prepare_instance.sh"), "v1", "acasxu", vnnlib, onnx],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "boundflow:" in bad.stderr
+
+
+class _Fake:
+    """A compiled verifier that counts its runs."""
+
+    def __init__(self, tuned):
+        self.tuned, self.backend = tuned, "fake"
+        self.plan = type("P", (), {"workload": type("W", (), {"dtype": "float32"})()})()
+        self.runs = 0
+
+    def run(self, box, spec):
+        import torch
+
+        self.runs += 1
+        n = box.lower.shape[0]
+        return type("B", (), {"lower": torch.zeros(n, spec.n_specs)})()
+
+
+def test_a_tuned_plan_is_loaded_once_the_search_has_run_long_enough(monkeypatch):
+    import torch
+
+    from boundflow.bab import bounder
+
+    default, tuned = _Fake(None), _Fake(object())
+    tuned.plan = default.plan                         # the same workload
+    looked_up = []
+
+    def fake_verifier(graph, batch, rows, method, backend, db, objective):
+        looked_up.append(db)
+        return default if db is None else tuned
+    monkeypatch.setattr(bounder, "_verifier", fake_verifier)
+    graph = type("G", (), {"input_shape": (2,)})()
+    C = np.ones((3, 4))
+    b = bounder.PlanBounder(graph, C, method="crown", batch=4, db="t.db", switch_after=0.5)
+    assert looked_up == [None]                        # nothing but the default plan yet
+    lo = torch.zeros(6, 2)
+    assert b(lo, lo).shape == (6, 3)
+    assert default.runs == 2 and tuned.runs == 0
+    b.seconds = 0.6                                   # the search has now run that long
+    b(lo, lo)
+    assert looked_up == [None, "t.db"] and tuned.runs == 2 and b.tuned
+    b(lo, lo)
+    assert looked_up == [None, "t.db"]                # looked up once
+    eager = bounder.PlanBounder(graph, C, method="crown", batch=4, db="t.db", switch_after=0)
+    assert eager.verifier is tuned
