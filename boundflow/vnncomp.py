@@ -20,7 +20,7 @@ import torch
 
 from boundflow.api import BoundOptions, bound_spec
 from boundflow.attack import AttackConfig, find_counterexample
-from boundflow.bab import BabConfig, choose_strategy, input_split
+from boundflow.bab import BabConfig, choose_strategy, input_split, relu_split
 from boundflow.bab.bounder import float_box
 from boundflow.ir.spec import InputSpec
 from boundflow.domains.concrete import evaluate
@@ -57,10 +57,11 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                    bab: BabConfig | None = BabConfig(), db=None) -> PropertyResult:
     """Decide ``prop`` on ``graph``. ``confirm`` maps a flat input to the model's flat output
     (e.g. the ONNX reference runtime) to re-check a counterexample on the original model.
-    Without branch-and-bound (``bab`` None, or its strategy ``none``) each input box is bounded
-    once by ``options`` and the falsifier tries the disjuncts left open. Where the strategy
-    resolves to input splitting the search does it all: its first plan run bounds each whole
-    box (by ``bab.method``) and its falsifier starts there. ``db``: a tuning database holding
+    Each input box is bounded once by ``options`` and the falsifier tries the disjuncts left
+    open; with ReLU splitting the search (by ``bab.method``) then takes what is still open.
+    Where the strategy resolves to input splitting the search does it all: its first plan
+    run bounds each whole box and its falsifier starts there. ``bab`` None (or strategy
+    ``none``): no search. ``db``: a tuning database holding
     a plan for the search's bound workload."""
     start = time.perf_counter()
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
@@ -73,13 +74,14 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     open_disjuncts = []
     dtype = torch.float64 if graph.dtype == "float64" else torch.float32
     groups = prop.groups()
-    strategy = "none" if bab is None else choose_strategy(bab, n_in)
+    has_relu = any(n.op == "relu" for n in graph.nodes)
+    strategy = "none" if bab is None else choose_strategy(bab, n_in, has_relu)
     if strategy == "input" and all(spec is not None for _, spec, _ in groups):
         # the search's first plan run bounds each whole box and its falsifier starts there
         everything = [(box, spec, a, b) for box, spec, ranges in groups for a, b in ranges]
-        return _input_split(graph, everything, bab, db, timeout, elapsed,
-                            _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
-                            n_disjuncts)
+        return _branch(graph, "input", everything, bab, db, timeout, elapsed,
+                       _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
+                       n_disjuncts)
     for box, spec, ranges in groups:
         if timeout is not None and elapsed() > timeout:
             return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
@@ -110,6 +112,10 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
             x = find_counterexample(graph, box.lower[0], box.upper[0], C, thr, attack)
             if x is not None and (res := found(x, C, thr)) is not None:
                 return res
+    if strategy == "relu" and has_relu and all(spec is not None for _, spec, _, _ in
+                                               open_disjuncts):
+        return _branch(graph, "relu", open_disjuncts, bab, db, timeout, elapsed, found,
+                       refuted, n_disjuncts)
     status = "timeout" if timeout is not None and elapsed() > timeout else "unknown"
     return PropertyResult(status, seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts)
 
@@ -129,9 +135,10 @@ def _checker(graph: Graph, confirm, elapsed, refuted: int, n_disjuncts: int):
     return found
 
 
-def _input_split(graph: Graph, open_disjuncts, bab: BabConfig, db, timeout, elapsed, found,
-                 refuted: int, n_disjuncts: int) -> PropertyResult:
-    """Input-split branch-and-bound on the open disjuncts, one search per input box."""
+def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, timeout, elapsed,
+            found, refuted: int, n_disjuncts: int) -> PropertyResult:
+    """Branch-and-bound (``input`` or ``relu`` splitting) on the open disjuncts, one search
+    per input box."""
     by_box: dict[int, list] = {}
     for item in open_disjuncts:
         by_box.setdefault(id(item[0]), []).append(item)
@@ -148,10 +155,14 @@ def _input_split(graph: Graph, open_disjuncts, bab: BabConfig, db, timeout, elap
 
         def confirm(x: np.ndarray) -> bool:
             return any(found(x, C[a:b], thr[a:b]) is not None for a, b in ranges)
-        res = input_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
-                          deadline=deadline, confirm=confirm, db=db)
+        if strategy == "input":
+            res = input_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
+                              deadline=deadline, confirm=confirm, db=db)
+        else:
+            res = relu_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
+                             deadline=deadline, confirm=confirm)
         domains, calls = domains + res.domains, calls + res.bound_calls
-        stats = dict(strategy="input", domains=domains, bound_calls=calls)
+        stats = dict(strategy=strategy, domains=domains, bound_calls=calls)
         if res.status == "sat":
             for a, b in ranges:
                 if (hit := found(res.counterexample, C[a:b], thr[a:b])) is not None:
@@ -164,7 +175,7 @@ def _input_split(graph: Graph, open_disjuncts, bab: BabConfig, db, timeout, elap
                                   notes=notes, **stats)
         refuted += len(items)
     return PropertyResult("unsat", seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
-                          strategy="input", domains=domains, bound_calls=calls)
+                          strategy=strategy, domains=domains, bound_calls=calls)
 
 
 def onnx_runner(path) -> Callable[[np.ndarray], np.ndarray]:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import numpy as np
+import torch
 
 from boundflow.errors import BoundFlowError
 from boundflow.ir.workload import METHODS
 
 INPUT_SPLIT_MAX_DIMS = 16     # ``auto`` splits the input box up to this many input dimensions
-STRATEGIES = ("auto", "input", "none")
+STRATEGIES = ("auto", "input", "relu", "none")
 BRANCHINGS = ("sensitivity", "widest")
 
 
 @dataclass(frozen=True)
 class BabConfig:
-    """``strategy``: ``input`` (split input boxes), ``none`` (bound the whole box only) or
-    ``auto`` (:func:`choose_strategy`). ``batch``: domains bounded per plan run (a knob of
+    """``strategy``: ``input`` (split input boxes), ``relu`` (split unstable ReLUs),
+    ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``: domains bounded per plan run (a knob of
     the bound workload). ``branching``: ``sensitivity`` splits the dimension whose width
     times the spec's gradient at the box centre is largest (an estimate of how much the
     linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
@@ -53,11 +56,36 @@ class BabConfig:
                                  f"{self.attack_every!r}")
 
 
-def choose_strategy(config: BabConfig, n_inputs: int) -> str:
-    """The strategy ``config`` asks for, ``auto`` resolved by the input's dimension."""
+class Disjuncts:
+    """The disjuncts a search must rule out: their rows ``C`` [rows, n_out], thresholds
+    ``thr`` [rows] and each disjunct's ``ranges`` of rows (``C_r·y <= thr_r`` for every row
+    of one disjunct is a violation)."""
+
+    def __init__(self, C: np.ndarray, thr: np.ndarray, ranges: Sequence[tuple[int, int]],
+                 dtype: torch.dtype):
+        self.C = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
+        self.thr = torch.as_tensor(np.asarray(thr, np.float64), dtype=dtype)
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+
+    def margins(self, lb: torch.Tensor) -> torch.Tensor:
+        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` (> 0: ruled out)."""
+        gap = lb - self.thr
+        return torch.stack([gap[:, a:b].max(1).values for a, b in self.ranges], 1)
+
+    def violated(self, y: torch.Tensor) -> torch.Tensor:
+        """``[N]``: whether the outputs ``y`` [N, n_out] satisfy every row of a disjunct."""
+        ok = (y @ self.C.T) <= self.thr
+        return torch.stack([ok[:, a:b].all(1) for a, b in self.ranges], 1).any(1)
+
+
+def choose_strategy(config: BabConfig, n_inputs: int, has_relu: bool = True) -> str:
+    """The strategy ``config`` asks for, ``auto`` resolved by the input's dimension: input
+    splitting for few dimensions, ReLU splitting for more (none without ReLUs)."""
     if config.strategy != "auto":
         return config.strategy
-    return "input" if n_inputs <= INPUT_SPLIT_MAX_DIMS else "none"
+    if n_inputs <= INPUT_SPLIT_MAX_DIMS:
+        return "input"
+    return "relu" if has_relu else "none"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from boundflow.attack import AttackConfig, find_counterexample
 from boundflow.bab.bounder import PlanBounder, float_box
-from boundflow.bab.config import BabConfig, BabResult
+from boundflow.bab.config import BabConfig, BabResult, Disjuncts
 from boundflow.domains.concrete import evaluate
 from boundflow.ir.graph import Graph
 
@@ -33,27 +33,7 @@ _PROGRESS_SECONDS = 2.0
 _ATTACK = AttackConfig(samples=64, restarts=2, steps=15)
 
 
-class _Spec:
-    """The open disjuncts' rows: ``C`` [rows, n_out], ``thr`` [rows], ``ranges``."""
-
-    def __init__(self, C: np.ndarray, thr: np.ndarray, ranges: Sequence[tuple[int, int]],
-                 dtype: torch.dtype):
-        self.C = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
-        self.thr = torch.as_tensor(np.asarray(thr, np.float64), dtype=dtype)
-        self.ranges = [(int(a), int(b)) for a, b in ranges]
-
-    def margins(self, lb: torch.Tensor) -> torch.Tensor:
-        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` (> 0: ruled out)."""
-        gap = lb - self.thr
-        return torch.stack([gap[:, a:b].max(1).values for a, b in self.ranges], 1)
-
-    def violated(self, y: torch.Tensor) -> torch.Tensor:
-        """``[N]``: whether the outputs ``y`` [N, n_out] satisfy every row of a disjunct."""
-        ok = (y @ self.C.T) <= self.thr
-        return torch.stack([ok[:, a:b].all(1) for a, b in self.ranges], 1).any(1)
-
-
-def _centres(graph: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: _Spec, lb: torch.Tensor,
+def _centres(graph: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: Disjuncts, lb: torch.Tensor,
              shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model at each box's centre: (centres, outputs, gradient of the row the branching
     follows). That row is the best-bounded row of the box's worst disjunct: the one whose
@@ -103,7 +83,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
                               backend=config.backend, db=db)
     dtype = bounder.dtype
-    spec = _Spec(C, threshold, ranges, dtype)
+    spec = Disjuncts(C, threshold, ranges, dtype)
     lo64 = np.asarray(lower, np.float64).reshape(-1)
     hi64 = np.asarray(upper, np.float64).reshape(-1)
     C64 = torch.as_tensor(np.asarray(C, np.float64))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.spec import InputSpec, LinearSpec
+from boundflow.ir.split import ReluSplit
 from boundflow.ir.task_graph import Buffer, Task
 from boundflow.ir.normalize import normalised
 from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
@@ -308,13 +309,20 @@ class TorchExecutor:
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
             cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
-            measure_memory: bool = False) -> RunResult:
+            measure_memory: bool = False, keep: Sequence[str] = ()) -> RunResult:
         """Bounds over the box ``x`` (of ``C·y`` when the plan has specs). With ``cache``,
         ``reuse_ibp`` reuses intermediate bounds of an earlier run on the same box and split
         state, ``cache_bounds`` whole final bounds of the same query; ``split`` is the
-        branch-and-bound state (any value with a stable ``repr``), part of every key.
+        branch-and-bound state (any value with a stable ``repr``), part of every key; a
+        :class:`~boundflow.ir.split.ReluSplit` is also applied (each split ReLU input's
+        bounds tightened as its task writes them). ``keep``: nodes whose bounds the stats
+        return (``stats["bounds"][node]``, an Interval: the last, tightest, written).
         ``measure_memory`` adds the measured ``peak_bytes`` to the stats (it costs time)."""
         self._check(x, C)
+        relu_split = split if isinstance(split, ReluSplit) else None
+        if relu_split is not None:
+            relu_split.check(x.batch, self._bounded_shapes())
+        kept: dict[str, Interval] = {}
         if (reuse_ibp or cache_bounds) and cache is None:
             raise BoundFlowError("reuse_ibp / cache_bounds need a BoundCache (cache=...)")
         start = time.perf_counter()
@@ -373,7 +381,12 @@ class TorchExecutor:
                 else:
                     continue
                 for name, value in outs.items():
+                    node = self.buffers[name].node
+                    if relu_split is not None and node in relu_split.signs:
+                        value = Value("lu", *relu_split.tighten(node, *value.interval()))
                     self._write(env, name, value, batch)
+                    if node in keep:
+                        kept[node] = Interval(*(t.clone() for t in env[name].interval()))
                 if measure_memory:
                     arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
                     peak = max(peak, arena + inflight)
@@ -393,7 +406,18 @@ class TorchExecutor:
             stats["peak_bytes"] = peak
         if cache is not None:
             stats["cache"] = cache.stats()
+        if keep:
+            stats["bounds"] = kept
         return RunResult(out.a.clone(), out.b.clone(), stats)
+
+    def _bounded_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The nodes whose bounds some task writes to a buffer, and their shapes."""
+        shapes = {}
+        for t in self.tasks:
+            for name in t.outputs:
+                buf = self.buffers[name]
+                shapes[buf.node] = tuple(buf.shape)
+        return shapes
 
     def _arena_ptrs(self) -> set[int]:
         return {a.untyped_storage().data_ptr() for a in self._arena.values()}

@@ -147,7 +147,7 @@ def test_the_queue_limit_and_the_deadline_end_the_search():
     assert res.status in ("timeout", "sat") and res.bound_calls == 1
 
 
-@pytest.mark.parametrize("bad", [dict(strategy="relu-ish"), dict(branching="random"),
+@pytest.mark.parametrize("bad", [dict(strategy="relu-ish"), dict(method="magic"), dict(branching="random"),
                                  dict(batch=1), dict(batch=2.5), dict(max_domains=True),
                                  dict(attack_every=-1)])
 def test_bad_settings_are_one_clear_error(bad):
@@ -157,7 +157,8 @@ def test_bad_settings_are_one_clear_error(bad):
 
 def test_auto_splits_inputs_only_where_they_are_few():
     assert choose_strategy(BabConfig(), 5) == "input"
-    assert choose_strategy(BabConfig(), 784) == "none"
+    assert choose_strategy(BabConfig(), 784) == "relu"
+    assert choose_strategy(BabConfig(), 784, has_relu=False) == "none"
     assert choose_strategy(BabConfig(strategy="input"), 784) == "input"
     assert choose_strategy(BabConfig(strategy="none"), 5) == "none"
 

@@ -1,0 +1,223 @@
+"""ReLU-split branch-and-bound: unstable ReLUs are fixed to one side until every domain is
+proven.
+
+A domain is the input box with some unstable ReLUs fixed active (``z >= 0``) or inactive
+(``z <= 0``): a :class:`~boundflow.ir.split.ReluSplit` row. Each iteration takes the
+``batch / 2`` open domains closest to a violation, splits each on the ReLU the branching rule
+picks (one child per side) and bounds the children in one plan run with the split state as
+an input: the plan tightens each split ReLU's input bounds as it computes them, so the
+neuron is linear (or zero) in every later bound and the bounds of every later layer tighten
+with it. A child keeps the better of its bound and its parent's (which holds on it too).
+
+Branching (an estimate of the bound improvement, in the spirit of BaBSR): among a domain's
+free unstable ReLUs, the one with the largest ``|g| · u·(-l)/(u - l)``, the slack of its
+triangle relaxation times the sensitivity of the spec row the domain is closest to proving
+(its gradient with respect to the ReLU's output at the box centre).
+
+The split constraints enter only through the fixed neurons (no Lagrange multipliers on
+them, as beta-CROWN adds), so a domain whose every ReLU is fixed may still be unprovable;
+the search then ends ``unknown``. The falsifier runs on the whole box every
+``attack_every`` iterations; any counterexample is re-checked in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from boundflow.attack import AttackConfig, find_counterexample
+from boundflow.bab.bounder import float_box
+from boundflow.bab.config import BabConfig, BabResult, Disjuncts
+from boundflow.domains.concrete import RULES as CONCRETE_RULES, evaluate
+from boundflow.domains.traversal import apply_rule, graph_tensors
+from boundflow.errors import BoundFlowError
+from boundflow.ir.graph import Graph
+from boundflow.ir.spec import InputSpec, LinearSpec
+from boundflow.ir.split import ReluSplit
+
+log = logging.getLogger("boundflow.bab")
+
+_PROGRESS_SECONDS = 2.0
+
+
+def relu_inputs(graph: Graph) -> list[str]:
+    """The input nodes of the graph's ReLUs, in graph order (the neurons a split fixes)."""
+    return list(dict.fromkeys(n.inputs[0] for n in graph.nodes if n.op == "relu"))
+
+
+def _sensitivity(graph: Graph, centre: torch.Tensor, C: torch.Tensor, nodes: list[str]
+                 ) -> list[torch.Tensor]:
+    """Per spec row, the gradient of ``C_row·y`` with respect to the output of the ReLU of
+    each split node at ``centre`` (``[1, *in]``): ``[rows, *shape]`` per node."""
+    relu_of = {n.inputs[0]: n for n in graph.nodes if n.op == "relu"}
+    tensors = graph_tensors(graph, centre.dtype)
+    x = centre.expand((C.shape[0],) + tuple(centre.shape[1:]))
+    deltas = {relu_of[p].name: torch.zeros((C.shape[0],) + tuple(relu_of[p].shape),
+                                           dtype=centre.dtype, requires_grad=True)
+              for p in nodes}
+    values = {graph.input.name: x}
+    for node in graph.nodes[1:]:
+        v = apply_rule(CONCRETE_RULES, node, tensors, [values[i] for i in node.inputs],
+                       "evaluation")
+        values[node.name] = v + deltas[node.name] if node.name in deltas else v
+    s = (values[graph.output].flatten(1) * C).sum()
+    grads = torch.autograd.grad(s, list(deltas.values()), allow_unused=True)
+    return [torch.zeros_like(d) if g is None else g.detach()
+            for d, g in zip(deltas.values(), grads)]
+
+
+def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray,
+               threshold: np.ndarray, ranges: Sequence[tuple[int, int]],
+               config: BabConfig = BabConfig(), *, deadline: float | None = None,
+               confirm: Callable[[np.ndarray], bool] | None = None) -> BabResult:
+    """Decide, by ReLU splitting, whether some point of the box ``[lower, upper]`` (flat)
+    meets every row of one of the disjuncts (arguments as :func:`input_split`'s). Every
+    bound call is a run of the workload's plan on the torch backend (the backend that takes
+    a split state)."""
+    from boundflow.bab.bounder import _verifier
+
+    start = time.monotonic()
+    shape = tuple(graph.input_shape)
+    nodes = relu_inputs(graph)
+    verifier = _verifier(graph, config.batch, int(C.shape[0]), config.method, "torch", None,
+                         "time@width")
+    executor = verifier._executor
+    bounded = executor._bounded_shapes()
+    missing = [n for n in nodes if n not in bounded]
+    if missing:
+        raise BoundFlowError(f"the {config.method} plan does not bound the ReLU inputs "
+                             f"{missing}; ReLU splitting needs a plan that does (crown)")
+    dtype = torch.float64 if verifier.plan.workload.dtype == "float64" else torch.float32
+    spec = Disjuncts(C, threshold, ranges, dtype)
+    lo64 = np.asarray(lower, np.float64).reshape(-1)
+    hi64 = np.asarray(upper, np.float64).reshape(-1)
+    lo, hi = float_box(lo64, hi64, dtype)
+    lo, hi = lo.reshape((1,) + shape), hi.reshape((1,) + shape)
+    C_t = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
+    C64 = torch.as_tensor(np.asarray(C, np.float64))
+    thr64 = torch.as_tensor(np.asarray(threshold, np.float64))
+    shapes = {n: tuple(bounded[n]) for n in nodes}
+    sizes = [int(np.prod(shapes[n])) for n in nodes]
+    grads = _sensitivity(graph, ((lo + hi) / 2), C_t, nodes)      # [rows, *shape] per node
+    grads = [g.reshape(g.shape[0], -1).abs() for g in grads]
+    stats = {"domains": 0, "calls": 0, "max_queue": 1}
+    elapsed = lambda: time.monotonic() - start  # noqa: E731
+
+    def result(status, cex=None, reason=""):
+        return BabResult(status, cex, stats["domains"], stats["calls"], elapsed(),
+                         stats["max_queue"], reason)
+
+    def bound(signs: list[torch.Tensor]):
+        """Lower bounds of the rows and the ReLU inputs' bounds of each domain."""
+        lbs, inter = [], [[] for _ in nodes]
+        n = signs[0].shape[0]
+        for s0 in range(0, n, config.batch):
+            part = [s[s0:s0 + config.batch] for s in signs]
+            m = part[0].shape[0]
+            split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)})
+            box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
+            cs = LinearSpec(C_t.expand((m,) + tuple(C_t.shape)).numpy())
+            out = executor.run(box, cs, split=split, keep=nodes)
+            lbs.append(out.lower.to(dtype))
+            for k, nd in enumerate(nodes):
+                iv = out.stats["bounds"][nd]
+                inter[k].append(torch.stack([iv.lower.reshape(m, -1), iv.upper.reshape(m, -1)]))
+            stats["calls"] += 1
+        stats["domains"] += n
+        return torch.cat(lbs), [torch.cat(t, 1) for t in inter]
+
+    def choose(lb, inter, signs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node index, neuron index) of each domain's split; node -1 where none is left."""
+        margins = spec.margins(lb)
+        worst = margins.argmin(1)
+        gap = lb - spec.thr
+        rows = torch.empty_like(worst)
+        for d, (a, b) in enumerate(spec.ranges):
+            pick = worst == d
+            if pick.any():
+                rows[pick] = a + gap[pick, a:b].argmax(1)
+        best_score = torch.full((lb.shape[0],), -1.0, dtype=lb.dtype)
+        best_node = torch.full((lb.shape[0],), -1, dtype=torch.long)
+        best_idx = torch.zeros(lb.shape[0], dtype=torch.long)
+        for k in range(len(nodes)):
+            low, up = inter[k][0], inter[k][1]
+            free = (low < 0) & (up > 0) & (signs[k] == 0)
+            slack = torch.where(free, up * (-low) / (up - low).clamp_min(1e-12),
+                                torch.zeros_like(up))
+            score = torch.where(free, slack * (grads[k][rows] + 1e-6), torch.full_like(up, -1))
+            s, i = score.max(1)
+            better = s > best_score
+            best_score = torch.where(better, s, best_score)
+            best_node = torch.where(better, torch.full_like(best_node, k), best_node)
+            best_idx = torch.where(better, i, best_idx)
+        return best_node, best_idx
+
+    def counterexample(found: np.ndarray | None) -> np.ndarray | None:
+        if found is None:
+            return None
+        x = np.clip(np.asarray(found, np.float64).reshape(-1), lo64, hi64)
+        y = evaluate(graph, torch.from_numpy(x).reshape((1,) + shape)).flatten()
+        ok = (C64 @ y) <= thr64
+        if any(bool(ok[a:b].all()) for a, b in spec.ranges) and (confirm is None or confirm(x)):
+            return x
+        return None
+
+    signs = [torch.zeros((1, n), dtype=torch.int8) for n in sizes]
+    lb, inter = bound(signs)
+    node, idx = choose(lb, inter, signs)
+    iteration, last_report = 0, time.monotonic()
+    while True:
+        open_ = spec.margins(lb).min(1).values <= 0
+        signs = [s[open_] for s in signs]
+        lb, node, idx = lb[open_], node[open_], idx[open_]
+        n = lb.shape[0]
+        if n == 0:
+            return result("unsat")
+        if config.attack_every and iteration % config.attack_every == 0:
+            for a, b in spec.ranges:
+                x = counterexample(find_counterexample(
+                    graph, lo64.reshape(shape), hi64.reshape(shape), C64[a:b].numpy(),
+                    thr64[a:b].numpy(), AttackConfig(samples=256, restarts=4, steps=30,
+                                                     seed=config.seed + iteration)))
+                if x is not None:
+                    return result("sat", x)
+        if deadline is not None and time.monotonic() > deadline:
+            return result("timeout")
+        if n > config.max_domains:
+            return result("unknown", reason=f"more than {config.max_domains} open domains "
+                                            f"(max_domains)")
+        order = spec.margins(lb).min(1).values.argsort()
+        stuck = node[order] < 0
+        if stuck.all():
+            return result("unknown", reason="domains with every ReLU fixed are still not "
+                                            "proven (their split constraints would need "
+                                            "multipliers)")
+        order = order[~stuck]
+        take = min(order.shape[0], max(1, config.batch // 2))
+        pick, rest = order[:take], torch.cat([order[take:], torch.nonzero(node < 0)[:, 0]])
+        children = []
+        for k in range(len(nodes)):
+            s = signs[k][pick].clone()
+            pos, neg = s.clone(), s.clone()
+            mine = node[pick] == k
+            rows = torch.nonzero(mine)[:, 0]
+            pos[rows, idx[pick][rows]] = 1
+            neg[rows, idx[pick][rows]] = -1
+            children.append(torch.cat([pos, neg]))
+        clb, cinter = bound(children)
+        clb = torch.maximum(clb, torch.cat([lb[pick], lb[pick]]))
+        cnode, cidx = choose(clb, cinter, children)
+        signs = [torch.cat([s[rest], c]) for s, c in zip(signs, children)]
+        lb = torch.cat([lb[rest], clb])
+        node, idx = torch.cat([node[rest], cnode]), torch.cat([idx[rest], cidx])
+        stats["max_queue"] = max(stats["max_queue"], lb.shape[0])
+        iteration += 1
+        if time.monotonic() - last_report > _PROGRESS_SECONDS:
+            last_report = time.monotonic()
+            log.info("bab: %d domains bounded, %d open, %.0f domains/s, worst margin %.4g",
+                     stats["domains"], lb.shape[0], stats["domains"] / max(elapsed(), 1e-9),
+                     float(spec.margins(lb).min()))

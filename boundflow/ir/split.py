@@ -1,0 +1,62 @@
+"""The ReLU split state of a batch of branch-and-bound domains, an input of a plan run.
+
+Each domain fixes some unstable ReLUs to one side: ``+1`` (active: its input ``z >= 0``),
+``-1`` (inactive: ``z <= 0``), ``0`` (free). A plan run under a split state bounds each domain
+over its part of the box: after a task bounds a split ReLU's input, the active neurons' lower
+bound is raised to 0 and the inactive ones' upper bound lowered to 0, and every later bound
+(intermediate and final) starts from those. Every bound so computed holds on the domain's
+part of the box. A domain whose constraints contradict the bounds (active where the upper
+bound is below 0, say) is empty; its bounds are vacuous, kept finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from boundflow.errors import BoundFlowError
+
+
+@dataclass(frozen=True, eq=False)
+class ReluSplit:
+    """``signs[node]``: ``[batch, *shape]`` of -1 / 0 / +1 for the input node of a ReLU."""
+
+    signs: Mapping[str, torch.Tensor]
+
+    def __post_init__(self):
+        for node, s in self.signs.items():
+            if not isinstance(s, torch.Tensor) or s.dim() < 1:
+                raise BoundFlowError(f"the split state of {node!r} must be a batched tensor")
+
+    def __repr__(self) -> str:                     # a stable key for bound caches
+        h = hashlib.sha1()
+        for node in sorted(self.signs):
+            h.update(node.encode())
+            h.update(self.signs[node].to(torch.int8).contiguous().numpy().tobytes())
+        return f"ReluSplit({h.hexdigest()[:16]})"
+
+    def check(self, batch: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Every split node is one of ``shapes`` (the nodes a plan bounds), with ``batch``
+        rows of its shape."""
+        for node, s in self.signs.items():
+            if node not in shapes:
+                raise BoundFlowError(f"the split state names {node!r}, whose bounds this plan "
+                                     f"does not compute")
+            if tuple(s.shape) != (batch,) + tuple(shapes[node]):
+                raise BoundFlowError(f"the split state of {node!r} has shape {list(s.shape)}, "
+                                     f"not {[batch, *shapes[node]]}")
+
+    def tighten(self, node: str, lower: torch.Tensor, upper: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``node``'s bounds on each domain's part of the box."""
+        s = self.signs.get(node)
+        if s is None:
+            return lower, upper
+        s = s.to(lower.device)
+        zero = torch.zeros((), dtype=lower.dtype, device=lower.device)
+        lower = torch.where(s > 0, torch.maximum(lower, zero), lower)
+        upper = torch.where(s < 0, torch.minimum(upper, zero), upper)
+        return lower, torch.maximum(upper, lower)   # an empty domain: vacuous, finite
