@@ -126,3 +126,30 @@ def test_a_bad_split_state_is_refused():
         v._executor.run(box, spec, split=ReluSplit({node: torch.zeros(3, 12)}))
     with pytest.raises(BoundFlowError, match="batched tensor"):
         ReluSplit({node: 1})
+
+
+def _robustness_vnnlib(x: np.ndarray, eps: float, label: int, n_out: int) -> str:
+    lines = [f"(declare-const X_{i} Real)" for i in range(x.size)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
+    for i, v in enumerate(x.reshape(-1).astype(np.float64)):
+        lines += [f"(assert (>= X_{i} {float(v) - eps!r}))",
+                  f"(assert (<= X_{i} {float(v) + eps!r}))"]
+    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(n_out) if j != label)
+    return "\n".join(lines + [f"(assert (or {others}))"]) + "\n"
+
+
+def test_check_property_splits_relus_for_a_high_dimensional_input():
+    """A digits robustness property (64 inputs) that one CROWN bound leaves open is decided
+    by ReLU splitting, which ``auto`` picks for inputs of that size."""
+    from boundflow.api import BoundOptions
+    from boundflow.frontend.vnnlib import parse_vnnlib
+    from boundflow.vnncomp import check_property
+
+    _, g = example_graph("digits_mlp")
+    x = np.load("boundflow/examples/data/digits_x.npy").astype(np.float32)[3]
+    label = int(evaluate(g, torch.from_numpy(x[None])).argmax())
+    prop = parse_vnnlib(_robustness_vnnlib(x, 0.08, label, 10), x.size, 10)
+    alone = check_property(g, prop, BoundOptions("crown"), bab=None)
+    assert alone.status == "unknown" and alone.refuted < 9
+    res = check_property(g, prop, BoundOptions("crown"), timeout=60)
+    assert res.status == "unsat" and res.strategy == "relu" and res.domains > 0
