@@ -27,7 +27,9 @@ class BabConfig:
     limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
     each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend.
     ``attack_every``: iterations between falsifier runs from the domains closest to a
-    violation (0: only the check of every domain's centre)."""
+    violation (0: only the check of every domain's centre). ``beta_iterations``: ReLU
+    splitting's steps on the split constraints' multipliers per bound (beta-CROWN; 0:
+    the constraints only fix their neurons)."""
 
     strategy: str = "auto"
     batch: int = 1024
@@ -37,6 +39,7 @@ class BabConfig:
     backend: str = "torch"
     attack_every: int = 20
     seed: int = 0
+    beta_iterations: int = 20
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -51,6 +54,10 @@ class BabConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 2:
                 raise BoundFlowError(f"BaB {name} must be an integer >= 2, got {v!r}")
+        if not isinstance(self.beta_iterations, (int, np.integer)) or \
+                isinstance(self.beta_iterations, bool) or self.beta_iterations < 0:
+            raise BoundFlowError(f"beta_iterations must be an integer >= 0, got "
+                                 f"{self.beta_iterations!r}")
         if not isinstance(self.attack_every, (int, np.integer)) or self.attack_every < 0:
             raise BoundFlowError(f"attack_every must be an integer >= 0, got "
                                  f"{self.attack_every!r}")

@@ -14,9 +14,10 @@ free unstable ReLUs, the one with the largest ``|g| · u·(-l)/(u - l)``, the sl
 triangle relaxation times the sensitivity of the spec row the domain is closest to proving
 (its gradient with respect to the ReLU's output at the box centre).
 
-The split constraints enter only through the fixed neurons (no Lagrange multipliers on
-them, as beta-CROWN adds), so a domain whose every ReLU is fixed may still be unprovable;
-the search then ends ``unknown``. The falsifier runs on the whole box every
+The split constraints also enter the final bound as multipliers optimised per domain
+(beta-CROWN, ``config.beta_iterations`` steps; :mod:`boundflow.domains.beta`); intermediate
+bounds use them only through the fixed neurons. A domain whose every ReLU is fixed and
+still unproven ends the search ``unknown``. The falsifier runs on the whole box every
 ``attack_every`` iterations; any counterexample is re-checked in float64.
 """
 
@@ -118,7 +119,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         for s0 in range(0, n, config.batch):
             part = [s[s0:s0 + config.batch] for s in signs]
             m = part[0].shape[0]
-            split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)})
+            split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)},
+                              beta_iterations=int(config.beta_iterations))
             box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
             cs = LinearSpec(C_t.expand((m,) + tuple(C_t.shape)).numpy())
             out = executor.run(box, cs, split=split, keep=nodes)

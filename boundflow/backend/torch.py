@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from boundflow.domains.alpha import AlphaConfig
+from boundflow.domains.beta import beta_lower
 from boundflow.domains.crown import BackwardContext, crown_node
 from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
@@ -271,13 +272,18 @@ class TorchExecutor:
         out = crown_node(self.graph, node, iv, box, tensors, ctx, sparse=self.sparse)
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
-    def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None
-               ) -> dict[str, Value]:
+    def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None,
+               split: ReluSplit | None = None) -> dict[str, Value]:
         src = env[t.inputs[0]].interval()
         method = t.attr("method")
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
                            bounds, self.domain_plan, self.lower_slope, self.alpha)
+        if split is not None and split.beta_iterations and method != "ibp" and C is not None:
+            A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
+            lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,
+                               split.signs, out.lower, split.beta_iterations, split.beta_lr)
+            out = Interval(lower, torch.maximum(out.upper, lower))
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
     # --- a run -----------------------------------------------------------------------------
@@ -373,7 +379,7 @@ class TorchExecutor:
                     elif t.kind == "crown":
                         outs = self._crown(t, env, tensors, box)
                     else:
-                        outs = self._final(t, env, tensors, box, cmat)
+                        outs = self._final(t, env, tensors, box, cmat, relu_split)
                     if measure_memory:
                         inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
                     if cacheable(t):

@@ -61,6 +61,8 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
         a = pending.pop(node.name, None)
         if a is None:
             continue
+        if ctx.lower_terms is not None and node.name in ctx.lower_terms:
+            a = Coeffs(a.lA + ctx.lower_terms[node.name], a.uA)
         if node.op == "input":
             return concretize(a, lb, ub, x)
         rule = RULES.get(node.op)

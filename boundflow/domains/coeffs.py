@@ -32,14 +32,18 @@ class BackwardContext(NamedTuple):
     activation relaxations, learned relaxation parameters (alpha-CROWN: per activation node,
     a (lower-side, upper-side) pair; for ReLU its lower slopes ``[B, S, *shape]``, for
     entries with several parameters per neuron those stacked on a leading axis), every node's
-    per-sample shape (filled in from the graph by the walk), and whether conv
-    pre-activations may be bounded in patch form (:mod:`boundflow.domains.crown_conv`)."""
+    per-sample shape (filled in from the graph by the walk), whether conv
+    pre-activations may be bounded in patch form (:mod:`boundflow.domains.crown_conv`), and
+    terms added to the lower side's coefficients at given nodes (beta-CROWN)."""
 
     bounds: Mapping[str, Interval]
     lower_slope: str
     alphas: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None
     shapes: Mapping[str, tuple[int, ...]] | None = None
     patches: bool = True
+    # beta-CROWN: per node, a term added to the lower side's coefficients when the walk
+    # reaches it (``-beta·sign`` of split ReLU inputs; see :mod:`boundflow.domains.beta`)
+    lower_terms: Mapping[str, torch.Tensor] | None = None
 
 
 def sum_trailing(t: torch.Tensor) -> torch.Tensor:

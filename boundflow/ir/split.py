@@ -6,7 +6,9 @@ over its part of the box: after a task bounds a split ReLU's input, the active n
 bound is raised to 0 and the inactive ones' upper bound lowered to 0, and every later bound
 (intermediate and final) starts from those. Every bound so computed holds on the domain's
 part of the box. A domain whose constraints contradict the bounds (active where the upper
-bound is below 0, say) is empty; its bounds are vacuous, kept finite.
+bound is below 0, say) is empty; its bounds are vacuous, kept finite. With
+``beta_iterations`` the final bound also takes the split constraints as optimised
+multipliers (beta-CROWN, :mod:`boundflow.domains.beta`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ class ReluSplit:
     """``signs[node]``: ``[batch, *shape]`` of -1 / 0 / +1 for the input node of a ReLU."""
 
     signs: Mapping[str, torch.Tensor]
+    beta_iterations: int = 0        # beta-CROWN steps on the final bound (0: none)
+    beta_lr: float = 0.05
 
     def __post_init__(self):
+        if not isinstance(self.beta_iterations, int) or self.beta_iterations < 0:
+            raise BoundFlowError(f"beta_iterations must be an integer >= 0, got "
+                                 f"{self.beta_iterations!r}")
         for node, s in self.signs.items():
             if not isinstance(s, torch.Tensor) or s.dim() < 1:
                 raise BoundFlowError(f"the split state of {node!r} must be a batched tensor")
@@ -36,7 +43,7 @@ class ReluSplit:
         for node in sorted(self.signs):
             h.update(node.encode())
             h.update(self.signs[node].to(torch.int8).contiguous().numpy().tobytes())
-        return f"ReluSplit({h.hexdigest()[:16]})"
+        return f"ReluSplit({h.hexdigest()[:16]}, beta={self.beta_iterations}@{self.beta_lr})"
 
     def check(self, batch: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Every split node is one of ``shapes`` (the nodes a plan bounds), with ``batch``

@@ -29,8 +29,11 @@ def _pre(graph, pts, nodes):
     return propagate(graph, RULES, pts, tensors, nodes + [graph.output], "evaluation")
 
 
+@pytest.mark.parametrize("beta", [0, 15])
 @pytest.mark.parametrize("seed", range(4))
-def test_bounds_under_a_split_state_hold_on_each_domains_part_of_the_box(seed):
+def test_bounds_under_a_split_state_hold_on_each_domains_part_of_the_box(seed, beta):
+    """Also with beta-CROWN's multipliers (``beta`` steps), which must raise some domain's
+    bound above the one without them."""
     g = _net(seed, n_in=3, hidden=10)
     nodes = relu_inputs(g)
     C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
@@ -47,8 +50,11 @@ def test_bounds_under_a_split_state_hold_on_each_domains_part_of_the_box(seed):
         signs[nd] = torch.from_numpy(s)
     box = InputSpec.box(np.tile(lo, (8, 1)).astype(np.float32),
                         np.tile(hi, (8, 1)).astype(np.float32))
-    out = v._executor.run(box, LinearSpec(np.tile(C, (8, 1, 1)).astype(np.float32)),
-                          split=ReluSplit(signs), keep=nodes)
+    spec = LinearSpec(np.tile(C, (8, 1, 1)).astype(np.float32))
+    out = v._executor.run(box, spec, split=ReluSplit(signs, beta_iterations=beta), keep=nodes)
+    if beta:
+        plain = v._executor.run(box, spec, split=ReluSplit(signs))
+        assert (out.lower >= plain.lower).all() and (out.lower > plain.lower + 1e-4).any()
     pts = torch.from_numpy(lo + np.random.default_rng(0).random((40000, 3)) * (hi - lo))
     vals = _pre(g, pts, nodes)
     cy = vals[g.output] @ torch.from_numpy(C).T
