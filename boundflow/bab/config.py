@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Sequence
-
 import numpy as np
-import torch
 
 from boundflow.errors import BoundFlowError
 from boundflow.ir.workload import METHODS
@@ -61,28 +58,6 @@ class BabConfig:
         if not isinstance(self.attack_every, (int, np.integer)) or self.attack_every < 0:
             raise BoundFlowError(f"attack_every must be an integer >= 0, got "
                                  f"{self.attack_every!r}")
-
-
-class Disjuncts:
-    """The disjuncts a search must rule out: their rows ``C`` [rows, n_out], thresholds
-    ``thr`` [rows] and each disjunct's ``ranges`` of rows (``C_r·y <= thr_r`` for every row
-    of one disjunct is a violation)."""
-
-    def __init__(self, C: np.ndarray, thr: np.ndarray, ranges: Sequence[tuple[int, int]],
-                 dtype: torch.dtype):
-        self.C = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
-        self.thr = torch.as_tensor(np.asarray(thr, np.float64), dtype=dtype)
-        self.ranges = [(int(a), int(b)) for a, b in ranges]
-
-    def margins(self, lb: torch.Tensor) -> torch.Tensor:
-        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` (> 0: ruled out)."""
-        gap = lb - self.thr
-        return torch.stack([gap[:, a:b].max(1).values for a, b in self.ranges], 1)
-
-    def violated(self, y: torch.Tensor) -> torch.Tensor:
-        """``[N]``: whether the outputs ``y`` [N, n_out] satisfy every row of a disjunct."""
-        ok = (y @ self.C.T) <= self.thr
-        return torch.stack([ok[:, a:b].all(1) for a, b in self.ranges], 1).any(1)
 
 
 def choose_strategy(config: BabConfig, n_inputs: int, has_relu: bool = True) -> str:

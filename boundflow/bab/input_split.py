@@ -14,22 +14,20 @@ inside the original box before it is reported.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from boundflow.attack import AttackConfig, find_counterexample
+from boundflow.attack import AttackConfig
 from boundflow.bab.bounder import PlanBounder, float_box
-from boundflow.bab.config import BabConfig, BabResult, Disjuncts
+from boundflow.bab.common import Disjuncts, Progress, stop
+from boundflow.bab.config import BabConfig, BabResult
 from boundflow.domains.concrete import evaluate
 from boundflow.ir.graph import Graph
 
-log = logging.getLogger("boundflow.bab")
 
-_PROGRESS_SECONDS = 2.0
 _ATTACK = AttackConfig(samples=64, restarts=2, steps=15)
 
 
@@ -40,14 +38,7 @@ def _centres(graph: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: Disjuncts, 
     bound is closest to proving the box."""
     x = ((lo + hi) / 2).requires_grad_(True)
     y = evaluate(graph, x.reshape((-1,) + shape)).flatten(1)
-    margins = spec.margins(lb)
-    worst = margins.argmin(1)
-    rows = torch.empty_like(worst)
-    gap = lb - spec.thr
-    for d, (a, b) in enumerate(spec.ranges):
-        pick = worst == d
-        if pick.any():
-            rows[pick] = a + gap[pick, a:b].argmax(1)
+    rows = spec.closest_rows(lb)
     s = (y @ spec.C.T).gather(1, rows[:, None]).sum()
     (g,) = torch.autograd.grad(s, x)
     return x.detach(), y.detach(), g
@@ -86,8 +77,6 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     spec = Disjuncts(C, threshold, ranges, dtype)
     lo64 = np.asarray(lower, np.float64).reshape(-1)
     hi64 = np.asarray(upper, np.float64).reshape(-1)
-    C64 = torch.as_tensor(np.asarray(C, np.float64))
-    thr64 = torch.as_tensor(np.asarray(threshold, np.float64))
     lo0, hi0 = float_box(lo64, hi64, dtype)
     lo, hi = lo0[None], hi0[None]
     stats = {"domains": 0, "max_queue": 1}
@@ -98,20 +87,16 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
                          stats["max_queue"], reason)
 
     def counterexample(points: torch.Tensor) -> np.ndarray | None:
-        """The first of ``points`` that, clipped into the original box, violates the
-        property in float64 (and passes ``confirm``)."""
+        """The first of ``points`` that is a counterexample in the original box."""
         for p in points:
-            x = np.clip(p.detach().double().numpy().reshape(-1), lo64, hi64)
-            y = evaluate(graph, torch.from_numpy(x).reshape((1,) + shape)).flatten()
-            ok = (C64 @ y) <= thr64
-            if any(bool(ok[a:b].all()) for a, b in spec.ranges) and \
-                    (confirm is None or confirm(x)):
+            x = spec.counterexample(graph, p.detach().double().numpy(), lo64, hi64, confirm)
+            if x is not None:
                 return x
         return None
 
     lb = bounder(lo, hi)
     stats["domains"] += 1
-    iteration, last_report = 0, time.monotonic()
+    iteration, progress = 0, Progress()
     while True:
         open_ = spec.margins(lb).min(1).values <= 0
         lo, hi, lb = lo[open_], hi[open_], lb[open_]
@@ -125,24 +110,15 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
             if x is not None:
                 return result("sat", x)
         if config.attack_every and iteration % config.attack_every == 0:
-            worst = spec.margins(lb).min(1).values.argsort()[:2]
-            for i in worst.tolist():
-                for a, b in spec.ranges:
-                    found = find_counterexample(graph, lo[i].double().numpy().reshape(shape),
-                                                hi[i].double().numpy().reshape(shape),
-                                                C64[a:b].numpy(), thr64[a:b].numpy(),
-                                                AttackConfig(_ATTACK.samples, _ATTACK.restarts,
-                                                             _ATTACK.steps, config.seed +
-                                                             iteration))
-                    if found is not None:
-                        x = counterexample(torch.from_numpy(found).reshape(1, -1))
-                        if x is not None:
-                            return result("sat", x)
-        if deadline is not None and time.monotonic() > deadline:
-            return result("timeout")
-        if n > config.max_domains:
-            return result("unknown", reason=f"more than {config.max_domains} open domains "
-                                            f"(max_domains)")
+            attack = AttackConfig(_ATTACK.samples, _ATTACK.restarts, _ATTACK.steps,
+                                  config.seed + iteration)
+            for i in spec.margins(lb).min(1).values.argsort()[:2].tolist():
+                x = spec.falsify(graph, lo[i].numpy(), hi[i].numpy(), attack, lo64, hi64,
+                                 confirm)
+                if x is not None:
+                    return result("sat", x)
+        if (ended := stop(n, deadline, config)) is not None:
+            return result(ended[0], reason=ended[1])
         dims = _split_dims(config.branching, lo, hi, grad)
         # the boxes closest to a violation first
         take = min(n, max(1, config.batch // 2))
@@ -161,8 +137,4 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
             torch.cat([lb[rest], clb])
         stats["max_queue"] = max(stats["max_queue"], lo.shape[0])
         iteration += 1
-        if time.monotonic() - last_report > _PROGRESS_SECONDS:
-            last_report = time.monotonic()
-            log.info("bab: %d domains bounded, %d open, %.0f domains/s, worst margin %.4g",
-                     stats["domains"], lo.shape[0], stats["domains"] / max(elapsed(), 1e-9),
-                     float(spec.margins(lb).min()))
+        progress.tick(stats["domains"], lo.shape[0], float(spec.margins(lb).min()))

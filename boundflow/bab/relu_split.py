@@ -23,16 +23,16 @@ still unproven ends the search ``unknown``. The falsifier runs on the whole box 
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from boundflow.attack import AttackConfig, find_counterexample
+from boundflow.attack import AttackConfig
 from boundflow.bab.bounder import float_box
-from boundflow.bab.config import BabConfig, BabResult, Disjuncts
+from boundflow.bab.common import Disjuncts, Progress, stop
+from boundflow.bab.config import BabConfig, BabResult
 from boundflow.domains.concrete import RULES as CONCRETE_RULES, evaluate
 from boundflow.domains.traversal import apply_rule, graph_tensors
 from boundflow.errors import BoundFlowError
@@ -40,9 +40,7 @@ from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.split import ReluSplit
 
-log = logging.getLogger("boundflow.bab")
 
-_PROGRESS_SECONDS = 2.0
 
 
 def relu_inputs(graph: Graph) -> list[str]:
@@ -98,12 +96,9 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     hi64 = np.asarray(upper, np.float64).reshape(-1)
     lo, hi = float_box(lo64, hi64, dtype)
     lo, hi = lo.reshape((1,) + shape), hi.reshape((1,) + shape)
-    C_t = torch.as_tensor(np.asarray(C, np.float64), dtype=dtype)
-    C64 = torch.as_tensor(np.asarray(C, np.float64))
-    thr64 = torch.as_tensor(np.asarray(threshold, np.float64))
     shapes = {n: tuple(bounded[n]) for n in nodes}
     sizes = [int(np.prod(shapes[n])) for n in nodes]
-    grads = _sensitivity(graph, ((lo + hi) / 2), C_t, nodes)      # [rows, *shape] per node
+    grads = _sensitivity(graph, ((lo + hi) / 2), spec.C, nodes)      # [rows, *shape] per node
     grads = [g.reshape(g.shape[0], -1).abs() for g in grads]
     stats = {"domains": 0, "calls": 0, "max_queue": 1}
     elapsed = lambda: time.monotonic() - start  # noqa: E731
@@ -122,7 +117,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
             split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)},
                               beta_iterations=int(config.beta_iterations))
             box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
-            cs = LinearSpec(C_t.expand((m,) + tuple(C_t.shape)).numpy())
+            cs = LinearSpec(spec.C.expand((m,) + tuple(spec.C.shape)).numpy())
             out = executor.run(box, cs, split=split, keep=nodes)
             lbs.append(out.lower.to(dtype))
             for k, nd in enumerate(nodes):
@@ -134,14 +129,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
 
     def choose(lb, inter, signs) -> tuple[torch.Tensor, torch.Tensor]:
         """(node index, neuron index) of each domain's split; node -1 where none is left."""
-        margins = spec.margins(lb)
-        worst = margins.argmin(1)
-        gap = lb - spec.thr
-        rows = torch.empty_like(worst)
-        for d, (a, b) in enumerate(spec.ranges):
-            pick = worst == d
-            if pick.any():
-                rows[pick] = a + gap[pick, a:b].argmax(1)
+        rows = spec.closest_rows(lb)
         best_score = torch.full((lb.shape[0],), -1.0, dtype=lb.dtype)
         best_node = torch.full((lb.shape[0],), -1, dtype=torch.long)
         best_idx = torch.zeros(lb.shape[0], dtype=torch.long)
@@ -158,20 +146,10 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
             best_idx = torch.where(better, i, best_idx)
         return best_node, best_idx
 
-    def counterexample(found: np.ndarray | None) -> np.ndarray | None:
-        if found is None:
-            return None
-        x = np.clip(np.asarray(found, np.float64).reshape(-1), lo64, hi64)
-        y = evaluate(graph, torch.from_numpy(x).reshape((1,) + shape)).flatten()
-        ok = (C64 @ y) <= thr64
-        if any(bool(ok[a:b].all()) for a, b in spec.ranges) and (confirm is None or confirm(x)):
-            return x
-        return None
-
     signs = [torch.zeros((1, n), dtype=torch.int8) for n in sizes]
     lb, inter = bound(signs)
     node, idx = choose(lb, inter, signs)
-    iteration, last_report = 0, time.monotonic()
+    iteration, progress = 0, Progress()
     while True:
         open_ = spec.margins(lb).min(1).values <= 0
         signs = [s[open_] for s in signs]
@@ -180,24 +158,18 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         if n == 0:
             return result("unsat")
         if config.attack_every and iteration % config.attack_every == 0:
-            for a, b in spec.ranges:
-                x = counterexample(find_counterexample(
-                    graph, lo64.reshape(shape), hi64.reshape(shape), C64[a:b].numpy(),
-                    thr64[a:b].numpy(), AttackConfig(samples=256, restarts=4, steps=30,
-                                                     seed=config.seed + iteration)))
-                if x is not None:
-                    return result("sat", x)
-        if deadline is not None and time.monotonic() > deadline:
-            return result("timeout")
-        if n > config.max_domains:
-            return result("unknown", reason=f"more than {config.max_domains} open domains "
-                                            f"(max_domains)")
+            x = spec.falsify(graph, lo64, hi64, AttackConfig(samples=256, restarts=4, steps=30,
+                                                            seed=config.seed + iteration),
+                             lo64, hi64, confirm)
+            if x is not None:
+                return result("sat", x)
+        if (ended := stop(n, deadline, config)) is not None:
+            return result(ended[0], reason=ended[1])
         order = spec.margins(lb).min(1).values.argsort()
         stuck = node[order] < 0
         if stuck.all():
             return result("unknown", reason="domains with every ReLU fixed are still not "
-                                            "proven (their split constraints would need "
-                                            "multipliers)")
+                                            "proven")
         order = order[~stuck]
         take = min(order.shape[0], max(1, config.batch // 2))
         pick, rest = order[:take], torch.cat([order[take:], torch.nonzero(node < 0)[:, 0]])
@@ -218,8 +190,4 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         node, idx = torch.cat([node[rest], cnode]), torch.cat([idx[rest], cidx])
         stats["max_queue"] = max(stats["max_queue"], lb.shape[0])
         iteration += 1
-        if time.monotonic() - last_report > _PROGRESS_SECONDS:
-            last_report = time.monotonic()
-            log.info("bab: %d domains bounded, %d open, %.0f domains/s, worst margin %.4g",
-                     stats["domains"], lb.shape[0], stats["domains"] / max(elapsed(), 1e-9),
-                     float(spec.margins(lb).min()))
+        progress.tick(stats["domains"], lb.shape[0], float(spec.margins(lb).min()))
