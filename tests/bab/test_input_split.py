@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from boundflow.bab.bounder import PlanBounder, float_box
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import BoundFlowError
 from boundflow.ir import GraphBuilder
+from tests.conftest import SHARED
 
-BENCH = Path(__file__).resolve().parents[3] / "shared" / "benchmarks"
+BENCH = SHARED / "benchmarks"
 
 
 def _net(seed: int, n_in: int = 2, hidden: int = 12, n_out: int = 3):
@@ -172,7 +172,7 @@ def _instances():
 
 
 @pytest.mark.skipif(not (BENCH / "instances.csv").exists(),
-                    reason="../shared/benchmarks is not there")
+                    reason=f"shared test data not found at {BENCH} (set BOUNDFLOW_SHARED)")
 @pytest.mark.parametrize("onnx, vnnlib, timeout, expected", _instances())
 def test_every_shared_instance_is_decided_right(onnx, vnnlib, timeout, expected):
     from boundflow.frontend.onnx import load_onnx
