@@ -698,6 +698,9 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-domains", type=_POSITIVE_INT, default=1_000_000,
                    help="open domains kept at most; past it the answer is unknown "
                    "(default 1000000)")
+    p.add_argument("--queue-mb", type=_POSITIVE_INT, default=2048,
+                   help="memory the open domains may hold, MiB; past it the answer is "
+                   "unknown (default 2048)")
 
 
 def _bab_config(args: argparse.Namespace, backend: str = "torch"):
@@ -705,7 +708,7 @@ def _bab_config(args: argparse.Namespace, backend: str = "torch"):
 
     return BabConfig(strategy=args.bab, batch=args.bab_batch, branching=args.branching,
                      max_domains=max(args.max_domains, 2), method=args.bab_method,
-                     backend=backend)
+                     backend=backend, queue_mb=max(args.queue_mb, 2))
 
 
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:

@@ -83,14 +83,17 @@ class Disjuncts:
         return None
 
 
-def stop(open_domains: int, deadline: float | None, config: BabConfig
-         ) -> tuple[str, str] | None:
-    """(status, reason) when a search must end now: past its deadline, or its queue past
-    ``max_domains``; else None."""
+def stop(open_domains: int, deadline: float | None, config: BabConfig,
+         domain_bytes: int = 0) -> tuple[str, str] | None:
+    """(status, reason) when a search must end now: past its deadline, its queue past
+    ``max_domains``, or past ``queue_mb`` at ``domain_bytes`` per domain; else None."""
     if deadline is not None and time.monotonic() > deadline:
         return "timeout", ""
     if open_domains > config.max_domains:
         return "unknown", f"more than {config.max_domains} open domains (max_domains)"
+    if open_domains * domain_bytes > config.queue_mb * 2 ** 20:
+        return "unknown", (f"the open domains need more than {config.queue_mb} MiB "
+                           f"(queue_mb)")
     return None
 
 

@@ -26,7 +26,9 @@ class BabConfig:
     ``attack_every``: iterations between falsifier runs from the domains closest to a
     violation (0: only the check of every domain's centre). ``beta_iterations``: ReLU
     splitting's steps on the split constraints' multipliers per bound (beta-CROWN; 0:
-    the constraints only fix their neurons)."""
+    the constraints only fix their neurons). ``queue_mb``: the open domains' memory at most
+    (with ``max_domains``, whichever binds first: a ReLU-split domain holds a sign per
+    neuron)."""
 
     strategy: str = "auto"
     batch: int = 1024
@@ -37,6 +39,7 @@ class BabConfig:
     attack_every: int = 20
     seed: int = 0
     beta_iterations: int = 20
+    queue_mb: int = 2048
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -47,7 +50,7 @@ class BabConfig:
         if self.branching not in BRANCHINGS:
             raise BoundFlowError(f"unknown branching {self.branching!r}; choose from "
                                  f"{', '.join(BRANCHINGS)}")
-        for name in ("batch", "max_domains"):
+        for name in ("batch", "max_domains", "queue_mb"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 2:
                 raise BoundFlowError(f"BaB {name} must be an integer >= 2, got {v!r}")

@@ -117,7 +117,8 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
                                  confirm)
                 if x is not None:
                     return result("sat", x)
-        if (ended := stop(n, deadline, config)) is not None:
+        per_domain = (2 * lo.shape[1] + lb.shape[1] + 2) * lo.element_size()
+        if (ended := stop(n, deadline, config, per_domain)) is not None:
             return result(ended[0], reason=ended[1])
         dims = _split_dims(config.branching, lo, hi, grad)
         # the boxes closest to a violation first

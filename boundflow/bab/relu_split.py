@@ -163,7 +163,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
                              lo64, hi64, confirm)
             if x is not None:
                 return result("sat", x)
-        if (ended := stop(n, deadline, config)) is not None:
+        per_domain = sum(sizes) + 8 * (lb.shape[1] + 2)       # signs, bounds, branch
+        if (ended := stop(n, deadline, config, per_domain)) is not None:
             return result(ended[0], reason=ended[1])
         order = spec.margins(lb).min(1).values.argsort()
         stuck = node[order] < 0

@@ -159,3 +159,18 @@ def test_check_property_splits_relus_for_a_high_dimensional_input():
     assert alone.status == "unknown" and alone.refuted < 9
     res = check_property(g, prop, BoundOptions("crown"), timeout=60)
     assert res.status == "unsat" and res.strategy == "relu" and res.domains > 0
+
+
+def test_the_queue_memory_bound_ends_a_search():
+    """A ReLU-split domain holds a sign per neuron: past ``queue_mb`` the search answers
+    unknown, naming the limit, rather than grow."""
+    _, g = example_graph("digits_maxpool_cnn")
+    x = np.load("boundflow/examples/data/digits_x.npy").astype(np.float32)[0]
+    label = int(evaluate(g, torch.from_numpy(x[None])).argmax())
+    C = bf.margin_spec(np.array([label]), 10).C[0]
+    res = relu_split(g, x.reshape(-1) - 0.3, x.reshape(-1) + 0.3, C, np.zeros(9),
+                     [(k, k + 1) for k in range(9)],
+                     BabConfig(batch=64, queue_mb=2, beta_iterations=0, attack_every=0),
+                     deadline=time.monotonic() + 120)
+    assert res.status in ("unknown", "sat") and (res.status == "sat" or
+                                                 "queue_mb" in res.reason)
