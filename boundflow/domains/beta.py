@@ -5,8 +5,10 @@ its sign ``s_i`` (``s_i·z_i >= 0``). For any ``beta >= 0`` the function
 ``c·f(x) - sum_i beta_i·s_i·z_i(x)`` is at most ``c·f(x)`` on the domain, so a lower bound of
 it over the whole box bounds ``c·f`` on the domain from below: the backward walk adds
 ``-beta·s`` to the lower side's coefficients when it reaches ``z``. Every ``beta >= 0`` is
-sound; gradient steps on ``beta`` raise the bound (Adam, projected onto ``beta >= 0``), and
-the best bound seen per row is kept, starting from the bound without multipliers. This is
+sound; gradient steps on ``beta`` raise the bound (Adam, projected onto ``beta >= 0``),
+jointly with the activations' relaxation parameters of the final bound (alpha-CROWN's slopes,
+each in [0, 1] where every value is sound), and the best bound seen per row is kept,
+starting from the bound without multipliers. This is
 what lets a split constraint cut the box: without it a neuron fixed active is the identity
 over the whole box.
 """
@@ -17,10 +19,13 @@ from typing import Mapping
 
 import torch
 
+from boundflow.domains.alpha import _slopes
 from boundflow.domains.backward import backward
 from boundflow.domains.coeffs import BackwardContext
 from boundflow.domains.interval import Interval
 from boundflow.ir.graph import Graph
+
+ALPHA_LR = 0.1       # the activations' relaxation parameters, optimised with the multipliers
 
 
 def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str, torch.Tensor],
@@ -36,9 +41,12 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
     B, S = A.shape[:2]
     betas = {n: torch.zeros((B, S) + tuple(s.shape[1:]), dtype=A.dtype, requires_grad=True)
              for n, s in split.items()}
-    opt = torch.optim.Adam(list(betas.values()), lr=lr)
+    slopes_params: list[torch.Tensor] = []
+    slopes = _slopes(graph, graph.output, S, bounds, lower_slope, slopes_params)
+    opt = torch.optim.Adam([{"params": list(betas.values()), "lr": lr},
+                            {"params": slopes_params, "lr": ALPHA_LR}])
     best = start.clone()
-    ctx = BackwardContext(bounds, lower_slope, None, patches=False)
+    ctx = BackwardContext(bounds, lower_slope, slopes, patches=False)
     with torch.enable_grad():
         for _ in range(iterations):
             terms = {n: -b * split[n].unsqueeze(1) for n, b in betas.items()}
@@ -50,6 +58,8 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
             with torch.no_grad():
                 for b in betas.values():
                     b.clamp_(min=0)
+                for p in slopes_params:
+                    p.clamp_(0.0, 1.0)
         terms = {n: -b.detach() * split[n].unsqueeze(1) for n, b in betas.items()}
         res = backward(graph, graph.output, A, x, tensors, ctx._replace(lower_terms=terms))
     return torch.maximum(best, res.lower.detach())
