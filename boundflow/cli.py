@@ -196,7 +196,8 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
 
 def cmd_vnncomp(args: argparse.Namespace) -> int:
     """``boundflow vnncomp``: every instance of a CSV in one process, one line each; exit 1
-    when a verdict contradicts the CSV's expected one."""
+    when a verdict contradicts the CSV's expected one, else 2 when an instance's files were
+    bad (each said on its line, the others decided)."""
     import statistics
 
     from boundflow.api import BoundOptions
@@ -221,12 +222,15 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
         rate = res.domains / res.seconds if res.seconds > 0 else 0.0
         print(f"{name:<52} {r.expected or '-':>8} {res.status:>8} {r.total_s:>8.2f} "
               f"{res.seconds:>8.2f} {res.domains:>8} {rate:>8.0f}"
-              + ("  WRONG" if r.wrong else ""), flush=True)
+              + ("  WRONG" if r.wrong else "")
+              + (f"  {res.notes[0]}" if res.status == "error" else ""), flush=True)
     results = run_instances(rows, root, options, bab, args.db, args.results, line)
     decided = [r for r in results if r.result.status in ("sat", "unsat")]
     fixed = [r.total_s - r.result.seconds for r in results]
     wrong = [r for r in results if r.wrong]
-    print(f"decided {len(decided)}/{len(results)}, wrong {len(wrong)}; median time per "
+    errors = [r for r in results if r.result.status == "error"]
+    print(f"decided {len(decided)}/{len(results)}, wrong {len(wrong)}, bad instances "
+          f"{len(errors)}; median time per "
           f"instance {statistics.median(r.total_s for r in results):.2f} s; fixed cost per "
           f"instance (total - solving) median {statistics.median(fixed):.3f} s; process "
           f"start-up (imports) {started:.2f} s")
@@ -241,7 +245,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
                 w.writerow([r.onnx, r.vnnlib, r.expected, r.result.status, f"{r.total_s:.4f}",
                             f"{r.result.seconds:.4f}", f"{r.load_s:.4f}", r.result.domains,
                             r.result.bound_calls, r.result.strategy])
-    return 1 if wrong else 0
+    return 1 if wrong else 2 if errors else 0
 
 
 _MARGIN = 0.3       # seconds the soft limit leaves for printing before the hard one

@@ -224,6 +224,9 @@ class InstanceResult:
             self.result.status != self.expected
 
 
+_MAX_CSV_BYTES = 16 << 20
+
+
 def read_instances(path) -> list[tuple[str, str, float, str]]:
     """``instances.csv`` rows as (onnx, vnnlib, timeout, expected); with or without the
     header line of the shared benchmarks, expected optional (VNN-COMP's own files have
@@ -232,22 +235,29 @@ def read_instances(path) -> list[tuple[str, str, float, str]]:
     from pathlib import Path
 
     rows = []
-    with open(Path(path), newline="") as f:
-        for i, row in enumerate(csv.reader(f), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or (i == 1 and row[0] == "onnx"):
-                continue
-            if len(row) < 3:
-                raise BoundFlowError(f"{path}, line {i}: expected onnx,vnnlib,timeout[,expected]"
-                                     f", got {len(row)} fields")
-            try:
-                timeout = float(row[2])
-            except ValueError:
-                raise BoundFlowError(f"{path}, line {i}: timeout {row[2]!r} is not a number"
-                                     ) from None
-            if not timeout > 0 or timeout != timeout or timeout == float("inf"):
-                raise BoundFlowError(f"{path}, line {i}: timeout must be positive and finite")
-            rows.append((row[0], row[1], timeout, row[3] if len(row) > 3 else ""))
+    try:
+        if Path(path).stat().st_size > _MAX_CSV_BYTES:
+            raise BoundFlowError(f"the instances file {path} is larger than "
+                                 f"{_MAX_CSV_BYTES >> 20} MiB")
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BoundFlowError(f"cannot read the instances file {path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+    for i, row in enumerate(csv.reader(text.splitlines()), 1):
+        row = [c.strip() for c in row]
+        if not row or not any(row) or (i == 1 and row[0] == "onnx"):
+            continue
+        if len(row) < 3:
+            raise BoundFlowError(f"{path}, line {i}: expected onnx,vnnlib,timeout[,expected]"
+                                 f", got {len(row)} fields")
+        try:
+            timeout = float(row[2])
+        except ValueError:
+            raise BoundFlowError(f"{path}, line {i}: timeout {row[2]!r} is not a number"
+                                 ) from None
+        if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+            raise BoundFlowError(f"{path}, line {i}: timeout must be positive and finite")
+        rows.append((row[0], row[1], timeout, row[3] if len(row) > 3 else ""))
     if not rows:
         raise BoundFlowError(f"{path} lists no instances")
     return rows
@@ -258,7 +268,8 @@ def run_instances(rows, root, options: BoundOptions, bab: BabConfig | None, db=N
                   ) -> list[InstanceResult]:
     """Decide every instance in one process (imports, loaded models and compiled plans
     shared), each within its own timeout, counted from when its files are read; writes each
-    VNN-COMP result file to ``results_dir`` when given."""
+    VNN-COMP result file to ``results_dir`` when given. An instance whose files are bad gets
+    status ``error`` (the message in its notes) and the run goes on."""
     from pathlib import Path
 
     from boundflow.frontend.onnx import load_onnx
@@ -269,21 +280,27 @@ def run_instances(rows, root, options: BoundOptions, bab: BabConfig | None, db=N
     out = []
     for onnx_path, vnnlib_path, timeout, expected in rows:
         start = time.perf_counter()
-        if onnx_path not in graphs:
-            graphs[onnx_path] = load_onnx(root / onnx_path)
-        graph = graphs[onnx_path]
-        prop = load_vnnlib(root / vnnlib_path, int(np.prod(graph.input_shape)),
-                           int(np.prod(graph.output_shape)))
-        load_s = time.perf_counter() - start
-        result = check_property(graph, prop, options, timeout=max(timeout - load_s, 1e-3),
-                                confirm=onnx_runner(root / onnx_path), bab=bab, db=db)
+        load_s = 0.0
+        try:
+            if onnx_path not in graphs:
+                graphs[onnx_path] = load_onnx(root / onnx_path)
+            graph = graphs[onnx_path]
+            prop = load_vnnlib(root / vnnlib_path, int(np.prod(graph.input_shape)),
+                               int(np.prod(graph.output_shape)))
+            load_s = time.perf_counter() - start
+            result = check_property(graph, prop, options, timeout=max(timeout - load_s, 1e-3),
+                                    confirm=onnx_runner(root / onnx_path), bab=bab, db=db)
+        except BoundFlowError as e:         # a bad instance: said, and the run goes on
+            result = PropertyResult("error", seconds=time.perf_counter() - start,
+                                    notes=(str(e),))
         row = InstanceResult(onnx_path, vnnlib_path, expected, result, load_s,
                              time.perf_counter() - start)
         if results_dir is not None:
             name = f"{Path(onnx_path).stem}__{Path(vnnlib_path).stem}.txt"
             target = Path(results_dir) / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(result.vnncomp())
+            # a bad instance's file says unknown: never a verdict it did not reach
+            target.write_text(result.vnncomp() if result.status != "error" else "unknown\n")
         out.append(row)
         if on_result is not None:
             on_result(row)

@@ -95,6 +95,29 @@ def test_a_bad_instances_csv_is_one_line(tmp_path, capsys, text, match):
     assert match in err and err.count("\n") == 1
 
 
+def test_an_unreadable_instances_file_is_one_line(tmp_path, capsys):
+    binary = tmp_path / "instances.csv"
+    binary.write_bytes(b"\x00\xff\xfe,,\n")
+    for path in (binary, tmp_path / "missing.csv"):
+        assert main(["vnncomp", "--instances", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "cannot read the instances file" in err and err.count("\n") == 1
+
+
+def test_a_bad_instance_is_said_and_the_others_are_decided(tmp_path, capsys):
+    base = shared_path("benchmarks")
+    csv = tmp_path / "instances.csv"
+    csv.write_text("missing.onnx,missing.vnnlib,10\n"
+                   "vnncomp_test/test_sat.onnx,vnncomp_test/test_prop.vnnlib,60,sat\n")
+    results = tmp_path / "results"
+    assert main(["vnncomp", "--instances", str(csv), "--root", str(base), "--results",
+                 str(results)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert "error" in out[1] and "does not exist" in out[1]
+    assert out[2].split()[3] == "sat" and "bad instances 1" in out[-1]
+    assert (results / "missing__missing.txt").read_text() == "unknown\n"
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--vnnlib", "p.vnnlib", "--model", "m.pt2"], "--vnnlib tunes the branch-and-bound"),
     (["--vnnlib", "p.vnnlib"], "--vnnlib tunes the branch-and-bound"),
@@ -105,19 +128,32 @@ def test_tune_vnnlib_argument_errors(tmp_path, argv, match, capsys):
 
 
 def test_the_vnncomp_scripts_write_the_result_file(tmp_path):
+    """run_instance.sh writes the result file and records its pid; prepare_instance.sh
+    stops only that process (a stale pid of some other program is left alone)."""
+    import os
+    import sys
+
     onnx, vnnlib = _acas(4, "1_9")
     scripts = ROOT / "tools" / "vnncomp"
+    env = dict(os.environ, BOUNDFLOW_VNNCOMP_STATE=str(tmp_path / "state"),
+               BOUNDFLOW_PYTHON=sys.executable)
     prep = subprocess.run([str(scripts / "prepare_instance.sh"), "v1", "acasxu", onnx, vnnlib],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert prep.returncode == 0, prep.stderr
     out = tmp_path / "result.txt"
     run = subprocess.run([str(scripts / "run_instance.sh"), "v1", "acasxu", onnx, vnnlib,
-                          str(out), "116"], capture_output=True, text=True, timeout=200)
+                          str(out), "116"], capture_output=True, text=True, timeout=200, env=env)
     assert run.returncode == 0, run.stderr
     assert out.read_text().startswith("sat\n((X_0 ")
+    assert (tmp_path / "state" / "run.pid").exists()
+    other = subprocess.Popen(["sleep", "30"])        # not ours: must survive
+    (tmp_path / "state" / "run.pid").write_text(str(other.pid))
     bad = subprocess.run([str(scripts / "prepare_instance.sh"), "v1", "acasxu", vnnlib, onnx],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1 and "boundflow:" in bad.stderr
+    assert other.poll() is None
+    other.kill()
+    assert not (tmp_path / "state" / "run.pid").exists()
 
 
 class _Fake:

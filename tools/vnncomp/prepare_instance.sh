@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # VNN-COMP: prepare_instance.sh VERSION BENCHMARK ONNX VNNLIB
-# Stops leftover runs, then checks the model and property load (exit 1 when they do not),
-# which also warms the OS file cache for run_instance.sh.
+# Stops a run_instance.sh of ours still running (the one whose pid it recorded, and its
+# children; nobody else's processes), then checks the model and property load (exit 1 when
+# they do not), which also warms the OS file cache for run_instance.sh.
 set -uo pipefail
 [ "$#" -eq 4 ] || { echo "usage: $0 VERSION BENCHMARK ONNX VNNLIB" >&2; exit 1; }
 [ "$1" = "v1" ] || { echo "unsupported interface version $1 (expected v1)" >&2; exit 1; }
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PY="${BOUNDFLOW_PYTHON:-$HERE/../../.venv/bin/python}"
-pkill -f "boundflow.cli verify" >/dev/null 2>&1 || true
+STATE="${BOUNDFLOW_VNNCOMP_STATE:-${TMPDIR:-/tmp}/boundflow-vnncomp-$(id -u)}"
+if [ -f "$STATE/run.pid" ]; then
+    pid="$(cat "$STATE/run.pid")"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && grep -qa boundflow "/proc/$pid/cmdline" 2>/dev/null; then
+        pkill -KILL -P "$pid" >/dev/null 2>&1 || true
+        kill -KILL "$pid" >/dev/null 2>&1 || true
+    fi
+    rm -f "$STATE/run.pid"
+fi
 exec "$PY" -c '
 import sys
 import numpy as np
