@@ -4,11 +4,8 @@
 # children; nobody else's processes), then checks the model and property load (exit 1 when
 # they do not), which also warms the OS file cache for run_instance.sh.
 set -uo pipefail
-[ "$#" -eq 4 ] || { echo "usage: $0 VERSION BENCHMARK ONNX VNNLIB" >&2; exit 1; }
-[ "$1" = "v1" ] || { echo "unsupported interface version $1 (expected v1)" >&2; exit 1; }
-HERE="$(cd "$(dirname "$0")" && pwd)"
-PY="${BOUNDFLOW_PYTHON:-$HERE/../../.venv/bin/python}"
-STATE="${BOUNDFLOW_VNNCOMP_STATE:-${TMPDIR:-/tmp}/boundflow-vnncomp-$(id -u)}"
+source "$(dirname "$0")/_common.sh"
+vnncomp_setup 4 "VERSION BENCHMARK ONNX VNNLIB" "$@"
 if [ -f "$STATE/run.pid" ]; then
     pid="$(cat "$STATE/run.pid")"
     if [[ "$pid" =~ ^[0-9]+$ ]] && grep -qa boundflow "/proc/$pid/cmdline" 2>/dev/null; then
