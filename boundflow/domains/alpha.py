@@ -176,7 +176,12 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
         iv = apply_rule(IBP_RULES, node, tensors, [current[i] for i in node.inputs], "IBP")
         ref = fixed.get(node.name)     # pre-activations only
         if ref is not None:
-            iv = Interval(torch.maximum(iv.lower, ref.lower), torch.minimum(iv.upper, ref.upper))
+            # the fixed bound's value where tighter, the gradient always to the IBP one: a
+            # plain max splits its gradient at ties and drops it a rounding error away, so the
+            # step would depend on float noise (the fixed bound is often this same IBP value)
+            lo = torch.maximum(iv.lower, ref.lower)
+            hi = torch.minimum(iv.upper, ref.upper)
+            iv = Interval(iv.lower + (lo - iv.lower).detach(), iv.upper + (hi - iv.upper).detach())
         if node.name in starts and len(starts[node.name]) == 3:
             index, slopes, chain = starts[node.name]
             rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes,
