@@ -547,6 +547,7 @@ def _bab_workload(args: argparse.Namespace, graph):
     ``--vnnlib`` runs (``--bab-batch`` sub-boxes of its first input box, every spec row of
     that box), the batch its plans are measured on."""
     import numpy as np
+    import torch
 
     from boundflow.bab.bounder import float_box, sample_domains
     from boundflow.frontend.vnnlib import load_vnnlib
@@ -559,8 +560,7 @@ def _bab_workload(args: argparse.Namespace, graph):
         raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
     box, spec = groups[0]
     lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
-    dtype = __import__("torch").float64 if (args.dtype or graph.dtype) == "float64" \
-        else __import__("torch").float32
+    dtype = torch.float64 if (args.dtype or graph.dtype) == "float64" else torch.float32
     lo, hi = float_box(lo, hi, dtype)
     shape = (config.batch,) + tuple(graph.input_shape)
     C = np.broadcast_to(spec.C[0], (config.batch,) + spec.C.shape[1:])

@@ -153,8 +153,14 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
             ranges.append((start, start + b - a))
             start += b - a
 
+        hits: list[PropertyResult] = []       # the confirmed counterexample, checked once
+
         def confirm(x: np.ndarray) -> bool:
-            return any(found(x, C[a:b], thr[a:b]) is not None for a, b in ranges)
+            hit = next((h for a, b in ranges if (h := found(x, C[a:b], thr[a:b])) is not None),
+                       None)
+            if hit is not None:
+                hits.append(hit)
+            return hit is not None
         if strategy == "input":
             res = input_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
                               deadline=deadline, confirm=confirm, db=db)
@@ -163,11 +169,9 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
                              deadline=deadline, confirm=confirm)
         domains, calls = domains + res.domains, calls + res.bound_calls
         stats = dict(strategy=strategy, domains=domains, bound_calls=calls)
-        if res.status == "sat":
-            for a, b in ranges:
-                if (hit := found(res.counterexample, C[a:b], thr[a:b])) is not None:
-                    return PropertyResult("sat", hit.counterexample, elapsed(), refuted,
-                                          n_disjuncts, **stats)
+        if res.status == "sat" and hits:
+            return PropertyResult("sat", hits[-1].counterexample, elapsed(), refuted,
+                                  n_disjuncts, **stats)
         if res.status != "unsat":
             notes = (res.reason,) if res.reason else ()
             return PropertyResult(res.status if res.status != "sat" else "unknown",
