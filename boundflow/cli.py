@@ -163,7 +163,11 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
 
     bab = _bab_config(args, args.backend)
     if args.db:
+        from boundflow.db import Database
+
         _objective(args.objective)
+        with Database(args.db):   # read now: the search may end before it looks a plan up
+            pass
     graph = load_onnx(args.onnx)
     log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed(args))
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))

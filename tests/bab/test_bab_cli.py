@@ -199,3 +199,14 @@ def test_a_tuned_plan_is_loaded_once_the_search_has_run_long_enough(monkeypatch)
     assert looked_up == [None, "t.db"]                # looked up once
     eager = bounder.PlanBounder(graph, C, method="crown", batch=4, db="t.db", switch_after=0)
     assert eager.verifier is tuned
+
+
+def test_a_corrupt_database_is_one_line_even_when_the_search_is_short(tmp_path, capsys):
+    """The tuned plan is looked up only after 3 s of search; the database is still read,
+    and refused, before the search starts."""
+    onnx, vnnlib = _acas(1, "1_9")
+    bad = tmp_path / "bad.db"
+    bad.write_text("not a database")
+    assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--db", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not an SQLite database" in err and err.count("\n") == 1
