@@ -691,10 +691,11 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 def _bab_arguments(p: argparse.ArgumentParser) -> None:
     """The branch-and-bound of a VNN-LIB property (verify, tune --vnnlib, vnncomp)."""
-    p.add_argument("--bab", choices=["auto", "input", "none"], default="auto",
+    p.add_argument("--bab", choices=["auto", "input", "relu", "none"], default="auto",
                    help="branch-and-bound for what the whole box leaves open: input (split "
-                   "the input box), none, or auto (input splitting for inputs of at most "
-                   "16 dimensions; default)")
+                   "the input box), relu (split unstable ReLUs, beta-CROWN), none, or auto "
+                   "(input splitting for inputs of at most 16 dimensions, ReLU splitting "
+                   "above; default)")
     p.add_argument("--bab-batch", type=_POSITIVE_INT, default=1024,
                    help="domains bounded per plan run (default 1024)")
     p.add_argument("--bab-method", default="crown",
@@ -709,6 +710,10 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-mb", type=_POSITIVE_INT, default=2048,
                    help="memory the open domains may hold, MiB; past it the answer is "
                    "unknown (default 2048)")
+    p.add_argument("--bab-intermediate", choices=["refine", "reuse"], default="reuse",
+                   help="ReLU splitting: reuse each domain's parent's intermediate bounds and "
+                   "compute only the final bound (reuse; default), or recompute them and keep "
+                   "them tighter than the parent's (refine)")
 
 
 def _bab_config(args: argparse.Namespace, backend: str = "torch"):
@@ -716,7 +721,8 @@ def _bab_config(args: argparse.Namespace, backend: str = "torch"):
 
     return BabConfig(strategy=args.bab, batch=args.bab_batch, branching=args.branching,
                      max_domains=max(args.max_domains, 2), method=args.bab_method,
-                     backend=backend, queue_mb=max(args.queue_mb, 2))
+                     backend=backend, queue_mb=max(args.queue_mb, 2),
+                     intermediate=getattr(args, "bab_intermediate", "reuse"))
 
 
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:

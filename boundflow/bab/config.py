@@ -12,6 +12,7 @@ from boundflow.ir.workload import METHODS
 INPUT_SPLIT_MAX_DIMS = 16     # ``auto`` splits the input box up to this many input dimensions
 STRATEGIES = ("auto", "input", "relu", "none")
 BRANCHINGS = ("sensitivity", "widest")
+INTERMEDIATES = ("refine", "reuse")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,11 @@ class BabConfig:
     splitting's steps on the split constraints' multipliers per bound (beta-CROWN; 0:
     the constraints only fix their neurons). ``queue_mb``: the open domains' memory at most
     (with ``max_domains``, whichever binds first: a ReLU-split domain holds a sign per
-    neuron)."""
+    neuron). ``intermediate``: how a ReLU-split child gets the bounds of the ReLU inputs:
+    ``refine`` recomputes them on its domain (the split tightens every later layer) and
+    intersects them with its parent's, ``reuse`` takes its parent's with the new split
+    applied and computes only the final bound (one backward pass per domain, not one per
+    layer)."""
 
     strategy: str = "auto"
     batch: int = 1024
@@ -40,6 +45,7 @@ class BabConfig:
     seed: int = 0
     beta_iterations: int = 20
     queue_mb: int = 2048
+    intermediate: str = "reuse"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -50,6 +56,9 @@ class BabConfig:
         if self.branching not in BRANCHINGS:
             raise BoundFlowError(f"unknown branching {self.branching!r}; choose from "
                                  f"{', '.join(BRANCHINGS)}")
+        if self.intermediate not in INTERMEDIATES:
+            raise BoundFlowError(f"unknown intermediate-bounds rule {self.intermediate!r}; "
+                                 f"choose from {', '.join(INTERMEDIATES)}")
         for name in ("batch", "max_domains", "queue_mb"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 2:

@@ -16,7 +16,10 @@ triangle relaxation times the sensitivity of the spec row the domain is closest 
 
 The split constraints also enter the final bound as multipliers optimised per domain
 (beta-CROWN, ``config.beta_iterations`` steps; :mod:`boundflow.domains.beta`); intermediate
-bounds use them only through the fixed neurons. A domain whose every ReLU is fixed and
+bounds use them only through the fixed neurons. A child starts from its parent's
+intermediate bounds (valid on its part of the box): with ``config.intermediate = "refine"``
+it recomputes them and keeps the tighter of the two, with ``"reuse"`` it keeps them as they
+are (the new split applied) and computes only the final bound. A domain whose every ReLU is fixed and
 still unproven ends the search ``unknown``. The falsifier runs on the whole box every
 ``attack_every`` iterations; any counterexample is re-checked in float64.
 """
@@ -107,15 +110,20 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         return BabResult(status, cex, stats["domains"], stats["calls"], elapsed(),
                          stats["max_queue"], reason)
 
-    def bound(signs: list[torch.Tensor]):
-        """Lower bounds of the rows and the ReLU inputs' bounds of each domain."""
+    def bound(signs: list[torch.Tensor], parent: list[torch.Tensor] | None = None):
+        """Lower bounds of the rows and the ReLU inputs' bounds (``[2, domains, size]`` per
+        node) of each domain; ``parent``: bounds known to hold on each domain."""
         lbs, inter = [], [[] for _ in nodes]
         n = signs[0].shape[0]
         for s0 in range(0, n, config.batch):
             part = [s[s0:s0 + config.batch] for s in signs]
             m = part[0].shape[0]
+            ref = None if parent is None else {
+                nd: (p[0, s0:s0 + m].reshape((m,) + shapes[nd]),
+                     p[1, s0:s0 + m].reshape((m,) + shapes[nd])) for nd, p in zip(nodes, parent)}
             split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)},
-                              beta_iterations=int(config.beta_iterations))
+                              beta_iterations=int(config.beta_iterations), reference=ref,
+                              reuse=ref is not None and config.intermediate == "reuse")
             box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
             cs = LinearSpec(spec.C.expand((m,) + tuple(spec.C.shape)).numpy())
             out = executor.run(box, cs, split=split, keep=nodes)
@@ -153,6 +161,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     while True:
         open_ = spec.margins(lb).min(1).values <= 0
         signs = [s[open_] for s in signs]
+        inter = [t[:, open_] for t in inter]
         lb, node, idx = lb[open_], node[open_], idx[open_]
         n = lb.shape[0]
         if n == 0:
@@ -163,7 +172,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
                              lo64, hi64, confirm)
             if x is not None:
                 return result("sat", x)
-        per_domain = sum(sizes) + 8 * (lb.shape[1] + 2)       # signs, bounds, branch
+        # signs, the ReLU inputs' bounds, the rows' bounds, the branch
+        per_domain = sum(sizes) * (1 + 2 * inter[0].element_size()) + 8 * (lb.shape[1] + 2)
         if (ended := stop(n, deadline, config, per_domain)) is not None:
             return result(ended[0], reason=ended[1])
         order = spec.margins(lb).min(1).values.argsort()
@@ -183,10 +193,11 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
             pos[rows, idx[pick][rows]] = 1
             neg[rows, idx[pick][rows]] = -1
             children.append(torch.cat([pos, neg]))
-        clb, cinter = bound(children)
+        clb, cinter = bound(children, [torch.cat([t[:, pick], t[:, pick]], 1) for t in inter])
         clb = torch.maximum(clb, torch.cat([lb[pick], lb[pick]]))
         cnode, cidx = choose(clb, cinter, children)
         signs = [torch.cat([s[rest], c]) for s, c in zip(signs, children)]
+        inter = [torch.cat([t[:, rest], c], 1) for t, c in zip(inter, cinter)]
         lb = torch.cat([lb[rest], clb])
         node, idx = torch.cat([node[rest], cnode]), torch.cat([idx[rest], cidx])
         stats["max_queue"] = max(stats["max_queue"], lb.shape[0])

@@ -348,9 +348,14 @@ class TorchExecutor:
             return cache_bounds if t.kind == "final" else reuse_ibp
 
         # from the bounds backwards: which tasks must run, which outputs come from the cache
+        # (or from a split state's reference bounds, with reuse)
         want, run, cached = {self.bundle.task_graph.output}, set(), {}
+        reused = self._reused(relu_split)
         for t in reversed(self.tasks):
             if t.kind == "input" or not set(t.outputs) & want:
+                continue
+            if t.name in reused:
+                cached[t.name] = reused[t.name]
                 continue
             hit = cache.get(self._key(t, box_id, spec_id, split_id)) if cacheable(t) else None
             if hit is not None:
@@ -415,6 +420,23 @@ class TorchExecutor:
         if keep:
             stats["bounds"] = kept
         return RunResult(out.a.clone(), out.b.clone(), stats)
+
+    def _reused(self, split: ReluSplit | None) -> dict[str, dict[str, Value]]:
+        """The outputs of the tasks a split state's reference bounds stand in for (with
+        ``reuse``): those whose every output is a node with references, and which are not
+        the final bound."""
+        if split is None or not split.reuse:
+            return {}
+        ref = split.reference
+        out = {}
+        for t in self.tasks:
+            if t.kind in ("input", "final") or not t.outputs:
+                continue
+            nodes = [self.buffers[o].node for o in t.outputs]
+            if all(n in ref for n in nodes):
+                out[t.name] = {o: Value("lu", *(r.to(self.device, self.dtype) for r in ref[n]))
+                               for o, n in zip(t.outputs, nodes)}
+        return out
 
     def _bounded_shapes(self) -> dict[str, tuple[int, ...]]:
         """The nodes whose bounds some task writes to a buffer, and their shapes."""

@@ -9,6 +9,15 @@ part of the box. A domain whose constraints contradict the bounds (active where 
 bound is below 0, say) is empty; its bounds are vacuous, kept finite. With
 ``beta_iterations`` the final bound also takes the split constraints as optimised
 multipliers (beta-CROWN, :mod:`boundflow.domains.beta`).
+
+``reference[node]``: bounds of a split node known to hold on each domain (in branch-and-bound,
+the parent domain's: a child's part of the box lies inside its parent's). Every bound the run
+computes for the node is intersected with them, so a child's bounds are never looser than its
+parent's. With ``reuse`` the run does not recompute the nodes it has references for at all:
+the tasks whose every output is such a node take the references as their outputs (as a cache
+hit), and only the rest (the final bound, and what it needs besides) runs. That is
+alpha-beta-CROWN's fixed intermediate bounds: one backward pass per domain instead of one per
+layer, at the price of the tightening a split would bring to the layers after it.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ class ReluSplit:
     signs: Mapping[str, torch.Tensor]
     beta_iterations: int = 0        # beta-CROWN steps on the final bound (0: none)
     beta_lr: float = 0.05
+    reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    reuse: bool = False             # take the reference bounds instead of recomputing them
 
     def __post_init__(self):
         if not isinstance(self.beta_iterations, int) or self.beta_iterations < 0:
@@ -37,13 +48,26 @@ class ReluSplit:
         for node, s in self.signs.items():
             if not isinstance(s, torch.Tensor) or s.dim() < 1:
                 raise BoundFlowError(f"the split state of {node!r} must be a batched tensor")
+        for node, ref in (self.reference or {}).items():
+            if (not isinstance(ref, tuple) or len(ref) != 2
+                    or not all(isinstance(r, torch.Tensor) for r in ref)
+                    or ref[0].shape != ref[1].shape):
+                raise BoundFlowError(f"the reference bounds of {node!r} must be a (lower, "
+                                     f"upper) pair of tensors of one shape")
+        if self.reuse and not self.reference:
+            raise BoundFlowError("reuse needs reference bounds")
 
     def __repr__(self) -> str:                     # a stable key for bound caches
         h = hashlib.sha1()
         for node in sorted(self.signs):
             h.update(node.encode())
             h.update(self.signs[node].to(torch.int8).contiguous().numpy().tobytes())
-        return f"ReluSplit({h.hexdigest()[:16]}, beta={self.beta_iterations}@{self.beta_lr})"
+        for node in sorted(self.reference or {}):
+            h.update(b"ref:" + node.encode())
+            for r in self.reference[node]:
+                h.update(r.detach().cpu().contiguous().numpy().tobytes())
+        return (f"ReluSplit({h.hexdigest()[:16]}, beta={self.beta_iterations}@{self.beta_lr}"
+                f"{', reuse' if self.reuse else ''})")
 
     def check(self, batch: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Every split node is one of ``shapes`` (the nodes a plan bounds), with ``batch``
@@ -55,10 +79,23 @@ class ReluSplit:
             if tuple(s.shape) != (batch,) + tuple(shapes[node]):
                 raise BoundFlowError(f"the split state of {node!r} has shape {list(s.shape)}, "
                                      f"not {[batch, *shapes[node]]}")
+        for node, (lo, _) in (self.reference or {}).items():
+            if node not in shapes:
+                raise BoundFlowError(f"the reference bounds name {node!r}, whose bounds this "
+                                     f"plan does not compute")
+            if tuple(lo.shape) != (batch,) + tuple(shapes[node]):
+                raise BoundFlowError(f"the reference bounds of {node!r} have shape "
+                                     f"{list(lo.shape)}, not {[batch, *shapes[node]]}")
 
     def tighten(self, node: str, lower: torch.Tensor, upper: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``node``'s bounds on each domain's part of the box."""
+        """``node``'s bounds on each domain's part of the box: ``lower``/``upper`` (computed
+        over it) intersected with the reference bounds, then the split constraints."""
+        ref = (self.reference or {}).get(node)
+        if ref is not None:
+            lower = torch.maximum(lower, ref[0].to(lower.device, lower.dtype))
+            upper = torch.minimum(upper, ref[1].to(upper.device, upper.dtype))
+            upper = torch.maximum(upper, lower)     # disjoint: an empty domain, kept finite
         s = self.signs.get(node)
         if s is None:
             return lower, upper

@@ -40,7 +40,8 @@ def test_input_splitting_decides_what_one_bound_leaves_open(capsys):
     (["--bab-batch", "0"], "--bab-batch"),
     (["--bab-batch", "1"], "batch must be an integer >= 2"),
     (["--bab-method", "magic"], "BaB method 'magic'"),
-    (["--bab", "relu"], "--bab"),
+    (["--bab", "magic"], "--bab"),
+    (["--bab-intermediate", "sometimes"], "--bab-intermediate"),
     (["--branching", "random"], "--branching"),
     (["--max-domains", "-3"], "--max-domains"),
 ])

@@ -79,8 +79,73 @@ def test_bounds_under_a_split_state_hold_on_each_domains_part_of_the_box(seed, b
     # bound where it is better)
 
 
+def _inside(vals, nodes, signs, d):
+    """The sampled points on domain ``d``'s part of the box."""
+    inside = torch.ones(next(iter(vals.values())).shape[0], dtype=torch.bool)
+    for nd in nodes:
+        s, z = signs[nd][d], vals[nd]
+        inside &= ((s > 0) & (z < 0)).sum(1).eq(0) & ((s < 0) & (z > 0)).sum(1).eq(0)
+    return inside
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_child_starts_from_its_parents_bounds(seed, reuse):
+    """Children bounded with their parent's bounds as references: refined, every ReLU
+    input's bounds lie inside the parent's (never looser); reused, they are the parent's
+    with the new split applied and fewer tasks run. Either way the bounds contain every
+    sampled point of the child's part of the box."""
+    g = _net(seed, n_in=3, hidden=10)
+    nodes = relu_inputs(g)
+    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
+    lo, hi = -np.ones(3), np.ones(3)
+    v = _verifier(g, 4, 2, "crown", "torch", None, "time@width")
+    box = InputSpec.box(np.tile(lo, (4, 1)).astype(np.float32),
+                        np.tile(hi, (4, 1)).astype(np.float32))
+    spec = LinearSpec(np.tile(C, (4, 1, 1)).astype(np.float32))
+    zero = {nd: torch.zeros(4, 10, dtype=torch.int8) for nd in nodes}
+    parent = v._executor.run(box, spec, split=ReluSplit(zero), keep=nodes)
+    ref = {nd: (parent.stats["bounds"][nd].lower, parent.stats["bounds"][nd].upper)
+           for nd in nodes}
+    # each child fixes one unstable neuron of the last layer (children 0/1) or the first
+    # (2/3), one side each
+    signs = {nd: z.clone() for nd, z in zero.items()}
+    for d, (nd, side) in enumerate([(nodes[-1], 1), (nodes[-1], -1), (nodes[0], 1),
+                                    (nodes[0], -1)]):
+        l0, u0 = ref[nd][0][d], ref[nd][1][d]
+        unstable = torch.nonzero((l0 < 0) & (u0 > 0))[:, 0]
+        if len(unstable):
+            signs[nd][d, unstable[0]] = side
+    child = v._executor.run(box, spec, split=ReluSplit(signs, reference=ref, reuse=reuse),
+                            keep=nodes)
+    for nd in nodes:
+        iv = child.stats["bounds"][nd]
+        assert (iv.lower >= ref[nd][0]).all() and (iv.upper <= ref[nd][1]).all()
+        if reuse:
+            want = ReluSplit(signs).tighten(nd, *ref[nd])
+            assert torch.equal(iv.lower, want[0]) and torch.equal(iv.upper, want[1])
+    if reuse:
+        assert child.stats["tasks_run"] < parent.stats["tasks_run"]
+    pts = torch.from_numpy(lo + np.random.default_rng(seed).random((40000, 3)) * (hi - lo))
+    vals = _pre(g, pts, nodes)
+    cy = vals[g.output] @ torch.from_numpy(C).T
+    checked = 0
+    for d in range(4):
+        inside = _inside(vals, nodes, signs, d)
+        if not inside.any():
+            continue
+        checked += 1
+        assert (cy[inside] >= child.lower[d].double() - 1e-5).all()
+        for nd in nodes:
+            iv, z = child.stats["bounds"][nd], vals[nd][inside]
+            assert (z >= iv.lower[d].double() - 1e-5).all()
+            assert (z <= iv.upper[d].double() + 1e-5).all()
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("intermediate", ["refine", "reuse"])
 @pytest.mark.parametrize("seed", range(8))
-def test_relu_split_verdicts_are_never_wrong(seed):
+def test_relu_split_verdicts_are_never_wrong(seed, intermediate):
     g = _net(seed, n_in=2, hidden=12)
     lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
     C = np.array([[1.0, -1.0, 0.0]] + ([[0.0, 1.0, -1.0]] if seed % 2 else []))
@@ -88,7 +153,8 @@ def test_relu_split_verdicts_are_never_wrong(seed):
     y = evaluate(g, torch.from_numpy(lo + rng.random((4000, 2)) * (hi - lo))).numpy() @ C.T
     thr = np.quantile(y, 0.002 if seed % 3 else 0.0, axis=0) - (0.05 if seed % 3 else -0.02)
     ranges = [(0, 1), (1, 2)] if seed % 2 else [(0, 1)]
-    res = relu_split(g, lo, hi, C, thr, ranges, BabConfig(batch=32, strategy="relu"),
+    res = relu_split(g, lo, hi, C, thr, ranges,
+                     BabConfig(batch=32, strategy="relu", intermediate=intermediate),
                      deadline=time.monotonic() + 60)
     if _truth(g, lo, hi, C, thr, ranges):
         assert res.status != "unsat", "unsat where a counterexample exists"
@@ -132,6 +198,17 @@ def test_a_bad_split_state_is_refused():
         v._executor.run(box, spec, split=ReluSplit({node: torch.zeros(3, 12)}))
     with pytest.raises(BoundFlowError, match="batched tensor"):
         ReluSplit({node: 1})
+    z = torch.zeros(2, 12)
+    with pytest.raises(BoundFlowError, match="reference bounds of .* have shape"):
+        v._executor.run(box, spec, split=ReluSplit({node: z}, reference={node: (z[:1], z[:1])}))
+    with pytest.raises(BoundFlowError, match="reference bounds name"):
+        v._executor.run(box, spec, split=ReluSplit({node: z}, reference={"nope": (z, z)}))
+    with pytest.raises(BoundFlowError, match="pair of tensors"):
+        ReluSplit({node: z}, reference={node: (z, z[:1])})
+    with pytest.raises(BoundFlowError, match="reuse needs"):
+        ReluSplit({node: z}, reuse=True)
+    with pytest.raises(BoundFlowError, match="intermediate-bounds rule"):
+        BabConfig(intermediate="sometimes")
 
 
 def _robustness_vnnlib(x: np.ndarray, eps: float, label: int, n_out: int) -> str:
