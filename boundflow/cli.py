@@ -487,7 +487,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _objective(args.objective)
     graph = _load_graph(args)
     if args.vnnlib:
-        args.method, lower, upper, C = _bab_workload(args, graph)
+        args.method, lower, upper, C, strategy = _bab_workload(args, graph)
+        if strategy == "relu" and backends != ("torch",):
+            if "torch" not in backends:
+                raise BoundFlowError("the property's branch-and-bound splits ReLUs, whose "
+                                     "split state only the torch backend takes: tune it "
+                                     "with --backend torch")
+            log.info("ReLU splitting runs on the torch backend: tuning its plans there")
+            backends = ("torch",)
     else:
         x = _load_input(args.input, graph.input_shape)
         graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
@@ -537,8 +544,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best plan {report.best_bundle.key[:12]} ({report.best_backend}, "
               f"{report.speedup:.2f}x the default path): {report.best_description}")
     if args.vnnlib:
+        bab = "" if args.bab == "auto" else f" --bab {args.bab}"
         print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
-              f"--vnnlib {args.vnnlib} --bab-batch {args.bab_batch} --bab-method "
+              f"--vnnlib {args.vnnlib}{bab} --bab-batch {args.bab_batch} --bab-method "
               f"{args.method} --db {args.db}")
     else:
         print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
@@ -547,9 +555,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _bab_workload(args: argparse.Namespace, graph):
-    """(method, lower, upper, C) of the bound workload the branch-and-bound of
-    ``--vnnlib`` runs (``--bab-batch`` sub-boxes of its first input box, every spec row of
-    that box), the batch its plans are measured on."""
+    """(method, lower, upper, C, strategy) of the bound workload the branch-and-bound of
+    ``--vnnlib`` runs, the batch its plans are measured on: ``--bab-batch`` domains of its
+    first input box (sub-boxes for input splitting, the whole box for ReLU splitting, whose
+    domains differ only in their split state), every spec row of that box."""
+    from boundflow.bab import choose_strategy
+
     import numpy as np
     import torch
 
@@ -563,15 +574,20 @@ def _bab_workload(args: argparse.Namespace, graph):
     if not groups:
         raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
     box, spec = groups[0]
-    lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
+    strategy = choose_strategy(config, n_in, any(n.op == "relu" for n in graph.nodes))
+    if strategy == "relu":
+        lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), config.batch, 0)
+        hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
+    else:
+        lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
     dtype = torch.float64 if (args.dtype or graph.dtype) == "float64" else torch.float32
     lo, hi = float_box(lo, hi, dtype)
     shape = (config.batch,) + tuple(graph.input_shape)
     C = np.broadcast_to(spec.C[0], (config.batch,) + spec.C.shape[1:])
-    log.info("tuning the branch-and-bound workload of %s: %d sub-boxes, %d spec rows, %s",
-             args.vnnlib, config.batch, C.shape[1], config.method)
+    log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d spec "
+             "rows, %s", args.vnnlib, strategy, config.batch, C.shape[1], config.method)
     return config.method, lo.numpy().reshape(shape), hi.numpy().reshape(shape), \
-        np.ascontiguousarray(C)
+        np.ascontiguousarray(C), strategy
 
 
 def _backend_set(text: str | None) -> tuple[str, ...]:

@@ -166,7 +166,7 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
                               deadline=deadline, confirm=confirm, db=db)
         else:
             res = relu_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
-                             deadline=deadline, confirm=confirm)
+                             deadline=deadline, confirm=confirm, db=db)
         domains, calls = domains + res.domains, calls + res.bound_calls
         stats = dict(strategy=strategy, domains=domains, bound_calls=calls)
         if res.status == "sat" and hits:

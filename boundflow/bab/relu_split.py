@@ -26,6 +26,7 @@ still unproven ends the search ``unknown``. The falsifier runs on the whole box 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -42,6 +43,8 @@ from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.split import ReluSplit
+
+log = logging.getLogger("boundflow.bab")
 
 
 
@@ -72,21 +75,41 @@ def _sensitivity(graph: Graph, centre: torch.Tensor, C: torch.Tensor, nodes: lis
             for d, g in zip(deltas.values(), grads)]
 
 
+def _plan(graph: Graph, batch: int, rows: int, method: str, db):
+    """The verifier of the bound workload: ``db``'s tuned plan if it runs on the torch
+    backend (the one that takes a split state), else the default plan, with a log line."""
+    from boundflow.api import lookup_tuned
+    from boundflow.bab.bounder import _verifier
+    from boundflow.verifier import Verifier
+
+    default = _verifier(graph, batch, rows, method, "torch", None, "time@width")
+    if db is None:
+        return default
+    tuned = lookup_tuned(graph, default.workload, db, "time@width")
+    if tuned is None:
+        return default                         # lookup_tuned said why
+    if tuned.backend != "torch":
+        log.warning("bab: the tuned plan of this workload runs on %s, which takes no ReLU "
+                    "split state; ReLU splitting runs the default torch plan (tune with "
+                    "--backend torch for one it can use)", tuned.backend)
+        return default
+    log.info("bab: ReLU splitting runs the tuned plan")
+    return Verifier(graph, default.workload, tuned.bundle, "torch", tuned)
+
+
 def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray,
                threshold: np.ndarray, ranges: Sequence[tuple[int, int]],
                config: BabConfig = BabConfig(), *, deadline: float | None = None,
-               confirm: Callable[[np.ndarray], bool] | None = None) -> BabResult:
+               confirm: Callable[[np.ndarray], bool] | None = None, db=None) -> BabResult:
     """Decide, by ReLU splitting, whether some point of the box ``[lower, upper]`` (flat)
     meets every row of one of the disjuncts (arguments as :func:`input_split`'s). Every
     bound call is a run of the workload's plan on the torch backend (the backend that takes
-    a split state)."""
-    from boundflow.bab.bounder import _verifier
-
+    a split state): the plan tuned for it in ``db`` when there is one on that backend, else
+    the default plan."""
     start = time.monotonic()
     shape = tuple(graph.input_shape)
     nodes = relu_inputs(graph)
-    verifier = _verifier(graph, config.batch, int(C.shape[0]), config.method, "torch", None,
-                         "time@width")
+    verifier = _plan(graph, config.batch, int(C.shape[0]), config.method, db)
     executor = verifier._executor
     bounded = executor._bounded_shapes()
     missing = [n for n in nodes if n not in bounded]

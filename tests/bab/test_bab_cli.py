@@ -128,6 +128,19 @@ def test_tune_vnnlib_argument_errors(tmp_path, argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_tune_vnnlib_of_a_relu_split_property_tunes_torch_plans(tmp_path, capsys):
+    """ReLU splitting's split state is an input only the torch backend takes: tuning its
+    workload on another backend alone is refused in one line (with torch among them, only
+    torch is tuned)."""
+    ex = "boundflow/examples/data/digits_maxpool_cnn"
+    argv = ["tune", "--db", str(tmp_path / "t.db"), "--onnx", ex + ".onnx", "--vnnlib",
+            ex + ".vnnlib", "--bab", "relu", "--backend", "relax", "--trials", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "only the torch backend takes" in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
 def test_the_vnncomp_scripts_write_the_result_file(tmp_path):
     """run_instance.sh writes the result file and records its pid; prepare_instance.sh
     stops only that process (a stale pid of some other program is left alone)."""

@@ -251,3 +251,40 @@ def test_the_queue_memory_bound_ends_a_search():
                      deadline=time.monotonic() + 120)
     assert res.status in ("unknown", "sat") and (res.status == "sat" or
                                                  "queue_mb" in res.reason)
+
+
+@pytest.mark.parametrize("backend", ["torch", "relax"])
+def test_relu_splitting_runs_the_tuned_plan_when_it_can_take_a_split(backend, monkeypatch,
+                                                                    caplog):
+    """With a database, the plan tuned for the bound workload runs if it is a torch plan;
+    a plan tuned on another backend takes no split state, so the default plan runs, said
+    in a log line."""
+    import boundflow.api as api
+    from boundflow.search.lookup import TunedPlan
+    from boundflow.backend.torch import TorchExecutor
+
+    g = _net(1, n_in=2, hidden=12)
+    default = _verifier(g, 16, 1, "crown", "torch", None, "time@width")
+    from boundflow.api import BoundOptions, default_plan
+    # a plan of the same workload the default is not (dense intermediate bounds)
+    other = default_plan(g, default.workload, BoundOptions("crown", sparse=not
+                                                           default._executor.sparse))
+    assert other.key != default.plan.key
+    tuned = TunedPlan(other, backend, "time@width", 1e-3, 0.0, 2e-3)
+    monkeypatch.setattr(api, "lookup_tuned", lambda graph, work, db, objective: tuned)
+    runs = []
+    real_run = TorchExecutor.run
+
+    def counting(self, *a, **k):
+        runs.append(self is default._executor)
+        return real_run(self, *a, **k)
+    monkeypatch.setattr(TorchExecutor, "run", counting)
+    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
+    with caplog.at_level("INFO", logger="boundflow.bab"):
+        res = relu_split(g, lo, hi, np.array([[1.0, -1.0, 0.0]]), np.array([-50.0]),
+                         [(0, 1)], BabConfig(batch=16), db="tuned.db")
+    assert res.status == "unsat" and runs
+    if backend == "torch":
+        assert not any(runs) and "runs the tuned plan" in caplog.text
+    else:
+        assert all(runs) and "takes no ReLU split state" in caplog.text
