@@ -726,6 +726,11 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-mb", type=_POSITIVE_INT, default=2048,
                    help="memory the open domains may hold, MiB; past it the answer is "
                    "unknown (default 2048)")
+    p.add_argument("--bab-screen", choices=["none", "forward"], default="none",
+                   help="input splitting: bound each batch of boxes with the plan alone "
+                   "(none; default), or first with forward-mode intermediate bounds and "
+                   "the plan's final bound, in full only the boxes that leaves open "
+                   "(forward: faster with --branching widest)")
     p.add_argument("--bab-intermediate", choices=["refine", "reuse"], default="reuse",
                    help="ReLU splitting: reuse each domain's parent's intermediate bounds and "
                    "compute only the final bound (reuse; default), or recompute them and keep "
@@ -738,7 +743,8 @@ def _bab_config(args: argparse.Namespace, backend: str = "torch"):
     return BabConfig(strategy=args.bab, batch=args.bab_batch, branching=args.branching,
                      max_domains=max(args.max_domains, 2), method=args.bab_method,
                      backend=backend, queue_mb=max(args.queue_mb, 2),
-                     intermediate=getattr(args, "bab_intermediate", "reuse"))
+                     intermediate=getattr(args, "bab_intermediate", "reuse"),
+                     screen=getattr(args, "bab_screen", "none"))
 
 
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from boundflow.attack import AttackConfig
-from boundflow.bab.bounder import PlanBounder, float_box
+from boundflow.bab.bounder import ForwardScreen, PlanBounder, float_box
 from boundflow.bab.common import Disjuncts, Progress, stop
 from boundflow.bab.config import BabConfig, BabResult
 from boundflow.domains.concrete import evaluate
@@ -83,7 +83,8 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     elapsed = lambda: time.monotonic() - start  # noqa: E731
 
     def result(status, cex=None, reason=""):
-        return BabResult(status, cex, stats["domains"], bounder.calls, elapsed(),
+        calls = bounder.calls + (screen.calls if screen is not None else 0)
+        return BabResult(status, cex, stats["domains"], calls, elapsed(),
                          stats["max_queue"], reason)
 
     def counterexample(points: torch.Tensor) -> np.ndarray | None:
@@ -94,7 +95,22 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
                 return x
         return None
 
-    lb = bounder(lo, hi)
+    screen = ForwardScreen(graph, np.asarray(C), method=config.method, batch=config.batch,
+                           dtype=dtype) \
+        if config.screen == "forward" and ForwardScreen.usable(graph, config.method) else None
+
+    def bound(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """The boxes' lower bounds: the screen's first, if any, and the plan's for the boxes
+        it leaves open (the better of the two kept)."""
+        if screen is None:
+            return bounder(lo, hi)
+        lb = screen(lo, hi)
+        todo = spec.margins(lb).min(1).values <= 0
+        if todo.any():
+            lb[todo] = torch.maximum(lb[todo], bounder(lo[todo], hi[todo]))
+        return lb
+
+    lb = bound(lo, hi)
     stats["domains"] += 1
     iteration, progress = 0, Progress()
     while True:
@@ -132,7 +148,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         left_hi[rows, pd] = mid
         right_lo[rows, pd] = mid
         clo, chi = torch.cat([plo, right_lo]), torch.cat([left_hi, phi])
-        clb = torch.maximum(bounder(clo, chi), torch.cat([plb, plb]))
+        clb = torch.maximum(bound(clo, chi), torch.cat([plb, plb]))
         stats["domains"] += clo.shape[0]
         lo, hi, lb = torch.cat([lo[rest], clo]), torch.cat([hi[rest], chi]), \
             torch.cat([lb[rest], clb])

@@ -42,6 +42,7 @@ def test_input_splitting_decides_what_one_bound_leaves_open(capsys):
     (["--bab-method", "magic"], "BaB method 'magic'"),
     (["--bab", "magic"], "--bab"),
     (["--bab-intermediate", "sometimes"], "--bab-intermediate"),
+    (["--bab-screen", "backward"], "--bab-screen"),
     (["--branching", "random"], "--branching"),
     (["--max-domains", "-3"], "--max-domains"),
 ])

@@ -73,8 +73,9 @@ def _truth(graph, lo, hi, C, thr, ranges, n=200_000) -> bool:
 
 
 @pytest.mark.parametrize("seed", range(10))
-@pytest.mark.parametrize("branching", ["sensitivity", "widest"])
-def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching):
+@pytest.mark.parametrize("branching, screen", [("sensitivity", "none"), ("widest", "none"),
+                                               ("widest", "forward")])
+def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching, screen):
     """A random property "y_0 - y_1 <= t" (and, for odd seeds, a second disjunct) on a small
     random net: BaB never says unsat where sampling finds a violation, any counterexample
     violates the property in float64 inside the box, and every batch's bounds contain
@@ -88,7 +89,7 @@ def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching):
     # thresholds near the sampled minimum: some properties hold, some barely fail
     thr = np.quantile(y @ C.T, 0.002 if seed % 3 else 0.0, axis=0) - (0.05 if seed % 3 else -0.02)
     ranges = [(0, 1), (1, 2)] if seed % 2 else [(0, 1)]
-    config = BabConfig(batch=64, branching=branching, max_domains=20_000)
+    config = BabConfig(batch=64, branching=branching, max_domains=20_000, screen=screen)
     bounder = _Checked(PlanBounder(g, C, method="crown", batch=64), C)
     res = input_split(g, lo, hi, C, thr, ranges, config, bounder=bounder,
                       deadline=time.monotonic() + 60)
@@ -101,8 +102,29 @@ def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching):
         assert np.all(x >= lo) and np.all(x <= hi)
         yx = evaluate(g, torch.from_numpy(x[None])).numpy()[0]
         assert any(np.all(C[a:b] @ yx <= thr[a:b]) for a, b in ranges)
-    assert bounder.checked >= res.domains > 0
-    assert res.bound_calls == bounder.calls >= 1
+    if screen == "none":
+        assert bounder.checked >= res.domains > 0
+        assert res.bound_calls == bounder.calls >= 1
+    else:                      # the screen bounds every box, the plan the ones it left
+        assert res.bound_calls > bounder.calls >= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_forward_screen_bounds_hold_on_every_box(seed):
+    """The screen's bounds (forward-mode intermediate bounds, the plan's final bound)
+    contain sampled points and corners of each box, wide and small."""
+    from boundflow.bab.bounder import ForwardScreen
+
+    g = _net(seed, n_in=3)
+    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
+    assert ForwardScreen.usable(g, "crown") and not ForwardScreen.usable(g, "ibp")
+    screen = ForwardScreen(g, C, method="crown", batch=16, dtype=torch.float32)
+    checked = _Checked(screen, C)
+    rng = np.random.default_rng(seed)
+    for width in (1.0, 1 / 64):
+        lo = torch.from_numpy(rng.uniform(-1, 1, (40, 3)) - width / 2).float()
+        checked(lo, lo + width)
+    assert checked.checked == 80 and screen.calls == 6
 
 
 def test_the_search_decides_both_kinds_on_random_nets():
