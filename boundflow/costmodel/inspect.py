@@ -10,7 +10,8 @@ import numpy as np
 
 from boundflow.costmodel.features import N_FEATURES, N_PLAN_FEATURES, with_backend
 from boundflow.costmodel.metrics import evaluate
-from boundflow.costmodel.model import HEADS, MIN_SAMPLES, AnalyticModel, XGBCostModel, targets
+from boundflow.costmodel.model import HEADS, MIN_SAMPLES, REL_HEAD, AnalyticModel, \
+    XGBCostModel, relative, targets
 from boundflow.costmodel.select import out_of_fold
 
 
@@ -37,11 +38,14 @@ def split_name(db, folds: int = 5) -> str:
 
 def held_out(db, k: int = 5, seed: int = 0, folds: int = 5) -> dict[str, dict[str, Any]]:
     """Leave one workload out: for each workload with at least 3 measured plans, an XGBoost
-    model trained on every other workload predicts its plans' times; ranking metrics within
-    each held-out workload (Spearman, Kendall, top-``k`` recall) are averaged, MAPE over all
-    points. The analytic model is scored on the same points. With one workload, ``folds``-fold
-    within it (each fold predicted by a model trained on the others). Empty when no workload
-    has 3 measured plans (or, with one workload, too few to train on)."""
+    model trained on every other workload predicts its plans' times relative to the
+    workload's median plan (the head the tuner ranks by); ranking metrics within each
+    held-out workload (Spearman, Kendall, top-``k`` recall) are averaged, and MAPE is that of
+    the relative time (prediction and measurement each over their workload's median). The
+    analytic model is scored the same way on the same points. With one workload,
+    ``folds``-fold within it (each fold predicted by a model trained on the others; MAPE of
+    the absolute time). Empty when no workload has 3 measured plans (or, with one workload,
+    too few to train on)."""
     X, Y, groups = training_set(db.records_for_training())
     keys, counts = np.unique(groups, return_counts=True)
     held = [key for key, n in zip(keys, counts) if n >= 3]
@@ -56,10 +60,12 @@ def held_out(db, k: int = 5, seed: int = 0, folds: int = 5) -> dict[str, dict[st
         train = ~test & np.isfinite(Y["log_time"])
         if train.sum() < MIN_SAMPLES:
             continue
-        model = XGBCostModel(seed=seed).fit(X[train], {h: v[train] for h, v in Y.items()})
-        pred_x.append(model.predict(X[test])["log_time"])
-        pred_a.append(analytic.predict(X[test])["log_time"])
-        true.append(Y["log_time"][test])
+        model = XGBCostModel(seed=seed).fit(X[train], {h: v[train] for h, v in Y.items()},
+                                            groups[train])
+        own = np.full(int(test.sum()), key)
+        pred_x.append(relative(model.predict(X[test])[REL_HEAD], own))
+        pred_a.append(relative(analytic.predict(X[test])["log_time"], own))
+        true.append(relative(Y["log_time"][test], own))
         grp += [key] * int(test.sum())
     if not true:
         return {}
@@ -160,17 +166,21 @@ def plot(db, path, model_name: str | None = None) -> str:
         raise ValueError("no measurements with features to plot")
     keys = np.unique(groups)
     pred, what = {}, ""
-    if len(keys) >= 2:
-        px, pa, true = np.full(len(X), np.nan), AnalyticModel().predict(X)["log_time"], \
-            Y["log_time"]
+    scale, unit = 1e3, "time (ms)"
+    if len(keys) >= 2:             # relative time: each over its workload's median plan
+        px = np.full(len(X), np.nan)
+        pa = relative(AnalyticModel().predict(X)["log_time"], groups)
+        true = relative(Y["log_time"], groups)
         for key in keys:
             test = groups == key
-            train = ~test & np.isfinite(true)
+            train = ~test & np.isfinite(Y["log_time"])
             if train.sum() >= MIN_SAMPLES:
-                px[test] = XGBCostModel().fit(X[train], {h: v[train] for h, v in Y.items()}) \
-                    .predict(X[test])["log_time"]
+                model = XGBCostModel().fit(X[train], {h: v[train] for h, v in Y.items()},
+                                           groups[train])
+                px[test] = relative(model.predict(X[test])[REL_HEAD], groups[test])
         pred = {"xgboost (held out)": px, "analytic": pa}
         what = "held out by workload"
+        scale, unit = 1.0, "time over the workload's median plan"
     else:
         true = Y["log_time"]
         px = np.full(len(X), np.nan)
@@ -183,15 +193,15 @@ def plot(db, path, model_name: str | None = None) -> str:
     lo, hi = np.nanmin(true), np.nanmax(true)
     for (name, p), colour in zip(pred.items(), ("tab:blue", "tab:orange")):
         ok = np.isfinite(p)
-        a1.scatter(np.exp(true[ok]) * 1e3, np.exp(p[ok]) * 1e3, s=12, alpha=0.6, label=name,
-                   color=colour)
+        a1.scatter(np.exp(true[ok]) * scale, np.exp(p[ok]) * scale, s=12, alpha=0.6,
+                   label=name, color=colour)
         a2.hist(p[ok] - true[ok], bins=30, alpha=0.5, label=name, color=colour)
-    a1.plot([np.exp(lo) * 1e3, np.exp(hi) * 1e3], [np.exp(lo) * 1e3, np.exp(hi) * 1e3],
+    a1.plot([np.exp(lo) * scale, np.exp(hi) * scale], [np.exp(lo) * scale, np.exp(hi) * scale],
             color="black", lw=0.8, label="prediction = measurement")
     a1.set_xscale("log")
     a1.set_yscale("log")
-    a1.set_xlabel("measured median time (ms)")
-    a1.set_ylabel("predicted time (ms)")
+    a1.set_xlabel(f"measured {unit}")
+    a1.set_ylabel(f"predicted {unit}")
     a1.legend()
     a2.set_xlabel("residual: log predicted - log measured")
     a2.set_ylabel("plans")

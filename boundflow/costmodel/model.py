@@ -9,7 +9,17 @@ machine constants, width from the final method and the CROWN tasks, memory from 
 planned bytes. It is the cold-start fallback and the baseline the learned model must beat.
 ``XGBCostModel`` fits one XGBoost regressor per head on measured records, keeps its data so
 ``update`` refits on old and new together, and serialises (``save``/``load``) with its feature
-version, so a model trained on other features is refused rather than misread.
+version, so a model trained on other features is refused rather than misread. Two things make
+it transfer to workloads it never saw:
+
+* the analytic model's log-time prediction is one more input (``analytic_log_time``): the
+  trees refine a physically sensible estimate instead of rediscovering FLOPs from scratch;
+* given each record's workload (``groups``), a fourth head ``log_rel_time`` learns the time
+  *relative to the workload's median plan* (``log_time - median``). Ranking the plans of one
+  workload needs nothing else, and the target no longer carries the workload's scale, which
+  an unseen workload's features extrapolate badly (the absolute head predicted a cluster of
+  0.05-0.3 ms plans at about 1 ms). The tuner ranks by it; the absolute heads stay for the
+  objectives that need them.
 """
 
 from __future__ import annotations
@@ -25,9 +35,24 @@ from boundflow.errors import BoundFlowError
 from boundflow.measure.result import MeasureResult
 
 HEADS = ("log_time", "log_width", "log_mem")
+REL_HEAD = "log_rel_time"      # log time over the workload's median plan (fitted with groups)
+MODEL_VERSION = 2              # 2: the analytic prediction as an input, the relative head
 _IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 MIN_SAMPLES = 8        # fewer measured records than this: the analytic model answers
-_XGB_NAMES = [f"f{i}" for i in range(N_FEATURES)]     # importance keys map back by index
+_INPUT_NAMES = (*FEATURE_NAMES, "analytic_log_time")
+_XGB_NAMES = [f"f{i}" for i in range(len(_INPUT_NAMES))]   # importance keys map back by index
+
+
+def relative(log_time: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``log_time`` minus the median of its group's finite values (NaN stays NaN)."""
+    y, groups = np.asarray(log_time, np.float64), np.asarray(groups)
+    out = np.full(len(y), np.nan)
+    for g in np.unique(groups):
+        m = groups == g
+        fin = m & np.isfinite(y)
+        if fin.any():
+            out[m] = y[m] - np.median(y[fin])
+    return out
 
 
 def _as_matrix(X) -> np.ndarray:
@@ -94,45 +119,67 @@ class XGBCostModel:
         self.models: dict = {}
         self.X = np.zeros((0, N_FEATURES))
         self.Y = {h: np.zeros(0) for h in HEADS}
+        self.groups: np.ndarray | None = None
         self.fallback = AnalyticModel()
 
     @property
     def n_samples(self) -> int:
         return len(self.X)
 
-    def fit(self, X, Y: Mapping[str, np.ndarray]) -> "XGBCostModel":
+    def _inputs(self, X: np.ndarray) -> np.ndarray:
+        """The model's inputs: the features and the analytic model's log-time prediction."""
+        return np.column_stack([X, self.fallback.predict(X)["log_time"]])
+
+    def fit(self, X, Y: Mapping[str, np.ndarray], groups=None) -> "XGBCostModel":
         """Fit every head on ``X`` and its targets (rows with a NaN target are left out of
-        that head); replaces earlier data."""
+        that head); replaces earlier data. ``groups``: each row's workload, which adds the
+        relative-time head."""
         self.X = _as_matrix(X)
         self.Y = {h: np.asarray(Y[h], np.float64) for h in HEADS}
+        self.groups = None if groups is None else np.asarray(groups).astype(str)
+        if self.groups is not None and len(self.groups) != len(self.X):
+            raise BoundFlowError(f"{len(self.groups)} groups for {len(self.X)} rows")
         import xgboost as xgb
 
+        inputs = self._inputs(self.X)
         self.models = {}
-        for h in HEADS:
-            ok = np.isfinite(self.Y[h])
+        targets = dict(self.Y)
+        if self.groups is not None:
+            targets[REL_HEAD] = relative(self.Y["log_time"], self.groups)
+        for h, y in targets.items():
+            ok = np.isfinite(y)
             if ok.sum() < MIN_SAMPLES:
                 continue
-            data = xgb.DMatrix(self.X[ok], label=self.Y[h][ok], feature_names=_XGB_NAMES)
+            data = xgb.DMatrix(inputs[ok], label=y[ok], feature_names=_XGB_NAMES)
             self.models[h] = xgb.train(self.params, data, num_boost_round=self.rounds)
         return self
 
-    def update(self, X, Y: Mapping[str, np.ndarray]) -> "XGBCostModel":
-        """Refit on the data seen so far plus ``X``, ``Y``."""
+    def update(self, X, Y: Mapping[str, np.ndarray], groups=None) -> "XGBCostModel":
+        """Refit on the data seen so far plus ``X``, ``Y`` (with ``groups`` when the model
+        was fitted with them)."""
         X = _as_matrix(X)
+        both = None
+        if self.groups is not None and groups is not None:
+            both = np.concatenate([self.groups, np.asarray(groups).astype(str)])
         return self.fit(np.concatenate([self.X, X]),
                         {h: np.concatenate([self.Y[h], np.asarray(Y[h], np.float64)])
-                         for h in HEADS})
+                         for h in HEADS}, both)
 
     def predict(self, X) -> dict[str, np.ndarray]:
+        """Every head (the analytic model's where a head is not fitted); ``log_rel_time``
+        only when fitted."""
         X = _as_matrix(X)
         base = self.fallback.predict(X)
         if not self.models:
             return base
         import xgboost as xgb
 
-        data = xgb.DMatrix(X, feature_names=_XGB_NAMES)
-        return {h: (self.models[h].predict(data).astype(np.float64) if h in self.models
-                    else base[h]) for h in HEADS}
+        data = xgb.DMatrix(self._inputs(X), feature_names=_XGB_NAMES)
+        out = {h: (self.models[h].predict(data).astype(np.float64) if h in self.models
+                   else base[h]) for h in HEADS}
+        if REL_HEAD in self.models:
+            out[REL_HEAD] = self.models[REL_HEAD].predict(data).astype(np.float64)
+        return out
 
     def importance(self, head: str = "log_time") -> dict[str, float]:
         """Gain per feature name of one head (empty before it is fitted)."""
@@ -140,7 +187,7 @@ class XGBCostModel:
         if m is None:
             return {}
         gain = m.get_score(importance_type="gain")
-        return dict(sorted(((FEATURE_NAMES[int(k[1:])], float(v)) for k, v in gain.items()),
+        return dict(sorted(((_INPUT_NAMES[int(k[1:])], float(v)) for k, v in gain.items()),
                            key=lambda kv: -kv[1]))
 
     def save(self) -> bytes:
@@ -148,7 +195,8 @@ class XGBCostModel:
         for h, m in self.models.items():
             heads[h] = bytes(m.save_raw("json")).decode()
         return json.dumps({"feature_version": FEATURE_VERSION, "params": self.params,
-                           "rounds": self.rounds,
+                           "rounds": self.rounds, "model_version": MODEL_VERSION,
+                           "groups": None if self.groups is None else self.groups.tolist(),
                            "heads": heads, "X": self.X.tolist(),
                            "Y": {h: [None if not math.isfinite(v) else v for v in self.Y[h]]
                                  for h in HEADS}}).encode()
@@ -164,8 +212,13 @@ class XGBCostModel:
         if d.get("feature_version") != FEATURE_VERSION:
             raise BoundFlowError(f"the cost model was trained on {d.get('feature_version')!r}; "
                                  f"this BoundFlow computes {FEATURE_VERSION!r}: retrain it")
+        if d.get("model_version") != MODEL_VERSION:
+            raise BoundFlowError(f"the cost model is of version {d.get('model_version', 1)}; "
+                                 f"this BoundFlow's is {MODEL_VERSION}: retrain it")
         model = cls()
         model.params, model.rounds = d["params"], int(d.get("rounds", model.rounds))
+        groups = d.get("groups")
+        model.groups = None if groups is None else np.asarray(groups, str)
         model.X = np.asarray(d["X"], np.float64).reshape(-1, N_FEATURES)
         model.Y = {h: np.asarray([math.nan if v is None else v for v in d["Y"][h]], np.float64)
                    for h in HEADS}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from boundflow.costmodel.metrics import spearman
-from boundflow.costmodel.model import HEADS, AnalyticModel, XGBCostModel
+from boundflow.costmodel.model import HEADS, REL_HEAD, AnalyticModel, XGBCostModel
 
 MIN_OWN = 6          # fewer measured plans of the workload than this: nothing to judge on
 
@@ -42,15 +42,21 @@ class Choice:
                 f"xgboost {self.xgboost_spearman:.3f}, analytic {self.analytic_spearman:.3f})")
 
 
+_OWN = "\0own"          # the group of the workload's own points
+
+
 def out_of_fold(X_own: np.ndarray, y_own: np.ndarray, X_rest: np.ndarray, y_rest: np.ndarray,
-                folds: int = 5, seed: int = 0, rounds: int = 100) -> np.ndarray:
+                folds: int = 5, seed: int = 0, rounds: int = 100,
+                groups_rest: np.ndarray | None = None) -> np.ndarray:
     """XGBoost's held-out log-time predictions of the ``X_own`` points: each fold predicted
     by a model trained on ``X_rest`` and the other folds (NaN where a fold had too little
-    training data)."""
+    training data). With ``groups_rest`` (the workloads of the ``X_rest`` points) the
+    predictions are the relative-time head's (for ranking within the workload)."""
     n = len(X_own)
     folds = max(2, min(folds, n))
     order = np.random.default_rng(seed).permutation(n)
     pred = np.full(n, np.nan)
+    head = REL_HEAD if groups_rest is not None else "log_time"
     for f in range(folds):
         test = order[f::folds]
         train = np.setdiff1d(np.arange(n), test)
@@ -58,16 +64,18 @@ def out_of_fold(X_own: np.ndarray, y_own: np.ndarray, X_rest: np.ndarray, y_rest
         y = np.concatenate([y_rest, y_own[train]])
         ok = np.isfinite(y)
         nan = np.full(int(ok.sum()), np.nan)
+        groups = None if groups_rest is None else np.concatenate(
+            [np.asarray(groups_rest).astype(str), np.full(len(train), _OWN)])[ok]
         model = XGBCostModel(seed=seed, n_estimators=rounds).fit(
-            X[ok], {"log_time": y[ok], **{h: nan for h in HEADS if h != "log_time"}})
-        if "log_time" in model.models:
-            pred[test] = model.predict(X_own[test])["log_time"]
+            X[ok], {"log_time": y[ok], **{h: nan for h in HEADS if h != "log_time"}}, groups)
+        if head in model.models:
+            pred[test] = model.predict(X_own[test])[head]
     return pred
 
 
 def choose(X_own: np.ndarray, y_own: np.ndarray, X_rest: np.ndarray | None = None,
            y_rest: np.ndarray | None = None, folds: int = 5, seed: int = 0,
-           default: str = "xgboost") -> Choice:
+           default: str = "xgboost", groups_rest: np.ndarray | None = None) -> Choice:
     """The model that ranks the workload's measured plans (``X_own``, log times ``y_own``)
     better, held out (see the module docstring); ``default`` when there are fewer than
     ``MIN_OWN`` of them. A tie, or an XGBoost ranking that could not be computed, goes to
@@ -81,7 +89,10 @@ def choose(X_own: np.ndarray, y_own: np.ndarray, X_rest: np.ndarray | None = Non
     X_rest = np.zeros((0, n_feat)) if X_rest is None else np.asarray(X_rest, np.float64)
     y_rest = np.zeros(0) if y_rest is None else np.asarray(y_rest, np.float64)
     k = max(2, min(folds, len(y_own)))
-    pred = out_of_fold(X_own, y_own, X_rest, y_rest, k, seed)
+    if groups_rest is not None and len(groups_rest) != len(y_rest):
+        groups_rest = None
+    pred = out_of_fold(X_own, y_own, X_rest, y_rest, k, seed,
+                       groups_rest=None if groups_rest is None else np.asarray(groups_rest))
     ok = np.isfinite(pred)
     s_xgb = spearman(pred[ok], y_own[ok]) if ok.sum() >= 3 else math.nan
     s_ana = spearman(AnalyticModel().predict(X_own)["log_time"], y_own)
@@ -103,7 +114,12 @@ class Chosen:
         return self.choice.model
 
     def predict(self, X) -> dict[str, np.ndarray]:
+        """The heads; ``log_time`` is for ranking the plans of one workload: the analytic
+        model's when it was chosen, else the relative-time head where fitted (its offset
+        from the absolute time is the same for every plan of a workload)."""
         heads = self.model.predict(X)
         if self.choice.model == "analytic":
             heads = dict(heads, log_time=self.analytic.predict(X)["log_time"])
+        elif REL_HEAD in heads:
+            heads = dict(heads, log_time=heads[REL_HEAD])
         return heads

@@ -75,12 +75,14 @@ class Ranker:
         Xo, Yo = matrix(own)
         Xr, Yr = matrix(other)
         X = np.concatenate([Xo, Xr])
-        self.model.fit(X, {h: np.concatenate([Yo[h], Yr[h]]) for h in HEADS})
+        gr = np.array([r.workload.key for r in other], str)
+        groups = np.concatenate([np.array([self.workload.key] * len(own), str), gr])
+        self.model.fit(X, {h: np.concatenate([Yo[h], Yr[h]]) for h in HEADS}, groups)
         metrics = {"n_train": len(X), "heads": sorted(self.model.models)}
         db.save_cost_model(COST_MODEL, self.model.save(), FEATURE_VERSION, metrics)
         if len(own) != self._own_seen:
             self._own_seen = len(own)
             self.choice = choose(Xo, Yo["log_time"], Xr, Yr["log_time"], folds=4,
-                                 seed=self.seed)
+                                 seed=self.seed, groups_rest=gr)
         metrics["ranking"] = self.choice.model
         return metrics
