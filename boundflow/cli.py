@@ -554,6 +554,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _costmodel_train(args: argparse.Namespace) -> int:
+    """Write every measured record of ``--db`` as the training set the tuner starts from
+    (:mod:`boundflow.costmodel.pretrained`), then say how well a model of it ranks the plans
+    of workloads it did not see (leave one workload out)."""
+    import datetime
+    import os
+    import platform
+
+    import numpy as np
+
+    from boundflow.costmodel import pretrained
+    from boundflow.costmodel.inspect import held_out, training_set
+    from boundflow.db import Database
+
+    out = args.out or pretrained.PATH
+    _output_file(out, "training set")
+    with Database(args.db) as db:
+        X, Y, groups = training_set(db.records_for_training())
+        quality = held_out(db) if len(X) else {}
+    if len(np.unique(groups)) < 2:
+        raise BoundFlowError(f"{args.db} holds measurements of {len(np.unique(groups))} "
+                             f"workload(s); a model that transfers needs several (build them "
+                             f"with tools/costmodel_dataset.py)")
+    about = {"db": str(args.db), "records": int(len(X)),
+             "workloads": int(len(np.unique(groups))),
+             "made": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "machine": f"{platform.machine()} {platform.processor() or ''} "
+                        f"{os.cpu_count()} cores".strip(),
+             "held_out": quality}
+    pretrained.save(out, X, Y, groups, about)
+    print(f"wrote {out}: {len(X)} measured plans of {about['workloads']} workloads")
+    for name, h in quality.items():
+        print(f"  leave one workload out, {name:<8}: spearman {h['spearman']:.3f}, kendall "
+              f"{h['kendall']:.3f}, top-5 recall {h['top_k_recall']:.2f}, relative-time MAPE "
+              f"{h['mape']:.2f}")
+    return 0
+
+
 def _bab_workload(args: argparse.Namespace, graph):
     """(method, lower, upper, C, strategy) of the bound workload the branch-and-bound of
     ``--vnnlib`` runs, the batch its plans are measured on: ``--bab-batch`` domains of its
@@ -605,10 +643,13 @@ def _backend_set(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_costmodel(args: argparse.Namespace) -> int:
-    """``boundflow costmodel inspect``: the dataset, held-out quality, importances, plots."""
+    """``boundflow costmodel inspect``: the dataset, held-out quality, importances, plots;
+    ``train``: the shipped training set from a database."""
     from boundflow.costmodel.inspect import plot, report
     from boundflow.db import Database
 
+    if args.action == "train":
+        return _costmodel_train(args)
     _output_file(args.plot, "plot file")
     with Database(args.db) as db:
         rep = report(db, args.workload)
@@ -904,9 +945,14 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_options(n, top=False)
     n.set_defaults(func=cmd_vnncomp)
 
-    c = sub.add_parser("costmodel", help="inspect the cost model in a tuning database")
-    c.add_argument("action", choices=["inspect"], help="what to do (inspect)")
+    c = sub.add_parser("costmodel", help="inspect the cost model in a tuning database, or "
+                       "train the shipped one from one")
+    c.add_argument("action", choices=["inspect", "train"],
+                   help="inspect (quality, importances, dataset) or train (write the "
+                   "training set the tuner starts from: --out, default the shipped one)")
     c.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
+    c.add_argument("--out", type=Path, help="train: where to write the training set "
+                   "(default: boundflow/costmodel/data/pretrained.json.gz)")
     c.add_argument("--workload", help="only this workload (a key or its prefix)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--plot", type=Path, help="write predicted vs measured and residuals here")

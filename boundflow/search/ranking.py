@@ -15,6 +15,7 @@ import numpy as np
 from boundflow.costmodel.features import FEATURE_VERSION, N_PLAN_FEATURES, plan_features, \
     with_backend
 from boundflow.costmodel.model import HEADS, XGBCostModel, targets
+from boundflow.costmodel import pretrained
 from boundflow.costmodel.select import Choice, Chosen, choose
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
@@ -29,11 +30,18 @@ class Ranker:
     graph). ``choice`` says which model ranks the time head, and on what evidence."""
 
     def __init__(self, graph: Graph, workload: Workload, seed: int = 0,
-                 n_estimators: int = 120, learning_rate: float = 0.15):
+                 n_estimators: int = 120, learning_rate: float = 0.15,
+                 use_pretrained: bool = True):
         self.graph, self.workload, self.seed = graph, workload, seed
-        self.model = XGBCostModel(seed=seed, n_estimators=n_estimators,
-                                  learning_rate=learning_rate)
+        self._fresh = lambda: XGBCostModel(seed=seed, n_estimators=n_estimators,  # noqa: E731
+                                           learning_rate=learning_rate)
+        self.model = self._fresh()
         self.choice = Choice("xgboost")
+        # the shipped training set (pretrained.py): the model starts from it, and every
+        # refit trains on it beside the database's records (transfer, not replacement)
+        self.shipped = pretrained.training_set() if use_pretrained else None
+        if self.shipped is not None and (shipped := pretrained.model()) is not None:
+            self.model = shipped
         self._plan_features: dict[str, np.ndarray] = {}
         self._own_seen = -1
 
@@ -64,6 +72,8 @@ class Ranker:
         other = [r for r in records if r.workload.key != self.workload.key][-MAX_OTHER:]
         if not own and not other:
             return {}
+        if self.model is pretrained.model():      # the shared shipped one: refit a new one
+            self.model = self._fresh()
 
         def matrix(recs):
             if not recs:
@@ -74,8 +84,13 @@ class Ranker:
             return X, Y
         Xo, Yo = matrix(own)
         Xr, Yr = matrix(other)
-        X = np.concatenate([Xo, Xr])
         gr = np.array([r.workload.key for r in other], str)
+        if self.shipped is not None:
+            keep = self.shipped.groups != self.workload.key
+            Xr = np.concatenate([Xr, self.shipped.X[keep]])
+            Yr = {h: np.concatenate([Yr[h], self.shipped.Y[h][keep]]) for h in HEADS}
+            gr = np.concatenate([gr, np.char.add("shipped:", self.shipped.groups[keep])])
+        X = np.concatenate([Xo, Xr])
         groups = np.concatenate([np.array([self.workload.key] * len(own), str), gr])
         self.model.fit(X, {h: np.concatenate([Yo[h], Yr[h]]) for h in HEADS}, groups)
         metrics = {"n_train": len(X), "heads": sorted(self.model.models)}
