@@ -505,6 +505,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                            memory_limit_mb=args.memory_limit, threads=args.threads)
     with Database(args.db) as db:
         tuner = Tuner(graph, lower, upper, C, method=args.method, db=db,
+                      pretrained=not args.no_pretrained,
                       strategy=args.strategy, backend=backends, target=args.target,
                       objective=args.objective, dtype=args.dtype, config=config,
                       batch_size=args.batch_size, seed=args.seed,
@@ -905,6 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
     t.add_argument("--strategy", choices=["cpsat", "beam", "greedy", "random"],
                    default="cpsat", help="search strategy (default cpsat)")
+    t.add_argument("--no-pretrained", action="store_true",
+                   help="start the cost model cold, without the shipped training set")
     t.add_argument("--trials", type=_POSITIVE_INT, default=32,
                    help="plans measured for this workload in the database, in all (a rerun "
                    "continues to this many; default 32)")

@@ -112,5 +112,6 @@ def model() -> XGBCostModel | None:
     if "model" not in _CACHE:
         data = training_set()
         _CACHE["model"] = None if data is None else \
-            XGBCostModel(seed=0).fit(data.X, data.Y, data.groups)
+            XGBCostModel(seed=0, n_estimators=120, learning_rate=0.15).fit(
+                data.X, data.Y, data.groups)
     return _CACHE["model"]          # type: ignore[return-value]

@@ -125,7 +125,8 @@ class Tuner:
     seconds after which a run that has not said it is alive is dead (its claims go to other
     runs); the run says so every quarter of it, from a thread, so it need not exceed a
     candidate's ``timeout_s``. ``final_config``: the protocol of the final comparison
-    (default: ``config``)."""
+    (default: ``config``). ``pretrained``: the cost model starts from the shipped training
+    set (:mod:`boundflow.costmodel.pretrained`), else cold."""
 
     def __init__(self, graph: Graph, lower: np.ndarray, upper: np.ndarray,
                  C: np.ndarray | None, *, method: str, db: Database,
@@ -135,7 +136,8 @@ class Tuner:
                  batch_size: int = 8, seed: int = 0, epsilon: float = 0.1, builder=None,
                  runner=None, progress: bool = True, callbacks: Sequence[Callable[..., Any]] = (),
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-                 final_config: MeasureConfig | None = None, **strategy_options: Any):
+                 final_config: MeasureConfig | None = None, pretrained: bool = True,
+                 **strategy_options: Any):
         if not (isinstance(heartbeat_timeout, (int, float)) and
                 math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
             raise BoundFlowError(f"heartbeat_timeout must be a number of seconds > 0, not "
@@ -164,7 +166,7 @@ class Tuner:
         self.builder = builder if builder is not None else LocalBuilder(timeout_s=config.timeout_s)
         self.runner = runner if runner is not None else LocalRunner(config)
         self.callbacks = list(callbacks)
-        self.ranker = Ranker(self.normalised, self.workload, seed)
+        self.ranker = Ranker(self.normalised, self.workload, seed, use_pretrained=pretrained)
         self.reference: MeasureResult | None = None
         self._ref_log_width: float | None = None
         self._run_id: int | None = None
