@@ -94,7 +94,9 @@ def main() -> None:
                     groups[keep], {"bench": command})
     pretrained._CACHE.clear()
     print(f"training set without the held-out workloads: {int(keep.sum())} plans of "
-          f"{len(np.unique(groups[keep]))} workloads")
+          f"{len(np.unique(groups[keep]))} workloads (the shipped one is the same: "
+          f"boundflow costmodel train --db {args.db} --exclude "
+          f"{','.join(w.key[:16] for _, _, w in held)})")
     config = MeasureConfig(number=3, repeat=5, warmup=1, timeout_s=300, threads=1)
     rows, curves = [], []
     for q, method, w in held:

@@ -571,14 +571,21 @@ def _costmodel_train(args: argparse.Namespace) -> int:
 
     out = args.out or pretrained.PATH
     _output_file(out, "training set")
+    exclude = [e.strip() for e in args.exclude.split(",") if e.strip()]
     with Database(args.db) as db:
         X, Y, groups = training_set(db.records_for_training())
         quality = held_out(db) if len(X) else {}
+    if exclude:
+        left = np.array([any(g.startswith(e) for e in exclude) for g in groups], bool)
+        unmatched = [e for e in exclude if not any(g.startswith(e) for g in groups)]
+        if unmatched:
+            raise BoundFlowError(f"--exclude names no workload of {args.db}: {unmatched}")
+        X, Y, groups = X[~left], {h: v[~left] for h, v in Y.items()}, groups[~left]
     if len(np.unique(groups)) < 2:
         raise BoundFlowError(f"{args.db} holds measurements of {len(np.unique(groups))} "
                              f"workload(s); a model that transfers needs several (build them "
                              f"with tools/costmodel_dataset.py)")
-    about = {"db": str(args.db), "records": int(len(X)),
+    about = {"db": str(args.db), "records": int(len(X)), "excluded": exclude,
              "workloads": int(len(np.unique(groups))),
              "made": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "machine": f"{platform.machine()} {platform.processor() or ''} "
@@ -956,6 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")
     c.add_argument("--out", type=Path, help="train: where to write the training set "
                    "(default: boundflow/costmodel/data/pretrained.json.gz)")
+    c.add_argument("--exclude", default="", help="train: workloads left out (keys or key "
+                   "prefixes, comma-separated), e.g. to measure zero-shot ranking on them")
     c.add_argument("--workload", help="only this workload (a key or its prefix)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--plot", type=Path, help="write predicted vs measured and residuals here")

@@ -2,6 +2,7 @@
 
     python tools/costmodel_dataset.py --db costmodel.db [--plans 16] [--methods crown-ibp,crown]
                                       [--batches 1,8] [--backends torch] [--only NAME,...]
+                                      [--seconds S]
 
 Workloads: every example of ``boundflow.examples`` (margin specs of the predicted classes,
 eps 0.01) x ``--methods`` x ``--batches``, and from ``../shared/benchmarks`` the ACAS Xu
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--backends", default="torch")
     parser.add_argument("--only", default="")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="a budget per workload (the tuner's, kept inside a round)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     config = MeasureConfig(number=3, repeat=3, warmup=1, timeout_s=120, threads=1)
@@ -68,7 +71,7 @@ def main() -> None:
                           strategy="random", backend=tuple(args.backends.split(",")),
                           config=config, batch_size=8, seed=args.seed, progress=False)
             try:
-                report = tuner.tune(trials=args.plans)
+                report = tuner.tune(trials=args.plans, seconds=args.seconds)
             finally:
                 tuner.close()
             print(f"[{i + 1}/{len(todo)}] {name} {method} batch {batch}: "

@@ -41,6 +41,21 @@ def test_train_writes_the_training_set_it_reads_back(tmp_path, capsys):
     assert data.about["records"] == 36 and "xgboost" in data.about["held_out"]
 
 
+def test_train_leaves_out_the_workloads_it_is_told_to(tmp_path, capsys):
+    db = _synthetic_db(tmp_path / "syn.db", n_workloads=3, n_plans=12)
+    with Database(db) as d:
+        keys = sorted({r.workload.key for r in d.records_for_training()})
+    out = tmp_path / "set.json.gz"
+    assert main(["costmodel", "train", "--db", str(db), "--out", str(out), "--exclude",
+                 keys[0][:10]]) == 0
+    data = pretrained.read(out)
+    assert data.n_workloads == 2 and keys[0] not in set(data.groups)
+    assert data.about["excluded"] == [keys[0][:10]]
+    assert main(["costmodel", "train", "--db", str(db), "--out", str(out), "--exclude",
+                 "nosuchkey"]) == 2
+    assert "names no workload" in capsys.readouterr().err
+
+
 def test_train_needs_several_workloads(tmp_path, capsys):
     db = _synthetic_db(tmp_path / "one.db", n_workloads=1, n_plans=10)
     assert main(["costmodel", "train", "--db", str(db), "--out",
