@@ -570,6 +570,8 @@ def _costmodel_train(args: argparse.Namespace) -> int:
     from boundflow.db import Database
 
     out = args.out or pretrained.PATH
+    if args.out is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     _output_file(out, "training set")
     exclude = [e.strip() for e in args.exclude.split(",") if e.strip()]
     with Database(args.db) as db:
@@ -594,7 +596,7 @@ def _costmodel_train(args: argparse.Namespace) -> int:
     pretrained.save(out, X, Y, groups, about)
     print(f"wrote {out}: {len(X)} measured plans of {about['workloads']} workloads")
     for name, h in quality.items():
-        print(f"  leave one workload out, {name:<8}: spearman {h['spearman']:.3f}, kendall "
+        print(f"  leave one workload out over {args.db}, {name:<8}: spearman {h['spearman']:.3f}, kendall "
               f"{h['kendall']:.3f}, top-5 recall {h['top_k_recall']:.2f}, relative-time MAPE "
               f"{h['mape']:.2f}")
     return 0

@@ -14,12 +14,14 @@ it transfer to workloads it never saw:
 
 * the analytic model's log-time prediction is one more input (``analytic_log_time``): the
   trees refine a physically sensible estimate instead of rediscovering FLOPs from scratch;
-* given each record's workload (``groups``), a fourth head ``log_rel_time`` learns the time
-  *relative to the workload's median plan* (``log_time - median``). Ranking the plans of one
-  workload needs nothing else, and the target no longer carries the workload's scale, which
-  an unseen workload's features extrapolate badly (the absolute head predicted a cluster of
-  0.05-0.3 ms plans at about 1 ms). The tuner ranks by it; the absolute heads stay for the
-  objectives that need them.
+* given each record's workload (``groups``), two more heads, ``log_rel_time`` and
+  ``log_rel_width``, learn time and mean width *relative to the workload's median plan*
+  (``log_time - median``). Ranking the plans of one workload, and telling which are as
+  tight as its default, needs nothing else, and the targets no longer carry the workload's
+  scale, which an unseen workload's features extrapolate badly (the absolute head predicted
+  a cluster of 0.05-0.3 ms plans at about 1 ms; the absolute width head took plans with an
+  IBP final bound for as tight as the default on unseen workloads). The tuner ranks by
+  them; the absolute heads stay for the objectives that need them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from boundflow.measure.result import MeasureResult
 
 HEADS = ("log_time", "log_width", "log_mem")
 REL_HEAD = "log_rel_time"      # log time over the workload's median plan (fitted with groups)
+REL_WIDTH = "log_rel_width"    # log mean width over the workload's median plan (likewise)
+_RELATIVE = {REL_HEAD: "log_time", REL_WIDTH: "log_width"}
 MODEL_VERSION = 2              # 2: the analytic prediction as an input, the relative head
 _IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 MIN_SAMPLES = 8        # fewer measured records than this: the analytic model answers
@@ -145,7 +149,8 @@ class XGBCostModel:
         self.models = {}
         targets = dict(self.Y)
         if self.groups is not None:
-            targets[REL_HEAD] = relative(self.Y["log_time"], self.groups)
+            for rel, head in _RELATIVE.items():
+                targets[rel] = relative(self.Y[head], self.groups)
         for h, y in targets.items():
             ok = np.isfinite(y)
             if ok.sum() < MIN_SAMPLES:
@@ -177,8 +182,9 @@ class XGBCostModel:
         data = xgb.DMatrix(self._inputs(X), feature_names=_XGB_NAMES)
         out = {h: (self.models[h].predict(data).astype(np.float64) if h in self.models
                    else base[h]) for h in HEADS}
-        if REL_HEAD in self.models:
-            out[REL_HEAD] = self.models[REL_HEAD].predict(data).astype(np.float64)
+        for rel in _RELATIVE:
+            if rel in self.models:
+                out[rel] = self.models[rel].predict(data).astype(np.float64)
         return out
 
     def importance(self, head: str = "log_time") -> dict[str, float]:

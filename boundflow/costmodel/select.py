@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from boundflow.costmodel.metrics import spearman
-from boundflow.costmodel.model import HEADS, REL_HEAD, AnalyticModel, XGBCostModel
+from boundflow.costmodel.model import HEADS, REL_HEAD, REL_WIDTH, AnalyticModel, \
+    XGBCostModel
 
 MIN_OWN = 6          # fewer measured plans of the workload than this: nothing to judge on
 
@@ -114,10 +115,14 @@ class Chosen:
         return self.choice.model
 
     def predict(self, X) -> dict[str, np.ndarray]:
-        """The heads; ``log_time`` is for ranking the plans of one workload: the analytic
+        """The heads, for ranking the plans of one workload: ``log_time`` is the analytic
         model's when it was chosen, else the relative-time head where fitted (its offset
-        from the absolute time is the same for every plan of a workload)."""
+        from the absolute time is the same for every plan of a workload); ``log_width`` is
+        the relative-width head where fitted (compared with the default plan's prediction
+        by the same head)."""
         heads = self.model.predict(X)
+        if REL_WIDTH in heads:                  # tightness against the default, likewise
+            heads = dict(heads, log_width=heads[REL_WIDTH])
         if self.choice.model == "analytic":
             heads = dict(heads, log_time=self.analytic.predict(X)["log_time"])
         elif REL_HEAD in heads:

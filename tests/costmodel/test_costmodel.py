@@ -94,15 +94,15 @@ def _workloads(n_groups, per, seed):
     X[:, idx["n_kernels"]] = rng.integers(1, 12, len(X))
     X[:, idx["log_flops_batch"]] = 20 + scale + rng.normal(0, 3, len(X))
     y = scale + 0.5 * X[:, idx["n_kernels"]]
-    return X, {"log_time": y, "log_width": np.full(len(X), np.nan),
-               "log_mem": np.full(len(X), np.nan)}, groups
+    width = -scale + 0.3 * (X[:, idx["n_kernels"]] > 6)
+    return X, {"log_time": y, "log_width": width, "log_mem": np.full(len(X), np.nan)}, groups
 
 
 def test_the_relative_head_ranks_the_plans_of_an_unseen_workload():
     """Trained with each record's workload, the relative-time head learns the plan effect
     without the workload's scale, and ranks a workload it never saw nearly perfectly; it
     round-trips with its groups, and ``Chosen`` ranks by it."""
-    from boundflow.costmodel.model import REL_HEAD, relative
+    from boundflow.costmodel.model import REL_HEAD, REL_WIDTH, relative
     from boundflow.costmodel.select import Choice, Chosen
 
     X, Y, groups = _workloads(12, 20, 0)
@@ -119,6 +119,10 @@ def test_the_relative_head_ranks_the_plans_of_an_unseen_workload():
     np.testing.assert_allclose(again.predict(Xt)[REL_HEAD], pred[REL_HEAD])
     ranked = Chosen(model, Choice("xgboost")).predict(Xt)
     np.testing.assert_allclose(ranked["log_time"], pred[REL_HEAD])
+    np.testing.assert_allclose(ranked["log_width"], pred[REL_WIDTH])
+    # the relative width separates the looser plans of an unseen workload from the others
+    loose = Xt[:, FEATURE_NAMES.index("n_kernels")] > 6
+    assert pred[REL_WIDTH][loose].min() > pred[REL_WIDTH][~loose].max()
     assert REL_HEAD not in XGBCostModel().fit(X, Y).predict(Xt)    # no groups, no head
     with pytest.raises(BoundFlowError, match="groups for"):
         XGBCostModel().fit(X, Y, groups[:5])
