@@ -72,20 +72,15 @@ class ReluSplit:
     def check(self, batch: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Every split node is one of ``shapes`` (the nodes a plan bounds), with ``batch``
         rows of its shape."""
-        for node, s in self.signs.items():
-            if node not in shapes:
-                raise BoundFlowError(f"the split state names {node!r}, whose bounds this plan "
-                                     f"does not compute")
-            if tuple(s.shape) != (batch,) + tuple(shapes[node]):
-                raise BoundFlowError(f"the split state of {node!r} has shape {list(s.shape)}, "
-                                     f"not {[batch, *shapes[node]]}")
-        for node, (lo, _) in (self.reference or {}).items():
-            if node not in shapes:
-                raise BoundFlowError(f"the reference bounds name {node!r}, whose bounds this "
-                                     f"plan does not compute")
-            if tuple(lo.shape) != (batch,) + tuple(shapes[node]):
-                raise BoundFlowError(f"the reference bounds of {node!r} have shape "
-                                     f"{list(lo.shape)}, not {[batch, *shapes[node]]}")
+        refs = {node: lo for node, (lo, _) in (self.reference or {}).items()}
+        for what, tensors in (("the split state", self.signs), ("the reference bounds", refs)):
+            for node, t in tensors.items():
+                if node not in shapes:
+                    raise BoundFlowError(f"{what}: {node!r} is not a node whose bounds this "
+                                         f"plan computes")
+                if tuple(t.shape) != (batch,) + tuple(shapes[node]):
+                    raise BoundFlowError(f"{what} of {node!r}: shape {list(t.shape)}, not "
+                                         f"{[batch, *shapes[node]]}")
 
     def tighten(self, node: str, lower: torch.Tensor, upper: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
