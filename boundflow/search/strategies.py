@@ -5,11 +5,7 @@ in ``seen`` (``TuneSpace.candidate``: (plan key, backend) pairs already measured
 objective (lower is better), ``incumbents`` the best measured assignments so far, best first.
 ``tell(assignments, values)`` reports measured objectives (``inf`` for failures and plans
 outside the constraints). Every strategy fills a share ``epsilon`` of each batch with random
-unmeasured plans, so the model sees more than its own favourites. The model-guided ones
-also score ``global_pool`` random legal plans each round beside their own picks and propose
-the best-scored of both: their moves are local (one decision at a time around an
-incumbent), and a model that already ranks the space well (the shipped one, on a workload it
-never saw) then finds its favourites at once instead of a step at a time.
+unmeasured plans, so the model sees more than its own favourites.
 
 * ``random``: uniform samples.
 * ``greedy``: coordinate descent from each incumbent: one decision at a time, every choice
@@ -45,7 +41,6 @@ STRATEGIES = ("random", "greedy", "beam", "cpsat")
 
 class Strategy:
     name = "base"
-    global_pool = 64            # random plans scored beside the strategy's own picks
 
     def __init__(self, space: TuneSpace, seed: int = 0, epsilon: float = 0.1):
         self.space, self.rng, self.epsilon = space, random.Random(seed), epsilon
@@ -77,20 +72,10 @@ class Strategy:
         """The strategy's own picks (best first)."""
         raise NotImplementedError
 
-    def _allowed(self, a: Assignment) -> bool:
-        """Whether ``a`` meets the strategy's constraints (the global pool's filter)."""
-        return True
-
     def ask(self, n: int, score: Score, seen: set, incumbents: list[Assignment]
             ) -> list[Assignment]:
         n_random = sum(self.rng.random() < self.epsilon for _ in range(n))
         picks = self.propose(n - n_random, score, seen, incumbents) if n > n_random else []
-        if picks and self.global_pool:
-            pool = [a for a in self._random(self.global_pool, seen,
-                                            {self._key(a) for a in picks})
-                    if self._allowed(a)]
-            both = picks + pool
-            picks = self._best_unseen(dict(zip(both, score(both))), len(picks), seen)
         taken = {self._key(a) for a in picks}
         return picks + self._random(n - len(picks), seen, taken)
 
@@ -118,7 +103,6 @@ def _scored(score: Score, pool: dict[Assignment, float], points: list[Assignment
 
 
 class RandomSearch(Strategy):
-    global_pool = 0
     name = "random"
 
     def propose(self, n, score, seen, incumbents):
@@ -189,13 +173,6 @@ class CPSATSearch(Strategy):
             opts = [self.space.with_choice(inc, i, c) for c in d.choices]
             out.append(_scored(fn, pool, opts) - base)
         return out
-
-    def _allowed(self, a: Assignment) -> bool:
-        if self.memory_budget is not None and self._memory(a) > self.memory_budget:
-            return False
-        if self.max_log_width is not None and self.width_score is not None:
-            return bool(self.width_score([a])[0] <= self.max_log_width)
-        return True
 
     def _memory(self, a: Assignment) -> float:
         try:

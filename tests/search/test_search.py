@@ -74,28 +74,6 @@ def test_strategies_find_the_optimum_of_a_known_score(strategy):
     assert all(sp.candidate(a) not in seen for a in s.ask(3, score, seen, [sp.default()]))
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "cpsat"])
-def test_the_global_pool_brings_in_what_local_moves_miss(strategy):
-    """A score no one-decision move from the incumbent improves (every plan scores 1 but
-    an eighth of the others, away from it, which score 0): the model-guided strategies
-    still propose a 0, from the random plans they score beside their own picks; without
-    the pool they do not."""
-    import zlib
-
-    sp = _space(backend="torch")
-    near = {sp.with_choice(sp.default(), i, c) for i, d in enumerate(sp.decisions)
-            for c in d.choices}
-
-    def score(points):
-        return np.array([0.0 if a not in near and zlib.crc32(repr(a).encode()) % 8 == 0
-                         else 1.0 for a in points])
-    s = make(strategy, sp, seed=2, epsilon=0.0)
-    assert min(score(s.ask(4, score, set(), [sp.default()]))) == 0.0
-    s = make(strategy, sp, seed=2, epsilon=0.0)
-    s.global_pool = 0
-    assert min(score(s.ask(4, score, set(), [sp.default()]))) == 1.0
-
-
 def test_cpsat_respects_a_memory_budget():
     sp = _space()
     d = sp.default()
