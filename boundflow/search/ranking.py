@@ -23,6 +23,8 @@ from boundflow.ir.workload import Workload
 
 COST_MODEL = "xgb-cost-model"
 MAX_OTHER = 400          # records of other workloads a refit trains on (the newest)
+MAX_SHIPPED = 256        # rows of the shipped training set a refit trains on (a fixed sample)
+MAX_CHOOSE_REST = 192    # other rows beside the workload's own when choosing the model
 
 
 class Ranker:
@@ -40,6 +42,10 @@ class Ranker:
         # the shipped training set (pretrained.py): the model starts from it, and every
         # refit trains on it beside the database's records (transfer, not replacement)
         self.shipped = pretrained.training_set() if use_pretrained else None
+        # a refit trains on a fixed sample of it, so that a round's refit stays cheap (the
+        # model the ranker starts from was fitted on all of it)
+        self._shipped_rows = None if self.shipped is None else np.sort(
+            np.random.default_rng(seed).permutation(len(self.shipped.X))[:MAX_SHIPPED])
         if self.shipped is not None and (shipped := pretrained.model()) is not None:
             self.model = shipped
         self._plan_features: dict[str, np.ndarray] = {}
@@ -86,10 +92,11 @@ class Ranker:
         Xr, Yr = matrix(other)
         gr = np.array([r.workload.key for r in other], str)
         if self.shipped is not None:
-            keep = self.shipped.groups != self.workload.key
-            Xr = np.concatenate([Xr, self.shipped.X[keep]])
-            Yr = {h: np.concatenate([Yr[h], self.shipped.Y[h][keep]]) for h in HEADS}
-            gr = np.concatenate([gr, np.char.add("shipped:", self.shipped.groups[keep])])
+            rows = self._shipped_rows[self.shipped.groups[self._shipped_rows]
+                                      != self.workload.key]
+            Xr = np.concatenate([Xr, self.shipped.X[rows]])
+            Yr = {h: np.concatenate([Yr[h], self.shipped.Y[h][rows]]) for h in HEADS}
+            gr = np.concatenate([gr, np.char.add("shipped:", self.shipped.groups[rows])])
         X = np.concatenate([Xo, Xr])
         groups = np.concatenate([np.array([self.workload.key] * len(own), str), gr])
         self.model.fit(X, {h: np.concatenate([Yo[h], Yr[h]]) for h in HEADS}, groups)
@@ -97,7 +104,8 @@ class Ranker:
         db.save_cost_model(COST_MODEL, self.model.save(), FEATURE_VERSION, metrics)
         if len(own) != self._own_seen:
             self._own_seen = len(own)
-            self.choice = choose(Xo, Yo["log_time"], Xr, Yr["log_time"], folds=4,
-                                 seed=self.seed, groups_rest=gr)
+            few = np.random.default_rng(self.seed).permutation(len(Xr))[:MAX_CHOOSE_REST]
+            self.choice = choose(Xo, Yo["log_time"], Xr[few], Yr["log_time"][few], folds=4,
+                                 seed=self.seed, groups_rest=gr[few])
         metrics["ranking"] = self.choice.model
         return metrics
