@@ -59,6 +59,14 @@ def _verifier(graph: Graph, batch: int, rows: int, method: str, backend: str, db
     return v
 
 
+def _batched_rows(C: np.ndarray, batch: int, dtype: torch.dtype) -> np.ndarray:
+    """The spec rows ``C`` ``[rows, n_out]`` repeated for ``batch`` domains, in ``dtype``:
+    the ``C`` of a plan run (a batch of fewer domains takes its first rows)."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(C, np.float64).astype(np_dtype),
+                                                (batch,) + tuple(np.shape(C))))
+
+
 SWITCH_AFTER_S = 3.0   # bound-call seconds on the default plan before a tuned one is loaded
 
 
@@ -87,9 +95,7 @@ class PlanBounder:
         self.switch_after = float(switch_after)
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
-        self._C = np.ascontiguousarray(np.broadcast_to(
-            np.asarray(C, np.float64).astype(self.dtype_np),
-            (self.batch, self.rows, int(C.shape[1]))))
+        self._C = _batched_rows(C, self.batch, self.dtype)
         self.calls = 0
         self.seconds = 0.0
 
@@ -172,10 +178,7 @@ class ForwardScreen:
         self.nodes = relu_inputs(graph)
         self.tensors = graph_tensors(graph, dtype)
         self.dtype = dtype
-        self._C = np.ascontiguousarray(np.broadcast_to(
-            np.asarray(C, np.float64).astype(np.float64 if dtype == torch.float64
-                                              else np.float32),
-            (self.batch, int(C.shape[0]), int(C.shape[1]))))
+        self._C = _batched_rows(C, self.batch, dtype)
         self.calls, self.seconds = 0, 0.0
 
     @staticmethod

@@ -46,8 +46,9 @@ class Ranker:
         # model the ranker starts from was fitted on all of it)
         self._shipped_rows = None if self.shipped is None else np.sort(
             np.random.default_rng(seed).permutation(len(self.shipped.X))[:MAX_SHIPPED])
+        self._shared = False              # the model is the shipped one, shared: never refit
         if self.shipped is not None and (shipped := pretrained.model()) is not None:
-            self.model = shipped
+            self.model, self._shared = shipped, True
         self._plan_features: dict[str, np.ndarray] = {}
         self._own_seen = -1
 
@@ -78,8 +79,8 @@ class Ranker:
         other = [r for r in records if r.workload.key != self.workload.key][-MAX_OTHER:]
         if not own and not other:
             return {}
-        if self.model is pretrained.model():      # the shared shipped one: refit a new one
-            self.model = self._fresh()
+        if self._shared:                         # refit a model of its own
+            self.model, self._shared = self._fresh(), False
 
         def matrix(recs):
             if not recs:
