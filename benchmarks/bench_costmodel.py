@@ -46,7 +46,6 @@ from boundflow.examples import EXAMPLES  # noqa: E402
 from boundflow.ir.workload import Workload  # noqa: E402
 from boundflow.measure import LocalRunner, MeasureConfig, MeasureInput  # noqa: E402
 from boundflow.measure.result import BuildResult  # noqa: E402
-from boundflow.planner.passes import normalised  # noqa: E402
 from boundflow.search import Objective, Tuner  # noqa: E402
 from boundflow.search.ranking import Ranker  # noqa: E402
 from boundflow.search.space import TuneSpace  # noqa: E402
@@ -116,7 +115,7 @@ def main() -> None:
         best = min(r.curve[-1][1] for r, _ in runs.values())
         # zero-shot: the warm model's top plan among sampled ones, unmeasured
         space = TuneSpace(q.graph, w, "torch")
-        ranker = Ranker(normalised(q.graph)[0], w)
+        ranker = Ranker(q.graph, w)
         rng = random.Random(0)
         default = space.bundle(space.default())
         cands = {default.key: default}

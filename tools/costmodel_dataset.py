@@ -15,6 +15,10 @@ measurement, and failures with their error. Re-running with a larger ``--plans``
 ``--backends``) adds to the database; plans already measured are not measured again. Progress
 is one line per workload; at the end, a line per workload count and the command to fit and
 inspect a model on it (``boundflow costmodel inspect --db ...``).
+
+``--refeature`` measures nothing: it brings the stored features of the same workloads up to
+this BoundFlow's feature version (``Ranker.refeature``: each plan re-planned from its knobs),
+so a new feature version does not need the measurements taken again.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def main() -> None:
     parser.add_argument("--backends", default="torch")
     parser.add_argument("--only", default="")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refeature", action="store_true",
+                        help="only recompute the stored features of these workloads")
     parser.add_argument("--seconds", type=float, default=None,
                         help="a budget per workload (the tuner's, kept inside a round)")
     args = parser.parse_args()
@@ -70,6 +76,12 @@ def main() -> None:
             tuner = Tuner(q.graph, q.lower, q.upper, q.C, method=method, db=db,
                           strategy="random", backend=tuple(args.backends.split(",")),
                           config=config, batch_size=8, seed=args.seed, progress=False)
+            if args.refeature:
+                n = tuner.ranker.refeature(db)
+                tuner.close()
+                print(f"[{i + 1}/{len(todo)}] {name} {method} batch {batch}: {n} plans "
+                      f"refeatured", flush=True)
+                continue
             try:
                 report = tuner.tune(trials=args.plans, seconds=args.seconds)
             finally:

@@ -17,6 +17,15 @@ lowering share, Relax fusion and schedules mean nothing to a backend that tunes 
   fused fraction, NHWC and centre/radius fractions, storage reuse, planned bytes, Relax fusion,
   the lowering share (``tir_fraction``: tasks lowered to TIR kernels over all tasks);
 * schedule knobs, averaged over the forward (ibp, layout) and backward (crown, final) tasks;
+* per task, pooled into the plan vector (features-v4), so that what the largest tasks do
+  counts more than what the many small ones do: the graph's op kinds by trait (weighted,
+  activation, windows without weights, other relaxed ops such as maxpool, merges of two
+  branches) and its depth in weighted ops
+  (CROWN's cost grows with it); per task its fused-op count (mean, max), its FLOPs by
+  lowering (summed over TIR kernels and over torch ops), its share of the plan's FLOPs by
+  kind, its arithmetic intensity ``log2(FLOPs / bytes)`` (FLOP-weighted mean and the largest
+  task's), and the FLOP-weighted means of its lowering to TIR, its NHWC layout and its
+  schedule knobs (``w_*``, over the TIR tasks);
 * the backend: whether it compiles (``backend_compiled``), and the share of tasks that run as
   torch ops there (``torch_fraction``: all of them on the torch backend, the callbacks on
   Relax).
@@ -38,7 +47,7 @@ from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
-FEATURE_VERSION = "features-v3"
+FEATURE_VERSION = "features-v4"
 _METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 _FINALS = ("ibp", "crown", "alpha-crown")
 _SCHEDULE = ("inline", "parallel", "vectorize", "tile", "tile_rows", "cache_write", "unroll",
@@ -55,6 +64,11 @@ PLAN_FEATURE_NAMES: tuple[str, ...] = (
     "log_max_task_flops", "fused_fraction", "nhwc_fraction", "cr_fraction", "storage_reuse",
     "fuse_passes", "tir_fraction", "alpha_iterations",
     *(f"fwd_{k}" for k in _SCHEDULE), *(f"bwd_{k}" for k in _SCHEDULE),
+    # per task, pooled (features-v4)
+    "ops_weighted", "ops_activation", "ops_window", "ops_relaxed_other", "ops_merge",
+    "depth_weighted", "task_nodes_mean", "task_nodes_max", "log_flops_tir",
+    "log_flops_torch", "share_flops_ibp", "share_flops_crown", "share_flops_final",
+    "intensity_w", "intensity_top", "w_tir", "w_nhwc", *(f"w_{k}" for k in _SCHEDULE),
 )
 BACKEND_FEATURE_NAMES: tuple[str, ...] = ("backend_compiled", "torch_fraction")
 FEATURE_NAMES: tuple[str, ...] = PLAN_FEATURE_NAMES + BACKEND_FEATURE_NAMES
@@ -62,8 +76,9 @@ N_PLAN_FEATURES = len(PLAN_FEATURE_NAMES)
 N_FEATURES = len(FEATURE_NAMES)
 # plan features that only a backend tuning lowering and schedules reads
 _COMPILED_ONLY = tuple(i for i, n in enumerate(PLAN_FEATURE_NAMES)
-                       if n in ("n_kernels", "n_callbacks", "tir_fraction", "fuse_passes")
-                       or n.startswith(("fwd_", "bwd_")))
+                       if n in ("n_kernels", "n_callbacks", "tir_fraction", "fuse_passes",
+                                "log_flops_tir", "log_flops_torch", "w_tir")
+                       or n.startswith(("fwd_", "bwd_", "w_")) and n != "w_nhwc")
 
 
 def _log(x: float) -> float:
@@ -95,6 +110,23 @@ def _graph_work(graph: Graph) -> tuple[dict[str, float], dict[str, int], dict[st
             max((back[i] for i in n.inputs if i in back), default=0.0)
     # a max over inputs keeps residual branches from double counting the shared trunk
     return flops, size, back
+
+
+@lru_cache(maxsize=64)
+def _graph_kinds(graph: Graph) -> tuple[float, ...]:
+    """Op kinds by trait (log counts) and the depth in weighted ops of ``graph``."""
+    count = {"weighted": 0, "activation": 0, "window": 0, "relaxed": 0, "merge": 0}
+    depth: dict[str, int] = {}
+    for n in graph.nodes:
+        d = ops.get(n.op)
+        count["weighted"] += d.weighted
+        count["activation"] += d.activation
+        count["window"] += d.spatial and not d.weighted
+        count["relaxed"] += d.relaxed and not d.activation
+        count["merge"] += len(n.inputs) > 1
+        depth[n.name] = int(d.weighted) + max((depth[i] for i in n.inputs if i in depth),
+                                              default=0)
+    return (*(_log(v) for v in count.values()), float(max(depth.values(), default=0)))
 
 
 @dataclass(frozen=True)
@@ -134,6 +166,48 @@ def task_work(bundle: PlanBundle, graph: Graph) -> list[TaskWork]:
     return out
 
 
+def _number(v) -> float:
+    """A schedule knob's value; "auto" (the rule's choice) as -1."""
+    return -1.0 if isinstance(v, str) else float(v or 0)
+
+
+def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[str, bool]
+            ) -> list[float]:
+    """The per-task features, pooled (the ``ops_*`` ... ``w_*`` names)."""
+    from boundflow.backend.relax.schedule_space import check
+
+    tasks = {t.name: t for t in bundle.task_graph.tasks}
+    nhwc = {n for nodes, lay in bundle.layout_plan.regions if lay == "NHWC" for n in nodes}
+    sizes = [len(tasks[t.task].nodes) for t in work] or [0]
+    total = sum(t.flops for t in work)
+    weight = np.array([t.flops for t in work]) / total if total > 0 else \
+        np.full(len(work), 1.0 / max(1, len(work)))
+    share = {k: sum(t.flops for t in work if t.kind in kinds) / total if total > 0 else 0.0
+             for k, kinds in (("ibp", ("ibp", "layout")), ("crown", ("crown",)),
+                              ("final", ("final",)))}
+    intensity = np.array([math.log2((1.0 + t.flops) / (1.0 + t.bytes)) for t in work])
+    top = int(np.argmax([t.flops for t in work])) if work else 0
+    is_tir = np.array([float(tir[t.task]) for t in work])
+    is_nhwc = np.array([float(any(n in nhwc for n in tasks[t.task].nodes)) for t in work])
+    schedules = dict((t, s) for t, _, s in bundle.lowering_plan.tasks)
+    target = bundle.workload.target
+    knobs = np.zeros(len(_SCHEDULE))
+    w_tir = float(weight @ is_tir) if work else 0.0
+    if w_tir > 0:
+        for wt, t, on in zip(weight, work, is_tir):
+            if on:
+                s = check(dict(schedules.get(t.task, ())), target)
+                knobs += wt / w_tir * np.array([_number(s.get(k, 0)) for k in _SCHEDULE])
+    return [
+        *_graph_kinds(graph), float(np.mean(sizes)), float(max(sizes)),
+        _log(sum(t.flops for t, on in zip(work, is_tir) if on)),
+        _log(sum(t.flops for t, on in zip(work, is_tir) if not on)),
+        share["ibp"], share["crown"], share["final"],
+        float(weight @ intensity) if work else 0.0, float(intensity[top]) if work else 0.0,
+        w_tir, float(weight @ is_nhwc) if work else 0.0, *knobs,
+    ]
+
+
 def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
     """The effective schedule knobs (the backend's defaults filled in) of the TIR tasks of
     ``kinds``, averaged; zeros when there are none."""
@@ -145,9 +219,7 @@ def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
             if kind_of.get(t) in kinds and low == "tir"]
     if not rows:
         return [0.0] * len(_SCHEDULE)
-    def number(v) -> float:          # "auto" (the rule's choice) as -1
-        return -1.0 if isinstance(v, str) else float(v or 0)
-    return [float(np.mean([number(r.get(k, 0)) for r in rows])) for k in _SCHEDULE]
+    return [float(np.mean([_number(r.get(k, 0)) for r in rows])) for k in _SCHEDULE]
 
 
 def features(bundle: PlanBundle, graph: Graph, backend: str = "torch") -> np.ndarray:
@@ -184,8 +256,9 @@ def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
     total = sum(t.flops for t in work)
     nbytes = sum(t.bytes for t in work)
     # what the Relax backend compiles (``lowers_to_tir`` imports no TVM)
-    n_tir = sum(lowers_to_tir(bundle, t, graph) for t in bundle.task_graph.tasks
-                if t.kind != "input")
+    tir = {t.name: lowers_to_tir(bundle, t, graph) for t in bundle.task_graph.tasks
+           if t.kind != "input"}
+    n_tir = sum(tir.values())
     regions = bundle.layout_plan.regions
     vec = [
         _log(w.batch), float(w.n_specs), _log(math.prod(w.input_shape)),
@@ -206,6 +279,7 @@ def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
         float(dict(bundle.domain_plan.alpha).get("iterations", 0)
               if bundle.domain_plan.final == "alpha-crown" else 0),
         *_schedule_means(bundle, ("ibp", "layout")), *_schedule_means(bundle, ("crown", "final")),
+        *_pooled(bundle, graph, work, tir),
     ]
     out = np.asarray(vec, np.float64)
     assert out.shape == (N_PLAN_FEATURES,)

@@ -17,7 +17,9 @@ from boundflow.costmodel.features import FEATURE_VERSION, N_PLAN_FEATURES, plan_
 from boundflow.costmodel.model import HEADS, XGBCostModel, targets
 from boundflow.costmodel import pretrained
 from boundflow.costmodel.select import Choice, Chosen, choose
+from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
+from boundflow.ir.knobs import Knobs
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.workload import Workload
 
@@ -28,13 +30,17 @@ MAX_CHOOSE_REST = 192    # other rows beside the workload's own when choosing th
 
 
 class Ranker:
-    """``features`` / ``predict`` / ``refit`` for one workload (``graph``: its normalised
-    graph). ``choice`` says which model ranks the time head, and on what evidence."""
+    """``features`` / ``predict`` / ``refit`` for one workload (``graph``: its model, as
+    planned; features are computed on the normalised graph, ``self.graph``). ``choice`` says
+    which model ranks the time head, and on what evidence."""
 
     def __init__(self, graph: Graph, workload: Workload, seed: int = 0,
                  n_estimators: int = 120, learning_rate: float = 0.15,
                  use_pretrained: bool = True):
-        self.graph, self.workload, self.seed = graph, workload, seed
+        from boundflow.planner import normalised
+
+        self.source, self.graph = graph, normalised(graph)[0]
+        self.workload, self.seed = workload, seed
         self._fresh = lambda: XGBCostModel(seed=seed, n_estimators=n_estimators,  # noqa: E731
                                            learning_rate=learning_rate)
         self.model = self._fresh()
@@ -51,6 +57,7 @@ class Ranker:
             self.model, self._shared = shipped, True
         self._plan_features: dict[str, np.ndarray] = {}
         self._own_seen = -1
+        self._refeatured = False
 
     def plan_features(self, bundle: PlanBundle) -> np.ndarray:
         hit = self._plan_features.get(bundle.key)
@@ -68,10 +75,35 @@ class Ranker:
     def predict(self, X) -> dict[str, np.ndarray]:
         return Chosen(self.model, self.choice).predict(X)
 
+    def refeature(self, db) -> int:
+        """Give this workload's candidates whose stored features are missing or of another
+        feature version (an older BoundFlow wrote them) this version's, written back to the
+        database; returns how many. Each plan is re-planned from its stored knobs (never
+        read as a plan) and skipped where that does not give the stored plan key."""
+        from boundflow.planner import plan
+
+        done = 0
+        for c in db.candidates(self.workload):
+            if c.features is not None and len(c.features) == N_PLAN_FEATURES:
+                continue
+            try:
+                bundle = plan(self.source, self.workload, Knobs.from_json(c.knobs))
+            except BoundFlowError:
+                continue
+            if bundle.key == c.key:
+                db.add_candidate(bundle, self.plan_features(bundle))
+                done += 1
+        return done
+
     def refit(self, db) -> dict:
         """Fit on this workload's records and the newest ``MAX_OTHER`` of the others that
         have plan features of this version; saved into the database. Then, when the workload
-        has new measured plans, choose the model that ranks them better (held out)."""
+        has new measured plans, choose the model that ranks them better (held out). The
+        workload's own records of an older feature version are brought up to this one
+        first (``refeature``), once per ranker."""
+        if not self._refeatured:
+            self._refeatured = True
+            self.refeature(db)
         records = [r for r in db.records_for_training()
                    if r.candidate.features is not None
                    and len(r.candidate.features) == N_PLAN_FEATURES]

@@ -166,7 +166,7 @@ class Tuner:
         self.builder = builder if builder is not None else LocalBuilder(timeout_s=config.timeout_s)
         self.runner = runner if runner is not None else LocalRunner(config)
         self.callbacks = list(callbacks)
-        self.ranker = Ranker(self.normalised, self.workload, seed, use_pretrained=pretrained)
+        self.ranker = Ranker(self.graph, self.workload, seed, use_pretrained=pretrained)
         self.reference: MeasureResult | None = None
         self._ref_log_width: float | None = None
         self._run_id: int | None = None

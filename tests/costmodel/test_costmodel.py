@@ -133,3 +133,40 @@ def test_a_model_saved_by_an_older_version_is_refused():
     blob = XGBCostModel().fit(X, Y).save().replace(b'"model_version": 2', b'"model_version": 1')
     with pytest.raises(BoundFlowError, match="retrain"):
         XGBCostModel.load(blob)
+
+
+def _named(bundle, graph, backend="torch"):
+    return dict(zip(FEATURE_NAMES, features(bundle, normalised(graph)[0], backend)))
+
+
+def test_pooled_task_features_see_the_graph_and_weight_tasks_by_flops():
+    """features-v4: op kinds and depth of the graph, per-task FLOPs by lowering and kind,
+    and the schedule of the tasks that do the work, not the average task's."""
+    _, mlp = example_graph("random_deep_mlp")
+    _, res = example_graph("random_residual")
+    fm = _named(plan(mlp, Workload.of(mlp, batch=4, method="crown")), mlp)
+    fr = _named(plan(res, Workload.of(res, batch=4, method="crown")), res)
+    n_linear = sum(n.op == "linear" for n in normalised(mlp)[0].nodes)
+    assert fm["depth_weighted"] == n_linear and fm["ops_merge"] == 0 and fm["ops_window"] == 0
+    assert fr["ops_merge"] > 0 and fr["ops_window"] > 0        # the residual add, avgpool
+    for f in (fm, fr):
+        shares = f["share_flops_ibp"] + f["share_flops_crown"] + f["share_flops_final"]
+        assert abs(shares - 1.0) < 1e-9 and f["task_nodes_max"] >= f["task_nodes_mean"] >= 1
+    assert fm["share_flops_crown"] > 0.5            # CROWN's backward walks dominate
+
+    # on Relax, the schedule of the task with most FLOPs decides w_*; the torch backend,
+    # which tunes no schedules, sees none of it
+    w = Workload.of(mlp, batch=4, method="ibp")
+    k = default(mlp, w).replace(lowering="tir")
+    b = plan(mlp, w, k)
+    gn = normalised(mlp)[0]
+    from boundflow.costmodel import task_work
+    work = sorted(task_work(b, gn), key=lambda t: t.flops)
+    big, small = work[-1].task, work[0].task
+    def unrolled(task, u):
+        return plan(mlp, w, k.replace(schedule=((task, (("unroll", u),)),)))
+    on_big = _named(unrolled(big, 0), mlp, "relax")         # the default unrolls 64
+    on_small = _named(unrolled(small, 0), mlp, "relax")
+    assert on_big["w_unroll"] < 32 < on_small["w_unroll"]
+    assert on_big["log_flops_tir"] > 0 and on_big["w_tir"] == pytest.approx(1.0)
+    assert _named(unrolled(small, 0), mlp, "torch")["w_unroll"] == 0.0

@@ -111,3 +111,30 @@ def test_the_ranker_starts_from_the_shipped_set_and_keeps_it_when_it_refits(tmp_
         metrics = ranker.refit(fresh)
     assert metrics["n_train"] == 1 + 36                    # the record and the shipped set
     assert ranker.model is not pretrained.model()          # its own model, refitted
+
+
+def test_a_ranker_brings_its_workloads_stale_features_up_to_this_version(tmp_path):
+    """A database written by an older BoundFlow (another feature version) keeps training the
+    workload's model: the ranker re-plans each candidate from its stored knobs and stores this
+    version's features; a candidate whose knobs do not give its stored plan is left alone."""
+    import random
+    from boundflow.costmodel.features import N_PLAN_FEATURES, plan_features
+    from boundflow.measure import MeasureResult
+    from boundflow.planner import normalised, plan, space
+
+    _, g = example_graph("random_nhwc")          # normalising changes it: plan the model
+    w = Workload.of(g, batch=2, method="crown")
+    sp, rng = space(g, w), random.Random(0)
+    bundles = {b.key: b for b in (plan(g, w, sp.sample(rng)) for _ in range(6))}
+    with Database(tmp_path / "old.db") as db:
+        for b in bundles.values():
+            db.add_measurement(b, MeasureResult(b.key, "torch", "llvm", median_s=1e-3,
+                                                mean_width=1.0, peak_bytes=100),
+                               features=[1.0, 2.0, 3.0], graph=g)         # an older version
+        ranker = Ranker(g, w, use_pretrained=False)
+        assert ranker.refit(db)["n_train"] == len(bundles)
+        gn = normalised(g)[0]
+        for c in db.candidates(w):
+            assert len(c.features) == N_PLAN_FEATURES
+            np.testing.assert_allclose(c.features, plan_features(bundles[c.key], gn))
+        assert ranker.refeature(db) == 0                 # nothing stale is left
