@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.beta import beta_lower
+from boundflow.domains.backward import intersect
 from boundflow.domains.crown import BackwardContext, crown_node
+from boundflow.domains.forward import forward_bounds
 from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.traversal import apply_rule, graph_tensors
@@ -272,6 +274,32 @@ class TorchExecutor:
         out = crown_node(self.graph, node, iv, box, tensors, ctx, sparse=self.sparse)
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
+    def _forward(self, t: Task, env: dict, tensors, box: Interval) -> dict[str, Value]:
+        """A ``forward`` task: forward-mode linear bounds of its node, each relaxed op's input
+        interval tightened by the best one the plan has (what the task reads), the result
+        intersected with the node's IBP interval."""
+        node = t.nodes[0]
+        iv = env[t.inputs[0]].interval()
+        known = self._bounds_of(t, env, 1)
+
+        def tighten(n: str, lo: torch.Tensor, hi: torch.Tensor):
+            k = known.get(n)
+            return (lo, hi) if k is None else (torch.maximum(lo, k.lower),
+                                               torch.minimum(hi, k.upper))
+        out = intersect(forward_bounds(self.graph, box, tensors, [node], tighten)[node], iv)
+        return {t.outputs[0]: Value("lu", out.lower, out.upper)}
+
+    def bound_task(self, t: Task, env: dict, tensors, box: Interval,
+                   C: torch.Tensor | None = None, split: ReluSplit | None = None
+                   ) -> dict[str, Value]:
+        """The outputs of a ``crown``, ``forward`` or ``final`` task (what a compiled backend
+        calls back for the tasks it runs as torch ops)."""
+        if t.kind == "crown":
+            return self._crown(t, env, tensors, box)
+        if t.kind == "forward":
+            return self._forward(t, env, tensors, box)
+        return self._final(t, env, tensors, box, C, split)
+
     def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None,
                split: ReluSplit | None = None) -> dict[str, Value]:
         src = env[t.inputs[0]].interval()
@@ -381,10 +409,8 @@ class TorchExecutor:
                         outs = {t.outputs[0]: env[t.inputs[0]]}
                     elif t.kind == "ibp":
                         outs, inflight = self._ibp(t, env, tensors, measure_memory)
-                    elif t.kind == "crown":
-                        outs = self._crown(t, env, tensors, box)
                     else:
-                        outs = self._final(t, env, tensors, box, cmat, relu_split)
+                        outs = self.bound_task(t, env, tensors, box, cmat, relu_split)
                     if measure_memory:
                         inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
                     if cacheable(t):

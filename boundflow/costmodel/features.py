@@ -23,7 +23,7 @@ lowering share, Relax fusion and schedules mean nothing to a backend that tunes 
   branches) and its depth in weighted ops
   (CROWN's cost grows with it); per task its fused-op count (mean, max), its FLOPs by
   lowering (summed over TIR kernels and over torch ops), its share of the plan's FLOPs by
-  kind, its arithmetic intensity ``log2(FLOPs / bytes)`` (FLOP-weighted mean and the largest
+  kind, the forward-mode tasks (``2·n_in`` times the FLOPs behind their node), its arithmetic intensity ``log2(FLOPs / bytes)`` (FLOP-weighted mean and the largest
   task's), and the FLOP-weighted means of its lowering to TIR, its NHWC layout and its
   schedule knobs (``w_*``, over the TIR tasks);
 * the backend: whether it compiles (``backend_compiled``), and the share of tasks that run as
@@ -68,6 +68,7 @@ PLAN_FEATURE_NAMES: tuple[str, ...] = (
     "ops_weighted", "ops_activation", "ops_window", "ops_relaxed_other", "ops_merge",
     "depth_weighted", "task_nodes_mean", "task_nodes_max", "log_flops_tir",
     "log_flops_torch", "share_flops_ibp", "share_flops_crown", "share_flops_final",
+    "n_forward_tasks", "share_flops_forward",
     "intensity_w", "intensity_top", "w_tir", "w_nhwc", *(f"w_{k}" for k in _SCHEDULE),
 )
 BACKEND_FEATURE_NAMES: tuple[str, ...] = ("backend_compiled", "torch_fraction")
@@ -143,6 +144,7 @@ def task_work(bundle: PlanBundle, graph: Graph) -> list[TaskWork]:
     flops, size, back = _graph_work(graph)
     buffers = {b.name: b for b in bundle.task_graph.buffers}
     n_specs = max(1, bundle.workload.n_specs)
+    n_in = math.prod(bundle.workload.input_shape)
     alpha_iters = dict(bundle.domain_plan.alpha).get("iterations", 20)
     out = []
     for t in bundle.task_graph.tasks:
@@ -154,6 +156,8 @@ def task_work(bundle: PlanBundle, graph: Graph) -> list[TaskWork]:
             f = 2.0 * sum(flops.get(n, 0.0) for n in t.nodes)
         elif t.kind == "crown":
             f = sum(size.get(n, 0) * back.get(n, 0.0) for n in t.nodes)
+        elif t.kind == "forward":      # two linear forms of n_in columns to the node
+            f = 2.0 * n_in * sum(back.get(n, 0.0) for n in t.nodes)
         else:
             method = t.attr("method")
             tail = sum(back.get(n, 0.0) for n in t.nodes) or max(back.values(), default=0.0)
@@ -184,7 +188,7 @@ def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[st
         np.full(len(work), 1.0 / max(1, len(work)))
     share = {k: sum(t.flops for t in work if t.kind in kinds) / total if total > 0 else 0.0
              for k, kinds in (("ibp", ("ibp", "layout")), ("crown", ("crown",)),
-                              ("final", ("final",)))}
+                              ("final", ("final",)), ("forward", ("forward",)))}
     intensity = np.array([math.log2((1.0 + t.flops) / (1.0 + t.bytes)) for t in work])
     top = int(np.argmax([t.flops for t in work])) if work else 0
     is_tir = np.array([float(tir[t.task]) for t in work])
@@ -203,6 +207,7 @@ def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[st
         _log(sum(t.flops for t, on in zip(work, is_tir) if on)),
         _log(sum(t.flops for t, on in zip(work, is_tir) if not on)),
         share["ibp"], share["crown"], share["final"],
+        float(sum(t.kind == "forward" for t in work)), share["forward"],
         float(weight @ intensity) if work else 0.0, float(intensity[top]) if work else 0.0,
         w_tir, float(weight @ is_nhwc) if work else 0.0, *knobs,
     ]

@@ -104,7 +104,7 @@ class AnalyticModel:
                 + X[:, _IDX["n_callbacks"]] * self.CALLBACK_S
                 + torch_tasks * self.TORCH_TASK_S + compiled * self.CALL_S)
         width = (-1.0 * X[:, _IDX["final_crown"]] - 1.5 * X[:, _IDX["final_alpha-crown"]]
-                 - 0.05 * X[:, _IDX["n_crown_tasks"]])
+                 - 0.05 * X[:, _IDX["n_crown_tasks"]] - 0.03 * X[:, _IDX["n_forward_tasks"]])
         mem = np.log(1.0 + un("log_planned_bytes") * np.exp2(X[:, _IDX["log_batch"]]))
         return {"log_time": np.log(np.maximum(time, 1e-9)), "log_width": width, "log_mem": mem}
 

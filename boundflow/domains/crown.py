@@ -26,6 +26,7 @@ from boundflow.domains.coeffs import BackwardContext, Coeffs
 from boundflow.domains.crown_conv import conv_chain, crown_conv_rows
 from boundflow.domains.crown_relaxed import inexact, settled
 from boundflow.domains.crown_rules import RULES
+from boundflow.domains.forward import forward_bounds
 from boundflow.domains.interval import Interval, RULES as IBP_RULES
 from boundflow.domains.relaxation import LOWER_SLOPES
 from boundflow.domains.traversal import apply_rule
@@ -149,16 +150,28 @@ def crown_nodes(graph: Graph, plan: DomainPlan) -> set[str]:
     return {n for n, d in plan.intermediate if d == "crown"} - ibp_exact_nodes(graph)
 
 
+def forward_nodes(graph: Graph, plan: DomainPlan) -> set[str]:
+    """The pre-activations forward mode tightens under ``plan``: those it marks ``forward``
+    that IBP does not bound exactly already."""
+    return {n for n, d in plan.intermediate if d == "forward"} - ibp_exact_nodes(graph)
+
+
 def intermediate_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                         plan: DomainPlan, lower_slope: str = "adaptive",
                         sparse: bool | None = False,
                         patches: bool = True) -> dict[str, Interval]:
     """Intervals of every node: IBP throughout, and at each pre-activation the plan marks
-    ``crown`` a backward pass from that node, intersected with its IBP interval (so a tighter
-    bound never loosens one). Each node is bounded once per method."""
+    ``crown`` a backward pass from that node (``forward``: forward-mode linear bounds, each
+    relaxed op on the way relaxed over the best interval known for its input), intersected
+    with its IBP interval (so a tighter bound never loosens one). Each node is bounded once
+    per method."""
     tighten = crown_nodes(graph, plan)
+    forward = forward_nodes(graph, plan)
     bounds: dict[str, Interval] = {}
     ctx = BackwardContext(bounds, lower_slope, None, patches=patches)
+
+    def known(n: str, lo: torch.Tensor, hi: torch.Tensor):
+        return torch.maximum(lo, bounds[n].lower), torch.minimum(hi, bounds[n].upper)
     for node in graph.nodes:
         if node.op == "input":
             bounds[node.name] = x
@@ -166,6 +179,8 @@ def intermediate_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.T
         iv = apply_rule(IBP_RULES, node, tensors, [bounds[i] for i in node.inputs], "IBP")
         if node.name in tighten:
             iv = crown_node(graph, node.name, iv, x, tensors, ctx, sparse=sparse)
+        elif node.name in forward:
+            iv = intersect(forward_bounds(graph, x, tensors, [node.name], known)[node.name], iv)
         bounds[node.name] = iv
     return bounds
 

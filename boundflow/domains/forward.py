@@ -22,6 +22,7 @@ of two nodes, the weighted ops (``linear``, ``conv2d``, ``conv_transpose2d``),
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -39,9 +40,22 @@ Form = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # A_l, b_
 Tighten = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+# The planner offers forward mode for pre-activations (a ``forward`` intermediate domain)
+# only on inputs of at most this many elements: it carries ``n`` coefficients per neuron,
+# ``n`` times a forward pass, which beyond a few dozen inputs costs more than CROWN's
+# backward pass and is looser.
+MAX_INPUTS = 64
+
+
 def supported(graph: Graph) -> bool:
     """Whether :func:`forward_bounds` covers every op of ``graph``."""
     return all(_covered(n) for n in graph.nodes[1:])
+
+
+def offered(graph: Graph) -> bool:
+    """Whether the planner's search space offers forward mode on ``graph``: covered, and an
+    input of at most ``MAX_INPUTS`` elements."""
+    return math.prod(graph.input_shape) <= MAX_INPUTS and supported(graph)
 
 
 def _covered(node: Node) -> bool:
@@ -85,6 +99,8 @@ def forward_bounds(graph: Graph, box: Interval, tensors: Mapping[str, torch.Tens
         left[node.name] = len(users[node.name])
         if node.name in want:
             out[node.name] = Interval(*_concretise(forms[node.name]))
+            if len(out) == len(want):
+                break                              # nothing later is asked for
         for i in node.inputs:                      # free what no later node reads
             left[i] -= 1
             if left[i] == 0 and i != graph.output:

@@ -3,7 +3,8 @@
 This is the planner's most valuable knob, so it is an explicit value rather than a mode
 string: ``intermediate`` maps every pre-activation node (a node some relaxed op reads: an
 activation, maxpool2d, softmax; :func:`boundflow.ir.analysis.preactivations`) to
-``"ibp"`` or ``"crown"``, and ``final`` is ``"ibp"``, ``"crown"`` or ``"alpha-crown"``. The
+``"ibp"``, ``"crown"`` or ``"forward"`` (forward-mode linear bounds in terms of the input,
+:mod:`boundflow.domains.forward`: cheap where the input has few dimensions), and ``final`` is ``"ibp"``, ``"crown"`` or ``"alpha-crown"``. The
 method names users know expand into plans with :meth:`DomainPlan.for_method`.
 """
 
@@ -19,7 +20,7 @@ from boundflow.ir.graph import Graph
 
 __all__ = ["DomainPlan", "FINAL", "INTERMEDIATE", "METHODS", "preactivations"]
 
-INTERMEDIATE = ("ibp", "crown")
+INTERMEDIATE = ("ibp", "crown", "forward")
 FINAL = ("ibp", "crown", "alpha-crown")
 # method -> (domain of every pre-activation, final domain)
 METHODS: dict[str, tuple[str, str]] = {

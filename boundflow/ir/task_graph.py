@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from boundflow.errors import BoundFlowError
 
-TASK_KINDS = ("input", "ibp", "crown", "layout", "final")
+TASK_KINDS = ("input", "ibp", "crown", "forward", "layout", "final")
 FORMS = ("lu", "cr")          # interval as lower/upper, or as centre/radius
 ITEMSIZE = {"float32": 4, "float64": 8}
 

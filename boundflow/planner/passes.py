@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from boundflow.domains.forward import supported as forward_supported
 from boundflow.ir import ops
 from boundflow.ir.analysis import ancestors, ibp_exact_nodes
 from boundflow.ir.domain_plan import DomainPlan
@@ -99,22 +100,27 @@ def partition(ctx: PlannerContext) -> PlannerContext:
     return ctx.but(groups=groups, task_graph=tg)
 
 
-def _crown_buffer(node: str) -> str:
-    return f"{node}@crown"
+TIGHTENING = ("crown", "forward")       # task kinds that tighten a pre-activation's interval
+
+
+def _tight_buffer(node: str, kind: str) -> str:
+    return f"{node}@{kind}"
 
 
 def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...],
-                final: str) -> TaskGraph:
-    """The task graph of ``groups`` (IBP tasks), a CROWN task per node of ``crown`` and the
-    final task; every buffer in row-major layout and lower/upper form."""
+                final: str, forward: tuple[str, ...] = ()) -> TaskGraph:
+    """The task graph of ``groups`` (IBP tasks), a CROWN task per node of ``crown``, a
+    forward-mode task per node of ``forward`` and the final task; every buffer in row-major
+    layout and lower/upper form."""
     fold = folds_output(graph, workload)
     source = graph.output_node.inputs[0] if fold else graph.output
     inp = graph.input.name
-    crown_set = set(crown)
+    kind_of = {**{c: "crown" for c in crown}, **{f: "forward" for f in forward}}
+    crown_set = set(kind_of)
     by = {n.name: n for n in graph.nodes}
 
     def final_buf(v: str) -> str:
-        return _crown_buffer(v) if v in crown_set else v
+        return _tight_buffer(v, kind_of[v]) if v in crown_set else v
 
     relaxed = ops.having("relaxed")
 
@@ -125,7 +131,8 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
         return list(dict.fromkeys(by[r].inputs[0] for r in (n.name for n in graph.nodes)
                                   if r in up and by[r].op in relaxed))
 
-    backward_reads: dict[str, list[str]] = {c: relaxed_inputs_above(c) for c in crown}
+    # (a forward-mode task reads the same intervals: those of the relaxed ops behind it)
+    backward_reads: dict[str, list[str]] = {c: relaxed_inputs_above(c) for c in crown_set}
     if final != "ibp":
         backward_reads[BOUNDS] = relaxed_inputs_above(graph.output)
     needed_by_backward = {v for vs in backward_reads.values() for v in vs}
@@ -154,9 +161,10 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
         for o in outs:
             if o in crown_set:
                 ins = (o, inp) + tuple(final_buf(v) for v in backward_reads[o])
-                tasks.append(Task(f"crown:{o}", "crown", (o,), tuple(dict.fromkeys(ins)),
-                                  (_crown_buffer(o),)))
-                buffers[_crown_buffer(o)] = buffer(_crown_buffer(o), o)
+                kind = kind_of[o]
+                tasks.append(Task(f"{kind}:{o}", kind, (o,), tuple(dict.fromkeys(ins)),
+                                  (final_buf(o),)))
+                buffers[final_buf(o)] = buffer(final_buf(o), o)
     ins = (final_buf(source),)
     if final != "ibp":
         ins += (inp,) + tuple(final_buf(v) for v in backward_reads[BOUNDS])
@@ -172,9 +180,10 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
 # --- domains -----------------------------------------------------------------------------
 
 def assign_domains(ctx: PlannerContext) -> PlannerContext:
-    """The domain plan from the knobs; CROWN only where IBP is not already exact. Fused
-    edges out of a CROWN pre-activation are cut (its tightened interval must exist before
-    the relaxed op reading it does) and each gets a ``crown`` task; the final task gets its method.
+    """The domain plan from the knobs; CROWN or forward mode only where IBP is not already
+    exact. Fused edges out of such a pre-activation are cut (its tightened interval must
+    exist before the relaxed op reading it does) and each gets a ``crown`` or ``forward``
+    task; the final task gets its method.
     The sparse setting is recorded as given (None: auto) where there are crown tasks, else
     False."""
     graph, knobs = ctx.graph, ctx.knobs
@@ -182,14 +191,19 @@ def assign_domains(ctx: PlannerContext) -> PlannerContext:
     plan.check(graph)
     exact = ibp_exact_nodes(graph)
     crown = tuple(p for p, d in plan.intermediate if d == "crown" and p not in exact)
+    forward = tuple(p for p, d in plan.intermediate if d == "forward" and p not in exact)
+    if forward and not forward_supported(graph):
+        raise PlanError(f"forward-mode bounds do not cover every op of this model "
+                        f"(marked forward: {list(forward)})")
     edges = [e for e, on in zip(ctx.space.fusible, knobs.partition)
-             if on and e[0] not in crown]
+             if on and e[0] not in crown + forward]
     groups = _groups(graph, ctx.workload, edges)
     domain = DomainSection(plan.intermediate, plan.final, crown, ctx.lower_slope,
                            ctx.alpha if plan.final == "alpha-crown" else (),
                            ctx.sparse if crown else False)
     return ctx.but(groups=groups, domain=domain,
-                   task_graph=build_tasks(graph, ctx.workload, groups, crown, plan.final))
+                   task_graph=build_tasks(graph, ctx.workload, groups, crown, plan.final,
+                                          forward))
 
 
 # --- layouts -----------------------------------------------------------------------------
@@ -311,7 +325,7 @@ def _size_class(nbytes: int) -> int:
 
 
 def _inplace_candidates(task: Task, by) -> tuple[str, ...]:
-    if task.kind == "crown":
+    if task.kind in TIGHTENING:
         return task.inputs[:1]
     if task.kind == "ibp" and all(ops.has(by[n].op, "elementwise") for n in task.nodes):
         return task.inputs
@@ -381,13 +395,14 @@ def plan_cache(ctx: PlannerContext) -> PlannerContext:
     spec (``C``)."""
     tg = ctx.task_graph
     producer = tg.producer()
-    frontier = {producer[b] for t in tg.tasks if t.kind in ("crown", "final")
+    frontier = {producer[b] for t in tg.tasks if t.kind in (*TIGHTENING, "final")
                 for b in t.inputs}
     entries = []
     for t in tg.tasks:
         if t.kind == "input":
             continue
-        scope = "persistent" if t.kind in ("crown", "final") or t.name in frontier else "run"
+        scope = "persistent" if t.kind in (*TIGHTENING, "final") or t.name in frontier \
+            else "run"
         key = ("task", "domain", "box", "split", "layout")
         if t.kind == "final":
             key = ("task", "domain", "spec", "box", "split")
@@ -412,7 +427,10 @@ def auto_lowering(task: Task, graph: Graph) -> str:
     """The cost rule behind the ``auto`` lowering: ``torch`` (ATen's library kernels) for an
     ``ibp`` task holding a transposed convolution and for a backward walk crossing any
     convolution (a ``crown`` task's and a CROWN ``final`` task's walk runs from its start back
-    to the input), ``tir`` otherwise."""
+    to the input), and for a ``forward`` task (forward mode has no TIR kernel), ``tir``
+    otherwise."""
+    if task.kind == "forward":
+        return "torch"
     op = {n.name: n.op for n in graph.nodes}
     if task.kind == "crown":
         work, library = ancestors(graph, list(task.nodes)), _LIBRARY_CROWN_OPS
@@ -425,7 +443,7 @@ def auto_lowering(task: Task, graph: Graph) -> str:
 
 def select_lowering(ctx: PlannerContext) -> PlannerContext:
     """Each compute task's lowering and schedule parameters, from the knobs (``auto``
-    resolved per task by :func:`auto_lowering`)."""
+    resolved per task by :func:`auto_lowering`; a ``forward`` task always ``torch``)."""
     names = {t.name for t in ctx.task_graph.tasks}
     unknown = sorted(set(dict(ctx.knobs.task_lowering)) - names |
                      set(dict(ctx.knobs.schedule)) - names)
@@ -435,7 +453,9 @@ def select_lowering(ctx: PlannerContext) -> PlannerContext:
 
     def lowering(t: Task) -> str:
         chosen = ctx.knobs.lowering_of(t.name)
-        return auto_lowering(t, ctx.graph) if chosen == "auto" else chosen
+        # a forward task has no TIR kernel: whatever the knobs say, it runs as torch ops
+        return auto_lowering(t, ctx.graph) if chosen == "auto" or t.kind == "forward" \
+            else chosen
     rows = tuple((t.name, lowering(t), ctx.knobs.task_schedule(t.name))
                  for t in ctx.task_graph.tasks if t.kind != "input")
     return ctx.but(lowering_plan=LoweringPlan(rows))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from boundflow.errors import BoundFlowError
+from boundflow.domains import forward
 from boundflow.ir import ops
 from boundflow.ir.analysis import preactivations
 from boundflow.ir.domain_plan import METHODS
@@ -104,7 +105,8 @@ class SearchSpace:
         """The space of ``graph`` (already normalised) for ``workload``."""
         method_final = METHODS[workload.method][1]
         finals = FINAL_ORDER[: FINAL_ORDER.index(method_final) + 1]
-        domain_choices = ("ibp",) if workload.method == "ibp" else ("ibp", "crown")
+        domain_choices = ("ibp",) if workload.method == "ibp" else \
+            ("ibp", "crown", "forward") if forward.offered(graph) else ("ibp", "crown")
         fold = folds_output(graph, workload)
         weighted = ops.having("weighted")          # linear, conv2d, conv_transpose2d
         affine = tuple(n.name for n in graph.nodes if n.op in weighted

@@ -4,6 +4,7 @@ names the pass that broke an invariant."""
 
 from __future__ import annotations
 
+from boundflow.ir.analysis import ibp_exact_nodes
 from boundflow.ir.graph import verify_graph
 from boundflow.ir.plan import CACHE_SCOPES, KEY_FIELDS
 from boundflow.ir.task_graph import PlanError
@@ -27,6 +28,12 @@ def verify_plan(ctx: PlannerContext) -> None:
         if tasks != set(ctx.domain.crown_nodes):
             raise PlanError(f"crown tasks {sorted(tasks)} do not match the crown nodes "
                             f"{sorted(ctx.domain.crown_nodes)}")
+        exact = ibp_exact_nodes(graph)
+        forward = {p for p, d in ctx.domain.intermediate if d == "forward" and p not in exact}
+        tasks = {t.nodes[0] for t in ctx.task_graph.tasks if t.kind == "forward"}
+        if tasks != forward:
+            raise PlanError(f"forward tasks {sorted(tasks)} do not match the nodes marked "
+                            f"forward {sorted(forward)}")
         final = ctx.task_graph.task("final")
         if final.attr("method") != ctx.domain.final:
             raise PlanError(f"the final task runs {final.attr('method')}, the plan says "
@@ -73,7 +80,9 @@ def _check_layouts(ctx: PlannerContext) -> None:
     tg = ctx.task_graph
     layouts = dict(ctx.node_layouts)
     for b in tg.buffers:
-        if b.name.startswith(f"{b.node}@") and b.name != f"{b.node}@crown" or not b.node:
+        if b.name.startswith(f"{b.node}@") and b.name not in (f"{b.node}@crown",
+                                                                 f"{b.node}@forward") \
+                or not b.node:
             continue                                   # conversions, bounds
         if b.name != ctx.graph.input.name and b.layout != layouts[b.node]:
             raise PlanError(f"buffer {b.name!r} has layout {b.layout}, its node "

@@ -284,3 +284,24 @@ def test_random_schedule_knobs_keep_bounds():
     with pytest.raises(BoundFlowError, match="for target llvm"):
         schedules.check({"threads": 64}, "llvm")
     assert schedules.check({"threads": 64}, "cuda") == {"threads": 64}
+
+
+def test_a_plan_with_forward_domains_runs_its_forward_tasks_as_callbacks_and_agrees():
+    """Forward mode has no TIR kernel: its tasks run as torch callbacks inside the Relax
+    module; the rest compiles, and the bounds equal the torch backend's."""
+    from boundflow.backend import create
+
+    g, x, C = _query("random_mlp", batch=4, eps=0.05)
+    w = Workload.of(g, batch=4, method="crown", n_specs=C.n_specs)
+    k = default(g, w)
+    bundle = plan(g, w, k.replace(domains=tuple("forward" for _ in k.domains),
+                                  lowering="tir"))
+    fwd = [t for t in bundle.task_graph.tasks if t.kind == "forward"]
+    assert all(bundle.lowering_plan.lowering(t.name) == "torch" for t in fwd)
+    relax_backend = create("relax")
+    assert fwd and not any(relax_backend.compiles(bundle, t, g) for t in fwd)
+    assert any(relax_backend.compiles(bundle, t, g) for t in bundle.task_graph.tasks)
+    got = RelaxExecutor(bundle, g).run(x, C)
+    want = TorchExecutor(bundle, g).run(x, C)
+    _close(got.lower, want.lower)
+    _close(got.upper, want.upper)

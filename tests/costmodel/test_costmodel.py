@@ -150,7 +150,8 @@ def test_pooled_task_features_see_the_graph_and_weight_tasks_by_flops():
     assert fm["depth_weighted"] == n_linear and fm["ops_merge"] == 0 and fm["ops_window"] == 0
     assert fr["ops_merge"] > 0 and fr["ops_window"] > 0        # the residual add, avgpool
     for f in (fm, fr):
-        shares = f["share_flops_ibp"] + f["share_flops_crown"] + f["share_flops_final"]
+        shares = f["share_flops_ibp"] + f["share_flops_crown"] + f["share_flops_final"] + \
+            f["share_flops_forward"]
         assert abs(shares - 1.0) < 1e-9 and f["task_nodes_max"] >= f["task_nodes_mean"] >= 1
     assert fm["share_flops_crown"] > 0.5            # CROWN's backward walks dominate
 

@@ -129,3 +129,76 @@ def test_an_op_forward_mode_does_not_cover_is_refused_by_name():
     with pytest.raises(UnsupportedOpError, match="'sigmoid'"):
         forward_bounds(g, Interval(torch.zeros(1, 3), torch.ones(1, 3)),
                        graph_tensors(g, torch.float32), [g.output])
+
+
+# --- forward mode as a planner domain ------------------------------------------------------
+
+def _plan_of(g, domain, batch=3, method="crown"):
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import default, plan
+
+    w = Workload.of(g, batch=batch, method=method, n_specs=0, dtype="float64")
+    k = default(g, w)
+    return plan(g, w, k.replace(domains=tuple(domain for _ in k.domains)), verify=True)
+
+
+def test_the_planner_offers_forward_mode_on_small_covered_inputs_only():
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import space
+    from tests.domains.cases import model
+    from tests.helpers import example_graph
+
+    def choices(g):
+        return space(g, Workload.of(g, batch=2, method="crown")).domain_choices
+    assert "forward" in choices(example_graph("random_mlp")[1])         # 20 inputs
+    assert "forward" in choices(_residual_net(0))                        # 9, every op covered
+    assert "forward" not in choices(example_graph("random_cnn")[1])      # 768 inputs
+    assert "forward" not in choices(model("sigmoid_tanh"))               # sigmoid: uncovered
+    g = _residual_net(0)
+    assert "forward" not in space(g, Workload.of(g, batch=2, method="ibp")).domain_choices
+
+
+def test_a_forward_domain_outside_the_space_is_refused_by_the_planner():
+    from boundflow.errors import BoundFlowError
+    from tests.domains.cases import model
+    from tests.helpers import example_graph
+
+    for g in (model("sigmoid_tanh"), example_graph("random_cnn")[1]):
+        with pytest.raises(BoundFlowError, match="'forward' is not one of"):
+            _plan_of(g, "forward")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_plan_with_forward_domains_is_sound_never_looser_than_ibp_and_backends_agree(seed):
+    """Each pre-activation marked forward gets a ``forward`` task whose interval lies inside
+    its IBP one; the plan's bounds contain the true outputs at sampled points and corners,
+    equal the un-partitioned reference, and the Relax backend (a torch callback for the
+    forward task) gives the same bounds."""
+    from boundflow.backend.torch import TorchExecutor
+    from boundflow.domains.driver import reference_bounds
+    from boundflow.ir.spec import InputSpec
+    from boundflow.planner import normalised
+    from tests.helpers import assert_contains, box_points, true_outputs
+
+    g = _residual_net(seed)
+    rng = np.random.default_rng(seed)
+    lo = rng.standard_normal((3, 1, 3, 3)) * 0.3
+    x = InputSpec(lo, lo + rng.random((3, 1, 3, 3)) * 0.4)
+    fwd, ibp = _plan_of(g, "forward"), _plan_of(g, "ibp")
+    kinds = [t.kind for t in fwd.task_graph.tasks]
+    assert kinds.count("forward") >= 2 and "crown" not in kinds
+    assert fwd.lowering_plan.lowering(next(t.name for t in fwd.task_graph.tasks
+                                           if t.kind == "forward")) == "torch"
+    keep = [n for n, d in fwd.domain_plan.intermediate]
+    got = TorchExecutor(fwd, g).run(x, keep=keep)
+    loose = TorchExecutor(ibp, g).run(x, keep=keep)
+    for n in keep:
+        a, b = got.stats["bounds"][n], loose.stats["bounds"][n]
+        assert (a.lower >= b.lower - 1e-12).all() and (a.upper <= b.upper + 1e-12).all()
+    assert (got.upper - got.lower).sum() < (loose.upper - loose.lower).sum()
+    assert_contains(got.lower, got.upper, true_outputs(g, box_points(x.lower, x.upper, 2000)))
+    gn = normalised(g)[0]
+    ref = reference_bounds(gn, Interval(torch.as_tensor(x.lower), torch.as_tensor(x.upper)),
+                           graph_tensors(gn, torch.float64), None, fwd.domain_plan.plan)
+    np.testing.assert_allclose(got.lower.numpy(), ref.lower.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got.upper.numpy(), ref.upper.numpy(), rtol=1e-9, atol=1e-9)

@@ -257,8 +257,7 @@ class RelaxExecutor:
                               else {task.outputs[0]: env[task.inputs[0]]})
                 else:
                     box = env[inp].interval() if inp in env else None
-                    values = (exe._crown(task, env, tensors, box) if task.kind == "crown"
-                              else exe._final(task, env, tensors, box, C))
+                    values = exe.bound_task(task, env, tensors, box, C)
             for j, name in enumerate(task.outputs):
                 buf = buffers[name]
                 v = values[name].as_form(buf.form)
