@@ -4,6 +4,7 @@ one, so one bad candidate never stops the batch."""
 
 from __future__ import annotations
 
+import time
 import traceback
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -33,6 +34,26 @@ class Pool:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+
+    def stop(self, futures: list[Future], wait_s: float = 10.0) -> None:
+        """Stop the calls of ``futures`` now: kill the worker processes (and their children)
+        until each of them is done (the executor's thread then sees its worker die, and
+        starts a fresh one on the next call). A call submitted a moment ago may not have
+        started its process yet: it is killed as soon as it has, for up to ``wait_s``."""
+        from tvm.support.popen_pool import kill_child_processes
+
+        ex, end = self._executor, time.monotonic() + wait_s
+        while ex is not None and not all(f.done() for f in futures) \
+                and time.monotonic() < end:
+            for w in list(getattr(ex, "_worker_map", {}).values()):
+                proc = getattr(w, "_proc", None)
+                if proc is not None and proc.poll() is None:
+                    try:
+                        kill_child_processes(proc.pid)
+                        proc.kill()
+                    except Exception:   # noqa: BLE001 - gone meanwhile
+                        pass
+            time.sleep(0.02)
 
 
 def failure(error: BaseException, timeout_s: float) -> tuple[str, str]:

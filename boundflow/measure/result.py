@@ -68,6 +68,9 @@ class BuildResult:
     n_kernels: int = 0
     error_kind: str | None = None
     error: str | None = None
+    # the build was stopped because the caller's time ran out (``build(..., seconds=)``), not
+    # for anything the candidate did: a tuner records nothing for it
+    cut: bool = False
 
 
 def machine() -> str:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import numbers
 import time
@@ -70,6 +71,8 @@ from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MOD
 from boundflow.search.session import Heartbeat, Progress
 from boundflow.search.space import DEFAULT_BACKEND, Assignment, Candidate, TuneSpace
 from boundflow.search.strategies import make
+
+log = logging.getLogger("boundflow.search")
 
 DEFAULT_OBJECTIVE = "time@width"
 _FIRST_GUESS_S = {True: 6.0, False: 1.0}     # one candidate, before any is measured: compiled?
@@ -243,13 +246,22 @@ class Tuner:
         return MeasureInput(bundle, self.graph, self.lower, self.upper, self.C, backend)
 
     def _measure(self, bundle: PlanBundle, backend: str,
-                 deadline: float | None = None, reserve: float = 0.0) -> MeasureResult:
+                 deadline: float | None = None, reserve: float = 0.0) -> MeasureResult | None:
         """Build, run and record one candidate (claimed by this run: the write releases the
-        claim). With a ``deadline``, its timing is cut down to end ``reserve`` seconds
-        before it (``MeasureConfig.max_seconds``: a slow plan is timed with fewer calls)."""
+        claim). With a ``deadline``, its compile is stopped if still running ``reserve``
+        seconds before it (then nothing is recorded, and None comes back: the compile said
+        nothing about the plan), and its timing is cut down to end by then
+        (``MeasureConfig.max_seconds``: a slow plan is timed with fewer calls)."""
         start = time.monotonic()
         inp = self._input(bundle, backend)
-        builds = self.builder.build([inp])
+        if deadline is not None and "seconds" in inspect.signature(self.builder.build).parameters:
+            builds = self.builder.build([inp], seconds=max(
+                0.0, deadline - time.monotonic() - reserve))
+            if builds[0].cut:
+                log.info("the compile of %s was stopped: the time budget ran out", bundle.key)
+                return None
+        else:
+            builds = self.builder.build([inp])
         kw = {}
         if deadline is not None and "config" in inspect.signature(self.runner.run).parameters:
             room = max(0.5, deadline - time.monotonic() - reserve)
@@ -421,6 +433,7 @@ class Tuner:
             self.refit()
             best = self._best_value(history)
             curve: list[tuple[int, float]] = [(len(history), best)]
+            cut = False
             while True:
                 beat.check()
                 if stop is not None and stop(best):
@@ -445,13 +458,16 @@ class Tuner:
                         beat.check()
                         r = self._measure(self.space.bundle(a), c[1], deadline,
                                           self._final_reserve(history))
+                        if r is None:                # its compile was cut: time is up
+                            cut = True
+                            break
                         by_cand[c] = a
                         done.append((a, r))
                         history[c] = r
                         progress.update(len(history), self._best_value(history),
                                         self.reference)
                     if mine and not done:
-                        break                        # none fits in the time left
+                        break                        # none fits in the time left (or cut)
                     # none got: other runs took them first, or filled the budget; look again
                 elif others:
                     # other runs measure the last candidates; should one die, they come back
@@ -473,6 +489,8 @@ class Tuner:
                         self.refit()
                     for cb in self.callbacks:
                         cb(self, assignments, [r for _, r in done])
+                if cut:
+                    break
         finally:
             progress.close()
 

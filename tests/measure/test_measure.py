@@ -234,3 +234,20 @@ def test_a_slow_candidate_is_timed_with_fewer_calls_to_fit_max_seconds():
     assert (both.number, both.repeat, both.warmup) == (1, 4, 0)
     assert c.fitted(10.0).repeat == 1                         # one timed call at least
     assert MeasureConfig().fitted(10.0) == MeasureConfig()    # no limit, no change
+
+
+def test_a_compile_past_the_callers_time_is_cut_and_the_builder_goes_on(tmp_path):
+    """``build(..., seconds=)``: a compile still running then comes back ``cut`` (its worker
+    killed; nothing cached), and the next build compiles in a fresh worker."""
+    inp = _inputs(backend="relax", method="crown")[0]
+    builder = LocalBuilder(tmp_path)
+    try:
+        cut = builder.build([inp], seconds=0.01)[0]      # a worker alone takes longer to start
+        assert cut.cut and cut.error_kind == "timeout" and cut.artifact is None
+        assert "time budget" in cut.error and not list(tmp_path.glob("*.so"))
+        done = builder.build([inp])[0]
+        assert done.error is None and not done.cut and list(tmp_path.glob("*.so"))
+        torch_ = _inputs(backend="torch")[0]                # nothing to compile: never cut
+        assert not builder.build([torch_], seconds=0.0)[0].cut
+    finally:
+        builder.close()

@@ -331,3 +331,38 @@ def test_a_runner_recording_another_machine_still_stops_at_the_budget():
         keys = [r.candidate.key for r in db.records_for_training(include_failed=True)]
         assert report.measured_now == 5 and len(keys) == len(set(keys)) == 5
         assert db.claims() == [] and [r.status for r in db.runs()] == ["finished"]
+
+
+class _CuttingBuilder:
+    """Builds nothing; its ``n``-th call comes back cut, as a compile past the tuner's time
+    would. Records the seconds each call was given."""
+
+    def __init__(self, n):
+        self.n, self.given = n, []
+
+    def build(self, inputs, seconds=None):
+        from boundflow.measure import BuildResult
+
+        self.given.append(seconds)
+        cut = len(self.given) == self.n
+        return [BuildResult(None, error_kind="timeout" if cut else None, cut=cut)
+                for _ in inputs]
+
+    def close(self):
+        pass
+
+
+def test_a_compile_cut_by_the_time_budget_ends_the_tune_and_records_nothing():
+    g, spec, linear = _digits_query()
+    builder = _CuttingBuilder(n=3)
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=builder, runner=_ElsewhereRunner())
+        report = tuner.tune(trials=10, seconds=600)
+        # the default plan is measured whatever the budget; the others within what is left
+        assert len(builder.given) == 3 and builder.given[0] is None
+        assert all(0 < s <= 600 for s in builder.given[1:])
+        assert report.measured_now == 2                     # the cut one is not a trial
+        assert len(db.records_for_training(tuner.workload, include_failed=True)) == 2
+        assert db.claims(tuner.workload) == [] and db.runs()[-1].status == "finished"
