@@ -4,6 +4,11 @@ together in one runner pass, the best-plan record written with that comparison, 
 The search measured each candidate once, at its own moment; a machine's load moves between
 moments, so the comparison that decides what ``verify --db`` runs is made again, side by side:
 ``LocalRunner.compare`` times the baseline and the best candidate interleaved in one worker.
+Which plan is compared is decided side by side too: the search's ``FINALISTS`` best candidates
+are timed with the default path in one interleaved pass, and the fastest there goes on
+(:func:`_finalist`). On a loaded machine one plan measured twice, minutes apart, differs by
+20-50%, so the best of many single measurements is as often the luckiest plan as the
+fastest.
 The plan replaces the default path only if it beats it clearly: in objective and by 3% of
 time (:func:`~boundflow.search.objective.beats_default`), and in most of the
 interleaved timing rounds (``WINS``); and it must do so again in a second, independent pass
@@ -25,6 +30,7 @@ from boundflow.search.objective import beats_default
 
 WINS = 0.7          # of the interleaved rounds, the share the plan must be faster in
 CONFIRM = 2         # independent interleaved passes the plan must win, each on its own
+FINALISTS = 3       # the search's best candidates timed together before one is confirmed
 
 if TYPE_CHECKING:
     from boundflow.search.tuner import Tuner, TuneReport
@@ -55,6 +61,8 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
         value_d = value_b = objective.measured(default, default)
         kept = True
     else:
+        best_c = _finalist(tuner, history, by_cand, best_c)
+        bundle, search_best = _bundle(tuner, best_c, by_cand), history.get(best_c)
         kept, default, best, value_d, value_b = _confirmed(tuner, bundle, best_c)
     if kept and math.isfinite(value_d):          # the default path is what verify should run
         tuner.db.set_best(tuner.baseline_bundle, objective.name, base[1], value_d,
@@ -77,6 +85,29 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
                       best_backend=best_c[1], default_backend=base[1], kept_default=kept,
                       search_default=search_default, search_best=search_best,
                       cost_model=tuner.ranker.choice.describe(), first_measurement_s=first)
+
+
+def finalists(tuner: "Tuner", history: dict) -> list[tuple]:
+    """The search's ``FINALISTS`` best candidates (not the baseline), best first."""
+    value = {c: tuner.objective.measured(r, tuner.reference) for c, r in history.items()
+             if c != tuner.baseline}
+    return sorted((c for c, v in value.items() if math.isfinite(v)), key=value.get)[:FINALISTS]
+
+
+def _finalist(tuner: "Tuner", history: dict, by_cand: dict, best_c: tuple) -> tuple:
+    """The candidate to confirm against the default path: of the search's best few, the
+    one best in a pass timing them all with the default path, interleaved (``best_c``, the
+    search's best, when there is one finalist or that pass fails)."""
+    ranked = finalists(tuner, history)
+    if len(ranked) < 2:
+        return best_c
+    res = compare(tuner, [(tuner.baseline_bundle, tuner.baseline[1])] +
+                  [(_bundle(tuner, c, by_cand), c[1]) for c in ranked])
+    if not res[0].ok:
+        return best_c
+    values = [tuner.objective.measured(r, res[0]) for r in res[1:]]
+    i = min(range(len(values)), key=values.__getitem__)
+    return ranked[i] if math.isfinite(values[i]) else best_c
 
 
 def _confirmed(tuner: "Tuner", bundle, best_c: tuple):

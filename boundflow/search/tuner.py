@@ -65,7 +65,7 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
     MeasureResult
 from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
-from boundflow.search.final import CONFIRM, report
+from boundflow.search.final import CONFIRM, finalists as finalists_of, report
 from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
 from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
 from boundflow.search.session import Heartbeat, Progress
@@ -337,16 +337,18 @@ class Tuner:
         return min(spent[0], guess) if spent else guess
 
     def _final_reserve(self, history: dict[Candidate, MeasureResult]) -> float:
-        """Seconds to keep for the final comparison of the best candidate so far with the
-        baseline: their calls under the final protocol, plus loading them, once for each of
-        the ``CONFIRM`` passes it may take."""
+        """Seconds to keep for the end: the pass timing the finalists with the baseline,
+        then the final comparison of one with the baseline, once for each of the ``CONFIRM``
+        passes it may take (their calls under the final protocol, plus loading them)."""
         best = self._best(history)
         if best is None or best == self.baseline:
             return 0.0
         cfg = self.final_config
         calls = 1 + cfg.warmup + 2 * cfg.repeat * cfg.number
         per_call = sum(history[c].median_s or 0.0 for c in (best, self.baseline))
-        return CONFIRM * (1.0 + calls * per_call)
+        finalists = sum(history[c].median_s or 0.0 for c in
+                        (self.baseline, *finalists_of(self, history)))
+        return CONFIRM * (1.0 + calls * per_call) + 1.0 + calls * finalists
 
     def _fits(self, backend: str, deadline: float | None,
               history: dict[Candidate, MeasureResult]) -> bool:

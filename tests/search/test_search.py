@@ -366,3 +366,51 @@ def test_a_compile_cut_by_the_time_budget_ends_the_tune_and_records_nothing():
         assert report.measured_now == 2                     # the cut one is not a trial
         assert len(db.records_for_training(tuner.workload, include_failed=True)) == 2
         assert db.claims(tuner.workload) == [] and db.runs()[-1].status == "finished"
+
+
+class _LuckyRunner:
+    """In the search, the first candidate after the default plan is measured far faster
+    than it is (a lucky moment); side by side (``compare``) every plan runs at its true
+    speed, and the second candidate is the fastest."""
+
+    def __init__(self):
+        self.order = []
+
+    def _result(self, i, t):
+        from boundflow.measure import MeasureResult
+        from boundflow.measure.result import machine
+
+        return MeasureResult(i.key, i.backend, i.target, median_s=t, mean_s=t, std_s=0.0,
+                             times=(t,) * 5, mean_width=1.0, peak_bytes=1024,
+                             machine=machine())
+
+    def _rank(self, key):
+        if key not in self.order:
+            self.order.append(key)
+        return self.order.index(key)
+
+    def run(self, inputs, builds, config=None):
+        return [self._result(i, {0: 2e-3, 1: 1e-4}.get(self._rank(i.key), 1.5e-3))
+                for i in inputs]
+
+    def compare(self, inputs, builds, config=None):
+        return [self._result(i, {0: 2e-3, 1: 3e-3, 2: 1e-3}.get(self._rank(i.key), 1.5e-3))
+                for i in inputs]
+
+    def close(self):
+        pass
+
+
+def test_the_plan_confirmed_is_the_fastest_finalist_side_by_side_not_the_luckiest():
+    g, spec, linear = _digits_query()
+    runner = _LuckyRunner()
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=_NoBuilder(), runner=runner)
+        report = tuner.tune(trials=6)
+    lucky, fastest = runner.order[1], runner.order[2]
+    assert report.best_bundle.key == fastest and not report.kept_default
+    assert report.search_best.median_s == 1.5e-3         # its own search measurement
+    assert report.best.median_s == 1e-3 and report.default.median_s == 2e-3
+    assert lucky != fastest
