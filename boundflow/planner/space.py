@@ -143,7 +143,13 @@ class SearchSpace:
             value = getattr(knobs, field)
             value = value[i] if isinstance(value, tuple) else value
             if value not in choices:
-                raise BoundFlowError(f"knobs.{field}[{i}] = {value!r} is not one of {choices}")
+                why = ""
+                if field == "domains" and value == "forward" and "crown" in choices:
+                    why = (f" (forward-mode bounds are offered for models whose every op "
+                           f"they cover and whose input has at most {forward.MAX_INPUTS} "
+                           f"elements)")
+                raise BoundFlowError(f"knobs.{field}[{i}] = {value!r} is not one of "
+                                     f"{choices}{why}")
         return knobs
 
     def from_choices(self, values: dict[tuple[str, int], Any], base: Knobs | None = None
