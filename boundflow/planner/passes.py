@@ -116,11 +116,11 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
     source = graph.output_node.inputs[0] if fold else graph.output
     inp = graph.input.name
     kind_of = {**{c: "crown" for c in crown}, **{f: "forward" for f in forward}}
-    crown_set = set(kind_of)
+    tightened = set(kind_of)
     by = {n.name: n for n in graph.nodes}
 
     def final_buf(v: str) -> str:
-        return _tight_buffer(v, kind_of[v]) if v in crown_set else v
+        return _tight_buffer(v, kind_of[v]) if v in tightened else v
 
     relaxed = ops.having("relaxed")
 
@@ -132,7 +132,7 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
                                   if r in up and by[r].op in relaxed))
 
     # (a forward-mode task reads the same intervals: those of the relaxed ops behind it)
-    backward_reads: dict[str, list[str]] = {c: relaxed_inputs_above(c) for c in crown_set}
+    backward_reads: dict[str, list[str]] = {c: relaxed_inputs_above(c) for c in tightened}
     if final != "ibp":
         backward_reads[BOUNDS] = relaxed_inputs_above(graph.output)
     needed_by_backward = {v for vs in backward_reads.values() for v in vs}
@@ -152,14 +152,14 @@ def build_tasks(graph: Graph, workload: Workload, groups, crown: tuple[str, ...]
                 if i not in group:
                     ins.append(final_buf(i))
             if (any(group_of.get(u) != gi for u in users[name]) or name == source
-                    or name in needed_by_backward or name in crown_set):
+                    or name in needed_by_backward or name in tightened):
                 outs.append(name)
         tasks.append(Task(f"ibp:{group[-1]}", "ibp", group, tuple(dict.fromkeys(ins)),
                           tuple(outs)))
         for o in outs:
             buffers[o] = buffer(o, o)
         for o in outs:
-            if o in crown_set:
+            if o in tightened:
                 ins = (o, inp) + tuple(final_buf(v) for v in backward_reads[o])
                 kind = kind_of[o]
                 tasks.append(Task(f"{kind}:{o}", kind, (o,), tuple(dict.fromkeys(ins)),
