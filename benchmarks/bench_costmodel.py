@@ -14,7 +14,7 @@ the shipped one. Then, per held-out workload, on the torch backend:
   one final runner pass (ratio: top plan time / best time; aim <= 1.2);
 * **warm vs cold**: ``--trials`` measurements of ``--strategy`` with the model starting
   from the training set, and again cold (analytic, then the workload's own data), each in a
-  fresh database: how many trials each needs to come within 5% of the best either found
+  fresh database (``--backend``, default torch): how many trials each needs to come within 5% of the best either found
   (aim: warm in at most a third of cold's). Two tunes measured minutes apart disagree by
   up to ~20% on the same plan (the default plan, measured first by both, came out "5%
   off the best" in one and "the best" in the other), so the curves are not the tunes' own
@@ -50,8 +50,7 @@ from boundflow.costmodel.inspect import held_out, training_set  # noqa: E402
 from boundflow.db import Database  # noqa: E402
 from boundflow.examples import EXAMPLES  # noqa: E402
 from boundflow.ir.workload import Workload  # noqa: E402
-from boundflow.measure import LocalRunner, MeasureConfig, MeasureInput  # noqa: E402
-from boundflow.measure.result import BuildResult  # noqa: E402
+from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureInput  # noqa: E402
 from boundflow.search import Objective, Tuner  # noqa: E402
 from boundflow.search.ranking import Ranker  # noqa: E402
 from boundflow.search.space import TuneSpace  # noqa: E402
@@ -89,20 +88,25 @@ def _held(db, tuner, trials: int):
     return out, bundles
 
 
-def _common_pass(q, bundles: dict, rounds: int) -> dict:
-    """Every plan of ``bundles`` measured in ``rounds`` interleaved rounds: key -> median s."""
+def _common_pass(q, bundles: dict, rounds: int, backend: str) -> dict:
+    """Every plan of ``bundles`` measured in ``rounds`` interleaved rounds: key -> median s
+    (compiled first where ``backend`` compiles: from the compile cache the tunes filled)."""
     runner = LocalRunner(MeasureConfig(number=5, repeat=5, warmup=2, timeout_s=300, threads=1))
+    builder = LocalBuilder()
     times: dict = {k: [] for k in bundles}
     try:
+        keys = list(bundles)
+        inputs = [MeasureInput(bundles[k], q.graph, q.lower, q.upper, q.C, backend)
+                  for k in keys]
+        builds = builder.build(inputs)
         for _ in range(rounds):
-            keys = list(bundles)
-            res = runner.run([MeasureInput(bundles[k], q.graph, q.lower, q.upper, q.C, "torch")
-                              for k in keys], [BuildResult(None)] * len(keys))
+            res = runner.run(inputs, builds)
             for k, r in zip(keys, res):
                 if r.ok:
                     times[k].append(r.median_s)
     finally:
         runner.close()
+        builder.close()
     return {k: float(np.median(v)) for k, v in times.items() if v}
 
 
@@ -115,6 +119,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="greedy")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", default="torch", help="the backend tuned (one)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/costmodel_warm"))
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -146,7 +151,7 @@ def main() -> None:
         for mode in ("cold", "warm"):
             with Database(":memory:") as mem:
                 tuner = Tuner(q.graph, q.lower, q.upper, q.C, method=method, db=mem,
-                              strategy=args.strategy, backend="torch", config=config,
+                              strategy=args.strategy, backend=args.backend, config=config,
                               batch_size=4, seed=0, progress=False,
                               pretrained=mode == "warm")
                 try:
@@ -156,7 +161,7 @@ def main() -> None:
                 finally:
                     tuner.close()
         # zero-shot: the warm model's top plan among sampled ones, unmeasured
-        space = TuneSpace(q.graph, w, "torch")
+        space = TuneSpace(q.graph, w, args.backend)
         ranker = Ranker(q.graph, w)
         rng = random.Random(0)
         default = space.bundle(space.default())
@@ -165,12 +170,12 @@ def main() -> None:
             b = space.bundle(space.sample(rng))
             cands.setdefault(b.key, b)
         bundles = list(cands.values())
-        heads = ranker.predict(ranker.features([(b, "torch") for b in bundles]))
+        heads = ranker.predict(ranker.features([(b, args.backend) for b in bundles]))
         objective = Objective.parse("time@width")   # the tuner's: as tight as the default
         value = objective.predicted(heads, float(heads["log_width"][0]))
         top = bundles[int(np.argmin(value))]
         common = _common_pass(q, {**plans, "zero-shot": top, "default": default},
-                              args.rounds)
+                              args.rounds, args.backend)
         best = min(common[k] for k in plans if k in common)
         ratio = common.get("zero-shot", math.nan) / best
         name = f"{w.method} {q.name}"
