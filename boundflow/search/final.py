@@ -56,12 +56,13 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
     best_c = tuner._best(history) or base
     bundle = _bundle(tuner, best_c, by_cand)
     search_default, search_best = history[base], history.get(best_c)
+    ranked = finalists(tuner, history) if best_c != base else []
     if best_c == base:
         default = best = search_default
         value_d = value_b = objective.measured(default, default)
         kept = True
     else:
-        best_c = _finalist(tuner, history, by_cand, best_c)
+        best_c = _finalist(tuner, ranked, by_cand, best_c)
         bundle, search_best = _bundle(tuner, best_c, by_cand), history.get(best_c)
         kept, default, best, value_d, value_b = _confirmed(tuner, bundle, best_c)
     if kept and math.isfinite(value_d):          # the default path is what verify should run
@@ -84,7 +85,8 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
                       max(0, len(history) - before - now), tuner._run_id,
                       best_backend=best_c[1], default_backend=base[1], kept_default=kept,
                       search_default=search_default, search_best=search_best,
-                      cost_model=tuner.ranker.choice.describe(), first_measurement_s=first)
+                      cost_model=tuner.ranker.choice.describe(), first_measurement_s=first,
+                      finalists=tuple(c[0] for c in ranked))
 
 
 def finalists(tuner: "Tuner", history: dict) -> list[tuple]:
@@ -94,11 +96,10 @@ def finalists(tuner: "Tuner", history: dict) -> list[tuple]:
     return sorted((c for c, v in value.items() if math.isfinite(v)), key=value.get)[:FINALISTS]
 
 
-def _finalist(tuner: "Tuner", history: dict, by_cand: dict, best_c: tuple) -> tuple:
-    """The candidate to confirm against the default path: of the search's best few, the
-    one best in a pass timing them all with the default path, interleaved (``best_c``, the
-    search's best, when there is one finalist or that pass fails)."""
-    ranked = finalists(tuner, history)
+def _finalist(tuner: "Tuner", ranked: list[tuple], by_cand: dict, best_c: tuple) -> tuple:
+    """The candidate to confirm against the default path: of the search's best few
+    (``ranked``), the one best in a pass timing them all with the default path, interleaved
+    (``best_c``, the search's best, when there is one finalist or that pass fails)."""
     if len(ranked) < 2:
         return best_c
     res = compare(tuner, [(tuner.baseline_bundle, tuner.baseline[1])] +

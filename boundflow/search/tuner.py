@@ -111,6 +111,7 @@ class TuneReport:
     search_best: MeasureResult | None = None
     cost_model: str = ""               # which model ranked, and why (Choice.describe)
     first_measurement_s: float | None = None    # from the start to the first measured plan
+    finalists: tuple[str, ...] = ()    # plan keys timed side by side before one was confirmed
 
     @property
     def speedup(self) -> float | None:

@@ -44,7 +44,8 @@ def main() -> None:
     Path(out).write_text(json.dumps({"run": report.run_id, "now": report.measured_now,
                                      "before": report.measured_before,
                                      "others": report.measured_by_others,
-                                     "best": report.best_bundle.key}))
+                                     "best": report.best_bundle.key,
+                                     "finalists": list(report.finalists)}))
 
 
 if __name__ == "__main__":
