@@ -175,11 +175,19 @@ def _number(v) -> float:
     return -1.0 if isinstance(v, str) else float(v or 0)
 
 
-def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[str, bool]
-            ) -> list[float]:
-    """The per-task features, pooled (the ``ops_*`` ... ``w_*`` names)."""
+def _effective_schedules(bundle: PlanBundle) -> dict[str, dict]:
+    """Per task lowered to TIR by the plan, its schedule knobs with the backend's defaults
+    filled in (checked once, read by the grouped and the pooled features)."""
     from boundflow.backend.relax.schedule_space import check
 
+    target = bundle.workload.target
+    return {t: check(dict(s), target) for t, low, s in bundle.lowering_plan.tasks
+            if low == "tir"}
+
+
+def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[str, bool],
+            schedules: dict[str, dict]) -> list[float]:
+    """The per-task features, pooled (the ``ops_*`` ... ``w_*`` names)."""
     tasks = {t.name: t for t in bundle.task_graph.tasks}
     nhwc = {n for nodes, lay in bundle.layout_plan.regions if lay == "NHWC" for n in nodes}
     sizes = [len(tasks[t.task].nodes) for t in work] or [0]
@@ -193,14 +201,12 @@ def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[st
     top = int(np.argmax([t.flops for t in work])) if work else 0
     is_tir = np.array([float(tir[t.task]) for t in work])
     is_nhwc = np.array([float(any(n in nhwc for n in tasks[t.task].nodes)) for t in work])
-    schedules = dict((t, s) for t, _, s in bundle.lowering_plan.tasks)
-    target = bundle.workload.target
     knobs = np.zeros(len(_SCHEDULE))
     w_tir = float(weight @ is_tir) if work else 0.0
     if w_tir > 0:
         for wt, t, on in zip(weight, work, is_tir):
             if on:
-                s = check(dict(schedules.get(t.task, ())), target)
+                s = schedules[t.task]
                 knobs += wt / w_tir * np.array([_number(s.get(k, 0)) for k in _SCHEDULE])
     return [
         *_graph_kinds(graph), float(np.mean(sizes)), float(max(sizes)),
@@ -213,15 +219,12 @@ def _pooled(bundle: PlanBundle, graph: Graph, work: list[TaskWork], tir: dict[st
     ]
 
 
-def _schedule_means(bundle: PlanBundle, kinds: tuple[str, ...]) -> list[float]:
-    """The effective schedule knobs (the backend's defaults filled in) of the TIR tasks of
-    ``kinds``, averaged; zeros when there are none."""
-    from boundflow.backend.relax.schedule_space import check
-
+def _schedule_means(bundle: PlanBundle, schedules: dict[str, dict], kinds: tuple[str, ...]
+                    ) -> list[float]:
+    """The effective schedule knobs (``schedules``) of the TIR tasks of ``kinds``, averaged;
+    zeros when there are none."""
     kind_of = {t.name: t.kind for t in bundle.task_graph.tasks}
-    target = bundle.workload.target
-    rows = [check(dict(s), target) for t, low, s in bundle.lowering_plan.tasks
-            if kind_of.get(t) in kinds and low == "tir"]
+    rows = [s for t, s in schedules.items() if kind_of.get(t) in kinds]
     if not rows:
         return [0.0] * len(_SCHEDULE)
     return [float(np.mean([_number(r.get(k, 0)) for r in rows])) for k in _SCHEDULE]
@@ -265,6 +268,7 @@ def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
            if t.kind != "input"}
     n_tir = sum(tir.values())
     regions = bundle.layout_plan.regions
+    schedules = _effective_schedules(bundle)
     vec = [
         _log(w.batch), float(w.n_specs), _log(math.prod(w.input_shape)),
         float(w.dtype == "float64"), float(w.target.startswith("cuda")),
@@ -283,8 +287,9 @@ def plan_features(bundle: PlanBundle, graph: Graph) -> np.ndarray:
         n_tir / max(1, len(work)),
         float(dict(bundle.domain_plan.alpha).get("iterations", 0)
               if bundle.domain_plan.final == "alpha-crown" else 0),
-        *_schedule_means(bundle, ("ibp", "layout")), *_schedule_means(bundle, ("crown", "final")),
-        *_pooled(bundle, graph, work, tir),
+        *_schedule_means(bundle, schedules, ("ibp", "layout")),
+        *_schedule_means(bundle, schedules, ("crown", "final")),
+        *_pooled(bundle, graph, work, tir, schedules),
     ]
     out = np.asarray(vec, np.float64)
     assert out.shape == (N_PLAN_FEATURES,)
