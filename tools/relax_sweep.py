@@ -1,6 +1,7 @@
 """Random legal plans with TIR lowering on the Relax backend against the torch backend.
 
     python tools/relax_sweep.py [--plans 30] [--models digits_mlp,...] [--methods ibp,...]
+                                [--target llvm|cuda]
 
 Each plan: random planner knobs (partition, domains, layouts, forms, storage, fuse passes) with
 ``tir`` lowering and random schedule knobs per task. Prints, per (model, method), how many plans
@@ -11,8 +12,10 @@ that missed the float32 criterion, the largest elementwise relative difference o
 run in float64 (a bound near zero that is a difference of large terms carries the float32
 rounding of those terms, so two summation orders can differ by more than 1e-5 of it; float64
 shows whether anything but rounding differs). Then whether ``--points`` sampled points (and the
-box corners) lie inside every plan's bounds, kernel counts and compile seconds. Slow: every plan
-is a TVM compile. Exits non-zero when a plan is unsound, or differs in float64 by more than 1e-9.
+box corners) lie inside every plan's bounds, kernel counts and compile seconds. With
+``--target cuda`` (a GPU machine) the schedule knobs are drawn from the CUDA space and the plans
+run on the GPU, against the torch backend on the CPU. Slow: every plan is a TVM compile.
+Exits non-zero when a plan is unsound, or differs in float64 by more than 1e-9.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--methods", default="ibp,crown-ibp,crown,alpha-crown")
     parser.add_argument("--points", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", default="llvm", choices=("llvm", "cuda"))
     args = parser.parse_args()
     print(f"{'model':<16} {'method':<12} {'plans':>5} {'within tol':>10} {'max rel diff':>12} "
           f"{'others f64':>10} {'sound':>5} {'kernels':>9} {'compile s':>10}", flush=True)
@@ -61,7 +65,7 @@ def main() -> None:
         truth = np.einsum("bsk,bmk->bms", np.asarray(C.C, np.float64),
                           true_outputs(g, box_points(x.lower, x.upper, n=args.points)))
         for method in args.methods.split(","):
-            w = Workload.of(g, batch=3, method=method)
+            w = Workload.of(g, batch=3, method=method, target=args.target)
             sp = space(g, w)
             rng = random.Random(args.seed)
             worst, within, sound, kernels, seconds = 0.0, 0, True, [], []
@@ -69,10 +73,11 @@ def main() -> None:
             for _ in range(args.plans):
                 knobs = sp.sample(rng).replace(lowering="tir")
                 tasks = [t.name for t in plan(g, w, knobs).task_graph.tasks if t.kind != "input"]
-                knobs = knobs.replace(schedule=tuple((t, schedules.sample(rng)) for t in tasks))
+                knobs = knobs.replace(schedule=tuple((t, schedules.sample(rng, args.target))
+                                                     for t in tasks))
                 bundle = plan(g, w, knobs, alpha=AlphaConfig(iterations=3))
                 start = time.perf_counter()
-                exe = RelaxExecutor(bundle, g)
+                exe = RelaxExecutor(bundle, g, target=args.target)
                 seconds.append(time.perf_counter() - start)
                 kernels.append(exe.n_kernels)
                 out, ref = exe.run(x, C), TorchExecutor(bundle, g).run(x, C)
@@ -82,9 +87,11 @@ def main() -> None:
                          for o, r in ((out.lower, ref.lower), (out.upper, ref.upper)))
                 within += ok
                 if not ok:
-                    w64 = Workload.of(g, batch=3, method=method, dtype="float64")
+                    w64 = Workload.of(g, batch=3, method=method, dtype="float64",
+                                      target=args.target)
                     b64 = plan(g, w64, knobs, alpha=AlphaConfig(iterations=3))
-                    o64, r64 = RelaxExecutor(b64, g).run(x64, C), TorchExecutor(b64, g).run(x64, C)
+                    o64 = RelaxExecutor(b64, g, target=args.target).run(x64, C)
+                    r64 = TorchExecutor(b64, g).run(x64, C)
                     f64 = max(f64, *(float(((o - r).abs() / (r.abs() + 1e-12)).max())
                                      for o, r in ((o64.lower, r64.lower), (o64.upper, r64.upper))))
                 worst = max(worst, float((out.lower - ref.lower).abs().max()) / scale,

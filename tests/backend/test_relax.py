@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("tvm")
 
-from boundflow.backend.relax.executor import RelaxExecutor, build_module  # noqa: E402
+from boundflow.backend.relax.executor import (  # noqa: E402
+    RelaxExecutor, build_module, compile_module)
 from boundflow.backend.torch import TorchExecutor  # noqa: E402
 from boundflow.examples import EXAMPLES  # noqa: E402
 from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec  # noqa: E402
@@ -99,23 +100,33 @@ def test_lowering_torch_runs_every_task_as_a_callback():
     _close(exe.run(x, C).lower, TorchExecutor(bundle, g).run(x, C).lower)
 
 
-def _cuda_plan(g, method, threads):
-    """The default plan of ``g`` for cuda with every task's ``threads`` schedule knob set."""
+# CUDA schedule knobs (threads, shared): TVM's dlight, our own binding, shared-memory tiling
+# (the default) with its thread budget
+CUDA_KNOBS = [(0, 0), (128, 0), (0, 16), (256, 8)]
+
+
+def _cuda_plan(g, method, threads, shared=0, torch_every=0):
+    """The default plan of ``g`` for cuda with every task's schedule knobs set (and every
+    ``torch_every``-th task lowered to a torch callback)."""
     w = Workload.of(g, batch=3, method=method, target="cuda")
-    k = default(g, w).replace(lowering="tir")
+    k = default(g, w).replace(lowering="tir", task_lowering=())
     tasks = [t.name for t in plan(g, w, k).task_graph.tasks if t.kind != "input"]
-    return plan(g, w, k.replace(schedule=tuple((t, (("threads", threads),)) for t in tasks)))
+    knobs = (("shared", shared), ("threads", threads))
+    k = k.replace(schedule=tuple((t, knobs) for t in tasks))
+    if torch_every:
+        k = k.replace(task_lowering=tuple((t, "torch") for t in tasks[::torch_every]))
+    return plan(g, w, k)
 
 
-@pytest.mark.parametrize("threads", [0, 128])
-def test_cuda_target_builds_cuda_source(threads):
+@pytest.mark.parametrize("threads,shared", CUDA_KNOBS)
+def test_cuda_target_builds_cuda_source(threads, shared):
     import tvm
 
     g, _, _ = _query("digits_cnn")
-    bundle = _cuda_plan(g, "crown-ibp", threads)
+    bundle = _cuda_plan(g, "crown-ibp", threads, shared)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     mod, _ = build_module(bundle, normalised(g)[0], target)
-    exe = tvm.compile(mod, target=target)
+    exe = compile_module(mod, target)
 
     def find_cuda(m):
         if m.kind == "cuda":
@@ -124,9 +135,16 @@ def test_cuda_target_builds_cuda_source(threads):
 
     src = find_cuda(exe.mod).inspect_source()
     kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src))
-    assert kernels and any(k.startswith("final") for k in kernels)
-    if threads:                               # bound by our schedule, not dlight's
-        assert set(re.findall(r"__launch_bounds__\((\d+)\)", src)) == {str(threads)}
+    # every task's function runs on the GPU (one left unscheduled would be built as host code
+    # that reads device memory: a segfault on a GPU machine)
+    funcs = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all(any(k.startswith(f + "_kernel") for k in kernels) for f in funcs)
+    bounds = set(re.findall(r"__launch_bounds__\((\d+)\)", src))
+    if threads and not shared:                # bound by our schedule, not dlight's
+        assert bounds == {str(threads)}
+    if shared:                                # tiles staged in shared memory, within budget
+        assert "__shared__" in src
+        assert all(int(b) <= (threads or 128) for b in bounds)
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found: CUDA source generated but not compiled")
     from tvm.support import nvcc
@@ -143,15 +161,22 @@ def _has_gpu() -> bool:
 
 
 @pytest.mark.skipif(not _has_gpu(), reason="no CUDA device")
-@pytest.mark.parametrize("threads", [0, 128])
-def test_cuda_run_matches_cpu(monkeypatch, threads):             # GPU machines only
-    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
-    g, x, C = _query("digits_cnn")
-    bundle = _cuda_plan(g, "crown-ibp", threads)
-    gpu = RelaxExecutor(bundle, g, target={"kind": "cuda", "arch": "sm_80"}).run(x, C)
+@pytest.mark.parametrize("threads,shared", CUDA_KNOBS)
+@pytest.mark.parametrize("name,method,torch_every", [("digits_cnn", "crown-ibp", 0),
+                                                     ("random_residual", "crown", 0),
+                                                     ("digits_mlp", "crown", 2)])
+def test_cuda_run_matches_cpu(monkeypatch, name, method, torch_every, threads, shared):
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")            # GPU machines only
+    g, x, C = _query(name)
+    bundle = _cuda_plan(g, method, threads, shared, torch_every)
+    exe = RelaxExecutor(bundle, g, target="cuda")
+    assert bool(exe.fallbacks) == bool(torch_every)       # torch callbacks on GPU tensors
+    gpu = exe.run(x, C)
     cpu = TorchExecutor(bundle, g).run(x, C)
     _close(gpu.lower.cpu(), cpu.lower, atol=1e-4)
     _close(gpu.upper.cpu(), cpu.upper, atol=1e-4)
+    assert_contains(gpu.lower, gpu.upper, true_outputs(g, box_points(x.lower, x.upper, n=500)),
+                    C.C, tol=1e-5)
 
 
 
@@ -283,7 +308,7 @@ def test_random_schedule_knobs_keep_bounds():
         schedules.check({"tile": 3})
     with pytest.raises(BoundFlowError, match="for target llvm"):
         schedules.check({"threads": 64}, "llvm")
-    assert schedules.check({"threads": 64}, "cuda") == {"threads": 64}
+    assert schedules.check({"threads": 64}, "cuda") == {"threads": 64, "shared": 16}
 
 
 def test_a_plan_with_forward_domains_runs_its_forward_tasks_as_callbacks_and_agrees():

@@ -167,8 +167,13 @@ def _no_alias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target):
-    """``mod`` compiled by TVM's default Relax pipeline for ``target``, every kernel noalias."""
-    pipeline = tvm.transform.Sequential([relax.get_pipeline("default"), _no_alias])
+    """``mod`` compiled by TVM's default Relax pipeline for ``target``, every kernel noalias.
+    For cuda that is the GPU pipeline, whose dlight rules schedule every PrimFunc our schedule
+    left to it (an unscheduled function would otherwise be built as host code that reads
+    device memory)."""
+    default = (relax.get_default_pipeline(target) if target.kind.name == "cuda"
+               else relax.get_pipeline("default"))
+    pipeline = tvm.transform.Sequential([default, _no_alias])
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
@@ -210,7 +215,8 @@ class RelaxExecutor:
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
                           if t.kind != "input" and not lowers_to_tir(bundle, t, g)]
         if self.fallbacks:
-            self._torch = TorchExecutor(bundle, graph)
+            on_gpu = self.device.dlpack_device_type() != 1       # the callbacks' tensors' device
+            self._torch = TorchExecutor(bundle, graph, device="cuda" if on_gpu else "cpu")
             for t in bundle.task_graph.tasks:
                 if t.name in self.fallbacks:
                     tvm_ffi.register_global_func(callback_name(bundle, t),
@@ -250,7 +256,7 @@ class RelaxExecutor:
                    for i, b in enumerate(inputs)}
             C = torch.from_dlpack(arrays[n_in]) if has_c else None
             outs = arrays[n_in + has_c:]
-            tensors = graph_tensors(self.graph, self.dtype)
+            tensors = graph_tensors(self.graph, self.dtype, exe.device)
             with torch.no_grad():
                 if task.kind in ("ibp", "layout"):
                     values = (exe._ibp(task, env, tensors, False)[0] if task.kind == "ibp"

@@ -19,6 +19,10 @@ LLVM: dict[str, tuple[Any, ...]] = {      # first value of each: the default
 }
 CUDA: dict[str, tuple[Any, ...]] = {
     "threads": (0, 64, 128, 256, 512),
+    # reduction chunk staged in shared memory (0: off). Default 16: on an H200 it ran every
+    # CROWN / CROWN-IBP row of benchmarks/bench_gpu.py 1.1-7x faster than dlight alone
+    # (benchmarks/results/gpu_h200.txt)
+    "shared": (16, 0, 8, 32),
 }
 
 
@@ -29,7 +33,7 @@ PRESETS: dict[str, tuple[dict[str, Any], ...]] = {
              {"tile": 16, "tile_rows": 8},
              {"parallel": False},
              {"inline": True}),
-    "cuda": ({"threads": 128}, {"threads": 256}),
+    "cuda": ({"shared": 0}, {"threads": 128, "shared": 0}, {"threads": 256}, {"shared": 32}),
 }
 
 

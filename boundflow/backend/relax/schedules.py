@@ -25,16 +25,34 @@ shape and the CPU's vector width, as MetaSchedule's and Ansor's rule-based first
 - ``cache_write``: accumulate the tile in a ``local`` buffer written back per tile;
 - ``unroll``: the auto-unroll limit of reduction stages.
 
-cuda: ``threads`` = 0 hands the function to TVM's default GPU pipeline (dlight); a positive
-value binds every stage itself: its spatial loops fused and split over ``blockIdx.x`` ×
-``threadIdx.x`` with that many threads per block (reductions run serially inside a thread).
-A function whose stages cannot all be bound that way goes to dlight.
+cuda: with ``threads`` and ``shared`` both 0 the function goes to TVM's default GPU pipeline
+(dlight). ``threads`` > 0 with ``shared`` 0 binds every stage itself: its spatial loops fused
+and split over ``blockIdx.x`` × ``threadIdx.x`` with that many threads per block (reductions
+run serially inside a thread). ``shared`` > 0 (a reduction chunk; 16, the default) schedules
+each reduction stage by its shape, with ``threads`` (128 where 0) as the block's thread
+budget:
+
+- reuse (some input is not indexed by some output loop, as a weight is not by the batch), a
+  reduction of at least 32 and inner reduction loops (all but the outermost) of at most
+  2 × ``shared`` elements (a convolution's window): multi-level tiling. Each spatial loop
+  is split into a block part and a thread part (innermost loops first; a symbolic batch
+  stays on blocks), the outermost reduction loop split into chunks (a divisor of it) of
+  about ``shared`` elements together with the inner reduction loops, every input staged
+  per chunk in shared memory by the block's threads together (48 KB at most, else the
+  function goes to dlight), the accumulator in a register;
+- no reuse and a long reduction (a bias term ``Σ A·b`` per spec row): one block per output,
+  the reduction spread over a warp or two (cross-thread reduction);
+- otherwise bound as ``threads`` does.
+
+A function whose stages cannot all be scheduled that way goes to dlight.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
+import tvm
 from tvm import s_tir, sym, tirx
 
 from boundflow.backend.relax.schedule_space import AUTO, CUDA, LLVM, _kind, check, sample, space
@@ -42,7 +60,8 @@ from boundflow.backend.relax.schedule_space import AUTO, CUDA, LLVM, _kind, chec
 __all__ = ["schedule", "space", "check", "sample", "LLVM", "CUDA"]
 
 _REDUCE = 2                                  # IterVar.iter_type of a reduction axis
-_ERRORS = (RuntimeError, ValueError, TypeError)   # what TVM raises (ScheduleError is a RuntimeError)
+_SHARED_BYTES = 48 * 1024                     # static shared memory per block on every GPU
+_ERRORS = (RuntimeError, ValueError, TypeError)   # TVM's (ScheduleError is a RuntimeError)
 
 
 def _try(fn, *args) -> bool:
@@ -70,7 +89,7 @@ def schedule(func: tirx.PrimFunc, knobs: Mapping[str, Any], target: Any) -> tirx
     """``func`` scheduled for ``target`` under ``knobs`` (see the module docstring)."""
     k = check(knobs, target)
     if _kind(target) == "cuda":
-        return _cuda(func, k["threads"])
+        return _cuda(func, k["threads"], k["shared"])
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
@@ -204,11 +223,13 @@ def _tile_reduction(sch: s_tir.Schedule, b, knobs: Mapping[str, Any], lanes: int
         _try(sch.vectorize, sch.get_loops(cw)[-1])
 
 
-def _cuda(func: tirx.PrimFunc, threads: int) -> tirx.PrimFunc:
-    """``func`` with every stage bound over blocks × ``threads``; ``func`` unchanged (for the
-    default GPU pipeline) when ``threads`` is 0 or a stage cannot be bound."""
-    if not threads:
+def _cuda(func: tirx.PrimFunc, threads: int, shared: int = 0) -> tirx.PrimFunc:
+    """``func`` with every stage bound to blocks × threads (see the module docstring);
+    ``func`` unchanged (for the default GPU pipeline) when both knobs are 0 or a stage cannot
+    be scheduled."""
+    if not threads and not shared:
         return func
+    budget = threads or 128
     sch = s_tir.Schedule(func)
     try:
         for b in sch.get_child_blocks(sch.get_sblock("root")):
@@ -217,10 +238,119 @@ def _cuda(func: tirx.PrimFunc, threads: int) -> tirx.PrimFunc:
             if len(loops) != len(kinds) or kinds != sorted(kinds) or not kinds or kinds[0]:
                 return func
             n_sp = kinds.count(False)
-            fused = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
-            bx, tx = sch.split(fused, factors=[None, threads])
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
+            r_ext = _product(sch.get(lp).extent for lp in loops[n_sp:])
+            inner = _product(sch.get(lp).extent for lp in loops[n_sp + 1:])
+            if shared and r_ext is not None and r_ext >= 32 and inner <= 2 * shared \
+                    and _has_reuse(sch, b):
+                _cuda_tile(sch, b, n_sp, budget, shared)
+            elif shared and r_ext is not None and r_ext >= 64:
+                _cuda_allreduce(sch, b, n_sp, 64 if r_ext >= 512 else 32)
+            else:
+                _cuda_bind(sch, b, n_sp, budget)
     except _ERRORS:
         return func
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)     # dlight leaves it alone
+
+
+def _product(extents) -> int | None:
+    out = 1
+    for e in extents:
+        c = _const(e)
+        if c is None:
+            return None
+        out *= c
+    return out
+
+
+def _cuda_bind(sch: s_tir.Schedule, b, n_sp: int, threads: int) -> None:
+    """Spatial loops fused over blocks × ``threads``; reductions serial in each thread."""
+    loops = sch.get_loops(b)
+    fused = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
+    bx, tx = sch.split(fused, factors=[None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _has_reuse(sch: s_tir.Schedule, b) -> bool:
+    """Whether some input of ``b`` is read by more than one output: its region does not
+    depend on some spatial iteration variable."""
+    block = sch.get(b)
+    spatial = {iv.var for iv in block.iter_vars if int(iv.iter_type) != _REDUCE}
+    for region in block.reads:
+        used = [v for rng in region.region for v in tirx.analysis.undefined_vars(rng.min)]
+        if any(not any(v.same_as(u) for u in used) for v in spatial):
+            return True
+    return False
+
+
+def _cuda_allreduce(sch: s_tir.Schedule, b, n_sp: int, lanes: int) -> None:
+    """One block per output (spatial loops fused), the fused reduction split over ``lanes``
+    threads that combine their partial sums (TVM's cross-thread reduction)."""
+    loops = sch.get_loops(b)
+    sp = sch.fuse(*loops[:n_sp]) if n_sp > 1 else loops[0]
+    red = loops[n_sp:]
+    r = sch.fuse(*red) if len(red) > 1 else red[0]
+    _, ri = sch.split(r, factors=[None, lanes])
+    sch.bind(sp, "blockIdx.x")
+    sch.bind(ri, "threadIdx.x")
+
+
+def _largest_divisor(extent: int, limit: int) -> int:
+    return next(d for d in range(min(extent, limit), 0, -1) if extent % d == 0)
+
+
+def _cuda_tile(sch: s_tir.Schedule, b, n_sp: int, budget: int, chunk: int) -> None:
+    """Multi-level tiling of reduction block ``b`` with its inputs staged in shared memory
+    per reduction chunk (the module docstring)."""
+    loops = sch.get_loops(b)
+    factors, left = [], budget
+    for lp in reversed(loops[:n_sp]):             # threads over the innermost loops first
+        ext = sch.get(lp).extent
+        c = _const(ext)
+        t = _largest_divisor(c, left) if c is not None else 1    # the batch: blocks only
+        factors.append(t)
+        left //= t
+    factors.reverse()
+    outer, inner = [], []
+    for lp, t in zip(loops[:n_sp], factors):
+        if t == 1:
+            outer.append(lp)
+        elif _const(sch.get(lp).extent) == t:
+            inner.append(lp)
+        else:
+            o, i = sch.split(lp, factors=[None, t])
+            outer.append(o)
+            inner.append(i)
+    red = loops[n_sp:]                            # chunks of the outermost reduction loop
+    rest = _product(sch.get(lp).extent for lp in red[1:])
+    k = _largest_divisor(int(_const(sch.get(red[0]).extent)), max(1, chunk // rest))
+    ko, ki = sch.split(red[0], factors=[None, k])
+    sch.reorder(*outer, *inner, ko, ki, *red[1:])
+    bx = sch.fuse(*outer) if len(outer) > 1 else outer[0] if outer else None
+    tx = sch.fuse(*inner) if len(inner) > 1 else inner[0] if inner else None
+    if bx is None or tx is None:
+        raise ValueError("nothing to bind")
+    n_threads = math.prod(factors)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    acc = sch.cache_write(b, 0, "local")
+    sch.reverse_compute_at(acc, tx)
+    staged = 0
+    for i in range(len(sch.get(b).reads)):
+        stage = sch.cache_read(b, i, "shared", consumer_blocks=[b])
+        sch.compute_at(stage, ko)
+        around = sch.get_loops(stage)
+        depth = next(i for i, lp in enumerate(around) if sch.get(lp).same_as(sch.get(ko)))
+        copy = around[depth + 1:]
+        if not copy:                                  # one element per chunk
+            continue
+        size = _product(sch.get(lp).extent for lp in copy)
+        if size is None:
+            raise ValueError("a staged region of symbolic size")
+        staged += size * tvm.DataType(str(sch.get(stage).writes[0].source.dtype)).bits // 8
+        if staged > _SHARED_BYTES:
+            raise ValueError("the staged chunks do not fit in shared memory")
+        fused = sch.fuse(*copy) if len(copy) > 1 else copy[0]
+        _, t = sch.split(fused, factors=[None, n_threads])
+        sch.bind(t, "threadIdx.x")
+    sch.decompose_reduction(b, ko)
