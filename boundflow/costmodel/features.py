@@ -16,7 +16,8 @@ lowering share, Relax fusion and schedules mean nothing to a backend that tunes 
 * the plan's shape: tasks by kind, kernels (TIR tasks), torch callbacks, layout conversions,
   fused fraction, NHWC and centre/radius fractions, storage reuse, planned bytes, Relax fusion,
   the lowering share (``tir_fraction``: tasks lowered to TIR kernels over all tasks);
-* schedule knobs, averaged over the forward (ibp, layout) and backward (crown, final) tasks;
+* schedule knobs (llvm's, and cuda's ``threads`` and ``shared``: features-v5), averaged over
+  the forward (ibp, layout) and backward (crown, final) tasks;
 * per task, pooled into the plan vector (features-v4), so that what the largest tasks do
   counts more than what the many small ones do: the graph's op kinds by trait (weighted,
   activation, windows without weights, other relaxed ops such as maxpool, merges of two
@@ -47,11 +48,11 @@ from boundflow.ir import ops
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
 
-FEATURE_VERSION = "features-v4"
+FEATURE_VERSION = "features-v5"
 _METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 _FINALS = ("ibp", "crown", "alpha-crown")
 _SCHEDULE = ("inline", "parallel", "vectorize", "tile", "tile_rows", "cache_write", "unroll",
-             "threads")
+             "threads", "shared")
 _WEIGHTED = ops.having("weighted")      # linear, conv2d, conv_transpose2d: CROWN's work
 
 PLAN_FEATURE_NAMES: tuple[str, ...] = (

@@ -171,3 +171,19 @@ def test_pooled_task_features_see_the_graph_and_weight_tasks_by_flops():
     assert on_big["w_unroll"] < 32 < on_small["w_unroll"]
     assert on_big["log_flops_tir"] > 0 and on_big["w_tir"] == pytest.approx(1.0)
     assert _named(unrolled(small, 0), mlp, "torch")["w_unroll"] == 0.0
+
+
+def test_cuda_schedule_knobs_are_features():
+    """features-v5: the cuda schedule knobs (``threads``, ``shared``) reach the vector, with
+    their defaults filled in, so a model can learn what staging in shared memory does."""
+    _, g = example_graph("random_cnn")
+    w = Workload.of(g, batch=4, method="crown-ibp", target="cuda")
+    k = default(g, w).replace(lowering="tir", task_lowering=())
+    tasks = [t.name for t in plan(g, w, k).task_graph.tasks if t.kind != "input"]
+    def every(knobs):
+        return _named(plan(g, w, k.replace(schedule=tuple((t, knobs) for t in tasks))), g,
+                      "relax")
+    staged, dlight = every((("shared", 32),)), every((("shared", 0),))
+    assert staged["w_shared"] == pytest.approx(32) and dlight["w_shared"] == 0.0
+    assert every(())["w_shared"] == pytest.approx(16)          # the default
+    assert every((("shared", 0), ("threads", 256)))["w_threads"] == pytest.approx(256)
