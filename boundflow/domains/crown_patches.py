@@ -228,7 +228,7 @@ def _unfold_each(win: Window, tensors) -> tuple:
     if len({(t.shape, t.dtype) for t in present}) != 1:
         return tuple(None if t is None else win.unfold(t) for t in tensors)
     C = present[0].shape[1]
-    parts = iter(win.unfold(torch.cat(present, 1)).split(C, 3))
+    parts = iter(p.contiguous() for p in win.unfold(torch.cat(present, 1)).split(C, 3))
     return tuple(None if t is None else next(parts) for t in tensors)
 
 
