@@ -293,3 +293,26 @@ def test_alpha_with_patch_slopes_equals_dense_slopes(monkeypatch):
     crown = bf.compute_bounds(g, x, eps=0.3, method="crown", dtype="float64")
     assert torch.all(out[True].lower >= crown.lower - 1e-9)
     assert torch.any(out[True].lower > crown.lower + 1e-6)
+
+
+@pytest.mark.parametrize("cin,k,s,p,d,H", [(1, 3, 2, 0, 1, 8), (3, 4, 2, 1, 1, 9),
+                                          (3, 3, 3, 2, 2, 11), (4, 4, 2, 2, 1, 8)])
+def test_strided_conv_adjoint_onto_few_channels(cin, k, s, p, d, H):
+    """The scatter-add path of the adjoint convolution (strided, few input channels) is the
+    adjoint: <conv(x), t> = <x, conv_t(t)>, and equals ATen's transposed convolution."""
+    import torch.nn.functional as F
+
+    from boundflow.domains import crown_rules
+
+    assert cin <= crown_rules.SCATTER_CHANNELS           # the path under test
+    gen = torch.Generator().manual_seed(cin * 100 + H)
+    w = torch.randn(6, cin, k, k, dtype=torch.float64, generator=gen)
+    ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    t = torch.randn(2, 3, 6, ho, ho, dtype=torch.float64, generator=gen)
+    x = torch.randn(6, cin, H, H, dtype=torch.float64, generator=gen)
+    got = crown_rules.conv_t(t, w, (cin, H, H), (s, s), (p, p), (d, d), 1)
+    lhs = (F.conv2d(x, w, None, s, p, d).reshape(2, 3, 6, ho, ho) * t).sum()
+    assert float((x.reshape(2, 3, cin, H, H) * got).sum()) == pytest.approx(float(lhs), rel=1e-10)
+    op = crown_rules._output_padding((H, H), (ho, ho), (k, k), (s, s), (p, p), (d, d))
+    aten = F.conv_transpose2d(t.reshape(6, 6, ho, ho), w, None, s, p, op, 1, d)
+    torch.testing.assert_close(got.reshape(aten.shape), aten, rtol=0, atol=1e-10)
