@@ -12,8 +12,8 @@ per CUDA schedule (``dlight``: TVM's default GPU rules, ``shared`` = 0; ``bind12
 stage's spatial loops over blocks of 128 threads; ``tile``: reductions tiled with their
 inputs staged in shared memory, ``shared`` = 16, the default; see ``schedules.py``), one
 compile serving every batch; ``--jobs`` processes compile them first into the compile
-cache. Per batch: medians of ``--reps`` calls, interleaved, synchronised; ``fwd`` = a forward pass of the model on the GPU,
-``torch`` = ``TorchExecutor`` on the GPU (the plain path on this device), each schedule's time
+cache. Per batch: medians of ``--reps`` calls, interleaved, synchronised; ``fwd`` = a
+forward pass of the model on the GPU, ``torch`` = ``TorchExecutor`` on the GPU (the plain path on this device), each schedule's time
 and its ratio to torch (> 1: the compiled plan is slower). ``diff`` = the largest difference
 from the torch backend on the CPU over the largest bound; ``sound`` = every sampled point
 (200 per box, and the corners) within the bounds. Needs a CUDA device and TVM built with CUDA.

@@ -105,10 +105,10 @@ def test_lowering_torch_runs_every_task_as_a_callback():
 CUDA_KNOBS = [(0, 0), (128, 0), (0, 16), (256, 8)]
 
 
-def _cuda_plan(g, method, threads, shared=0, torch_every=0):
+def _cuda_plan(g, method, threads, shared=0, torch_every=0, n_specs=None):
     """The default plan of ``g`` for cuda with every task's schedule knobs set (and every
     ``torch_every``-th task lowered to a torch callback)."""
-    w = Workload.of(g, batch=3, method=method, target="cuda")
+    w = Workload.of(g, batch=3, method=method, target="cuda", n_specs=n_specs)
     k = default(g, w).replace(lowering="tir", task_lowering=())
     tasks = [t.name for t in plan(g, w, k).task_graph.tasks if t.kind != "input"]
     knobs = (("shared", shared), ("threads", threads))
@@ -133,6 +133,9 @@ def test_cuda_target_builds_cuda_source(threads, shared):
             return m
         return next((r for r in map(find_cuda, m.imports) if r is not None), None)
 
+    if threads or shared:                     # our schedule took every function, not dlight
+        assert all(f.attrs.get("tirx.is_scheduled") for _, f in mod.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc))
     src = find_cuda(exe.mod).inspect_source()
     kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src))
     # every task's function runs on the GPU (one left unscheduled would be built as host code
@@ -152,6 +155,25 @@ def test_cuda_target_builds_cuda_source(threads, shared):
     with target:
         ptx = nvcc.compile_cuda(src, target_format="ptx", arch="sm_80", compiler="nvcc")
     assert b".entry" in bytes(ptx)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "random_residual"])
+@pytest.mark.parametrize("n_specs", [1, None])
+def test_cuda_default_schedule_takes_every_function(name, n_specs):
+    """The default cuda schedule (shared-memory tiling) schedules every task's function
+    itself, with one spec row too (a unit output loop is no reuse, and a block whose
+    outputs give no block level is bound, not tiled): nothing falls to dlight."""
+    import tvm
+
+    g, _, _ = _query(name)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    for method in ("crown-ibp", "crown"):
+        w = Workload.of(g, batch=3, method=method, target="cuda", n_specs=n_specs)
+        bundle = plan(g, w, default(g, w).replace(lowering="tir", task_lowering=()))
+        mod, _ = build_module(bundle, normalised(g)[0], target)
+        left = [gv.name_hint for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and not f.attrs.get("tirx.is_scheduled")]
+        assert not left, f"{name} {method}: left to dlight: {left}"
 
 
 def _has_gpu() -> bool:

@@ -23,7 +23,7 @@ import tvm
 
 # Bumped whenever kernel generation or scheduling changes what a plan compiles to, so a
 # module compiled by older code is never loaded for a plan it no longer matches.
-KERNELS_VERSION = "kernels-9"
+KERNELS_VERSION = "kernels-10"     # 10: cuda modules through TVM's GPU pipeline, shared=16
 
 
 def default_root() -> Path:

@@ -170,7 +170,10 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target):
     """``mod`` compiled by TVM's default Relax pipeline for ``target``, every kernel noalias.
     For cuda that is the GPU pipeline, whose dlight rules schedule every PrimFunc our schedule
     left to it (an unscheduled function would otherwise be built as host code that reads
-    device memory)."""
+    device memory). That pipeline also runs TVM's FuseOps / FuseTIR, which may merge task
+    kernels beyond the plan's fusion (a merged function is scheduled by dlight); the kernel
+    count reported is the plan's, before that. The speedups measured on a GPU
+    (``benchmarks/results/gpu_h200.txt``) were with this pipeline."""
     default = (relax.get_default_pipeline(target) if target.kind.name == "cuda"
                else relax.get_pipeline("default"))
     pipeline = tvm.transform.Sequential([default, _no_alias])

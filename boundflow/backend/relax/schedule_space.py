@@ -20,8 +20,8 @@ LLVM: dict[str, tuple[Any, ...]] = {      # first value of each: the default
 CUDA: dict[str, tuple[Any, ...]] = {
     "threads": (0, 64, 128, 256, 512),
     # reduction chunk staged in shared memory (0: off). Default 16: on an H200 it ran every
-    # CROWN / CROWN-IBP row of benchmarks/bench_gpu.py 1.1-7x faster than dlight alone
-    # (benchmarks/results/gpu_h200.txt)
+    # CROWN / CROWN-IBP row of benchmarks/bench_gpu.py 2.6-14x faster than dlight alone and
+    # 1.1-2.9x faster than plain binding (benchmarks/results/gpu_h200.txt)
     "shared": (16, 0, 8, 32),
 }
 

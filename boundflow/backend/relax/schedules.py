@@ -32,23 +32,26 @@ run serially inside a thread). ``shared`` > 0 (a reduction chunk; 16, the defaul
 each reduction stage by its shape, with ``threads`` (128 where 0) as the block's thread
 budget:
 
-- reuse (some input is not indexed by some output loop, as a weight is not by the batch), a
-  reduction of at least 32 and inner reduction loops (all but the outermost) of at most
-  2 × ``shared`` elements (a convolution's window): multi-level tiling. Each spatial loop
+- reuse (some input is not indexed by some output loop of extent > 1, as a weight is not by
+  the batch), a reduction of at least 32, inner reduction loops (all but the outermost) of
+  at most 2 × ``shared`` elements (a convolution's window), and outputs that give both a
+  block and a thread level: multi-level tiling. Each spatial loop
   is split into a block part and a thread part (innermost loops first; a symbolic batch
   stays on blocks), the outermost reduction loop split into chunks (a divisor of it) of
   about ``shared`` elements together with the inner reduction loops, every input staged
   per chunk in shared memory by the block's threads together (48 KB at most, else the
   function goes to dlight), the accumulator in a register;
-- no reuse and a long reduction (a bias term ``Σ A·b`` per spec row): one block per output,
-  the reduction spread over a warp or two (cross-thread reduction);
+- otherwise, a reduction of at least 64 (a bias term ``Σ A·b`` per spec row, a reduction over
+  a whole map): one block per output, the reduction spread over a warp or two (32 or 64
+  threads whatever ``threads`` says: cross-thread reduction);
 - otherwise bound as ``threads`` does.
 
-A function whose stages cannot all be scheduled that way goes to dlight.
+A function whose stages cannot all be scheduled that way goes to dlight (logged at debug).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
@@ -61,6 +64,7 @@ __all__ = ["schedule", "space", "check", "sample", "LLVM", "CUDA"]
 
 _REDUCE = 2                                  # IterVar.iter_type of a reduction axis
 _SHARED_BYTES = 48 * 1024                     # static shared memory per block on every GPU
+log = logging.getLogger("boundflow.relax")
 _ERRORS = (RuntimeError, ValueError, TypeError)   # TVM's (ScheduleError is a RuntimeError)
 
 
@@ -240,14 +244,16 @@ def _cuda(func: tirx.PrimFunc, threads: int, shared: int = 0) -> tirx.PrimFunc:
             n_sp = kinds.count(False)
             r_ext = _product(sch.get(lp).extent for lp in loops[n_sp:])
             inner = _product(sch.get(lp).extent for lp in loops[n_sp + 1:])
+            factors = _thread_factors(sch, loops[:n_sp], budget)
             if shared and r_ext is not None and r_ext >= 32 and inner <= 2 * shared \
-                    and _has_reuse(sch, b):
-                _cuda_tile(sch, b, n_sp, budget, shared)
+                    and _has_reuse(sch, b) and _tileable(sch, loops[:n_sp], factors):
+                _cuda_tile(sch, b, n_sp, factors, shared)
             elif shared and r_ext is not None and r_ext >= 64:
                 _cuda_allreduce(sch, b, n_sp, 64 if r_ext >= 512 else 32)
             else:
                 _cuda_bind(sch, b, n_sp, budget)
-    except _ERRORS:
+    except Exception as e:                  # TVM raises many kinds; the fallback is dlight's
+        log.debug("cuda schedule left %s to dlight: %s", func.attrs.get("global_symbol"), e)
         return func
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)     # dlight leaves it alone
 
@@ -275,7 +281,8 @@ def _has_reuse(sch: s_tir.Schedule, b) -> bool:
     """Whether some input of ``b`` is read by more than one output: its region does not
     depend on some spatial iteration variable."""
     block = sch.get(b)
-    spatial = {iv.var for iv in block.iter_vars if int(iv.iter_type) != _REDUCE}
+    spatial = {iv.var for iv in block.iter_vars
+               if int(iv.iter_type) != _REDUCE and _const(iv.dom.extent) != 1}
     for region in block.reads:
         used = [v for rng in region.region for v in tirx.analysis.undefined_vars(rng.min)]
         if any(not any(v.same_as(u) for u in used) for v in spatial):
@@ -299,18 +306,29 @@ def _largest_divisor(extent: int, limit: int) -> int:
     return next(d for d in range(min(extent, limit), 0, -1) if extent % d == 0)
 
 
-def _cuda_tile(sch: s_tir.Schedule, b, n_sp: int, budget: int, chunk: int) -> None:
-    """Multi-level tiling of reduction block ``b`` with its inputs staged in shared memory
-    per reduction chunk (the module docstring)."""
-    loops = sch.get_loops(b)
+def _thread_factors(sch: s_tir.Schedule, spatial, budget: int) -> list[int]:
+    """Per spatial loop, the part of it a block's threads take: the largest divisor of its
+    extent within what the inner loops left of ``budget`` (a symbolic batch: 1)."""
     factors, left = [], budget
-    for lp in reversed(loops[:n_sp]):             # threads over the innermost loops first
-        ext = sch.get(lp).extent
-        c = _const(ext)
+    for lp in reversed(spatial):                  # threads over the innermost loops first
+        c = _const(sch.get(lp).extent)
         t = _largest_divisor(c, left) if c is not None else 1    # the batch: blocks only
         factors.append(t)
         left //= t
-    factors.reverse()
+    return factors[::-1]
+
+
+def _tileable(sch: s_tir.Schedule, spatial, factors: list[int]) -> bool:
+    """Whether the tiling has both levels: some threads, and a block loop (a loop not
+    wholly in the threads)."""
+    return math.prod(factors) > 1 and any(_const(sch.get(lp).extent) != t
+                                          for lp, t in zip(spatial, factors))
+
+
+def _cuda_tile(sch: s_tir.Schedule, b, n_sp: int, factors: list[int], chunk: int) -> None:
+    """Multi-level tiling of reduction block ``b`` with its inputs staged in shared memory
+    per reduction chunk (the module docstring); ``factors``: :func:`_thread_factors`."""
+    loops = sch.get_loops(b)
     outer, inner = [], []
     for lp, t in zip(loops[:n_sp], factors):
         if t == 1:
