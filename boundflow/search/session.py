@@ -12,7 +12,10 @@ from boundflow.measure import MeasureResult
 
 
 class Progress:
-    """A rich progress bar with the best time so far (nothing when disabled)."""
+    """A rich progress bar with the best time so far (nothing when disabled). Its ratio to
+    the default path is of single measurements taken minutes apart, so it says
+    ``unconfirmed``: the report's ratio comes from the final side-by-side pass
+    (:mod:`boundflow.search.final`)."""
 
     def __init__(self, enabled: bool, total: int, done: int, workload: Workload,
                  is_time: bool = True):
@@ -39,7 +42,7 @@ class Progress:
             ms = math.exp(best) * 1e3
             text = f"best {ms:.3f} ms"
             if reference is not None and reference.median_s:
-                text += f" ({reference.median_s * 1e3 / ms:.2f}x the default path)"
+                text += f" ({reference.median_s * 1e3 / ms:.2f}x the default, unconfirmed)"
         self.bar.update(self.task, completed=done, best=text)
 
     def close(self) -> None:

@@ -203,3 +203,20 @@ def test_seconds_are_honoured_mid_round_with_the_default_first(digits, tmp_path,
     assert [r.measurement.result.backend for r in recs[1:]] == ["relax"] * (len(recs) - 1)
     # one update per measured plan (after the bar starts with what was there)
     assert set(range(1, report.measured_now + 1)) <= set(updates)
+
+
+def test_progress_bar_calls_its_ratio_unconfirmed():
+    """The bar's ratio to the default path is of single search measurements; it says so (the
+    report's ratio is the side-by-side one)."""
+    import math
+
+    from boundflow.ir.workload import Workload
+    from boundflow.search.session import Progress
+
+    _, g = example_graph("digits_mlp")
+    bar = Progress(True, 4, 0, Workload.of(g, batch=2, method="ibp"))
+    try:
+        bar.update(1, math.log(0.002), MeasureResult("k", "torch", "llvm", median_s=0.004))
+        assert bar.bar.tasks[0].fields["best"] == "best 2.000 ms (2.00x the default, unconfirmed)"
+    finally:
+        bar.close()
