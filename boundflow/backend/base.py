@@ -173,9 +173,9 @@ class RelaxBackend:
         return import_seconds("tvm")
 
     def check_target(self, target):
-        from boundflow.backend.relax.target import run_device, tvm_target
+        from boundflow.backend.relax.target import run_device
 
-        run_device(tvm_target(target))
+        run_device(target)
 
     def executor(self, bundle, graph, target="llvm", cache=None):
         """Compiled once per plan and target: in memory and in the on-disk compile cache

@@ -198,8 +198,8 @@ class RelaxExecutor:
         self.bundle, self.graph = bundle, g
         self.dtype = DTYPES[bundle.workload.dtype]
         self.plan_id = bundle.key + graph.weights_hash()[:16]
+        self.device = run_device(target)            # before the target: no GPU, one line
         self.target = tvm_target(target)
-        self.device = run_device(self.target)
 
         def build():
             mod, keys = build_module(bundle, g, self.target)

@@ -49,15 +49,26 @@ def vector_lanes(target: tvm.target.Target, dtype: str = "float32") -> int:
     return max(2, width // bits)
 
 
-def run_device(target: tvm.target.Target) -> Any:
-    """The device a module built for ``target`` runs on here; a :class:`TargetError` when this
-    machine has none (a cuda module builds anywhere but runs only where a GPU is)."""
+def run_device(target: Any) -> Any:
+    """The device a module built for ``target`` (a ``tvm.target.Target`` or what
+    :func:`tvm_target` takes) runs on here; a :class:`TargetError` when this machine has none
+    (a cuda module builds anywhere but runs only where a GPU is). Asked before the target is
+    made, so that making it (TVM probes the GPU for its arch, warning when there is none)
+    prints nothing beside the error."""
+    if not isinstance(target, tvm.target.Target):
+        if target_config(canonical_target(target))["kind"] == "cuda" and not tvm.cuda().exist:
+            _missing("cuda")
+        target = tvm_target(target)
     kind = target.kind.name
     if kind == "llvm":
         return tvm.cpu()
     device = tvm.cuda() if kind == "cuda" else None
     if device is None or not device.exist:
-        raise TargetError(f"target {kind}: no {kind.upper()} device is visible on this machine "
-                          f"(modules for it build here, but run only where one is; use "
-                          f"--target llvm to run on the CPU)")
+        _missing(kind)
     return device
+
+
+def _missing(kind: str):
+    raise TargetError(f"target {kind}: no {kind.upper()} device is visible on this machine "
+                      f"(modules for it build here, but run only where one is; use "
+                      f"--target llvm to run on the CPU)")
