@@ -171,3 +171,22 @@ def test_a_closed_pipe_is_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_verify_threads(monkeypatch, capsys):
+    """``--threads N`` bounds on N threads; 0 is refused in one line."""
+    import os
+
+    import torch
+
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):    # restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    before = torch.get_num_threads()
+    try:
+        assert main([*VERIFY, "--method", "ibp", "--threads", "1", "-q"]) == 0
+        assert torch.get_num_threads() == 1 and os.environ["TVM_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main([*VERIFY, "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
