@@ -281,10 +281,10 @@ def _set_threads(n: int | None) -> None:
     against 6.2 s on two with one of the two cores busy (2.0 s on two when idle)."""
     if n is None:
         return
-    import torch
+    from boundflow.measure.worker import set_threads
 
-    os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
+    os.environ["TVM_NUM_THREADS"] = str(n)       # TVM, imported later, sizes its pool by it
+    set_threads(n, compiled=False)
     log.info("%d thread%s", n, "" if n == 1 else "s")
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from boundflow.domains import activations
 from boundflow.domains.coeffs import Coeffs, same
 from boundflow.domains.crown_relaxed import maxpool_relaxation
+from boundflow.domains.crown_rules import scattered_conv_t
 from boundflow.domains.crown_windows import Window
 from boundflow.domains.interval import Interval, pad_widths
 from boundflow.domains.relaxation import split_params, stack_params
@@ -94,7 +95,7 @@ def _transpose(t: torch.Tensor, weight: torch.Tensor, stride, dilation, groups: 
     if tuple(stride) == (1, 1):
         out = _flipped_conv(flat, weight, tuple(dilation), groups)
     else:
-        out = _scattered(flat, weight, tuple(stride), tuple(dilation), groups)
+        out = scattered_conv_t(flat, weight, tuple(stride), tuple(dilation), groups)
     return out.reshape(lead + tuple(out.shape[1:]))
 
 
@@ -107,27 +108,6 @@ def _flipped_conv(t, weight, dilation, groups: int):
     w = w.reshape(groups * ci_g, co // groups, kh, kw).flip(2, 3)
     pad = tuple(dilation[i] * (weight.shape[2 + i] - 1) for i in (0, 1))
     return F.conv2d(t, w, None, 1, pad, dilation, groups)
-
-
-def _scattered(t, weight, stride, dilation, groups: int):
-    """A strided transposed convolution as one matrix product (every kernel tap of every
-    window entry) and a scatter-add of the products to their output entries (on CPU much
-    faster than the transposed convolution for the few output channels of early layers)."""
-    n, co, r1, r2 = t.shape
-    _, ci_g, k1, k2 = weight.shape
-    h = (r1 - 1) * stride[0] + dilation[0] * (k1 - 1) + 1
-    w = (r2 - 1) * stride[1] + dilation[1] * (k2 - 1) + 1
-    taps = torch.matmul(weight.reshape(groups, co // groups, ci_g * k1 * k2).transpose(1, 2),
-                        t.reshape(n, groups, co // groups, r1 * r2))   # [n, g, ci_g·k·k, r·r]
-    dev = t.device
-    rows = (torch.arange(k1, device=dev) * dilation[0])[:, None, None, None] \
-        + (torch.arange(r1, device=dev) * stride[0])[None, None, :, None]
-    cols = (torch.arange(k2, device=dev) * dilation[1])[None, :, None, None] \
-        + (torch.arange(r2, device=dev) * stride[1])[None, None, None, :]
-    index = (rows * w + cols).reshape(-1)                                # over (k1, k2, r1, r2)
-    out = torch.zeros(n * groups * ci_g, h * w, dtype=t.dtype, device=dev).index_add(
-        1, index, taps.reshape(n * groups * ci_g, -1))
-    return out.reshape(n, groups * ci_g, h, w)
 
 
 # --- window rules ------------------------------------------------------------------------

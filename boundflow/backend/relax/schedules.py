@@ -244,7 +244,7 @@ def _cuda(func: tirx.PrimFunc, threads: int, shared: int = 0) -> tirx.PrimFunc:
             n_sp = kinds.count(False)
             r_ext = _product(sch.get(lp).extent for lp in loops[n_sp:])
             inner = _product(sch.get(lp).extent for lp in loops[n_sp + 1:])
-            factors = _thread_factors(sch, loops[:n_sp], budget)
+            factors = _thread_factors(sch, loops[:n_sp], budget) if shared else []
             if shared and r_ext is not None and r_ext >= 32 and inner <= 2 * shared \
                     and _has_reuse(sch, b) and _tileable(sch, loops[:n_sp], factors):
                 _cuda_tile(sch, b, n_sp, factors, shared)
