@@ -21,7 +21,8 @@ the shipped one. Then, per held-out workload, on the torch backend:
   numbers: after each trial a tune holds a best-so-far plan (by its own measurements); every
   plan either tune ever held, the zero-shot pick and the default are measured again
   together in one runner pass (``--rounds`` interleaved rounds, medians), and each curve
-  gives, per trial, the common time of the plan it held then.
+  gives, per trial, the common time of the plan it held then. A tune holds the plan that
+  won its side-by-side challenges (``Tuner._challenge``), not its best single measurement.
 
 Prints the leave-one-workload-out quality over the whole database first, then a table;
 writes the best-so-far curves as CSV and PNG (``--out``), with the command and the load.
@@ -69,22 +70,18 @@ def _to_5pct(curve, best):
     return next((n for n, v in curve if v <= best * 1.05), None)
 
 
-def _held(db, tuner, trials: int):
-    """Per trial, the key of the plan the tune held as its best then (by its own
-    measurements, under its objective), and those plans; the first ``trials`` candidates
-    measured (the final comparison pass measures again: not a trial)."""
-    best, key, seen, out, bundles = math.inf, None, set(), [], {}
-    for r in db.records_for_training(tuner.workload, include_failed=True):
-        if r.candidate.key in seen:
-            continue
-        seen.add(r.candidate.key)
-        v = tuner.objective.measured(r.measurement.result, tuner.reference)
-        if v < best:
-            best, key = v, r.candidate.key
-            bundles[key] = r.candidate.bundle()
-        out.append((len(seen), key))
-        if len(seen) == trials:
-            break
+def _held(db, tuner, report, trials: int):
+    """Per trial, the key of the plan the tune held as its best then (``report.held``: the
+    plans that won the tuner's side-by-side challenges), and those plans; the first
+    ``trials`` candidates measured (the final comparison passes measure again: not trials)."""
+    changes = sorted(report.held)
+    bundles = {r.key: r.bundle() for r in db.candidates(
+        tuner.workload, keys=sorted({k for _, k, _ in changes}))}
+    out, key, i = [], None, 0
+    for n in range(1, trials + 1):
+        while i < len(changes) and changes[i][0] <= n:
+            key, i = changes[i][1], i + 1
+        out.append((n, key))
     return out, bundles
 
 
@@ -155,8 +152,8 @@ def main() -> None:
                               batch_size=4, seed=0, progress=False,
                               pretrained=mode == "warm")
                 try:
-                    tuner.tune(trials=args.trials)
-                    held_by[mode], got = _held(mem, tuner, args.trials)
+                    report = tuner.tune(trials=args.trials)
+                    held_by[mode], got = _held(mem, tuner, report, args.trials)
                     plans.update(got)
                 finally:
                     tuner.close()

@@ -36,15 +36,15 @@ if TYPE_CHECKING:
     from boundflow.search.tuner import Tuner, TuneReport
 
 
-def compare(tuner: "Tuner", candidates: list[tuple]) -> list[MeasureResult]:
-    """``candidates`` ((bundle, backend) pairs) measured in one runner pass under the tuner's
-    ``final_config``, interleaved where the runner can (``compare``), else one after the
-    other."""
+def compare(tuner: "Tuner", candidates: list[tuple], config=None) -> list[MeasureResult]:
+    """``candidates`` ((bundle, backend) pairs) measured in one runner pass under ``config``
+    (default: the tuner's ``final_config``), interleaved where the runner can (``compare``),
+    else one after the other."""
     inputs = [tuner._input(b, backend) for b, backend in candidates]
     builds = tuner.builder.build(inputs)
     together = getattr(tuner.runner, "compare", None)
     if together is not None:
-        return together(inputs, builds, tuner.final_config)
+        return together(inputs, builds, config or tuner.final_config)
     return tuner.runner.run(inputs, builds)
 
 
@@ -54,7 +54,7 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
 
     objective, base = tuner.objective, tuner.baseline
     best_c = tuner._best(history) or base
-    bundle = _bundle(tuner, best_c, by_cand)
+    bundle = bundle_of(tuner, best_c, by_cand)
     search_default, search_best = history[base], history.get(best_c)
     ranked = finalists(tuner, history) if best_c != base else []
     if best_c == base:
@@ -63,7 +63,7 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
         kept = True
     else:
         best_c = _finalist(tuner, ranked, by_cand, best_c)
-        bundle, search_best = _bundle(tuner, best_c, by_cand), history.get(best_c)
+        bundle, search_best = bundle_of(tuner, best_c, by_cand), history.get(best_c)
         kept, default, best, value_d, value_b = _confirmed(tuner, bundle, best_c)
     if kept and math.isfinite(value_d):          # the default path is what verify should run
         tuner.db.set_best(tuner.baseline_bundle, objective.name, base[1], value_d,
@@ -86,14 +86,21 @@ def report(tuner: "Tuner", history: dict, by_cand: dict, before: int, curve: lis
                       best_backend=best_c[1], default_backend=base[1], kept_default=kept,
                       search_default=search_default, search_best=search_best,
                       cost_model=tuner.ranker.choice.describe(), first_measurement_s=first,
-                      finalists=tuple(c[0] for c in ranked))
+                      finalists=tuple(c[0] for c in ranked), held=tuple(tuner._held_curve),
+                      challenges=tuner._challenges)
 
 
 def finalists(tuner: "Tuner", history: dict) -> list[tuple]:
-    """The search's ``FINALISTS`` best candidates (not the baseline), best first."""
+    """The search's ``FINALISTS`` best candidates (not the baseline), best first: the plan it
+    holds (which won its challenges side by side), then the best measured that no challenge
+    ruled out."""
     value = {c: tuner.objective.measured(r, tuner.reference) for c, r in history.items()
-             if c != tuner.baseline}
-    return sorted((c for c, v in value.items() if math.isfinite(v)), key=value.get)[:FINALISTS]
+             if c != tuner.baseline and c not in tuner._lost}
+    ranked = sorted((c for c, v in value.items() if math.isfinite(v)), key=value.get)
+    held = tuner._held
+    if held in value:
+        ranked = [held] + [c for c in ranked if c != held]
+    return ranked[:FINALISTS]
 
 
 def _finalist(tuner: "Tuner", ranked: list[tuple], by_cand: dict, best_c: tuple) -> tuple:
@@ -103,7 +110,7 @@ def _finalist(tuner: "Tuner", ranked: list[tuple], by_cand: dict, best_c: tuple)
     if len(ranked) < 2:
         return best_c
     res = compare(tuner, [(tuner.baseline_bundle, tuner.baseline[1])] +
-                  [(_bundle(tuner, c, by_cand), c[1]) for c in ranked])
+                  [(bundle_of(tuner, c, by_cand), c[1]) for c in ranked])
     if not res[0].ok:
         return best_c
     values = [tuner.objective.measured(r, res[0]) for r in res[1:]]
@@ -141,7 +148,7 @@ def _wins(best: MeasureResult, default: MeasureResult) -> bool:
     return sum(b < d for b, d in pairs) >= math.ceil(WINS * len(pairs))
 
 
-def _bundle(tuner: "Tuner", c: tuple, by_cand: dict):
+def bundle_of(tuner: "Tuner", c: tuple, by_cand: dict):
     if c == tuner.baseline:
         return tuner.baseline_bundle
     if c in by_cand:

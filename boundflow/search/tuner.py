@@ -18,6 +18,11 @@ is checked between candidates. Measurements time the whole call as ``verify`` ma
 ``boundflow.measure``). After the default on every backend searched, the backends' schedule
 presets seed the search, as MetaSchedule and Ansor seed theirs with rule-based schedules.
 
+The search holds an incumbent, the plan it climbs from: a candidate whose single measurement
+beats it is timed again beside it, interleaved in one runner pass, and held only if it is
+faster there too (``_challenge``): on a loaded machine single measurements differ by 20-50%,
+more than most plans do.
+
 At the end, the best candidate found is measured again **in one runner pass with the
 baseline**, interleaved (``LocalRunner.compare``): the report's ``default`` and ``best`` and
 every speedup come from that pass, and the best-plan record keeps it (``Database.set_best``
@@ -65,7 +70,8 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
     MeasureResult
 from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
-from boundflow.search.final import CONFIRM, finalists as finalists_of, report
+from boundflow.search.final import CONFIRM, bundle_of, compare, finalists as finalists_of, \
+    report
 from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
 from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
 from boundflow.search.session import Heartbeat, Progress
@@ -112,6 +118,10 @@ class TuneReport:
     cost_model: str = ""               # which model ranked, and why (Choice.describe)
     first_measurement_s: float | None = None    # from the start to the first measured plan
     finalists: tuple[str, ...] = ()    # plan keys timed side by side before one was confirmed
+    # (measured plans, plan key, backend) each time the plan the search held changed, the
+    # baseline first; and how many side-by-side challenges decided them
+    held: tuple[tuple[int, str, str], ...] = ()
+    challenges: int = 0
 
     @property
     def speedup(self) -> float | None:
@@ -180,6 +190,11 @@ class Tuner:
         self._spent: dict[str, list[float]] = {}
         self._refit_s = 0.0
         self._first: float | None = None
+        self._held: Candidate | None = None          # the incumbent, see _challenge
+        self._held_value = math.inf
+        self._lost: set[Candidate] = set()
+        self._held_curve: list[tuple[int, str, str]] = []
+        self._challenges = 0
         if strategy == "cpsat" and self.objective.kind == "time@mem":
             strategy_options.setdefault("memory_budget", self.objective.memory_budget)
         self.strategy = make(strategy, self.space, seed=seed, epsilon=epsilon,
@@ -393,10 +408,13 @@ class Tuner:
             self.db.finish_run(run_id, status, n_plans)
 
     def _best(self, history: dict[Candidate, MeasureResult]) -> Candidate | None:
-        """The candidate of least objective (the baseline on a tie), None if none is
-        finite."""
+        """The plan the search holds (:meth:`_challenge`) when it is not the baseline; else
+        the candidate of least objective that no challenge ruled out (the baseline on a tie),
+        None if none is finite."""
+        if self._held is not None and self._held != self.baseline and self._held in history:
+            return self._held
         scored = [(self.objective.measured(r, self.reference), c != self.baseline, c)
-                  for c, r in history.items()]
+                  for c, r in history.items() if c not in self._lost]
         if not scored:
             return None
         value, _, c = min(scored, key=lambda t: (t[0], t[1]))
@@ -405,6 +423,62 @@ class Tuner:
     def _best_value(self, history) -> float:
         return min((self.objective.measured(r, self.reference) for r in history.values()),
                    default=math.inf)
+
+    # -- the incumbent -----------------------------------------------------------------------
+    def _hold(self, c: Candidate, value: float, n: int) -> None:
+        self._held, self._held_value = c, value
+        self._held_curve.append((n, c[0], c[1]))
+
+    def _challenge_s(self, c: Candidate, history: dict[Candidate, MeasureResult]) -> float:
+        """Seconds one challenge of the held plan by ``c`` is expected to take."""
+        cfg = self.config
+        calls = 1 + cfg.warmup + cfg.repeat * cfg.number
+        per_call = sum(history[x].median_s or 0.0 for x in (c, self._held) if x in history)
+        return 1.0 + calls * per_call
+
+    def _challenge(self, history: dict[Candidate, MeasureResult],
+                   by_cand: dict[Candidate, Assignment], deadline: float | None) -> None:
+        """Challenge the plan the search holds with the best measured candidate, when that
+        one's single measurement beat the held plan's value: both are timed again side by
+        side, interleaved in one runner pass under the search's protocol (``compare``), and
+        the faster there is held; the other never challenges again. A single measurement on
+        a busy machine can be 20-50% off, so without this the search would hold (and climb
+        from, and report) whichever plan was luckiest. One challenge per call (after each
+        measurement); none where the time left cannot take it; with a runner that cannot
+        time plans side by side, the best measurement is held."""
+        pool = {c: self.objective.measured(r, self.reference) for c, r in history.items()
+                if c != self._held and c not in self._lost}
+        pool = {c: v for c, v in pool.items() if math.isfinite(v)}
+        if not pool:
+            return
+        c = min(pool, key=lambda k: (pool[k], str(k)))
+        if not pool[c] < self._held_value:
+            return
+        if getattr(self.runner, "compare", None) is None:
+            self._hold(c, pool[c], len(history))
+            return
+        need = self._challenge_s(c, history)
+        if deadline is not None and \
+                time.monotonic() + need + self._final_reserve(history) > deadline:
+            return
+        start = time.monotonic()
+        held, challenger = compare(self, [(bundle_of(self, x, by_cand), x[1])
+                                          for x in (self._held, c)], self.config)
+        self._challenges += 1
+        if c[1] in self._spent and self._spent[c[1]]:
+            self._spent[c[1]][-1] += time.monotonic() - start    # a trial's cost, on average
+        v_held = self.objective.measured(held, self.reference)
+        v_new = self.objective.measured(challenger, self.reference)
+        log.info("challenge: %s %.4g ms vs held %s %.4g ms side by side", c[0][:12],
+                 (challenger.median_s or math.nan) * 1e3, self._held[0][:12],
+                 (held.median_s or math.nan) * 1e3)
+        if v_new < v_held:
+            self._lost.add(self._held)
+            self._hold(c, v_new, len(history))
+        else:
+            self._lost.add(c)
+            if math.isfinite(v_held):
+                self._held_value = v_held
 
     def _tune(self, beat: Heartbeat, trials: int, seconds: float | None, start: float,
               stop: Callable[[float], bool] | None) -> TuneReport:
@@ -428,12 +502,16 @@ class Tuner:
                                      f"{self.baseline[1]} backend ({self.reference.error_kind}"
                                      f": {self.reference.error}); nothing to tune against")
             progress.update(len(history), self._best_value(history), self.reference)
+            self._held, self._lost, self._held_curve, self._challenges = None, set(), [], 0
+            self._hold(self.baseline, self.objective.measured(self.reference, self.reference),
+                       len(history))
             by_cand: dict[Candidate, Assignment] = {}
             default_a = self.space.default()
             if self.space.candidate(default_a) == self.baseline:
                 by_cand[self.baseline] = default_a
             self._learn(history, by_cand)             # earlier runs' candidates, as points
             self.refit()
+            self._challenge(history, by_cand, deadline)
             best = self._best_value(history)
             curve: list[tuple[int, float]] = [(len(history), best)]
             cut = False
@@ -467,6 +545,7 @@ class Tuner:
                         by_cand[c] = a
                         done.append((a, r))
                         history[c] = r
+                        self._challenge(history, by_cand, deadline)
                         progress.update(len(history), self._best_value(history),
                                         self.reference)
                     if mine and not done:
@@ -479,6 +558,7 @@ class Tuner:
                     break                  # the budget is spent, or the space exhausted
                 history = self._history()  # with what other runs measured meanwhile
                 self._learn(history, by_cand)
+                self._challenge(history, by_cand, deadline)
                 best = self._best_value(history)
                 if len(history) > curve[-1][0]:
                     curve.append((len(history), best))
@@ -539,9 +619,14 @@ class Tuner:
 
     def _incumbents(self, history: dict[Candidate, MeasureResult],
                     by_cand: dict[Candidate, Assignment]) -> list[Assignment]:
+        """The best measured assignments, best first, the held plan (:meth:`_challenge`)
+        ahead of them."""
         ranked = sorted(((self.objective.measured(r, self.reference), str(c), c)
                          for c, r in history.items() if c in by_cand))
-        return [by_cand[c] for v, _, c in ranked if math.isfinite(v)]
+        order = [c for v, _, c in ranked if math.isfinite(v)]
+        if self._held in by_cand and self._held in order:
+            order = [self._held] + [c for c in order if c != self._held]
+        return [by_cand[c] for c in order]
 
     def close(self) -> None:
         for part in (self.builder, self.runner):

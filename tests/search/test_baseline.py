@@ -22,11 +22,13 @@ from tests.helpers import example_graph
 class Scripted:
     """A runner that answers at once, as if measured on this machine: the baseline takes
     ``default_ms``; every other candidate ``search_ms`` (a little more for each later one)
-    in the search and ``final_ms`` in the final pass (``compare``). Equal widths."""
+    in the search and ``final_ms`` in the final passes (``compare``). Given
+    ``final_config``, only passes under it are final ones: the search's side-by-side
+    challenges (under another config) see ``search_ms``. Equal widths."""
 
-    def __init__(self, baseline, default_ms, search_ms, final_ms):
+    def __init__(self, baseline, default_ms, search_ms, final_ms, final_config=None):
         self.baseline, self.ms = baseline, (default_ms, search_ms, final_ms)
-        self.n = 0
+        self.final_config, self.n = final_config, 0
 
     def _result(self, inp, ms):
         s = ms * 1e-3
@@ -46,6 +48,9 @@ class Scripted:
         return out
 
     def compare(self, inputs, builds, config=None):
+        if self.final_config is not None and config is not self.final_config:
+            return [self._result(i, self.ms[0] if self._is_base(i) else self.ms[1])
+                    for i in inputs]
         final = self.ms[2]
         if isinstance(final, list):           # one time per final pass, in order
             final = final.pop(0) if len(final) > 1 else final[0]
@@ -72,9 +77,13 @@ def digits():
     return g, spec, linear, x
 
 
+FINAL = MeasureConfig(number=1, repeat=3, warmup=0)     # the final passes' protocol
+
+
 def _tuner(db, digits, **kw):
     g, spec, linear, _ = digits
     kw.setdefault("builder", NoBuilder())
+    kw.setdefault("final_config", FINAL)
     kw.setdefault("batch_size", 2)
     return Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
                  strategy="greedy", progress=False, **kw)
@@ -84,7 +93,7 @@ def test_the_default_verify_path_is_a_candidate_and_measured_first(digits):
     g, spec, linear, _ = digits
     with Database(":memory:") as db:
         tuner = _tuner(db, digits)          # both backends, the default verify backend first
-        tuner.runner = Scripted(tuner.baseline, 1.0, 2.0, 2.0)
+        tuner.runner = Scripted(tuner.baseline, 1.0, 2.0, 2.0, FINAL)
         verify_plan = default_plan(g, tuner.workload, BoundOptions("crown-ibp"))
         assert tuner.backends == ("torch", "relax") and BoundOptions().backend == "torch"
         assert DEFAULT_BACKEND == BoundOptions().backend
@@ -112,7 +121,8 @@ def test_a_record_slower_than_the_default_is_not_used(digits, caplog):
     g, spec, linear, x = digits
     with Database(":memory:") as db:
         tuner = _tuner(db, digits, backend="torch")
-        tuner.runner = Scripted(tuner.baseline, default_ms=1.0, search_ms=0.5, final_ms=1.5)
+        tuner.runner = Scripted(tuner.baseline, default_ms=1.0, search_ms=0.5, final_ms=1.5,
+                                final_config=FINAL)
         # before the final pass, the measurements alone made a best plan for "time": never
         # compared with the default path, it is refused
         report = tuner.tune(trials=3)
@@ -150,13 +160,13 @@ def test_a_win_in_one_final_pass_alone_is_not_enough(digits):
     hands the plan over, recorded with the pass least favourable to it."""
     with Database(":memory:") as db:
         tuner = _tuner(db, digits, backend="torch")
-        tuner.runner = Scripted(tuner.baseline, 1.0, 0.5, [0.8, 1.0])
+        tuner.runner = Scripted(tuner.baseline, 1.0, 0.5, [0.8, 1.0], FINAL)
         report = tuner.tune(trials=3)
         assert report.kept_default and report.speedup == pytest.approx(1.0)
         assert tuned_plan(db, report.workload) is None
     with Database(":memory:") as db:
         tuner = _tuner(db, digits, backend="torch")
-        tuner.runner = Scripted(tuner.baseline, 1.0, 0.5, [0.8, 0.9])
+        tuner.runner = Scripted(tuner.baseline, 1.0, 0.5, [0.8, 0.9], FINAL)
         report = tuner.tune(trials=3)
         assert not report.kept_default and report.speedup == pytest.approx(1 / 0.9)
         found = lookup(db, report.workload, "time@width").tuned

@@ -414,3 +414,59 @@ def test_the_plan_confirmed_is_the_fastest_finalist_side_by_side_not_the_luckies
     assert report.search_best.median_s == 1.5e-3         # its own search measurement
     assert report.best.median_s == 1e-3 and report.default.median_s == 2e-3
     assert lucky != fastest
+
+
+def test_the_search_holds_the_plan_that_wins_side_by_side_not_the_luckiest():
+    """The lucky plan's single measurement beats the default's twenty times over; timed side
+    by side it loses, so the search never holds it (nor climbs from it): it holds the default
+    until the truly faster plan wins its challenge, and the report says when."""
+    g, spec, linear = _digits_query()
+    runner = _LuckyRunner()
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=_NoBuilder(), runner=runner)
+        seen = []
+        real = tuner._incumbents
+
+        def spy(history, by_cand):
+            got = real(history, by_cand)
+            seen.append(tuner.space.candidate(got[0])[0] if got else None)
+            return got
+        tuner._incumbents = spy
+        report = tuner.tune(trials=6)
+    base, lucky, fastest = runner.order[:3]
+    assert report.held == ((1, base, "torch"), (3, fastest, "torch"))
+    assert report.challenges == 2                        # the lucky one, then the fastest
+    assert lucky not in seen                             # never the strategy's incumbent
+    assert tuner._lost == {(lucky, "torch"), (base, "torch")}
+    assert lucky not in report.finalists and report.finalists[0] == fastest
+
+
+def test_without_side_by_side_timing_the_best_measurement_is_held():
+    """A runner that cannot time plans together (no ``compare``): no challenge, the best
+    single measurement is held (each plan here is measured faster than the one before)."""
+    from boundflow.measure import MeasureResult
+    from boundflow.measure.result import machine
+
+    class Faster:
+        def __init__(self):
+            self.n = 0
+
+        def run(self, inputs, builds, config=None):
+            self.n += 1
+            t = 1e-3 / self.n
+            return [MeasureResult(i.key, i.backend, i.target, median_s=t, mean_s=t, std_s=0.0,
+                                  times=(t,), mean_width=1.0, peak_bytes=1024,
+                                  machine=machine()) for i in inputs]
+
+        def close(self):
+            pass
+    g, spec, linear = _digits_query()
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=_NoBuilder(), runner=Faster())
+        report = tuner.tune(trials=3)
+    assert report.challenges == 0
+    assert [n for n, _, _ in report.held] == [1, 2, 3]
