@@ -4,12 +4,16 @@ What users import lives here; everything else may change between versions.
 
 Names are resolved on first use (PEP 562), so ``import boundflow`` and ``boundflow --help``
 load neither torch nor TVM; ``boundflow.compute_bounds`` imports what it needs when called.
+Importing it sets glibc malloc's thresholds for the process (:mod:`boundflow.heap`; opt out
+with ``BOUNDFLOW_STEADY_HEAP=0``).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from boundflow import heap
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,8 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+heap.steady()           # glibc malloc keeps bound tensors' memory for reuse (see heap.py)
 
 
 def __getattr__(name: str) -> Any:
