@@ -541,6 +541,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{report.measured_before} before ({report.measured_by_others} by other runs), "
           f"{report.seconds:.0f} s" + ("" if first is None else
                                       f", first measurement at {first:.1f} s"))
+    if report.challenges:
+        print(f"the search's incumbent changed {len(report.held) - 1} times, each after "
+              f"winning side by side ({report.challenges} challenges)")
     if report.cost_model:
         print(f"cost model: {report.cost_model}")
     print("default = the path `boundflow verify` runs without --db (torch, default plan); "
