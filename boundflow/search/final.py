@@ -130,7 +130,7 @@ def _confirmed(tuner: "Tuner", bundle, best_c: tuple):
         value_d = objective.measured(default, default)
         value_b = objective.measured(best, default)
         won = beats_default(value_b, value_d, best.median_s, default.median_s) and \
-            _wins(best, default)
+            wins(best, default)
         ratio = (default.median_s or 0.0) / best.median_s if best.median_s else 0.0
         if worst is None or ratio < worst[0]:
             worst = (ratio, default, best, value_d, value_b)
@@ -139,7 +139,7 @@ def _confirmed(tuner: "Tuner", bundle, best_c: tuple):
     return (False, *worst[1:])
 
 
-def _wins(best: MeasureResult, default: MeasureResult) -> bool:
+def wins(best: MeasureResult, default: MeasureResult) -> bool:
     """Whether ``best`` was faster than ``default`` in at least ``WINS`` of the timing rounds
     they shared (paired by round, as ``compare`` interleaves them)."""
     pairs = list(zip(best.times, default.times))
