@@ -95,7 +95,7 @@ def finalists(tuner: "Tuner", history: dict) -> list[tuple]:
     holds (which won its challenges side by side), then the best measured that no challenge
     ruled out."""
     value = {c: tuner.objective.measured(r, tuner.reference) for c, r in history.items()
-             if c != tuner.baseline and c not in tuner._lost}
+             if c != tuner.baseline and c not in tuner._lost and c not in tuner._unmapped}
     ranked = sorted((c for c, v in value.items() if math.isfinite(v)), key=value.get)
     held = tuner._held
     if held in value:
@@ -154,4 +154,6 @@ def bundle_of(tuner: "Tuner", c: tuple, by_cand: dict):
     if c in by_cand:
         return tuner.space.bundle(by_cand[c])
     (rec,) = tuner.db.candidates(tuner.workload, keys=[c[0]])      # measured by another run
-    return rec.bundle()
+    from boundflow.planner import check_plan
+
+    return check_plan(tuner.graph, rec.bundle())      # a database row is data: re-planned

@@ -410,12 +410,12 @@ class Tuner:
 
     def _best(self, history: dict[Candidate, MeasureResult]) -> Candidate | None:
         """The plan the search holds (:meth:`_challenge`) when it is not the baseline; else
-        the candidate of least objective that no challenge ruled out (the baseline on a tie),
-        None if none is finite."""
+        the candidate of least objective that no challenge ruled out (the baseline on a tie;
+        never another run's plan this space cannot re-plan), None if none is finite."""
         if self._held is not None and self._held != self.baseline and self._held in history:
             return self._held
         scored = [(self.objective.measured(r, self.reference), c != self.baseline, c)
-                  for c, r in history.items() if c not in self._lost]
+                  for c, r in history.items() if c not in self._lost and c not in self._unmapped]
         if not scored:
             return None
         value, _, c = min(scored, key=lambda t: (t[0], t[1]))
@@ -451,7 +451,7 @@ class Tuner:
         measurement); none where the time left cannot take it; with a runner that cannot
         time plans side by side, the best measurement is held."""
         pool = {c: self.objective.measured(r, self.reference) for c, r in history.items()
-                if c != self._held and c not in self._lost}
+                if c != self._held and c not in self._lost and c not in self._unmapped}
         pool = {c: v for c, v in pool.items() if math.isfinite(v)}
         if not pool:
             return
@@ -466,8 +466,13 @@ class Tuner:
                 time.monotonic() + need + self._final_reserve(history) > deadline:
             return
         start = time.monotonic()
-        held, challenger = compare(self, [(bundle_of(self, x, by_cand), x[1])
-                                          for x in (self._held, c)], self.config)
+        try:
+            pair = [(bundle_of(self, x, by_cand), x[1]) for x in (self._held, c)]
+        except BoundFlowError as e:             # another run's row that does not re-plan
+            log.warning("plan %s is not run: %s", c[0][:12], e)
+            self._lost.add(c)
+            return
+        held, challenger = compare(self, pair, self.config)
         self._challenges += 1
         if c[1] in self._spent and self._spent[c[1]]:
             self._spent[c[1]][-1] += time.monotonic() - start    # a trial's cost, on average

@@ -494,3 +494,43 @@ def test_a_tie_side_by_side_does_not_move_the_incumbent():
         report = tuner.tune(trials=4)
     assert report.challenges == 3 and len(report.held) == 1      # each one lost
     assert report.kept_default
+
+
+def test_another_runs_plan_that_does_not_re_plan_is_never_run():
+    """A shared database holds a plan measured 100x faster than anything, by another run, on
+    this machine; its storage plan was edited (every buffer in one slot: unsound if run).
+    The tuner never times it, in a challenge or the final pass, and never reports it."""
+    from boundflow.measure import MeasureResult
+    from boundflow.measure.result import machine
+    from boundflow.planner import plan
+    from tests.planner.test_trust import _one_slot
+
+    g, spec, linear = _digits_query()
+    runner = _LuckyRunner()
+    seen = set()
+    real_run, real_compare = runner.run, runner.compare
+
+    def run(inputs, builds, config=None):
+        seen.update(i.key for i in inputs)
+        return real_run(inputs, builds, config)
+
+    def compare(inputs, builds, config=None):
+        seen.update(i.key for i in inputs)
+        return real_compare(inputs, builds, config)
+    runner.run, runner.compare = run, compare
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                      strategy="random", backend="torch", progress=False, batch_size=2,
+                      objective="time", builder=_NoBuilder(), runner=runner)
+        from boundflow.ir.plan import PlanBundle
+
+        bad = PlanBundle.from_json(_one_slot(plan(g, tuner.workload)))
+        assert bad.key != tuner.baseline[0]
+        db.add_measurement(bad, MeasureResult(bad.key, "torch", "llvm", median_s=1e-5,
+                                              mean_s=1e-5, std_s=0.0, times=(1e-5,) * 5,
+                                              mean_width=1.0, peak_bytes=1024,
+                                              machine=machine()))
+        report = tuner.tune(trials=5)
+    assert bad.key not in seen and (bad.key, "torch") in tuner._unmapped
+    assert report.best_bundle.key != bad.key and bad.key not in report.finalists
+    assert all(k != bad.key for _, k, _ in report.held)
