@@ -333,6 +333,14 @@ def test_a_runner_recording_another_machine_still_stops_at_the_budget():
         assert db.claims() == [] and [r.status for r in db.runs()] == ["finished"]
 
 
+def _scripted(db, g, spec, linear, runner):
+    """A random-strategy tuner of the digits MLP's CROWN-IBP workload (objective time) that
+    builds nothing and measures with ``runner``."""
+    return Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                 strategy="random", backend="torch", progress=False, batch_size=2,
+                 objective="time", builder=_NoBuilder(), runner=runner)
+
+
 class _CuttingBuilder:
     """Builds nothing; its ``n``-th call comes back cut, as a compile past the tuner's time
     would. Records the seconds each call was given."""
@@ -405,9 +413,7 @@ def test_the_plan_confirmed_is_the_fastest_finalist_side_by_side_not_the_luckies
     g, spec, linear = _digits_query()
     runner = _LuckyRunner()
     with Database(":memory:") as db:
-        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                      strategy="random", backend="torch", progress=False, batch_size=2,
-                      objective="time", builder=_NoBuilder(), runner=runner)
+        tuner = _scripted(db, g, spec, linear, runner)
         report = tuner.tune(trials=6)
     lucky, fastest = runner.order[1], runner.order[2]
     assert report.best_bundle.key == fastest and not report.kept_default
@@ -423,9 +429,7 @@ def test_the_search_holds_the_plan_that_wins_side_by_side_not_the_luckiest():
     g, spec, linear = _digits_query()
     runner = _LuckyRunner()
     with Database(":memory:") as db:
-        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                      strategy="random", backend="torch", progress=False, batch_size=2,
-                      objective="time", builder=_NoBuilder(), runner=runner)
+        tuner = _scripted(db, g, spec, linear, runner)
         seen = []
         real = tuner._incumbents
 
@@ -464,9 +468,7 @@ def test_without_side_by_side_timing_the_best_measurement_is_held():
             pass
     g, spec, linear = _digits_query()
     with Database(":memory:") as db:
-        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                      strategy="random", backend="torch", progress=False, batch_size=2,
-                      objective="time", builder=_NoBuilder(), runner=Faster())
+        tuner = _scripted(db, g, spec, linear, Faster())
         report = tuner.tune(trials=3)
     assert report.challenges == 0
     assert [n for n, _, _ in report.held] == [1, 2, 3]
@@ -488,9 +490,7 @@ def test_a_tie_side_by_side_does_not_move_the_incumbent():
     side-by-side pass is within the noise, so the search keeps the default."""
     g, spec, linear = _digits_query()
     with Database(":memory:") as db:
-        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                      strategy="random", backend="torch", progress=False, batch_size=2,
-                      objective="time", builder=_NoBuilder(), runner=_TieRunner())
+        tuner = _scripted(db, g, spec, linear, _TieRunner())
         report = tuner.tune(trials=4)
     assert report.challenges == 3 and len(report.held) == 1      # each one lost
     assert report.kept_default
@@ -519,9 +519,7 @@ def test_another_runs_plan_that_does_not_re_plan_is_never_run():
         return real_compare(inputs, builds, config)
     runner.run, runner.compare = run, compare
     with Database(":memory:") as db:
-        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                      strategy="random", backend="torch", progress=False, batch_size=2,
-                      objective="time", builder=_NoBuilder(), runner=runner)
+        tuner = _scripted(db, g, spec, linear, runner)
         from boundflow.ir.plan import PlanBundle
 
         bad = PlanBundle.from_json(_one_slot(plan(g, tuner.workload)))
