@@ -542,8 +542,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{report.seconds:.0f} s" + ("" if first is None else
                                       f", first measurement at {first:.1f} s"))
     if report.challenges:
-        print(f"the search's incumbent changed {len(report.held) - 1} times, each after "
-              f"winning side by side ({report.challenges} challenges)")
+        changed = len(report.held) - 1
+        print(f"the search's incumbent changed {changed} time{'' if changed == 1 else 's'}, "
+              f"each after winning side by side ({report.challenges} challenge"
+              f"{'' if report.challenges == 1 else 's'})")
     if report.cost_model:
         print(f"cost model: {report.cost_model}")
     print("default = the path `boundflow verify` runs without --db (torch, default plan); "

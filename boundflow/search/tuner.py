@@ -478,7 +478,7 @@ class Tuner:
             self._spent[c[1]][-1] += time.monotonic() - start    # a trial's cost, on average
         v_held = self.objective.measured(held, self.reference)
         v_new = self.objective.measured(challenger, self.reference)
-        log.info("challenge: %s %.4g ms vs held %s %.4g ms side by side", c[0][:12],
+        log.debug("challenge: %s %.4g ms vs held %s %.4g ms side by side", c[0][:12],
                  (challenger.median_s or math.nan) * 1e3, self._held[0][:12],
                  (held.median_s or math.nan) * 1e3)
         if (not math.isfinite(v_held) and math.isfinite(v_new)) or \

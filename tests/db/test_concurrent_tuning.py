@@ -55,8 +55,10 @@ def test_four_tuners_share_the_budget_and_measure_no_plan_twice(shared_db_url, t
     assert sum(r["now"] for r in reports) == TRIALS
     for r in reports:       # each saw every plan: its own, those before it, those of others
         assert r["now"] + r["before"] + r["others"] == TRIALS
-    # all agree on the search's best plans (the finalists); each confirms the one fastest in
-    # its own side-by-side pass of them (the default path when the search found none better)
-    assert len({tuple(r["finalists"]) for r in reports}) == 1
+    # each run holds the plan that won its own side-by-side challenges (timed by that run, so
+    # runs may differ), and confirms the one fastest in its own side-by-side pass of its
+    # finalists, plans of the shared database (none: every challenger lost to the default)
+    keys = {r.candidate.key for r in recs}
     for r in reports:
+        assert set(r["finalists"]) <= keys
         assert r["best"] in r["finalists"] or not r["finalists"]
