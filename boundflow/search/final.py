@@ -21,6 +21,7 @@ it (:func:`boundflow.search.lookup.tuned_plan`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import TYPE_CHECKING
@@ -36,12 +37,17 @@ if TYPE_CHECKING:
     from boundflow.search.tuner import Tuner, TuneReport
 
 
-def compare(tuner: "Tuner", candidates: list[tuple], config=None) -> list[MeasureResult]:
+def compare(tuner: "Tuner", candidates: list[tuple], config=None,
+            seconds: float | None = None) -> list[MeasureResult]:
     """``candidates`` ((bundle, backend) pairs) measured in one runner pass under ``config``
     (default: the tuner's ``final_config``), interleaved where the runner can (``compare``),
-    else one after the other."""
+    else one after the other. ``seconds``: how long their compiles may take, where the
+    builder can be told (a compile cut then fails every one of them)."""
     inputs = [tuner._input(b, backend) for b, backend in candidates]
-    builds = tuner.builder.build(inputs)
+    if seconds is not None and "seconds" in inspect.signature(tuner.builder.build).parameters:
+        builds = tuner.builder.build(inputs, seconds=seconds)
+    else:
+        builds = tuner.builder.build(inputs)
     together = getattr(tuner.runner, "compare", None)
     if together is not None:
         return together(inputs, builds, config or tuner.final_config)

@@ -415,7 +415,8 @@ class Tuner:
         if self._held is not None and self._held != self.baseline and self._held in history:
             return self._held
         scored = [(self.objective.measured(r, self.reference), c != self.baseline, c)
-                  for c, r in history.items() if c not in self._lost and c not in self._unmapped]
+                  for c, r in history.items()
+                  if c == self.baseline or (c not in self._lost and c not in self._unmapped)]
         if not scored:
             return None
         value, _, c = min(scored, key=lambda t: (t[0], t[1]))
@@ -433,7 +434,7 @@ class Tuner:
     def _challenge_s(self, c: Candidate, history: dict[Candidate, MeasureResult]) -> float:
         """Seconds one challenge of the held plan by ``c`` is expected to take."""
         cfg = self.config
-        calls = 1 + cfg.warmup + cfg.repeat * cfg.number
+        calls = 1 + cfg.warmup + 2 * cfg.repeat * cfg.number       # kernels timed after
         per_call = sum(history[x].median_s or 0.0 for x in (c, self._held) if x in history)
         return 1.0 + calls * per_call
 
@@ -472,7 +473,12 @@ class Tuner:
             log.warning("plan %s is not run: %s", c[0][:12], e)
             self._lost.add(c)
             return
-        held, challenger = compare(self, pair, self.config)
+        config, room = self.config, None
+        if deadline is not None:                  # cut down to the time left, as _measure
+            room = max(0.5, deadline - time.monotonic() - self._final_reserve(history))
+            config = dataclasses.replace(config, max_seconds=min(
+                room, config.max_seconds or math.inf))
+        held, challenger = compare(self, pair, config, seconds=room)
         self._challenges += 1
         if c[1] in self._spent and self._spent[c[1]]:
             self._spent[c[1]][-1] += time.monotonic() - start    # a trial's cost, on average
@@ -631,9 +637,10 @@ class Tuner:
     def _incumbents(self, history: dict[Candidate, MeasureResult],
                     by_cand: dict[Candidate, Assignment]) -> list[Assignment]:
         """The best measured assignments, best first, the held plan (:meth:`_challenge`)
-        ahead of them."""
+        ahead of them; none that lost a challenge (the search never climbs from a plan that
+        was only lucky)."""
         ranked = sorted(((self.objective.measured(r, self.reference), str(c), c)
-                         for c, r in history.items() if c in by_cand))
+                         for c, r in history.items() if c in by_cand and c not in self._lost))
         order = [c for v, _, c in ranked if math.isfinite(v)]
         if self._held in by_cand and self._held in order:
             order = [self._held] + [c for c in order if c != self._held]
