@@ -37,6 +37,14 @@ if TYPE_CHECKING:
     from boundflow.search.tuner import Tuner, TuneReport
 
 
+def build(tuner: "Tuner", inputs: list, seconds: float | None = None) -> list:
+    """The tuner's builder on ``inputs``; with ``seconds``, compiles still running then are
+    stopped (``BuildResult.cut``) where the builder can be told."""
+    if seconds is not None and "seconds" in inspect.signature(tuner.builder.build).parameters:
+        return tuner.builder.build(inputs, seconds=seconds)
+    return tuner.builder.build(inputs)
+
+
 def compare(tuner: "Tuner", candidates: list[tuple], config=None,
             seconds: float | None = None) -> list[MeasureResult]:
     """``candidates`` ((bundle, backend) pairs) measured in one runner pass under ``config``
@@ -44,10 +52,7 @@ def compare(tuner: "Tuner", candidates: list[tuple], config=None,
     else one after the other. ``seconds``: how long their compiles may take, where the
     builder can be told (a compile cut then fails every one of them)."""
     inputs = [tuner._input(b, backend) for b, backend in candidates]
-    if seconds is not None and "seconds" in inspect.signature(tuner.builder.build).parameters:
-        builds = tuner.builder.build(inputs, seconds=seconds)
-    else:
-        builds = tuner.builder.build(inputs)
+    builds = build(tuner, inputs, seconds)
     together = getattr(tuner.runner, "compare", None)
     if together is not None:
         return together(inputs, builds, config or tuner.final_config)

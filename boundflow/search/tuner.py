@@ -70,8 +70,8 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
     MeasureResult
 from boundflow.measure.result import machine
 from boundflow.planner.passes import normalised
-from boundflow.search.final import CONFIRM, bundle_of, compare, finalists as finalists_of, \
-    report, wins
+from boundflow.search.final import CONFIRM, build, bundle_of, compare, \
+    finalists as finalists_of, report, wins
 from boundflow.search.objective import Objective, ObjectiveError  # noqa: F401 - re-exported
 from boundflow.search.objective import beats_default
 from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
@@ -271,19 +271,14 @@ class Tuner:
         (``MeasureConfig.max_seconds``: a slow plan is timed with fewer calls)."""
         start = time.monotonic()
         inp = self._input(bundle, backend)
-        if deadline is not None and "seconds" in inspect.signature(self.builder.build).parameters:
-            builds = self.builder.build([inp], seconds=max(
-                0.0, deadline - time.monotonic() - reserve))
-            if builds[0].cut:
-                log.info("the compile of %s was stopped: the time budget ran out", bundle.key)
-                return None
-        else:
-            builds = self.builder.build([inp])
+        builds = build(self, [inp], None if deadline is None else
+                       max(0.0, deadline - time.monotonic() - reserve))
+        if builds[0].cut:
+            log.info("the compile of %s was stopped: the time budget ran out", bundle.key)
+            return None
         kw = {}
         if deadline is not None and "config" in inspect.signature(self.runner.run).parameters:
-            room = max(0.5, deadline - time.monotonic() - reserve)
-            kw["config"] = dataclasses.replace(self.config, max_seconds=min(
-                room, self.config.max_seconds or math.inf))
+            kw["config"] = self._cut_config(deadline, reserve)
         result = self.runner.run([inp], builds, **kw)[0]
         self.db.add_measurement(bundle, result, features=self.ranker.plan_features(bundle),
                                 graph=self.graph, run_id=self._run_id)
@@ -292,6 +287,13 @@ class Tuner:
         self._first = self._first or time.monotonic()
         self._spent.setdefault(backend, []).append(time.monotonic() - start)
         return result
+
+    def _cut_config(self, deadline: float, reserve: float) -> MeasureConfig:
+        """The search's protocol cut down to end ``reserve`` seconds before ``deadline``
+        (``MeasureConfig.max_seconds``: a slow plan is timed with fewer calls)."""
+        room = max(0.5, deadline - time.monotonic() - reserve)
+        return dataclasses.replace(self.config, max_seconds=min(
+            room, self.config.max_seconds or math.inf))
 
     def _history(self) -> dict[Candidate, MeasureResult]:
         """This workload's measurements on the backends searched (and the baseline's) on
@@ -446,11 +448,11 @@ class Tuner:
         the challenger is held if it wins there as a tuned plan must beat the default path
         (better objective, 3% faster, faster in most paired rounds: a plan timed against
         itself this way reads up to 16% apart on a 5 ms call here); the loser never
-        challenges again. A single measurement on
-        a busy machine can be 20-50% off, so without this the search would hold (and climb
-        from, and report) whichever plan was luckiest. One challenge per call (after each
-        measurement); none where the time left cannot take it; with a runner that cannot
-        time plans side by side, the best measurement is held."""
+        challenges again. A single measurement on a busy machine can be 20-50% off, so
+        without this the search would hold (and climb from, and report) whichever plan was
+        luckiest. One challenge per call (after each measurement); none where the time left
+        cannot take it; with a runner that cannot time plans side by side, the best
+        measurement is held."""
         pool = {c: self.objective.measured(r, self.reference) for c, r in history.items()
                 if c != self._held and c not in self._lost and c not in self._unmapped}
         pool = {c: v for c, v in pool.items() if math.isfinite(v)}
@@ -475,9 +477,9 @@ class Tuner:
             return
         config, room = self.config, None
         if deadline is not None:                  # cut down to the time left, as _measure
-            room = max(0.5, deadline - time.monotonic() - self._final_reserve(history))
-            config = dataclasses.replace(config, max_seconds=min(
-                room, config.max_seconds or math.inf))
+            reserve = self._final_reserve(history)
+            config = self._cut_config(deadline, reserve)
+            room = max(0.0, deadline - time.monotonic() - reserve)
         held, challenger = compare(self, pair, config, seconds=room)
         self._challenges += 1
         if c[1] in self._spent and self._spent[c[1]]:
