@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from boundflow.backend import chunks
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.beta import beta_lower
 from boundflow.domains.backward import intersect
@@ -164,8 +165,9 @@ class TorchExecutor:
         self.lower_slope = bundle.domain_plan.lower_slope
         self.sparse = bundle.domain_plan.sparse
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.itemsize = itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
+        self._chunk_elements: dict[str, int] = {}  # per bound task (backend.chunks)
         self._arena: dict[int, torch.Tensor] = {}
         # per buffer in a slot: (slot, elements per sample, physical shape, axes to logical)
         self._views = {
@@ -293,7 +295,39 @@ class TorchExecutor:
                    C: torch.Tensor | None = None, split: ReluSplit | None = None
                    ) -> dict[str, Value]:
         """The outputs of a ``crown``, ``forward`` or ``final`` task (what a compiled backend
-        calls back for the tasks it runs as torch ops)."""
+        calls back for the tasks it runs as torch ops), over the batch in chunks that keep
+        its coefficients in cache (:mod:`boundflow.backend.chunks`)."""
+        batch = env[t.inputs[0]].a.shape[0]
+        size = self._chunk(t, tensors, env[t.inputs[0]] if t.kind == "crown" else None)
+        if size >= batch:
+            return self._bound_task(t, env, tensors, box, C, split)
+        parts = []
+        for s in range(0, batch, size):
+            part = slice(s, s + size)
+            sub = {b: Value(env[b].form, env[b].a[part], env[b].b[part]) for b in t.inputs}
+            parts.append(self._bound_task(
+                t, sub, tensors,
+                None if box is None else Interval(box.lower[part], box.upper[part]),
+                None if C is None else C[part], None if split is None else split.part(part)))
+        return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
+                            torch.cat([p[name].b for p in parts])) for name in parts[0]}
+
+    def _chunk(self, t: Task, tensors, bound: Value | None = None) -> int:
+        """Samples per chunk of task ``t`` (:mod:`boundflow.backend.chunks`; CPU only); a
+        ``crown`` task's by the rows it will bound under its input's interval ``bound``."""
+        if self.device.type != "cpu":
+            return 1 << 62
+        elements = self._chunk_elements.get(t.name)
+        if elements is None:
+            elements = self._chunk_elements[t.name] = chunks.coefficient_elements(
+                self.graph, t, tensors, self.bundle.workload.n_specs)
+        if elements and bound is not None:
+            elements *= chunks.crown_rows(self.graph, t.nodes[0], bound.interval(), self.sparse)
+        return chunks.samples_per_chunk(elements, self.itemsize) if elements else 1 << 62
+
+    def _bound_task(self, t: Task, env: dict, tensors, box: Interval,
+                    C: torch.Tensor | None = None, split: ReluSplit | None = None
+                    ) -> dict[str, Value]:
         if t.kind == "crown":
             return self._crown(t, env, tensors, box)
         if t.kind == "forward":

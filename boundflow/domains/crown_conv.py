@@ -101,6 +101,15 @@ def patches_pay(graph: Graph, chain: list[Node], rows: int, batch: int,
     return batch * rows * saved >= PATCH_OVERHEAD * len(chain)
 
 
+def window_elements(graph: Graph, chain: list[Node], tensors: Mapping[str, torch.Tensor]
+                    ) -> int:
+    """The most coefficient elements one row of ``chain[0]`` holds on any map of the walk
+    (the input's included): its largest window, ``C x Rh x Rw``."""
+    windows = _windows(graph, list(chain) + [graph.nodes[0]], tensors)
+    shapes = {n.name: n.shape for n in graph.nodes}
+    return max(shapes[n][0] * w.size[0] * w.size[1] for n, w in windows.items())
+
+
 def _add(a: Coeffs | None, b: Coeffs) -> Coeffs:
     if a is None:
         return b
@@ -217,4 +226,5 @@ def _dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(A, v).squeeze(-1)
 
 
-__all__ = ["PATCH_OVERHEAD", "PatchSlopes", "conv_chain", "crown_conv_rows", "patches_pay"]
+__all__ = ["PATCH_OVERHEAD", "PatchSlopes", "conv_chain", "crown_conv_rows", "patches_pay",
+           "window_elements"]

@@ -23,7 +23,7 @@ layer, at the price of the tightening a split would bring to the layers after it
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -56,6 +56,13 @@ class ReluSplit:
                                      f"upper) pair of tensors of one shape")
         if self.reuse and not self.reference:
             raise BoundFlowError("reuse needs reference bounds")
+
+    def part(self, samples: slice) -> "ReluSplit":
+        """The split state of the batch's ``samples`` (a slice along the batch)."""
+        ref = None if self.reference is None else {
+            n: (lo[samples], hi[samples]) for n, (lo, hi) in self.reference.items()}
+        return replace(self, signs={n: s[samples] for n, s in self.signs.items()},
+                       reference=ref)
 
     def __repr__(self) -> str:                     # a stable key for bound caches
         h = hashlib.sha1()
