@@ -8,7 +8,8 @@ pass, then ``bf.compute_bounds`` on the default torch path, then the same call w
 ``backend="relax"``, which compiles the same default plan with TVM; medians). Models: the
 shared auto_LiRPA ``mlp`` and ``cnn`` (recorded weights, their inputs and margin spec, eps
 8/255), ``deep`` (the ``random_deep_mlp`` example) and ``residual`` (``random_residual``; its
-plain counterpart ``random_cnn`` rides along for CROWN per FLOP), margin spec on the clean
+plain counterpart ``plain_residual``, the same layers and weights without the skip connection,
+rides along for CROWN per FLOP; ``plain_cnn`` is ``random_cnn``), margin spec on the clean
 prediction, eps 2/255. Batch 1 and 32; alpha-CROWN (10 iterations, as auto_LiRPA's record)
 at batch 1. One torch thread, one TVM thread.
 
@@ -25,6 +26,7 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "1")   # TVM's thread pool as small as torch's
 
 import argparse                                # noqa: E402
+import copy                                    # noqa: E402
 import csv                                     # noqa: E402
 import statistics                              # noqa: E402
 import time                                    # noqa: E402
@@ -66,11 +68,31 @@ def workload(name: str, batch: int):
         data = np.load(REF / f"{name}_inputs.npz")
         return shared_model(name), data["x"][:batch], data["C"][:batch], 8 / 255
     ex = load({"deep": "random_deep_mlp", "residual": "random_residual",
-               "plain_cnn": "random_cnn"}[name])
+               "plain_residual": "random_residual", "plain_cnn": "random_cnn"}[name])
+    model = plain_counterpart(ex.model) if name == "plain_residual" else ex.model
     x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
     with torch.no_grad():
-        out = ex.model(torch.from_numpy(x))
-    return ex.model, x, margin(out.argmax(1).numpy(), out.shape[1]), 2 / 255
+        out = model(torch.from_numpy(x))
+    return model, x, margin(out.argmax(1).numpy(), out.shape[1]), 2 / 255
+
+
+class _NoSkip(torch.nn.Module):
+    """A residual block's layers without its skip connection."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = block.conv1, block.bn, block.conv2
+
+    def forward(self, x):
+        return torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+
+def plain_counterpart(model: torch.nn.Module) -> torch.nn.Module:
+    """The residual example with the same layers and weights but no skip connection: its
+    plain CNN counterpart, of the same forward FLOPs (but for the one addition)."""
+    plain = copy.deepcopy(model)
+    plain.block = _NoSkip(plain.block)
+    return plain.eval()
 
 
 def forward_mflops(module: torch.nn.Module, x: np.ndarray) -> float:
@@ -160,14 +182,14 @@ def main() -> None:
     print("-" * len(head))
     rows = []
     names = args.rows.split(",")
-    if "residual" in names and "crown" in args.methods and "plain_cnn" not in names:
-        names.append("plain_cnn")
+    if "residual" in names and "crown" in args.methods and "plain_residual" not in names:
+        names.append("plain_residual")
     for name in names:
         for batch in (int(b) for b in args.batches.split(",")):
             for method in args.methods.split(","):
                 if method == "alpha-crown" and batch != 1:
                     continue
-                if name == "plain_cnn" and method != "crown":
+                if name.startswith("plain_") and method != "crown":
                     continue
                 r = row(name, batch, method, args.rounds, ratios)
                 rows.append(r)
