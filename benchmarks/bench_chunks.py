@@ -2,19 +2,19 @@
 (boundflow/backend/chunks.py), side by side in one run.
 
     python benchmarks/bench_chunks.py [--rounds 3] [--rows cnn@32:crown,...] [--no-vnncomp]
-                                      [--out benchmarks/results/chunks]
+                                      [--threads 1] [--out benchmarks/results/chunks]
 
 Part 1, per row (``model@batch:method``; models as in ``bench_kernels.py``: the shared
 auto_LiRPA ``mlp`` and ``cnn`` with their inputs and eps, the ``deep``, ``residual`` and
-``plain_cnn`` examples): the default plan on the torch path (one thread) with its bound tasks
-over the whole batch (``BOUNDFLOW_CHUNK_BYTES=0``, what every earlier version ran) and in
-chunks of each budget (1, 2, 4 MiB; 2 MiB is the default). Speed depends on the process's
-heap history, so each measurement is a fresh process (warm-up, then calls for 2 s; median
-ms, minor page faults per call, a forward pass's ms); in each round every setting once, each
-round starting with the next setting; medians over rounds. ``whole / chunked`` > 1: the
-default rule is faster. ``aL x`` is the implied speedup over auto_LiRPA
-(``alirpa_over_forward / (ms / forward_ms)``, shared models at batch 1 and 32). The bounds
-under every setting must agree (``gap``, in this process).
+``plain_cnn`` examples): the default plan on the torch path (``--threads``, default one)
+with its bound tasks over the whole batch (``BOUNDFLOW_CHUNK_BYTES=0``, what every earlier
+version ran) and in chunks of each budget (1, 2, 4 MiB; 2 MiB is the default). Speed
+depends on the process's heap history, so each measurement is a fresh process (warm-up,
+then calls for 2 s; median ms, minor page faults per call, a forward pass's ms); in each
+round every setting once, each round starting with the next setting; medians over rounds.
+``whole / chunked`` > 1: the default rule is faster. ``aL x`` is the implied speedup over
+auto_LiRPA (``alirpa_over_forward / (ms / forward_ms)``, shared models at batch 1 and 32,
+one thread). The bounds under every setting must agree (``gap``, in this process).
 
 Part 2: every instance of ``../shared/benchmarks/instances.csv`` decided by ``boundflow
 vnncomp`` (its defaults: torch, every core) in a fresh process per setting and round, the
@@ -102,7 +102,7 @@ def _gap(spec: str) -> float:
                          (o.upper - outs[0].upper).abs().max())) for o in outs)
 
 
-def calls(spec: str, rounds: int, ratios: dict) -> dict:
+def calls(spec: str, rounds: int, ratios: dict, threads: int) -> dict:
     """One row: per round, a fresh process per setting (whole batch first)."""
     got: dict[str, list[dict]] = {k: [] for k in BUDGETS}
     keys = list(BUDGETS)
@@ -110,7 +110,8 @@ def calls(spec: str, rounds: int, ratios: dict) -> dict:
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:     # each round starts later
             budget = BUDGETS[key]
             env = dict(os.environ, PYTHONPATH=str(ROOT), BOUNDFLOW_CHUNK_BYTES=str(budget))
-            out = subprocess.run([sys.executable, __file__, "--child", spec], cwd=ROOT, env=env,
+            out = subprocess.run([sys.executable, __file__, "--child", spec, "--threads",
+                                  str(threads)], cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
                 raise SystemExit(f"{spec} failed: {out.stderr[-2000:]}")
@@ -122,7 +123,7 @@ def calls(spec: str, rounds: int, ratios: dict) -> dict:
     row = {"row": spec, "forward_ms": fwd, "gap": _gap(spec),
            **{f"{k}_ms": v for k, v in ms.items()},
            **{f"{k}_faults": statistics.median(r["faults"] for r in v) for k, v in got.items()}}
-    ref = ratios.get((name, batch, method))
+    ref = ratios.get((name, batch, method)) if threads == 1 else None   # measured on one
     if ref is not None:
         row["alirpa_x_fwd"] = ref
         row["whole_vs_alirpa"] = ref / (ms["whole"] / fwd)
@@ -161,17 +162,18 @@ def main() -> None:
     parser.add_argument("--rows", default=ROWS)
     parser.add_argument("--no-vnncomp", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/chunks"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
         _child(args.child)
         return
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     ratios = alirpa_ratios()
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, 1 thread; load average before {load0:.2f}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s); load average before {load0:.2f}")
     head = (f"{'row':<22} {'fwd ms':>7} {'whole ms':>9} " +
             " ".join(f"{k + ' ms':>9}" for k in BUDGETS if k != "whole") +
             f" {'whole/chunked':>13} {'chunked xfwd':>12} {'aL x whole':>10} "
@@ -180,7 +182,7 @@ def main() -> None:
     print("-" * len(head))
     rows = []
     for spec in args.rows.split(","):
-        r = calls(spec, args.rounds, ratios)
+        r = calls(spec, args.rounds, ratios, args.threads)
         r["whole_over_chunked"] = r["whole_ms"] / r[f"{DEFAULT}_ms"]
         rows.append(r)
         aw, ac = r.get("whole_vs_alirpa"), r.get("chunked_vs_alirpa")
