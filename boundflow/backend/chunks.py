@@ -6,18 +6,22 @@ every map it passes; a forward-mode pass, a column per input element. On a CPU t
 tensors and the temporaries of each rule (positive and negative parts, products) are
 re-read by every op of the walk, so once a batch's working set leaves the cache the same
 arithmetic runs 2-3x slower per sample (CROWN on the shared CNN, one thread, AMD EPYC Zen
-4: 28 ms a sample at batch 1, 67 ms at batch 32). Bounds of different samples never meet,
-so a task may run chunk by chunk and give the same numbers (up to float rounding: sparse
-CROWN picks its rows per chunk).
+4: 28 ms a sample at batch 1, 67 ms at batch 32), and past glibc's 32 MiB mmap ceiling its
+tensors are faulted in afresh every call (there: 718,000 page faults a call).
 
 :func:`samples_per_chunk` sizes a chunk so its largest coefficient tensor takes about
-``BUDGET_BYTES`` (2 MiB; ``BOUNDFLOW_CHUNK_BYTES`` overrides it, 0 never splits): of 1-16
-MiB the best compromise over the bundled examples and the shared models at batch 32 and
-1024 (``benchmarks/bench_chunks.py``). It is an estimate from shapes
-(every neuron of the start bounded; a patch-form walk's largest window; the dense walk's
-widest map), made once per task. Small tasks (deep MLPs, IBP, a final bound of few specs)
-get chunks larger than any batch: they stay whole, as many small ops on few samples would
-cost more than the cache saves. A GPU wants the whole batch: chunking is for CPUs only.
+``BUDGET_BYTES`` (2 MiB; ``BOUNDFLOW_CHUNK_BYTES`` overrides it, 0 never splits): of 1-8 MiB
+the best compromise over the bundled examples and the shared models at batch 32 and 1024
+(``benchmarks/bench_chunks.py``). The estimate comes from shapes, once per task (a patch-form
+walk's largest window, else the dense walk's widest map, per row; a final bound's specs),
+times, for a CROWN pre-activation, the rows sparse CROWN will bound under the interval the
+task starts from (:func:`crown_rows`, counted per call, and only where bounding every row
+would not fit the batch in one chunk). Small tasks get chunks of hundreds of samples, so a
+batch of a few dozen stays whole. Never split: IBP; alpha-CROWN's final bound (its optimiser
+per chunk cost more than the cache saved); a final bound under beta-CROWN's split
+multipliers (its optimisation is batch-wide); a batch of one; a GPU, which wants the whole
+batch. Everything else gives the whole batch's bounds, sample by sample (sparse CROWN picks
+its rows per chunk: equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def crown_rows(graph: Graph, node: str, bound: Interval, sparse: bool | None) ->
     interval so far): every neuron, or with sparse CROWN (``None``: the needed ones,
     ``True``: the inexactly relaxed ones) those it picks."""
     if sparse is False or bound.lower.numel() == 0:
-        return bound.lower[0].numel()
+        return math.prod(bound.lower.shape[1:])
     mask = needed(graph, node, bound) if sparse is None else inexact(graph, node, bound)
     return int(mask.flatten(1).sum(1).max())
 

@@ -168,6 +168,7 @@ class TorchExecutor:
         self.itemsize = itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
         self._chunk_elements: dict[str, int] = {}  # per bound task (backend.chunks)
+        chunks.budget_bytes()                      # a bad BOUNDFLOW_CHUNK_BYTES fails here
         self._arena: dict[int, torch.Tensor] = {}
         # per buffer in a slot: (slot, elements per sample, physical shape, axes to logical)
         self._views = {
@@ -298,7 +299,9 @@ class TorchExecutor:
         calls back for the tasks it runs as torch ops), over the batch in chunks that keep
         its coefficients in cache (:mod:`boundflow.backend.chunks`)."""
         batch = env[t.inputs[0]].a.shape[0]
-        size = self._chunk(t, tensors, env[t.inputs[0]] if t.kind == "crown" else None)
+        beta = t.kind == "final" and split is not None and split.beta_iterations > 0
+        size = batch if beta else self._chunk(      # beta-CROWN: a batch-wide optimisation
+            t, tensors, batch, env[t.inputs[0]] if t.kind == "crown" else None)
         if size >= batch:
             return self._bound_task(t, env, tensors, box, C, split)
         parts = []
@@ -308,22 +311,35 @@ class TorchExecutor:
             parts.append(self._bound_task(
                 t, sub, tensors,
                 None if box is None else Interval(box.lower[part], box.upper[part]),
-                None if C is None else C[part], None if split is None else split.part(part)))
+                None if C is None else C[part],
+                None if split is None or t.kind != "final" else split.part(part)))
         return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
                             torch.cat([p[name].b for p in parts])) for name in parts[0]}
 
-    def _chunk(self, t: Task, tensors, bound: Value | None = None) -> int:
-        """Samples per chunk of task ``t`` (:mod:`boundflow.backend.chunks`; CPU only); a
-        ``crown`` task's by the rows it will bound under its input's interval ``bound``."""
-        if self.device.type != "cpu":
-            return 1 << 62
+    def _chunk(self, t: Task, tensors, batch: int, bound: Value | None = None) -> int:
+        """Samples per chunk of task ``t`` on ``batch`` samples (CPU only;
+        :mod:`boundflow.backend.chunks`); a ``crown`` task's by the rows it will bound
+        under its input's interval ``bound``, counted only where bounding every row would
+        not fit the whole batch in one chunk."""
+        whole = 1 << 62
+        if self.device.type != "cpu" or batch <= 1:
+            return whole
+        budget = chunks.budget_bytes()
         elements = self._chunk_elements.get(t.name)
         if elements is None:
             elements = self._chunk_elements[t.name] = chunks.coefficient_elements(
                 self.graph, t, tensors, self.bundle.workload.n_specs)
-        if elements and bound is not None:
+        if not elements:
+            return whole
+        if bound is not None:
+            every = chunks.samples_per_chunk(elements * bound.a[0].numel(), self.itemsize,
+                                             budget)
+            if every >= batch:
+                return whole
             elements *= chunks.crown_rows(self.graph, t.nodes[0], bound.interval(), self.sparse)
-        return chunks.samples_per_chunk(elements, self.itemsize) if elements else 1 << 62
+            if not elements:
+                return whole
+        return chunks.samples_per_chunk(elements, self.itemsize, budget)
 
     def _bound_task(self, t: Task, env: dict, tensors, box: Interval,
                     C: torch.Tensor | None = None, split: ReluSplit | None = None

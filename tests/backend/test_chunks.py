@@ -85,8 +85,9 @@ def test_chunked_tasks_give_the_whole_batchs_bounds_and_are_sound(name, method, 
 
 
 def test_a_split_state_is_cut_with_its_batch(monkeypatch):
-    """Signs and reference bounds of a ReLU split are sliced with the samples, and beta-CROWN
-    on chunks gives the whole batch's bounds."""
+    """Signs and reference bounds of a ReLU split are sliced with the samples; with
+    beta-CROWN's batch-wide optimisation on the final bound (which a chunk without splits
+    would skip) the bounds are the whole batch's."""
     ex, g = example_graph("random_mlp")
     lower = np.resize(ex.inputs, (BATCH,) + ex.inputs.shape[1:]).astype(np.float64)
     x = InputSpec.linf(lower, 0.05)
@@ -96,6 +97,8 @@ def test_a_split_state_is_cut_with_its_batch(monkeypatch):
     w = Workload.of(g, batch=BATCH, method="crown", dtype="float64")
     shapes = TorchExecutor(plan(g, w, default(g, w)), g)._bounded_shapes()
     signs = {n: torch.randint(-1, 2, (BATCH,) + shapes[n], generator=gen) for n in nodes}
+    for n in nodes:                 # samples 0 and 1 unsplit: a chunk of them has no split
+        signs[n][:2] = 0
     ref = {n: (-torch.full((BATCH,) + shapes[n], 50.0, dtype=torch.float64),
                torch.full((BATCH,) + shapes[n], 50.0, dtype=torch.float64)) for n in nodes}
     split = ReluSplit(signs, beta_iterations=4, reference=ref)
@@ -105,7 +108,8 @@ def test_a_split_state_is_cut_with_its_batch(monkeypatch):
     assert part.beta_iterations == 4
     whole, _ = _run(g, x, C, default, "crown", monkeypatch, 10 ** 9, split)
     parts, calls = _run(g, x, C, default, "crown", monkeypatch, 2, split)
-    assert sorted({b for _, b in calls}) == [1, 2]
+    assert {b for n, b in calls if n != "final"} == {1, 2}
+    assert [b for n, b in calls if n == "final"] == [BATCH]
     np.testing.assert_allclose(parts.lower, whole.lower, rtol=0, atol=1e-6)
     np.testing.assert_allclose(parts.upper, whole.upper, rtol=0, atol=1e-6)
 
@@ -125,8 +129,9 @@ def test_chunks_follow_the_working_set():
     unstable = Value("lu", -torch.ones(shape), torch.ones(shape))
     dead = Value("lu", -torch.ones(shape), -0.5 * torch.ones(shape))
     assert chunks.crown_rows(ex.graph, task.nodes[0], unstable.interval(), None) == 2048
-    assert ex._chunk(task, tensors, unstable) <= 2
-    assert ex._chunk(task, tensors, dead) >= 32
+    assert ex._chunk(task, tensors, 32, unstable) <= 2
+    assert ex._chunk(task, tensors, 32, dead) >= 32
+    assert ex._chunk(task, tensors, 1, unstable) >= 1
     _, mlp = example_graph("random_deep_mlp")
     w = Workload.of(mlp, batch=64, method="crown", n_specs=4)
     ex = TorchExecutor(plan(mlp, w, default(mlp, w)), mlp)
@@ -135,10 +140,25 @@ def test_chunks_follow_the_working_set():
         if t.kind in ("crown", "final"):
             shape = (64,) + ex.nodes[t.nodes[0]].shape
             bound = Value("lu", -torch.ones(shape), torch.ones(shape))
-            assert ex._chunk(t, tensors, bound if t.kind == "crown" else None) >= 64
+            assert ex._chunk(t, tensors, 64, bound if t.kind == "crown" else None) >= 64
     w = Workload.of(cnn, batch=32, method="ibp", n_specs=9)
     ex = TorchExecutor(plan(cnn, w, default(cnn, w)), cnn)
-    assert all(ex._chunk(t, tensors) >= 1 << 20 for t in ex.tasks if t.kind == "final")
+    tensors = graph_tensors(ex.graph, torch.float32)
+    assert all(ex._chunk(t, tensors, 32) >= 1 << 20 for t in ex.tasks if t.kind == "final")
+
+
+def test_the_environments_budget_sizes_the_chunks(monkeypatch):
+    """``BOUNDFLOW_CHUNK_BYTES=1``: one sample per chunk; ``0``: the whole batch."""
+    ex, g = example_graph("random_cnn")
+    x = InputSpec.linf(np.resize(ex.inputs, (3,) + ex.inputs.shape[1:]).astype(np.float64),
+                       0.03)
+    C = margin_spec(np.arange(3), 10)
+    sizes = {}
+    for raw in ("1", "0"):
+        monkeypatch.setenv("BOUNDFLOW_CHUNK_BYTES", raw)
+        _, calls = _run(g, x, C, default, "crown", monkeypatch, None)
+        sizes[raw] = {b for _, b in calls}
+    assert sizes == {"1": {1}, "0": {3}}
 
 
 @pytest.mark.parametrize("raw,want", [("0", 1 << 62), ("1048576", 1 << 20), (" 4096 ", 4096)])
