@@ -70,7 +70,6 @@ def test_bad_objectives_fail_before_any_work(objective, match, capsys):
     ([*TUNE, "--memory-limit", "0"], "argument --memory-limit"),
     ([*VERIFY, "--timeout", "0"], "argument --timeout"),
     ([*VERIFY, "--target", "rocm"], "target kind 'rocm'"),
-    ([*VERIFY, "--target", "cuda"], "the torch backend runs on the CPU"),
     ([*VERIFY, "--target", '{"kind": "llvm", "mcpu": '], "not valid JSON"),
     ([*VERIFY, "--alpha-iterations", "-2"], "argument --alpha-iterations"),
     ([*VERIFY, "--clip", "0", "inf"], "argument --clip"),
@@ -151,6 +150,19 @@ def test_cuda_without_a_gpu_is_one_line(capfd, command):
         args = ["tune", *args[1:], "--trials", "1", "--db", ":memory:"]
     assert main(args) == 2
     _one_line_error(capfd, "no CUDA device")
+
+
+@pytest.mark.parametrize("command", ["verify", "tune"])
+def test_torch_on_cuda_without_a_gpu_is_one_line(capfd, command):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    args = [*VERIFY, "--target", "cuda", "--method", "ibp"]
+    if command == "tune":
+        args = ["tune", *args[1:], "--backend", "torch", "--trials", "1", "--db", ":memory:"]
+    assert main(args) == 2
+    _one_line_error(capfd, "target cuda: torch sees no CUDA device")
 
 
 def test_version_and_quiet(tmp_path, capsys):

@@ -14,7 +14,8 @@ python3 -c "import tvm, torch; print('tvm', tvm.__version__, 'cuda', tvm.cuda(0)
 'torch', torch.__version__, torch.cuda.is_available())" | tee -a "$out/device.txt" || exit 1
 python3 benchmarks/bench_gpu.py --csv "$out/bench_gpu.csv" 2>&1 | grep -v "Warning" \
     | tee "$out/bench_gpu.txt" || status=1
-python3 -m pytest -q -p no:cacheprovider tests/backend/test_relax.py -k cuda 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/backend/test_relax.py \
+    tests/backend/test_torch_backend.py tests/test_bad_inputs.py -k cuda 2>&1 \
     | tail -15 | tee "$out/pytest_cuda.txt" || status=1
 timeout "${SWEEP_SECONDS:-120}" python3 tools/relax_sweep.py --target cuda --plans 3 \
     --models digits_cnn,random_residual --methods crown-ibp,crown 2>&1 | grep -v "Warning" \

@@ -125,10 +125,11 @@ def create(name: str) -> Backend:
 
 
 class TorchBackend:
-    """Runs any plan with torch ops, on the CPU (target llvm)."""
+    """Runs any plan with torch ops: on the CPU (target llvm) or a CUDA GPU (target cuda,
+    where torch sees one)."""
 
     name = "torch"
-    targets = ("llvm",)
+    targets = ("llvm", "cuda")
     tunes_schedules = False
     needs_build = False
 
@@ -138,15 +139,25 @@ class TorchBackend:
     def check_target(self, target):
         from boundflow.target import target_kind
 
-        if target_kind(target) not in self.targets:
-            raise BoundFlowError(f"the torch backend runs on the CPU (target llvm), not "
-                                 f"{target!r}; use --backend relax for other targets")
+        kind = target_kind(target)
+        if kind not in self.targets:
+            raise BoundFlowError(f"the torch backend runs on the CPU (target llvm) or a CUDA "
+                                 f"GPU (target cuda), not {target!r}")
+        if kind == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                build = "a CPU-only build" if torch.version.cuda is None else \
+                    f"built for CUDA {torch.version.cuda}"
+                raise BoundFlowError(f"target cuda: torch sees no CUDA device on this machine "
+                                     f"(torch {torch.__version__}, {build})")
 
     def executor(self, bundle, graph, target="llvm", cache=None):
         from boundflow.backend.torch import TorchExecutor
+        from boundflow.target import target_kind
 
         self.check_target(target)
-        return TorchExecutor(bundle, graph)
+        return TorchExecutor(bundle, graph, "cuda" if target_kind(target) == "cuda" else "cpu")
 
     def schedule_space(self, target="llvm"):
         return {}

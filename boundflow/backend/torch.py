@@ -81,7 +81,7 @@ class Value(NamedTuple):
 
 @dataclass
 class RunResult:
-    """Bounds ``[batch, n_specs]`` (or ``[batch, *out]``) and what the run did."""
+    """Bounds ``[batch, n_specs]`` (or ``[batch, *out]``), on the CPU, and what the run did."""
 
     lower: torch.Tensor
     upper: torch.Tensor
@@ -473,7 +473,8 @@ class TorchExecutor:
                         value = Value("lu", *relu_split.tighten(node, *value.interval()))
                     self._write(env, name, value, batch)
                     if node in keep:
-                        kept[node] = Interval(*(t.clone() for t in env[name].interval()))
+                        kept[node] = Interval(*(t.to("cpu", copy=True)
+                                                for t in env[name].interval()))
                 if measure_memory:
                     arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
                     peak = max(peak, arena + inflight)
@@ -495,7 +496,7 @@ class TorchExecutor:
             stats["cache"] = cache.stats()
         if keep:
             stats["bounds"] = kept
-        return RunResult(out.a.clone(), out.b.clone(), stats)
+        return RunResult(out.a.to("cpu", copy=True), out.b.to("cpu", copy=True), stats)
 
     def _reused(self, split: ReluSplit | None) -> dict[str, dict[str, Value]]:
         """The outputs of the tasks a split state's reference bounds stand in for (with

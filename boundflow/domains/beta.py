@@ -35,7 +35,7 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
     """The best lower bound of ``A·output`` (``A``: ``[B, S, *out]``) over each domain,
     from ``start`` (``[B, S]``, a bound already proven) and ``iterations`` steps on the
     multipliers of the split neurons in ``signs`` (node -> ``[B, *shape]`` of -1/0/+1)."""
-    split = {n: s.to(A.dtype) for n, s in signs.items() if bool((s != 0).any())}
+    split = {n: s.to(A.device, A.dtype) for n, s in signs.items() if bool((s != 0).any())}
     if not split or iterations <= 0:
         return start
     B, S = A.shape[:2]

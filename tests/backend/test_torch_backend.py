@@ -176,3 +176,21 @@ def test_api_runs_a_plan():
     torch.testing.assert_close(via_plan.bounds.lower, direct.bounds.lower, rtol=1e-5, atol=1e-5)
     assert via_plan.method == "crown"
     assert (via_plan.verdicts == direct.verdicts).all()
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_cuda_torch_backend_matches_the_cpu_and_is_sound(method):
+    """``target="cuda"`` runs the plan with torch on the GPU: the CPU's bounds, sound."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ex, g = example_graph("random_residual")
+    x = InputSpec.linf(ex.inputs[:3].astype(np.float32), 0.02)
+    C = margin_spec(np.arange(3), 10)
+    opts = dict(method=method, alpha=ALPHA)
+    cpu = compute_bounds(g, x, C=C.C, **opts)
+    gpu = compute_bounds(g, x, C=C.C, target="cuda", **opts)
+    assert gpu.lower.device.type == "cpu"
+    np.testing.assert_allclose(gpu.lower, cpu.lower, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(gpu.upper, cpu.upper, rtol=0, atol=1e-4)
+    pts = box_points(x.lower, x.upper, n=2000)
+    assert_contains(gpu.lower, gpu.upper, true_outputs(g, pts), C=C.C, tol=1e-5)
