@@ -88,18 +88,88 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def box_value(box: Interval) -> Value:
+    """The input box as a task reads it. Where every sample's radius is the same in every
+    element (an L∞ ball), centre/radius form with the radius one number per sample, expanded
+    (stride 0): the largest of the sample's half-widths, so the box only grows, by float
+    rounding (the half-widths of ``x ± eps`` differ in their last bits). A weighted op then
+    needs no product for its radius (:func:`_affine_cr`)."""
+    lower, upper = box
+    batch = lower.shape[0]
+    if lower.dim() < 2 or batch == 0 or lower[0].numel() < 2:
+        return Value("lu", lower, upper)
+    rad = ((upper - lower) / 2).reshape(batch, -1)
+    hi, lo = rad.amax(1), rad.amin(1)
+    if not bool(((hi - lo) <= 1e-6 * hi).all()):
+        return Value("lu", lower, upper)
+    return Value("cr", (upper + lower) / 2,
+                 hi.view((batch,) + (1,) * (lower.dim() - 1)).expand(lower.shape))
+
+
+# the radius products (multiply-adds over the batch) that make :func:`box_value`'s check
+# (a few passes over the box, ~10 µs) worth making
+UNIFORM_MACS = 1 << 20
+
+
+def box_weighted_macs(graph: Graph) -> int:
+    """Multiply-adds per sample of the ``linear`` and ``conv2d`` ops that read the input box
+    (through views): the radius products an L∞ box spares (:func:`_uniform_radius`)."""
+    users, total = graph.consumers(), 0
+    stack = [graph.input.name]
+    while stack:
+        for name in users[stack.pop()]:
+            node = graph.node(name)
+            if node.op in _VIEW_OPS:
+                stack.append(name)
+            elif node.op in ("linear", "conv2d"):
+                w = graph.param(node, "weight")
+                total += math.prod(node.shape) * (w.size // w.shape[0])
+    return total
+
+
+def _uniform(t: torch.Tensor) -> bool:
+    """Whether each sample of ``t`` is one number: every stride past the batch is 0, as only
+    :func:`box_value`'s radius (and views of it) have."""
+    return t.dim() >= 2 and not any(t.stride()[1:])
+
+
+def _uniform_radius(node, params: dict, w_abs: torch.Tensor, rad: torch.Tensor,
+                    kw: dict) -> torch.Tensor | None:
+    """``|W|·rad`` for a radius that is one number ``r`` per sample: ``r · (|W|·1)``, the
+    response to ones computed once per input shape; None where the op has no such rule."""
+    r = rad[(slice(None),) + (0,) * (rad.dim() - 1)]
+    key = ("ones", node.op, tuple(rad.shape[1:]))
+    resp = params.get(key)
+    if resp is None:
+        ones = torch.ones((1,) + tuple(rad.shape[1:]), dtype=rad.dtype, device=rad.device)
+        if node.op == "linear":
+            resp = F.linear(ones, w_abs)
+        elif node.op == "conv2d":
+            resp = F.conv2d(ones, w_abs, **kw)
+        else:
+            return None
+        params[key] = resp
+    return r.view((-1,) + (1,) * (resp.dim() - 1)) * resp
+
+
 def _affine_cr(node, params: dict, v: Value) -> Value:
     """A ``weighted`` op (linear, conv2d, conv_transpose2d) in centre/radius form:
-    ``W·mid + b`` and ``|W|·rad``."""
+    ``W·mid + b`` and ``|W|·rad`` (no product where the radius is one number per sample)."""
     _, mid, rad = v.as_form("cr")
     w = params["weight"]
     w_abs = params.get("weight_abs", None)
     w_abs = w.abs() if w_abs is None else w_abs
+    a = node.attrs
+    kw = {} if node.op == "linear" else dict(
+        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
+    if _uniform(rad) and node.op in ("linear", "conv2d"):
+        out_rad = _uniform_radius(node, params, w_abs, rad, kw)
+        bias = params.get("bias")
+        out_mid = (F.linear(mid, w, bias) if node.op == "linear"
+                   else F.conv2d(mid, w, bias, **kw))
+        return Value("cr", out_mid, out_rad)
     if node.op == "linear":
         return Value("cr", F.linear(mid, w, params.get("bias")), F.linear(rad, w_abs))
-    a = node.attrs
-    kw = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-              groups=a["groups"])
     if node.op == "conv_transpose2d":
         kw["output_padding"] = a["output_padding"]
         return Value("cr", F.conv_transpose2d(mid, w, params.get("bias"), **kw),
@@ -164,6 +234,7 @@ class TorchExecutor:
         self.domain_plan = bundle.domain_plan.plan
         self.lower_slope = bundle.domain_plan.lower_slope
         self.sparse = bundle.domain_plan.sparse
+        self.box_macs = box_weighted_macs(g)
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
         self.itemsize = itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
@@ -450,7 +521,8 @@ class TorchExecutor:
             for i, t in enumerate(self.tasks):
                 inflight = 0
                 if t.kind == "input":
-                    env[t.outputs[0]] = Value("lu", box.lower, box.upper)
+                    env[t.outputs[0]] = (box_value(box) if self.box_macs * batch >= UNIFORM_MACS
+                                         else Value("lu", box.lower, box.upper))
                     continue
                 if t.name in cached:
                     outs = cached[t.name]

@@ -19,6 +19,7 @@ import torch
 
 from boundflow.domains.coeffs import BackwardContext, Coeffs
 from boundflow.domains.crown_rules import RULES
+from boundflow.domains.gemv import bgemv
 from boundflow.domains.interval import Interval
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.graph import Graph, ancestors
@@ -37,12 +38,14 @@ def _add(a: Coeffs, b: Coeffs) -> Coeffs:
 
 def concretize(a: Coeffs, lb, ub, x: Interval) -> Interval:
     """Bounds over the input box of ``lA·x + lb`` (lower) and ``uA·x + ub`` (upper)."""
-    mid = ((x.upper + x.lower) / 2).flatten(1).unsqueeze(-1)        # [B, n, 1]
-    rad = ((x.upper - x.lower) / 2).flatten(1).unsqueeze(-1)
-    lA, uA = a.lA.flatten(2), a.uA.flatten(2)                      # [B or 1, S, n]
-    lower = (torch.matmul(lA, mid) - torch.matmul(lA.abs(), rad)).squeeze(-1) + lb
-    upper = (torch.matmul(uA, mid) + torch.matmul(uA.abs(), rad)).squeeze(-1) + ub
-    return Interval(lower, upper)
+    mid = ((x.upper + x.lower) / 2).flatten(1)                     # [B, n]
+    rad = ((x.upper - x.lower) / 2).flatten(1)
+    lA = a.lA.flatten(2)                                            # [B or 1, S, n]
+    lc, lr = bgemv(lA, mid), bgemv(lA.abs(), rad)
+    if a.uA is a.lA:                                                # one map: its products once
+        return Interval(lc - lr + lb, lc + lr + ub)
+    uA = a.uA.flatten(2)
+    return Interval(lc - lr + lb, bgemv(uA, mid) + bgemv(uA.abs(), rad) + ub)
 
 
 def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,

@@ -42,6 +42,7 @@ from boundflow.domains.coeffs import Coeffs, same
 from boundflow.domains.crown_patches import (PatchContext, PatchSlopes, RULES, covers,
                                              input_windows)
 from boundflow.domains.crown_windows import Window, mask, start_window
+from boundflow.domains.gemv import bgemv
 from boundflow.domains.interval import Interval
 from boundflow.ir.graph import Graph, Node, ancestors
 
@@ -211,19 +212,13 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
 def _concretize(a: Coeffs, win: Window, x: Interval) -> Interval:
     """``lA·x`` minimised and ``uA·x`` maximised over the box per window row, ``[B, L,
     Cs]``. Off-map window entries meet zero centre and radius."""
-    mid = win.unfold((x.upper + x.lower) / 2).flatten(3).transpose(-1, -2)    # [B, L, K, 1]
-    rad = win.unfold((x.upper - x.lower) / 2).flatten(3).transpose(-1, -2)
+    mid = win.unfold((x.upper + x.lower) / 2).flatten(3).squeeze(-2)          # [B, L, K]
+    rad = win.unfold((x.upper - x.lower) / 2).flatten(3).squeeze(-2)
     lA, uA = a.lA.flatten(3), a.uA.flatten(3)                                 # [B', L', Cs, K]
-    return Interval(_dot(lA, mid) - _dot(lA.abs(), rad), _dot(uA, mid) + _dot(uA.abs(), rad))
-
-
-def _dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``A [B', L', Cs, K]`` times ``v [B, L, K, 1]`` per window row: ``[B, L, Cs]``. One
-    start channel per row (selected neurons) is a product and a sum: a batched matrix
-    product of ``1 x K`` by ``K x 1`` blocks is far slower on CPU."""
-    if A.shape[2] == 1:
-        return (A * v.transpose(-1, -2)).sum(-1)
-    return torch.matmul(A, v).squeeze(-1)
+    lc, lr = bgemv(lA, mid), bgemv(lA.abs(), rad)
+    if uA is lA:
+        return Interval(lc - lr, lc + lr)
+    return Interval(lc - lr, bgemv(uA, mid) + bgemv(uA.abs(), rad))
 
 
 __all__ = ["PATCH_OVERHEAD", "PatchSlopes", "conv_chain", "crown_conv_rows", "patches_pay",

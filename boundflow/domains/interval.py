@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from boundflow.domains import activations
+from boundflow.domains.gemv import bgemv
 from boundflow.domains.traversal import propagate
 from boundflow.ir.graph import Graph, Node
 
@@ -223,9 +224,7 @@ def spec_interval(x: Interval, C: torch.Tensor, weight: torch.Tensor | None = No
         offset = torch.matmul(C, bias) if bias is not None else 0.0
     else:
         cw, offset = C, 0.0
-    out_mid = torch.bmm(cw, mid.unsqueeze(-1)).squeeze(-1) + offset     # bmm: einsum's
-    out_rad = torch.bmm(cw.abs(), rad.unsqueeze(-1)).squeeze(-1)         # dispatch, 10 µs less
-    return _from_center_radius(out_mid, out_rad)
+    return _from_center_radius(bgemv(cw, mid) + offset, bgemv(cw.abs(), rad))
 
 
 def ibp(graph: Graph, x: Interval, tensors: dict[str, torch.Tensor],
