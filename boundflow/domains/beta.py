@@ -39,12 +39,13 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
     if not split or iterations <= 0:
         return start
     B, S = A.shape[:2]
-    betas = {n: torch.zeros((B, S) + tuple(s.shape[1:]), dtype=A.dtype, requires_grad=True)
+    betas = {n: torch.zeros((B, S) + tuple(s.shape[1:]), dtype=A.dtype, device=A.device,
+                            requires_grad=True)
              for n, s in split.items()}
     slopes_params: list[torch.Tensor] = []
     slopes = _slopes(graph, graph.output, S, bounds, lower_slope, slopes_params)
     opt = torch.optim.Adam([{"params": list(betas.values()), "lr": lr},
-                            {"params": slopes_params, "lr": ALPHA_LR}])
+                            {"params": slopes_params, "lr": ALPHA_LR}], fused=True)
     best = start.clone()
     ctx = BackwardContext(bounds, lower_slope, slopes, patches=False)
     with torch.enable_grad():
