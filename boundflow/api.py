@@ -265,11 +265,13 @@ _TRUSTED: set[str] = set()       # keys of plans this process's planner made
 
 
 def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
-               dtype: torch.dtype, plan: PlanBundle | None = None) -> Bounds:
+               dtype: torch.dtype, plan: PlanBundle | None = None, upper: bool = True
+               ) -> Bounds:
     """Bounds of ``graph`` (or ``C·graph``) over ``spec``: the checked-input core of
     :func:`compute_bounds`, for callers that already hold a Graph and validated specs.
     Every bound runs a plan on ``options.backend``: ``plan`` (with its own domains and
-    dtype), or the default plan of the workload."""
+    dtype), or the default plan of the workload. ``upper=False`` (a verdict): alpha-CROWN
+    tightens the lower bound only; the upper bound is CROWN's."""
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
     if plan is None:
@@ -282,7 +284,7 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
             exe = fast[key] = executor(plan, graph, options.backend, options.target)
     else:
         exe = executor(plan, graph, options.backend, options.target)
-    out = exe.run(spec, C)
+    out = exe.run(spec, C, upper=upper)
     return _finite(Bounds(out.lower.detach(), out.upper.detach()))
 
 
@@ -458,7 +460,8 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
             plan = tuned.bundle
             options = BoundOptions(method, domains, lower_slope, alpha, sparse, tuned.backend,
                                    target)
-    bounds = bound_spec(graph, spec, linear, options, torch_dtype, plan)
+    # the verdicts read the lower bounds only: alpha-CROWN need not tighten the upper ones
+    bounds = bound_spec(graph, spec, linear, options, torch_dtype, plan, upper=False)
     if plan is not None:
         method = plan.workload.method
     ok = bounds.lower.detach().cpu().numpy() > linear.threshold

@@ -48,9 +48,11 @@ class Verifier:
     def method(self) -> str:
         return self.plan.workload.method
 
-    def run(self, box: InputSpec, C: LinearSpec | None = None) -> Bounds:
-        """Bounds over a checked box (and spec): the call with nothing around it."""
-        out = self._executor.run(box, C)
+    def run(self, box: InputSpec, C: LinearSpec | None = None, upper: bool = True) -> Bounds:
+        """Bounds over a checked box (and spec): the call with nothing around it.
+        ``upper=False`` (a caller that reads the lower bounds only): alpha-CROWN tightens
+        the lower side only, and the upper bounds are CROWN's."""
+        out = self._executor.run(box, C, upper=upper)
         return _finite(Bounds(out.lower, out.upper))
 
     def bounds(self, x: Any, eps: Any = None, C: Any = None,
@@ -77,7 +79,7 @@ class Verifier:
         else:
             linear = _linear_spec(C, threshold)
             labels = None
-        bounds = self.run(box, self._spec(linear, box.batch))
+        bounds = self.run(box, self._spec(linear, box.batch), upper=False)
         ok = bounds.lower.detach().cpu().numpy() > linear.threshold
         return VerifyResult(bounds, linear.threshold, np.where(ok, "verified", "unknown"),
                             None if labels is None else np.asarray(labels).reshape(-1),

@@ -132,7 +132,8 @@ class PlanBounder:
             if self._later is not None and self.seconds >= self.switch_after:
                 self._switch()
             t0 = time.perf_counter()
-            out.append(self.verifier.run(InputSpec.box(lo, hi), spec).lower.to(self.dtype))
+            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False)
+                       .lower.to(self.dtype))
             self.calls += 1
             self.seconds += time.perf_counter() - t0
         return torch.cat(out)
@@ -208,7 +209,7 @@ class ForwardScreen:
                               reuse=True)
             spec = LinearSpec(self._C[:lo.shape[0]])
             run = self.verifier._executor.run(InputSpec.box(lo.numpy(), hi.numpy()), spec,
-                                              split=split)
+                                              split=split, upper=False)
             out.append(run.lower.to(self.dtype))
             self.calls += 1
         self.seconds += time.perf_counter() - t0

@@ -149,7 +149,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
                               reuse=ref is not None and config.intermediate == "reuse")
             box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
             cs = LinearSpec(spec.C.expand((m,) + tuple(spec.C.shape)).numpy())
-            out = executor.run(box, cs, split=split, keep=nodes)
+            out = executor.run(box, cs, split=split, keep=nodes, upper=False)
             lbs.append(out.lower.to(dtype))
             for k, nd in enumerate(nodes):
                 iv = out.stats["bounds"][nd]

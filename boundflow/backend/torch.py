@@ -364,17 +364,18 @@ class TorchExecutor:
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
     def bound_task(self, t: Task, env: dict, tensors, box: Interval,
-                   C: torch.Tensor | None = None, split: ReluSplit | None = None
-                   ) -> dict[str, Value]:
+                   C: torch.Tensor | None = None, split: ReluSplit | None = None,
+                   upper: bool = True) -> dict[str, Value]:
         """The outputs of a ``crown``, ``forward`` or ``final`` task (what a compiled backend
         calls back for the tasks it runs as torch ops), over the batch in chunks that keep
-        its coefficients in cache (:mod:`boundflow.backend.chunks`)."""
+        its coefficients in cache (:mod:`boundflow.backend.chunks`). ``upper=False``: a
+        final alpha-CROWN bound optimises its lower side only."""
         batch = env[t.inputs[0]].a.shape[0]
         beta = t.kind == "final" and split is not None and split.beta_iterations > 0
         size = batch if beta else self._chunk(      # beta-CROWN: a batch-wide optimisation
             t, tensors, batch, env[t.inputs[0]] if t.kind == "crown" else None)
         if size >= batch:
-            return self._bound_task(t, env, tensors, box, C, split)
+            return self._bound_task(t, env, tensors, box, C, split, upper)
         parts = []
         for s in range(0, batch, size):
             part = slice(s, s + size)
@@ -383,7 +384,7 @@ class TorchExecutor:
                 t, sub, tensors,
                 None if box is None else Interval(box.lower[part], box.upper[part]),
                 None if C is None else C[part],
-                None if split is None or t.kind != "final" else split.part(part)))
+                None if split is None or t.kind != "final" else split.part(part), upper))
         return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
                             torch.cat([p[name].b for p in parts])) for name in parts[0]}
 
@@ -413,21 +414,22 @@ class TorchExecutor:
         return chunks.samples_per_chunk(elements, self.itemsize, budget)
 
     def _bound_task(self, t: Task, env: dict, tensors, box: Interval,
-                    C: torch.Tensor | None = None, split: ReluSplit | None = None
-                    ) -> dict[str, Value]:
+                    C: torch.Tensor | None = None, split: ReluSplit | None = None,
+                    upper: bool = True) -> dict[str, Value]:
         if t.kind == "crown":
             return self._crown(t, env, tensors, box)
         if t.kind == "forward":
             return self._forward(t, env, tensors, box)
-        return self._final(t, env, tensors, box, C, split)
+        return self._final(t, env, tensors, box, C, split, upper)
 
     def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None,
-               split: ReluSplit | None = None) -> dict[str, Value]:
+               split: ReluSplit | None = None, upper: bool = True) -> dict[str, Value]:
         src = env[t.inputs[0]].interval()
         method = t.attr("method")
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
-                           bounds, self.domain_plan, self.lower_slope, self.alpha)
+                           bounds, self.domain_plan, self.lower_slope, self.alpha,
+                           upper=upper)
         if split is not None and split.beta_iterations and method != "ibp" and C is not None:
             A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
             lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,
@@ -464,7 +466,8 @@ class TorchExecutor:
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
             cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
-            measure_memory: bool = False, keep: Sequence[str] = ()) -> RunResult:
+            measure_memory: bool = False, keep: Sequence[str] = (), upper: bool = True
+            ) -> RunResult:
         """Bounds over the box ``x`` (of ``C·y`` when the plan has specs). With ``cache``,
         ``reuse_ibp`` reuses intermediate bounds of an earlier run on the same box and split
         state, ``cache_bounds`` whole final bounds of the same query; ``split`` is the
@@ -472,7 +475,10 @@ class TorchExecutor:
         :class:`~boundflow.ir.split.ReluSplit` is also applied (each split ReLU input's
         bounds tightened as its task writes them). ``keep``: nodes whose bounds the stats
         return (``stats["bounds"][node]``, an Interval: the last, tightest, written).
-        ``measure_memory`` adds the measured ``peak_bytes`` to the stats (it costs time)."""
+        ``measure_memory`` adds the measured ``peak_bytes`` to the stats (it costs time).
+        ``upper=False``, for a caller that reads only the lower bound (a verdict): an
+        alpha-CROWN final bound optimises its lower side only, and the upper bound returned
+        is CROWN's (sound, not tightened)."""
         self._check(x, C)
         relu_split = split if isinstance(split, ReluSplit) else None
         if relu_split is not None:
@@ -488,7 +494,7 @@ class TorchExecutor:
         tensors = graph_tensors(self.graph, self.dtype, self.device)
         if cache is not None:
             box_id = array_hash(x.lower, x.upper)
-            spec_id = array_hash(None if C is None else C.C)
+            spec_id = array_hash(None if C is None else C.C) + ("" if upper else "|lower")
             split_id = repr(split) if split is not None else ""
 
         def cacheable(t: Task) -> bool:
@@ -532,7 +538,7 @@ class TorchExecutor:
                     elif t.kind == "ibp":
                         outs, inflight = self._ibp(t, env, tensors, measure_memory)
                     else:
-                        outs = self.bound_task(t, env, tensors, box, cmat, relu_split)
+                        outs = self.bound_task(t, env, tensors, box, cmat, relu_split, upper)
                     if measure_memory:
                         inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
                     if cacheable(t):

@@ -93,10 +93,12 @@ def _slopes(graph: Graph, start: str, rows: int, bounds: Mapping[str, Interval],
 def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
              tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
              lower_slope: str, config: AlphaConfig | None, start: Interval,
-             patches: bool = True) -> Interval:
+             patches: bool = True, upper: bool = True) -> Interval:
     """Tighten ``start`` (the CROWN bounds of ``A·output`` given ``bounds``) by optimising
     the activations' relaxation parameters, the lower and the upper bound each with
-    parameters of their own; ``patches`` keeps conv-chain starts in window layout."""
+    parameters of their own; ``patches`` keeps conv-chain starts in window layout.
+    ``upper=False`` (a verdict reads only the lower bound) leaves the upper bound CROWN's:
+    half the work."""
     config = config or AlphaConfig()
     # only pre-activation intervals are kept fixed: every other node's re-bounded interval
     # lies inside its first one already, and intersecting at ties would halve gradients
@@ -104,9 +106,11 @@ def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
     bounds = {k: v for k, v in bounds.items() if k in pre}
     lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0,
                            patches)
-    upper = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0,
-                           patches)
-    return Interval(lower.lower, upper.upper)
+    if not upper:
+        return Interval(lower.lower, start.upper)
+    high = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0,
+                          patches)
+    return Interval(lower.lower, high.upper)
 
 
 def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start,

@@ -36,12 +36,13 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                  C: torch.Tensor | None, src: Interval, fold: bool, method: str,
                  bounds: Mapping[str, Interval], plan: DomainPlan,
                  lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-                 patches: bool = True) -> Interval:
+                 patches: bool = True, upper: bool = True) -> Interval:
     """Bounds of the output (or of ``C·output``) by ``method`` ("ibp", "crown",
     "alpha-crown"). ``src`` is the output's interval, or with ``fold`` the interval of the
     output layer's input; ``bounds`` holds the pre-activation intervals the backward pass
     relaxes at (``plan`` says which of them alpha-CROWN re-derives; ``patches`` whether
-    its conv-chain starts keep window-layout coefficients)."""
+    its conv-chain starts keep window-layout coefficients). ``upper=False``: alpha-CROWN
+    optimises the lower bound only (the upper stays CROWN's)."""
     out = graph.output_node
     if C is None:
         by_ibp = src
@@ -60,7 +61,8 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
     ctx = BackwardContext(bounds, lower_slope, None, patches=patches)
     res = backward_chunked(graph, graph.output, A, x, tensors, ctx)
     if method == "alpha-crown":
-        res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res, patches)
+        res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res, patches,
+                       upper)
     shape = by_ibp.lower.shape
     return intersect(by_ibp, Interval(res.lower.reshape(shape), res.upper.reshape(shape)))
 

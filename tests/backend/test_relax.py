@@ -89,6 +89,14 @@ def test_crown_plans_lower_to_tir_and_match_the_torch_backend(name, method):
     _close(out.upper, ref.upper, atol=1e-5 * scale)
     pts = box_points(x.lower, x.upper, n=200)
     assert_contains(out.lower, out.upper, true_outputs(g, pts), C.C, tol=1e-5)
+    if method == "alpha-crown":          # the lower side only: the callback is told so
+        low, ref_low = exe.run(x, C, upper=False), TorchExecutor(bundle, g).run(x, C,
+                                                                                upper=False)
+        _close(low.lower, ref_low.lower, atol=1e-5 * scale)
+        _close(low.upper, ref_low.upper, atol=1e-5 * scale)
+        _close(low.lower, out.lower, atol=1e-5 * scale)
+        assert bool((low.upper >= out.upper - 1e-5 * scale).all())
+        assert not torch.allclose(low.upper, out.upper)     # CROWN's, not alpha's
 
 
 def test_lowering_torch_runs_every_task_as_a_callback():

@@ -219,6 +219,7 @@ class RelaxExecutor:
             self.build_seconds = got.build_seconds      # the compile's own time, even if loaded
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
                           if t.kind != "input" and not lowers_to_tir(bundle, t, g)]
+        self._upper = True
         if self.fallbacks:
             on_gpu = self.device.dlpack_device_type() != 1       # the callbacks' tensors' device
             self._torch = TorchExecutor(bundle, graph, device="cuda" if on_gpu else "cpu")
@@ -273,7 +274,7 @@ class RelaxExecutor:
                               else {task.outputs[0]: env[task.inputs[0]]})
                 else:
                     box = env[inp].interval() if inp in env else None
-                    values = exe.bound_task(task, env, tensors, box, C)
+                    values = exe.bound_task(task, env, tensors, box, C, upper=self._upper)
             for j, name in enumerate(task.outputs):
                 buf = buffers[name]
                 v = values[name].as_form(buf.form)
@@ -283,10 +284,12 @@ class RelaxExecutor:
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
             cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
-            measure_memory: bool = False) -> RunResult:
+            measure_memory: bool = False, upper: bool = True) -> RunResult:
         """Bounds over ``x`` (of ``C·y`` when the plan has specs). ``cache_bounds`` with a
         ``cache`` returns the bounds of an identical earlier query (same box, spec and
-        split); intermediate-bound reuse and memory measurement are torch-backend only."""
+        split); intermediate-bound reuse and memory measurement are torch-backend only.
+        ``upper=False``: as the torch executor's (an alpha-CROWN final bound optimises its
+        lower side only)."""
         if reuse_ibp or measure_memory:
             raise BoundFlowError("reuse_ibp and measure_memory run on the torch backend only")
         if cache_bounds:
@@ -294,11 +297,12 @@ class RelaxExecutor:
                 raise BoundFlowError("cache_bounds needs a BoundCache (cache=...)")
             key = CacheKey(self.plan_id, "final", "relax", array_hash(None if C is None
                                                                       else C.C),
-                           array_hash(x.lower, x.upper), repr(split) if split else "")
+                           array_hash(x.lower, x.upper), (repr(split) if split else "")
+                           + ("" if upper else "|lower"))
             hit = cache.get(key)
             if hit is not None:
                 return RunResult(hit[0].clone(), hit[1].clone(), {"tasks_cached": 1})
-            out = self.run(x, C)
+            out = self.run(x, C, upper=upper)
             cache.put(key, (out.lower, out.upper))
             return out
         if x.sample_shape != self.graph.input_shape:
@@ -312,6 +316,7 @@ class RelaxExecutor:
         args = [self._tensor(a) for a in (x.lower, x.upper)]
         if C is not None:
             args.append(self._tensor(C.C))
+        self._upper = upper                  # read by the final task's torch callback
         lo, hi = self.vm["main"](*args, *self.weights)
         if self.device.dlpack_device_type() == 1:          # CPU: zero copy
             lower, upper = torch.from_dlpack(lo), torch.from_dlpack(hi)

@@ -1,0 +1,67 @@
+"""alpha-CROWN for a verdict (the lower bounds only) against both sides, side by side.
+
+    python benchmarks/bench_lower_only.py [--rounds 5] [--threads 1]
+                                          [--rows cnn@1,mlp@1,residual@1,deep@1,mlp@32]
+
+``verify`` (and branch-and-bound) read only the lower bounds of ``C·y``; since this change
+alpha-CROWN then optimises the lower side only, where it used to optimise both (what
+``compute_bounds`` still does). Per row (``model@batch``, the models of ``bench_kernels.py``,
+their margin specs, alpha-CROWN with bench_kernels' settings), in one process, in
+interleaved rounds after a warm-up: ``boundflow.verify`` (lower side) and
+``boundflow.compute_bounds`` (both sides, the old verify's work), with a forward pass.
+Prints median ms, the ratio (both / lower: > 1 means verify got faster), whether the lower
+bounds agree, and the command and the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402
+
+import boundflow as bf  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default="cnn@1,mlp@1,residual@1,deep@1,mlp@32")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# python benchmarks/bench_lower_only.py {shlex.join(sys.argv[1:])}\n"
+          f"# {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {args.threads} "
+          f"thread(s), alpha {bk.ALPHA}; load average before {os.getloadavg()[0]:.2f}")
+    print(f"{'row':<12} {'fwd ms':>8} {'both ms':>10} {'verify ms':>10} {'both/verify':>12} "
+          f"{'lower gap':>10}")
+    for spec in args.rows.split(","):
+        name, batch = spec.split("@")
+        module, x, C, eps = bk.workload(name, int(batch))
+        graph = bk.as_graph(module, torch.from_numpy(x[:1]))
+        xt = torch.from_numpy(x)
+        opts = dict(eps=eps, C=C, method="alpha-crown", alpha=bk.ALPHA)
+
+        def forward():
+            with torch.no_grad():
+                module(xt)
+        fns = {"forward": forward, "both": lambda: bf.compute_bounds(graph, x, **opts),
+               "verify": lambda: bf.verify(graph, x, **opts)}
+        ms = bk.interleaved(fns, args.rounds)
+        gap = float(np.abs(bf.verify(graph, x, **opts).bounds.lower.numpy()
+                           - bf.compute_bounds(graph, x, **opts).lower.numpy()).max())
+        print(f"{spec:<12} {ms['forward']:>8.3f} {ms['both']:>10.1f} {ms['verify']:>10.1f} "
+              f"{ms['both'] / ms['verify']:>11.2f}x {gap:>10.1e}", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""A caller that reads only the lower bounds (a verdict, branch-and-bound) runs with
+``upper=False``: alpha-CROWN then optimises the lower side only. The lower bounds are the
+same as when both sides are optimised, the upper bounds CROWN's (sound, never tighter than
+alpha's), and verdicts do not change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import boundflow as bf
+from boundflow.backend.torch import TorchExecutor
+from boundflow.domains import alpha as alpha_mod
+from boundflow.domains.alpha import AlphaConfig
+from boundflow.ir.spec import InputSpec, margin_spec
+from boundflow.ir.workload import Workload
+from boundflow.planner import default, plan
+from boundflow.runtime.cache import BoundCache
+from tests.helpers import assert_contains, box_points, example_graph, true_outputs
+
+
+def _setup(name: str, batch: int = 3, eps: float = 0.03):
+    ex, g = example_graph(name)
+    x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
+    box = InputSpec.linf(x, eps)
+    labels = np.arange(batch) % g.output_shape[0]
+    C = margin_spec(labels, g.output_shape[0])
+    w = Workload.of(g, batch=batch, method="alpha-crown", n_specs=C.n_specs)
+    bundle = plan(g, w, default(g, w), alpha=AlphaConfig(iterations=4))
+    return ex, g, box, C, TorchExecutor(bundle, g)
+
+
+def _sides(monkeypatch) -> list[float]:
+    signs: list[float] = []
+    inner = alpha_mod._optimise_side
+
+    def counted(*args):
+        signs.append(args[9])
+        return inner(*args)
+    monkeypatch.setattr(alpha_mod, "_optimise_side", counted)
+    return signs
+
+
+@pytest.mark.parametrize("name", ["random_cnn", "random_mlp", "random_residual"])
+def test_lower_only_keeps_the_lower_bounds_and_gives_crowns_upper(name, monkeypatch):
+    ex, g, box, C, exe = _setup(name)
+    signs = _sides(monkeypatch)
+    both = exe.run(box, C)
+    assert signs == [-1.0, 1.0]
+    signs.clear()
+    low = exe.run(box, C, upper=False)
+    assert signs == [-1.0]                                   # one side optimised
+    np.testing.assert_allclose(low.lower, both.lower, rtol=0, atol=1e-6)
+    assert bool((low.upper >= both.upper - 1e-6).all())
+    assert bool((low.upper > both.upper + 1e-6).any())       # alpha did tighten the upper
+    assert_contains(low.lower, low.upper, true_outputs(g, box_points(box.lower, box.upper,
+                                                                     n=500)), C.C, tol=1e-5)
+
+
+def test_cached_bounds_of_one_side_never_answer_a_query_for_both(monkeypatch):
+    ex, g, box, C, exe = _setup("random_mlp")
+    cache = BoundCache()
+    low = exe.run(box, C, upper=False, cache=cache, cache_bounds=True)
+    both = exe.run(box, C, cache=cache, cache_bounds=True)
+    assert bool((both.upper < low.upper - 1e-6).any())
+    again = exe.run(box, C, upper=False, cache=cache, cache_bounds=True)
+    assert again.stats["tasks_cached"] >= 1
+    np.testing.assert_array_equal(again.upper, low.upper)
+
+
+def test_verify_optimises_the_lower_side_only_and_keeps_its_verdicts(monkeypatch):
+    ex, g = example_graph("random_cnn")
+    x = ex.inputs[:2].astype(np.float32)
+    opts = dict(eps=0.01, method="alpha-crown", alpha=AlphaConfig(iterations=4))
+    full = bf.compute_bounds(g, x, C=margin_spec(np.array([0, 1]), g.output_shape[0]).C,
+                             **opts)
+    signs = _sides(monkeypatch)
+    got = bf.verify(g, x, labels=[0, 1], **opts)
+    assert signs == [-1.0]
+    np.testing.assert_allclose(got.bounds.lower, full.lower, rtol=0, atol=1e-6)
+    assert (got.verdicts == np.where(full.lower.numpy() > 0, "verified", "unknown")).all()
+    signs.clear()
+    v = bf.compile(g, x[:1], batch=2, n_specs=g.output_shape[0] - 1, method="alpha-crown",
+                   alpha=AlphaConfig(iterations=4))
+    res = v.verify(x, eps=0.01, labels=[0, 1])
+    assert signs == [-1.0]
+    np.testing.assert_allclose(res.bounds.lower, full.lower, rtol=0, atol=1e-6)
