@@ -284,7 +284,7 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
             exe = fast[key] = executor(plan, graph, options.backend, options.target)
     else:
         exe = executor(plan, graph, options.backend, options.target)
-    out = exe.run(spec, C, upper=upper)
+    out = backends.run_bounds(exe, spec, C, upper)
     return _finite(Bounds(out.lower.detach(), out.upper.detach()))
 
 
@@ -443,6 +443,9 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     this workload under ``objective`` and runs it on the backend it was tuned on; without one,
     a one-line notice goes to stderr and the default plan runs. ``calls``: how many calls
     this process makes with the workload, when known (see :func:`lookup_tuned`).
+    The verdicts read the lower bounds only, so alpha-CROWN optimises the lower side only:
+    the result's upper bounds are sound but looser than :func:`compute_bounds`' (the best
+    the lower side's slopes gave, never looser than CROWN's).
     """
     options = BoundOptions(method, domains, lower_slope, alpha, sparse, backend, target)
     graph, spec, linear, labels, torch_dtype = query(model, x, eps=eps, labels=labels, C=C,

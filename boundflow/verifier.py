@@ -21,6 +21,7 @@ import numpy as np
 
 from boundflow.api import (BoundOptions, Bounds, VerifyResult, _finite, _linear_spec, as_graph,
                            default_plan, executor, input_spec, lookup_tuned)
+from boundflow.backend import run_bounds
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
@@ -52,7 +53,7 @@ class Verifier:
         """Bounds over a checked box (and spec): the call with nothing around it.
         ``upper=False`` (a caller that reads the lower bounds only): alpha-CROWN tightens
         the lower side only, and the upper bounds are CROWN's."""
-        out = self._executor.run(box, C, upper=upper)
+        out = run_bounds(self._executor, box, C, upper)
         return _finite(Bounds(out.lower, out.upper))
 
     def bounds(self, x: Any, eps: Any = None, C: Any = None,

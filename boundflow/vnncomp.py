@@ -91,7 +91,7 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                                hi.numpy().reshape((1,) + graph.input_shape))
         proven = np.zeros(0, dtype=bool)
         if spec is not None:
-            bounds = bound_spec(graph, shaped, spec, options, dtype)
+            bounds = bound_spec(graph, shaped, spec, options, dtype, upper=False)
             proven = bounds.lower.numpy()[0] > spec.threshold[0]
         for a, b in ranges:
             if b > a and proven[a:b].any():

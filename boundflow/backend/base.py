@@ -9,6 +9,7 @@ tests backend names.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -42,7 +43,9 @@ class Backend(Protocol):
     def executor(self, bundle: PlanBundle, graph: Graph, target: str = "llvm",
                  cache: Any = None) -> Any:
         """An object whose ``run(box, C, ...)`` gives the bounds of ``bundle`` on ``graph``
-        (``cache``: where compiled code is kept, for backends that compile)."""
+        (``cache``: where compiled code is kept, for backends that compile). A caller that
+        reads only the lower bounds runs it with ``upper=False`` where ``run`` takes that
+        keyword (:func:`run_bounds`): the upper bounds may then be looser (never unsound)."""
 
     def schedule_space(self, target: str = "llvm") -> dict[str, tuple[Any, ...]]:
         """Per-task schedule knobs and their legal values (the default first); empty when
@@ -102,6 +105,20 @@ def _import_seconds(module: str, path: Path) -> float:
     return seconds
 
 
+def run_bounds(exe: Any, box: Any, C: Any = None, upper: bool = True) -> Any:
+    """``exe.run(box, C)``; with ``upper=False`` (the caller reads the lower bounds only)
+    passed on where the executor's ``run`` takes it (a registered backend's may not)."""
+    if upper:
+        return exe.run(box, C)
+    takes = _TAKES_UPPER.get(type(exe))
+    if takes is None:
+        params = inspect.signature(exe.run).parameters.values()
+        takes = _TAKES_UPPER[type(exe)] = any(
+            p.name == "upper" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return exe.run(box, C, upper=False) if takes else exe.run(box, C)
+
+
+_TAKES_UPPER: dict[type, bool] = {}
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _INSTANCES: dict[str, Backend] = {}
 

@@ -91,16 +91,19 @@ class RunResult:
 def box_value(box: Interval) -> Value:
     """The input box as a task reads it. Where every sample's radius is the same in every
     element (an L∞ ball), centre/radius form with the radius one number per sample, expanded
-    (stride 0): the largest of the sample's half-widths, so the box only grows, by float
-    rounding (the half-widths of ``x ± eps`` differ in their last bits). A weighted op then
-    needs no product for its radius (:func:`_affine_cr`)."""
+    (stride 0): the largest of the sample's half-widths. "The same" is up to the rounding of
+    ``x ± eps``: half-widths within 4 units in the last place of the sample's largest
+    endpoint (so a box whose widths really differ keeps them, in any dtype). A weighted op
+    then needs no product for its radius (:func:`_affine_cr`)."""
     lower, upper = box
     batch = lower.shape[0]
-    if lower.dim() < 2 or batch == 0 or lower[0].numel() < 2:
+    if lower.dim() < 2 or batch == 0 or lower[0].numel() < 2 or not lower.is_floating_point():
         return Value("lu", lower, upper)
     rad = ((upper - lower) / 2).reshape(batch, -1)
     hi, lo = rad.amax(1), rad.amin(1)
-    if not bool(((hi - lo) <= 1e-6 * hi).all()):
+    ulp = torch.finfo(lower.dtype).eps * torch.maximum(lower.abs().reshape(batch, -1).amax(1),
+                                                       upper.abs().reshape(batch, -1).amax(1))
+    if not bool(((hi - lo) <= 4 * ulp).all()):
         return Value("lu", lower, upper)
     return Value("cr", (upper + lower) / 2,
                  hi.view((batch,) + (1,) * (lower.dim() - 1)).expand(lower.shape))
@@ -235,6 +238,8 @@ class TorchExecutor:
         self.lower_slope = bundle.domain_plan.lower_slope
         self.sparse = bundle.domain_plan.sparse
         self.box_macs = box_weighted_macs(g)
+        self._alpha_final = any(t.kind == "final" and t.attr("method") == "alpha-crown"
+                                for t in self.tasks)
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
         self.itemsize = itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._slot_elems = [size // itemsize for size in bundle.storage_plan.slots]
@@ -494,7 +499,9 @@ class TorchExecutor:
         tensors = graph_tensors(self.graph, self.dtype, self.device)
         if cache is not None:
             box_id = array_hash(x.lower, x.upper)
-            spec_id = array_hash(None if C is None else C.C) + ("" if upper else "|lower")
+            # a final alpha-CROWN bound of the lower side only is another result
+            spec_id = array_hash(None if C is None else C.C) + (
+                "|lower" if not upper and self._alpha_final else "")
             split_id = repr(split) if split is not None else ""
 
         def cacheable(t: Task) -> bool:

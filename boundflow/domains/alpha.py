@@ -97,8 +97,9 @@ def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
     """Tighten ``start`` (the CROWN bounds of ``A·output`` given ``bounds``) by optimising
     the activations' relaxation parameters, the lower and the upper bound each with
     parameters of their own; ``patches`` keeps conv-chain starts in window layout.
-    ``upper=False`` (a verdict reads only the lower bound) leaves the upper bound CROWN's:
-    half the work."""
+    ``upper=False`` (a verdict reads only the lower bound) optimises the lower side only,
+    half the work: the upper bound is the best the lower side's slopes gave on the way (its
+    first step is CROWN's), never looser than CROWN's, rarely as tight as alpha's."""
     config = config or AlphaConfig()
     # only pre-activation intervals are kept fixed: every other node's re-bounded interval
     # lies inside its first one already, and intersecting at ties would halve gradients
@@ -107,7 +108,7 @@ def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
     lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0,
                            patches)
     if not upper:
-        return Interval(lower.lower, start.upper)
+        return lower
     high = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0,
                           patches)
     return Interval(lower.lower, high.upper)

@@ -214,10 +214,11 @@ def _concretize(a: Coeffs, win: Window, x: Interval) -> Interval:
     Cs]``. Off-map window entries meet zero centre and radius."""
     mid = win.unfold((x.upper + x.lower) / 2).flatten(3).squeeze(-2)          # [B, L, K]
     rad = win.unfold((x.upper - x.lower) / 2).flatten(3).squeeze(-2)
-    lA, uA = a.lA.flatten(3), a.uA.flatten(3)                                 # [B', L', Cs, K]
+    lA = a.lA.flatten(3)                                                      # [B', L', Cs, K]
     lc, lr = bgemv(lA, mid), bgemv(lA.abs(), rad)
-    if uA is lA:
+    if a.uA is a.lA:                                                          # one map
         return Interval(lc - lr, lc + lr)
+    uA = a.uA.flatten(3)
     return Interval(lc - lr, bgemv(uA, mid) + bgemv(uA.abs(), rad))
 
 

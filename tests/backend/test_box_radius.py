@@ -102,3 +102,18 @@ def test_the_check_is_made_where_the_products_are_worth_it():
     relu_first = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten(),
                                      torch.nn.Linear(4, 2)).eval()
     assert box_weighted_macs(normalised(as_graph(relu_first, torch.zeros(1, 4)))[0]) == 0
+
+
+def test_widths_that_differ_past_rounding_keep_the_product_in_any_dtype(monkeypatch):
+    """float64 half-widths 9e-7 apart (relative) are not one number; float32 ``x ± 2/255``
+    around [0, 1] inputs, apart only by rounding, are."""
+    model = _mlp().double()
+    x = np.random.default_rng(5).random((2, 3, 4, 4))
+    eps = 0.01 * (1 + 9e-7 * np.random.default_rng(6).random(x.shape))
+    got, n = _bounds(model, InputSpec.linf(x, eps), None, "ibp", monkeypatch, on=True)
+    assert n == 0
+    _, n = _bounds(model, x, 0.01, "ibp", monkeypatch, on=True)            # an L∞ ball
+    assert n == 1
+    x32 = x.astype(np.float32)
+    _, n = _bounds(_mlp(), x32, 2 / 255, "ibp", monkeypatch, on=True)
+    assert n == 1

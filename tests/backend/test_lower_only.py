@@ -1,7 +1,8 @@
 """A caller that reads only the lower bounds (a verdict, branch-and-bound) runs with
 ``upper=False``: alpha-CROWN then optimises the lower side only. The lower bounds are the
-same as when both sides are optimised, the upper bounds CROWN's (sound, never tighter than
-alpha's), and verdicts do not change."""
+same as when both sides are optimised, the upper bounds the best the lower side's slopes
+gave (sound, never looser than CROWN's), and verdicts do not change. A registered backend
+whose executor does not take ``upper`` still runs."""
 
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def test_lower_only_keeps_the_lower_bounds_and_gives_crowns_upper(name, monkeypa
     low = exe.run(box, C, upper=False)
     assert signs == [-1.0]                                   # one side optimised
     np.testing.assert_allclose(low.lower, both.lower, rtol=0, atol=1e-6)
-    assert bool((low.upper >= both.upper - 1e-6).all())
-    assert bool((low.upper > both.upper + 1e-6).any())       # alpha did tighten the upper
+    w = Workload.of(g, batch=box.batch, method="crown", n_specs=C.n_specs)
+    crown = TorchExecutor(plan(g, w, default(g, w)), g).run(box, C)
+    assert bool((low.upper <= crown.upper + 1e-6).all())
+    assert bool((low.upper > both.upper + 1e-6).any())       # alpha's own upper side is tighter
     assert_contains(low.lower, low.upper, true_outputs(g, box_points(box.lower, box.upper,
                                                                      n=500)), C.C, tol=1e-5)
 
@@ -85,3 +88,37 @@ def test_verify_optimises_the_lower_side_only_and_keeps_its_verdicts(monkeypatch
     res = v.verify(x, eps=0.01, labels=[0, 1])
     assert signs == [-1.0]
     np.testing.assert_allclose(res.bounds.lower, full.lower, rtol=0, atol=1e-6)
+
+
+def test_a_backend_whose_run_takes_no_upper_still_bounds_and_verifies(monkeypatch):
+    from boundflow.backend import base
+
+    class Plain:
+        """A registered backend's executor: ``run(box, C)`` and nothing else."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def run(self, box, C=None):
+            self.calls += 1
+            return self.inner.run(box, C)
+
+    made = []
+
+    class Mine:
+        name, targets, needs_build = "mine", ("llvm",), False
+
+        def executor(self, bundle, graph, target="llvm", cache=None):
+            made.append(Plain(TorchExecutor(bundle, graph)))
+            return made[-1]
+
+    monkeypatch.setitem(base._FACTORIES, "mine", Mine)
+    monkeypatch.delitem(base._INSTANCES, "mine", raising=False)
+    ex, g = example_graph("random_mlp")
+    x = ex.inputs[:2].astype(np.float32)
+    opts = dict(eps=0.01, method="alpha-crown", alpha=AlphaConfig(iterations=2))
+    ref = bf.compute_bounds(g, x, **opts)
+    got = bf.compute_bounds(g, x, backend="mine", **opts)
+    np.testing.assert_allclose(got.lower, ref.lower, rtol=0, atol=1e-6)
+    res = bf.verify(g, x, labels=[0, 1], backend="mine", **opts)
+    assert sum(e.calls for e in made) == 2 and res.verdicts.shape == (2, g.output_shape[0] - 1)
