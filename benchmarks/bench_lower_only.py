@@ -1,12 +1,15 @@
 """alpha-CROWN for a verdict (the lower bounds only) against both sides, side by side.
 
     python benchmarks/bench_lower_only.py [--rounds 5] [--threads 1]
-                                          [--rows cnn@1,mlp@1,residual@1,deep@1,mlp@32]
+                                          [--rows cnn@1,mlp@1,residual@1,deep@1,mlp@32,
+                                                  acasxu@32]
 
 ``verify`` (and branch-and-bound) read only the lower bounds of ``C·y``; since this change
 alpha-CROWN then optimises the lower side only, where it used to optimise both (what
-``compute_bounds`` still does). Per row (``model@batch``, the models of ``bench_kernels.py``,
-their margin specs, alpha-CROWN with bench_kernels' settings), in one process, in
+``compute_bounds`` still does). Per row (``model@batch``: the models of ``bench_kernels.py``
+and their margin specs; ``acasxu``: ACAS Xu 1_1 with property 1's box cut into ``batch``
+sub-boxes, as in ``bench_tune.py``; alpha-CROWN with bench_kernels' settings), in one
+process, in
 interleaved rounds after a warm-up: ``boundflow.verify`` (lower side) and
 ``boundflow.compute_bounds`` (both sides, the old verify's work), with a forward pass.
 Prints median ms, the ratio (both / lower: > 1 means verify got faster), whether the lower
@@ -27,15 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
+import bench_tune  # noqa: E402
 
 import boundflow as bf  # noqa: E402
+from boundflow.domains.concrete import evaluate  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rows", default="cnn@1,mlp@1,residual@1,deep@1,mlp@32")
+    ap.add_argument("--rows", default="cnn@1,mlp@1,residual@1,deep@1,mlp@32,acasxu@32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# python benchmarks/bench_lower_only.py {shlex.join(sys.argv[1:])}\n"
@@ -45,14 +50,20 @@ def main() -> None:
           f"{'lower gap':>10}")
     for spec in args.rows.split(","):
         name, batch = spec.split("@")
-        module, x, C, eps = bk.workload(name, int(batch))
-        graph = bk.as_graph(module, torch.from_numpy(x[:1]))
-        xt = torch.from_numpy(x)
-        opts = dict(eps=eps, C=C, method="alpha-crown", alpha=bk.ALPHA)
+        if name == "acasxu":
+            q = bench_tune.make(spec)
+            graph, C, module = q.graph, q.C, None
+            x, xt = bf.InputSpec.box(q.lower, q.upper), torch.from_numpy(q.lower)
+            opts = dict(C=C, method="alpha-crown", alpha=bk.ALPHA)
+        else:
+            module, x, C, eps = bk.workload(name, int(batch))
+            graph = bk.as_graph(module, torch.from_numpy(x[:1]))
+            xt = torch.from_numpy(x)
+            opts = dict(eps=eps, C=C, method="alpha-crown", alpha=bk.ALPHA)
 
         def forward():
             with torch.no_grad():
-                module(xt)
+                module(xt) if module is not None else evaluate(graph, xt)
         fns = {"forward": forward, "both": lambda: bf.compute_bounds(graph, x, **opts),
                "verify": lambda: bf.verify(graph, x, **opts)}
         ms = bk.interleaved(fns, args.rounds)
