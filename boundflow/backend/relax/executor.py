@@ -30,6 +30,7 @@ needs autograd).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any
 
@@ -220,6 +221,7 @@ class RelaxExecutor:
         self.fallbacks = [t.name for t in bundle.task_graph.tasks
                           if t.kind != "input" and not lowers_to_tir(bundle, t, g)]
         self._upper = True
+        self._lock = threading.Lock()
         if self.fallbacks:
             on_gpu = self.device.dlpack_device_type() != 1       # the callbacks' tensors' device
             self._torch = TorchExecutor(bundle, graph, device="cuda" if on_gpu else "cpu")
@@ -316,8 +318,9 @@ class RelaxExecutor:
         args = [self._tensor(a) for a in (x.lower, x.upper)]
         if C is not None:
             args.append(self._tensor(C.C))
-        self._upper = upper                  # read by the final task's torch callback
-        lo, hi = self.vm["main"](*args, *self.weights)
+        with self._lock:                     # one run at a time: its callbacks read _upper
+            self._upper = upper
+            lo, hi = self.vm["main"](*args, *self.weights)
         if self.device.dlpack_device_type() == 1:          # CPU: zero copy
             lower, upper = torch.from_dlpack(lo), torch.from_dlpack(hi)
         else:
