@@ -176,8 +176,10 @@ def maxpool2d(node: Node, p: dict, a: Coeffs, win: Window, ctx: PatchContext):
 
 def activation(node: Node, p: dict, a: Coeffs, win: Window, ctx: PatchContext):
     low, up = _relax_windows(node, win, ctx, a.lA.shape)
-    lpos, lneg, upos, uneg = a.lA.clamp(min=0), a.lA.clamp(max=0), a.uA.clamp(min=0), \
-        a.uA.clamp(max=0)
+    lpos = a.lA.clamp(min=0)
+    lneg = a.lA - lpos
+    upos = lpos if a.uA is a.lA else a.uA.clamp(min=0)
+    uneg = lneg if a.uA is a.lA else a.uA - upos
     out = Coeffs(lpos * low.lower_slope + lneg * low.upper_slope,
                  upos * up.upper_slope + uneg * up.lower_slope)
     return [out], _terms((lneg, low.upper_bias), (lpos, low.lower_bias)), \

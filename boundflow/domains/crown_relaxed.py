@@ -48,8 +48,12 @@ def relax(a: Coeffs, low: Lines, up: Lines):
     """Coefficients through an elementwise relaxation: ``low`` are the lines the lower bound
     uses (lower line for positive coefficients, upper line for negative), ``up`` those of the
     upper bound. Returns ``(coeffs, lb_add, ub_add)``."""
-    lA_pos, lA_neg = a.lA.clamp(min=0), a.lA.clamp(max=0)
-    uA_pos, uA_neg = a.uA.clamp(min=0), a.uA.clamp(max=0)
+    # the negative part as A - A⁺: under autograd a subtraction's backward is free where a
+    # second clamp's is another pass over the coefficients
+    lA_pos = a.lA.clamp(min=0)
+    lA_neg = a.lA - lA_pos
+    uA_pos = lA_pos if a.uA is a.lA else a.uA.clamp(min=0)
+    uA_neg = lA_neg if a.uA is a.lA else a.uA - uA_pos
     out = Coeffs(lA_pos * low.lower_slope + lA_neg * low.upper_slope,
                  uA_pos * up.upper_slope + uA_neg * up.lower_slope)
     return (out, _bias_term(lA_neg, low.upper_bias, lA_pos, low.lower_bias),
