@@ -238,7 +238,6 @@ class TorchExecutor:
         self.lower_slope = bundle.domain_plan.lower_slope
         self.sparse = bundle.domain_plan.sparse
         self.box_macs = box_weighted_macs(g)
-        self._lines: dict | None = None        # a run's shared relaxation lines
         self._alpha_final = any(t.kind == "final" and t.attr("method") == "alpha-crown"
                                 for t in self.tasks)
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
@@ -345,27 +344,12 @@ class TorchExecutor:
         return self._affine[1]
 
     def _bounds_of(self, t: Task, env: dict, skip: int) -> dict[str, Interval]:
-        """The intervals of a task's inputs past ``skip``; in a run, one Interval object per
-        stored value (a centre/radius value converted once), so the relaxation lines the
-        run shares (``self._lines``) are found again by the next task."""
-        out = {}
-        for b in t.inputs[skip:]:
-            v = env[b]
-            if v.form == "lu" or self._lines is None:
-                out[self.buffers[b].node] = v.interval()
-                continue
-            key = ("interval", b, id(v))          # v is held: its id is not reused
-            hit = self._lines.get(key)
-            if hit is None or hit[0] is not v:
-                hit = self._lines[key] = (v, v.interval())
-            out[self.buffers[b].node] = hit[1]
-        return out
+        return {self.buffers[b].node: env[b].interval() for b in t.inputs[skip:]}
 
     def _crown(self, t: Task, env: dict, tensors, box: Interval) -> dict[str, Value]:
         node = t.nodes[0]
         iv = env[t.inputs[0]].interval()
-        ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None,
-                              lines=self._lines)
+        ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None)
         out = crown_node(self.graph, node, iv, box, tensors, ctx, sparse=self.sparse)
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
@@ -400,7 +384,7 @@ class TorchExecutor:
         parts = []
         for s in range(0, batch, size):
             part = slice(s, s + size)
-            sub = {b: self._part(env, b, part) for b in t.inputs}
+            sub = {b: Value(env[b].form, env[b].a[part], env[b].b[part]) for b in t.inputs}
             parts.append(self._bound_task(
                 t, sub, tensors,
                 None if box is None else Interval(box.lower[part], box.upper[part]),
@@ -408,18 +392,6 @@ class TorchExecutor:
                 None if split is None or t.kind != "final" else split.part(part), upper))
         return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
                             torch.cat([p[name].b for p in parts])) for name in parts[0]}
-
-    def _part(self, env: dict, b: str, part: slice) -> Value:
-        """Buffer ``b``'s value on the samples ``part``; in a run, one Value per (value,
-        part), so the next task's chunk finds the relaxation lines this one shared."""
-        v = env[b]
-        if self._lines is None:
-            return Value(v.form, v.a[part], v.b[part])
-        key = ("part", b, part.start, part.stop)
-        hit = self._lines.get(key)
-        if hit is None or hit[0] is not v:
-            hit = self._lines[key] = (v, Value(v.form, v.a[part], v.b[part]))
-        return hit[1]
 
     def _chunk(self, t: Task, tensors, batch: int, bound: Value | None = None) -> int:
         """Samples per chunk of task ``t`` on ``batch`` samples (CPU only;
@@ -462,7 +434,7 @@ class TorchExecutor:
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
                            bounds, self.domain_plan, self.lower_slope, self.alpha,
-                           upper=upper, lines=self._lines)
+                           upper=upper)
         if split is not None and split.beta_iterations and method != "ibp" and C is not None:
             A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
             lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,
@@ -558,9 +530,6 @@ class TorchExecutor:
                        if a.numel() == self._slot_elems[s] * batch}
         env: dict[str, Value] = {}
         peak = 0
-        # relaxation lines shared by this run's backward passes (a fresh dict per run: a
-        # failed run leaves nothing a later one could read)
-        self._lines = {}
         with torch.no_grad():
             for i, t in enumerate(self.tasks):
                 inflight = 0
@@ -598,7 +567,6 @@ class TorchExecutor:
                     root = self._root[b]
                     if root in self.last_use and self.last_use[root] <= i:
                         env.pop(b, None)
-        self._lines = None
         out = env[self.bundle.task_graph.output]
         if cache is not None:
             cache.end_run()

@@ -34,10 +34,7 @@ class BackwardContext(NamedTuple):
     entries with several parameters per neuron those stacked on a leading axis), every node's
     per-sample shape (filled in from the graph by the walk), whether conv
     pre-activations may be bounded in patch form (:mod:`boundflow.domains.crown_conv`), and
-    terms added to the lower side's coefficients at given nodes (beta-CROWN), and ``lines``:
-    where given, a dict that shares an activation's default relaxation lines between the
-    backward passes of one run (an entry is used only for the very same bound tensors,
-    unchanged since; see :func:`boundflow.domains.crown_relaxed.activation`)."""
+    terms added to the lower side's coefficients at given nodes (beta-CROWN)."""
 
     bounds: Mapping[str, Interval]
     lower_slope: str
@@ -47,7 +44,6 @@ class BackwardContext(NamedTuple):
     # beta-CROWN: per node, a term added to the lower side's coefficients when the walk
     # reaches it (``-beta·sign`` of split ReLU inputs; see :mod:`boundflow.domains.beta`)
     lower_terms: Mapping[str, torch.Tensor] | None = None
-    lines: dict | None = None
 
 
 def sum_trailing(t: torch.Tensor) -> torch.Tensor:

@@ -76,19 +76,9 @@ def side_lines(relaxation, state, attrs, ctx_alphas, name: str, mode: str
 def activation(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     relaxation = activations.get(node.op)
     pre = ctx.bounds[node.inputs[0]]
-    memo = ctx.lines if ctx.alphas is None or node.name not in ctx.alphas else None
-    stamp = (pre.lower, pre.upper, pre.lower._version, pre.upper._version, ctx.lower_slope)
-    key = (node.name, id(pre.lower), id(pre.upper))
-    hit = None if memo is None else memo.get(key)
-    if hit is not None and hit[0] is stamp[0] and hit[1] is stamp[1] and hit[2:5] == stamp[2:]:
-        low, up = hit[5]                 # every pass of a run relaxes at the same bounds
-    else:
-        l, u = pre.lower.unsqueeze(1), pre.upper.unsqueeze(1)      # [B, 1, *shape]
-        state = relaxation.prepare(l, u, node.attrs)
-        low, up = side_lines(relaxation, state, node.attrs, ctx.alphas, node.name,
-                             ctx.lower_slope)
-        if memo is not None:             # the tensors are held: their ids are not reused
-            memo[key] = stamp + ((low, up),)
+    l, u = pre.lower.unsqueeze(1), pre.upper.unsqueeze(1)          # [B, 1, *shape]
+    state = relaxation.prepare(l, u, node.attrs)
+    low, up = side_lines(relaxation, state, node.attrs, ctx.alphas, node.name, ctx.lower_slope)
     out, lb, ub = relax(a, low, up)
     return [out], lb, ub
 

@@ -194,33 +194,3 @@ def test_cuda_torch_backend_matches_the_cpu_and_is_sound(method):
     np.testing.assert_allclose(gpu.upper, cpu.upper, rtol=0, atol=1e-4)
     pts = box_points(x.lower, x.upper, n=2000)
     assert_contains(gpu.lower, gpu.upper, true_outputs(g, pts), C=C.C, tol=1e-5)
-
-
-def test_a_run_relaxes_each_activation_once_per_bound_and_equals_the_reference(monkeypatch):
-    """The backward passes of one run share an activation's relaxation lines (the same bound
-    tensors, unchanged), whole batches or chunks; the bounds are the reference's, which
-    relaxes anew in every pass."""
-    from boundflow.backend import chunks
-    from boundflow.domains import crown_relaxed
-    from boundflow.domains.crown_rules import RULES
-
-    ex, g, x, C = _query("random_deep_mlp", batch=4)
-    w = Workload.of(g, batch=4, method="crown", dtype="float64")
-    bundle = plan(g, w)
-    gn = normalised(g)[0]
-    ref = reference_bounds(gn, Interval(torch.as_tensor(x.lower), torch.as_tensor(x.upper)),
-                           graph_tensors(gn, torch.float64), torch.as_tensor(C.C),
-                           bundle.domain_plan.plan, sparse=bundle.domain_plan.sparse)
-    made, visits = [], []
-    inner_lines, inner_rule = crown_relaxed.side_lines, RULES["relu"]
-    monkeypatch.setattr(crown_relaxed, "side_lines",
-                        lambda *a, **k: made.append(1) or inner_lines(*a, **k))
-    monkeypatch.setitem(RULES, "relu", lambda *a: visits.append(1) or inner_rule(*a))
-    for per_chunk in (None, 1):
-        if per_chunk:
-            monkeypatch.setattr(chunks, "samples_per_chunk", lambda *a, **k: per_chunk)
-        made.clear(), visits.clear()
-        out = TorchExecutor(bundle, g).run(x, C)
-        assert 0 < len(made) < len(visits), (per_chunk, len(made), len(visits))
-        np.testing.assert_allclose(out.lower.numpy(), ref.lower.numpy(), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(out.upper.numpy(), ref.upper.numpy(), rtol=1e-9, atol=1e-9)
