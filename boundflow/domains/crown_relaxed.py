@@ -48,8 +48,8 @@ def relax(a: Coeffs, low: Lines, up: Lines):
     """Coefficients through an elementwise relaxation: ``low`` are the lines the lower bound
     uses (lower line for positive coefficients, upper line for negative), ``up`` those of the
     upper bound. Returns ``(coeffs, lb_add, ub_add)``."""
-    # the negative part as A - A⁺: under autograd a subtraction's backward is free where a
-    # second clamp's is another pass over the coefficients
+    # the negative part as A - A⁺ (equal for finite A): under autograd a subtraction's
+    # backward is free where a second clamp's is another pass over the coefficients
     lA_pos = a.lA.clamp(min=0)
     lA_neg = a.lA - lA_pos
     uA_pos = lA_pos if a.uA is a.lA else a.uA.clamp(min=0)
