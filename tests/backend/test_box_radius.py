@@ -12,7 +12,7 @@ import torch
 import boundflow as bf
 from boundflow.api import as_graph
 from boundflow.backend import torch as torch_backend
-from boundflow.backend.torch import box_value, box_weighted_macs
+from boundflow.backend.torch import TorchExecutor, box_value, box_weighted_macs
 from boundflow.domains.interval import Interval
 from boundflow.ir.normalize import normalised
 from boundflow.ir.spec import InputSpec
@@ -44,6 +44,7 @@ def _bounds(model, x, eps, method, monkeypatch, on: bool):
         return inner(*args)
     monkeypatch.setattr(torch_backend, "_uniform_radius", counted)
     monkeypatch.setattr(torch_backend, "UNIFORM_MACS", 0 if on else 1 << 62)
+    monkeypatch.setattr(torch_backend, "UNIFORM_MACS_PER_ELEMENT", 0)
     b = bf.compute_bounds(model, x, eps=eps, method=method)
     monkeypatch.undo()
     return b, len(taken)
@@ -117,3 +118,22 @@ def test_widths_that_differ_past_rounding_keep_the_product_in_any_dtype(monkeypa
     x32 = x.astype(np.float32)
     _, n = _bounds(_mlp(), x32, 2 / 255, "ibp", monkeypatch, on=True)
     assert n == 1
+
+
+def test_the_check_is_made_for_enough_products_per_input_element():
+    """The shared MLP's first layer (784 -> 256: 256 multiply-adds per input element) at a
+    batch of 8 is worth the check; a batch of 1, or a conv of 64 per element, is not."""
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256)).eval()
+    ex = TorchExecutor(*_plan(mlp, (1, 28, 28)))
+    assert ex._uniform_pays(8) and not ex._uniform_pays(1)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, stride=2, padding=1),
+                               torch.nn.Flatten()).eval()
+    assert not TorchExecutor(*_plan(conv, (3, 32, 32)))._uniform_pays(64)
+
+
+def _plan(model, shape):
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import plan
+
+    g = as_graph(model, torch.zeros((1,) + shape))
+    return plan(g, Workload.of(g, batch=1, method="ibp")), g
