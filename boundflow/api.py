@@ -271,7 +271,7 @@ def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: Bou
     :func:`compute_bounds`, for callers that already hold a Graph and validated specs.
     Every bound runs a plan on ``options.backend``: ``plan`` (with its own domains and
     dtype), or the default plan of the workload. ``upper=False`` (a verdict): alpha-CROWN
-    tightens the lower bound only; the upper bound is CROWN's."""
+    tightens the lower bound only; the upper bound is never looser than CROWN's."""
     if C is not None:
         C.check(spec.batch, math.prod(graph.output_shape))
     if plan is None:

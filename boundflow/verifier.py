@@ -52,7 +52,7 @@ class Verifier:
     def run(self, box: InputSpec, C: LinearSpec | None = None, upper: bool = True) -> Bounds:
         """Bounds over a checked box (and spec): the call with nothing around it.
         ``upper=False`` (a caller that reads the lower bounds only): alpha-CROWN tightens
-        the lower side only, and the upper bounds are CROWN's."""
+        the lower side only, and the upper bounds are never looser than CROWN's."""
         out = run_bounds(self._executor, box, C, upper)
         return _finite(Bounds(out.lower, out.upper))
 

@@ -140,22 +140,15 @@ def _uniform(t: torch.Tensor) -> bool:
     return t.dim() >= 2 and not any(t.stride()[1:])
 
 
-def _uniform_radius(node, params: dict, w_abs: torch.Tensor, rad: torch.Tensor,
-                    kw: dict) -> torch.Tensor | None:
+def _uniform_radius(op, params: dict, w_abs: torch.Tensor, rad: torch.Tensor) -> torch.Tensor:
     """``|W|·rad`` for a radius that is one number ``r`` per sample: ``r · (|W|·1)``, the
-    response to ones computed once per input shape; None where the op has no such rule."""
+    response of the linear map ``op`` to ones computed once per input shape."""
     r = rad[(slice(None),) + (0,) * (rad.dim() - 1)]
-    key = ("ones", node.op, tuple(rad.shape[1:]))
+    key = ("ones", tuple(rad.shape[1:]))
     resp = params.get(key)
     if resp is None:
         ones = torch.ones((1,) + tuple(rad.shape[1:]), dtype=rad.dtype, device=rad.device)
-        if node.op == "linear":
-            resp = F.linear(ones, w_abs)
-        elif node.op == "conv2d":
-            resp = F.conv2d(ones, w_abs, **kw)
-        else:
-            return None
-        params[key] = resp
+        resp = params[key] = op(ones, w_abs)
     return r.view((-1,) + (1,) * (resp.dim() - 1)) * resp
 
 
@@ -167,24 +160,23 @@ def _affine_cr(node, params: dict, v: Value) -> Value:
     w_abs = params.get("weight_abs", None)
     w_abs = w.abs() if w_abs is None else w_abs
     a = node.attrs
-    kw = {} if node.op == "linear" else dict(
-        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
-    if _uniform(rad) and node.op in ("linear", "conv2d"):
-        out_rad = _uniform_radius(node, params, w_abs, rad, kw)
-        bias = params.get("bias")
-        out_mid = (F.linear(mid, w, bias) if node.op == "linear"
-                   else F.conv2d(mid, w, bias, **kw))
-        return Value("cr", out_mid, out_rad)
     if node.op == "linear":
-        return Value("cr", F.linear(mid, w, params.get("bias")), F.linear(rad, w_abs))
-    if node.op == "conv_transpose2d":
-        kw["output_padding"] = a["output_padding"]
-        return Value("cr", F.conv_transpose2d(mid, w, params.get("bias"), **kw),
-                     F.conv_transpose2d(rad, w_abs, **kw))
-    if node.op != "conv2d":
+        op = F.linear
+    elif node.op in ("conv2d", "conv_transpose2d"):
+        kw = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                  groups=a["groups"])
+        if node.op == "conv2d":
+            def op(t, weight, bias=None):
+                return F.conv2d(t, weight, bias, **kw)
+        else:
+            def op(t, weight, bias=None):
+                return F.conv_transpose2d(t, weight, bias, output_padding=a["output_padding"],
+                                          **kw)
+    else:
         raise BoundFlowError(f"the torch backend has no centre/radius rule for weighted op "
                              f"{node.op!r}")
-    return Value("cr", F.conv2d(mid, w, params.get("bias"), **kw), F.conv2d(rad, w_abs, **kw))
+    out_rad = _uniform_radius(op, params, w_abs, rad) if _uniform(rad) else op(rad, w_abs)
+    return Value("cr", op(mid, w, params.get("bias")), out_rad)
 
 
 def _view(node, t: torch.Tensor) -> torch.Tensor:
@@ -242,6 +234,7 @@ class TorchExecutor:
         self.lower_slope = bundle.domain_plan.lower_slope
         self.sparse = bundle.domain_plan.sparse
         self.box_macs = box_weighted_macs(g)
+        self._box_elements = math.prod(g.input_shape)
         self._alpha_final = any(t.kind == "final" and t.attr("method") == "alpha-crown"
                                 for t in self.tasks)
         self.cache_entries = {e.task: e for e in bundle.cache_plan.entries}
@@ -487,7 +480,7 @@ class TorchExecutor:
         ``measure_memory`` adds the measured ``peak_bytes`` to the stats (it costs time).
         ``upper=False``, for a caller that reads only the lower bound (a verdict): an
         alpha-CROWN final bound optimises its lower side only, and the upper bound returned
-        is CROWN's (sound, not tightened)."""
+        is the best that side's slopes gave (sound, never looser than CROWN's)."""
         self._check(x, C)
         relu_split = split if isinstance(split, ReluSplit) else None
         if relu_split is not None:
@@ -589,8 +582,8 @@ class TorchExecutor:
 
     def _uniform_pays(self, batch: int) -> bool:
         """Whether :func:`box_value`'s check is worth making for a batch of ``batch``."""
-        return (self.box_macs * batch >= UNIFORM_MACS and self.box_macs
-                >= UNIFORM_MACS_PER_ELEMENT * math.prod(self.graph.input_shape))
+        return (self.box_macs * batch >= UNIFORM_MACS
+                and self.box_macs >= UNIFORM_MACS_PER_ELEMENT * self._box_elements)
 
     def _reused(self, split: ReluSplit | None) -> dict[str, dict[str, Value]]:
         """The outputs of the tasks a split state's reference bounds stand in for (with
