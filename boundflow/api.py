@@ -443,7 +443,8 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     this workload under ``objective`` and runs it on the backend it was tuned on; without one,
     a one-line notice goes to stderr and the default plan runs. ``calls``: how many calls
     this process makes with the workload, when known (see :func:`lookup_tuned`).
-    The verdicts read the lower bounds only, so alpha-CROWN optimises the lower side only:
+    The verdicts read the lower bounds only, so alpha-CROWN optimises the lower side only
+    (and the plan looked up is the one tuned for that query, ``bounds="lower"``):
     the result's upper bounds are sound but looser than :func:`compute_bounds`' (the best
     the lower side's slopes gave, never looser than CROWN's).
     """
@@ -457,7 +458,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
 
         dname = {v: k for k, v in _DTYPES.items()}[torch_dtype]
         work = Workload.of(graph, batch=spec.batch, n_specs=linear.n_specs, method=method,
-                           dtype=dname, target=target)
+                           dtype=dname, target=target, bounds="lower")
         tuned = lookup_tuned(graph, work, db, objective, calls)
         if tuned is not None:
             plan = tuned.bundle

@@ -535,7 +535,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         import_seconds("tvm", here=False)          # what verify weighs a tuned plan against
     d, b = report.default, report.best
     first = report.first_measurement_s
-    print(f"workload {report.workload.key[:12]}: {report.workload.method}, batch "
+    side = "" if report.workload.upper else " (lower bounds, as verify reads them)"
+    print(f"workload {report.workload.key[:12]}: {report.workload.method}{side}, batch "
           f"{report.workload.batch}, backends {','.join(tuner.backends)} on {args.target}; "
           f"objective {report.objective}; {report.measured_now} plans measured now, "
           f"{report.measured_before} before ({report.measured_by_others} by other runs), "

@@ -109,7 +109,7 @@ def compile(model: Any, sample: Any = None, *, batch: int = 1, n_specs: int | No
             method: str = "crown", dtype: str | None = None, db: Any = None,
             objective: str = "time@width", backend: str = "torch", target: str = "llvm",
             lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-            sparse: bool | None = None) -> Verifier:
+            sparse: bool | None = None, bounds: str | None = None) -> Verifier:
     """A :class:`Verifier` of ``model`` (a Graph, an ExportedProgram, or an ``nn.Module``
     traced at ``sample``) for queries of ``batch`` samples and ``n_specs`` specs each (default:
     a margin spec, one row per other class; 0 for raw output bounds) by ``method``.
@@ -117,7 +117,10 @@ def compile(model: Any, sample: Any = None, *, batch: int = 1, n_specs: int | No
     With ``db`` (a tuning database's path, URL or :class:`~boundflow.db.Database`) the plan
     ``boundflow tune`` recorded for this workload under ``objective`` runs, on the backend it
     was tuned on; otherwise (or when the database has no plan faster than the default path)
-    the default plan runs on ``backend``.
+    the default plan runs on ``backend``. ``bounds``: the query the plan is looked up for,
+    ``"lower"`` (:meth:`Verifier.verify`'s, the one ``boundflow tune`` tunes for; the default
+    with specs) or ``"both"`` (:meth:`Verifier.run` reading both sides; the default for raw
+    output bounds, ``n_specs=0``); either plan runs either query.
     """
     import torch
 
@@ -128,7 +131,7 @@ def compile(model: Any, sample: Any = None, *, batch: int = 1, n_specs: int | No
         raise BoundFlowError(f"batch must be an integer >= 1, got {batch!r}")
     options = BoundOptions(method, None, lower_slope, alpha, sparse, backend, target)
     work = Workload.of(graph, batch=batch, n_specs=n_specs, method=method, dtype=dtype,
-                       target=target)
+                       target=target, bounds=bounds or ("both" if n_specs == 0 else "lower"))
     tuned = lookup_tuned(graph, work, db, objective) if db is not None else None
     if tuned is not None:
         return Verifier(graph, work, tuned.bundle, tuned.backend, tuned)

@@ -105,17 +105,17 @@ def _import_seconds(module: str, path: Path) -> float:
     return seconds
 
 
-def run_bounds(exe: Any, box: Any, C: Any = None, upper: bool = True) -> Any:
-    """``exe.run(box, C)``; with ``upper=False`` (the caller reads the lower bounds only)
-    passed on where the executor's ``run`` takes it (a registered backend's may not)."""
+def run_bounds(exe: Any, box: Any, C: Any = None, upper: bool = True, **options: Any) -> Any:
+    """``exe.run(box, C, **options)``; with ``upper=False`` (the caller reads the lower bounds
+    only) passed on where the executor's ``run`` takes it (a registered backend's may not)."""
     if upper:
-        return exe.run(box, C)
+        return exe.run(box, C, **options)
     takes = _TAKES_UPPER.get(type(exe))
     if takes is None:
         params = inspect.signature(exe.run).parameters.values()
         takes = _TAKES_UPPER[type(exe)] = any(
             p.name == "upper" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    return exe.run(box, C, upper=False) if takes else exe.run(box, C)
+    return exe.run(box, C, upper=False, **options) if takes else exe.run(box, C, **options)
 
 
 _TAKES_UPPER: dict[type, bool] = {}

@@ -218,7 +218,7 @@ class Prepared:
     code cache), its query, its first bounds and what the result records besides times."""
 
     def __init__(self, inp: MeasureInput, build: BuildResult, runner: str = "local"):
-        from boundflow.backend import create
+        from boundflow.backend import create, run_bounds
 
         self.inp = inp
         self.exe = create(inp.backend).executor(inp.bundle, inp.graph, inp.target,
@@ -226,12 +226,13 @@ class Prepared:
         self.x, self.C = _query(inp)
         self.options = dict(inp.run_options)
         self.common: dict[str, Any] = dict(compile_seconds=build.compile_seconds, runner=runner)
+        self.upper = inp.bundle.workload.upper      # a verdict's workload reads lower bounds
         start = time.perf_counter()
         try:                      # the torch executor measures its peak; others plan it
-            out = self.exe.run(self.x, self.C, measure_memory=True)
+            out = run_bounds(self.exe, self.x, self.C, self.upper, measure_memory=True)
             self.common.update(peak_bytes=int(out.stats["peak_bytes"]), peak_source="measured")
         except BoundFlowError:
-            out = self.exe.run(self.x, self.C)
+            out = run_bounds(self.exe, self.x, self.C, self.upper)
             self.common.update(peak_bytes=inp.bundle.peak_bytes(inp.lower.shape[0]),
                                peak_source="planned")
         self.first_s = time.perf_counter() - start        # the first call, loading included
@@ -243,11 +244,15 @@ class Prepared:
         self.cache = BoundCache() if self.options else None
 
     def call(self) -> bool:
-        """What ``verify`` does with the plan: bounds of the host box, checked finite and
+        """What ``verify`` does with the plan: bounds of the host box (the lower side only
+        where the workload's query reads no more, ``bounds="lower"``), checked finite and
         back on the host as arrays."""
         import torch
 
-        out = self.exe.run(self.x, self.C, cache=self.cache, **self.options)
+        from boundflow.backend import run_bounds
+
+        out = run_bounds(self.exe, self.x, self.C, self.upper, cache=self.cache,
+                         **self.options)
         lo, hi = out.lower.detach(), out.upper.detach()
         finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
         lo.cpu().numpy(), hi.cpu().numpy()

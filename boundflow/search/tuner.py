@@ -141,7 +141,10 @@ class Tuner:
     runs); the run says so every quarter of it, from a thread, so it need not exceed a
     candidate's ``timeout_s``. ``final_config``: the protocol of the final comparison
     (default: ``config``). ``pretrained``: the cost model starts from the shipped training
-    set (:mod:`boundflow.costmodel.pretrained`), else cold."""
+    set (:mod:`boundflow.costmodel.pretrained`), else cold. ``bounds``: the query tuned
+    for, ``"lower"`` (a verdict's: ``verify``, ``Verifier.verify`` and branch-and-bound read
+    lower bounds only, and alpha-CROWN optimises that side alone) or ``"both"``; None: lower
+    with specs ``C``, both without. Candidates are measured making that query."""
 
     def __init__(self, graph: Graph, lower: np.ndarray, upper: np.ndarray,
                  C: np.ndarray | None, *, method: str, db: Database,
@@ -152,7 +155,7 @@ class Tuner:
                  runner=None, progress: bool = True, callbacks: Sequence[Callable[..., Any]] = (),
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
                  final_config: MeasureConfig | None = None, pretrained: bool = True,
-                 **strategy_options: Any):
+                 bounds: str | None = None, **strategy_options: Any):
         if not (isinstance(heartbeat_timeout, (int, float)) and
                 math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
             raise BoundFlowError(f"heartbeat_timeout must be a number of seconds > 0, not "
@@ -164,7 +167,8 @@ class Tuner:
         self.C = None if C is None else np.asarray(C)
         n_specs = 0 if self.C is None else int(self.C.shape[1])
         self.workload = Workload.of(graph, batch=int(self.lower.shape[0]), n_specs=n_specs,
-                                    method=method, dtype=dtype, target=target)
+                                    method=method, dtype=dtype, target=target,
+                                    bounds=bounds or ("lower" if n_specs else "both"))
         self.db = db
         self.machine = machine()             # what this host's measurements record
         self.heartbeat_timeout = float(heartbeat_timeout)
