@@ -64,7 +64,7 @@ def _query(spec: str):
     name, batch = name_batch.split("@")
     q = _example(name, int(batch)) if name in EXAMPLES else _onnx(name, int(batch))
     w = Workload.of(q.graph, batch=int(q.lower.shape[0]), n_specs=int(q.C.shape[1]),
-                    method=method)
+                    method=method, bounds="lower")     # as the tuner records it: verify's
     return q, method, w
 
 

@@ -104,7 +104,8 @@ def main() -> None:
     g = as_graph(ex.model, torch.as_tensor(ex.inputs[:1]).float())
     rows = np.arange(args.batch) % len(ex.inputs)
     g, spec, linear, _, _ = query(g, ex.inputs[rows].astype(np.float32), eps=0.01)
-    w = Workload.of(g, batch=args.batch, n_specs=linear.n_specs, method=args.method)
+    w = Workload.of(g, batch=args.batch, n_specs=linear.n_specs, method=args.method,
+                    bounds="lower")                  # the workload the tuner tunes: verify's
     space = TuneSpace(g, w, "torch")
     config = MeasureConfig(number=5, repeat=5, warmup=2, timeout_s=60)
     table = measure_space(space, g, spec.lower, spec.upper, linear.C, args.table, config)

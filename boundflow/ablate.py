@@ -157,7 +157,7 @@ def run(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray | None
     config = config or MeasureConfig(number=5, repeat=5, warmup=2)
     n_specs = 0 if C is None else int(np.asarray(C).shape[1])
     w = Workload.of(graph, batch=int(np.asarray(lower).shape[0]), n_specs=n_specs,
-                    method=method, target=target)
+                    method=method, target=target, bounds="lower" if n_specs else "both")
     base = default(graph, w)          # the default plan, as verify plans it
     inputs, rows, planned = [], [], []
     for c in configs:

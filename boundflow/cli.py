@@ -425,7 +425,9 @@ def cmd_db(args: argparse.Namespace) -> int:
                     continue
                 wl = w.workload
                 ops = w.summary.get("ops", {})
-                print(f"\nworkload {w.key[:12]}  {wl.method} batch {wl.batch} specs {wl.n_specs} "
+                side = "" if wl.upper else " (lower bounds)"
+                print(f"\nworkload {w.key[:12]}  {wl.method}{side} batch {wl.batch} specs "
+                      f"{wl.n_specs} "
                       f"{wl.dtype} on {wl.target}  ({w.summary.get('nodes', '?')} nodes: "
                       f"{', '.join(f'{k} {v}' for k, v in ops.items())})")
                 print(f"  {'plan':<14} {'backend':<7} {'median ms':>10} {'width':>10} "

@@ -131,7 +131,8 @@ def compile(model: Any, sample: Any = None, *, batch: int = 1, n_specs: int | No
         raise BoundFlowError(f"batch must be an integer >= 1, got {batch!r}")
     options = BoundOptions(method, None, lower_slope, alpha, sparse, backend, target)
     work = Workload.of(graph, batch=batch, n_specs=n_specs, method=method, dtype=dtype,
-                       target=target, bounds=bounds or ("both" if n_specs == 0 else "lower"))
+                       target=target,
+                       bounds=("both" if n_specs == 0 else "lower") if bounds is None else bounds)
     tuned = lookup_tuned(graph, work, db, objective) if db is not None else None
     if tuned is not None:
         return Verifier(graph, work, tuned.bundle, tuned.backend, tuned)

@@ -43,8 +43,10 @@ from boundflow.measure.result import MeasureResult
 
 T = TypeVar("T")
 OBJECTIVE_TIME = "time"
-EXPORT_VERSION = 2          # the export line format: 2 adds the measurement's kernel_s
-_IMPORTS = (1, 2)           # export versions this BoundFlow reads
+# the export line format: 2 adds the measurement's kernel_s; 3 workloads' ``bounds`` (older
+# readers would file a lower-bounds workload's measurements under the both-sides one)
+EXPORT_VERSION = 3
+_IMPORTS = (1, 2, 3)        # export versions this BoundFlow reads
 _RESULT_FIELDS = ("backend", "target", "error_kind", "error", "median_s", "mean_s", "std_s",
                   "peak_bytes", "peak_source", "mean_width", "verified_fraction", "n_kernels",
                   "compile_seconds", "kernel_s", "runner", "machine", "timestamp")

@@ -282,7 +282,9 @@ class Prepared:
             args.append(exe._tensor(self.C.C))
         timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
                                       repeat=config.repeat)
-        return list(timer(*args, *exe.weights).results)
+        with exe._lock:                  # its torch callbacks read the query's side, as run's
+            exe._upper = self.upper
+            return list(timer(*args, *exe.weights).results)
 
     def result(self, times: list[float], kernel: list[float]) -> MeasureResult:
         inp = self.inp

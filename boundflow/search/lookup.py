@@ -45,7 +45,8 @@ def _where(db) -> str:
 
 
 def _describe(w: Workload, objective: str) -> str:
-    return (f"{w.method}, batch {w.batch}, {w.n_specs} specs, {w.dtype}, {w.target}; "
+    side = "" if w.upper else " (lower bounds)"
+    return (f"{w.method}{side}, batch {w.batch}, {w.n_specs} specs, {w.dtype}, {w.target}; "
             f"objective {objective}")
 
 
@@ -70,7 +71,22 @@ def lookup(db, workload: Workload, objective: str = "time@width") -> Lookup:
             database.close()
     what = f"({_describe(workload, objective)}) in {_where(db)}"
     if rec is None:
-        return Lookup(None, f"no tuned plan for this workload {what}: using the default plan")
+        hint = ""
+        if not workload.upper:
+            import dataclasses
+
+            both = dataclasses.replace(workload, bounds="both")
+            database = Database(db) if own else db
+            try:
+                if database.best_plan(both, objective=objective) is not None:
+                    hint = (" (a plan tuned for both sides of the bounds is recorded: BoundFlow "
+                            "before 2026-11-27 tuned verdicts that way; run `boundflow tune` "
+                            "again to tune the lower side verify reads)")
+            finally:
+                if own:
+                    database.close()
+        return Lookup(None, f"no tuned plan for this workload {what}{hint}: using the "
+                            f"default plan")
     if not rec.compared:
         return Lookup(None, f"the tuned plan for this workload {what} is refused: it was "
                             f"never measured against the default path (recorded by "

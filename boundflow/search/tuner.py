@@ -168,7 +168,8 @@ class Tuner:
         n_specs = 0 if self.C is None else int(self.C.shape[1])
         self.workload = Workload.of(graph, batch=int(self.lower.shape[0]), n_specs=n_specs,
                                     method=method, dtype=dtype, target=target,
-                                    bounds=bounds or ("lower" if n_specs else "both"))
+                                    bounds=("lower" if n_specs else "both") if bounds is None
+                                    else bounds)
         self.db = db
         self.machine = machine()             # what this host's measurements record
         self.heartbeat_timeout = float(heartbeat_timeout)

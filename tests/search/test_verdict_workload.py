@@ -125,3 +125,43 @@ def test_verify_and_the_verifier_find_the_plan_tuned_for_them(digits):
         v = bf.compile(g, batch=2, method="alpha-crown", db=db)
         assert v.tuned is not None and v.tuned.bundle.key == report.best_bundle.key
         assert bf.compile(g, batch=2, method="alpha-crown", db=db, bounds="both").tuned is None
+
+
+def test_a_plan_tuned_for_both_sides_is_named_on_a_miss_and_bounds_survive_export(digits):
+    """A database tuned before the field (alpha-crown verdicts tuned for both sides): verify
+    runs the default path and says why; a lower-bounds workload's records keep their side
+    through export and import."""
+    import io
+
+    from boundflow.search.lookup import describe_missing
+
+    g, spec, linear, x = digits
+    with Database(":memory:") as db:
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="alpha-crown", db=db,
+                      backend="torch", progress=False, strategy="greedy", batch_size=2,
+                      builder=NoBuilder(), final_config=FINAL, bounds="both")
+        tuner.runner = Scripted(tuner.baseline, default_ms=1.0, search_ms=0.5, final_ms=0.5,
+                                final_config=FINAL)
+        tuner.tune(trials=2)
+        tuner.close()
+        low = Workload.of(g, batch=2, n_specs=linear.n_specs, method="alpha-crown",
+                          bounds="lower")
+        assert tuned_plan(db, low) is None
+        assert "tuned for both sides" in describe_missing(db, low, "time@width")
+        # and a lower-bounds workload's records through export and import
+        tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="alpha-crown", db=db,
+                      backend="torch", progress=False, strategy="greedy", batch_size=2,
+                      builder=NoBuilder(), final_config=FINAL)
+        tuner.runner = Scripted(tuner.baseline, default_ms=1.0, search_ms=0.5, final_ms=0.5,
+                                final_config=FINAL)
+        tuner.tune(trials=2)
+        tuner.close()
+        assert tuned_plan(db, low) is not None
+        buf = io.StringIO()
+        db.export_jsonl(buf)
+    with Database(":memory:") as fresh:
+        fresh.import_jsonl(io.StringIO(buf.getvalue()))
+        sides = sorted(w.workload.bounds for w in fresh.workloads())
+        assert sides == ["both", "lower"]
+        # filed under the lower-bounds workload (an import offers the "time" record only)
+        assert fresh.best_plan(low, objective="time") is not None
