@@ -56,11 +56,14 @@ _WEIGHTED = ops.having("weighted")           # linear, conv2d, conv_transpose2d
 
 
 class Value(NamedTuple):
-    """An interval as stored: ``form`` "lu" (a, b = lower, upper) or "cr" (centre, radius)."""
+    """An interval as stored: ``form`` "lu" (a, b = lower, upper) or "cr" (centre, radius).
+    ``joint``: for an "lu" value of ``[batch, n]``, the ``[batch, 2n]`` tensor whose halves
+    ``a`` and ``b`` are (see :func:`_affine_joint`), else None."""
 
     form: str
     a: torch.Tensor
     b: torch.Tensor
+    joint: torch.Tensor | None = None
 
     def interval(self) -> Interval:
         if self.form == "lu":
@@ -152,10 +155,53 @@ def _uniform_radius(op, params: dict, w_abs: torch.Tensor, rad: torch.Tensor) ->
     return r.view((-1,) + (1,) * (resp.dim() - 1)) * resp
 
 
+# a linear op of at most this many multiply-adds over the batch (batch × in × out), whose
+# joint weight (4 × W) is at most this many bytes, takes its lower and upper bounds in one
+# product (:func:`_affine_joint`): below them torch's per-call cost outweighs the doubled
+# multiply-adds (one 48 × 48 layer and its relu at batch 32: 15 µs in centre/radius form, 8
+# µs joint; equal near 2^18 multiply-adds, joint 0.77x at 2^19); a larger weight leaves the
+# cache between calls (the shared MLP's 256 × 256 layer at batch 1: 0.96x)
+JOINT_MACS = 1 << 17
+JOINT_WEIGHT_BYTES = 1 << 18
+
+
+def _joint_pays(node, params: dict, v: Value) -> bool:
+    """Whether the linear ``node`` reads ``v`` in one product of both bounds: a small layer
+    (:data:`JOINT_MACS`, :data:`JOINT_WEIGHT_BYTES`) on a ``[batch, n]`` value whose radius is not one number per sample
+    (that form needs no radius product at all)."""
+    if node.op != "linear" or v.a.dim() != 2 or (v.form == "cr" and _uniform(v.b)):
+        return False
+    w = params["weight"]
+    return v.a.shape[0] * w.numel() <= JOINT_MACS and \
+        4 * w.numel() * w.element_size() <= JOINT_WEIGHT_BYTES
+
+
+def _affine_joint(params: dict, v: Value) -> Value:
+    """A linear op on lower and upper bounds side by side, ``[l | u]`` (``[batch, 2n]``), in
+    one product: ``[l' | u'] = [l | u] · [[W⁺, W⁻], [W⁻, W⁺]]ᵀ + [b | b]``, i.e.
+    ``l' = W⁺l + W⁻u + b`` and ``u' = W⁺u + W⁻l + b``. Twice centre/radius form's
+    multiply-adds in one call instead of six; a relu after it clamps ``[l' | u']`` at once."""
+    stacked = params.get("joint")
+    if stacked is None:
+        w = params["weight"]
+        pos, neg = w.clamp(min=0), w.clamp(max=0)
+        bias = params.get("bias")
+        stacked = params["joint"] = (
+            torch.cat([torch.cat([pos, neg], 1), torch.cat([neg, pos], 1)], 0).contiguous(),
+            None if bias is None else torch.cat([bias, bias]))
+    joint = v.joint
+    if joint is None:
+        lo, hi = v.interval()
+        joint = torch.cat([lo, hi], 1)
+    out = F.linear(joint, *stacked)
+    return Value("lu", *out.chunk(2, 1), out)
+
+
 def _affine_cr(node, params: dict, v: Value) -> Value:
     """A ``weighted`` op (linear, conv2d, conv_transpose2d) in centre/radius form:
     ``W·mid + b`` and ``|W|·rad`` (no product where the radius is one number per sample)."""
-    _, mid, rad = v.as_form("cr")
+    v = v.as_form("cr")
+    mid, rad = v.a, v.b
     w = params["weight"]
     w_abs = params.get("weight_abs", None)
     w_abs = w.abs() if w_abs is None else w_abs
@@ -305,14 +351,20 @@ class TorchExecutor:
                 v = ins[0]
                 out = Value(v.form, _view(node, v.a), _view(node, v.b))
             elif node.op in _WEIGHTED:
-                out = _affine_cr(node, affine[name], ins[0])
+                params = affine[name]
+                out = _affine_joint(params, ins[0]) if _joint_pays(node, params, ins[0]) \
+                    else _affine_cr(node, params, ins[0])
             # relu's rule is [relu(l), relu(u)]: computed in place where its input dies here
             # (other activations take their rule from the table)
             elif node.op == "relu" and node.inputs[0] in own and \
                     readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs \
                     and _private(ins[0], inputs):
                 v = ins[0] if ins[0].form == "lu" else ins[0].as_form("lu")
-                out = Value("lu", v.a.relu_(), v.b.relu_())    # in place: its input dies here
+                if v.joint is not None:                          # both halves in one clamp
+                    v.joint.relu_()
+                    out = v
+                else:
+                    out = Value("lu", v.a.relu_(), v.b.relu_())  # in place: its input dies
             else:
                 iv = apply_rule(IBP_RULES, node, tensors, [v.interval() for v in ins], "IBP")
                 out = Value("lu", iv.lower, iv.upper)
@@ -343,10 +395,11 @@ class TorchExecutor:
     def _bounds_of(self, t: Task, env: dict, skip: int) -> dict[str, Interval]:
         return {self.buffers[b].node: env[b].interval() for b in t.inputs[skip:]}
 
-    def _crown(self, t: Task, env: dict, tensors, box: Interval) -> dict[str, Value]:
+    def _crown(self, t: Task, env: dict, tensors, box: Interval, lines: dict | None = None
+               ) -> dict[str, Value]:
         node = t.nodes[0]
         iv = env[t.inputs[0]].interval()
-        ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None)
+        ctx = BackwardContext(self._bounds_of(t, env, 1), self.lower_slope, None, lines=lines)
         out = crown_node(self.graph, node, iv, box, tensors, ctx, sparse=self.sparse)
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 
@@ -367,17 +420,19 @@ class TorchExecutor:
 
     def bound_task(self, t: Task, env: dict, tensors, box: Interval,
                    C: torch.Tensor | None = None, split: ReluSplit | None = None,
-                   upper: bool = True) -> dict[str, Value]:
+                   upper: bool = True, lines: dict | None = None) -> dict[str, Value]:
         """The outputs of a ``crown``, ``forward`` or ``final`` task (what a compiled backend
         calls back for the tasks it runs as torch ops), over the batch in chunks that keep
         its coefficients in cache (:mod:`boundflow.backend.chunks`). ``upper=False``: a
-        final alpha-CROWN bound optimises its lower side only."""
+        final alpha-CROWN bound optimises its lower side only. ``lines``: the run's memo of
+        the activations' default lines, shared by its tasks' backward passes (a dict made
+        for one run and dropped after it; None: none kept)."""
         batch = env[t.inputs[0]].a.shape[0]
         beta = t.kind == "final" and split is not None and split.beta_iterations > 0
         size = batch if beta else self._chunk(      # beta-CROWN: a batch-wide optimisation
             t, tensors, batch, env[t.inputs[0]] if t.kind == "crown" else None)
         if size >= batch:
-            return self._bound_task(t, env, tensors, box, C, split, upper)
+            return self._bound_task(t, env, tensors, box, C, split, upper, lines)
         parts = []
         for s in range(0, batch, size):
             part = slice(s, s + size)
@@ -386,7 +441,8 @@ class TorchExecutor:
                 t, sub, tensors,
                 None if box is None else Interval(box.lower[part], box.upper[part]),
                 None if C is None else C[part],
-                None if split is None or t.kind != "final" else split.part(part), upper))
+                None if split is None or t.kind != "final" else split.part(part), upper,
+                lines))
         return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
                             torch.cat([p[name].b for p in parts])) for name in parts[0]}
 
@@ -417,21 +473,22 @@ class TorchExecutor:
 
     def _bound_task(self, t: Task, env: dict, tensors, box: Interval,
                     C: torch.Tensor | None = None, split: ReluSplit | None = None,
-                    upper: bool = True) -> dict[str, Value]:
+                    upper: bool = True, lines: dict | None = None) -> dict[str, Value]:
         if t.kind == "crown":
-            return self._crown(t, env, tensors, box)
+            return self._crown(t, env, tensors, box, lines)
         if t.kind == "forward":
             return self._forward(t, env, tensors, box)
-        return self._final(t, env, tensors, box, C, split, upper)
+        return self._final(t, env, tensors, box, C, split, upper, lines)
 
     def _final(self, t: Task, env: dict, tensors, box: Interval, C: torch.Tensor | None,
-               split: ReluSplit | None = None, upper: bool = True) -> dict[str, Value]:
+               split: ReluSplit | None = None, upper: bool = True, lines: dict | None = None
+               ) -> dict[str, Value]:
         src = env[t.inputs[0]].interval()
         method = t.attr("method")
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
                            bounds, self.domain_plan, self.lower_slope, self.alpha,
-                           upper=upper)
+                           upper=upper, lines=lines)
         if split is not None and split.beta_iterations and method != "ibp" and C is not None:
             A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
             lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,
@@ -526,6 +583,7 @@ class TorchExecutor:
         self._arena = {s: a for s, a in self._arena.items()
                        if a.numel() == self._slot_elems[s] * batch}
         env: dict[str, Value] = {}
+        lines: dict = {}            # the activations' default lines, shared by the run's tasks
         peak = 0
         with torch.no_grad():
             for i, t in enumerate(self.tasks):
@@ -542,7 +600,8 @@ class TorchExecutor:
                     elif t.kind == "ibp":
                         outs, inflight = self._ibp(t, env, tensors, measure_memory)
                     else:
-                        outs = self.bound_task(t, env, tensors, box, cmat, relu_split, upper)
+                        outs = self.bound_task(t, env, tensors, box, cmat, relu_split, upper,
+                                               lines)
                     if measure_memory:
                         inflight = max(inflight, _storages(outs.values(), self._arena_ptrs()))
                     if cacheable(t):

@@ -34,7 +34,9 @@ class BackwardContext(NamedTuple):
     entries with several parameters per neuron those stacked on a leading axis), every node's
     per-sample shape (filled in from the graph by the walk), whether conv
     pre-activations may be bounded in patch form (:mod:`boundflow.domains.crown_conv`), and
-    terms added to the lower side's coefficients at given nodes (beta-CROWN)."""
+    terms added to the lower side's coefficients at given nodes (beta-CROWN), and ``lines``:
+    a memo of the activations' default lines that the backward passes of one run share
+    (see :func:`boundflow.domains.crown_relaxed.default_lines`; None: none kept)."""
 
     bounds: Mapping[str, Interval]
     lower_slope: str
@@ -44,6 +46,7 @@ class BackwardContext(NamedTuple):
     # beta-CROWN: per node, a term added to the lower side's coefficients when the walk
     # reaches it (``-beta·sign`` of split ReLU inputs; see :mod:`boundflow.domains.beta`)
     lower_terms: Mapping[str, torch.Tensor] | None = None
+    lines: dict | None = None
 
 
 def sum_trailing(t: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def _crown_needed(graph: Graph, node: str, bound: Interval, x: Interval,
     if index.numel() == 0:
         return bound
     rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope,
-                           index=index)
+                           index=index, lines=ctx.lines)
     return tighten_rows(bound, index, rows)
 
 
@@ -128,7 +128,8 @@ def crown_node(graph: Graph, node: str, bound: Interval, x: Interval,
             if out is not None:
                 return out
         if chain is not None:
-            rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope)
+            rows = crown_conv_rows(graph, chain, bound, x, tensors, ctx.bounds, ctx.lower_slope,
+                                   lines=ctx.lines)
             return tighten_rows(bound, torch.arange(rows.lower.shape[1],
                                                     device=rows.lower.device), rows)
     if index is None:

@@ -161,10 +161,11 @@ def _merged(prev, new, channel):
 def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interval,
                     tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
                     lower_slope: str, alphas: PatchSlopes | None = None,
-                    index: torch.Tensor | None = None) -> Interval:
+                    index: torch.Tensor | None = None, lines: dict | None = None) -> Interval:
     """CROWN bounds ``[B, k]`` of the neurons ``index`` (flat; default every one, in flat
     order) of ``chain[0]`` (the start; ``chain`` is what :func:`conv_chain` returned); with
-    ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN).
+    ``alphas``, the activations' relaxation parameters come from there (alpha-CROWN);
+    ``lines``: the run's memo of default lines (``BackwardContext.lines``).
     Selected rows more than the start's channels start alike (the identity per channel)
     through the :func:`_position_free` nodes next to the start, and are picked out of it
     before the first other node (the same numbers, without one product per row there)."""
@@ -178,7 +179,7 @@ def crown_conv_rows(graph: Graph, chain: list[Node], bound: Interval, x: Interva
     windows = {name: replace(w, rows=first_win.rows)
                for name, w in _windows(graph, order, tensors).items()}
     shapes = {n.name: n.shape for n in graph.nodes}
-    ctx = PatchContext(bounds, lower_slope, alphas, shapes)
+    ctx = PatchContext(bounds, lower_slope, alphas, shapes, lines)
     pending = {start.name: (Coeffs(A, A), channel is not None)}
     consts = {False: [0.0, 0.0], True: [0.0, 0.0]}     # lb, ub [B', L', Cs] per form
     for node in chain:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from boundflow.domains import activations
 from boundflow.domains.coeffs import Coeffs, same
-from boundflow.domains.crown_relaxed import maxpool_relaxation
+from boundflow.domains.crown_relaxed import default_lines, maxpool_relaxation
 from boundflow.domains.crown_rules import scattered_conv_t
 from boundflow.domains.crown_windows import Window
 from boundflow.domains.interval import Interval, pad_widths
@@ -69,6 +69,7 @@ class PatchContext(NamedTuple):
     lower_slope: str
     alphas: PatchSlopes | None
     shapes: Mapping[str, tuple[int, ...]]
+    lines: dict | None = None           # the run's memo of default lines (crown_relaxed)
 
 
 def wsum(t: torch.Tensor) -> torch.Tensor:
@@ -192,13 +193,11 @@ def _relax_windows(node: Node, win: Window, ctx: PatchContext, shape):
     and the lines are found per window entry from the learned parameters."""
     relaxation = activations.get(node.op)
     pre = ctx.bounds[node.inputs[0]]
-    state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
     if ctx.alphas is None:
-        lines = relaxation.lines(state, node.attrs,
-                                 relaxation.default_params(state, node.attrs, ctx.lower_slope))
+        lines = default_lines(node, pre, ctx.lower_slope, ctx.lines)
         lines = type(lines)(*_unfold_each(win, lines))
         return lines, lines
-    state = _unfold_each(win, state)
+    state = _unfold_each(win, relaxation.prepare(pre.lower, pre.upper, node.attrs))
     t_low, t_up = learned(ctx.alphas, node.name, relaxation, state, node.attrs,
                            ctx.lower_slope, shape)
     return relaxation.lines(state, node.attrs, t_low), relaxation.lines(state, node.attrs, t_up)

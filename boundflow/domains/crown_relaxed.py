@@ -60,25 +60,38 @@ def relax(a: Coeffs, low: Lines, up: Lines):
             _bias_term(uA_pos, up.upper_bias, uA_neg, up.lower_bias))
 
 
-def side_lines(relaxation, state, attrs, ctx_alphas, name: str, mode: str
-               ) -> tuple[Lines, Lines]:
-    """The (lower-side, upper-side) lines of an activation: learned where ``ctx_alphas``
-    holds ``name``, else the mode's default lines for both."""
-    if ctx_alphas is not None and name in ctx_alphas:
-        t_low, t_up = ctx_alphas[name]
-        n = relaxation.n_params
-        return (relaxation.lines(state, attrs, split_params(t_low, n)),
-                relaxation.lines(state, attrs, split_params(t_up, n)))
-    lines = relaxation.lines(state, attrs, relaxation.default_params(state, attrs, mode))
-    return lines, lines
+def default_lines(node: Node, pre: Interval, mode: str, memo: dict | None) -> Lines:
+    """The lines of activation ``node`` on its input's interval ``pre`` (``[B, *shape]``)
+    under the lower-slope ``mode``. ``memo`` (one run's, shared by its backward passes:
+    every pass crosses the activations below its start, so a deep network found each one's
+    lines once per start) keeps them per node while ``pre`` is the same pair of tensors;
+    a new interval of the node replaces them, and intervals that carry gradients (an
+    optimiser's) are never kept."""
+    hit = None if memo is None else memo.get(node.name)
+    if hit is not None and hit[0] is pre.lower and hit[1] is pre.upper and hit[2] == mode:
+        return hit[3]
+    relaxation = activations.get(node.op)
+    state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
+    lines = relaxation.lines(state, node.attrs,
+                             relaxation.default_params(state, node.attrs, mode))
+    if memo is not None and not (pre.lower.requires_grad or pre.upper.requires_grad):
+        memo[node.name] = (pre.lower, pre.upper, mode, lines)
+    return lines
 
 
 def activation(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     relaxation = activations.get(node.op)
     pre = ctx.bounds[node.inputs[0]]
-    l, u = pre.lower.unsqueeze(1), pre.upper.unsqueeze(1)          # [B, 1, *shape]
-    state = relaxation.prepare(l, u, node.attrs)
-    low, up = side_lines(relaxation, state, node.attrs, ctx.alphas, node.name, ctx.lower_slope)
+    if ctx.alphas is not None and node.name in ctx.alphas:
+        l, u = pre.lower.unsqueeze(1), pre.upper.unsqueeze(1)          # [B, 1, *shape]
+        state = relaxation.prepare(l, u, node.attrs)
+        t_low, t_up = ctx.alphas[node.name]
+        n = relaxation.n_params
+        low = relaxation.lines(state, node.attrs, split_params(t_low, n))
+        up = relaxation.lines(state, node.attrs, split_params(t_up, n))
+    else:                                                # [B, 1, *shape], as the rows read it
+        low = up = Lines(*(None if t is None else t.unsqueeze(1)
+                           for t in default_lines(node, pre, ctx.lower_slope, ctx.lines)))
     out, lb, ub = relax(a, low, up)
     return [out], lb, ub
 

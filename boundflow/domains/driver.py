@@ -36,13 +36,15 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                  C: torch.Tensor | None, src: Interval, fold: bool, method: str,
                  bounds: Mapping[str, Interval], plan: DomainPlan,
                  lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-                 patches: bool = True, upper: bool = True) -> Interval:
+                 patches: bool = True, upper: bool = True, lines: dict | None = None
+                 ) -> Interval:
     """Bounds of the output (or of ``C·output``) by ``method`` ("ibp", "crown",
     "alpha-crown"). ``src`` is the output's interval, or with ``fold`` the interval of the
     output layer's input; ``bounds`` holds the pre-activation intervals the backward pass
     relaxes at (``plan`` says which of them alpha-CROWN re-derives; ``patches`` whether
     its conv-chain starts keep window-layout coefficients). ``upper=False``: alpha-CROWN
-    optimises the lower bound only (the upper stays CROWN's)."""
+    optimises the lower bound only (the upper stays CROWN's). ``lines``: the run's memo of
+    the activations' default lines (``BackwardContext.lines``)."""
     out = graph.output_node
     if C is None:
         by_ibp = src
@@ -58,7 +60,7 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
         A = identity_start(Interval(zero, zero))
     else:
         A = C.reshape((C.shape[0], C.shape[1]) + tuple(out.shape))
-    ctx = BackwardContext(bounds, lower_slope, None, patches=patches)
+    ctx = BackwardContext(bounds, lower_slope, None, patches=patches, lines=lines)
     res = backward_chunked(graph, graph.output, A, x, tensors, ctx)
     if method == "alpha-crown":
         res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res, patches,

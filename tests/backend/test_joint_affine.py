@@ -1,0 +1,128 @@
+"""A small linear layer takes its lower and upper bounds in one product of ``[l | u]`` with
+``[[W⁺, W⁻], [W⁻, W⁺]]`` (boundflow.backend.torch._affine_joint), and a relu after it clamps
+both halves at once. The bounds equal centre/radius form's (up to rounding) and contain
+sampled outputs; large layers, conv layers and one-number radii keep centre/radius form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import boundflow as bf
+from boundflow.api import as_graph
+from boundflow.backend import torch as tb
+from boundflow.backend.torch import Value, _affine_cr, _affine_joint, _joint_pays
+from tests.helpers import assert_contains, box_points, true_outputs
+
+
+def _deep(width: int = 24, skip: bool = False) -> torch.nn.Module:
+    """An MLP of small layers; with ``skip`` a pre-activation also feeds an add, so its
+    relu cannot run in place (the joint value is read by the table's rule instead)."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(10, width)
+            self.l2 = torch.nn.Linear(width, width)
+            self.l3 = torch.nn.Linear(width, width, bias=False)
+            self.l4 = torch.nn.Linear(width, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            y = self.l2(h)
+            z = torch.relu(y) + y if skip else torch.relu(y)
+            return self.l4(torch.relu(self.l3(z)))
+    return Net().eval()
+
+
+def _bounds(model, x, eps, method, monkeypatch, on: bool, dtype=None):
+    """Bounds with the joint product allowed (``on``) or never, and how many layers took it."""
+    taken = []
+    inner = tb._affine_joint
+
+    def counted(*args):
+        taken.append(1)
+        return inner(*args)
+    monkeypatch.setattr(tb, "_affine_joint", counted)
+    if not on:
+        monkeypatch.setattr(tb, "JOINT_MACS", 0)
+    try:
+        b = bf.compute_bounds(as_graph(model, torch.from_numpy(x[:1])), x, eps=eps,
+                              method=method, dtype=dtype)
+    finally:
+        monkeypatch.undo()
+    return b, len(taken)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_joint_product_equals_centre_radius_and_is_sound(method, skip, batch, monkeypatch):
+    model = _deep(skip=skip)
+    x = np.random.default_rng(batch).normal(size=(batch, 10)).astype(np.float32)
+    joint, n = _bounds(model, x, 0.05, method, monkeypatch, True)
+    plain, m = _bounds(model, x, 0.05, method, monkeypatch, False)
+    assert n > 0 and m == 0
+    scale = 1 + float(plain.upper.abs().max())
+    np.testing.assert_allclose(joint.lower, plain.lower, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(joint.upper, plain.upper, rtol=0, atol=2e-6 * scale)
+    pts = box_points(x - 0.05, x + 0.05, n=2000)
+    assert_contains(joint.lower, joint.upper, true_outputs(model, pts), tol=1e-5)
+
+
+def test_joint_product_in_float64_matches_to_rounding(monkeypatch):
+    model = _deep().double()
+    x = np.random.default_rng(3).normal(size=(4, 10))
+    joint, n = _bounds(model, x, 0.1, "ibp", monkeypatch, True, dtype="float64")
+    plain, _ = _bounds(model, x, 0.1, "ibp", monkeypatch, False, dtype="float64")
+    assert n > 0
+    np.testing.assert_allclose(joint.lower, plain.lower, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(joint.upper, plain.upper, rtol=0, atol=1e-11)
+
+
+def test_one_layer_both_forms_and_both_inputs():
+    """``l' = W⁺l + W⁻u + b``, ``u' = W⁺u + W⁻l + b`` from lower/upper or centre/radius
+    input, with and without a bias; the halves are views of the joint tensor."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    lo = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    hi = lo + torch.rand(3, 6, generator=g, dtype=torch.float64)
+    w2 = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    for bias in (None, torch.randn(5, generator=g, dtype=torch.float64)):
+        params = {"weight": w} if bias is None else {"weight": w, "bias": bias}
+        want_lo = lo @ w.clamp(min=0).T + hi @ w.clamp(max=0).T
+        want_hi = hi @ w.clamp(min=0).T + lo @ w.clamp(max=0).T
+        if bias is not None:
+            want_lo, want_hi = want_lo + bias, want_hi + bias
+        for v in (Value("lu", lo, hi), Value("lu", lo, hi).as_form("cr")):
+            out = _affine_joint(dict(params), v)
+            torch.testing.assert_close(out.a, want_lo, rtol=0, atol=1e-12)
+            torch.testing.assert_close(out.b, want_hi, rtol=0, atol=1e-12)
+            assert out.a.data_ptr() == out.joint.data_ptr() and out.joint.shape == (3, 10)
+            nxt = {"weight": w2}
+            again = _affine_joint(dict(nxt), out)             # reads the joint tensor as is
+            cr = _affine_cr(_Node("linear"), dict(nxt), out)
+            torch.testing.assert_close(again.a, cr.a - cr.b, rtol=0, atol=1e-9)
+            torch.testing.assert_close(again.b, cr.a + cr.b, rtol=0, atol=1e-9)
+
+
+class _Node:
+    def __init__(self, op):
+        self.op, self.attrs = op, {}
+
+
+def test_only_small_linear_layers_on_two_dimensional_values_take_it():
+    small = {"weight": torch.ones(48, 48)}
+    big = {"weight": torch.ones(300, 300)}
+    v = Value("lu", torch.zeros(32, 48), torch.ones(32, 48))
+    assert _joint_pays(_Node("linear"), small, v)
+    assert not _joint_pays(_Node("linear"), small, Value("lu", torch.zeros(64, 48),
+                                                          torch.ones(64, 48)))   # 2^17 MACs
+    assert not _joint_pays(_Node("linear"), big, Value("lu", torch.zeros(1, 300),
+                                                        torch.ones(1, 300)))     # weight bytes
+    assert not _joint_pays(_Node("conv2d"), {"weight": torch.ones(4, 3, 3, 3)},
+                           Value("lu", torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)))
+    uniform = Value("cr", torch.zeros(32, 48), torch.full((32, 1), 0.1).expand(32, 48))
+    assert not _joint_pays(_Node("linear"), small, uniform)       # no radius product at all

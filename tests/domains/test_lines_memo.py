@@ -1,0 +1,103 @@
+"""One run's backward passes share the activations' default lines
+(``crown_relaxed.default_lines`` with the run's memo): each activation's lines are found once
+per interval instead of once per pass that crosses it. The bounds are the same numbers; a
+new interval of a node (another task's tighter bound, a split) is never answered from the
+memo; intervals that carry gradients are never kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import boundflow as bf
+from boundflow.domains import crown_patches, crown_relaxed
+from boundflow.domains.crown_relaxed import default_lines
+from boundflow.domains.interval import Interval
+from boundflow.ir.graph import Node
+from tests.helpers import assert_contains, box_points, example_graph, true_outputs
+
+
+def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: float = 0.05):
+    """Bounds with the memo on or off, and how many times lines were found."""
+    ex, g = example_graph(name)
+    x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
+    found = []
+    inner = crown_relaxed.activations.get
+
+    def counted(op):
+        found.append(op)
+        return inner(op)
+    real = crown_relaxed.default_lines
+
+    def lines(node, pre, mode, memo_):
+        return real(node, pre, mode, memo_ if memo else None)
+    with monkeypatch.context() as m:
+        m.setattr(crown_relaxed, "default_lines", lines)
+        m.setattr(crown_patches, "default_lines", lines)
+        m.setattr(crown_relaxed.activations, "get", counted)
+        b = bf.compute_bounds(g, x, eps=eps, method=method)
+    return b, len(found), g, x
+
+
+@pytest.mark.parametrize("name", ["random_deep_mlp", "random_mlp", "random_cnn",
+                                  "random_residual"])
+@pytest.mark.parametrize("method", ["crown", "crown-ibp", "alpha-crown"])
+def test_memo_gives_the_same_bounds_and_finds_fewer_lines(name, method, monkeypatch):
+    on, n_on, g, x = _run(name, method, monkeypatch, True)
+    off, n_off, _, _ = _run(name, method, monkeypatch, False)
+    torch.testing.assert_close(on.lower, off.lower, rtol=0, atol=0)
+    torch.testing.assert_close(on.upper, off.upper, rtol=0, atol=0)
+    assert n_on <= n_off
+    if name == "random_deep_mlp" and method == "crown":
+        assert n_on < n_off                      # seven ReLUs under eight backward passes
+    pts = box_points(x - 0.05, x + 0.05, n=300)
+    assert_contains(on.lower, on.upper, true_outputs(g, pts), tol=1e-5)
+
+
+def _node() -> Node:
+    return Node("r", "relu", ("x",), {}, (4,))
+
+
+def test_a_node_is_answered_only_for_the_same_interval():
+    memo: dict = {}
+    lo = torch.tensor([[-1.0, 0.5, -2.0, -1.0]])
+    hi = torch.tensor([[1.0, 1.0, -1.0, 3.0]])
+    first = default_lines(_node(), Interval(lo, hi), "adaptive", memo)
+    assert default_lines(_node(), Interval(lo, hi), "adaptive", memo) is first
+    # the same values in other tensors (a new bound of the node): found again
+    again = default_lines(_node(), Interval(lo.clone(), hi.clone()), "adaptive", memo)
+    assert again is not first
+    torch.testing.assert_close(again.lower_slope, first.lower_slope)
+    # a tighter interval replaces the entry; another slope mode is not answered by it
+    tight = default_lines(_node(), Interval(lo.clamp(min=0), hi), "adaptive", memo)
+    assert bool((tight.lower_slope[0, 0] == 1.0)) and memo["r"][0] is not lo
+    zero = default_lines(_node(), Interval(lo, hi), "zero", memo)
+    assert float(zero.lower_slope[0, 3]) == 0.0 and memo["r"][2] == "zero"
+    # an optimiser's interval carries gradients: never kept
+    memo.clear()
+    g_lo = lo.clone().requires_grad_()
+    default_lines(_node(), Interval(g_lo, hi), "adaptive", memo)
+    assert memo == {}
+
+
+def test_no_memo_outlives_a_run(monkeypatch):
+    """The executor makes one memo per run: nothing it keeps holds the lines after the
+    run."""
+    import gc
+    import weakref
+
+    seen = []
+    real = crown_relaxed.default_lines
+
+    def spy(node, pre, mode, memo):
+        out = real(node, pre, mode, memo)
+        if memo is not None:
+            seen.append(weakref.ref(out.lower_slope))
+        return out
+    monkeypatch.setattr(crown_relaxed, "default_lines", spy)
+    ex, g = example_graph("random_deep_mlp")
+    x = np.resize(ex.inputs, (2,) + ex.inputs.shape[1:]).astype(np.float32)
+    bf.compute_bounds(g, x, eps=0.05, method="crown")
+    gc.collect()
+    assert seen and all(r() is None for r in seen)
