@@ -14,6 +14,12 @@ interleaved rounds after a warm-up: ``boundflow.verify`` (lower side) and
 ``boundflow.compute_bounds`` (both sides, the old verify's work), with a forward pass.
 Prints median ms, the ratio (both / lower: > 1 means verify got faster), whether the lower
 bounds agree, and the command and the machine's load.
+
+``--tune N`` (with ``--tune-row``, default ``deep@8``) also tunes that row's workload twice,
+``N`` trials each on the torch backend in a fresh in-memory database: as ``boundflow tune``
+does now (``bounds="lower"``: candidates timed making verify's call) and as it did before
+(``bounds="both"``). Printed: the tune's wall seconds and the default plan's time as the
+tuner measured it, to set beside the verify and both-sides times of the table.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", default="cnn@1,mlp@1,residual@1,deep@1,mlp@32,acasxu@32")
+    ap.add_argument("--tune", type=int, default=0, help="trials of each tune (0: none)")
+    ap.add_argument("--tune-row", default="deep@8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# python benchmarks/bench_lower_only.py {shlex.join(sys.argv[1:])}\n"
@@ -71,7 +79,36 @@ def main() -> None:
                            - bf.compute_bounds(graph, x, **opts).lower.numpy()).max())
         print(f"{spec:<12} {ms['forward']:>8.3f} {ms['both']:>10.1f} {ms['verify']:>10.1f} "
               f"{ms['both'] / ms['verify']:>11.2f}x {gap:>10.1e}", flush=True)
+    if args.tune:
+        tune_both_ways(args.tune_row, args.tune, args.threads)
     print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+def tune_both_ways(spec: str, trials: int, threads: int) -> None:
+    """Tune ``spec``'s alpha-CROWN workload for the verdict's query and for both sides."""
+    from boundflow.db import Database
+    from boundflow.measure import MeasureConfig
+    from boundflow.search import Tuner
+
+    name, batch = spec.split("@")
+    module, x, C, eps = bk.workload(name, int(batch))
+    graph = bk.as_graph(module, torch.from_numpy(x[:1]))
+    box = bf.InputSpec.linf(np.asarray(x, np.float32), eps)
+    config = MeasureConfig(number=1, repeat=3, warmup=1, threads=threads)
+    print(f"\ntune {spec} alpha-crown, {trials} trials, torch backend, {threads} thread(s)")
+    print(f"{'tuned for':<10} {'tune s':>8} {'default ms (as measured)':>25} {'best ms':>9}")
+    for bounds in ("lower", "both"):
+        with Database(":memory:") as db:
+            start = time.perf_counter()
+            tuner = Tuner(graph, box.lower, box.upper, C, method="alpha-crown", db=db,
+                          backend="torch", config=config, progress=False, bounds=bounds)
+            try:
+                report = tuner.tune(trials)
+            finally:
+                tuner.close()
+            print(f"{bounds:<10} {time.perf_counter() - start:>8.1f} "
+                  f"{report.default.median_s * 1e3:>25.1f} {report.best.median_s * 1e3:>9.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ tasks in order:
   write; a buffer is a view of its slot in the buffer's physical layout and interval form,
   so tasks write into reused memory and layout conversions are real copies;
 * ``ibp`` tasks walk their nodes (``weighted`` ops, i.e. linear, conv2d, conv_transpose2d, in
-  centre/radius form; ``view`` ops on both halves of an interval without moving data; every
+  centre/radius form, a small linear op on lower and upper bounds side by side,
+  :func:`_affine_joint`; ``view`` ops on both halves of an interval without moving data; every
   other op by the domains' IBP rule table, so an op gains this backend with its rule); buffers
   are logical views of their slots, so every op reads any layout; ``crown`` tasks tighten a
   pre-activation; ``final`` bounds the output or ``C·y`` by IBP, CROWN or alpha-CROWN;
@@ -18,7 +19,8 @@ tasks in order:
 
 ``run(..., measure_memory=True)`` reports ``peak_bytes``: measured, the bytes of slot storage
 allocated plus the largest set of task values in flight (the intervals of a fused task's nodes
-before they reach a slot); temporaries inside one CROWN pass are not counted.
+before they reach a slot) and the run's memo of relaxation lines; temporaries inside one CROWN
+pass are not counted.
 """
 
 from __future__ import annotations
@@ -180,7 +182,10 @@ def _affine_joint(params: dict, v: Value) -> Value:
     """A linear op on lower and upper bounds side by side, ``[l | u]`` (``[batch, 2n]``), in
     one product: ``[l' | u'] = [l | u] · [[W⁺, W⁻], [W⁻, W⁺]]ᵀ + [b | b]``, i.e.
     ``l' = W⁺l + W⁻u + b`` and ``u' = W⁺u + W⁻l + b``. Twice centre/radius form's
-    multiply-adds in one call instead of six; a relu after it clamps ``[l' | u']`` at once."""
+    multiply-adds in two calls instead of six (eight with the relu after it, which clamps
+    ``[l' | u']`` at once). The halves sum their products in different orders, so where
+    ``l = u`` in every coordinate they may round across each other: ``u'`` is raised to
+    ``l'`` there (the interval stays an interval; the width is rounding's)."""
     stacked = params.get("joint")
     if stacked is None:
         w = params["weight"]
@@ -194,7 +199,9 @@ def _affine_joint(params: dict, v: Value) -> Value:
         lo, hi = v.interval()
         joint = torch.cat([lo, hi], 1)
     out = F.linear(joint, *stacked)
-    return Value("lu", *out.chunk(2, 1), out)
+    lo, hi = out.chunk(2, 1)
+    torch.maximum(hi, lo, out=hi)
+    return Value("lu", lo, hi, out)
 
 
 def _affine_cr(node, params: dict, v: Value) -> Value:
@@ -241,6 +248,21 @@ def _private(v: Value, inputs: set[int]) -> bool:
     converted into fresh tensors first)."""
     return v.form == "cr" or not {v.a.untyped_storage().data_ptr(),
                                   v.b.untyped_storage().data_ptr()} & inputs
+
+
+def _memo_bytes(lines: dict, exclude: set[int]) -> int:
+    """Bytes of the storages a run's memo of relaxation lines holds (its lines, and any
+    interval it keys on that is not a slot's), each storage once."""
+    seen, total = set(exclude), 0
+    for lo, hi, _, found in lines.values():
+        for t in (lo, hi, *found):
+            if t is None:
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
 
 
 def _storages(values, exclude: set[int] = frozenset()) -> int:
@@ -377,7 +399,9 @@ class TorchExecutor:
                     readers_left[i] -= 1
                     if readers_left[i] == 0 and i not in t.outputs:
                         local.pop(i, None)
-        return {o: local[o] for o in t.outputs}, peak
+        # outputs without the joint tensor: only this task's ops read it (a cache entry would
+        # copy it beside its halves)
+        return {o: Value(*local[o][:3]) for o in t.outputs}, peak
 
     def _affine_params(self, tensors: dict) -> dict[str, dict]:
         """Per affine node its parameter tensors (and ``|W|``), gathered once per tensors."""
@@ -433,6 +457,7 @@ class TorchExecutor:
             t, tensors, batch, env[t.inputs[0]] if t.kind == "crown" else None)
         if size >= batch:
             return self._bound_task(t, env, tensors, box, C, split, upper, lines)
+        lines = None              # each chunk's intervals are new slices: the memo never hits
         parts = []
         for s in range(0, batch, size):
             part = slice(s, s + size)
@@ -618,7 +643,7 @@ class TorchExecutor:
                                                 for t in env[name].interval()))
                 if measure_memory:
                     arena = sum(a.untyped_storage().nbytes() for a in self._arena.values())
-                    peak = max(peak, arena + inflight)
+                    peak = max(peak, arena + inflight + _memo_bytes(lines, self._arena_ptrs()))
                 for b in t.inputs:
                     root = self._root[b]
                     if root in self.last_use and self.last_use[root] <= i:

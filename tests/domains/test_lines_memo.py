@@ -101,3 +101,23 @@ def test_no_memo_outlives_a_run(monkeypatch):
     bf.compute_bounds(g, x, eps=0.05, method="crown")
     gc.collect()
     assert seen and all(r() is None for r in seen)
+
+
+def test_measured_peak_counts_the_memo(monkeypatch):
+    """The memo's lines are memory the run holds: the measured peak includes them."""
+    from boundflow.backend.torch import TorchExecutor
+    from boundflow.ir.spec import InputSpec
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import default, plan
+
+    ex, g = example_graph("random_deep_mlp")
+    x = np.resize(ex.inputs, (16,) + ex.inputs.shape[1:]).astype(np.float32)
+    w = Workload.of(g, batch=16, method="crown", n_specs=0)
+    exe = TorchExecutor(plan(g, w, default(g, w)), g)
+    box = InputSpec.linf(x, 0.05)
+    with_memo = exe.run(box, None, measure_memory=True).stats["peak_bytes"]
+    real = crown_relaxed.default_lines
+    monkeypatch.setattr(crown_relaxed, "default_lines",
+                        lambda node, pre, mode, memo: real(node, pre, mode, None))
+    without = exe.run(box, None, measure_memory=True).stats["peak_bytes"]
+    assert with_memo > without
