@@ -9,13 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 import pytest
 
 import boundflow as bf
-from boundflow.api import query, verify
+from boundflow.api import verify
 from boundflow.db import Database
-from boundflow.domains import alpha as alpha_mod
 from boundflow.errors import BoundFlowError
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.workload import Workload
@@ -24,16 +22,8 @@ from boundflow.measure.worker import measure_local
 from boundflow.planner import default, plan
 from boundflow.search import Tuner
 from boundflow.search.lookup import tuned_plan
-from tests.helpers import example_graph
-from tests.search.test_baseline import FINAL, NoBuilder, Scripted
-
-
-@pytest.fixture(scope="module")
-def digits():
-    _, g = example_graph("digits_mlp")
-    x = np.load("boundflow/examples/data/digits_x.npy").astype(np.float32)[:2]
-    g, spec, linear, _, _ = query(g, x, eps=0.01)
-    return g, spec, linear, x
+from tests.backend.test_lower_only import _sides
+from tests.search.test_baseline import FINAL, NoBuilder, Scripted, digits  # noqa: F401
 
 
 def _legacy_key(w: Workload) -> str:
@@ -70,17 +60,6 @@ def test_bounds_splits_only_the_workloads_whose_work_it_changes(digits):
             Workload.from_dict({**low.to_dict(), "bounds": bad})
     with pytest.raises(BoundFlowError, match="bounds"):
         Workload.of(g, method="alpha-crown", bounds="sideways")
-
-
-def _sides(monkeypatch) -> list[float]:
-    signs: list[float] = []
-    inner = alpha_mod._optimise_side
-
-    def counted(*args):
-        signs.append(args[9])
-        return inner(*args)
-    monkeypatch.setattr(alpha_mod, "_optimise_side", counted)
-    return signs
 
 
 def test_the_tuner_measures_the_call_verify_makes(digits, monkeypatch):
