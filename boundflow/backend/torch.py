@@ -38,6 +38,7 @@ from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.beta import beta_lower
 from boundflow.domains.backward import intersect
 from boundflow.domains.crown import BackwardContext, crown_node
+from boundflow.domains.crown_relaxed import LinesMemo
 from boundflow.domains.forward import forward_bounds
 from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
@@ -161,16 +162,21 @@ def _uniform_radius(op, params: dict, w_abs: torch.Tensor, rad: torch.Tensor) ->
 # joint weight (4 × W) is at most this many bytes, takes its lower and upper bounds in one
 # product (:func:`_affine_joint`): below them torch's per-call cost outweighs the doubled
 # multiply-adds (one 48 × 48 layer and its relu at batch 32: 15 µs in centre/radius form, 8
-# µs joint; equal near 2^18 multiply-adds, joint 0.77x at 2^19); a larger weight leaves the
-# cache between calls (the shared MLP's 256 × 256 layer at batch 1: 0.96x)
+# µs joint; equal near 2^18 multiply-adds, joint 0.77x at 2^19; measured before the one call
+# that orders the halves was added); a larger weight leaves the cache between calls (the
+# shared MLP's 256 × 256 layer at batch 1: 0.96x)
 JOINT_MACS = 1 << 17
 JOINT_WEIGHT_BYTES = 1 << 18
+
+# the most bytes of relaxation lines one run keeps for its backward passes to share
+# (:class:`~boundflow.domains.crown_relaxed.LinesMemo`)
+LINES_MEMO_BYTES = 64 << 20
 
 
 def _joint_pays(node, params: dict, v: Value) -> bool:
     """Whether the linear ``node`` reads ``v`` in one product of both bounds: a small layer
-    (:data:`JOINT_MACS`, :data:`JOINT_WEIGHT_BYTES`) on a ``[batch, n]`` value whose radius is not one number per sample
-    (that form needs no radius product at all)."""
+    (:data:`JOINT_MACS`, :data:`JOINT_WEIGHT_BYTES`) on a ``[batch, n]`` value whose radius
+    is not one number per sample (that form needs no radius product at all)."""
     if node.op != "linear" or v.a.dim() != 2 or (v.form == "cr" and _uniform(v.b)):
         return False
     w = params["weight"]
@@ -608,7 +614,8 @@ class TorchExecutor:
         self._arena = {s: a for s, a in self._arena.items()
                        if a.numel() == self._slot_elems[s] * batch}
         env: dict[str, Value] = {}
-        lines: dict = {}            # the activations' default lines, shared by the run's tasks
+        # the activations' default lines, shared by the run's tasks (within a byte budget)
+        lines = LinesMemo(LINES_MEMO_BYTES)
         peak = 0
         with torch.no_grad():
             for i, t in enumerate(self.tasks):

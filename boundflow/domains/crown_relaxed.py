@@ -60,6 +60,32 @@ def relax(a: Coeffs, low: Lines, up: Lines):
             _bias_term(uA_pos, up.upper_bias, uA_neg, up.lower_bias))
 
 
+class LinesMemo(dict):
+    """One run's memo of default lines (see :func:`default_lines`): per activation node,
+    ``(lower, upper, mode, lines)``. It stops keeping new entries once they would hold more
+    than ``budget`` bytes of lines (a large network's lines are as large as its
+    pre-activations, three times over; recomputing them is cheap next to holding them)."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.room = int(budget)
+
+    def keep(self, name: str, entry: tuple) -> None:
+        old = self.get(name)
+        freed = 0 if old is None else _line_bytes(old[3])
+        need = _line_bytes(entry[3])
+        if need - freed <= self.room:
+            self[name] = entry
+            self.room -= need - freed
+        elif old is not None:                 # the old entry is stale now: let it go
+            del self[name]
+            self.room += freed
+
+
+def _line_bytes(lines: Lines) -> int:
+    return sum(t.numel() * t.element_size() for t in lines if t is not None)
+
+
 def default_lines(node: Node, pre: Interval, mode: str, memo: dict | None) -> Lines:
     """The lines of activation ``node`` on its input's interval ``pre`` (``[B, *shape]``)
     under the lower-slope ``mode``. ``memo`` (one run's, shared by its backward passes:
@@ -75,7 +101,11 @@ def default_lines(node: Node, pre: Interval, mode: str, memo: dict | None) -> Li
     lines = relaxation.lines(state, node.attrs,
                              relaxation.default_params(state, node.attrs, mode))
     if memo is not None and not (pre.lower.requires_grad or pre.upper.requires_grad):
-        memo[node.name] = (pre.lower, pre.upper, mode, lines)
+        entry = (pre.lower, pre.upper, mode, lines)
+        if isinstance(memo, LinesMemo):
+            memo.keep(node.name, entry)
+        else:
+            memo[node.name] = entry
     return lines
 
 

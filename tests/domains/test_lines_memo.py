@@ -49,8 +49,8 @@ def test_memo_gives_the_same_bounds_and_finds_fewer_lines(name, method, monkeypa
     torch.testing.assert_close(on.lower, off.lower, rtol=0, atol=0)
     torch.testing.assert_close(on.upper, off.upper, rtol=0, atol=0)
     assert n_on <= n_off
-    if name == "random_deep_mlp" and method == "crown":
-        assert n_on < n_off                      # seven ReLUs under eight backward passes
+    if method == "crown":                        # every pass crosses the ReLUs below it
+        assert n_on < n_off
     pts = box_points(x - 0.05, x + 0.05, n=300)
     assert_contains(on.lower, on.upper, true_outputs(g, pts), tol=1e-5)
 
@@ -79,6 +79,36 @@ def test_a_node_is_answered_only_for_the_same_interval():
     g_lo = lo.clone().requires_grad_()
     default_lines(_node(), Interval(g_lo, hi), "adaptive", memo)
     assert memo == {}
+
+
+def test_the_memo_keeps_no_more_than_its_budget():
+    from boundflow.domains.crown_relaxed import LinesMemo
+
+    lo = torch.tensor([[-1.0, 0.5, -2.0, -1.0]])
+    hi = torch.tensor([[1.0, 1.0, -1.0, 3.0]])
+    one = default_lines(_node(), Interval(lo, hi), "adaptive", None)
+    size = sum(t.numel() * t.element_size() for t in one if t is not None)
+    none = LinesMemo(size - 1)
+    default_lines(_node(), Interval(lo, hi), "adaptive", none)
+    assert len(none) == 0 and none.room == size - 1
+    memo = LinesMemo(size)
+    first = default_lines(_node(), Interval(lo, hi), "adaptive", memo)
+    assert memo.room == 0 and default_lines(_node(), Interval(lo, hi), "adaptive", memo) is first
+    # a new interval of the same node replaces the entry within the same budget
+    default_lines(_node(), Interval(lo.clone(), hi), "adaptive", memo)
+    assert memo.room == 0 and memo["r"][0] is not lo
+    # a run keeps what fits: a budget of nothing changes no bound and keeps nothing
+    ex, g = example_graph("random_deep_mlp")
+    x = np.resize(ex.inputs, (2,) + ex.inputs.shape[1:]).astype(np.float32)
+    from boundflow.backend import torch as tb
+    full = bf.compute_bounds(g, x, eps=0.05, method="crown")
+    old = tb.LINES_MEMO_BYTES
+    try:
+        tb.LINES_MEMO_BYTES = 0
+        capped = bf.compute_bounds(g, x, eps=0.05, method="crown")
+    finally:
+        tb.LINES_MEMO_BYTES = old
+    torch.testing.assert_close(full.lower, capped.lower, rtol=0, atol=0)
 
 
 def test_no_memo_outlives_a_run(monkeypatch):
