@@ -178,14 +178,18 @@ def test_api_runs_a_plan():
     assert (via_plan.verdicts == direct.verdicts).all()
 
 
-@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
-def test_cuda_torch_backend_matches_the_cpu_and_is_sound(method):
+@pytest.mark.parametrize("name, method", [("random_residual", "crown"),
+                                          ("random_residual", "alpha-crown"),
+                                          ("random_deep_mlp", "ibp"),      # the joint product
+                                          ("random_deep_mlp", "crown")])   # the lines memo
+def test_cuda_torch_backend_matches_the_cpu_and_is_sound(name, method):
     """``target="cuda"`` runs the plan with torch on the GPU: the CPU's bounds, sound."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    ex, g = example_graph("random_residual")
-    x = InputSpec.linf(ex.inputs[:3].astype(np.float32), 0.02)
-    C = margin_spec(np.arange(3), 10)
+    ex, g = example_graph(name)
+    x = InputSpec.linf(np.resize(ex.inputs, (3,) + ex.inputs.shape[1:]).astype(np.float32),
+                       0.02)
+    C = margin_spec(np.arange(3) % g.output_shape[0], g.output_shape[0])
     opts = dict(method=method, alpha=ALPHA)
     cpu = compute_bounds(g, x, C=C.C, **opts)
     gpu = compute_bounds(g, x, C=C.C, target="cuda", **opts)
