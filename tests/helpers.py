@@ -78,3 +78,15 @@ def example_graph(name: str):
         ex = load(name)
         _GRAPHS[name] = ex, as_graph(ex.model, torch.as_tensor(ex.inputs[:1]).float())
     return _GRAPHS[name]
+
+
+def counted_calls(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so each call appends its arguments to the returned list."""
+    calls: list = []
+    inner = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls

@@ -10,7 +10,7 @@ refused, and :func:`describe_missing` says why in one line.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from boundflow.ir.plan import PlanBundle
@@ -64,27 +64,21 @@ def lookup(db, workload: Workload, objective: str = "time@width") -> Lookup:
     start = time.perf_counter()
     own = not isinstance(db, Database)
     database = Database(db) if own else db
+    both_sides = None        # a miss of a verdict's workload: was it tuned for both sides?
     try:
         rec = database.best_plan(workload, objective=objective)
+        if rec is None and not workload.upper:
+            both_sides = database.best_plan(replace(workload, bounds="both"),
+                                            objective=objective)
     finally:
         if own:
             database.close()
     what = f"({_describe(workload, objective)}) in {_where(db)}"
     if rec is None:
-        hint = ""
-        if not workload.upper:
-            import dataclasses
-
-            both = dataclasses.replace(workload, bounds="both")
-            database = Database(db) if own else db
-            try:
-                if database.best_plan(both, objective=objective) is not None:
-                    hint = (" (a plan tuned for both sides of the bounds is recorded: BoundFlow "
-                            "before 2026-11-27 tuned verdicts that way; run `boundflow tune` "
-                            "again to tune the lower side verify reads)")
-            finally:
-                if own:
-                    database.close()
+        hint = "" if both_sides is None else (
+            " (a plan tuned for both sides of the bounds is recorded: BoundFlow before "
+            "2026-11-27 tuned verdicts that way; run `boundflow tune` again to tune the lower "
+            "side verify reads)")
         return Lookup(None, f"no tuned plan for this workload {what}{hint}: using the "
                             f"default plan")
     if not rec.compared:

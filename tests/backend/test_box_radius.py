@@ -16,7 +16,7 @@ from boundflow.backend.torch import TorchExecutor, box_value, box_weighted_macs
 from boundflow.domains.interval import Interval
 from boundflow.ir.normalize import normalised
 from boundflow.ir.spec import InputSpec
-from tests.helpers import assert_contains, box_points, true_outputs
+from tests.helpers import assert_contains, box_points, counted_calls, true_outputs
 
 
 def _mlp():
@@ -36,13 +36,7 @@ def _cnn():
 def _bounds(model, x, eps, method, monkeypatch, on: bool):
     """Bounds with the one-number radius allowed (``on``) or never, and how many weighted
     ops took it."""
-    taken = []
-    inner = torch_backend._uniform_radius
-
-    def counted(*args):
-        taken.append(1)
-        return inner(*args)
-    monkeypatch.setattr(torch_backend, "_uniform_radius", counted)
+    taken = counted_calls(monkeypatch, torch_backend, "_uniform_radius")
     monkeypatch.setattr(torch_backend, "UNIFORM_MACS", 0 if on else 1 << 62)
     monkeypatch.setattr(torch_backend, "UNIFORM_MACS_PER_ELEMENT", 0)
     b = bf.compute_bounds(model, x, eps=eps, method=method)

@@ -13,7 +13,7 @@ import boundflow as bf
 from boundflow.api import as_graph
 from boundflow.backend import torch as tb
 from boundflow.backend.torch import Value, _affine_cr, _affine_joint, _joint_pays
-from tests.helpers import assert_contains, box_points, true_outputs
+from tests.helpers import assert_contains, box_points, counted_calls, true_outputs
 
 
 def _deep(width: int = 24, skip: bool = False) -> torch.nn.Module:
@@ -39,13 +39,7 @@ def _deep(width: int = 24, skip: bool = False) -> torch.nn.Module:
 
 def _bounds(model, x, eps, method, monkeypatch, on: bool, dtype=None):
     """Bounds with the joint product allowed (``on``) or never, and how many layers took it."""
-    taken = []
-    inner = tb._affine_joint
-
-    def counted(*args):
-        taken.append(1)
-        return inner(*args)
-    monkeypatch.setattr(tb, "_affine_joint", counted)
+    taken = counted_calls(monkeypatch, tb, "_affine_joint")
     if not on:
         monkeypatch.setattr(tb, "JOINT_MACS", 0)
     try:
