@@ -504,15 +504,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _objective(args.objective)
     graph = _load_graph(args)
     if args.vnnlib:
-        args.method, lower, upper, C, strategy = _bab_workload(args, graph)
-        if strategy == "relu" and backends != ("torch",):
-            if "torch" not in backends:
-                raise BoundFlowError("the property's branch-and-bound splits ReLUs, whose "
-                                     "split state only the torch backend takes: tune it "
-                                     "with --backend torch")
-            log.info("ReLU splitting runs on the torch backend: tuning its plans there")
-            backends = ("torch",)
+        whole = args.method or DEFAULT_METHOD
+        args.method, lower, upper, C, backends, strategy = _bab_workload(args, graph,
+                                                                         backends)
     else:
+        args.method = args.method or "crown-ibp"
         x = _load_input(args.input, graph.input_shape)
         graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
                                           clip=tuple(args.clip) if args.clip else None,
@@ -569,9 +565,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
               f"{report.speedup:.2f}x the default path): {report.best_description}")
     if args.vnnlib:
         bab = "" if args.bab == "auto" else f" --bab {args.bab}"
+        alpha = "" if args.alpha_iterations == 20 else \
+            f" --alpha-iterations {args.alpha_iterations}"
         print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
-              f"--vnnlib {args.vnnlib}{bab} --bab-batch {args.bab_batch} --bab-method "
-              f"{args.method} --db {args.db}")
+              f"--vnnlib {args.vnnlib} --method {whole}{alpha}{bab} --bab-batch "
+              f"{args.bab_batch} --bab-method {args.method} --db {args.db}")
     else:
         print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
               f"{args.method} --db {args.db}")
@@ -625,27 +623,52 @@ def _costmodel_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bab_workload(args: argparse.Namespace, graph):
-    """(method, lower, upper, C, strategy) of the bound workload the branch-and-bound of
-    ``--vnnlib`` runs, the batch its plans are measured on: ``--bab-batch`` domains of its
-    first input box (sub-boxes for input splitting, the whole box for ReLU splitting, whose
-    domains differ only in their split state), every spec row of that box."""
+def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
+    """(method, lower, upper, C, backends, strategy) of the bound workload the branch-and-bound of
+    ``--vnnlib`` runs, the batch its plans are measured on: ``--bab-batch`` domains of the
+    first input box it searches (sub-boxes for input splitting, the whole box for ReLU
+    splitting, whose domains differ only in their split state), with the rows that search
+    bounds: every row of the box for input splitting; for ReLU splitting, the rows of the
+    disjuncts the whole-box bound (``--method``, as verify's) leaves open, as verify does."""
     from boundflow.bab import choose_strategy
 
     import numpy as np
     import torch
 
+    from boundflow.api import BoundOptions
     from boundflow.bab.bounder import float_box, sample_domains
+    from boundflow.domains.alpha import AlphaConfig
     from boundflow.frontend.vnnlib import load_vnnlib
+    from boundflow.vnncomp import searches, whole_boxes
 
     config = _bab_config(args)
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
     prop = load_vnnlib(args.vnnlib, n_in, n_out)
-    groups = [(box, spec) for box, spec, _ in prop.groups() if spec is not None]
+    groups = [g for g in prop.groups() if g[1] is not None]
     if not groups:
         raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
-    box, spec = groups[0]
     strategy = choose_strategy(config, n_in, any(n.op == "relu" for n in graph.nodes))
+    if strategy == "relu" and backends != ("torch",):
+        if "torch" not in backends:
+            raise BoundFlowError("the property's branch-and-bound splits ReLUs, whose "
+                                 "split state only the torch backend takes: tune it "
+                                 "with --backend torch")
+        log.info("ReLU splitting runs on the torch backend: tuning its plans there")
+        backends = ("torch",)
+    if strategy == "relu":
+        first = args.method or DEFAULT_METHOD
+        options = BoundOptions(first, alpha=AlphaConfig(iterations=args.alpha_iterations))
+        dtype = torch.float64 if graph.dtype == "float64" else torch.float32
+        refuted, open_disjuncts = whole_boxes(graph, groups, options, dtype)
+        if not open_disjuncts:
+            raise BoundFlowError(f"the whole-box {first} bound refutes every disjunct of "
+                                 f"{args.vnnlib}: verify decides it without branch-and-bound, "
+                                 f"so there is no search to tune")
+        log.info("the whole-box %s bound refutes %d of %d disjuncts; the search bounds the "
+                 "rest", first, refuted, refuted + len(open_disjuncts))
+    else:
+        open_disjuncts = [(box, spec, a, b) for box, spec, ranges in groups for a, b in ranges]
+    box, C, _, _ = searches(open_disjuncts)[0]
     if strategy == "relu":
         lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), config.batch, 0)
         hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
@@ -654,11 +677,11 @@ def _bab_workload(args: argparse.Namespace, graph):
     dtype = torch.float64 if (args.dtype or graph.dtype) == "float64" else torch.float32
     lo, hi = float_box(lo, hi, dtype)
     shape = (config.batch,) + tuple(graph.input_shape)
-    C = np.broadcast_to(spec.C[0], (config.batch,) + spec.C.shape[1:])
+    C = np.broadcast_to(C, (config.batch,) + C.shape)
     log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d spec "
              "rows, %s", args.vnnlib, strategy, config.batch, C.shape[1], config.method)
     return config.method, lo.numpy().reshape(shape), hi.numpy().reshape(shape), \
-        np.ascontiguousarray(C), strategy
+        np.ascontiguousarray(C), backends, strategy
 
 
 def _backend_set(text: str | None) -> tuple[str, ...]:
@@ -927,7 +950,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "plan `verify --onnx --vnnlib --db` then runs")
     t.add_argument("--clip", type=_FINITE, nargs=2, metavar=("LO", "HI"),
                    help="clip the input box to [LO, HI]")
-    _method(t, "crown-ibp", "default crown-ibp")
+    _method(t, None, f"default crown-ibp; with --vnnlib, the whole-box bound before the "
+            f"search, as verify's (default {DEFAULT_METHOD}), and --bab-method the search's")
+    t.add_argument("--alpha-iterations", type=_COUNT, default=20,
+                   help="with --vnnlib: optimisation steps of an alpha-crown whole-box bound, "
+                   "as verify's (default 20)")
     t.add_argument("--dtype", choices=["float32", "float64"],
                    help="compute precision (default: the model's)")
     t.add_argument("--backend", default=None,

@@ -71,7 +71,6 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
     refuted = sum(d.empty_box for d in prop.disjuncts)
     n_disjuncts = len(prop.disjuncts)
-    open_disjuncts = []
     dtype = torch.float64 if graph.dtype == "float64" else torch.float32
     groups = prop.groups()
     has_relu = any(n.op == "relu" for n in graph.nodes)
@@ -82,22 +81,13 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
         return _branch(graph, "input", everything, bab, db, timeout, elapsed,
                        _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
                        n_disjuncts)
-    for box, spec, ranges in groups:
-        if timeout is not None and elapsed() > timeout:
-            return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
-                                  disjuncts=n_disjuncts)
-        lo, hi = float_box(box.lower, box.upper, dtype)
-        shaped = InputSpec.box(lo.numpy().reshape((1,) + graph.input_shape),
-                               hi.numpy().reshape((1,) + graph.input_shape))
-        proven = np.zeros(0, dtype=bool)
-        if spec is not None:
-            bounds = bound_spec(graph, shaped, spec, options, dtype, upper=False)
-            proven = bounds.lower.numpy()[0] > spec.threshold[0]
-        for a, b in ranges:
-            if b > a and proven[a:b].any():
-                refuted += 1
-            else:
-                open_disjuncts.append((box, spec, a, b))
+    passed = whole_boxes(graph, groups, options, dtype,
+                         None if timeout is None else lambda: elapsed() > timeout)
+    if passed is None:
+        return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
+                              disjuncts=n_disjuncts)
+    refuted += passed[0]
+    open_disjuncts = passed[1]
     if not open_disjuncts:
         return PropertyResult("unsat", seconds=elapsed(), refuted=refuted,
                               disjuncts=n_disjuncts)
@@ -120,6 +110,50 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     return PropertyResult(status, seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts)
 
 
+def whole_boxes(graph: Graph, groups, options: BoundOptions, dtype: torch.dtype,
+                expired: Callable[[], bool] | None = None) -> tuple[int, list] | None:
+    """Each input box of ``groups`` (:meth:`Property.groups`) bounded once by ``options``:
+    (disjuncts refuted, the open ones as ``(box, spec, a, b)`` in the property's order).
+    None when ``expired()`` says, between boxes, that the time is up."""
+    refuted, open_disjuncts = 0, []
+    for box, spec, ranges in groups:
+        if expired is not None and expired():
+            return None
+        proven = np.zeros(0, dtype=bool)
+        if spec is not None:
+            lo, hi = float_box(box.lower, box.upper, dtype)
+            shaped = InputSpec.box(lo.numpy().reshape((1,) + graph.input_shape),
+                                   hi.numpy().reshape((1,) + graph.input_shape))
+            bounds = bound_spec(graph, shaped, spec, options, dtype, upper=False)
+            proven = bounds.lower.numpy()[0] > spec.threshold[0]
+        for a, b in ranges:
+            if b > a and proven[a:b].any():
+                refuted += 1
+            else:
+                open_disjuncts.append((box, spec, a, b))
+    return refuted, open_disjuncts
+
+
+def searches(open_disjuncts) -> list[tuple]:
+    """The open disjuncts as one search per input box: ``(box, C, threshold, ranges)``,
+    the rows of the box's open disjuncts in order, ``ranges`` each disjunct's rows in ``C``
+    (the bound workload of that box's branch-and-bound has ``len(C)`` rows)."""
+    by_box: dict[int, list] = {}
+    for item in open_disjuncts:
+        by_box.setdefault(id(item[0]), []).append(item)
+    out = []
+    for items in by_box.values():
+        box, spec = items[0][0], items[0][1]
+        C = np.concatenate([spec.C[0, a:b] for _, _, a, b in items])
+        thr = np.concatenate([spec.threshold[0, a:b] for _, _, a, b in items])
+        ranges, start = [], 0
+        for _, _, a, b in items:
+            ranges.append((start, start + b - a))
+            start += b - a
+        out.append((box, C, thr, ranges))
+    return out
+
+
 def _checker(graph: Graph, confirm, elapsed, refuted: int, n_disjuncts: int):
     """``found(x, C, thr)``: the ``sat`` result of input ``x`` when its output, in float64
     (and on the original model by ``confirm``), meets every row ``C·y <= thr``; else None."""
@@ -139,20 +173,9 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
             found, refuted: int, n_disjuncts: int) -> PropertyResult:
     """Branch-and-bound (``input`` or ``relu`` splitting) on the open disjuncts, one search
     per input box."""
-    by_box: dict[int, list] = {}
-    for item in open_disjuncts:
-        by_box.setdefault(id(item[0]), []).append(item)
     domains = calls = 0
     deadline = None if timeout is None else time.monotonic() + timeout - elapsed()
-    for items in by_box.values():
-        box, spec = items[0][0], items[0][1]
-        C = np.concatenate([spec.C[0, a:b] for _, _, a, b in items])
-        thr = np.concatenate([spec.threshold[0, a:b] for _, _, a, b in items])
-        ranges, start = [], 0
-        for _, _, a, b in items:
-            ranges.append((start, start + b - a))
-            start += b - a
-
+    for box, C, thr, ranges in searches(open_disjuncts):
         hits: list[PropertyResult] = []       # the confirmed counterexample, checked once
 
         def confirm(x: np.ndarray) -> bool:
@@ -177,7 +200,7 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
             return PropertyResult(res.status if res.status != "sat" else "unknown",
                                   seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
                                   notes=notes, **stats)
-        refuted += len(items)
+        refuted += len(ranges)
     return PropertyResult("unsat", seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
                           strategy=strategy, domains=domains, bound_calls=calls)
 

@@ -90,3 +90,15 @@ def counted_calls(monkeypatch, module, name: str) -> list:
         return inner(*args, **kwargs)
     monkeypatch.setattr(module, name, counted)
     return calls
+
+
+def robustness_vnnlib(x: np.ndarray, eps: float, label: int, n_out: int) -> str:
+    """A VNN-LIB robustness property: the L-infinity ``eps`` box around ``x``, unsafe where
+    some other output reaches output ``label`` (one disjunct per other class)."""
+    lines = [f"(declare-const X_{i} Real)" for i in range(x.size)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
+    for i, v in enumerate(x.reshape(-1).astype(np.float64)):
+        lines += [f"(assert (>= X_{i} {float(v) - eps!r}))",
+                  f"(assert (<= X_{i} {float(v) + eps!r}))"]
+    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(n_out) if j != label)
+    return "\n".join(lines + [f"(assert (or {others}))"]) + "\n"

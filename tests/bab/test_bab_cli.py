@@ -225,3 +225,66 @@ def test_a_corrupt_database_is_one_line_even_when_the_search_is_short(tmp_path, 
     assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--db", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not an SQLite database" in err and err.count("\n") == 1
+
+
+def _cnn_property(tmp_path, eps: float) -> tuple[str, str]:
+    """digits_maxpool_cnn and a robustness property around its first digit."""
+    import torch
+
+    from boundflow.domains.concrete import evaluate
+    from boundflow.frontend.onnx import load_onnx
+    from tests.helpers import robustness_vnnlib
+
+    onnx = str(ROOT / "boundflow/examples/data/digits_maxpool_cnn.onnx")
+    g = load_onnx(onnx)
+    x = np.load(ROOT / "boundflow/examples/data/digits_x.npy").astype(np.float32)[0]
+    label = int(evaluate(g, torch.from_numpy(x.reshape((1,) + g.input_shape))).argmax())
+    path = tmp_path / f"robust_{eps}.vnnlib"
+    path.write_text(robustness_vnnlib(x, eps, label, 10))
+    return onnx, str(path)
+
+
+def test_tune_vnnlib_tunes_the_rows_relu_splitting_bounds(tmp_path, monkeypatch):
+    """The whole-box bound refutes some disjuncts before ReLU splitting starts, which then
+    bounds the open ones' rows only: `tune --vnnlib` measures exactly that workload (the
+    rows, the batch, the method verify's search looks its plan up by)."""
+    import boundflow.search as search
+    import boundflow.vnncomp as vnncomp
+    from boundflow.bab import BabResult
+    from boundflow.errors import BoundFlowError
+
+    onnx, vnnlib = _cnn_property(tmp_path, 0.08)
+    searched = []
+
+    def fake_search(graph, lower, upper, C, thr, ranges, config, **kw):
+        searched.append((C, ranges, config.batch, config.method))
+        return BabResult("unknown", None, 0, 0, 0.0, 0, "stopped by the test")
+    monkeypatch.setattr(vnncomp, "relu_split", fake_search)
+    bab = ["--bab", "relu", "--bab-batch", "16", "--bab-method", "crown"]
+    assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--json", *bab]) == 0
+    (C, ranges, batch, method), = searched
+    assert 0 < len(ranges) < 9 and len(C) == len(ranges)      # some refuted, some open
+
+    tuned = []
+
+    class FakeTuner:
+        def __init__(self, graph, lower, upper, C, method, **kw):
+            tuned.append((C, lower.shape[0], method))
+            raise BoundFlowError("stopped by the test")
+    monkeypatch.setattr(search, "Tuner", FakeTuner)
+    assert main(["tune", "--db", str(tmp_path / "t.db"), "--onnx", onnx, "--vnnlib", vnnlib,
+                 "--backend", "torch", *bab]) == 2
+    (tC, tbatch, tmethod), = tuned
+    assert (tbatch, tmethod) == (batch, method) == (16, "crown")
+    assert tC.shape == (16,) + C.shape and np.array_equal(tC[0], C.astype(tC.dtype))
+
+
+def test_tune_vnnlib_of_a_property_the_whole_box_proves_is_one_line(tmp_path, capsys):
+    """Nothing is left for ReLU splitting when one bound of the box refutes every disjunct:
+    tuning its search is refused in one line, naming the bound."""
+    ex = "boundflow/examples/data/digits_maxpool_cnn"
+    assert main(["tune", "--db", str(tmp_path / "t.db"), "--onnx", ex + ".onnx", "--vnnlib",
+                 ex + ".vnnlib", "--bab", "relu", "--backend", "torch", "--method",
+                 "crown"]) == 2
+    err = capsys.readouterr().err
+    assert "whole-box crown bound refutes every disjunct" in err and err.count("\n") == 1

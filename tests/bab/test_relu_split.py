@@ -20,7 +20,7 @@ from boundflow.errors import BoundFlowError
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.split import ReluSplit
 from tests.bab.test_input_split import _net, _truth
-from tests.helpers import example_graph
+from tests.helpers import example_graph, robustness_vnnlib
 
 
 def _pre(graph, pts, nodes):
@@ -211,16 +211,6 @@ def test_a_bad_split_state_is_refused():
         BabConfig(intermediate="sometimes")
 
 
-def _robustness_vnnlib(x: np.ndarray, eps: float, label: int, n_out: int) -> str:
-    lines = [f"(declare-const X_{i} Real)" for i in range(x.size)]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(n_out)]
-    for i, v in enumerate(x.reshape(-1).astype(np.float64)):
-        lines += [f"(assert (>= X_{i} {float(v) - eps!r}))",
-                  f"(assert (<= X_{i} {float(v) + eps!r}))"]
-    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(n_out) if j != label)
-    return "\n".join(lines + [f"(assert (or {others}))"]) + "\n"
-
-
 def test_check_property_splits_relus_for_a_high_dimensional_input():
     """A digits robustness property (64 inputs) that one CROWN bound leaves open is decided
     by ReLU splitting, which ``auto`` picks for inputs of that size."""
@@ -231,7 +221,7 @@ def test_check_property_splits_relus_for_a_high_dimensional_input():
     _, g = example_graph("digits_mlp")
     x = np.load("boundflow/examples/data/digits_x.npy").astype(np.float32)[3]
     label = int(evaluate(g, torch.from_numpy(x[None])).argmax())
-    prop = parse_vnnlib(_robustness_vnnlib(x, 0.08, label, 10), x.size, 10)
+    prop = parse_vnnlib(robustness_vnnlib(x, 0.08, label, 10), x.size, 10)
     alone = check_property(g, prop, BoundOptions("crown"), bab=None)
     assert alone.status == "unknown" and alone.refuted < 9
     res = check_property(g, prop, BoundOptions("crown"), timeout=60)
