@@ -16,7 +16,9 @@ at batch 1. One torch thread, one TVM thread.
 ``x fwd`` = call time over the forward pass. ``aL x`` = the implied speedup over auto_LiRPA,
 ``alirpa_over_forward / (ms / forward_ms)`` from ../shared/reference/alirpa/speed_vs_forward.csv
 (shared models only). ``relax/torch`` > 1 means the compiled plan is slower. ``ms/MFLOP`` is
-call time per forward MFLOP (per sample), for the residual-vs-plain comparison.
+call time per forward MFLOP (per sample), for the residual-vs-plain comparison; with the
+residual rows a second table sets both side by side with every neuron bounded (the same rows:
+the skip connection leaves more neurons unstable, and the default bounds only those).
 """
 
 from __future__ import annotations
@@ -160,6 +162,48 @@ def row(name: str, batch: int, method: str, rounds: int, ratios: dict) -> dict:
     return out
 
 
+def unstable(graph, x: np.ndarray, C: np.ndarray, eps: float) -> list[float]:
+    """Unstable neurons per sample at each ReLU input under the default CROWN plan: the
+    neurons its sparse intermediate bounds give a backward pass."""
+    from boundflow.bab.relu_split import relu_inputs
+
+    nodes = relu_inputs(graph)
+    v = bf.compile(graph, batch=x.shape[0], n_specs=C.shape[1], method="crown")
+    out = v._executor.run(bf.InputSpec.box(x - eps, x + eps), bf.LinearSpec(C), keep=nodes)
+    return [float(((iv.lower < 0) & (iv.upper > 0)).reshape(x.shape[0], -1).sum(1)
+                  .float().mean()) for iv in (out.stats["bounds"][n] for n in nodes)]
+
+
+def same_rows(batches: list[int], rounds: int) -> list[dict]:
+    """CROWN per FLOP of the residual example and its plain counterpart, by default (each
+    sample's unstable neurons get a backward pass) and with every neuron bounded (the same
+    rows in both: what the kernels cost, apart from how many neurons the skip connection
+    leaves unstable)."""
+    print("\nresidual vs plain, CROWN on the torch path: the default bounds each sample's "
+          "unstable neurons; 'all' bounds every neuron (sparse=False), the same rows in both")
+    print(f"{'model':<15} {'B':>3} {'unstable per sample, per ReLU input':<36} "
+          f"{'default ms':>10} {'all ms':>8} {'ms/MFLOP':>9} {'all ms/MFLOP':>12}")
+    out = []
+    for batch in batches:
+        for name in ("residual", "plain_residual"):
+            module, x, C, eps = workload(name, batch)
+            graph = as_graph(module, torch.from_numpy(x[:1]))
+            opts = dict(eps=eps, C=C, method="crown")
+            ms = interleaved({"default": lambda: bf.compute_bounds(graph, x, **opts),
+                              "all": lambda: bf.compute_bounds(graph, x, sparse=False, **opts)},
+                             max(3, rounds // 3))
+            mflop = batch * forward_mflops(module, x)
+            counts = " ".join(f"{c:.1f}" for c in unstable(graph, x, C, eps))
+            r = {"model": name, "batch": batch, "unstable": counts, "default_ms": ms["default"],
+                 "all_ms": ms["all"], "ms_per_mflop": ms["default"] / mflop,
+                 "all_ms_per_mflop": ms["all"] / mflop}
+            out.append(r)
+            print(f"{name:<15} {batch:>3} {counts:<36} {ms['default']:>10.2f} "
+                  f"{ms['all']:>8.2f} {r['ms_per_mflop']:>9.3f} {r['all_ms_per_mflop']:>12.3f}",
+                  flush=True)
+    return out
+
+
 def fmt(v, spec):
     return format(v, spec) if v is not None else "-"
 
@@ -200,6 +244,8 @@ def main() -> None:
                       f"{fmt(r.get('relax_vs_alirpa'), '7.2f')}x "
                       f"{r['relax_over_torch']:>10.2f}x {r['torch_ms_per_mflop']:>8.3f} "
                       f"{r['max_gap']:>8.1e}", flush=True)
+    if "plain_residual" in names:
+        same_rows([int(b) for b in args.batches.split(",")], args.rounds)
     print(f"load average after {os.getloadavg()[0]:.2f}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

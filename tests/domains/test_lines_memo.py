@@ -18,7 +18,8 @@ from boundflow.ir.graph import Node
 from tests.helpers import assert_contains, box_points, example_graph, true_outputs
 
 
-def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: float = 0.05):
+def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: float = 0.05,
+         backend: str = "torch"):
     """Bounds with the memo on or off, and how many times lines were found."""
     ex, g = example_graph(name)
     x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
@@ -36,7 +37,7 @@ def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: f
         m.setattr(crown_relaxed, "default_lines", lines)
         m.setattr(crown_patches, "default_lines", lines)
         m.setattr(crown_relaxed.activations, "get", counted)
-        b = bf.compute_bounds(g, x, eps=eps, method=method)
+        b = bf.compute_bounds(g, x, eps=eps, method=method, backend=backend)
     return b, len(found), g, x
 
 
@@ -151,3 +152,35 @@ def test_measured_peak_counts_the_memo(monkeypatch):
                         lambda node, pre, mode, memo: real(node, pre, mode, None))
     without = exe.run(box, None, measure_memory=True).stats["peak_bytes"]
     assert with_memo > without
+
+
+def test_the_relax_backends_callbacks_share_one_memo_per_run(monkeypatch):
+    """The residual example's CROWN tasks run as torch callbacks of the Relax module: they
+    share the run's memo (each VM tensor viewed once per run, by its handle), give the same
+    bounds as without it and as the torch backend, and no view or memo outlives a call."""
+    on, n_on, g, x = _run("random_residual", "crown", monkeypatch, True, backend="relax")
+    off, n_off, _, _ = _run("random_residual", "crown", monkeypatch, False, backend="relax")
+    torch.testing.assert_close(on.lower, off.lower, rtol=0, atol=0)
+    torch.testing.assert_close(on.upper, off.upper, rtol=0, atol=0)
+    assert n_on < n_off
+    eager = bf.compute_bounds(g, x, eps=0.05, method="crown")
+    torch.testing.assert_close(on.lower, eager.lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(on.upper, eager.upper, rtol=1e-5, atol=1e-5)
+    pts = box_points(x - 0.05, x + 0.05, n=300)
+    assert_contains(on.lower, on.upper, true_outputs(g, pts), tol=1e-5)
+
+    v = bf.compile(g, batch=x.shape[0], n_specs=0, method="crown", backend="relax")
+    exe = v._executor
+    assert exe._first is not None                     # the plan has callbacks
+    spec = bf.InputSpec.box(x - 0.05, x + 0.05)
+    first = exe.run(spec)
+    assert exe._views == {} and exe._lines is None
+    # the VM's function called bare, as a time_evaluator does: each call starts afresh
+    args = [exe._tensor(a) for a in (spec.lower, spec.upper)]
+    sizes = []
+    for _ in range(3):
+        lo, hi = exe.vm["main"](*args, *exe.weights)
+        sizes.append(len(exe._views))
+        torch.testing.assert_close(torch.from_dlpack(lo), first.lower, rtol=0, atol=0)
+        torch.testing.assert_close(torch.from_dlpack(hi), first.upper, rtol=0, atol=0)
+    assert sizes[0] > 0 and len(set(sizes)) == 1

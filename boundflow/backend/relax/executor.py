@@ -39,13 +39,15 @@ import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 
-from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
+from boundflow.backend.torch import (DTYPES, LINES_MEMO_BYTES, RunResult, TorchExecutor,
+                                     Value as TorchValue)
 from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.coverage import lowers_to_tir
 from boundflow.backend.relax.crown_kernels import BackwardLowering
 from boundflow.backend.relax.kernels import param_shape, param_tensor
 from boundflow.backend.relax.schedules import schedule
 from boundflow.backend.relax.target import run_device, tvm_target
+from boundflow.domains.crown_relaxed import LinesMemo
 from boundflow.domains.traversal import graph_tensors
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
@@ -222,6 +224,11 @@ class RelaxExecutor:
                           if t.kind != "input" and not lowers_to_tir(bundle, t, g)]
         self._upper = True
         self._lock = threading.Lock()
+        # one VM run's torch views of its tensors, by handle, and its memo of relaxation lines
+        # (reset by the run's first callback; see _callback)
+        self._views: dict = {}
+        self._lines: LinesMemo | None = None
+        self._first = self.fallbacks[0] if self.fallbacks else None
         if self.fallbacks:
             on_gpu = self.device.dlpack_device_type() != 1       # the callbacks' tensors' device
             self._torch = TorchExecutor(bundle, graph, device="cuda" if on_gpu else "cpu")
@@ -251,19 +258,37 @@ class RelaxExecutor:
         return tvm.runtime.tensor(t.numpy(), self.device)
 
     def _callback(self, task):
-        """The torch implementation of ``task`` over DLPack views of the VM's tensors."""
+        """The torch implementation of ``task`` over DLPack views of the VM's tensors.
+
+        The callbacks of one VM run share the torch executor's memo of relaxation lines
+        (``LinesMemo``, keyed on the identity of an activation's interval tensors): each
+        tensor the VM passes is viewed once per run, by its handle, so a later task reading
+        the same VM tensor gets the same torch tensors. The view keeps the VM's tensor
+        object alive, so no other tensor of the run takes its handle; the VM writes a
+        tensor once (its producer; Relax here has no in-place calls) before any task reads
+        it. The run's first callback starts a new memo (a ``time_evaluator`` repeats the
+        whole function), and ``run`` drops it after the call."""
         exe = self._torch
         buffers = exe.buffers
         inputs = [buffers[b] for b in task.inputs]
         n_in = 2 * len(inputs)
         has_c = task.kind == "final" and self.bundle.workload.n_specs > 0
         inp = self.graph.input.name
+        first = task.name == self._first
 
         def logical(t, buf):
-            return torch.from_dlpack(t).permute(
+            key = (t.__chandle__(), buf.name)
+            hit = self._views.get(key)
+            if hit is not None:
+                return hit[1]
+            view = torch.from_dlpack(t).permute(
                 (0,) + tuple(1 + buf.layout.index(j) for j in range(len(buf.shape))))
+            self._views[key] = (t, view)
+            return view
 
         def run(*arrays):
+            if first:
+                self._views, self._lines = {}, LinesMemo(LINES_MEMO_BYTES)
             env = {b.name: TorchValue(b.form, logical(arrays[2 * i], b),
                                       logical(arrays[2 * i + 1], b))
                    for i, b in enumerate(inputs)}
@@ -276,7 +301,8 @@ class RelaxExecutor:
                               else {task.outputs[0]: env[task.inputs[0]]})
                 else:
                     box = env[inp].interval() if inp in env else None
-                    values = exe.bound_task(task, env, tensors, box, C, upper=self._upper)
+                    values = exe.bound_task(task, env, tensors, box, C, upper=self._upper,
+                                            lines=self._lines)
             for j, name in enumerate(task.outputs):
                 buf = buffers[name]
                 v = values[name].as_form(buf.form)
@@ -320,7 +346,10 @@ class RelaxExecutor:
             args.append(self._tensor(C.C))
         with self._lock:                     # one run at a time: its callbacks read _upper
             self._upper = upper
-            lo, hi = self.vm["main"](*args, *self.weights)
+            try:
+                lo, hi = self.vm["main"](*args, *self.weights)
+            finally:
+                self._views, self._lines = {}, None
         if self.device.dlpack_device_type() == 1:          # CPU: zero copy
             lower, upper = torch.from_dlpack(lo), torch.from_dlpack(hi)
         else:
