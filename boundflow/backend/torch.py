@@ -38,7 +38,7 @@ from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.beta import beta_lower
 from boundflow.domains.backward import intersect
 from boundflow.domains.crown import BackwardContext, crown_node
-from boundflow.domains.crown_relaxed import LinesMemo
+from boundflow.domains.crown_relaxed import MEMO_BYTES, LinesMemo
 from boundflow.domains.forward import forward_bounds
 from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
@@ -170,7 +170,7 @@ JOINT_WEIGHT_BYTES = 1 << 18
 
 # the most bytes of relaxation lines one run keeps for its backward passes to share
 # (:class:`~boundflow.domains.crown_relaxed.LinesMemo`)
-LINES_MEMO_BYTES = 64 << 20
+LINES_MEMO_BYTES = MEMO_BYTES
 
 
 def _joint_pays(node, params: dict, v: Value) -> bool:

@@ -32,7 +32,7 @@ from boundflow.domains.coeffs import BackwardContext
 from boundflow.domains.crown import crown_node, crown_nodes
 from boundflow.domains.crown_conv import (PatchSlopes, conv_chain, crown_conv_rows,
                                           patches_pay)
-from boundflow.domains.crown_relaxed import inexact
+from boundflow.domains.crown_relaxed import MEMO_BYTES, LinesMemo, inexact
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
 from boundflow.domains.relaxation import stack_params
 from boundflow.domains.traversal import ancestors, apply_rule
@@ -141,12 +141,15 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
     if not (params or windowed) or config.iterations == 0:
         return Interval(best_lo, best_hi)
     opt = sched = None
+    # what depends on fixed intervals alone (relaxation states, maxpool's windows), found
+    # once for every step (an interval the step recomputes is new, or carries gradients)
+    memo = LinesMemo(MEMO_BYTES)
     with torch.enable_grad():
         for step in range(config.iterations + 1):
             current = _rebound(graph, x, tensors, bounds, starts, lower_slope) if starts \
                 else bounds
             out = backward(graph, graph.output, A, x, tensors,
-                           BackwardContext(current, lower_slope, final))
+                           BackwardContext(current, lower_slope, final, lines=memo))
             best_lo = torch.maximum(best_lo, out.lower.detach())
             best_hi = torch.minimum(best_hi, out.upper.detach())
             if step == config.iterations:

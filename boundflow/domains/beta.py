@@ -22,6 +22,7 @@ import torch
 from boundflow.domains.alpha import _slopes
 from boundflow.domains.backward import backward
 from boundflow.domains.coeffs import BackwardContext
+from boundflow.domains.crown_relaxed import MEMO_BYTES, LinesMemo
 from boundflow.domains.interval import Interval
 from boundflow.ir.graph import Graph
 
@@ -47,7 +48,9 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
     opt = torch.optim.Adam([{"params": list(betas.values()), "lr": lr},
                             {"params": slopes_params, "lr": ALPHA_LR}], fused=True)
     best = start.clone()
-    ctx = BackwardContext(bounds, lower_slope, slopes, patches=False)
+    # the intervals are fixed: what depends on them alone is found once for every step
+    ctx = BackwardContext(bounds, lower_slope, slopes, patches=False,
+                          lines=LinesMemo(MEMO_BYTES))
     with torch.enable_grad():
         for _ in range(iterations):
             terms = {n: -b * split[n].unsqueeze(1) for n, b in betas.items()}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from boundflow.domains import activations
 from boundflow.domains.coeffs import Coeffs, same
-from boundflow.domains.crown_relaxed import default_lines, maxpool_relaxation
+from boundflow.domains.crown_relaxed import default_lines, maxpool_relaxation, memoised
 from boundflow.domains.crown_rules import scattered_conv_t
 from boundflow.domains.crown_windows import Window
 from boundflow.domains.interval import Interval, pad_widths
@@ -149,7 +149,9 @@ def maxpool2d(node: Node, p: dict, a: Coeffs, win: Window, ctx: PatchContext):
     dominates its pooling window, else ``y <=`` its largest upper bound."""
     at = node.attrs
     (kh, kw), (sh, sw), (ph, pw) = (tuple(at[k]) for k in ("kernel_size", "stride", "padding"))
-    pos, dom, umax = maxpool_relaxation(ctx.bounds[node.inputs[0]], at)    # [B, C, Ho*Wo]
+    pre = ctx.bounds[node.inputs[0]]
+    pos, dom, umax = memoised(ctx.lines, node.name, pre, "maxpool",       # [B, C, Ho*Wo]
+                              lambda: maxpool_relaxation(pre, at))
     C, Ho, Wo = node.shape
     w_in = ctx.shapes[node.inputs[0]][2]
     B = pos.shape[0]

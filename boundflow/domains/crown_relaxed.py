@@ -60,6 +60,10 @@ def relax(a: Coeffs, low: Lines, up: Lines):
             _bias_term(uA_pos, up.upper_bias, uA_neg, up.lower_bias))
 
 
+# the most bytes of relaxation lines one memo keeps (:class:`LinesMemo`)
+MEMO_BYTES = 64 << 20
+
+
 class LinesMemo(dict):
     """One run's memo of default lines (see :func:`default_lines`): per activation node,
     ``(lower, upper, mode, lines)``. It stops keeping new entries once they would hold more
@@ -86,35 +90,46 @@ def _line_bytes(lines: Lines) -> int:
     return sum(t.numel() * t.element_size() for t in lines if t is not None)
 
 
+def memoised(memo: dict | None, key: str, pre: Interval, tag, compute):
+    """``compute()``, a function of the interval ``pre`` (and ``tag``) only, kept in
+    ``memo`` under ``key`` while ``pre`` is the same pair of tensors (``is``): a new interval
+    replaces it, and intervals that carry gradients (an optimiser's) are never kept."""
+    hit = None if memo is None else memo.get(key)
+    if hit is not None and hit[0] is pre.lower and hit[1] is pre.upper and hit[2] == tag:
+        return hit[3]
+    value = compute()
+    if memo is not None and not (pre.lower.requires_grad or pre.upper.requires_grad):
+        entry = (pre.lower, pre.upper, tag, value)
+        if isinstance(memo, LinesMemo):
+            memo.keep(key, entry)
+        else:
+            memo[key] = entry
+    return value
+
+
 def default_lines(node: Node, pre: Interval, mode: str, memo: dict | None) -> Lines:
     """The lines of activation ``node`` on its input's interval ``pre`` (``[B, *shape]``)
     under the lower-slope ``mode``. ``memo`` (one run's, shared by its backward passes:
     every pass crosses the activations below its start, so a deep network found each one's
-    lines once per start) keeps them per node while ``pre`` is the same pair of tensors;
-    a new interval of the node replaces them, and intervals that carry gradients (an
-    optimiser's) are never kept."""
-    hit = None if memo is None else memo.get(node.name)
-    if hit is not None and hit[0] is pre.lower and hit[1] is pre.upper and hit[2] == mode:
-        return hit[3]
-    relaxation = activations.get(node.op)
-    state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
-    lines = relaxation.lines(state, node.attrs,
-                             relaxation.default_params(state, node.attrs, mode))
-    if memo is not None and not (pre.lower.requires_grad or pre.upper.requires_grad):
-        entry = (pre.lower, pre.upper, mode, lines)
-        if isinstance(memo, LinesMemo):
-            memo.keep(node.name, entry)
-        else:
-            memo[node.name] = entry
-    return lines
+    lines once per start) keeps them per node while ``pre`` is the same pair of tensors
+    (:func:`memoised`)."""
+    def compute() -> Lines:
+        relaxation = activations.get(node.op)
+        state = relaxation.prepare(pre.lower, pre.upper, node.attrs)
+        return relaxation.lines(state, node.attrs,
+                                relaxation.default_params(state, node.attrs, mode))
+    return memoised(memo, node.name, pre, mode, compute)
 
 
 def activation(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
     relaxation = activations.get(node.op)
     pre = ctx.bounds[node.inputs[0]]
     if ctx.alphas is not None and node.name in ctx.alphas:
-        l, u = pre.lower.unsqueeze(1), pre.upper.unsqueeze(1)          # [B, 1, *shape]
-        state = relaxation.prepare(l, u, node.attrs)
+        # [B, 1, *shape]; the state depends on the interval alone (an optimiser's steps
+        # share it)
+        state = memoised(ctx.lines, node.name + "|state", pre, "state",
+                         lambda: relaxation.prepare(pre.lower.unsqueeze(1),
+                                                    pre.upper.unsqueeze(1), node.attrs))
         t_low, t_up = ctx.alphas[node.name]
         n = relaxation.n_params
         low = relaxation.lines(state, node.attrs, split_params(t_low, n))
@@ -164,7 +179,9 @@ def maxpool_relaxation(pre: Interval, attrs: Mapping):
 
 
 def maxpool2d(node: Node, p: dict, a: Coeffs, ctx: BackwardContext):
-    pos, dom, umax = maxpool_relaxation(ctx.bounds[node.inputs[0]], node.attrs)
+    pre = ctx.bounds[node.inputs[0]]
+    pos, dom, umax = memoised(ctx.lines, node.name, pre, "maxpool",
+                              lambda: maxpool_relaxation(pre, node.attrs))
     in_shape = ctx.shapes[node.inputs[0]]
     dom = dom.unsqueeze(1).to(a.lA.dtype)                        # [B, 1, C, L]
     umax = umax.unsqueeze(1)

@@ -184,3 +184,57 @@ def test_the_relax_backends_callbacks_share_one_memo_per_run(monkeypatch):
         torch.testing.assert_close(torch.from_dlpack(lo), first.lower, rtol=0, atol=0)
         torch.testing.assert_close(torch.from_dlpack(hi), first.upper, rtol=0, atol=0)
     assert sizes[0] > 0 and len(set(sizes)) == 1
+
+
+def _optimised(monkeypatch, memo: bool, beta: bool, steps: int = 6):
+    """The maxpool CNN's alpha-CROWN bounds (or one beta-CROWN run under a split state)
+    with an optimiser's memo on or off, and how often maxpool's windows were found."""
+    import boundflow.domains.crown_relaxed as cr
+    from boundflow.bab.relu_split import relu_inputs
+    from boundflow.ir.split import ReluSplit
+    from tests.helpers import counted_calls
+
+    ex, g = example_graph("digits_maxpool_cnn")
+    x = np.resize(ex.inputs, (4,) + ex.inputs.shape[1:]).astype(np.float32)
+    with monkeypatch.context() as m:
+        if not memo:
+            for module in (cr, crown_patches):
+                m.setattr(module, "memoised", lambda memo_, key, pre, tag, compute: compute())
+        found = counted_calls(m, cr, "maxpool_relaxation")
+        C = bf.margin_spec(np.zeros(4, int), 10).C
+        if not beta:
+            b = bf.compute_bounds(g, x, eps=0.05, C=C, method="alpha-crown",
+                                  alpha=bf.AlphaConfig(iterations=steps,
+                                                       intermediate=False))
+            return (b.lower, b.upper), len(found), g, x
+        v = bf.compile(g, batch=4, n_specs=9, method="crown")
+        node = relu_inputs(g)[-1]
+        shape = v._executor._bounded_shapes()[node]
+        signs = torch.zeros((4,) + tuple(shape), dtype=torch.int8)
+        signs.view(4, -1)[:, :3] = torch.tensor([1, -1, 1], dtype=torch.int8)
+        out = v._executor.run(bf.InputSpec.box(x - 0.05, x + 0.05), bf.LinearSpec(C),
+                              split=ReluSplit({node: signs}, beta_iterations=steps),
+                              upper=False)
+        return (out.lower,), len(found), g, x
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_an_optimisers_steps_find_what_depends_on_fixed_intervals_once(monkeypatch, beta):
+    """beta-CROWN's steps, and alpha-CROWN's without intermediate optimisation, relax the
+    same (fixed) intervals every step: maxpool's windows and the activations' states are
+    found once for them all (alpha's re-bounded intervals are new each step, and found
+    again), with the same bounds as finding them every step; sound on sampled points."""
+    on, n_on, g, x = _optimised(monkeypatch, True, beta)
+    off, n_off, _, _ = _optimised(monkeypatch, False, beta)
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert 0 < n_on < n_off
+    # more steps find nothing more with the memo, and more every step without it
+    assert _optimised(monkeypatch, True, beta, steps=12)[1] == n_on
+    assert _optimised(monkeypatch, False, beta, steps=12)[1] > n_off
+    if not beta:
+        C = bf.margin_spec(np.zeros(4, int), 10).C
+        y = np.einsum("bsk,bmk->bms", C, true_outputs(g, box_points(x - 0.05, x + 0.05,
+                                                                     n=200)).reshape(4, -1, 10))
+        assert np.all(on[0].numpy()[:, None] <= y + 1e-4)
+        assert np.all(on[1].numpy()[:, None] >= y - 1e-4)
