@@ -163,8 +163,9 @@ def row(name: str, batch: int, method: str, rounds: int, ratios: dict) -> dict:
 
 
 def unstable(graph, x: np.ndarray, C: np.ndarray, eps: float) -> list[float]:
-    """Unstable neurons per sample at each ReLU input under the default CROWN plan: the
-    neurons its sparse intermediate bounds give a backward pass."""
+    """Unstable neurons per sample at each ReLU input under the default CROWN plan's final
+    intermediate bounds. Its sparse backward passes start from the neurons unstable before
+    CROWN tightened them: at least these."""
     from boundflow.bab.relu_split import relu_inputs
 
     nodes = relu_inputs(graph)
@@ -179,9 +180,10 @@ def same_rows(batches: list[int], rounds: int) -> list[dict]:
     sample's unstable neurons get a backward pass) and with every neuron bounded (the same
     rows in both: what the kernels cost, apart from how many neurons the skip connection
     leaves unstable)."""
-    print("\nresidual vs plain, CROWN on the torch path: the default bounds each sample's "
-          "unstable neurons; 'all' bounds every neuron (sparse=False), the same rows in both")
-    print(f"{'model':<15} {'B':>3} {'unstable per sample, per ReLU input':<36} "
+    print("\nresidual vs plain, CROWN on the torch path: the default gives a backward pass "
+          "to each sample's unstable neurons where that pays (sparse auto); 'all' to every "
+          "neuron (sparse=False), the same rows in both")
+    print(f"{'model':<15} {'B':>3} {'unstable after CROWN, per ReLU input':<36} "
           f"{'default ms':>10} {'all ms':>8} {'ms/MFLOP':>9} {'all ms/MFLOP':>12}")
     out = []
     for batch in batches:
@@ -244,14 +246,19 @@ def main() -> None:
                       f"{fmt(r.get('relax_vs_alirpa'), '7.2f')}x "
                       f"{r['relax_over_torch']:>10.2f}x {r['torch_ms_per_mflop']:>8.3f} "
                       f"{r['max_gap']:>8.1e}", flush=True)
-    if "plain_residual" in names:
-        same_rows([int(b) for b in args.batches.split(",")], args.rounds)
+    same = (same_rows([int(b) for b in args.batches.split(",")], args.rounds)
+            if "plain_residual" in names else [])
     print(f"load average after {os.getloadavg()[0]:.2f}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            w.writeheader()
-            w.writerows(rows)
+        tables = [(args.csv, rows)]
+        if same:
+            path = Path(args.csv)
+            tables.append((path.with_name(path.stem + "_same_rows.csv"), same))
+        for path, table in tables:
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=sorted({k for r in table for k in r}))
+                w.writeheader()
+                w.writerows(table)
 
 
 if __name__ == "__main__":

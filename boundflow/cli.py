@@ -492,6 +492,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not args.onnx or args.input or args.eps is not None or args.model:
             raise BoundFlowError("--vnnlib tunes the branch-and-bound workload of a property: "
                                  "give it with --onnx, without --model/--input/--eps")
+        if args.dtype:
+            raise BoundFlowError("--dtype does not go with --vnnlib: verify's branch-and-bound "
+                                 "bounds in the model's own precision, the workload tuned")
     elif not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the plans are measured on), "
                              "or --onnx with --vnnlib (the bound workload of its "
@@ -639,6 +642,7 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
     from boundflow.bab.bounder import float_box, sample_domains
     from boundflow.domains.alpha import AlphaConfig
     from boundflow.frontend.vnnlib import load_vnnlib
+    from boundflow.target import canonical_target
     from boundflow.vnncomp import searches, whole_boxes
 
     config = _bab_config(args)
@@ -648,6 +652,10 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
     if not groups:
         raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
     strategy = choose_strategy(config, n_in, any(n.op == "relu" for n in graph.nodes))
+    if strategy == "relu" and args.target != canonical_target("llvm"):
+        raise BoundFlowError(f"the property's branch-and-bound splits ReLUs, whose plans run "
+                             f"on the CPU (torch, target llvm): tune it without --target "
+                             f"{args.target}")
     if strategy == "relu" and backends != ("torch",):
         if "torch" not in backends:
             raise BoundFlowError("the property's branch-and-bound splits ReLUs, whose "
@@ -659,7 +667,7 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
         first = args.method or DEFAULT_METHOD
         options = BoundOptions(first, alpha=AlphaConfig(iterations=args.alpha_iterations))
         dtype = torch.float64 if graph.dtype == "float64" else torch.float32
-        refuted, open_disjuncts = whole_boxes(graph, groups, options, dtype)
+        refuted, open_disjuncts, _ = whole_boxes(graph, groups, options, dtype)
         if not open_disjuncts:
             raise BoundFlowError(f"the whole-box {first} bound refutes every disjunct of "
                                  f"{args.vnnlib}: verify decides it without branch-and-bound, "
@@ -674,8 +682,7 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
         hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
     else:
         lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
-    dtype = torch.float64 if (args.dtype or graph.dtype) == "float64" else torch.float32
-    lo, hi = float_box(lo, hi, dtype)
+    lo, hi = float_box(lo, hi, torch.float64 if graph.dtype == "float64" else torch.float32)
     shape = (config.batch,) + tuple(graph.input_shape)
     C = np.broadcast_to(C, (config.batch,) + C.shape)
     log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d spec "

@@ -81,13 +81,12 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
         return _branch(graph, "input", everything, bab, db, timeout, elapsed,
                        _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
                        n_disjuncts)
-    passed = whole_boxes(graph, groups, options, dtype,
-                         None if timeout is None else lambda: elapsed() > timeout)
-    if passed is None:
+    proven, open_disjuncts, expired = whole_boxes(
+        graph, groups, options, dtype, None if timeout is None else lambda: elapsed() > timeout)
+    refuted += proven
+    if expired:
         return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
                               disjuncts=n_disjuncts)
-    refuted += passed[0]
-    open_disjuncts = passed[1]
     if not open_disjuncts:
         return PropertyResult("unsat", seconds=elapsed(), refuted=refuted,
                               disjuncts=n_disjuncts)
@@ -111,14 +110,15 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
 
 
 def whole_boxes(graph: Graph, groups, options: BoundOptions, dtype: torch.dtype,
-                expired: Callable[[], bool] | None = None) -> tuple[int, list] | None:
+                expired: Callable[[], bool] | None = None) -> tuple[int, list, bool]:
     """Each input box of ``groups`` (:meth:`Property.groups`) bounded once by ``options``:
-    (disjuncts refuted, the open ones as ``(box, spec, a, b)`` in the property's order).
-    None when ``expired()`` says, between boxes, that the time is up."""
+    (disjuncts refuted, the open ones as ``(box, spec, a, b)`` in the property's order,
+    whether ``expired()`` said between boxes that the time was up: then the first two are
+    of the boxes bounded before)."""
     refuted, open_disjuncts = 0, []
     for box, spec, ranges in groups:
         if expired is not None and expired():
-            return None
+            return refuted, open_disjuncts, True
         proven = np.zeros(0, dtype=bool)
         if spec is not None:
             lo, hi = float_box(box.lower, box.upper, dtype)
@@ -131,7 +131,7 @@ def whole_boxes(graph: Graph, groups, options: BoundOptions, dtype: torch.dtype,
                 refuted += 1
             else:
                 open_disjuncts.append((box, spec, a, b))
-    return refuted, open_disjuncts
+    return refuted, open_disjuncts, False
 
 
 def searches(open_disjuncts) -> list[tuple]:

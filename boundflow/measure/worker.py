@@ -277,14 +277,8 @@ class Prepared:
         exe = self.exe
         if getattr(exe, "vm", None) is None or self.options:
             return list(calls)
-        args = [exe._tensor(a) for a in (self.x.lower, self.x.upper)]
-        if self.C is not None:
-            args.append(exe._tensor(self.C.C))
-        timer = exe.vm.time_evaluator("main", exe.device, number=config.number,
-                                      repeat=config.repeat)
-        with exe._lock:                  # its torch callbacks read the query's side, as run's
-            exe._upper = self.upper
-            return list(timer(*args, *exe.weights).results)
+        return exe.time_calls(self.x, self.C, upper=self.upper, number=config.number,
+                              repeat=config.repeat)
 
     def result(self, times: list[float], kernel: list[float]) -> MeasureResult:
         inp = self.inp

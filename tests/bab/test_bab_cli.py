@@ -123,6 +123,12 @@ def test_a_bad_instance_is_said_and_the_others_are_decided(tmp_path, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--vnnlib", "p.vnnlib", "--model", "m.pt2"], "--vnnlib tunes the branch-and-bound"),
     (["--vnnlib", "p.vnnlib"], "--vnnlib tunes the branch-and-bound"),
+    (["--vnnlib", "boundflow/examples/data/digits_maxpool_cnn.vnnlib", "--onnx",
+      "boundflow/examples/data/digits_maxpool_cnn.onnx", "--dtype", "float64"],
+     "--dtype does not go with --vnnlib"),
+    (["--vnnlib", "boundflow/examples/data/digits_maxpool_cnn.vnnlib", "--onnx",
+      "boundflow/examples/data/digits_maxpool_cnn.onnx", "--bab", "relu", "--target",
+      "llvm -mcpu=x86-64"], "tune it without --target"),
 ])
 def test_tune_vnnlib_argument_errors(tmp_path, argv, match, capsys):
     assert main(["tune", "--db", str(tmp_path / "t.db"), *argv]) == 2
@@ -227,33 +233,42 @@ def test_a_corrupt_database_is_one_line_even_when_the_search_is_short(tmp_path, 
     assert "not an SQLite database" in err and err.count("\n") == 1
 
 
-def _cnn_property(tmp_path, eps: float) -> tuple[str, str]:
-    """digits_maxpool_cnn and a robustness property around its first digit."""
+def _cnn_property(tmp_path, boxes) -> tuple[str, str]:
+    """digits_maxpool_cnn and a robustness property around its digits: one input box per
+    ``(digit index, eps)`` of ``boxes``, each with its nine disjuncts."""
     import torch
 
     from boundflow.domains.concrete import evaluate
     from boundflow.frontend.onnx import load_onnx
-    from tests.helpers import robustness_vnnlib
 
     onnx = str(ROOT / "boundflow/examples/data/digits_maxpool_cnn.onnx")
     g = load_onnx(onnx)
-    x = np.load(ROOT / "boundflow/examples/data/digits_x.npy").astype(np.float32)[0]
-    label = int(evaluate(g, torch.from_numpy(x.reshape((1,) + g.input_shape))).argmax())
-    path = tmp_path / f"robust_{eps}.vnnlib"
-    path.write_text(robustness_vnnlib(x, eps, label, 10))
+    xs = np.load(ROOT / "boundflow/examples/data/digits_x.npy").astype(np.float32)
+    lines = [f"(declare-const X_{i} Real)" for i in range(64)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(10)]
+    disjuncts = []
+    for k, eps in boxes:
+        x = xs[k].reshape(-1).astype(np.float64)
+        label = int(evaluate(g, torch.from_numpy(xs[k].reshape((1,) + g.input_shape))).argmax())
+        box = " ".join(f"(>= X_{i} {float(v) - eps!r}) (<= X_{i} {float(v) + eps!r})"
+                       for i, v in enumerate(x))
+        disjuncts += [f"(and {box} (>= Y_{j} Y_{label}))" for j in range(10) if j != label]
+    path = tmp_path / "robust.vnnlib"
+    path.write_text("\n".join(lines + [f"(assert (or {' '.join(disjuncts)}))"]) + "\n")
     return onnx, str(path)
 
 
 def test_tune_vnnlib_tunes_the_rows_relu_splitting_bounds(tmp_path, monkeypatch):
     """The whole-box bound refutes some disjuncts before ReLU splitting starts, which then
     bounds the open ones' rows only: `tune --vnnlib` measures exactly that workload (the
-    rows, the batch, the method verify's search looks its plan up by)."""
+    rows, the batch, the method verify's search looks its plan up by), here of the second
+    box (the first, a tiny one, is refuted whole)."""
     import boundflow.search as search
     import boundflow.vnncomp as vnncomp
     from boundflow.bab import BabResult
     from boundflow.errors import BoundFlowError
 
-    onnx, vnnlib = _cnn_property(tmp_path, 0.08)
+    onnx, vnnlib = _cnn_property(tmp_path, [(1, 0.001), (0, 0.08), (2, 0.08)])
     searched = []
 
     def fake_search(graph, lower, upper, C, thr, ranges, config, **kw):
@@ -288,3 +303,28 @@ def test_tune_vnnlib_of_a_property_the_whole_box_proves_is_one_line(tmp_path, ca
                  "crown"]) == 2
     err = capsys.readouterr().err
     assert "whole-box crown bound refutes every disjunct" in err and err.count("\n") == 1
+
+
+def test_a_timeout_between_whole_box_bounds_keeps_what_they_refuted(tmp_path, monkeypatch):
+    """The time runs out after the first box's bound, which refuted all nine of its
+    disjuncts: the timeout says so (9 of 27 refuted)."""
+    import types
+
+    import boundflow.vnncomp as vnncomp
+    from boundflow.api import BoundOptions
+    from boundflow.frontend.onnx import load_onnx
+    from boundflow.frontend.vnnlib import load_vnnlib
+
+    onnx, vnnlib = _cnn_property(tmp_path, [(1, 0.001), (0, 0.08), (2, 0.08)])
+    clock = [0.0]
+    monkeypatch.setattr(vnncomp, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock[0], monotonic=lambda: clock[0]))
+    real = vnncomp.bound_spec
+
+    def slow(*a, **k):
+        clock[0] += 10.0
+        return real(*a, **k)
+    monkeypatch.setattr(vnncomp, "bound_spec", slow)
+    res = vnncomp.check_property(load_onnx(onnx), load_vnnlib(vnnlib, 64, 10),
+                                 BoundOptions("crown"), timeout=5, attack=None)
+    assert (res.status, res.refuted, res.disjuncts) == ("timeout", 9, 27)

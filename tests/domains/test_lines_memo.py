@@ -184,6 +184,8 @@ def test_the_relax_backends_callbacks_share_one_memo_per_run(monkeypatch):
         torch.testing.assert_close(torch.from_dlpack(lo), first.lower, rtol=0, atol=0)
         torch.testing.assert_close(torch.from_dlpack(hi), first.upper, rtol=0, atol=0)
     assert sizes[0] > 0 and len(set(sizes)) == 1
+    assert len(exe.time_calls(spec, number=2, repeat=3)) == 3      # the tuner's kernel timer
+    assert exe._views == {} and exe._lines is None
 
 
 def _optimised(monkeypatch, memo: bool, beta: bool, steps: int = 6):

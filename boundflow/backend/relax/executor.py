@@ -267,7 +267,8 @@ class RelaxExecutor:
         object alive, so no other tensor of the run takes its handle; the VM writes a
         tensor once (its producer; Relax here has no in-place calls) before any task reads
         it. The run's first callback starts a new memo (a ``time_evaluator`` repeats the
-        whole function), and ``run`` drops it after the call."""
+        whole function; so does any callback that finds none), and ``run`` and
+        ``time_calls`` drop it after the call."""
         exe = self._torch
         buffers = exe.buffers
         inputs = [buffers[b] for b in task.inputs]
@@ -287,7 +288,7 @@ class RelaxExecutor:
             return view
 
         def run(*arrays):
-            if first:
+            if first or self._lines is None:
                 self._views, self._lines = {}, LinesMemo(LINES_MEMO_BYTES)
             env = {b.name: TorchValue(b.form, logical(arrays[2 * i], b),
                                       logical(arrays[2 * i + 1], b))
@@ -309,6 +310,22 @@ class RelaxExecutor:
                 logical(outs[2 * j], buf).copy_(v.a)
                 logical(outs[2 * j + 1], buf).copy_(v.b)
         return run
+
+    def time_calls(self, x: InputSpec, C: LinearSpec | None = None, *, upper: bool = True,
+                   number: int = 5, repeat: int = 5) -> list[float]:
+        """Seconds per call of the compiled function on ``x`` (and ``C``), by TVM's
+        ``time_evaluator`` (``repeat`` timings of ``number`` calls each) on device tensors
+        already in place: kernels and callbacks, none of ``run``'s checks and copies."""
+        args = [self._tensor(a) for a in (x.lower, x.upper)]
+        if C is not None:
+            args.append(self._tensor(C.C))
+        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+        with self._lock:                 # its torch callbacks read the query's side, as run's
+            self._upper = upper
+            try:
+                return list(timer(*args, *self.weights).results)
+            finally:
+                self._views, self._lines = {}, None
 
     def run(self, x: InputSpec, C: LinearSpec | None = None, *, reuse_ibp: bool = False,
             cache_bounds: bool = False, split: Any = None, cache: BoundCache | None = None,
