@@ -173,15 +173,24 @@ JOINT_WEIGHT_BYTES = 1 << 18
 LINES_MEMO_BYTES = MEMO_BYTES
 
 
+def _joint_batch(node, params: dict) -> int:
+    """The largest batch whose ``[batch, n]`` interval the linear ``node`` takes in one
+    product of both bounds (:data:`JOINT_MACS`, :data:`JOINT_WEIGHT_BYTES`); 0: none."""
+    if node.op != "linear":
+        return 0
+    w = params["weight"]
+    if 4 * w.numel() * w.element_size() > JOINT_WEIGHT_BYTES:
+        return 0
+    return JOINT_MACS // max(w.numel(), 1)
+
+
 def _joint_pays(node, params: dict, v: Value) -> bool:
     """Whether the linear ``node`` reads ``v`` in one product of both bounds: a small layer
-    (:data:`JOINT_MACS`, :data:`JOINT_WEIGHT_BYTES`) on a ``[batch, n]`` value whose radius
-    is not one number per sample (that form needs no radius product at all)."""
-    if node.op != "linear" or v.a.dim() != 2 or (v.form == "cr" and _uniform(v.b)):
+    (:func:`_joint_batch`) on a ``[batch, n]`` value whose radius is not one number per
+    sample (that form needs no radius product at all)."""
+    if v.a.dim() != 2 or (v.form == "cr" and _uniform(v.b)):
         return False
-    w = params["weight"]
-    return v.a.shape[0] * w.numel() <= JOINT_MACS and \
-        4 * w.numel() * w.element_size() <= JOINT_WEIGHT_BYTES
+    return v.a.shape[0] <= _joint_batch(node, params)
 
 
 def _affine_joint(params: dict, v: Value) -> Value:
@@ -333,6 +342,7 @@ class TorchExecutor:
                         counts[i] += 1
             self._readers[t.name] = counts
         self._affine: tuple[dict, dict] | None = None
+        self._steps: dict[tuple, list[tuple]] = {}         # per IBP task (_ibp_steps)
 
     # --- buffers in slots ------------------------------------------------------------------
 
@@ -360,51 +370,85 @@ class TorchExecutor:
 
     # --- tasks -----------------------------------------------------------------------------
 
+    def _ibp_steps(self, t: Task, affine: dict[str, dict]) -> list[tuple]:
+        """The fixed schedule of IBP task ``t``, found once: per node ``(name, node, kind,
+        joint, fresh_input, dead)``. ``kind``: ``view``, ``affine``, ``relu_`` (relu in
+        place: its input was computed here, this is its last reader and it is no output),
+        ``rule``. ``joint``: the largest batch a linear op takes in the joint product (0:
+        never; :func:`_joint_batch`). ``fresh_input``: a ``relu_``'s input is an affine op's
+        new tensor (it can share no memory with the task's inputs). ``dead``: values no
+        node after this one reads."""
+        key = (t.name, JOINT_MACS, JOINT_WEIGHT_BYTES)   # the limits, read as they are now
+        steps = self._steps.get(key)
+        if steps is not None:
+            return steps
+        readers_left = dict(self._readers[t.name])
+        kinds: dict[str, str] = {}
+        steps = []
+        for name in t.nodes:
+            node = self.nodes[name]
+            joint = 0
+            if node.op in _VIEW_OPS:
+                kind = "view"
+            elif node.op in _WEIGHTED:
+                kind = "affine"
+                joint = _joint_batch(node, affine[name])
+            elif node.op == "relu" and node.inputs[0] in kinds and \
+                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs:
+                kind = "relu_"
+            else:
+                kind = "rule"
+            fresh = kind == "relu_" and kinds[node.inputs[0]] == "affine"
+            dead = []
+            for i in node.inputs:
+                if i in readers_left:
+                    readers_left[i] -= 1
+                    if readers_left[i] == 0 and i not in t.outputs:
+                        dead.append(i)
+            kinds[name] = kind
+            steps.append((name, node, kind, joint, fresh, tuple(dead)))
+        self._steps[key] = steps
+        return steps
+
     def _ibp(self, t: Task, env: dict, tensors, measure: bool) -> tuple[dict[str, Value], int]:
         local: dict[str, Value] = {}
         for b in t.inputs:
             local[self.buffers[b].node] = env[b]
         peak = 0
-        own: set[str] = set()            # values this task computed
         # the memory of the task's inputs (slots, or the caller's box): never written here,
         # though a view or slice of an input computed here may share it
         inputs = {t_.untyped_storage().data_ptr() for v in local.values() for t_ in (v.a, v.b)}
         held = (self._arena_ptrs() | inputs if measure else set())   # counted elsewhere
-        readers_left = dict(self._readers[t.name])
         affine = self._affine_params(tensors)
-        for name in t.nodes:
-            node = self.nodes[name]
-            ins = [local[i] for i in node.inputs]
-            if node.op in _VIEW_OPS:
-                v = ins[0]
+        for name, node, kind, joint, fresh, dead in self._ibp_steps(t, affine):
+            if kind == "view":
+                v = local[node.inputs[0]]
                 out = Value(v.form, _view(node, v.a), _view(node, v.b))
-            elif node.op in _WEIGHTED:
+            elif kind == "affine":
+                v = local[node.inputs[0]]
                 params = affine[name]
-                out = _affine_joint(params, ins[0]) if _joint_pays(node, params, ins[0]) \
-                    else _affine_cr(node, params, ins[0])
+                out = _affine_joint(params, v) if (
+                    v.a.dim() == 2 and v.a.shape[0] <= joint
+                    and not (v.form == "cr" and _uniform(v.b))) else _affine_cr(node, params, v)
             # relu's rule is [relu(l), relu(u)]: computed in place where its input dies here
             # (other activations take their rule from the table)
-            elif node.op == "relu" and node.inputs[0] in own and \
-                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs \
-                    and _private(ins[0], inputs):
-                v = ins[0] if ins[0].form == "lu" else ins[0].as_form("lu")
+            elif kind == "relu_" and (fresh or _private(local[node.inputs[0]], inputs)):
+                v = local[node.inputs[0]]
+                v = v if v.form == "lu" else v.as_form("lu")
                 if v.joint is not None:                          # both halves in one clamp
                     v.joint.relu_()
                     out = v
                 else:
                     out = Value("lu", v.a.relu_(), v.b.relu_())  # in place: its input dies
             else:
-                iv = apply_rule(IBP_RULES, node, tensors, [v.interval() for v in ins], "IBP")
+                iv = apply_rule(IBP_RULES, node, tensors,
+                                [local[i].interval() for i in node.inputs], "IBP")
                 out = Value("lu", iv.lower, iv.upper)
             local[name] = out
-            own.add(name)
             if measure:
                 peak = max(peak, _storages(local.values(), held))
-            for i in node.inputs:
-                if i in readers_left:
-                    readers_left[i] -= 1
-                    if readers_left[i] == 0 and i not in t.outputs:
-                        local.pop(i, None)
+            for i in dead:
+                local.pop(i, None)
         # outputs without the joint tensor: only this task's ops read it (a cache entry would
         # copy it beside its halves)
         return {o: Value(*local[o][:3]) for o in t.outputs}, peak
@@ -616,6 +660,7 @@ class TorchExecutor:
         env: dict[str, Value] = {}
         # the activations' default lines, shared by the run's tasks (within a byte budget)
         lines = LinesMemo(LINES_MEMO_BYTES)
+        output = self.bundle.task_graph.output
         peak = 0
         with torch.no_grad():
             for i, t in enumerate(self.tasks):
@@ -644,7 +689,11 @@ class TorchExecutor:
                     node = self.buffers[name].node
                     if relu_split is not None and node in relu_split.signs:
                         value = Value("lu", *relu_split.tighten(node, *value.interval()))
-                    self._write(env, name, value, batch)
+                    if name == output and not measure_memory:
+                        # the result: copied out below, so no slot of its own first
+                        env[name] = value.as_form(self.buffers[name].form)
+                    else:
+                        self._write(env, name, value, batch)
                     if node in keep:
                         kept[node] = Interval(*(t.to("cpu", copy=True)
                                                 for t in env[name].interval()))
@@ -655,7 +704,7 @@ class TorchExecutor:
                     root = self._root[b]
                     if root in self.last_use and self.last_use[root] <= i:
                         env.pop(b, None)
-        out = env[self.bundle.task_graph.output]
+        out = env[output]
         if cache is not None:
             cache.end_run()
         stats = {

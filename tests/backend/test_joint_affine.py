@@ -165,3 +165,30 @@ def test_a_cached_task_output_holds_no_joint_tensor(monkeypatch):
         exe.run(box, None, reuse_ibp=True, cache=cache)
         sizes.append(cache.stats()["bytes"])
     assert sizes[0] == sizes[1] > 0
+
+
+def test_an_in_place_relu_never_writes_memory_a_task_reads_elsewhere():
+    """IBP's relu runs in place only on a value its task made fresh: a relu of a view of the
+    input box (here ``flatten(x)``; another branch reads ``x``) must leave the box alone; the bounds equal the reference IBP and hold on sampled points."""
+    from boundflow.domains.interval import Interval, ibp
+    from boundflow.domains.traversal import graph_tensors
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.a, self.b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.a(torch.relu(torch.flatten(x, 1))) + self.b(x.permute(0, 2, 1)
+                                                                     .reshape(-1, 6))
+    model = Net().eval()
+    x = np.random.default_rng(0).normal(size=(3, 2, 3)).astype(np.float32)
+    g = as_graph(model, torch.from_numpy(x[:1]))
+    got = bf.compute_bounds(g, x, eps=0.5, method="ibp")
+    ref = ibp(g, Interval(torch.from_numpy(x - 0.5), torch.from_numpy(x + 0.5)),
+              graph_tensors(g, torch.float32))
+    np.testing.assert_allclose(got.lower, ref.lower, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.upper, ref.upper, rtol=0, atol=1e-5)
+    pts = box_points(x - 0.5, x + 0.5, n=500)
+    assert_contains(got.lower, got.upper, true_outputs(model, pts), tol=1e-5)
