@@ -127,6 +127,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     grads = _sensitivity(graph, ((lo + hi) / 2), spec.C, nodes)      # [rows, *shape] per node
     grads = [g.reshape(g.shape[0], -1).abs() for g in grads]
     stats = {"domains": 0, "calls": 0, "max_queue": 1}
+    goal = (spec.thr, tuple(spec.ranges))      # beta's steps stop once a batch is proven
     elapsed = lambda: time.monotonic() - start  # noqa: E731
 
     def result(status, cex=None, reason=""):
@@ -146,7 +147,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
                      p[1, s0:s0 + m].reshape((m,) + shapes[nd])) for nd, p in zip(nodes, parent)}
             split = ReluSplit({nd: p.reshape((m,) + shapes[nd]) for nd, p in zip(nodes, part)},
                               beta_iterations=int(config.beta_iterations), reference=ref,
-                              reuse=ref is not None and config.intermediate == "reuse")
+                              reuse=ref is not None and config.intermediate == "reuse",
+                              goal=goal)
             box = InputSpec.box(lo.expand((m,) + shape).numpy(), hi.expand((m,) + shape).numpy())
             cs = LinearSpec(spec.C.expand((m,) + tuple(spec.C.shape)).numpy())
             out = executor.run(box, cs, split=split, keep=nodes, upper=False)

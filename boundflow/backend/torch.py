@@ -567,7 +567,8 @@ class TorchExecutor:
         if split is not None and split.beta_iterations and method != "ibp" and C is not None:
             A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
             lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,
-                               split.signs, out.lower, split.beta_iterations, split.beta_lr)
+                               split.signs, out.lower, split.beta_iterations, split.beta_lr,
+                               split.proven)
             out = Interval(lower, torch.maximum(out.upper, lower))
         return {t.outputs[0]: Value("lu", out.lower, out.upper)}
 

@@ -15,7 +15,7 @@ over the whole box.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -32,12 +32,14 @@ ALPHA_LR = 0.1       # the activations' relaxation parameters, optimised with th
 def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str, torch.Tensor],
                bounds: Mapping[str, Interval], lower_slope: str,
                signs: Mapping[str, torch.Tensor], start: torch.Tensor, iterations: int,
-               lr: float) -> torch.Tensor:
+               lr: float, done: Callable[[torch.Tensor], bool] | None = None
+               ) -> torch.Tensor:
     """The best lower bound of ``A·output`` (``A``: ``[B, S, *out]``) over each domain,
     from ``start`` (``[B, S]``, a bound already proven) and ``iterations`` steps on the
-    multipliers of the split neurons in ``signs`` (node -> ``[B, *shape]`` of -1/0/+1)."""
+    multipliers of the split neurons in ``signs`` (node -> ``[B, *shape]`` of -1/0/+1);
+    fewer where ``done(best)`` says the best bounds so far are all a caller needs."""
     split = {n: s.to(A.device, A.dtype) for n, s in signs.items() if bool((s != 0).any())}
-    if not split or iterations <= 0:
+    if not split or iterations <= 0 or (done is not None and done(start)):
         return start
     B, S = A.shape[:2]
     betas = {n: torch.zeros((B, S) + tuple(s.shape[1:]), dtype=A.dtype, device=A.device,
@@ -56,6 +58,8 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
             terms = {n: -b * split[n].unsqueeze(1) for n, b in betas.items()}
             res = backward(graph, graph.output, A, x, tensors, ctx._replace(lower_terms=terms))
             best = torch.maximum(best, res.lower.detach())
+            if done is not None and done(best):
+                return best
             opt.zero_grad()
             (-res.lower.sum()).backward()
             opt.step()

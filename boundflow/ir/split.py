@@ -8,7 +8,8 @@ bound is raised to 0 and the inactive ones' upper bound lowered to 0, and every 
 part of the box. A domain whose constraints contradict the bounds (active where the upper
 bound is below 0, say) is empty; its bounds are vacuous, kept finite. With
 ``beta_iterations`` the final bound also takes the split constraints as optimised
-multipliers (beta-CROWN, :mod:`boundflow.domains.beta`).
+multipliers (beta-CROWN, :mod:`boundflow.domains.beta`); with a ``goal`` (the search's
+thresholds and disjuncts) those steps stop once every domain of the batch is proven.
 
 ``reference[node]``: bounds of a split node known to hold on each domain (in branch-and-bound,
 the parent domain's: a child's part of the box lies inside its parent's). Every bound the run
@@ -40,6 +41,9 @@ class ReluSplit:
     beta_lr: float = 0.05
     reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     reuse: bool = False             # take the reference bounds instead of recomputing them
+    # the goal of the search: (thresholds [rows], each disjunct's (start, end) of rows); the
+    # beta steps stop once every domain's lower bounds rule out every disjunct
+    goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None
 
     def __post_init__(self):
         if not isinstance(self.beta_iterations, int) or self.beta_iterations < 0:
@@ -56,6 +60,21 @@ class ReluSplit:
                                      f"upper) pair of tensors of one shape")
         if self.reuse and not self.reference:
             raise BoundFlowError("reuse needs reference bounds")
+        if self.goal is not None:
+            thr, ranges = self.goal
+            if (not isinstance(thr, torch.Tensor) or thr.dim() != 1 or not ranges
+                    or any(not 0 <= a < b <= thr.shape[0] for a, b in ranges)):
+                raise BoundFlowError("the goal must be (thresholds [rows], non-empty "
+                                     "(start, end) row ranges within them)")
+
+    def proven(self, lower: torch.Tensor) -> bool:
+        """Whether ``lower`` ([domains, rows]) rules out every disjunct of the goal on every
+        domain (some row of each above its threshold); False without a goal."""
+        if self.goal is None:
+            return False
+        thr, ranges = self.goal
+        gap = lower - thr.to(lower.device, lower.dtype)
+        return all(bool((gap[:, a:b] > 0).any(1).all()) for a, b in ranges)
 
     def part(self, samples: slice) -> "ReluSplit":
         """The split state of the batch's ``samples`` (a slice along the batch)."""
@@ -73,6 +92,9 @@ class ReluSplit:
             h.update(b"ref:" + node.encode())
             for r in self.reference[node]:
                 h.update(r.detach().cpu().contiguous().numpy().tobytes())
+        if self.goal is not None:
+            h.update(b"goal:" + self.goal[0].detach().cpu().double().numpy().tobytes()
+                     + repr(tuple(self.goal[1])).encode())
         return (f"ReluSplit({h.hexdigest()[:16]}, beta={self.beta_iterations}@{self.beta_lr}"
                 f"{', reuse' if self.reuse else ''})")
 

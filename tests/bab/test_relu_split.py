@@ -278,3 +278,37 @@ def test_relu_splitting_runs_the_tuned_plan_when_it_can_take_a_split(backend, mo
         assert not any(runs) and "runs the tuned plan" in caplog.text
     else:
         assert all(runs) and "takes no ReLU split state" in caplog.text
+
+
+def test_beta_steps_stop_once_the_batch_is_proven(monkeypatch):
+    """With the search's goal, beta-CROWN stops stepping once every domain's lower bounds
+    rule out every disjunct (none at all where CROWN's bound already does); without it, or
+    short of it, every step runs. The goal is part of the split state's cache key."""
+    import boundflow.domains.beta as beta
+    from tests.helpers import counted_calls
+
+    g = _net(3)
+    v = _verifier(g, 4, 2, "crown", "torch", None, "time@width")
+    node = relu_inputs(g)[0]
+    box = InputSpec.box(np.full((4, 2), -1.0, np.float32), np.ones((4, 2), np.float32))
+    spec = LinearSpec(np.tile(np.array([[[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]]]), (4, 1, 1)))
+    signs = torch.zeros(4, 12, dtype=torch.int8)
+    signs[:, :2] = 1
+
+    def steps(goal):
+        passes = counted_calls(monkeypatch, beta, "backward")
+        out = v._executor.run(box, spec, upper=False, split=ReluSplit(
+            {node: signs}, beta_iterations=5, goal=goal))
+        monkeypatch.undo()
+        return len(passes), out.lower
+    ranges = ((0, 1), (1, 2))
+    n_none, lower = steps(None)
+    n_easy, _ = steps((torch.full((2,), -1e6), ranges))
+    n_hard, hard = steps((torch.full((2,), 1e6), ranges))
+    assert n_none == n_hard == 6 and n_easy == 0          # 5 steps and the last bound
+    torch.testing.assert_close(hard, lower, rtol=0, atol=0)
+    a = ReluSplit({node: signs}, goal=(torch.zeros(2), ranges))
+    b = ReluSplit({node: signs}, goal=(torch.ones(2), ranges))
+    assert repr(a) != repr(b) != repr(ReluSplit({node: signs}))
+    with pytest.raises(BoundFlowError, match="goal"):
+        ReluSplit({node: signs}, goal=(torch.zeros(2), ((0, 3),)))
