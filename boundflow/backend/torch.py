@@ -375,7 +375,8 @@ class TorchExecutor:
         joint, fresh_input, dead)``. ``kind``: ``view``, ``affine``, ``relu_`` (relu in
         place: its input was computed here, this is its last reader and it is no output),
         ``rule``. ``joint``: the largest batch a linear op takes in the joint product (0:
-        never; :func:`_joint_batch`). ``fresh_input``: a ``relu_``'s input is an affine op's
+        never; :func:`_joint_batch`). A relu runs in place only on a value no view of this
+        task shares (a view read later would see the clamp). ``fresh_input``: a ``relu_``'s input is an affine op's
         new tensor (it can share no memory with the task's inputs). ``dead``: values no
         node after this one reads."""
         key = (t.name, JOINT_MACS, JOINT_WEIGHT_BYTES)   # the limits, read as they are now
@@ -384,17 +385,20 @@ class TorchExecutor:
             return steps
         readers_left = dict(self._readers[t.name])
         kinds: dict[str, str] = {}
+        viewed: set[str] = set()        # values a view node of this task shares memory with
         steps = []
         for name in t.nodes:
             node = self.nodes[name]
             joint = 0
+            src = node.inputs[0] if node.inputs else None
             if node.op in _VIEW_OPS:
                 kind = "view"
+                viewed.add(src)
             elif node.op in _WEIGHTED:
                 kind = "affine"
                 joint = _joint_batch(node, affine[name])
-            elif node.op == "relu" and node.inputs[0] in kinds and \
-                    readers_left[node.inputs[0]] == 1 and node.inputs[0] not in t.outputs:
+            elif node.op == "relu" and src in kinds and readers_left[src] == 1 \
+                    and src not in t.outputs and kinds[src] != "view" and src not in viewed:
                 kind = "relu_"
             else:
                 kind = "rule"
@@ -719,7 +723,9 @@ class TorchExecutor:
             stats["cache"] = cache.stats()
         if keep:
             stats["bounds"] = kept
-        return RunResult(out.a.to("cpu", copy=True), out.b.to("cpu", copy=True), stats)
+        # row-major copies: the output may be a permuted view (a layout's) of a slot
+        return RunResult(*(v.to("cpu", copy=True, memory_format=torch.contiguous_format)
+                           for v in (out.a, out.b)), stats)
 
     def _uniform_pays(self, batch: int) -> bool:
         """Whether :func:`box_value`'s check is worth making for a batch of ``batch``."""

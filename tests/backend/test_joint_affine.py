@@ -192,3 +192,74 @@ def test_an_in_place_relu_never_writes_memory_a_task_reads_elsewhere():
     np.testing.assert_allclose(got.upper, ref.upper, rtol=0, atol=1e-5)
     pts = box_points(x - 0.5, x + 0.5, n=500)
     assert_contains(got.lower, got.upper, true_outputs(model, pts), tol=1e-5)
+
+
+def test_an_in_place_relu_never_clamps_a_value_a_view_still_reads():
+    """A task holding ``h = linear(x)``, ``v = reshape(h)`` and ``relu(h)`` (a plan
+    verifier accepts a hand-made fusion like it): the relu is h's last reader, but v shares
+    h's memory and is read after it, so the relu must not run in place."""
+    import dataclasses
+
+    from boundflow.backend.torch import TorchExecutor
+    from boundflow.domains.interval import Interval, ibp
+    from boundflow.domains.traversal import graph_tensors
+    from boundflow.ir.normalize import normalised
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import default, plan as make_plan
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.a, self.b, self.c = (torch.nn.Linear(6, 4), torch.nn.Linear(4, 3),
+                                      torch.nn.Linear(4, 3))
+
+        def forward(self, x):
+            h = self.a(x)
+            v = h.reshape(-1, 2, 2)
+            return self.b(torch.relu(h)) + self.c(torch.flatten(v, 1))
+    model = Net().eval()
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    g = as_graph(model, torch.from_numpy(x[:1]))
+    gn, _ = normalised(g)
+    w = Workload.of(gn, batch=3, n_specs=0, method="ibp")
+    exe = TorchExecutor(make_plan(gn, w, default(gn, w)), g)
+    last = next(t for t in exe.tasks if t.kind == "ibp" and "linear" not in t.nodes)
+    nodes = ("linear",) + tuple(last.nodes)                       # the first layer fused in
+    merged = dataclasses.replace(last, name="merged", nodes=nodes, inputs=("x",))
+    counts = dict.fromkeys(nodes, 0)
+    for n in nodes:
+        for i in exe.nodes[n].inputs:
+            if i in counts:
+                counts[i] += 1
+    exe._readers["merged"] = counts
+    box = Interval(torch.from_numpy(x - 0.5), torch.from_numpy(x + 0.5))
+    outs, _ = exe._ibp(merged, {"x": tb.Value("lu", box.lower, box.upper)},
+                       graph_tensors(exe.graph, torch.float32), False)
+    got = outs[merged.outputs[0]]
+    ref = ibp(g, box, graph_tensors(g, torch.float32))
+    torch.testing.assert_close(got.a, ref.lower, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.b, ref.upper, rtol=0, atol=1e-5)
+
+
+def test_the_result_is_row_major_whatever_the_plans_layout():
+    """An NHWC plan's output buffer is a permuted view of its slot; the bounds a run returns
+    are row-major tensors all the same (``.view`` works on them)."""
+    from boundflow.backend.torch import TorchExecutor
+    from boundflow.ir.normalize import normalised
+    from boundflow.ir.workload import Workload
+    from boundflow.planner import default, plan as make_plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU()).eval()
+    x = np.random.default_rng(0).normal(size=(2, 2, 4, 5)).astype(np.float32)
+    g = as_graph(model, torch.from_numpy(x[:1]))
+    gn, _ = normalised(g)
+    w = Workload.of(gn, batch=2, n_specs=0, method="ibp")
+    k = default(gn, w)
+    bundle = make_plan(gn, w, k.replace(layouts=tuple("NHWC" for _ in k.layouts)))
+    r = TorchExecutor(bundle, g).run(bf.InputSpec.box(x - 0.1, x + 0.1))
+    ref = bf.compute_bounds(g, x, eps=0.1, method="ibp")
+    assert r.lower.is_contiguous() and r.upper.is_contiguous()
+    torch.testing.assert_close(r.lower.view(2, -1), ref.lower.reshape(2, -1))
+    torch.testing.assert_close(r.upper.view(2, -1), ref.upper.reshape(2, -1))
