@@ -10,6 +10,8 @@ lowering and schedule), plus the ``knobs`` and ``workload`` it came from. ``to_j
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -173,6 +175,17 @@ class PlanBundle:
         """Hash of the whole plan (what a compile cache keys on; computed once)."""
         return memo(self, "_key",
                     lambda: hashlib.sha256(self.to_json().encode()).hexdigest()[:24])
+
+    @property
+    def compile_key(self) -> str:
+        """The key of what a backend compiles of this plan: :attr:`key` of the plan with
+        its workload reading both sides. A lower-bounds workload's plan (a verdict's) and its
+        both-sides twin compile to the same module (the side is an argument of each call),
+        so they share one compiled module."""
+        if self.workload.bounds == "both":
+            return self.key
+        return memo(self, "_compile_key", lambda: dataclasses.replace(
+            self, workload=dataclasses.replace(self.workload, bounds="both")).key)
 
     def peak_bytes(self, batch: int | None = None) -> int:
         """Planned bytes of buffer memory at ``batch`` (default: the workload's)."""

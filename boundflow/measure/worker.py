@@ -364,7 +364,7 @@ def measure_rpc(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
                            "only plans compiled wholly (every task a kernel) run over RPC")
     target = tvm_target(inp.target)        # as the builder resolved it (llvm: this CPU)
     cache = CompileCache(build.artifact)
-    lib, meta = cache.paths(CompileCache.key(bundle.key, target))
+    lib, meta = cache.paths(CompileCache.key(bundle.compile_key, target))
     weight_keys = json.loads(meta.read_text())["weight_keys"]
     session = rpc.connect_tracker(*tracker).request(key, priority=1,
                                                     session_timeout=session_timeout)

@@ -122,3 +122,24 @@ def test_a_backend_whose_run_takes_no_upper_still_bounds_and_verifies(monkeypatc
     np.testing.assert_allclose(got.lower, ref.lower, rtol=0, atol=1e-6)
     res = bf.verify(g, x, labels=[0, 1], backend="mine", **opts)
     assert sum(e.calls for e in made) == 2 and res.verdicts.shape == (2, g.output_shape[0] - 1)
+
+
+def test_a_verdicts_plan_and_its_both_sides_twin_share_one_compiled_module():
+    """The plans of a lower-bounds workload and of its both-sides twin differ in key (their
+    timings differ) but compile to one module (the side is an argument of each call): the
+    second Relax executor finds the first's module, and each answers its own query as the
+    torch backend does."""
+    ex, g, box, C, _ = _setup("random_mlp")
+    lower = bf.compile(g, batch=3, method="alpha-crown", backend="relax", bounds="lower",
+                       alpha=AlphaConfig(iterations=4))
+    both = bf.compile(g, batch=3, method="alpha-crown", backend="relax", bounds="both",
+                      alpha=AlphaConfig(iterations=4))
+    a, b = lower._executor, both._executor
+    assert a.bundle.key != b.bundle.key and a.bundle.compile_key == b.bundle.compile_key
+    assert b.compile_source == "memory"             # the first's module, in this process
+    eager = bf.compile(g, batch=3, method="alpha-crown", bounds="both",
+                       alpha=AlphaConfig(iterations=4))._executor
+    for exe_, upper in ((a, False), (b, True), (a, True), (b, False)):
+        got, ref = exe_.run(box, C, upper=upper), eager.run(box, C, upper=upper)
+        np.testing.assert_allclose(got.lower, ref.lower, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.upper, ref.upper, rtol=1e-5, atol=1e-5)

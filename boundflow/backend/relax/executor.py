@@ -67,7 +67,7 @@ def _name(text: str) -> str:
 
 
 def callback_name(bundle: PlanBundle, task) -> str:
-    return f"boundflow.task.{bundle.key}.{_name(task.name)}"
+    return f"boundflow.task.{bundle.compile_key}.{_name(task.name)}"
 
 
 def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
@@ -215,7 +215,7 @@ class RelaxExecutor:
             self.compile_seconds, self.compile_source = time.perf_counter() - start, "built"
             self.build_seconds = self.compile_seconds
         else:
-            got = cache.get(CompileCache.key(bundle.key, self.target), build)
+            got = cache.get(CompileCache.key(bundle.compile_key, self.target), build)
             executable, self.weight_keys, self.n_kernels = got.module, got.weight_keys, \
                 got.n_kernels
             self.compile_seconds, self.compile_source = got.seconds, got.source
