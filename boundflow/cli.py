@@ -495,6 +495,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.dtype:
             raise BoundFlowError("--dtype does not go with --vnnlib: verify's branch-and-bound "
                                  "bounds in the model's own precision, the workload tuned")
+        args.alpha_iterations = 20 if args.alpha_iterations is None else args.alpha_iterations
+    elif args.alpha_iterations is not None:
+        raise BoundFlowError("--alpha-iterations sets the whole-box bound before a --vnnlib "
+                             "search; give it with --vnnlib")
     elif not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the plans are measured on), "
                              "or --onnx with --vnnlib (the bound workload of its "
@@ -959,7 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the input box to [LO, HI]")
     _method(t, None, f"default crown-ibp; with --vnnlib, the whole-box bound before the "
             f"search, as verify's (default {DEFAULT_METHOD}), and --bab-method the search's")
-    t.add_argument("--alpha-iterations", type=_COUNT, default=20,
+    t.add_argument("--alpha-iterations", type=_COUNT, default=None,
                    help="with --vnnlib: optimisation steps of an alpha-crown whole-box bound, "
                    "as verify's (default 20)")
     t.add_argument("--dtype", choices=["float32", "float64"],

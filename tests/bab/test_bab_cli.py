@@ -129,6 +129,8 @@ def test_a_bad_instance_is_said_and_the_others_are_decided(tmp_path, capsys):
     (["--vnnlib", "boundflow/examples/data/digits_maxpool_cnn.vnnlib", "--onnx",
       "boundflow/examples/data/digits_maxpool_cnn.onnx", "--bab", "relu", "--target",
       "llvm -mcpu=x86-64"], "tune it without --target"),
+    (["--model", "boundflow/examples/data/digits_mlp.pt2", "--input", "x.npy", "--eps", "0.1",
+      "--alpha-iterations", "5"], "give it with --vnnlib"),
 ])
 def test_tune_vnnlib_argument_errors(tmp_path, argv, match, capsys):
     assert main(["tune", "--db", str(tmp_path / "t.db"), *argv]) == 2
