@@ -60,6 +60,7 @@ from boundflow.runtime.cache import BoundCache, CacheKey, array_hash
 __all__ = ["RelaxExecutor", "build_module", "callback_name", "kernel_count", "lowers_to_tir"]
 
 ALIGNMENT = 64          # bytes: what TVM's DLPack import requires of a CPU tensor's data
+_REGISTERING = threading.Lock()     # callbacks registered and their VM made as one step
 
 
 def _name(text: str) -> str:
@@ -232,11 +233,15 @@ class RelaxExecutor:
         if self.fallbacks:
             on_gpu = self.device.dlpack_device_type() != 1       # the callbacks' tensors' device
             self._torch = TorchExecutor(bundle, graph, device="cuda" if on_gpu else "cpu")
+        # the VM looks its packed functions up once, when it is made: our callbacks, just
+        # registered under the module's names (shared by every executor of one compiled
+        # module), must be the ones it finds, even when executors are made in threads
+        with _REGISTERING:
             for t in bundle.task_graph.tasks:
                 if t.name in self.fallbacks:
                     tvm_ffi.register_global_func(callback_name(bundle, t),
                                                  self._callback(t), override=True)
-        self.vm = relax.VirtualMachine(executable, self.device)
+            self.vm = relax.VirtualMachine(executable, self.device)
         tensors = graph_tensors(g, self.dtype)
         self.weights = [tvm.runtime.tensor(param_tensor(tensors, k).numpy(), self.device)
                         for k in self.weight_keys]
