@@ -184,13 +184,16 @@ def _joint_batch(node, params: dict) -> int:
     return JOINT_MACS // max(w.numel(), 1)
 
 
+def _joint_takes(v: Value, limit: int) -> bool:
+    """Whether a linear op whose joint batch limit is ``limit`` (:func:`_joint_batch`)
+    reads ``v`` in one product of both bounds: a ``[batch, n]`` value of at most ``limit``
+    samples whose radius is not one number per sample (that form needs no radius product)."""
+    return v.a.dim() == 2 and v.a.shape[0] <= limit and not (v.form == "cr" and _uniform(v.b))
+
+
 def _joint_pays(node, params: dict, v: Value) -> bool:
-    """Whether the linear ``node`` reads ``v`` in one product of both bounds: a small layer
-    (:func:`_joint_batch`) on a ``[batch, n]`` value whose radius is not one number per
-    sample (that form needs no radius product at all)."""
-    if v.a.dim() != 2 or (v.form == "cr" and _uniform(v.b)):
-        return False
-    return v.a.shape[0] <= _joint_batch(node, params)
+    """Whether the linear ``node`` reads ``v`` in one product of both bounds."""
+    return _joint_takes(v, _joint_batch(node, params))
 
 
 def _affine_joint(params: dict, v: Value) -> Value:
@@ -376,9 +379,9 @@ class TorchExecutor:
         place: its input was computed here, this is its last reader and it is no output),
         ``rule``. ``joint``: the largest batch a linear op takes in the joint product (0:
         never; :func:`_joint_batch`). A relu runs in place only on a value no view of this
-        task shares (a view read later would see the clamp). ``fresh_input``: a ``relu_``'s input is an affine op's
-        new tensor (it can share no memory with the task's inputs). ``dead``: values no
-        node after this one reads."""
+        task shares (a view read later would see the clamp). ``fresh_input``: a ``relu_``'s
+        input is an affine op's new tensor (it can share no memory with the task's inputs).
+        ``dead``: values no node after this one reads."""
         key = (t.name, JOINT_MACS, JOINT_WEIGHT_BYTES)   # the limits, read as they are now
         steps = self._steps.get(key)
         if steps is not None:
@@ -431,9 +434,8 @@ class TorchExecutor:
             elif kind == "affine":
                 v = local[node.inputs[0]]
                 params = affine[name]
-                out = _affine_joint(params, v) if (
-                    v.a.dim() == 2 and v.a.shape[0] <= joint
-                    and not (v.form == "cr" and _uniform(v.b))) else _affine_cr(node, params, v)
+                out = _affine_joint(params, v) if _joint_takes(v, joint) \
+                    else _affine_cr(node, params, v)
             # relu's rule is [relu(l), relu(u)]: computed in place where its input dies here
             # (other activations take their rule from the table)
             elif kind == "relu_" and (fresh or _private(local[node.inputs[0]], inputs)):

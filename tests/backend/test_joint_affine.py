@@ -169,7 +169,8 @@ def test_a_cached_task_output_holds_no_joint_tensor(monkeypatch):
 
 def test_an_in_place_relu_never_writes_memory_a_task_reads_elsewhere():
     """IBP's relu runs in place only on a value its task made fresh: a relu of a view of the
-    input box (here ``flatten(x)``; another branch reads ``x``) must leave the box alone; the bounds equal the reference IBP and hold on sampled points."""
+    input box (here ``flatten(x)``; another branch reads ``x``) must leave the box alone;
+    the bounds equal the reference IBP and hold on sampled points."""
     from boundflow.domains.interval import Interval, ibp
     from boundflow.domains.traversal import graph_tensors
 
