@@ -656,6 +656,7 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
     if not groups:
         raise BoundFlowError(f"{args.vnnlib} has no output constraints to bound")
     strategy = choose_strategy(config, n_in, any(n.op == "relu" for n in graph.nodes))
+    dtype = torch.float64 if graph.dtype == "float64" else torch.float32   # the search's
     if strategy == "relu" and args.target != canonical_target("llvm"):
         raise BoundFlowError(f"the property's branch-and-bound splits ReLUs, whose plans run "
                              f"on the CPU (torch, target llvm): tune it without --target "
@@ -670,7 +671,6 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
     if strategy == "relu":
         first = args.method or DEFAULT_METHOD
         options = BoundOptions(first, alpha=AlphaConfig(iterations=args.alpha_iterations))
-        dtype = torch.float64 if graph.dtype == "float64" else torch.float32
         refuted, open_disjuncts, _ = whole_boxes(graph, groups, options, dtype)
         if not open_disjuncts:
             raise BoundFlowError(f"the whole-box {first} bound refutes every disjunct of "
@@ -686,7 +686,7 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
         hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
     else:
         lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
-    lo, hi = float_box(lo, hi, torch.float64 if graph.dtype == "float64" else torch.float32)
+    lo, hi = float_box(lo, hi, dtype)
     shape = (config.batch,) + tuple(graph.input_shape)
     C = np.broadcast_to(C, (config.batch,) + C.shape)
     log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d spec "

@@ -10,11 +10,9 @@ lowering and schedule), plus the ``knobs`` and ``workload`` it came from. ``to_j
 
 from __future__ import annotations
 
-import dataclasses
-
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from boundflow.errors import BoundFlowError
@@ -184,8 +182,8 @@ class PlanBundle:
         so they share one compiled module."""
         if self.workload.bounds == "both":
             return self.key
-        return memo(self, "_compile_key", lambda: dataclasses.replace(
-            self, workload=dataclasses.replace(self.workload, bounds="both")).key)
+        return memo(self, "_compile_key", lambda: replace(
+            self, workload=replace(self.workload, bounds="both")).key)
 
     def peak_bytes(self, batch: int | None = None) -> int:
         """Planned bytes of buffer memory at ``batch`` (default: the workload's)."""

@@ -39,8 +39,8 @@ import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
 
-from boundflow.backend.torch import (DTYPES, LINES_MEMO_BYTES, RunResult, TorchExecutor,
-                                     Value as TorchValue)
+import boundflow.backend.torch as torch_backend
+from boundflow.backend.torch import DTYPES, RunResult, TorchExecutor, Value as TorchValue
 from boundflow.backend.relax.cache import CompileCache
 from boundflow.backend.relax.coverage import lowers_to_tir
 from boundflow.backend.relax.crown_kernels import BackwardLowering
@@ -294,7 +294,8 @@ class RelaxExecutor:
 
         def run(*arrays):
             if first or self._lines is None:
-                self._views, self._lines = {}, LinesMemo(LINES_MEMO_BYTES)
+                # the torch backend's budget, read now (one knob for both backends)
+                self._views, self._lines = {}, LinesMemo(torch_backend.LINES_MEMO_BYTES)
             env = {b.name: TorchValue(b.form, logical(arrays[2 * i], b),
                                       logical(arrays[2 * i + 1], b))
                    for i, b in enumerate(inputs)}
