@@ -57,6 +57,7 @@ from boundflow.measure import LocalBuilder, LocalRunner, MeasureConfig, MeasureI
 from boundflow.search import Objective, Tuner  # noqa: E402
 from boundflow.search.ranking import Ranker  # noqa: E402
 from boundflow.search.space import TuneSpace  # noqa: E402
+from boundflow.search.tightness import WidthPrior  # noqa: E402
 
 
 def _query(spec: str):
@@ -172,13 +173,18 @@ def main() -> None:
             b = space.bundle(space.sample(rng))
             cands.setdefault(b.key, b)
         bundles = list(cands.values())
-        heads = ranker.predict(ranker.features([(b, args.backend) for b in bundles]))
+        heads = dict(ranker.predict(ranker.features([(b, args.backend) for b in bundles])))
         objective = Objective.parse("time@width")   # the tuner's: as tight as the default
-        value = objective.predicted(heads, float(heads["log_width"][0]))
+        ref = float(heads["log_width"][0])
+        # the tuner's width rules (the default's signature is as tight; the rest pooled)
+        heads["log_width"] = WidthPrior(ranker.graph, default).log_widths(
+            bundles, heads["log_width"], ref)
+        value = objective.predicted(heads, ref)
         top = bundles[int(np.argmin(value))]
         common, widths = _common_pass(q, {**plans, "zero-shot": top, "default": default},
                                       args.rounds, args.backend)
-        best = min(common[k] for k in plans if k in common)
+        best_key = min((k for k in plans if k in common), key=common.get)
+        best = common[best_key]
         ratio = common.get("zero-shot", math.nan) / best
         # the objective keeps only plans as tight as the default: a looser pick is a miss
         floor = widths["default"] * (1 + objective.width_slack) + 1e-12
@@ -192,6 +198,11 @@ def main() -> None:
         print(f"  {name}: zero-shot top plan {ratio:.2f}x the best found"
               f"{'' if tight else ' (looser than the default: outside the objective)'}; to "
               f"within 5%: cold {cold}, warm {warm} trials", flush=True)
+        for what, b in (("best found", plans[best_key]), ("zero-shot", top)):
+            d = b.domain_plan
+            print(f"    {what}: {b.key} intermediate "
+                  f"{','.join(f'{n}={m}' for n, m in d.intermediate)} final {d.final}",
+                  flush=True)
     print(f"\n| workload | sampled plans | zero-shot top / best | as tight as the default | "
           f"trials to 5%: cold | warm |")
     print("|---|---:|---:|---|---:|---:|")

@@ -78,6 +78,12 @@ from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MOD
 from boundflow.search.session import Heartbeat, Progress
 from boundflow.search.space import DEFAULT_BACKEND, Assignment, Candidate, TuneSpace
 from boundflow.search.strategies import make
+from boundflow.search.tightness import WidthPrior
+
+# how much tighter than the width head's pooled prediction a bounds signature no plan of
+# which is measured yet is taken (log units): enough to measure the signatures predicted
+# within about 10% of the baseline's width once each (search.tightness)
+EXPLORE_WIDTH = 0.1
 
 log = logging.getLogger("boundflow.search")
 
@@ -181,6 +187,7 @@ class Tuner:
         self.baseline_bundle, self.baseline = self._baseline()
         self.scope = tuple(dict.fromkeys(self.backends + (self.baseline[1],)))
         self.normalised, _ = normalised(graph)
+        self.widths = WidthPrior(self.normalised, self.baseline_bundle)
         self.config, self.batch_size, self.progress = config, batch_size, progress
         self.final_config = final_config or config
         self.builder = builder if builder is not None else LocalBuilder(timeout_s=config.timeout_s)
@@ -240,13 +247,20 @@ class Tuner:
         ok, cands = self._candidates(assignments)
         out = np.full(len(assignments), np.inf)
         if cands:
-            heads = self.ranker.predict(self.ranker.features(cands))
-            out[ok] = self.objective.predicted(heads, self._ref_log_width)
+            out[ok] = self.objective.predicted(self._heads(cands), self._ref_log_width)
         return out
 
     def width_score(self, assignments: Sequence[Assignment]) -> np.ndarray:
         _, cands = self._candidates(assignments)
-        return self.ranker.predict(self.ranker.features(cands))["log_width"]
+        return self._heads(cands)["log_width"]
+
+    def _heads(self, cands: Sequence[tuple[PlanBundle, str]]) -> dict[str, np.ndarray]:
+        """The model's heads for ``cands``, the width head corrected by what the plans'
+        bounds signatures say (:mod:`boundflow.search.tightness`)."""
+        heads = dict(self.ranker.predict(self.ranker.features(cands)))
+        heads["log_width"] = self.widths.log_widths([b for b, _ in cands], heads["log_width"],
+                                                    self._ref_log_width, EXPLORE_WIDTH)
+        return heads
 
     def refit(self) -> dict:
         """Fit the cost model on the database's records (saved into it) and choose the model
@@ -289,6 +303,8 @@ class Tuner:
                                 graph=self.graph, run_id=self._run_id)
         self._measured_now += 1
         self._mine.setdefault((bundle.key, backend), result)
+        if result.ok:
+            self.widths.observe(bundle, result.mean_width)
         self._first = self._first or time.monotonic()
         self._spent.setdefault(backend, []).append(time.monotonic() - start)
         return result
@@ -336,6 +352,8 @@ class Tuner:
                 self._unmapped.add(c)
             else:
                 by_cand[c] = a
+                if history[c].ok:
+                    self.widths.observe(rec.bundle(), history[c].mean_width)
 
     def _wait(self, beat: Heartbeat, others: set, deadline: float | None) -> None:
         """Wait (the heartbeat goes on) until the candidates other runs claim are not
@@ -521,6 +539,8 @@ class Tuner:
                     self._wait(beat, {self.baseline}, None)    # until its claim goes
                 history = self._history()
             self.reference = history[self.baseline]
+            if self.reference.ok:
+                self.widths.observe(self.baseline_bundle, self.reference.mean_width)
             if not self.reference.ok:
                 raise BoundFlowError(f"the default plan failed to run on the "
                                      f"{self.baseline[1]} backend ({self.reference.error_kind}"

@@ -1,0 +1,92 @@
+"""What the tuner knows of a plan's bound width before measuring it.
+
+The width of a plan's bounds depends only on its *bounds signature*: the pre-activations a
+backward (CROWN) or forward pass tightens (those IBP does not bound exactly already), the
+final method and the relaxation options. Fusion, layout, interval form, storage, lowering,
+schedule and backend change how fast the same bounds come, not the bounds (up to float
+rounding, which the objective's ``width_slack`` absorbs). So, for ``time@width``:
+
+* a plan with the baseline's signature is exactly as tight as the baseline;
+* a plan whose signature a measured plan shares is as tight as that plan was measured;
+* any other plan gets the width head's prediction pooled (averaged) over the candidates of
+  its signature scored together. The head's error between plans of one signature is large
+  (on the digits CNN at batch 1, 117 sampled plans of the default's signature were
+  predicted from -0.50 to +0.07 in log width around the default, though all are equally
+  tight), so one plan's own prediction would let a looser plan pass as tight by chance.
+  The pooled mean still errs (there by -0.12 to +0.26 in log width per signature), so a
+  search that measures may be ``optimistic``: an unmeasured signature is taken as that
+  much tighter, its best plan gets measured once, and from then on its width is known.
+  A pick that is never measured (zero-shot) takes the pooled mean as it is.
+
+:class:`WidthPrior` applies these rules to the width head's predictions (in the model's
+units: ``ref_log_width`` is its prediction for the baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from boundflow.ir.analysis import ibp_exact_nodes
+from boundflow.ir.graph import Graph
+from boundflow.ir.plan import PlanBundle
+
+Signature = tuple
+
+
+def signature(bundle: PlanBundle, exact: frozenset[str]) -> Signature:
+    """What determines ``bundle``'s bounds (``exact``: the pre-activations IBP bounds
+    exactly, where every domain gives the same interval)."""
+    d = bundle.domain_plan
+    tightened = tuple(sorted((n, dom) for n, dom in d.intermediate
+                             if dom != "ibp" and n not in exact))
+    return tightened, d.final, d.lower_slope, d.alpha
+
+
+class WidthPrior:
+    """Log widths of candidate plans from the width head's predictions, corrected by the
+    signature rules above. ``graph``: the normalised graph the plans' node names refer to;
+    ``baseline``: the plan every width is compared with."""
+
+    def __init__(self, graph: Graph, baseline: PlanBundle):
+        self.exact = frozenset(ibp_exact_nodes(graph))
+        self.baseline = signature(baseline, self.exact)
+        self._measured: dict[Signature, float] = {}     # signature -> widest measured width
+        self._baseline_width: float | None = None
+
+    def signature(self, bundle: PlanBundle) -> Signature:
+        return signature(bundle, self.exact)
+
+    def observe(self, bundle: PlanBundle, mean_width: float | None) -> None:
+        """A measured plan's mean width (ignored unless finite and > 0). Plans of one
+        signature differ by rounding only; the widest measurement is kept."""
+        if mean_width is None or not (math.isfinite(mean_width) and mean_width > 0):
+            return
+        sig = self.signature(bundle)
+        self._measured[sig] = max(self._measured.get(sig, 0.0), float(mean_width))
+        if sig == self.baseline:
+            self._baseline_width = self._measured[sig]
+
+    def log_widths(self, bundles: Sequence[PlanBundle], predicted: np.ndarray,
+                   ref_log_width: float | None, optimistic: float = 0.0) -> np.ndarray:
+        """``predicted`` (the width head, one per bundle) with the baseline's signature at
+        ``ref_log_width``, measured signatures at their measured width relative to the
+        baseline's, and the rest pooled per signature, less ``optimistic``."""
+        predicted = np.asarray(predicted, dtype=float)
+        out = predicted.copy()
+        if ref_log_width is None or len(bundles) == 0:
+            return out
+        sigs = [self.signature(b) for b in bundles]
+        pooled: dict[Signature, list[int]] = {}
+        for i, sig in enumerate(sigs):
+            pooled.setdefault(sig, []).append(i)
+        for sig, idx in pooled.items():
+            if sig == self.baseline:
+                out[idx] = ref_log_width
+            elif sig in self._measured and self._baseline_width is not None:
+                out[idx] = ref_log_width + math.log(self._measured[sig] / self._baseline_width)
+            else:
+                out[idx] = float(np.mean(predicted[idx])) - optimistic
+        return out

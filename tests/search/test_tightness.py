@@ -1,0 +1,177 @@
+"""The tuner's width rules (boundflow.search.tightness): a plan's bounds depend on its
+bounds signature only, so plans of the baseline's signature are exactly as tight, measured
+signatures are known, and the rest pool the width head's predictions."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+import boundflow as bf
+from boundflow.db import Database
+from boundflow.ir.workload import Workload
+from boundflow.planner import normalised
+from boundflow.search import Tuner, TuneSpace
+from boundflow.search.tightness import WidthPrior
+from tests.helpers import example_graph
+
+
+def _plans(name="digits_cnn", method="crown", n=60, batch=1):
+    _, g = example_graph(name)
+    space = TuneSpace(g, Workload.of(g, batch=batch, method=method), "torch")
+    rng = random.Random(0)
+    default = space.bundle(space.default())
+    plans = {default.key: default}
+    for _ in range(n):
+        b = space.bundle(space.sample(rng))
+        plans.setdefault(b.key, b)
+    return g, space, default, list(plans.values())
+
+
+def _margins(label=0):
+    """The margin spec of class ``label`` over the other nine digits, ``[1, 9, 10]``."""
+    eye = np.eye(10, dtype=np.float32)
+    return (eye[label] - np.delete(eye, label, 0))[None]
+
+
+def test_plans_of_one_signature_give_the_same_bounds_and_others_may_not():
+    """The rule the prior rests on: fusion, layout, form, storage and lowering never change
+    the bounds; the signature's parts do (here some signature is looser than another)."""
+    ex, _ = example_graph("digits_cnn")
+    g, space, default, plans = _plans()
+    prior = WidthPrior(normalised(g)[0], default)
+    x = torch.as_tensor(ex.inputs[:1]).float()
+    spec = bf.InputSpec.linf(x.numpy(), 0.03, clip=(0.0, 1.0))
+    by_sig: dict = {}
+    for b in plans:
+        r = bf.compute_bounds(g, spec, C=_margins(), plan=b)
+        by_sig.setdefault(prior.signature(b), []).append((b, r))
+    assert len(by_sig) >= 4 and max(len(v) for v in by_sig.values()) >= 3
+    means = []
+    for sig, runs in by_sig.items():
+        lo0, hi0 = runs[0][1].lower, runs[0][1].upper
+        for b, r in runs[1:]:
+            assert torch.allclose(r.lower, lo0, rtol=1e-5, atol=1e-5), sig
+            assert torch.allclose(r.upper, hi0, rtol=1e-5, atol=1e-5), sig
+        means.append(float((hi0 - lo0).mean()))
+    assert max(means) > 1.05 * min(means)          # the signature's parts do matter
+
+
+def test_exact_nodes_and_schedules_do_not_enter_the_signature():
+    g, space, default, plans = _plans()
+    prior = WidthPrior(normalised(g)[0], default)
+    assert prior.exact                               # the first conv's input is the box
+    first = sorted(prior.exact)[0]
+    d = default.domain_plan
+    for b in plans:
+        if b.domain_plan.intermediate != d.intermediate and all(
+                dom == dict(d.intermediate)[n] for n, dom in b.domain_plan.intermediate
+                if n not in prior.exact) and (b.domain_plan.final, b.domain_plan.alpha) == \
+                (d.final, d.alpha):
+            assert prior.signature(b) == prior.baseline     # only exact nodes differ
+            assert dict(b.domain_plan.intermediate)[first] != dict(d.intermediate)[first]
+            break
+    else:
+        raise AssertionError("no sampled plan differs from the default on exact nodes only")
+    same = [b for b in plans if b.knobs.domains == default.knobs.domains
+            and b.knobs.final == default.knobs.final and b.key != default.key]
+    assert same and all(prior.signature(b) == prior.baseline for b in same)
+    other = [b for b in plans if b.domain_plan.final != d.final]
+    assert other and all(prior.signature(b) != prior.baseline for b in other)
+
+
+def test_log_widths_apply_the_three_rules():
+    g, _, default, plans = _plans()
+    prior = WidthPrior(normalised(g)[0], default)
+    sigs = [prior.signature(b) for b in plans]
+    rng = np.random.default_rng(0)
+    predicted = rng.normal(size=len(plans))
+    ref = 0.25
+    got = prior.log_widths(plans, predicted, ref)
+    others = sorted({s for s in sigs if s != prior.baseline}, key=repr)
+    for i, s in enumerate(sigs):
+        if s == prior.baseline:
+            assert got[i] == ref
+        else:
+            idx = [j for j, t in enumerate(sigs) if t == s]
+            assert math.isclose(got[i], predicted[idx].mean())
+    hopeful = prior.log_widths(plans, predicted, ref, optimistic=0.1)  # a search's view
+    assert np.allclose(hopeful[[s != prior.baseline for s in sigs]],
+                       got[[s != prior.baseline for s in sigs]] - 0.1)
+    # a measured signature is known relative to the baseline's measured width; the widest
+    # measurement of a signature is kept; unusable widths are ignored
+    measured = next(b for b, s in zip(plans, sigs) if s == others[0])
+    prior.observe(default, 2.0)
+    prior.observe(measured, 3.0)
+    prior.observe(measured, 2.5)
+    for bad in (None, float("nan"), float("inf"), 0.0, -1.0):
+        prior.observe(measured, bad)
+    got = prior.log_widths(plans, predicted, ref)
+    for i, s in enumerate(sigs):
+        if s == others[0]:
+            assert math.isclose(got[i], ref + math.log(3.0 / 2.0))
+        elif s == prior.baseline:
+            assert got[i] == ref
+    assert np.array_equal(prior.log_widths(plans, predicted, None), predicted)
+
+
+def test_the_tuner_scores_the_defaults_twins_as_tight_as_the_default(tmp_path):
+    """With time@width, a plan of the default's signature is never penalised as looser
+    however the width head errs, and a plan of a looser measured signature always is."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    lower, upper = np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1)
+    C = _margins()
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = Tuner(g, lower, upper, C, method="crown", db=db, backend="torch",
+                      objective="time@width", progress=False)
+        try:
+            tuner._calibrate()
+            rng = random.Random(1)
+            picks = [tuner.space.sample(rng) for _ in range(80)]
+            _, cands = tuner._candidates(picks)
+            heads = tuner._heads(cands)
+            sigs = [tuner.widths.signature(b) for b, _ in cands]
+            twins = [i for i, s in enumerate(sigs) if s == tuner.widths.baseline]
+            assert twins
+            assert np.all(heads["log_width"][twins] == tuner._ref_log_width)
+            # measure nothing, but tell it one looser signature's width
+            loose = next(b for (b, _), s in zip(cands, sigs) if s != tuner.widths.baseline)
+            tuner.widths.observe(tuner.baseline_bundle, 1.0)
+            tuner.widths.observe(loose, 1.5)
+            scores = tuner.score(picks)
+            raw = tuner.ranker.predict(tuner.ranker.features(cands))["log_time"]
+            for i, s in enumerate(sigs):
+                if s == tuner.widths.signature(loose):
+                    assert scores[i] > raw[i] + 5.0          # the objective's penalty
+                elif s == tuner.widths.baseline:
+                    assert scores[i] == raw[i]
+        finally:
+            tuner.close()
+
+
+def test_a_tune_learns_the_widths_it_measures(tmp_path):
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                      method="crown-ibp", db=db, backend="torch", progress=False,
+                      batch_size=2)
+        try:
+            tuner.tune(trials=4)
+            assert tuner.widths._baseline_width == tuner.reference.mean_width
+            assert len(tuner.widths._measured) >= 2
+        finally:
+            tuner.close()
+        # a second tuner learns them from the database (another run's measurements)
+        again = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                      method="crown-ibp", db=db, backend="torch", progress=False,
+                      batch_size=2)
+        try:
+            again.tune(trials=4)
+            assert again.widths._measured == tuner.widths._measured
+        finally:
+            again.close()
