@@ -38,36 +38,54 @@ Signature = tuple
 
 def signature(bundle: PlanBundle, exact: frozenset[str]) -> Signature:
     """What determines ``bundle``'s bounds (``exact``: the pre-activations IBP bounds
-    exactly, where every domain gives the same interval)."""
+    exactly, where every domain gives the same interval). ``sparse=True`` (IBP-unstable
+    neurons only) may loosen later bounds, so it is part of it; auto and ``False`` are
+    the same bounds."""
     d = bundle.domain_plan
     tightened = tuple(sorted((n, dom) for n, dom in d.intermediate
                              if dom != "ibp" and n not in exact))
-    return tightened, d.final, d.lower_slope, d.alpha
+    return tightened, d.final, d.lower_slope, d.alpha, d.sparse is True
+
+
+def _usable(width: float | None) -> bool:
+    return width is not None and math.isfinite(width) and width > 0
 
 
 class WidthPrior:
     """Log widths of candidate plans from the width head's predictions, corrected by the
     signature rules above. ``graph``: the normalised graph the plans' node names refer to;
-    ``baseline``: the plan every width is compared with."""
+    ``baseline``: the plan every width is compared with, whose measured width
+    :meth:`reference` sets (the objective's own floor)."""
 
     def __init__(self, graph: Graph, baseline: PlanBundle):
         self.exact = frozenset(ibp_exact_nodes(graph))
         self.baseline = signature(baseline, self.exact)
-        self._measured: dict[Signature, float] = {}     # signature -> widest measured width
+        self._own: dict[Signature, float] = {}       # this search's measurements
+        self._others: dict[Signature, float] = {}    # read from the database (widest)
         self._baseline_width: float | None = None
 
     def signature(self, bundle: PlanBundle) -> Signature:
         return signature(bundle, self.exact)
 
-    def observe(self, bundle: PlanBundle, mean_width: float | None) -> None:
+    def reference(self, mean_width: float | None) -> None:
+        """The baseline's measured mean width (ignored unless finite and > 0)."""
+        if _usable(mean_width):
+            self._baseline_width = float(mean_width)
+
+    def observe(self, bundle: PlanBundle, mean_width: float | None, own: bool = True) -> None:
         """A measured plan's mean width (ignored unless finite and > 0). Plans of one
-        signature differ by rounding only; the widest measurement is kept."""
-        if mean_width is None or not (math.isfinite(mean_width) and mean_width > 0):
+        signature differ by rounding only; per signature the widest is kept. ``own=False``:
+        a row another run wrote to a shared database, used only for a signature this search
+        has not measured itself (such a row may come from a bad writer)."""
+        if not _usable(mean_width):
             return
+        into = self._own if own else self._others
         sig = self.signature(bundle)
-        self._measured[sig] = max(self._measured.get(sig, 0.0), float(mean_width))
-        if sig == self.baseline:
-            self._baseline_width = self._measured[sig]
+        into[sig] = max(into.get(sig, 0.0), float(mean_width))
+
+    def measured(self, sig: Signature) -> float | None:
+        """The measured mean width of signature ``sig``, if any (this search's first)."""
+        return self._own.get(sig, self._others.get(sig))
 
     def log_widths(self, bundles: Sequence[PlanBundle], predicted: np.ndarray,
                    ref_log_width: float | None, optimistic: float = 0.0) -> np.ndarray:
@@ -85,8 +103,8 @@ class WidthPrior:
         for sig, idx in pooled.items():
             if sig == self.baseline:
                 out[idx] = ref_log_width
-            elif sig in self._measured and self._baseline_width is not None:
-                out[idx] = ref_log_width + math.log(self._measured[sig] / self._baseline_width)
+            elif (w := self.measured(sig)) is not None and self._baseline_width is not None:
+                out[idx] = ref_log_width + math.log(w / self._baseline_width)
             else:
                 out[idx] = float(np.mean(predicted[idx])) - optimistic
         return out

@@ -251,15 +251,23 @@ class Tuner:
         return out
 
     def width_score(self, assignments: Sequence[Assignment]) -> np.ndarray:
-        _, cands = self._candidates(assignments)
-        return self._heads(cands)["log_width"]
+        """Each assignment's log width (CP-SAT's width floor, which adds the exploration
+        allowance once, to the floor, not once per changed decision); ``inf`` when it
+        does not plan."""
+        ok, cands = self._candidates(assignments)
+        out = np.full(len(assignments), np.inf)
+        if cands:
+            out[ok] = self._heads(cands, optimistic=0.0)["log_width"]
+        return out
 
-    def _heads(self, cands: Sequence[tuple[PlanBundle, str]]) -> dict[str, np.ndarray]:
+    def _heads(self, cands: Sequence[tuple[PlanBundle, str]],
+               optimistic: float = EXPLORE_WIDTH) -> dict[str, np.ndarray]:
         """The model's heads for ``cands``, the width head corrected by what the plans'
-        bounds signatures say (:mod:`boundflow.search.tightness`)."""
+        bounds signatures say (:mod:`boundflow.search.tightness`), an unmeasured
+        signature ``optimistic`` tighter."""
         heads = dict(self.ranker.predict(self.ranker.features(cands)))
         heads["log_width"] = self.widths.log_widths([b for b, _ in cands], heads["log_width"],
-                                                    self._ref_log_width, EXPLORE_WIDTH)
+                                                    self._ref_log_width, optimistic)
         return heads
 
     def refit(self) -> dict:
@@ -347,13 +355,15 @@ class Tuner:
                                                         keys=sorted({c[0] for c in new}))}
         for c in new:
             rec = records.get(c[0])
-            a = None if rec is None else self.space.assignment_of(rec.bundle(), c[1])
+            bundle = None if rec is None else rec.bundle()
+            a = None if bundle is None else self.space.assignment_of(bundle, c[1])
             if a is None:
                 self._unmapped.add(c)
             else:
                 by_cand[c] = a
                 if history[c].ok:
-                    self.widths.observe(rec.bundle(), history[c].mean_width)
+                    self.widths.observe(bundle, history[c].mean_width,
+                                        own=c in self._mine)
 
     def _wait(self, beat: Heartbeat, others: set, deadline: float | None) -> None:
         """Wait (the heartbeat goes on) until the candidates other runs claim are not
@@ -540,7 +550,7 @@ class Tuner:
                 history = self._history()
             self.reference = history[self.baseline]
             if self.reference.ok:
-                self.widths.observe(self.baseline_bundle, self.reference.mean_width)
+                self.widths.reference(self.reference.mean_width)
             if not self.reference.ok:
                 raise BoundFlowError(f"the default plan failed to run on the "
                                      f"{self.baseline[1]} backend ({self.reference.error_kind}"
@@ -633,7 +643,8 @@ class Tuner:
         incumbents = self._incumbents(history, by_cand)
         if self.strategy_name == "cpsat" and self.objective.kind == "time@width" \
                 and self._ref_log_width is not None:
-            self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack
+            self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack \
+                + EXPLORE_WIDTH
             self.strategy.width_score = self.width_score
         seen = set(history) | others
         out = []

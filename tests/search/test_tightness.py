@@ -5,6 +5,7 @@ signatures are known, and the rest pool the width head's predictions."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import random
 
 import numpy as np
@@ -14,8 +15,9 @@ import boundflow as bf
 from boundflow.db import Database
 from boundflow.ir.workload import Workload
 from boundflow.planner import normalised
-from boundflow.search import Tuner, TuneSpace
+from boundflow.search import Tuner, TuneSpace, make
 from boundflow.search.tightness import WidthPrior
+from boundflow.search.tuner import EXPLORE_WIDTH
 from tests.helpers import example_graph
 
 
@@ -81,6 +83,11 @@ def test_exact_nodes_and_schedules_do_not_enter_the_signature():
     assert same and all(prior.signature(b) == prior.baseline for b in same)
     other = [b for b in plans if b.domain_plan.final != d.final]
     assert other and all(prior.signature(b) != prior.baseline for b in other)
+    # IBP-unstable neurons only may loosen later bounds: another signature; auto is False's
+    assert prior.signature(replace(default, domain_plan=replace(d, sparse=True))) != \
+        prior.baseline
+    assert prior.signature(replace(default, domain_plan=replace(d, sparse=False))) == \
+        prior.signature(replace(default, domain_plan=replace(d, sparse=None)))
 
 
 def test_log_widths_apply_the_three_rules():
@@ -104,15 +111,23 @@ def test_log_widths_apply_the_three_rules():
     # a measured signature is known relative to the baseline's measured width; the widest
     # measurement of a signature is kept; unusable widths are ignored
     measured = next(b for b, s in zip(plans, sigs) if s == others[0])
-    prior.observe(default, 2.0)
+    shared = next(b for b, s in zip(plans, sigs) if s == others[1])
+    prior.reference(2.0)
+    for bad in (None, float("nan"), float("inf"), 0.0, -1.0):
+        prior.reference(bad)
+        prior.observe(measured, bad)
+    prior.observe(default, 50.0, own=False)         # a database twin cannot move the floor
+    prior.observe(measured, 9.0, own=False)         # this search's own measurement wins
     prior.observe(measured, 3.0)
     prior.observe(measured, 2.5)
-    for bad in (None, float("nan"), float("inf"), 0.0, -1.0):
-        prior.observe(measured, bad)
+    prior.observe(shared, 4.0, own=False)           # known from the database alone
+    prior.observe(shared, 1.0, own=False)
     got = prior.log_widths(plans, predicted, ref)
     for i, s in enumerate(sigs):
         if s == others[0]:
             assert math.isclose(got[i], ref + math.log(3.0 / 2.0))
+        elif s == others[1]:
+            assert math.isclose(got[i], ref + math.log(4.0 / 2.0))
         elif s == prior.baseline:
             assert got[i] == ref
     assert np.array_equal(prior.log_widths(plans, predicted, None), predicted)
@@ -140,7 +155,7 @@ def test_the_tuner_scores_the_defaults_twins_as_tight_as_the_default(tmp_path):
             assert np.all(heads["log_width"][twins] == tuner._ref_log_width)
             # measure nothing, but tell it one looser signature's width
             loose = next(b for (b, _), s in zip(cands, sigs) if s != tuner.widths.baseline)
-            tuner.widths.observe(tuner.baseline_bundle, 1.0)
+            tuner.widths.reference(1.0)
             tuner.widths.observe(loose, 1.5)
             scores = tuner.score(picks)
             raw = tuner.ranker.predict(tuner.ranker.features(cands))["log_time"]
@@ -149,6 +164,23 @@ def test_the_tuner_scores_the_defaults_twins_as_tight_as_the_default(tmp_path):
                     assert scores[i] > raw[i] + 5.0          # the objective's penalty
                 elif s == tuner.widths.baseline:
                     assert scores[i] == raw[i]
+            # an unmeasured signature: its pooled width, taken EXPLORE_WIDTH tighter by the
+            # objective (once per plan) and not by CP-SAT's per-decision width scores, whose
+            # floor carries the allowance once
+            assert EXPLORE_WIDTH > 0
+            widths = tuner.width_score(picks)
+            hopeful = tuner._heads(cands)["log_width"]
+            known = {tuner.widths.baseline, tuner.widths.signature(loose)}
+            fresh = [i for i, s in enumerate(sigs) if s not in known]
+            assert fresh
+            assert np.allclose(hopeful[fresh], widths[fresh] - EXPLORE_WIDTH)
+            assert np.all(widths[twins] == tuner._ref_log_width)
+            assert np.isinf(tuner.width_score([("not", "an assignment")]))[0]
+            tuner.strategy = make("cpsat", tuner.space)
+            tuner.strategy_name = "cpsat"
+            tuner._propose(1, {}, {}, set())
+            assert tuner.strategy.max_log_width == tuner._ref_log_width + \
+                tuner.objective.width_slack + EXPLORE_WIDTH
         finally:
             tuner.close()
 
@@ -163,7 +195,7 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
         try:
             tuner.tune(trials=4)
             assert tuner.widths._baseline_width == tuner.reference.mean_width
-            assert len(tuner.widths._measured) >= 2
+            assert len(tuner.widths._own) >= 2 and not tuner.widths._others
         finally:
             tuner.close()
         # a second tuner learns them from the database (another run's measurements)
@@ -172,6 +204,10 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
                       batch_size=2)
         try:
             again.tune(trials=4)
-            assert again.widths._measured == tuner.widths._measured
+            assert again.widths._baseline_width == tuner.widths._baseline_width
+            theirs = {s: w for s, w in tuner.widths._own.items()
+                      if s != tuner.widths.baseline}
+            assert theirs and not again.widths._own
+            assert {s: again.widths.measured(s) for s in theirs} == theirs
         finally:
             again.close()
