@@ -9,7 +9,8 @@ workloads (``example@batch:method``; ``acasxu`` and ``test_small`` from ../share
 as in ``bench_tune.py``) are left out of a training set built from it, which stands in for
 the shipped one. Then, per held-out workload, on the torch backend:
 
-* **zero-shot**: the model ranks 2,000 sampled plans of the workload's space without
+* **zero-shot**: the model ranks 2,000 sampled plans of the workload's space (and the
+  schedule presets a tune measures first) without
   measuring any; its top plan is measured beside the best plan the tunes below found, in
   one final runner pass (ratio: top plan time / best time; aim <= 1.2). Under the tuner's
   objective (time@width) a plan looser than the default does not count, however fast: the
@@ -169,6 +170,9 @@ def main() -> None:
         rng = random.Random(0)
         default = space.bundle(space.default())
         cands = {default.key: default}
+        for a in space.seeds():               # what a tune measures first (schedule presets)
+            b = space.bundle(a)
+            cands.setdefault(b.key, b)
         for _ in range(args.samples):
             b = space.bundle(space.sample(rng))
             cands.setdefault(b.key, b)

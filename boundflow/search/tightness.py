@@ -17,6 +17,12 @@ rounding, which the objective's ``width_slack`` absorbs). So, for ``time@width``
   search that measures may be ``optimistic``: an unmeasured signature is taken as that
   much tighter, its best plan gets measured once, and from then on its width is known.
   A pick that is never measured (zero-shot) takes the pooled mean as it is.
+* a signature that only gives up tightening the baseline does (an IBP final bound for a
+  CROWN one, IBP intervals where the baseline's backward or forward passes tighten: "more
+  CROWN is never looser" turned around) is at best as tight, and in practice looser: it
+  counts as at least ``LOOSER`` looser than the baseline until measured, with no
+  optimism (the width head once put ACAS Xu's IBP-final Relax plans as tight as the
+  CROWN default's, and zero-shot picked one).
 
 :class:`WidthPrior` applies these rules to the width head's predictions (in the model's
 units: ``ref_log_width`` is its prediction for the baseline).
@@ -35,6 +41,9 @@ from boundflow.ir.plan import PlanBundle
 
 Signature = tuple
 
+LOOSER = 0.01          # log width a dominated, unmeasured signature is taken to lose at least
+_FINAL_ORDER = {"ibp": 0, "crown": 1, "alpha-crown": 2}
+
 
 def signature(bundle: PlanBundle, exact: frozenset[str]) -> Signature:
     """What determines ``bundle``'s bounds (``exact``: the pre-activations IBP bounds
@@ -45,6 +54,18 @@ def signature(bundle: PlanBundle, exact: frozenset[str]) -> Signature:
     tightened = tuple(sorted((n, dom) for n, dom in d.intermediate
                              if dom != "ibp" and n not in exact))
     return tightened, d.final, d.lower_slope, d.alpha, d.sparse is True
+
+
+def dominated(sig: Signature, base: Signature) -> bool:
+    """Whether ``sig`` differs from ``base`` only by tightening less: its final method no
+    tighter, every pre-activation it tightens tightened the same way by ``base``, the same
+    relaxation options."""
+    if sig == base or sig[2:] != base[2:]:
+        return False
+    rank = _FINAL_ORDER.get
+    if rank(sig[1]) is None or rank(base[1]) is None or rank(sig[1]) > rank(base[1]):
+        return False
+    return set(sig[0]) <= set(base[0])
 
 
 def _usable(width: float | None) -> bool:
@@ -91,7 +112,8 @@ class WidthPrior:
                    ref_log_width: float | None, optimistic: float = 0.0) -> np.ndarray:
         """``predicted`` (the width head, one per bundle) with the baseline's signature at
         ``ref_log_width``, measured signatures at their measured width relative to the
-        baseline's, and the rest pooled per signature, less ``optimistic``."""
+        baseline's, signatures that only tighten less at least ``LOOSER`` looser, and the
+        rest pooled per signature, less ``optimistic``."""
         predicted = np.asarray(predicted, dtype=float)
         out = predicted.copy()
         if ref_log_width is None or len(bundles) == 0:
@@ -105,6 +127,8 @@ class WidthPrior:
                 out[idx] = ref_log_width
             elif (w := self.measured(sig)) is not None and self._baseline_width is not None:
                 out[idx] = ref_log_width + math.log(w / self._baseline_width)
+            elif dominated(sig, self.baseline):
+                out[idx] = max(float(np.mean(predicted[idx])), ref_log_width + LOOSER)
             else:
                 out[idx] = float(np.mean(predicted[idx])) - optimistic
         return out

@@ -16,7 +16,7 @@ from boundflow.db import Database
 from boundflow.ir.workload import Workload
 from boundflow.planner import normalised
 from boundflow.search import Tuner, TuneSpace, make
-from boundflow.search.tightness import WidthPrior
+from boundflow.search.tightness import LOOSER, WidthPrior, dominated
 from boundflow.search.tuner import EXPLORE_WIDTH
 from tests.helpers import example_graph
 
@@ -90,7 +90,23 @@ def test_exact_nodes_and_schedules_do_not_enter_the_signature():
         prior.signature(replace(default, domain_plan=replace(d, sparse=None)))
 
 
-def test_log_widths_apply_the_three_rules():
+def test_dominated_signatures_only_tighten_less():
+    base = ((("a", "crown"), ("b", "forward")), "crown", "adaptive", (), False)
+    assert not dominated(base, base)
+    assert dominated(((("a", "crown"), ("b", "forward")), "ibp", "adaptive", (), False), base)
+    assert dominated(((("b", "forward"),), "crown", "adaptive", (), False), base)
+    assert dominated(((), "ibp", "adaptive", (), False), base)
+    # tighter somewhere, another domain somewhere, a tighter final, other options: no
+    assert not dominated(((("a", "crown"), ("b", "forward"), ("c", "crown")), "ibp",
+                          "adaptive", (), False), base)
+    assert not dominated(((("a", "forward"), ("b", "forward")), "ibp", "adaptive", (), False),
+                         base)
+    assert not dominated(((("a", "crown"),), "alpha-crown", "adaptive", (), False), base)
+    assert not dominated(((("a", "crown"),), "crown", "zero", (), False), base)
+    assert not dominated(((("a", "crown"),), "crown", "adaptive", (), True), base)
+
+
+def test_log_widths_apply_the_rules():
     g, _, default, plans = _plans()
     prior = WidthPrior(normalised(g)[0], default)
     sigs = [prior.signature(b) for b in plans]
@@ -98,16 +114,21 @@ def test_log_widths_apply_the_three_rules():
     predicted = rng.normal(size=len(plans))
     ref = 0.25
     got = prior.log_widths(plans, predicted, ref)
-    others = sorted({s for s in sigs if s != prior.baseline}, key=repr)
+    others = sorted({s for s in sigs if s != prior.baseline and not dominated(s, prior.baseline)},
+                    key=repr)
     for i, s in enumerate(sigs):
         if s == prior.baseline:
             assert got[i] == ref
+        elif dominated(s, prior.baseline):          # never tight until measured
+            idx = [j for j, t in enumerate(sigs) if t == s]
+            assert math.isclose(got[i], max(predicted[idx].mean(), ref + LOOSER))
         else:
             idx = [j for j, t in enumerate(sigs) if t == s]
             assert math.isclose(got[i], predicted[idx].mean())
     hopeful = prior.log_widths(plans, predicted, ref, optimistic=0.1)  # a search's view
-    assert np.allclose(hopeful[[s != prior.baseline for s in sigs]],
-                       got[[s != prior.baseline for s in sigs]] - 0.1)
+    free = [s in others for s in sigs]
+    assert any(free) and np.allclose(hopeful[free], got[free] - 0.1)
+    assert np.array_equal(hopeful[np.logical_not(free)], got[np.logical_not(free)])
     # a measured signature is known relative to the baseline's measured width; the widest
     # measurement of a signature is kept; unusable widths are ignored
     measured = next(b for b, s in zip(plans, sigs) if s == others[0])
@@ -171,9 +192,14 @@ def test_the_tuner_scores_the_defaults_twins_as_tight_as_the_default(tmp_path):
             widths = tuner.width_score(picks)
             hopeful = tuner._heads(cands)["log_width"]
             known = {tuner.widths.baseline, tuner.widths.signature(loose)}
-            fresh = [i for i, s in enumerate(sigs) if s not in known]
+            fresh = [i for i, s in enumerate(sigs)
+                     if s not in known and not dominated(s, tuner.widths.baseline)]
             assert fresh
             assert np.allclose(hopeful[fresh], widths[fresh] - EXPLORE_WIDTH)
+            worse = [i for i, s in enumerate(sigs)
+                     if s not in known and dominated(s, tuner.widths.baseline)]
+            assert worse and np.all(hopeful[worse] >= tuner._ref_log_width + LOOSER)
+            assert np.all(scores[worse] > raw[worse] + 5.0)
             assert np.all(widths[twins] == tuner._ref_log_width)
             assert np.isinf(tuner.width_score([("not", "an assignment")]))[0]
             tuner.strategy = make("cpsat", tuner.space)
