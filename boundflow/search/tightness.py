@@ -60,12 +60,16 @@ def dominated(sig: Signature, base: Signature) -> bool:
     """Whether ``sig`` differs from ``base`` only by tightening less: its final method no
     tighter, every pre-activation it tightens tightened the same way by ``base``, the same
     relaxation options."""
-    if sig == base or sig[2:] != base[2:]:
+    (tightened, final, slope, alpha, sparse), base_parts = sig, base
+    b_tightened, b_final, b_slope, b_alpha, b_sparse = base_parts
+    if sig == base or (slope, sparse) != (b_slope, b_sparse):
         return False
     rank = _FINAL_ORDER.get
-    if rank(sig[1]) is None or rank(base[1]) is None or rank(sig[1]) > rank(base[1]):
+    if rank(final) is None or rank(b_final) is None or rank(final) > rank(b_final):
         return False
-    return set(sig[0]) <= set(base[0])
+    if final == b_final == "alpha-crown" and alpha != b_alpha:
+        return False                 # other optimiser settings: no order
+    return set(tightened) <= set(b_tightened)
 
 
 def _usable(width: float | None) -> bool:
@@ -109,11 +113,12 @@ class WidthPrior:
         return self._own.get(sig, self._others.get(sig))
 
     def log_widths(self, bundles: Sequence[PlanBundle], predicted: np.ndarray,
-                   ref_log_width: float | None, optimistic: float = 0.0) -> np.ndarray:
+                   ref_log_width: float | None, optimistic: float = 0.0,
+                   slack: float = 0.0) -> np.ndarray:
         """``predicted`` (the width head, one per bundle) with the baseline's signature at
         ``ref_log_width``, measured signatures at their measured width relative to the
-        baseline's, signatures that only tighten less at least ``LOOSER`` looser, and the
-        rest pooled per signature, less ``optimistic``."""
+        baseline's, signatures that only tighten less at least ``LOOSER`` beyond the
+        objective's ``slack``, and the rest pooled per signature, less ``optimistic``."""
         predicted = np.asarray(predicted, dtype=float)
         out = predicted.copy()
         if ref_log_width is None or len(bundles) == 0:
@@ -128,7 +133,8 @@ class WidthPrior:
             elif (w := self.measured(sig)) is not None and self._baseline_width is not None:
                 out[idx] = ref_log_width + math.log(w / self._baseline_width)
             elif dominated(sig, self.baseline):
-                out[idx] = max(float(np.mean(predicted[idx])), ref_log_width + LOOSER)
+                out[idx] = max(float(np.mean(predicted[idx])),
+                               ref_log_width + slack + LOOSER)
             else:
                 out[idx] = float(np.mean(predicted[idx])) - optimistic
         return out

@@ -267,7 +267,8 @@ class Tuner:
         signature ``optimistic`` tighter."""
         heads = dict(self.ranker.predict(self.ranker.features(cands)))
         heads["log_width"] = self.widths.log_widths([b for b, _ in cands], heads["log_width"],
-                                                    self._ref_log_width, optimistic)
+                                                    self._ref_log_width, optimistic,
+                                                    self.objective.width_slack)
         return heads
 
     def refit(self) -> dict:

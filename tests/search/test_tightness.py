@@ -104,6 +104,24 @@ def test_dominated_signatures_only_tighten_less():
     assert not dominated(((("a", "crown"),), "alpha-crown", "adaptive", (), False), base)
     assert not dominated(((("a", "crown"),), "crown", "zero", (), False), base)
     assert not dominated(((("a", "crown"),), "crown", "adaptive", (), True), base)
+    # an alpha-CROWN baseline (its optimiser settings are part of it) dominates CROWN and
+    # IBP finals, and alpha-CROWN ones only with the same settings
+    alpha = (("iterations", 20), ("lr", 0.1))
+    top = ((("a", "crown"),), "alpha-crown", "adaptive", alpha, False)
+    assert dominated(((("a", "crown"),), "crown", "adaptive", (), False), top)
+    assert dominated(((), "ibp", "adaptive", (), False), top)
+    assert dominated(((), "alpha-crown", "adaptive", alpha, False), top)
+    assert not dominated(((), "alpha-crown", "adaptive", (("iterations", 5),), False), top)
+
+
+def test_an_alpha_crown_baseline_dominates_its_crown_final_plans():
+    g, _, default, plans = _plans(method="alpha-crown", n=40)
+    prior = WidthPrior(normalised(g)[0], default)
+    assert default.domain_plan.final == "alpha-crown" and default.domain_plan.alpha
+    base = prior.baseline
+    lower = [s for s in map(prior.signature, plans)
+             if s[1] in ("crown", "ibp") and set(s[0]) <= set(base[0])]
+    assert lower and all(dominated(s, base) for s in lower)
 
 
 def test_log_widths_apply_the_rules():
@@ -116,6 +134,7 @@ def test_log_widths_apply_the_rules():
     got = prior.log_widths(plans, predicted, ref)
     others = sorted({s for s in sigs if s != prior.baseline and not dominated(s, prior.baseline)},
                     key=repr)
+    assert any(dominated(s, prior.baseline) for s in sigs) and len(others) >= 2
     for i, s in enumerate(sigs):
         if s == prior.baseline:
             assert got[i] == ref
