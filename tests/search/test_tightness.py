@@ -234,25 +234,22 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
     ex, g = example_graph("digits_cnn")
     x = ex.inputs[:1].astype(np.float32)
     with Database(str(tmp_path / "t.db")) as db:
-        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+        def tune() -> Tuner:
+            t = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
                       method="crown-ibp", db=db, backend="torch", progress=False,
                       batch_size=2)
-        try:
-            tuner.tune(trials=4)
-            assert tuner.widths._baseline_width == tuner.reference.mean_width
-            assert len(tuner.widths._own) >= 2 and not tuner.widths._others
-        finally:
-            tuner.close()
-        # a second tuner learns them from the database (another run's measurements)
-        again = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
-                      method="crown-ibp", db=db, backend="torch", progress=False,
-                      batch_size=2)
-        try:
-            again.tune(trials=4)
-            assert again.widths._baseline_width == tuner.widths._baseline_width
-            theirs = {s: w for s, w in tuner.widths._own.items()
-                      if s != tuner.widths.baseline}
-            assert theirs and not again.widths._own
-            assert {s: again.widths.measured(s) for s in theirs} == theirs
-        finally:
-            again.close()
+            try:
+                t.tune(trials=4)
+            finally:
+                t.close()
+            return t
+
+        first = tune()
+        assert first.widths._baseline_width == first.reference.mean_width
+        assert len(first.widths._own) >= 2 and not first.widths._others
+        # a second run learns them from the database (another run's measurements)
+        again = tune()
+        assert again.widths._baseline_width == first.widths._baseline_width
+        theirs = {s: w for s, w in first.widths._own.items() if s != first.widths.baseline}
+        assert theirs and not again.widths._own
+        assert {s: again.widths.measured(s) for s in theirs} == theirs
