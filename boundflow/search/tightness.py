@@ -49,7 +49,8 @@ def signature(bundle: PlanBundle, exact: frozenset[str]) -> Signature:
     """What determines ``bundle``'s bounds (``exact``: the pre-activations IBP bounds
     exactly, where every domain gives the same interval). ``sparse=True`` (IBP-unstable
     neurons only) may loosen later bounds, so it is part of it; auto and ``False`` are
-    the same bounds."""
+    the same bounds. The nodes tightened are ``domains.crown``'s ``crown_nodes`` and
+    ``forward_nodes`` with their domains, from ``exact`` computed once per search."""
     d = bundle.domain_plan
     tightened = tuple(sorted((n, dom) for n, dom in d.intermediate
                              if dom != "ibp" and n not in exact))
@@ -60,8 +61,8 @@ def dominated(sig: Signature, base: Signature) -> bool:
     """Whether ``sig`` differs from ``base`` only by tightening less: its final method no
     tighter, every pre-activation it tightens tightened the same way by ``base``, the same
     relaxation options."""
-    (tightened, final, slope, alpha, sparse), base_parts = sig, base
-    b_tightened, b_final, b_slope, b_alpha, b_sparse = base_parts
+    tightened, final, slope, alpha, sparse = sig
+    b_tightened, b_final, b_slope, b_alpha, b_sparse = base
     if sig == base or (slope, sparse) != (b_slope, b_sparse):
         return False
     rank = _FINAL_ORDER.get
