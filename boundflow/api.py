@@ -78,14 +78,42 @@ class VerifyResult:
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _module_key(module: torch.nn.Module, sample_shape: tuple, dtype: torch.dtype) -> tuple:
-    state = tuple((k, v.data_ptr(), v._version) for k, v in module.state_dict().items())
-    return sample_shape, dtype, state
+def _module_state(module: torch.nn.Module) -> tuple[tuple, torch.dtype | None]:
+    """What a traced graph of ``module`` depends on, compared by identity, and the module's
+    own float dtype (its first floating parameter's, else its first floating buffer's).
+
+    The state is every submodule (the objects themselves: replacing a layer, even one with
+    no weights such as a ReLU, changes it) and the memory and version counter of every
+    parameter and buffer (reassigning one, or writing it in place, changes it). A
+    submodule's other attributes (e.g. a LeakyReLU's ``negative_slope``) are read at trace
+    time only. One walk over the module dicts: a few µs, where ``state_dict()`` took ~30 µs
+    a call on a 17-layer MLP."""
+    state: list = []
+    param_dtype = buffer_dtype = None
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        state.append(m if m is not module else None)   # the root is the cache's weak key
+        for v in m._parameters.values():
+            if v is not None:
+                state += (v.data_ptr(), v._version)
+                if param_dtype is None and v.is_floating_point():
+                    param_dtype = v.dtype
+        for v in m._buffers.values():
+            if v is not None:
+                state += (v.data_ptr(), v._version)
+                if buffer_dtype is None and v.is_floating_point():
+                    buffer_dtype = v.dtype
+        if m._modules:
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return tuple(state), param_dtype or buffer_dtype
 
 
 def as_graph(model: Any, sample: torch.Tensor | None = None) -> Graph:
     """The IR graph of ``model``. A module is traced on ``sample`` once and re-traced only
-    when its input shape or its weights change."""
+    when its input shape or dtype, a submodule, or a parameter or buffer (replaced or
+    written in place) changes; a layer's other attributes are read when it is traced (after
+    changing one, e.g. a LeakyReLU's slope, pass a new module)."""
     if isinstance(model, Graph):
         return model
     if isinstance(model, torch.export.ExportedProgram):
@@ -93,13 +121,17 @@ def as_graph(model: Any, sample: torch.Tensor | None = None) -> Graph:
     if isinstance(model, torch.nn.Module):
         if sample is None:
             raise BoundFlowError("tracing a torch module needs an input to trace it on")
-        key = _module_key(model, tuple(sample.shape[1:]), sample.dtype)
-        cached = _TRACED.get(model)
-        if cached is None or cached[0] != key:
-            _TRACED[model] = cached = (key, from_torch(model, sample))
-        return cached[1]
+        return _traced(model, sample, _module_state(model)[0])
     raise BoundFlowError(f"model must be a boundflow Graph, a torch.nn.Module or an "
                          f"ExportedProgram, got {type(model).__name__}")
+
+
+def _traced(module: torch.nn.Module, sample: torch.Tensor, state: tuple) -> Graph:
+    key = (tuple(sample.shape[1:]), sample.dtype, state)
+    cached = _TRACED.get(module)
+    if cached is None or cached[0] != key:
+        _TRACED[module] = cached = (key, from_torch(module, sample))
+    return cached[1]
 
 
 def _as_numpy(value: Any, what: str) -> np.ndarray:
@@ -142,12 +174,12 @@ def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]
     spec = input_spec(x, eps, clip)
     if dtype is not None and dtype not in _DTYPES:
         raise BoundFlowError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-    sample = None
     if isinstance(model, torch.nn.Module):  # trace in the module's own precision
-        floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        sample = torch.as_tensor(spec.center[:1]).to(floats[0].dtype if floats
-                                                     else torch.float32)
-    graph = as_graph(model, sample)
+        state, own = _module_state(model)
+        centre = (spec.lower[:1] + spec.upper[:1]) / 2
+        graph = _traced(model, torch.as_tensor(centre).to(own or torch.float32), state)
+    else:
+        graph = as_graph(model)
     _check_input(graph, spec)
     return graph, spec, _DTYPES[dtype or graph.dtype]
 

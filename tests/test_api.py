@@ -70,6 +70,40 @@ def test_module_is_retraced_when_its_weights_change():
     torch.testing.assert_close(second.width, 2 * first.width)
 
 
+def test_module_is_retraced_when_a_layer_or_a_tensor_is_replaced():
+    """A cached trace of a module whose layer was swapped would bound another network:
+    replacing a weightless layer, reassigning a parameter or writing a buffer re-traces,
+    and the bounds hold for the module as it is now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    x = np.zeros((1, 3), np.float32)
+    sample = torch.from_numpy(x)
+    g = as_graph(model, sample)
+
+    def check_sound():
+        bounds = bf.compute_bounds(model, x, eps=1.0)
+        values = true_outputs(model, box_points(x - 1.0, x + 1.0, n=2000))
+        assert np.all(values >= bounds.lower.numpy()[:, None] - 1e-5)
+        assert np.all(values <= bounds.upper.numpy()[:, None] + 1e-5)
+
+    check_sound()
+    model[1] = nn.Tanh()                                      # no weights of its own
+    assert as_graph(model, sample) is not g
+    g = as_graph(model, sample)
+    check_sound()
+    model[3].weight = nn.Parameter(3 * model[3].weight.detach())
+    assert as_graph(model, sample) is not g
+    g = as_graph(model, sample)
+    check_sound()
+    with torch.no_grad():
+        model[2].running_var.mul_(0.01)                       # a buffer, in place
+    assert as_graph(model, sample) is not g
+    g = as_graph(model, sample)
+    check_sound()
+    assert as_graph(model, sample) is g
+    assert as_graph(model, sample.double()) is not g          # another dtype traces anew
+
+
 def test_verify_margin_verdicts_are_sound(mlp):
     x, labels = mlp.inputs[:8], mlp.labels[:8]
     eps = 0.01
