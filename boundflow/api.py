@@ -21,6 +21,7 @@ from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
 from boundflow.domains.crown import LOWER_SLOPES
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
+from boundflow.frontend.module_state import Snapshot, own_dtype
 from boundflow.frontend.torch import from_exported, from_torch
 from boundflow import backend as backends
 from boundflow.ir.domain_plan import METHODS, DomainPlan
@@ -78,42 +79,10 @@ class VerifyResult:
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _module_state(module: torch.nn.Module) -> tuple[tuple, torch.dtype | None]:
-    """What a traced graph of ``module`` depends on, compared by identity, and the module's
-    own float dtype (its first floating parameter's, else its first floating buffer's).
-
-    The state is every submodule (the objects themselves: replacing a layer, even one with
-    no weights such as a ReLU, changes it) and the memory and version counter of every
-    parameter and buffer (reassigning one, or writing it in place, changes it). A
-    submodule's other attributes (e.g. a LeakyReLU's ``negative_slope``) are read at trace
-    time only. One walk over the module dicts: a few µs, where ``state_dict()`` took ~30 µs
-    a call on a 17-layer MLP."""
-    state: list = []
-    param_dtype = buffer_dtype = None
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        state.append(m if m is not module else None)   # the root is the cache's weak key
-        for v in m._parameters.values():
-            if v is not None:
-                state += (v.data_ptr(), v._version)
-                if param_dtype is None and v.is_floating_point():
-                    param_dtype = v.dtype
-        for v in m._buffers.values():
-            if v is not None:
-                state += (v.data_ptr(), v._version)
-                if buffer_dtype is None and v.is_floating_point():
-                    buffer_dtype = v.dtype
-        if m._modules:
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return tuple(state), param_dtype or buffer_dtype
-
-
 def as_graph(model: Any, sample: torch.Tensor | None = None) -> Graph:
     """The IR graph of ``model``. A module is traced on ``sample`` once and re-traced only
-    when its input shape or dtype, a submodule, or a parameter or buffer (replaced or
-    written in place) changes; a layer's other attributes are read when it is traced (after
-    changing one, e.g. a LeakyReLU's slope, pass a new module)."""
+    when its input shape or dtype or the module changes: a submodule, a hook, a setting or a
+    weight (:class:`~boundflow.frontend.module_state.Snapshot`)."""
     if isinstance(model, Graph):
         return model
     if isinstance(model, torch.export.ExportedProgram):
@@ -121,17 +90,25 @@ def as_graph(model: Any, sample: torch.Tensor | None = None) -> Graph:
     if isinstance(model, torch.nn.Module):
         if sample is None:
             raise BoundFlowError("tracing a torch module needs an input to trace it on")
-        return _traced(model, sample, _module_state(model)[0])
+        return _traced(model, tuple(sample.shape[1:]), sample.dtype, lambda: sample)
     raise BoundFlowError(f"model must be a boundflow Graph, a torch.nn.Module or an "
                          f"ExportedProgram, got {type(model).__name__}")
 
 
-def _traced(module: torch.nn.Module, sample: torch.Tensor, state: tuple) -> Graph:
-    key = (tuple(sample.shape[1:]), sample.dtype, state)
+def _traced(module: torch.nn.Module, sample_shape: tuple, dtype: torch.dtype | None,
+            sample: Any) -> Graph:
+    """The cached trace of ``module`` on samples of ``sample_shape`` and ``dtype`` (None:
+    the module's own precision), traced anew on ``sample()`` (a ``[1, *sample_shape]``
+    array or tensor) when there is none or the module changed since (see
+    :class:`~boundflow.frontend.module_state.Snapshot`)."""
     cached = _TRACED.get(module)
-    if cached is None or cached[0] != key:
-        _TRACED[module] = cached = (key, from_torch(module, sample))
-    return cached[1]
+    if cached is not None and cached[2].matches(module):
+        if cached[0] == sample_shape and cached[1] == (dtype or cached[2].dtype):
+            return cached[3]
+    dtype = dtype or own_dtype(module)
+    graph = from_torch(module, torch.as_tensor(sample()).to(dtype))
+    _TRACED[module] = (sample_shape, dtype, Snapshot(module), graph)
+    return graph
 
 
 def _as_numpy(value: Any, what: str) -> np.ndarray:
@@ -175,9 +152,8 @@ def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]
     if dtype is not None and dtype not in _DTYPES:
         raise BoundFlowError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     if isinstance(model, torch.nn.Module):  # trace in the module's own precision
-        state, own = _module_state(model)
-        centre = (spec.lower[:1] + spec.upper[:1]) / 2
-        graph = _traced(model, torch.as_tensor(centre).to(own or torch.float32), state)
+        graph = _traced(model, spec.sample_shape, None,
+                        lambda: (spec.lower[:1] + spec.upper[:1]) / 2)
     else:
         graph = as_graph(model)
     _check_input(graph, spec)
@@ -233,11 +209,12 @@ def executor(plan: PlanBundle, graph: Graph, backend: str = "torch", target: str
     per_graph = _EXECUTORS.setdefault(graph, {})
     key = (plan.key, backend, str(target))
     if key not in per_graph:
-        if plan.key not in _TRUSTED:
+        trusted = _TRUSTED.setdefault(graph, set())
+        if plan.key not in trusted:
             from boundflow.planner import check_plan
 
             check_plan(graph, plan)      # a plan from a file or a database is data, not code
-            _TRUSTED.add(plan.key)
+            trusted.add(plan.key)
         per_graph[key] = backends.create(backend).executor(plan, graph, target)
     return per_graph[key]
 
@@ -276,7 +253,7 @@ def default_plan(graph: Graph, workload, options: BoundOptions) -> PlanBundle:
                                   final=domains.final)
         bundle = make_plan(graph, workload, knobs, lower_slope=options.lower_slope,
                            alpha=options.alpha, sparse=options.sparse)
-        _TRUSTED.add(bundle.key)
+        _TRUSTED.setdefault(graph, set()).add(bundle.key)
         per_graph[key] = bundle
     return per_graph[key]
 
@@ -293,7 +270,10 @@ def _positional(graph: Graph, workload, domains: DomainPlan, space) -> tuple[str
     return tuple(ours)
 
 
-_TRUSTED: set[str] = set()       # keys of plans this process's planner made
+# per graph, the keys of the plans this process's planner made for it, or checked against
+# it (a plan names the graph's nodes: one made for a graph of the same structure and
+# weights but other node names is checked again)
+_TRUSTED: "weakref.WeakKeyDictionary[Graph, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def bound_spec(graph: Graph, spec: InputSpec, C: LinearSpec | None, options: BoundOptions,
@@ -331,7 +311,8 @@ def _options_key(options: BoundOptions) -> tuple:
             options.backend, options.target)
 
 
-_LOOKUPS: dict[tuple, Any] = {}
+# per graph (a tuned plan is checked against the graph it runs on), the lookups made
+_LOOKUPS: "weakref.WeakKeyDictionary[Graph, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
 def lookup_tuned(graph: Graph, workload, db: Any, objective: str, calls: int | None = None):
@@ -348,14 +329,15 @@ def lookup_tuned(graph: Graph, workload, db: Any, objective: str, calls: int | N
 
     where = getattr(db, "url", None) or str(db)
     key = (where, workload.key, workload.weights_hash, objective)
-    if key not in _LOOKUPS:
+    lookups = _LOOKUPS.setdefault(graph, {})
+    if key not in lookups:
         tuned = tuned_plan(db, workload, objective)
         if tuned is None:
             log.warning(describe_missing(db, workload, objective))
         else:
             tuned = _checked(graph, tuned, db)
-        _LOOKUPS[key] = tuned
-    tuned = _LOOKUPS[key]
+        lookups[key] = tuned
+    tuned = lookups[key]
     if tuned is not None and calls is not None and not _pays_off(tuned, calls):
         return None
     return tuned

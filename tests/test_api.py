@@ -182,3 +182,31 @@ def test_bad_model_and_labels(mlp):
         bf.verify(mlp.model, mlp.inputs[:1], eps=0.1, labels=[10])
     with pytest.raises(bf.SpecError, match="not both"):
         bf.verify(mlp.model, mlp.inputs[:1], eps=0.1, labels=[1], C=np.ones((1, 1, 10)))
+
+
+def test_a_plan_made_for_one_graph_is_checked_on_another():
+    """Plans name a graph's nodes: a plan this process made for one graph, run on another
+    of the same structure and weights but other node names, is refused with a PlanError
+    (it is checked for that graph), never trusted by its key alone."""
+    from boundflow.ir.graph import GraphBuilder
+    from boundflow.ir.task_graph import PlanError
+    from boundflow.planner import plan
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+
+    def build(first, second):
+        b = GraphBuilder()
+        x = b.input((4,))
+        a = b.add_node("linear", [x], params={"weight": w1, "bias": np.zeros(6)}, name=first)
+        c = b.add_node("linear", [x], params={"weight": w2, "bias": np.zeros(6)}, name=second)
+        return b.build(b.add_node("sub", [b.add_node("relu", [a], name="r"), c], name="s"))
+
+    a, b = build("p", "q"), build("q", "p")
+    x = np.zeros((1, 4), np.float32)
+    for method in ("ibp", "crown"):
+        made = plan(a, bf.Workload.of(a, batch=1, n_specs=0, method=method))
+        bf.compute_bounds(a, x, eps=0.5, method=method, plan=made)
+        with pytest.raises(PlanError, match="not the plan its knobs give"):
+            bf.compute_bounds(b, x, eps=0.5, method=method, plan=made)
+        assert torch.all(bf.compute_bounds(b, x, eps=0.5, method=method).width >= 0)

@@ -70,6 +70,25 @@ class InputSpec:
     def linf(cls, center: Any, eps: Any, clip: tuple[float, float] | None = None) -> "InputSpec":
         """The L∞ ball of radius ``eps`` (a scalar or an array broadcastable to ``center``)
         around ``center``, intersected with ``[clip[0], clip[1]]`` when ``clip`` is given."""
+        if clip is None and type(center) is np.ndarray and center.dtype.kind == "f" \
+                and center.ndim >= 2 and np.ndim(eps) == 0 \
+                and isinstance(eps, (float, int, np.floating, np.ndarray)) \
+                and not isinstance(eps, bool) and np.asarray(eps).dtype.kind in "fiu":
+            # the common query (a float batch and one radius), checked in one pass: a box
+            # whose ends sum to a finite number has finite entries; anything else takes the
+            # checks that name the problem. The radius enters in the centre's precision.
+            e = float(eps)
+            if e >= 0:
+                with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+                    lower, upper = center - e, center + e
+                box = cls._ordered(lower, upper, full_check=False)
+                if box is not None:
+                    return box
+        return cls._checked_linf(center, eps, clip)
+
+    @classmethod
+    def _checked_linf(cls, center: Any, eps: Any, clip: tuple[float, float] | None
+                      ) -> "InputSpec":
         center = _float_array(center, "input center")
         eps_arr = _float_array(eps, "eps")
         if np.any(eps_arr < 0):
@@ -89,18 +108,23 @@ class InputSpec:
             if np.any(center < lo) or np.any(center > hi):
                 raise SpecError(f"the input center lies outside the clip range {clip}")
             lower, upper = np.clip(lower, lo, hi), np.clip(upper, lo, hi)
-        return cls._ordered(lower.astype(center.dtype), upper.astype(center.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflow fails _ordered
+            lower = lower.astype(center.dtype, copy=False)
+            upper = upper.astype(center.dtype, copy=False)
+        return cls._ordered(lower, upper)
 
     @classmethod
-    def _ordered(cls, lower: np.ndarray, upper: np.ndarray) -> "InputSpec":
+    def _ordered(cls, lower: np.ndarray, upper: np.ndarray, full_check: bool = True
+                 ) -> "InputSpec | None":
         """A box whose ``lower <= upper`` holds by construction (and whose arrays are float
         arrays of one dtype): only what can still be wrong is checked, cheaply; anything
-        unusual takes the full check of the constructor, which names the problem."""
+        unusual takes the full check of the constructor, which names the problem (with
+        ``full_check=False``: None, for a caller whose own checks name it better)."""
         with np.errstate(over="ignore", invalid="ignore"):
             ok = (lower.ndim >= 2 and lower.shape[0] > 0 and lower.size > 0
                   and np.isfinite(lower.sum() + upper.sum()))
         if not ok:
-            return cls(lower, upper)
+            return cls(lower, upper) if full_check else None
         box = object.__new__(cls)
         object.__setattr__(box, "lower", lower)
         object.__setattr__(box, "upper", upper)

@@ -20,6 +20,19 @@ def test_linf_box_and_clip():
     np.testing.assert_allclose(per_feature.upper - per_feature.lower, [[0.0, 0.2, 0.4]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps", [0.1, 0, np.float32(0.1), np.array(0.25), 1, True])
+def test_linf_fast_path_is_the_checked_box(dtype, eps):
+    """One radius for a float batch takes a one-pass check; its box is the checked path's
+    (to the rounding of the centre's precision), in the centre's dtype, never inverted."""
+    x = np.random.default_rng(0).normal(size=(4, 3, 2)).astype(dtype)
+    fast, checked = InputSpec.linf(x, eps), InputSpec._checked_linf(x, eps, None)
+    for a, b in ((fast.lower, checked.lower), (fast.upper, checked.upper)):
+        assert a.dtype == dtype and a.shape == x.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=4 * np.finfo(dtype).eps)
+    assert np.all(fast.lower <= x) and np.all(x <= fast.upper)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: InputSpec.linf(np.zeros((1, 3)), -0.1), "eps must be >= 0"),
     (lambda: InputSpec.box(np.ones((1, 3)), np.zeros((1, 3))), r"lower > upper at index \(0, 0\)"),
@@ -31,6 +44,11 @@ def test_linf_box_and_clip():
     (lambda: InputSpec.linf(np.zeros(3), 0.1), "batch dimension"),
     (lambda: InputSpec.linf(np.full((1, 2), 2.0), 0.1, clip=(0, 1)), "outside the clip"),
     (lambda: InputSpec.linf(np.array([["a"]]), 0.1), "numbers"),
+    (lambda: InputSpec.linf(np.zeros((1, 3), np.float32), np.float32("nan")), "eps contains"),
+    (lambda: InputSpec.linf(np.zeros((1, 3), np.float32), np.inf), "eps contains NaN or inf"),
+    (lambda: InputSpec.linf(np.full((1, 3), 3e38, np.float32), 1e38), "NaN or inf"),
+    (lambda: InputSpec.linf(np.zeros((0, 3), np.float32), 0.1), "empty"),
+    (lambda: InputSpec.linf(np.zeros((1, 3), np.float32), np.array(-0.1)), "eps must be >= 0"),
 ])
 def test_bad_input_boxes_are_named(make, match):
     with pytest.raises(SpecError, match=match):
