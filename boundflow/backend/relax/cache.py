@@ -1,8 +1,10 @@
 """Compiled Relax modules, kept in memory and on disk.
 
 A compile is keyed by the plan (its JSON hash, which covers the workload and every choice), the
-target, the TVM version and ``KERNELS_VERSION``; weights are parameters of the module, so retrained weights reuse
-it. On disk an entry is ``<key>.so`` (``export_library``) plus ``<key>.json`` (the weight order
+target, the TVM version and ``KERNELS_VERSION``. The weights are parameters of the module, so
+its code depends on no weight value; the key still holds the workload's weights hash (a
+retrained model compiles anew), which keeps the names of a module's torch callbacks
+(``callback_name``) apart between models of one structure. On disk an entry is ``<key>.so`` (``export_library``) plus ``<key>.json`` (the weight order
 of ``main``), written to temporary names and renamed into place, so a reader never sees half a
 file. An entry that fails to load is deleted and rebuilt.
 """
