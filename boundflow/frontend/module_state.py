@@ -3,61 +3,39 @@
 A graph traced from a module bakes in its layers, weights and settings. A cache that hands
 out that graph after the module changed would bound another network: unsound bounds. A
 :class:`Snapshot`, taken when the module is traced, says whether the module is still the
-one traced: the same submodules (the objects: a swapped ReLU changes it), the same forward
-hooks and instance ``forward`` overrides, the same public settings (e.g. a LeakyReLU's
-``negative_slope``), and parameters, buffers and tensor attributes of the same contents
-(compared to copies taken then: an in-place write through ``.data`` bumps no version
-counter, and freed memory can come back at the same address, so neither is evidence).
+one traced. It walks the module as its ``forward`` may see it: every submodule (registered,
+or held in a plain attribute, list, tuple or dict), and in each module every attribute but
+the bookkeeping ``nn.Module`` itself keeps:
 
-The check reads every weight once per call (memory speed; a few µs on a small model) and
-holds one copy of the weights beside the graph.
+* numbers, strings, dtypes, sizes: by type and value;
+* tensors (parameters, buffers, plain attributes): by contents, bit for bit, against copies
+  taken then (an in-place write through ``.data`` bumps no version counter, and freed memory
+  can come back at the same address, so neither is evidence);
+* lists, tuples and dicts: by length, keys and each element, a few levels deep;
+* modules, functions and any other object: by identity (held weakly, so the cache that
+  holds the snapshot never keeps a module alive), and modules also by class;
+* forward hooks (the module's and the global ones) by their handles' ids.
+
+Anything that differs means a new trace. The check reads every weight once per call
+(memory speed) and holds one copy of the weights beside the graph.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import types
+import weakref
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.nn.modules import module as _module
 
-_SIMPLE = (bool, int, float, str, type(None))
-
-
-def _settings(m: torch.nn.Module) -> tuple[tuple[str, ...], tuple, tuple[str, ...]]:
-    """The module's public plain settings (names and values) and tensor attributes (names)."""
-    names, values, tensors = [], [], []
-    for k, v in m.__dict__.items():
-        if k.startswith("_") or k == "training":     # traced in eval mode whatever the flag
-            continue
-        if isinstance(v, torch.Tensor):
-            tensors.append(k)
-        elif isinstance(v, _SIMPLE) or (type(v) is tuple and all(isinstance(e, _SIMPLE)
-                                                                   for e in v)):
-            names.append(k)
-            values.append(v)
-    return tuple(names), tuple(values), tuple(tensors)
-
-
-def _walk(root: torch.nn.Module) -> list[torch.nn.Module]:
-    out, stack = [], [root]
-    while stack:
-        m = stack.pop()
-        out.append(m)
-        if m._modules:
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return out
-
-
-def _hooks(m: torch.nn.Module) -> tuple:
-    return (m.__dict__.get("forward"), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-
-
-def _global_hooks() -> tuple:
-    return tuple(_module._global_forward_hooks), tuple(_module._global_forward_pre_hooks)
-
-
-def _tensors(m: torch.nn.Module, attrs: tuple[str, ...]) -> list[torch.Tensor | None]:
-    return [*m._parameters.values(), *m._buffers.values(), *(m.__dict__.get(k) for k in attrs)]
+_BY_VALUE = (bool, int, float, complex, str, bytes, type(None), np.generic, torch.dtype,
+             torch.device)
+_DEPTH = 4                      # containers nested deeper are compared by identity
+# what nn.Module keeps for itself (the training flag too: a module is traced in eval mode)
+_BOOKKEEPING = frozenset(torch.nn.Module().__dict__)
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def own_dtype(root: torch.nn.Module) -> torch.dtype:
@@ -70,55 +48,125 @@ def own_dtype(root: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _collect(root: torch.nn.Module) -> tuple[list, list, list]:
+    """What a trace of ``root`` depends on: ``(values, tensors, objects)``, the facts
+    compared by ``==``, by contents and by identity. The root itself is no object (the
+    cache holding the snapshot is keyed on it)."""
+    values: list = [tuple(_module._global_forward_hooks),
+                    tuple(_module._global_forward_pre_hooks)]
+    tensors: list = []
+    objects: list = []
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        params, buffers, children = m._parameters, m._buffers, m._modules
+        values.append((type(m), tuple(d), tuple(m._forward_hooks),
+                       tuple(m._forward_pre_hooks), tuple(params), tuple(buffers),
+                       tuple(children)))
+        tensors += params.values()
+        tensors += buffers.values()
+        found: list = []
+        for k, v in d.items():
+            if k not in _BOOKKEEPING:
+                _value(v, values, tensors, objects, found, _DEPTH)
+        for c in children.values():
+            if c is not None:
+                found.append(c)
+                objects.append(c)
+        for c in reversed(found):
+            if id(c) not in seen:
+                seen.add(id(c))
+                stack.append(c)
+    return values, tensors, objects
+
+
+def _value(v: Any, values: list, tensors: list, objects: list, found: list, depth: int
+           ) -> None:
+    if isinstance(v, torch.Tensor):
+        values.append(torch.Tensor)
+        tensors.append(v)
+    elif isinstance(v, _BY_VALUE):
+        values.append((type(v), v))
+    elif type(v) is np.ndarray:
+        values.append((np.ndarray, v.dtype.str, v.shape, v.tobytes()))
+    elif isinstance(v, torch.nn.Module):
+        values.append(torch.nn.Module)
+        found.append(v)
+        objects.append(v)
+    elif depth and type(v) in (list, tuple, torch.Size):
+        values.append((type(v), len(v)))
+        for e in v:
+            _value(e, values, tensors, objects, found, depth - 1)
+    elif depth and type(v) is dict:
+        values.append((dict, tuple(v)))
+        for e in v.values():
+            _value(e, values, tensors, objects, found, depth - 1)
+    else:
+        values.append(object)
+        objects.append(v)
+
+
+def _weak(o: Any) -> Any:
+    """A reference to ``o`` that does not keep it alive where Python allows one; called, it
+    gives ``o`` back (None once it is gone)."""
+    if isinstance(o, types.MethodType):
+        return weakref.WeakMethod(o)
+    try:
+        return weakref.ref(o)
+    except TypeError:                        # builtins, ints...: held (they hold nothing)
+        return lambda: o
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as integers of its element size, where it is a float tensor: equal bits compare
+    equal (NaN too)."""
+    if t.is_floating_point() and t.element_size() in _INT_OF_SIZE:
+        return t.view(_INT_OF_SIZE[t.element_size()])
+    return t
+
+
 class Snapshot:
     """The state of ``root`` that a trace of it depends on (see the module docstring)."""
 
     def __init__(self, root: torch.nn.Module):
-        modules = _walk(root)
         self.dtype = own_dtype(root)
-        # the root by position only: the cache holding this snapshot is keyed weakly on it
-        self._modules = (None, *modules[1:])
-        self._global = _global_hooks()
-        self._records = []            # per module: its hooks, settings and tensor attributes
-        self._copies = []             # every tensor's copy, in walk order
-        for m in modules:
-            names, values, attrs = _settings(m)
-            self._records.append((_hooks(m), names, values, attrs))
-            self._copies += [None if t is None else t.detach().clone()
-                             for t in _tensors(m, attrs)]
+        values, tensors, objects = _collect(root)
+        self._values = values
+        self._copies = [None if t is None else t.detach().clone() for t in tensors]
+        self._objects = [_weak(o) for o in objects]
 
     def matches(self, root: torch.nn.Module) -> bool:
         """Whether ``root`` is still the module this snapshot was taken of."""
-        modules = _walk(root)
-        if len(modules) != len(self._modules) or self._global != _global_hooks():
+        values, tensors, objects = _collect(root)
+        if values != self._values or len(objects) != len(self._objects) \
+                or len(tensors) != len(self._copies):
             return False
-        copies, n = self._copies, 0
-        for m, kept, (hooks, names, values, attrs) in zip(modules, self._modules,
-                                                          self._records):
-            if kept is not None and m is not kept:
+        for ref, o in zip(self._objects, objects):
+            if not _is(ref(), o):
                 return False
-            d = m.__dict__
-            if (m._forward_hooks or m._forward_pre_hooks or "forward" in d or hooks[0]
-                    or hooks[1] or hooks[2]) and _hooks(m) != hooks:
+        for t, c in zip(tensors, self._copies):
+            if t is None or c is None:
+                if t is not c:
+                    return False
+            elif not _same(t, c):
                 return False
-            if names and tuple(d.get(k, _MISSING) for k in names) != values:
-                return False
-            for group in (m._parameters.values(), m._buffers.values(),
-                          (d.get(k) for k in attrs)):
-                for t in group:
-                    if n == len(copies) or not _same(t, copies[n]):
-                        return False
-                    n += 1
-        return n == len(copies)
+        return True
 
 
-_MISSING = object()
+def _is(kept: Any, now: Any) -> bool:
+    if isinstance(now, types.MethodType):      # a fresh bound method object per lookup
+        return kept is not None and kept.__self__ is now.__self__ \
+            and kept.__func__ is now.__func__
+    return kept is now
 
 
-def _same(t: Any, copy: torch.Tensor | None) -> bool:
-    if t is None or copy is None:
-        return t is None and copy is None
+def _same(t: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Equal dtype, shape and values (NaN where the copy has the same NaN bits)."""
+    if t.dtype != copy.dtype or t.shape != copy.shape:
+        return False
     try:
-        return t.dtype == copy.dtype and torch.equal(t, copy)
-    except (AttributeError, TypeError, RuntimeError):   # not a tensor; another device
+        return torch.equal(t, copy) or torch.equal(_bits(t.detach()), _bits(copy))
+    except (TypeError, RuntimeError):          # another device, a layout equal cannot read
         return False

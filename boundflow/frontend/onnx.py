@@ -378,7 +378,26 @@ def _transpose(c: _Converter, a, at) -> Var:
     return c.add("permute", [x], attrs={"dims": tuple(perm)})
 
 
+def _inference(c: _Converter, a, at, op: str) -> None:
+    """Refuse ``op`` in training mode: BatchNormalization's ``training_mode`` attribute
+    (batch statistics), Dropout's ``training_mode`` input (random masks)."""
+    mode = at.get("training_mode", 0) if op == "BatchNormalization" else \
+        (a[2] if len(a) > 2 else None)
+    if isinstance(mode, Var):
+        raise c.fail(f"{op} whose training_mode is computed from the input is not supported "
+                     f"(export the model in inference mode)")
+    if mode is not None and bool(np.any(np.asarray(mode))):
+        raise c.fail(f"{op} in training mode (training_mode=1) is not supported: export the "
+                     f"model in inference mode (model.eval())")
+
+
+def _dropout(c: _Converter, a, at):
+    _inference(c, a, at, "Dropout")
+    return a[0]
+
+
 def _batchnorm(c: _Converter, a, at) -> Var:
+    _inference(c, a, at, "BatchNormalization")
     x = a[0]
     scale, bias, mean, var = (c.const(v, n) for v, n in zip(a[1:5], ("scale", "B", "mean",
                                                                         "var")))
@@ -433,7 +452,7 @@ CONVERTERS: dict[str, Callable] = {
     "Mul": _binary("mul"), "Div": _binary("div"), "Conv": _conv,
     "Relu": lambda c, a, at: c.add("relu", [a[0]]), "Flatten": _flatten, "Reshape": _reshape,
     "Transpose": _transpose, "BatchNormalization": _batchnorm, "Constant": _constant,
-    "Identity": lambda c, a, at: a[0], "Dropout": lambda c, a, at: a[0],
+    "Identity": lambda c, a, at: a[0], "Dropout": _dropout,
     "AveragePool": _avgpool, "Concat": _concat,
     "MaxPool": layers.maxpool, "GlobalAveragePool": layers.global_avgpool,
     "ReduceMean": layers.reduce_mean, "ConvTranspose": layers.conv_transpose,
@@ -494,7 +513,7 @@ FOLD: dict[str, Callable] = {
     "Div": lambda c, a, at: _fold_div(a[0], a[1]),
     "MatMul": lambda c, a, at: np.matmul(a[0], a[1]),
     "Relu": lambda c, a, at: np.maximum(a[0], 0),
-    "Identity": lambda c, a, at: a[0], "Dropout": lambda c, a, at: a[0],
+    "Identity": lambda c, a, at: a[0], "Dropout": _dropout,
     "Reshape": _fold_reshape,
     "Shape": lambda c, a, at: _shape_of(a[0], at),
     "Transpose": lambda c, a, at: np.transpose(a[0], at.get("perm")),

@@ -197,7 +197,10 @@ def _check_archive(path: Path, data: bytes) -> None:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, OSError,
             EOFError, RuntimeError, NotImplementedError) as e:
-        raise ModelLoadError(f"{path}: not a readable torch.export archive ({e})") from None
+        hint = ("; an ONNX model loads with boundflow.frontend.onnx.load_onnx (--onnx on the "
+                "command line)") if str(path).lower().endswith((".onnx", ".onnx.gz")) else ""
+        raise ModelLoadError(f"{path}: not a readable torch.export archive ({e}){hint}") \
+            from None
 
     # torch reads the archive with its own zip reader: it must see exactly these entries
     try:

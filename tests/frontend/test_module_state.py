@@ -14,18 +14,30 @@ from torch import nn
 import boundflow as bf
 from boundflow.api import as_graph
 from boundflow.frontend.module_state import Snapshot
-from tests.helpers import box_points, true_outputs
+from tests.helpers import box_points
 
 
 class Shift(nn.Module):
-    """A layer whose constant is a plain tensor attribute (not a buffer)."""
+    """A layer that reads what ``nn.Module`` does not register: a plain tensor attribute, a
+    private setting, a function, a numpy scalar, a list of settings and a layer in a list."""
 
     def __init__(self):
         super().__init__()
         self.offset = torch.full((4,), 0.1)
+        self._scale = 1.0
+        self.act = torch.relu
+        self.gain = np.float32(1.0)
+        self.signs = [1.0, 1.0, 1.0, 1.0]
+        self.extra = [nn.Linear(4, 4)]
 
     def forward(self, x):
-        return x - self.offset
+        y = self.act(self.extra[0](x) - self.offset) * (self._scale * float(self.gain))
+        return y * torch.tensor(self.signs)
+
+
+class Shift2(Shift):
+    def forward(self, x):
+        return super().forward(x) + 1.0
 
 
 def _model() -> nn.Module:
@@ -55,6 +67,12 @@ CHANGES = {
     "a forward hook added": lambda m: m[0].register_forward_hook(_scale_output),
     "a forward overridden": lambda m: setattr(m[2], "forward", lambda x: 3 * x),
     "a layer appended": lambda m: m.append(nn.Linear(2, 2)),
+    "a private setting changed": lambda m: setattr(m[2], "_scale", 3.0),
+    "a function attribute swapped": lambda m: setattr(m[2], "act", torch.tanh),
+    "a numpy setting changed": lambda m: setattr(m[2], "gain", np.float32(2.0)),
+    "a list setting written in place": lambda m: m[2].signs.__setitem__(slice(None), [-1.] * 4),
+    "a layer in a plain list written": lambda m: m[2].extra[0].weight.mul_(3),
+    "a class reassigned": lambda m: setattr(m[2], "__class__", Shift2),
 }
 
 
@@ -74,7 +92,10 @@ def test_a_changed_module_is_traced_again(change):
     torch.testing.assert_close(after.lower, fresh.lower)
     torch.testing.assert_close(after.upper, fresh.upper)
     assert not torch.equal(after.lower, before.lower)             # the change mattered
-    values = true_outputs(model, box_points(x - 0.5, x + 0.5, n=2000))
+    points = box_points(x - 0.5, x + 0.5, n=2000)
+    with torch.no_grad():          # in the module's own float32: it holds unregistered state
+        values = model(torch.from_numpy(points.reshape(-1, 3)).float()).reshape(2, -1, 2)
+    values = values.numpy()
     assert np.all(values >= after.lower.numpy()[:, None] - 1e-4)
     assert np.all(values <= after.upper.numpy()[:, None] + 1e-4)
 
@@ -101,3 +122,29 @@ def test_a_global_forward_hook_counts():
     finally:
         handle.remove()
     assert snap.matches(model)
+
+
+def test_a_nan_weight_keeps_its_trace():
+    """NaN compares unequal to itself: the check compares bits, so a module holding a NaN
+    it never uses is not traced again on every call."""
+    model = _model()
+    model[2].unused = torch.tensor([float("nan"), 1.0])
+    sample = torch.zeros(1, 3)
+    assert as_graph(model, sample) is as_graph(model, sample)
+
+
+def test_the_cache_keeps_no_module_alive():
+    """The snapshot holds modules, overrides and hooks weakly: a module that refers to
+    itself (a child pointing at its parent, a forward override closing over it) is freed
+    once the caller drops it."""
+    import gc
+    import weakref
+
+    model = _model()
+    model[2].__dict__["parent"] = model          # a plain reference, not a child
+    model.forward = lambda x: nn.Sequential.forward(model, x)
+    bf.compute_bounds(model, np.zeros((1, 3), np.float32), eps=0.1)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

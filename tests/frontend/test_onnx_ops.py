@@ -242,6 +242,15 @@ REFUSED = {   # name: (nodes, initializers, opset, error, message)
         [N("ConvTranspose", ["X", "W"], ["Y"], name="n", strides=[2, 2], pads=[0, 0, 1, 1])],
         [_weight("W", (3, 2, 3, 3))], 13, bf.UnsupportedOpError,
         r"ConvTranspose pads \[0, 0, 1, 1\] with output_padding \[0, 0\] are not supported"),
+    "BatchNormalization in training mode": (
+        [N("BatchNormalization", ["X", "g", "b", "m", "v"], ["Y"], name="n", training_mode=1)],
+        [_floats("g", [1.0] * 3), _floats("b", [0.0] * 3), _floats("m", [0.5] * 3),
+         _floats("v", [2.0] * 3)], 15, bf.UnsupportedOpError,
+        r"BatchNormalization in training mode \(training_mode=1\)"),
+    "Dropout in training mode": (
+        [N("Dropout", ["X", "r", "t"], ["Y"], name="n")],
+        [_floats("r", 0.5, []), helper.make_tensor("t", TensorProto.BOOL, [], [True])], 13,
+        bf.UnsupportedOpError, r"Dropout in training mode"),
     "Split sizes that do not add up": (
         [N("Split", ["X", "s"], ["Y", "B"], name="n", axis=1)], [_ints("s", [1, 1])], 13,
         bf.ShapeError, r"Split sizes \[1, 1\] do not cut an axis of size 3"),
@@ -256,3 +265,18 @@ def test_unsupported_forms_are_refused_on_one_line(case):
     message = str(info.value)
     assert "\n" not in message
     assert f"at node 'n' ({nodes[0].op_type})" in message
+
+
+def test_inference_mode_dropout_and_batchnorm_convert():
+    """training_mode given as 0 / False is inference: Dropout passes its input through and
+    BatchNormalization uses the running statistics, as the reference runtime computes."""
+    x = _x(IMAGE)
+    model = _model([N("Dropout", ["X", "r", "t"], ["D"], name="d"),
+                    N("BatchNormalization", ["D", "g", "b", "m", "v"], ["Y"], name="n",
+                      training_mode=0)],
+                   [_floats("r", 0.5, []), helper.make_tensor("t", TensorProto.BOOL, [], [False]),
+                    _floats("g", [1.0, 2.0, 0.5]), _floats("b", [0.0, 1.0, -1.0]),
+                    _floats("m", [0.5, 0.0, 1.0]), _floats("v", [2.0, 1.0, 4.0])], opset=15)
+    want = ReferenceEvaluator(model).run(None, {"X": x})[0]
+    got = run_ir(from_onnx(model), torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -161,3 +161,10 @@ def test_a_plain_zip_is_not_a_program(tmp_path):
         z.writestr("hello.txt", "hi")
     with pytest.raises(ModelLoadError, match="not a torch.export archive"):
         load_model(path)
+
+
+def test_an_onnx_file_given_as_a_program_names_the_onnx_loader(tmp_path):
+    path = tmp_path / "net.onnx"
+    path.write_bytes(b"\x08\x07\x12\x04test")          # protobuf bytes, not a zip
+    with pytest.raises(ModelLoadError, match="an ONNX model loads with .*load_onnx"):
+        load_model(path)
