@@ -27,7 +27,7 @@ from boundflow import backend as backends
 from boundflow.ir.domain_plan import METHODS, DomainPlan
 from boundflow.ir.plan import PlanBundle
 from boundflow.ir.graph import Graph
-from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
+from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec, proven
 
 log = logging.getLogger("boundflow")
 
@@ -482,7 +482,7 @@ def verify(model: Any, x: Any = None, *, eps: Any = None, labels: Sequence[int] 
     bounds = bound_spec(graph, spec, linear, options, torch_dtype, plan, upper=False)
     if plan is not None:
         method = plan.workload.method
-    ok = bounds.lower.detach().cpu().numpy() > linear.threshold
+    ok = proven(bounds.lower.detach().cpu().numpy(), linear.threshold)
     verdicts = np.where(ok, "verified", "unknown")
     return VerifyResult(bounds, linear.threshold, verdicts,
                         None if labels is None else np.asarray(labels), method, tuned)

@@ -26,7 +26,7 @@ from boundflow.domains.alpha import AlphaConfig
 from boundflow.errors import BoundFlowError, ShapeError, SpecError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
-from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec
+from boundflow.ir.spec import InputSpec, LinearSpec, margin_spec, proven
 from boundflow.ir.workload import Workload
 
 
@@ -81,7 +81,7 @@ class Verifier:
             linear = _linear_spec(C, threshold)
             labels = None
         bounds = self.run(box, self._spec(linear, box.batch), upper=False)
-        ok = bounds.lower.detach().cpu().numpy() > linear.threshold
+        ok = proven(bounds.lower.detach().cpu().numpy(), linear.threshold)
         return VerifyResult(bounds, linear.threshold, np.where(ok, "verified", "unknown"),
                             None if labels is None else np.asarray(labels).reshape(-1),
                             self.method, self.tuned)

@@ -11,6 +11,7 @@ over boxes rounded outward to the bound's precision, ``sat`` on a checked counte
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,11 +23,13 @@ from boundflow.api import BoundOptions, bound_spec
 from boundflow.attack import AttackConfig, find_counterexample
 from boundflow.bab import BabConfig, choose_strategy, input_split, relu_split
 from boundflow.bab.bounder import float_box
-from boundflow.ir.spec import InputSpec
+from boundflow.ir.spec import InputSpec, proven
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import BoundFlowError
 from boundflow.frontend.vnnlib import Property
 from boundflow.ir.graph import Graph
+
+log = logging.getLogger("boundflow.vnncomp")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,13 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     n_disjuncts = len(prop.disjuncts)
     dtype = torch.float64 if graph.dtype == "float64" else torch.float32
     groups = prop.groups()
+    for box, _, ranges in groups:
+        if any(a == b for a, b in ranges):
+            # a disjunct without output constraints: every point of its box violates it
+            hit = _checker(graph, confirm, elapsed, refuted, n_disjuncts)(
+                box.center.reshape(-1), np.zeros((0, n_out)), np.zeros(0))
+            if hit is not None:
+                return hit
     has_relu = any(n.op == "relu" for n in graph.nodes)
     strategy = "none" if bab is None else choose_strategy(bab, n_in, has_relu)
     if strategy == "input" and all(spec is not None for _, spec, _ in groups):
@@ -81,9 +91,9 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
         return _branch(graph, "input", everything, bab, db, timeout, elapsed,
                        _checker(graph, confirm, elapsed, refuted, n_disjuncts), refuted,
                        n_disjuncts)
-    proven, open_disjuncts, expired = whole_boxes(
+    by_whole_box, open_disjuncts, expired = whole_boxes(
         graph, groups, options, dtype, None if timeout is None else lambda: elapsed() > timeout)
-    refuted += proven
+    refuted += by_whole_box
     if expired:
         return PropertyResult("timeout", seconds=elapsed(), refuted=refuted,
                               disjuncts=n_disjuncts)
@@ -119,15 +129,15 @@ def whole_boxes(graph: Graph, groups, options: BoundOptions, dtype: torch.dtype,
     for box, spec, ranges in groups:
         if expired is not None and expired():
             return refuted, open_disjuncts, True
-        proven = np.zeros(0, dtype=bool)
+        refutes = np.zeros(0, dtype=bool)
         if spec is not None:
             lo, hi = float_box(box.lower, box.upper, dtype)
             shaped = InputSpec.box(lo.numpy().reshape((1,) + graph.input_shape),
                                    hi.numpy().reshape((1,) + graph.input_shape))
             bounds = bound_spec(graph, shaped, spec, options, dtype, upper=False)
-            proven = bounds.lower.numpy()[0] > spec.threshold[0]
+            refutes = proven(bounds.lower.numpy()[0], spec.threshold[0])
         for a, b in ranges:
-            if b > a and proven[a:b].any():
+            if b > a and refutes[a:b].any():
                 refuted += 1
             else:
                 open_disjuncts.append((box, spec, a, b))
@@ -320,6 +330,10 @@ def run_instances(rows, root, options: BoundOptions, bab: BabConfig | None, db=N
         except BoundFlowError as e:         # a bad instance: said, and the run goes on
             result = PropertyResult("error", seconds=time.perf_counter() - start,
                                     notes=(str(e),))
+        except Exception as e:  # noqa: BLE001 - a fault of ours on one instance spares the rest
+            log.exception("internal error on %s %s", onnx_path, vnnlib_path)
+            result = PropertyResult("error", seconds=time.perf_counter() - start,
+                                    notes=(f"internal error: {type(e).__name__}: {e}",))
         row = InstanceResult(onnx_path, vnnlib_path, expected, result, load_s,
                              time.perf_counter() - start)
         if results_dir is not None:

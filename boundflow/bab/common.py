@@ -14,6 +14,7 @@ from boundflow.attack import AttackConfig, find_counterexample
 from boundflow.bab.config import BabConfig
 from boundflow.domains.concrete import evaluate
 from boundflow.ir.graph import Graph
+from boundflow.ir.spec import proof_margin
 
 log = logging.getLogger("boundflow.bab")
 
@@ -32,15 +33,16 @@ class Disjuncts:
         self.ranges = [(int(a), int(b)) for a, b in ranges]
 
     def margins(self, lb: torch.Tensor) -> torch.Tensor:
-        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` (> 0: ruled out)."""
-        gap = lb - self.thr
+        """``[N, disjuncts]``: per disjunct, its best row's ``lb - thr`` less the rounding
+        allowance (> 0: ruled out; :func:`~boundflow.ir.spec.proof_margin`)."""
+        gap = proof_margin(lb, self.thr)
         return torch.stack([gap[:, a:b].max(1).values for a, b in self.ranges], 1)
 
     def closest_rows(self, lb: torch.Tensor) -> torch.Tensor:
         """``[N]``: per domain, the best-bounded row of its worst disjunct (the row whose
         bound is closest to proving the domain)."""
         worst = self.margins(lb).argmin(1)
-        gap = lb - self.thr
+        gap = proof_margin(lb, self.thr)
         rows = torch.empty_like(worst)
         for d, (a, b) in enumerate(self.ranges):
             pick = worst == d

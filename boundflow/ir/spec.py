@@ -181,6 +181,38 @@ class LinearSpec:
             raise SpecError(f"C has batch {b} but the input box has batch {batch}")
 
 
+# The bound arithmetic rounds to nearest, not outward: a lower bound computed in float32 may
+# exceed the true one by a few units in the last place of the values it sums (a CROWN bound
+# 1.3e-7 above a threshold that a point of the box misses by 1e-7 was seen). A spec counts as
+# proven only by a margin above that: this many units of the bound's precision, relative to
+# the bound's and the threshold's magnitude (at least 1).
+ROUNDING_ULPS = 64
+
+
+def proof_margin(lower: Any, threshold: Any) -> Any:
+    """``lower - threshold`` less the rounding allowance of ``lower``'s precision (see
+    ``ROUNDING_ULPS``): > 0 proves ``C·y > threshold``. Numpy arrays or torch tensors (the
+    dtype read from ``lower``)."""
+    return lower - threshold - ROUNDING_ULPS * _eps(lower.dtype) * (
+        abs(lower) + abs(threshold) + 1.0)
+
+
+def _eps(dtype: Any) -> float:
+    """The unit roundoff of a float dtype, numpy's or torch's (float64's for any other)."""
+    if getattr(dtype, "is_floating_point", False):           # a torch dtype
+        import torch
+
+        return float(torch.finfo(dtype).eps)
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
+def proven(lower: Any, threshold: Any) -> Any:
+    """Whether each lower bound proves its spec (``C·y > threshold``) beyond rounding."""
+    return proof_margin(lower, threshold) > 0
+
+
 def margin_spec(labels: Sequence[int] | np.ndarray, n_classes: int) -> LinearSpec:
     """The robustness margin: ``y[label] - y[j] > 0`` for every other class ``j`` (ascending).
 

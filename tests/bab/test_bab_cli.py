@@ -330,3 +330,26 @@ def test_a_timeout_between_whole_box_bounds_keeps_what_they_refuted(tmp_path, mo
     res = vnncomp.check_property(load_onnx(onnx), load_vnnlib(vnnlib, 64, 10),
                                  BoundOptions("crown"), timeout=5, attack=None)
     assert (res.status, res.refuted, res.disjuncts) == ("timeout", 9, 27)
+
+
+def test_a_fault_on_one_instance_spares_the_rest(tmp_path, monkeypatch):
+    """An unexpected error while deciding one instance is that instance's ``error`` (its
+    result file says unknown) and the run goes on to the next."""
+    import boundflow.vnncomp as vnncomp
+    from boundflow.api import BoundOptions
+
+    real = vnncomp.check_property
+    calls = []
+
+    def flaky(graph, prop, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise IndexError("a bug of ours")
+        return real(graph, prop, *args, **kwargs)
+
+    monkeypatch.setattr(vnncomp, "check_property", flaky)
+    rows = [("vnncomp_test/test_sat.onnx", "vnncomp_test/test_prop.vnnlib", 60.0, "sat")] * 2
+    out = vnncomp.run_instances(rows, shared_path("benchmarks"), BoundOptions("crown"),
+                                vnncomp.BabConfig(), results_dir=tmp_path)
+    assert [r.result.status for r in out] == ["error", "sat"]
+    assert "internal error: IndexError: a bug of ours" in out[0].result.notes[0]
