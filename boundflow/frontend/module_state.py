@@ -112,11 +112,24 @@ def _weak(o: Any) -> Any:
     """A reference to ``o`` that does not keep it alive where Python allows one; called, it
     gives ``o`` back (None once it is gone)."""
     if isinstance(o, types.MethodType):
-        return weakref.WeakMethod(o)
+        return _WeakMethod(o)
     try:
         return weakref.ref(o)
     except TypeError:                        # builtins, ints...: held (they hold nothing)
         return lambda: o
+
+
+class _WeakMethod:
+    """A bound method held weakly: its object and function (``weakref.WeakMethod`` without
+    its callback, which can fire during interpreter shutdown)."""
+    __slots__ = ("obj", "func")
+
+    def __init__(self, m: types.MethodType):
+        self.obj, self.func = _weak(m.__self__), _weak(m.__func__)
+
+    def __call__(self) -> Any:
+        obj, func = self.obj(), self.func()
+        return None if obj is None or func is None else types.MethodType(func, obj)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
