@@ -8,7 +8,9 @@ then called many times (what a loop over inputs, or branch-and-bound, wants).
 ``compile`` looks the tuned plan up in ``db`` when given (and keeps the default plan when the
 database has none, or has one no faster than the default); the plan then runs on the backend
 it was tuned on. A call checks its inputs and runs the executor: nothing is planned, read or
-compiled again.
+compiled again. It bounds the model as it was when compiled (a torch module's graph is traced
+then): after changing the module's weights or layers, compile again (``compute_bounds`` and
+``verify`` notice such changes themselves).
 """
 
 from __future__ import annotations
