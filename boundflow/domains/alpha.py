@@ -161,8 +161,11 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
                 # fused: one kernel per step, not ~10 passes per slope tensor (4-6x)
                 opt = torch.optim.Adam(params, lr=config.lr, fused=True)
                 sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.decay)
+            loss = sign * (out.upper if sign > 0 else out.lower).sum()
+            if not loss.requires_grad:   # no slope reaches this side's bound (e.g. a relu
+                break                    # feeding a softmax, relaxed without slopes): CROWN's
             opt.zero_grad(set_to_none=True)
-            (sign * (out.upper if sign > 0 else out.lower).sum()).backward()
+            loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():

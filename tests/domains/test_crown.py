@@ -316,3 +316,22 @@ def test_strided_conv_adjoint_onto_few_channels(cin, k, s, p, d, H):
     op = crown_rules._output_padding((H, H), (ho, ho), (k, k), (s, s), (p, p), (d, d))
     aten = F.conv_transpose2d(t.reshape(6, 6, ho, ho), w, None, s, p, op, 1, d)
     torch.testing.assert_close(got.reshape(aten.shape), aten, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_alpha_crown_where_no_slope_reaches_the_bound(activation):
+    """An activation feeding the output's softmax directly leaves alpha-CROWN nothing to
+    optimise on the final bound: it returns CROWN's bounds (sound), never a torch error."""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("float64")
+    h = b.add_node("linear", [b.input((4,))], params={"weight": rng.standard_normal((3, 4)),
+                                                       "bias": rng.standard_normal(3)})
+    g = b.build(b.add_node("softmax", [b.add_node(activation, [h])], attrs={"axis": 0}))
+    centre = rng.standard_normal((1, 4))
+    box = bf.InputSpec.box(centre - 0.5, centre + 0.5)
+    alpha = bf.compute_bounds(g, box, method="alpha-crown", alpha=bf.AlphaConfig(iterations=5))
+    crown = bf.compute_bounds(g, box, method="crown")
+    assert torch.all(alpha.lower >= crown.lower - 1e-12)
+    assert torch.all(alpha.upper <= crown.upper + 1e-12)
+    assert_contains(alpha.lower, alpha.upper,
+                    true_outputs(g, box_points(centre - 0.5, centre + 0.5)), what="alpha-CROWN")
