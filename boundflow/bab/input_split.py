@@ -105,7 +105,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         if screen is None:
             return bounder(lo, hi)
         lb = screen(lo, hi)
-        todo = spec.margins(lb).min(1).values <= 0
+        todo = ~(spec.margins(lb).min(1).values > 0)       # NaN: open
         if todo.any():
             lb[todo] = torch.maximum(lb[todo], bounder(lo[todo], hi[todo]))
         return lb
@@ -114,7 +114,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     stats["domains"] += 1
     iteration, progress = 0, Progress()
     while True:
-        open_ = spec.margins(lb).min(1).values <= 0
+        open_ = ~(spec.margins(lb).min(1).values > 0)      # NaN: open
         lo, hi, lb = lo[open_], hi[open_], lb[open_]
         n = lo.shape[0]
         if n == 0:

@@ -184,7 +184,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     node, idx = choose(lb, inter, signs)
     iteration, progress = 0, Progress()
     while True:
-        open_ = spec.margins(lb).min(1).values <= 0
+        open_ = ~(spec.margins(lb).min(1).values > 0)      # NaN: open
         signs = [s[open_] for s in signs]
         inter = [t[:, open_] for t in inter]
         lb, node, idx = lb[open_], node[open_], idx[open_]

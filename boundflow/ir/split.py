@@ -30,6 +30,7 @@ from typing import Mapping
 import torch
 
 from boundflow.errors import BoundFlowError
+from boundflow.ir.spec import proof_margin
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +74,7 @@ class ReluSplit:
         if self.goal is None:
             return False
         thr, ranges = self.goal
-        gap = lower - thr.to(lower.device, lower.dtype)
+        gap = proof_margin(lower, thr.to(lower.device, lower.dtype))
         return all(bool((gap[:, a:b] > 0).any(1).all()) for a, b in ranges)
 
     def part(self, samples: slice) -> "ReluSplit":

@@ -22,6 +22,7 @@ import numpy as np
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.plan import PlanBundle
+from boundflow.ir.spec import proven
 
 ERROR_KINDS = ("build", "run", "timeout", "crash", "memory", "unsupported")
 
@@ -156,12 +157,13 @@ def summarise(times: list[float]) -> dict[str, Any]:
 
 def tightness(lower, upper, has_specs: bool) -> dict[str, float | None]:
     """Mean bound width and, with specs, the fraction of samples all of whose specs are
-    proved (lower bound > 0)."""
+    proved (lower bound > 0 beyond rounding: :func:`~boundflow.ir.spec.proven`, in the
+    bound's own precision)."""
+    ok = proven(np.asarray(lower), 0.0)
     lo = np.asarray(lower, np.float64)
     hi = np.asarray(upper, np.float64)
     width = float(np.mean(hi - lo))
     out: dict = {"mean_width": width if math.isfinite(width) else None}
     if has_specs:
-        out["verified_fraction"] = float(np.mean(np.all(lo.reshape(lo.shape[0], -1) > 0,
-                                                        axis=1)))
+        out["verified_fraction"] = float(np.mean(np.all(ok.reshape(ok.shape[0], -1), axis=1)))
     return out

@@ -88,3 +88,35 @@ def test_a_disjunct_without_output_constraints_is_violated_anywhere_in_its_box()
     assert result.status == "sat"
     x, _ = result.counterexample
     assert -0.7 <= x[0] <= 0.9 and -0.3 <= x[1] <= 0.6
+
+
+def test_every_proof_check_takes_the_margin():
+    """beta-CROWN's early stop, and the tuner's verified fraction, read proofs as verdicts
+    do: a bound 1.3e-7 above its threshold in float32 proves nothing."""
+    from boundflow.ir.split import ReluSplit
+    from boundflow.measure.result import tightness
+
+    split = ReluSplit({}, goal=(torch.zeros(2), ((0, 1), (1, 2))))
+    assert not split.proven(torch.tensor([[1.3e-7, 1.0]]))
+    assert split.proven(torch.tensor([[1e-4, 1.0]]))
+    assert tightness(np.float32([[1.3e-7], [1e-4]]), np.ones((2, 1)), True)[
+        "verified_fraction"] == 0.5
+
+
+def test_a_nan_bound_proves_nothing():
+    """A bound that came out NaN leaves its box open (NaN compares false either way): the
+    search ends by its limits, never with unsat."""
+    from boundflow.bab import BabConfig, input_split
+
+    graph = _mlp(1)
+
+    class NaNBounder:
+        dtype, calls, graph_ = torch.float32, 0, graph
+
+        def __call__(self, lo, hi):
+            return torch.full((lo.shape[0], 1), float("nan"))
+
+    result = input_split(graph, np.array([-0.7, -0.3]), np.array([0.9, 0.6]),
+                         np.array([[1.0, -1.0]]), np.array([-100.0]), [(0, 1)],
+                         BabConfig(max_domains=200), bounder=NaNBounder())
+    assert result.status in ("unknown", "timeout")
