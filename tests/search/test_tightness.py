@@ -253,3 +253,50 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
         theirs = {s: w for s, w in first.widths._own.items() if s != first.widths.baseline}
         assert theirs and not again.widths._own
         assert {s: again.widths.measured(s) for s in theirs} == theirs
+
+
+def test_each_batch_measures_bounds_no_measurement_has(tmp_path):
+    """A batch keeps one slot for a plan of a bounds signature not measured yet (and, under
+    time@width, not one that only tightens less than the default): the model's ranking
+    alone never measured the digits CNN's forward-mode signature, its fastest as tight as
+    the default, in 100 trials. Once every useful signature is measured, the slot is the
+    strategy's again."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                      method="crown", db=db, backend="torch", progress=False)
+        try:
+            tuner._calibrate()
+            widths = tuner.widths
+            widths.reference(1.0)
+            widths.observe(tuner.baseline_bundle, 1.0)
+            backends = set(tuner.backends)
+            # a model that likes the looser signatures best: the slot still skips them
+            model_score = tuner.score
+            tuner.score = lambda pool: np.array([
+                0.0 if dominated(widths.signature(tuner.space.bundle(a)), widths.baseline)
+                else 1.0 for a in pool])
+            found = []
+            for _ in range(3):
+                a = tuner._new_signature(set(), backends)
+                sig = widths.signature(tuner.space.bundle(a))
+                assert widths.measured(sig) is None and not dominated(sig, widths.baseline)
+                found.append(sig)
+                widths.observe(tuner.space.bundle(a), 1.0)          # now measured
+            assert len(set(found)) == 3
+            # the first batch: the default, then the new signature, then the strategy's
+            tuner.score = model_score
+            asked = []
+            new_signature = tuner._new_signature
+            tuner._new_signature = lambda *args: asked.append(new_signature(*args)) or asked[-1]
+            batch = tuner._propose(4, {}, {}, set())
+            assert batch[0] == tuner.space.default() and len(batch) == 4
+            assert len(asked) == 1 and asked[0] is not None and asked[0] in batch
+            sig = widths.signature(tuner.space.bundle(asked[0]))
+            assert widths.measured(sig) is None and not dominated(sig, widths.baseline)
+            del tuner._new_signature
+            widths.measured = lambda sig: 1.0                       # every one measured
+            assert tuner._new_signature(set(), backends) is None
+        finally:
+            tuner.close()
