@@ -86,8 +86,10 @@ from boundflow.search.tightness import WidthPrior, dominated
 # which is measured yet is taken (log units): enough to measure the signatures predicted
 # within about 10% of the baseline's width once each (search.tightness)
 EXPLORE_WIDTH = 0.1
-# plans sampled per batch for its one plan of bounds no measurement has (Tuner._new_signature)
+# plans sampled per batch for its one plan of bounds no measurement has, and how many such
+# plans a search measures at most (Tuner._new_signature; deep models have thousands)
 EXPLORE_SAMPLES = 64
+EXPLORE_SIGNATURES = 8
 
 log = logging.getLogger("boundflow.search")
 
@@ -218,6 +220,7 @@ class Tuner:
                              **strategy_options)
         self.strategy_name = strategy
         self._explore_rng = random.Random(seed + 1)      # _new_signature's samples
+        self._explored: set = set()                      # the signatures it proposed
 
     def _baseline(self) -> tuple[PlanBundle, Candidate]:
         """The default path of ``verify`` without a database: the default plan on the
@@ -644,7 +647,9 @@ class Tuner:
                  backends: Sequence[str] | None = None) -> list[Assignment]:
         """Up to ``n`` candidates, on ``backends`` (default: all searched; those a time
         budget still has room for), measured and claimed by no run: seeds first (the default
-        on every backend, then schedule presets), then the strategy's."""
+        on every backend, then schedule presets), then the strategy's, then (where two
+        slots or more are left) one plan of bounds no measurement has
+        (:meth:`_new_signature`)."""
         backends = set(backends or self.backends)
         incumbents = self._incumbents(history, by_cand)
         if self.strategy_name == "cpsat" and self.objective.kind == "time@width" \
@@ -659,15 +664,14 @@ class Tuner:
             if c not in seen and c[1] in backends and len(out) < n:
                 seen.add(c)
                 out.append(a)
-        if n - len(out) >= 2:               # one slot of a batch: bounds not measured yet
-            a = self._new_signature(seen, backends)
-            if a is not None:
-                seen.add(self.space.candidate(a))
-                out.append(a)
+        # one slot of a batch, after the strategy's picks: bounds not measured yet
+        explore = n - len(out) >= 2 and self.objective.kind in ("time@width", "mix") \
+            and len(self._explored) < EXPLORE_SIGNATURES
+        n_own = n - 1 if explore else n
         for _ in range(3):                  # the strategy's picks on the backends allowed
-            if len(out) >= n:
+            if len(out) >= n_own:
                 break
-            picks = self.strategy.ask(n - len(out), self.score, set(seen), incumbents)
+            picks = self.strategy.ask(n_own - len(out), self.score, set(seen), incumbents)
             if not picks:
                 break
             for pick in picks:
@@ -681,6 +685,12 @@ class Tuner:
                         seen.add(c)
                         out.append(a)
                         break
+        out = out[:n_own]
+        if explore:
+            a = self._new_signature(seen, backends)
+            if a is not None:
+                seen.add(self.space.candidate(a))
+                out.append(a)
         return out[:n]
 
     def _new_signature(self, seen: set, backends: set) -> Assignment | None:
@@ -691,7 +701,7 @@ class Tuner:
         signature from other workloads; where it is wrong about one (the digits CNN's
         forward-mode layer: the fastest plans, as tight as the default, predicted slower),
         a search that only follows it never measures that signature: this slot does, once
-        per signature."""
+        per signature, at most ``EXPLORE_SIGNATURES`` of them, the best-scored first."""
         widths = self.widths
         floor = self.objective.kind == "time@width"
         pool, sigs = [], set()
@@ -702,15 +712,17 @@ class Tuner:
             except (PlanError, BoundFlowError):
                 continue
             sig = widths.signature(bundle)
-            if c in seen or c[1] not in backends or sig in sigs \
-                    or widths.measured(sig) is not None \
+            if c in seen or c[1] not in backends or sig in sigs or sig in self._explored \
+                    or sig == widths.baseline or widths.measured(sig) is not None \
                     or (floor and dominated(sig, widths.baseline)):
                 continue
             sigs.add(sig)
-            pool.append(a)
+            pool.append((a, sig))
         if not pool:
             return None
-        return pool[int(np.argmin(self.score(pool)))]
+        a, sig = pool[int(np.argmin(self.score([a for a, _ in pool])))]
+        self._explored.add(sig)           # once each, even if its plan fails to measure
+        return a
 
     def _incumbents(self, history: dict[Candidate, MeasureResult],
                     by_cand: dict[Candidate, Assignment]) -> list[Assignment]:

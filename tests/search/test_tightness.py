@@ -17,6 +17,7 @@ from boundflow.ir.workload import Workload
 from boundflow.planner import normalised
 from boundflow.search import Tuner, TuneSpace, make
 from boundflow.search.tightness import LOOSER, WidthPrior, dominated
+from boundflow.search import tuner as tuner_module
 from boundflow.search.tuner import EXPLORE_WIDTH
 from tests.helpers import example_graph
 
@@ -255,7 +256,7 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
         assert {s: again.widths.measured(s) for s in theirs} == theirs
 
 
-def test_each_batch_measures_bounds_no_measurement_has(tmp_path):
+def test_each_batch_measures_bounds_no_measurement_has(tmp_path, monkeypatch):
     """A batch keeps one slot for a plan of a bounds signature not measured yet (and, under
     time@width, not one that only tightens less than the default): the model's ranking
     alone never measured the digits CNN's forward-mode signature, its fastest as tight as
@@ -272,19 +273,24 @@ def test_each_batch_measures_bounds_no_measurement_has(tmp_path):
             widths.reference(1.0)
             widths.observe(tuner.baseline_bundle, 1.0)
             backends = set(tuner.backends)
-            # a model that likes the looser signatures best: the slot still skips them
+            # a model that likes the looser signatures best, and the first one it proposed:
+            # the slot still skips them
             model_score = tuner.score
-            tuner.score = lambda pool: np.array([
-                0.0 if dominated(widths.signature(tuner.space.bundle(a)), widths.baseline)
-                else 1.0 for a in pool])
             found = []
-            for _ in range(3):
+
+            def liked(a):
+                sig = widths.signature(tuner.space.bundle(a))
+                return dominated(sig, widths.baseline) or (found and sig == found[0])
+            tuner.score = lambda pool: np.array([0.0 if liked(a) else 1.0 for a in pool])
+            for i in range(3):
                 a = tuner._new_signature(set(), backends)
                 sig = widths.signature(tuner.space.bundle(a))
                 assert widths.measured(sig) is None and not dominated(sig, widths.baseline)
+                assert sig != widths.baseline
                 found.append(sig)
-                widths.observe(tuner.space.bundle(a), 1.0)          # now measured
-            assert len(set(found)) == 3
+                if i:                            # the first one's plan failed: no width
+                    widths.observe(tuner.space.bundle(a), 1.0)
+            assert len(set(found)) == 3          # each proposed once, measured or not
             # the first batch: the default, then the new signature, then the strategy's
             tuner.score = model_score
             asked = []
@@ -295,6 +301,11 @@ def test_each_batch_measures_bounds_no_measurement_has(tmp_path):
             assert len(asked) == 1 and asked[0] is not None and asked[0] in batch
             sig = widths.signature(tuner.space.bundle(asked[0]))
             assert widths.measured(sig) is None and not dominated(sig, widths.baseline)
+            assert batch[-1] == asked[0]         # after the strategy's picks
+            # a search measures at most EXPLORE_SIGNATURES of them
+            monkeypatch.setattr(tuner_module, "EXPLORE_SIGNATURES", len(tuner._explored))
+            asked.clear()
+            assert len(tuner._propose(4, {}, {}, set())) == 4 and not asked
             del tuner._new_signature
             widths.measured = lambda sig: 1.0                       # every one measured
             assert tuner._new_signature(set(), backends) is None
