@@ -53,6 +53,7 @@ def _number(kind: type, low: float | None = None, *, strict: bool = False,
 
 
 _POSITIVE_INT = _number(int, 1, what="an integer")
+MAX_THREADS = 4096                  # torch's thread pool crashes (a segfault) far above this
 _COUNT = _number(int, 0, what="an integer")
 _NONNEG = _number(float, 0)
 _POSITIVE = _number(float, 0, strict=True)
@@ -119,9 +120,17 @@ def _load_input(path: str, sample_shape: tuple[int, ...]):
     import numpy as np
 
     try:
+        with open(path, "rb") as f:           # the header first: its shape must fit the file
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+            size = os.fstat(f.fileno()).st_size - f.tell()
+        if dtype.hasobject or math.prod(shape) * dtype.itemsize > size:
+            raise ValueError(f"its header declares {list(shape)} of {dtype}, "
+                             f"{'objects' if dtype.hasobject else 'more than the file holds'}")
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"input file {path}: {e}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ModelLoadError(f"input file {path}: not a readable .npy array ({e})") from None
     if isinstance(x, np.lib.npyio.NpzFile):
         raise ModelLoadError(f"input file {path}: give a .npy array, not an .npz archive")
     if tuple(x.shape) == sample_shape:
@@ -1106,10 +1115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         args.method_given = args.method is not None
         args.method = args.method or DEFAULT_METHOD
+    if (getattr(args, "threads", None) or 0) > MAX_THREADS:
+        _print_error(BoundFlowError(f"--threads {args.threads}: at most {MAX_THREADS}"))
+        return 2
     try:
         return args.func(args)
     except BoundFlowError as e:
         _print_error(e)
+        return 2
+    except (RecursionError, UnicodeDecodeError) as e:
+        # a file or database row nested too deeply, or not text: input, whichever reader
+        # met it (each reader names the problems it knows of)
+        what = "nested too deeply to read" if isinstance(e, RecursionError) else \
+            f"not UTF-8 text ({e.reason} at byte {e.start})"
+        _print_error(BoundFlowError(f"an input of this command is {what}"))
         return 2
     except BrokenPipeError:                        # `boundflow verify ... | head`
         devnull = os.open(os.devnull, os.O_WRONLY)

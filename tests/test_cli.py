@@ -200,3 +200,46 @@ def test_verify_reads_gzipped_instances(tmp_path, capsys):
     prop.write_bytes(gzip.compress((base / "test_prop.vnnlib").read_bytes()))
     assert main(["verify", "--onnx", str(onnx), "--vnnlib", str(prop), "--method", "crown"]) == 0
     assert capsys.readouterr().out.startswith("sat\n((X_0 ")
+
+
+def _npy_header(path, shape):
+    """A .npy file whose header declares ``shape`` (float32) but which holds 16 bytes."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(b"\0" * 16)
+
+
+@pytest.mark.parametrize("make, argv, match", [
+    (lambda p: p.write_bytes(b""), [], "not a readable .npy array"),
+    (lambda p: _npy_header(p, (100000, 100000, 1000)), [], "more than the file holds"),
+    (lambda p: np.save(p, np.load(INPUTS)), ["--threads", "1000000"], "--threads 1000000"),
+    (lambda p: p.write_text("[" * 100_000 + "]" * 100_000), ["--plan-file"], "nested too deeply"),
+])
+def test_hostile_files_and_arguments_are_one_line(tmp_path, capsys, make, argv, match):
+    """An empty .npy, a header declaring 36 TiB, a thread count torch crashes on, a plan
+    file nested 100,000 deep: one line and exit 2 (they were tracebacks and a segfault)."""
+    path = tmp_path / "x.npy"
+    make(path)
+    if argv == ["--plan-file"]:
+        argv = ["--plan", str(path)]
+        path = tmp_path / "in.npy"
+        np.save(path, np.load(INPUTS))
+    assert main(["verify", "--model", MODEL, "--input", str(path), "--eps", "0.01", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("boundflow: error: ") and match in err[-1]
+    assert all("Traceback" not in line for line in err)
+
+
+def test_tune_refuses_a_box_whose_default_bounds_overflow(tmp_path, capsys):
+    """eps 1e30: the default plan's bounds are inf; tune says so on one line (it was a
+    TypeError while printing its table) and its run is recorded as failed."""
+    from boundflow.db import Database
+
+    db = str(tmp_path / "t.db")
+    assert main(["tune", "--model", MODEL, "--input", INPUTS, "--eps", "1e30", "--db", db,
+                 "--trials", "2", "--backend", "torch", "--no-progress", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("boundflow: error: ") and "not finite" in err[-1]
+    with Database(db) as d:
+        assert [r.status for r in d.runs()] == ["failed"]

@@ -564,6 +564,11 @@ class Tuner:
                 raise BoundFlowError(f"the default plan failed to run on the "
                                      f"{self.baseline[1]} backend ({self.reference.error_kind}"
                                      f": {self.reference.error}); nothing to tune against")
+            if self.reference.mean_width is None:       # inf or NaN (see measure.tightness)
+                raise BoundFlowError("the default plan's bounds over this input box are not "
+                                     "finite (they overflow in this precision): use a "
+                                     "smaller box or --dtype float64; nothing to tune "
+                                     "against")
             progress.update(len(history), self._best_value(history), self.reference)
             self._held, self._lost, self._held_curve, self._challenges = None, set(), [], 0
             self._hold(self.baseline, self.objective.measured(self.reference, self.reference),
