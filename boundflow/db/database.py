@@ -191,6 +191,17 @@ def _is_busy(e: BaseException) -> bool:
                                    "could not serialize", "busy"))
 
 
+def _number(value: Any, optional: bool = False) -> float | None:
+    """A number column as read: a finite float (SQLite keeps whatever another writer stored
+    in it: text, NaN); else a ValueError (a malformed row, see ``Database._guard``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{value!r} where a finite number belongs")
+    return float(value)
+
+
 class Database:
     """The tuning database. The storage contract:
 
@@ -278,6 +289,13 @@ class Database:
                 raise DatabaseError(f"{self.shown()} is corrupt or not an SQLite database "
                                     f"({text})") from None
             raise DatabaseError(f"database {self.shown()}: {what} failed: {text}") from None
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError,
+                UnicodeDecodeError) as e:
+            # a row this code did not write: text where a number belongs, a dangling id,
+            # JSON that is not what it should be (a shared database is written by others)
+            text = str(e).splitlines()[0][:200] if str(e) else ""
+            raise DatabaseError(f"database {self.shown()}: {what}: a malformed row "
+                                f"({type(e).__name__}{': ' + text if text else ''})") from None
 
     def _session(self, write: bool = False) -> Session:
         return Session(self._writer if write else self.engine, expire_on_commit=False)
@@ -577,8 +595,9 @@ class Database:
             crow = s.get(CandidateRow, row.candidate_id)
             return BestPlanRecord(workload.key, row.target, row.objective,
                                   self._candidate_record(crow, workload.key), row.backend,
-                                  row.value, row.updated, row.baseline_value, row.best_s,
-                                  row.baseline_s)
+                                  _number(row.value), _number(row.updated),
+                                  _number(row.baseline_value, True), _number(row.best_s, True),
+                                  _number(row.baseline_s, True))
 
     def top_k(self, workload: Workload, k: int = 5, backend: str | None = None
               ) -> list[TuningRecord]:

@@ -28,3 +28,32 @@ def test_db_show_export_import(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("boundflow: error:") and err.count("\n") == 1
     assert main(["db", "import", "--db", str(dst), "--file", str(tmp_path / "none")]) == 2
+
+
+def test_rows_another_writer_garbled_are_one_line(tmp_path, capsys):
+    """A shared database is written by others: text where a number belongs, a best plan
+    whose candidate row is gone, workload JSON that is not JSON. Each read names the
+    malformed row on one line, exit 2 (they were TypeError, AttributeError and
+    JSONDecodeError tracebacks)."""
+    import sqlite3
+
+    bundles, g = sample_bundles(2)
+    good = tmp_path / "good.db"
+    with Database(good) as db:
+        for i, b in enumerate(bundles):
+            db.add_measurement(b, _result(b, 1e-3 * (i + 1)), graph=g)
+        db.set_best(bundles[0], "time@width", "relax", 1e-3, baseline_value=2e-3, best_s=1e-3,
+                    baseline_s=2e-3)
+    assert main(["db", "show", "--db", str(good)]) == 0
+    capsys.readouterr()
+    for sql in ("UPDATE bf_best_plans SET best_s = 'nan'",
+                "UPDATE bf_best_plans SET candidate_id = 999999",
+                "UPDATE bf_workloads SET workload = '{\"graph_hash\": '"):
+        bad = tmp_path / "bad.db"
+        bad.write_bytes(good.read_bytes())
+        with sqlite3.connect(bad) as con:
+            con.execute(sql)
+        assert main(["db", "show", "--db", str(bad)]) == 2, sql
+        err = capsys.readouterr().err
+        assert err.startswith("boundflow: error:") and err.count("\n") == 1, sql
+        assert "malformed row" in err, sql
