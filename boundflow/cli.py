@@ -89,6 +89,9 @@ def _output_dir(path: Path, what: str) -> None:
         raise BoundFlowError(f"{what} {path} exists and is not a directory")
     if not path.exists() and not path.parent.is_dir():
         raise BoundFlowError(f"{what} {path}: the directory {path.parent} does not exist")
+    where = path if path.exists() else path.parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise BoundFlowError(f"{what} {path}: {where} is not writable")
 
 
 def _write_text(path: Path, text: str, what: str) -> None:
@@ -222,6 +225,8 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     if args.db:
         _objective(args.objective)
     _output_file(args.csv, "CSV file")
+    if args.results is not None:                   # before any instance is solved
+        _output_dir(Path(args.results), "results directory")
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations),
                            backend=args.backend, target=args.target)
     root = args.root or args.instances.parent

@@ -191,6 +191,23 @@ def _is_busy(e: BaseException) -> bool:
                                    "could not serialize", "busy"))
 
 
+def _plausible(r: MeasureResult) -> None:
+    """A ValueError unless an imported measurement could have come from a runner: a
+    successful one has positive finite times with its median among them, and a finite
+    width (an export is data another machine wrote)."""
+    if not r.ok:
+        return
+    times = r.times
+    if not times or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                            and math.isfinite(t) and t > 0 for t in times):
+        raise ValueError("a measurement without positive finite times")
+    if not isinstance(r.median_s, (int, float)) or not min(times) <= r.median_s <= max(times):
+        raise ValueError(f"median_s {r.median_s!r} is not among its times")
+    if r.mean_width is not None and not (isinstance(r.mean_width, (int, float))
+                                         and math.isfinite(r.mean_width) and r.mean_width >= 0):
+        raise ValueError(f"mean_width {r.mean_width!r} is not a finite width")
+
+
 def _number(value: Any, optional: bool = False) -> float | None:
     """A number column as read: a finite float (SQLite keeps whatever another writer stored
     in it: text, NaN); else a ValueError (a malformed row, see ``Database._guard``)."""
@@ -823,6 +840,7 @@ class Database:
                                          f"this BoundFlow reads {' and '.join(map(str, _IMPORTS))}")
                 bundle = PlanBundle.from_json(d["candidate"]["plan"])
                 result = MeasureResult.from_dict(d["measurement"])
+                _plausible(result)
                 summary = d["workload"].get("summary") or {}
                 feats = d["candidate"].get("features")
             except (BoundFlowError, KeyError, TypeError, ValueError) as e:

@@ -353,3 +353,22 @@ def test_a_fault_on_one_instance_spares_the_rest(tmp_path, monkeypatch):
                                 vnncomp.BabConfig(), results_dir=tmp_path)
     assert [r.result.status for r in out] == ["error", "sat"]
     assert "internal error: IndexError: a bug of ours" in out[0].result.notes[0]
+
+
+def test_an_unusable_results_directory_is_refused_before_solving(tmp_path, capsys,
+                                                                  monkeypatch):
+    """--results naming a file, or a folder whose parent is missing, is one line and exit 2
+    before any instance is solved (it was a FileExistsError after solving them all)."""
+    import boundflow.vnncomp as vnncomp
+
+    csv = tmp_path / "instances.csv"
+    csv.write_text("vnncomp_test/test_sat.onnx,vnncomp_test/test_prop.vnnlib,60,sat\n")
+    monkeypatch.setattr(vnncomp, "check_property", lambda *a, **k: 1 / 0)   # never reached
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    for results, match in ((a_file, "exists and is not a directory"),
+                           (tmp_path / "no" / "such", "does not exist")):
+        assert main(["vnncomp", "--instances", str(csv), "--root",
+                     str(shared_path("benchmarks")), "--results", str(results)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1

@@ -57,3 +57,28 @@ def test_rows_another_writer_garbled_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("boundflow: error:") and err.count("\n") == 1, sql
         assert "malformed row" in err, sql
+
+
+def test_an_import_of_implausible_measurements_changes_nothing(tmp_path, capsys):
+    """An export line whose measurement no runner could have written (a negative median, no
+    times, a NaN width) is refused with its line number and nothing is imported (a -5 ms
+    'fastest' plan was imported before)."""
+    import json
+
+    bundles, g = sample_bundles(1)
+    src, dst = tmp_path / "a.db", tmp_path / "b.db"
+    with Database(src) as db:
+        db.add_measurement(bundles[0], _result(bundles[0], 1e-3), graph=g)
+    export = tmp_path / "x.jsonl"
+    assert main(["db", "export", "--db", str(src), "--file", str(export)]) == 0
+    capsys.readouterr()
+    line = json.loads(export.read_text().splitlines()[0])
+    for change in ({"median_s": -5.0}, {"times": []}, {"mean_width": float("nan")}):
+        bad = dict(line, measurement={**line["measurement"], **change})
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        assert main(["db", "import", "--db", str(dst), "--file",
+                     str(tmp_path / "bad.jsonl")]) == 2, change
+        err = capsys.readouterr().err
+        assert "line 1 of the import" in err and err.count("\n") == 1, change
+    with Database(dst) as db:
+        assert db.summary()["measurements"] == 0
