@@ -178,7 +178,7 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
         from boundflow.db import Database
 
         _objective(args.objective)
-        with Database(args.db):   # read now: the search may end before it looks a plan up
+        with Database(args.db, existing=True):   # read now: the search may end before a lookup
             pass
     graph = load_onnx(args.onnx)
     log.debug("loaded %s (%d nodes) at %.2f s", args.onnx, len(graph.nodes), _elapsed(args))
@@ -425,7 +425,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     if args.action == "export":
         _output_file(Path(args.file), "export file")
-    with Database(args.db) as db:
+    with Database(args.db, existing=args.action != "import") as db:
         if args.action == "show":
             s = db.summary()
             failures = ", ".join(f"{k} {v}" for k, v in s["failures"].items()) or "none"
@@ -616,7 +616,7 @@ def _costmodel_train(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     _output_file(out, "training set")
     exclude = [e.strip() for e in args.exclude.split(",") if e.strip()]
-    with Database(args.db) as db:
+    with Database(args.db, existing=True) as db:
         X, Y, groups = training_set(db.records_for_training())
         quality = held_out(db) if len(X) else {}
     if exclude:
@@ -732,7 +732,7 @@ def cmd_costmodel(args: argparse.Namespace) -> int:
     if args.action == "train":
         return _costmodel_train(args)
     _output_file(args.plot, "plot file")
-    with Database(args.db) as db:
+    with Database(args.db, existing=True) as db:
         rep = report(db, args.workload)
         if args.json:
             print(json.dumps(rep, default=str))

@@ -168,6 +168,9 @@ def test_torch_on_cuda_without_a_gpu_is_one_line(capfd, command):
 def test_version_and_quiet(tmp_path, capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("boundflow ")
+    from boundflow.db import Database
+
+    Database(tmp_path / "none.db").close()          # empty: no tuned plan, no notice shown
     assert main([*VERIFY, "--method", "ibp", "--db", str(tmp_path / "none.db"), "--quiet",
                  "--json"]) == 0
     captured = capsys.readouterr()

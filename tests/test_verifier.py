@@ -69,7 +69,10 @@ def test_a_loop_of_verify_calls_reads_the_database_once(graph, x, tmp_path, monk
         calls.append(1)
         return real(*a, **k)
     monkeypatch.setattr(lookup, "tuned_plan", counted)
+    from boundflow.db import Database
+
     db = str(tmp_path / "empty.db")
+    Database(db).close()                 # an empty database (a reader never makes one)
     for _ in range(3):
         bf.verify(graph, x, eps=0.01, method="ibp", db=db)
     v = bf.compile(graph, batch=4, method="ibp", db=db)

@@ -242,7 +242,7 @@ class Database:
       (without its password) and the operation.
     """
 
-    def __init__(self, url: str | Path | None, *, echo: bool = False):
+    def __init__(self, url: str | Path | None, *, echo: bool = False, existing: bool = False):
         self.url = _url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         self.is_private = self.url == "sqlite://"        # in memory: no other process sees it
@@ -254,6 +254,9 @@ class Database:
                 path = Path(self.url.removeprefix("sqlite:///"))
                 if not path.parent.exists():
                     raise DatabaseError(f"no directory {path.parent} for database {path.name}")
+                if existing and not path.exists():     # a reader: never create one
+                    raise DatabaseError(f"no database at {path} (`boundflow tune --db` makes "
+                                        f"one)")
                 engine = create_engine(self.url, echo=echo,
                                        connect_args={"timeout": 30, "check_same_thread": False})
             else:

@@ -63,7 +63,7 @@ def lookup(db, workload: Workload, objective: str = "time@width") -> Lookup:
     objective = Objective.parse(objective).name
     start = time.perf_counter()
     own = not isinstance(db, Database)
-    database = Database(db) if own else db
+    database = Database(db, existing=True) if own else db
     both_sides = None        # a miss of a verdict's workload: was it tuned for both sides?
     try:
         rec = database.best_plan(workload, objective=objective)

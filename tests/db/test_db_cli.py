@@ -82,3 +82,19 @@ def test_an_import_of_implausible_measurements_changes_nothing(tmp_path, capsys)
         assert "line 1 of the import" in err and err.count("\n") == 1, change
     with Database(dst) as db:
         assert db.summary()["measurements"] == 0
+
+
+def test_readers_never_create_a_database(tmp_path, capsys):
+    """verify --db, db show and costmodel inspect on a path with no database say so and leave
+    no file behind (each created an empty 96 KiB database and went on)."""
+    from tests.test_cli import INPUTS, MODEL
+
+    missing = tmp_path / "nosuch.db"
+    for argv in (["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.01", "--db",
+                  str(missing)],
+                 ["db", "show", "--db", str(missing)],
+                 ["costmodel", "inspect", "--db", str(missing)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"no database at {missing}" in err[-1], argv
+        assert not missing.exists(), argv
