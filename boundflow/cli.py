@@ -107,7 +107,7 @@ def _write_text(path: Path, text: str, what: str) -> None:
 
 def _objective(text: str) -> str:
     """``text`` if it names a tuning objective, else a one-line error listing the forms."""
-    from boundflow.search.tuner import Objective
+    from boundflow.search.objective import Objective
 
     return Objective.parse(text).name
 
@@ -325,8 +325,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.plan and args.db:
             raise BoundFlowError("give --plan or --db, not both")
         _cpu_only(args)
-        if args.db:
-            _objective(args.objective)
+        _objective(args.objective)         # checked even where unused: a typo is not ignored
+        _bab_config(args)
         work = _verify_model
     _set_threads(args.threads)
     if args.timeout is None:

@@ -243,3 +243,15 @@ def test_tune_refuses_a_box_whose_default_bounds_overflow(tmp_path, capsys):
     assert err[-1].startswith("boundflow: error: ") and "not finite" in err[-1]
     with Database(db) as d:
         assert [r.status for r in d.runs()] == ["failed"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--bab-method", "foo"], "BaB method 'foo'"),
+    (["--objective", "time@mem:-5"], "time@mem"),
+])
+def test_options_a_query_does_not_use_are_still_checked(argv, match, capsys):
+    """verify --model ignores the branch-and-bound and tuning options; a bad value there is
+    still a typo to report, not to accept (they exited 0)."""
+    assert main(["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.01", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("boundflow: error: ") and match in err[-1]
