@@ -197,15 +197,13 @@ def _plausible(r: MeasureResult) -> None:
     width (an export is data another machine wrote)."""
     if not r.ok:
         return
-    times = r.times
-    if not times or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
-                            and math.isfinite(t) and t > 0 for t in times):
-        raise ValueError("a measurement without positive finite times")
-    if not isinstance(r.median_s, (int, float)) or not min(times) <= r.median_s <= max(times):
+    times = [_number(t) for t in r.times]
+    if not times or min(times) <= 0:
+        raise ValueError("a measurement without positive times")
+    if not min(times) <= _number(r.median_s) <= max(times):
         raise ValueError(f"median_s {r.median_s!r} is not among its times")
-    if r.mean_width is not None and not (isinstance(r.mean_width, (int, float))
-                                         and math.isfinite(r.mean_width) and r.mean_width >= 0):
-        raise ValueError(f"mean_width {r.mean_width!r} is not a finite width")
+    if (_number(r.mean_width, True) or 0.0) < 0:
+        raise ValueError(f"mean_width {r.mean_width!r} is negative")
 
 
 def _number(value: Any, optional: bool = False) -> float | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
