@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from boundflow.backend.relax.cache import CompileCache  # noqa: E402
 from boundflow.backend.relax.executor import RelaxExecutor  # noqa: E402
 from boundflow.backend.torch import TorchExecutor  # noqa: E402
 from boundflow.examples import digits_module  # noqa: E402
@@ -61,7 +62,7 @@ def _prebuild(job) -> str:
     start = time.perf_counter()
     try:
         g, bundle = _bundle(*job)
-        RelaxExecutor(bundle, g, target="cuda")
+        RelaxExecutor(bundle, g, target="cuda", cache=CompileCache())
     except Exception as e:                      # reported; the row fails again in the run
         return f"{job[0]} {job[1]} {job[2]}: FAILED {type(e).__name__}: {e}"[:300]
     return f"{job[0]} {job[1]} {job[2]}: {time.perf_counter() - start:.1f} s"
@@ -83,6 +84,7 @@ def _rows(name, args, names, batches, rows) -> bool:
     """Measure and check every (method, batch) of model ``name``; whether a check failed."""
     failed = False
     ex, g = example_graph(name)
+    cache = CompileCache()        # the on-disk cache the workers compiled into
     model = digits_module(name) if name.startswith("digits") else copy.deepcopy(ex.model)
     module = model.to("cuda").eval()
     for method in args.methods.split(","):
@@ -91,7 +93,7 @@ def _rows(name, args, names, batches, rows) -> bool:
         for s in names:
             start = time.perf_counter()
             _, bundle = _bundle(name, method, s, batches[0])
-            exes[s] = RelaxExecutor(bundle, g, target="cuda")
+            exes[s] = RelaxExecutor(bundle, g, target="cuda", cache=cache)
             compile_s[s] = time.perf_counter() - start
         ref_bundle = plan(g, w, default(g, w))
         tex_gpu = TorchExecutor(ref_bundle, g, device="cuda")
