@@ -33,6 +33,36 @@ def _query(name, eps=0.02, batch=2, dtype=np.float64):
     return ex, g, x, margin_spec(np.arange(batch) % n_out, n_out)
 
 
+@pytest.mark.parametrize("name", ["random_deep_mlp", "random_residual"])
+def test_small_buffers_keep_their_tensors_and_the_slots_bounds(name, monkeypatch):
+    """A small row-major buffer keeps the tensors its task made (no slot copy): the same
+    bounds as written into slots; ``measure_memory`` still measures the planned slots."""
+    import boundflow.backend.torch as torch_backend
+
+    ex, g, x, C = _query(name, batch=3)
+    for method in ("ibp", "crown-ibp", "crown"):
+        w = Workload.of(g, batch=3, method=method, dtype="float64")
+        bundle = plan(g, w, default(g, w))
+        adopting = TorchExecutor(bundle, g)
+        kept = adopting.run(x, C)
+        assert not adopting._arena, method           # no buffer went to a slot
+        measured = TorchExecutor(bundle, g)
+        assert measured.run(x, C, measure_memory=True).stats["peak_bytes"] > 0
+        assert measured._arena, method
+        with monkeypatch.context() as m:
+            m.setattr(torch_backend, "ADOPT_BYTES", 0)
+            slots = TorchExecutor(bundle, g)
+            written = slots.run(x, C)
+            assert slots._arena, method
+        for a, b in ((kept.lower, written.lower), (kept.upper, written.upper)):
+            assert torch.equal(a, b), method
+        for _ in range(2):                  # again: nothing of the last run leaks into it
+            again = adopting.run(x, C)
+            assert torch.equal(again.lower, kept.lower) and torch.equal(again.upper, kept.upper)
+        pts = box_points(x.lower, x.upper, n=200)
+        assert_contains(kept.lower, kept.upper, true_outputs(g, pts), C=C.C)
+
+
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_random_plans_equal_the_reference_and_are_sound(name):
     ex, g, x, C = _query(name)
