@@ -1105,7 +1105,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``boundflow`` command: the exit status (0 done, 2 bad input or arguments)."""
+    """The ``boundflow`` command: the exit status (0 done, 2 bad input or arguments, 130
+    interrupted)."""
     start = _IMPORTED if argv is None else time.monotonic()    # as a command: from start-up
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1139,6 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:                      # Ctrl-C: what was recorded stays
+        print(f"boundflow: interrupted ({args.command})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ class LocalBuilder:
                     results += [cut if f is not None else BuildResult(artifact=None)
                                 for f in futures[i:]]
                     break
+                except (KeyboardInterrupt, SystemExit):
+                    raise
                 except BaseException:           # noqa: BLE001 - read again below
                     pass
             try:

@@ -223,6 +223,9 @@ class CPSATSearch(Strategy):
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = self.time_limit_s
         solver.parameters.num_workers = 1
+        # CP-SAT's own SIGINT handler outlives Solve: a later Ctrl-C killed the process
+        # outright (no message, its run left "running"); Python's KeyboardInterrupt instead
+        solver.parameters.catch_sigint_signal = False
         solver.parameters.random_seed = self.rng.randrange(1 << 30)
         found: list[Assignment] = []
         for _ in range(4 * max(n, 1)):

@@ -550,9 +550,16 @@ class Tuner:
                             self.objective.kind != "mix")
         try:
             # the baseline first: the first run to claim it measures it, others wait (it is
-            # measured even past the budget)
-            while self.baseline not in history:
-                if self.db.claim(self._run_id, [self.baseline], backends=self.scope):
+            # measured even past the budget). A failure recorded before this run (an earlier
+            # run's, perhaps cut short) is measured again once: it may have been transient,
+            # and every tune of the workload would otherwise stop on it for good
+            retried = False
+            while self.baseline not in history or not (history[self.baseline].ok or retried):
+                if self.baseline in history:
+                    retried = True
+                    self._measure(self.baseline_bundle, self.baseline[1])
+                elif self.db.claim(self._run_id, [self.baseline], backends=self.scope):
+                    retried = True
                     self._measure(self.baseline_bundle, self.baseline[1])
                 else:
                     self._wait(beat, {self.baseline}, None)    # until its claim goes

@@ -5,6 +5,7 @@ and the RPC runner over a tracker and two servers on loopback."""
 from __future__ import annotations
 
 import ctypes
+import os
 import functools
 import time
 
@@ -67,6 +68,7 @@ def _misbehave(behaviour, inp, build, config):
     """A measurement function that fails as ``behaviour[inp.key]`` says."""
     what = behaviour.get(inp.key)
     if what == "segfault":
+        os.write(2, f"worker {inp.key}: about to crash\n".encode())
         ctypes.string_at(0)
     elif what == "hang":
         time.sleep(600)
@@ -92,6 +94,11 @@ def test_runner_isolates_crashes_hangs_and_exceptions():
     kinds = [r.error_kind for r in results]
     assert kinds == ["crash", "timeout", None, "run", "memory"], [r.error for r in results]
     assert "exploded" in results[3].error and "10 s" in results[1].error
+    # what a worker prints goes to the workers' log, which a crash's error names
+    from boundflow.measure.pool import worker_log
+
+    assert str(worker_log()) in results[0].error
+    assert f"worker {inputs[0].key}: about to crash" in worker_log().read_text()
     assert results[2].median_s > 0
     # the pool is healthy afterwards
     again = runner.run([inputs[2]], builder.build([inputs[2]]))
@@ -251,3 +258,36 @@ def test_a_compile_past_the_callers_time_is_cut_and_the_builder_goes_on(tmp_path
         assert not builder.build([torch_], seconds=0.0)[0].cut
     finally:
         builder.close()
+
+
+def test_pool_close_finishes_a_shutdown_that_tvm_leaves_locked():
+    """TVM's ``shutdown`` can raise with its lock held (``PopenWorker.kill`` races the pool
+    thread after Ctrl-C); the pool thread then waited on that lock and the interpreter's exit
+    hung. ``close`` releases it, shuts the thread pool down and kills what runs."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boundflow.measure.pool import Pool, failure
+
+    class _Racy:
+        def __init__(self):
+            self._lock = threading.Lock()
+            self._worker_map = {}
+            self._threadpool = ThreadPoolExecutor(1)
+            self._shutdown = False
+
+        def shutdown(self, wait=True):
+            self._lock.acquire()
+            raise AttributeError("'NoneType' object has no attribute 'kill'")
+
+    pool = Pool()
+    racy = pool._executor = _Racy()
+    pool.close()
+    assert not racy._lock.locked() and racy._shutdown and racy._threadpool._shutdown
+    assert pool._executor is None
+    pool.close()                                 # closing twice is nothing
+    # an interrupt is no failure of a plan: raised again, never recorded
+    for interrupt in (KeyboardInterrupt(), SystemExit(1)):
+        with pytest.raises(type(interrupt)):
+            failure(interrupt, 10.0)
+    assert failure(RuntimeError("boom"), 10.0)[0] == "run"

@@ -182,6 +182,47 @@ def test_tune_resumes_after_a_kill_without_duplicates(tmp_path):
         assert db.claims() == []
 
 
+def test_ctrl_c_stops_a_tune_with_one_line_and_records_no_failure(tmp_path):
+    """Ctrl-C (SIGINT to the tune and its workers) while the default plan is measured: exit
+    130, one line, no process left; the interrupt is recorded as no plan's failure (it was
+    stored as the default's, which stopped every later tune of the workload), and the
+    next tune runs."""
+    db_path = tmp_path / "tuning.db"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen(_tune_cmd(db_path, 12, batch_size=1), cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while True:                                  # as soon as the run has started
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "tune started no run in 300 s"
+        if db_path.exists():
+            with Database(db_path) as db:
+                if db.runs():
+                    break
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)     # anything left (there should be nothing)
+            left = True
+        except ProcessLookupError:
+            left = False
+    assert p.returncode == 130, err.decode()[-2000:]
+    assert err.decode().strip() == "boundflow: interrupted (tune)"
+    assert not left
+    with Database(db_path) as db:
+        recs = db.records_for_training(include_failed=True)
+        assert all(r.measurement.result.ok for r in recs), \
+            [r.measurement.result.error for r in recs]
+        assert [r.status for r in db.runs()] == ["failed"] and db.claims() == []
+    out = subprocess.run(_tune_cmd(db_path, 2), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_tuned_plan_is_used_by_verify_in_another_process(tmp_path):
     """A record that beat the default path in the final pass is what ``verify --db`` runs.
     (The runner is scripted so the tuned plan is faster for sure: three real measurements
@@ -564,3 +605,72 @@ def test_a_relax_only_search_with_nothing_faster_keeps_the_default_without_final
         report = tuner.tune(trials=4)
     assert report.kept_default and report.finalists == () and passes == []
     assert report.best_bundle.key == tuner.baseline[0]
+
+
+class _FlakyDefaultRunner(_LuckyRunner):
+    """Its first measurement (the default plan's) fails, as one cut short by Ctrl-C in an
+    earlier version did; every later one runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def run(self, inputs, builds, config=None):
+        from boundflow.measure import MeasureResult
+
+        self.calls += 1
+        if self.calls == 1:
+            return [MeasureResult.failed(i.key, i.backend, i.target, "run", "KeyboardInterrupt")
+                    for i in inputs]
+        return super().run(inputs, builds, config)
+
+
+def test_a_default_plan_failure_recorded_before_is_measured_again_once():
+    """A tune that found the default plan's only measurement failed (an earlier run's) measures
+    it again instead of stopping every later tune of the workload on it; one that fails
+    again still stops, with the error."""
+    g, spec, linear = _digits_query()
+    runner = _FlakyDefaultRunner()
+    with Database(":memory:") as db:
+        with pytest.raises(BoundFlowError, match="default plan failed.*KeyboardInterrupt"):
+            _scripted(db, g, spec, linear, runner).tune(trials=3)
+        report = _scripted(db, g, spec, linear, runner).tune(trials=3)
+        assert report.default.ok and report.measured_now >= 1
+        rows = db.records_for_training(report.default_bundle.workload, include_failed=True)
+        base = [r for r in rows if r.candidate.key == report.default_bundle.key]
+        assert [r.measurement.result.ok for r in base] == [False, True]
+
+    class _Broken(_LuckyRunner):
+        def run(self, inputs, builds, config=None):
+            from boundflow.measure import MeasureResult
+
+            return [MeasureResult.failed(i.key, i.backend, i.target, "run", "broken")
+                    for i in inputs]
+    broken = _Broken()
+    with Database(":memory:") as db:
+        for _ in range(2):                   # measured once per tune, then the error
+            with pytest.raises(BoundFlowError, match="default plan failed.*broken"):
+                _scripted(db, g, spec, linear, broken).tune(trials=3)
+        workload = _scripted(db, g, spec, linear, broken).workload
+        assert len(db.records_for_training(workload, include_failed=True)) == 2
+
+
+def test_cpsat_leaves_ctrl_c_to_python():
+    """After CP-SAT has solved, SIGINT is still Python's KeyboardInterrupt (CP-SAT's own
+    handler killed the process outright: no message, its tuning run left running)."""
+    code = ("import os, signal, time\n"
+            "from tests.search.test_search import _space\n"
+            "from boundflow.search import make\n"
+            "import numpy as np\n"
+            "sp = _space()\n"
+            "s = make('cpsat', sp, seed=0, epsilon=0.0)\n"
+            "s.ask(2, lambda pts: np.zeros(len(pts)), set(), [sp.default()])\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted in python')\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "interrupted in python" in out.stdout, out.stderr[-2000:]
