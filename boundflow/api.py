@@ -144,7 +144,9 @@ def _linear_spec(C: Any, threshold: Any = 0.0) -> LinearSpec | None:
         return None
     if isinstance(C, LinearSpec):
         return C
-    return LinearSpec(_as_numpy(C, "C"), _as_numpy(threshold, "threshold"))
+    if type(threshold) not in (float, int):          # one plain number goes as it is
+        threshold = _as_numpy(threshold, "threshold")
+    return LinearSpec(_as_numpy(C, "C"), threshold)
 
 
 def _resolve(model, x, eps, clip, dtype) -> tuple[Graph, InputSpec, torch.dtype]:

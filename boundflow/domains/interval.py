@@ -80,11 +80,13 @@ def sub(node: Node, params: dict, x: Interval, y: Interval | None = None) -> Int
 
 
 def mul(node: Node, params: dict, x: Interval) -> Interval:
-    return _scale(x, params["other"])
+    s = params.get("nonneg_scale")        # nowhere negative: the ends stay in order
+    return _scale(x, params["other"]) if s is None else Interval(x.lower * s, x.upper * s)
 
 
 def div(node: Node, params: dict, x: Interval) -> Interval:
-    return _scale(x, 1 / params["other"])
+    s = params.get("nonneg_scale")        # 1 / other, nowhere negative (graph_tensors)
+    return _scale(x, 1 / params["other"]) if s is None else Interval(x.lower * s, x.upper * s)
 
 
 def batchnorm(node: Node, params: dict, x: Interval) -> Interval:

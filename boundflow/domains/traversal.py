@@ -25,7 +25,10 @@ _PARAM_CACHE: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictiona
 def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str = "cpu"
                   ) -> dict[str, torch.Tensor]:
     """The graph's parameters as tensors of ``dtype`` on ``device``, converted once per graph,
-    with ``|W|`` beside the weight of every ``weighted`` op (key ``weight + ABS``)."""
+    with ``|W|`` beside the weight of every ``weighted`` op (key ``weight + ABS``) and, for a
+    ``mul``/``div`` by a constant whose multiplier (``other``, or ``1 / other``) is nowhere
+    negative, that multiplier (key ``other + NONNEG[op]``: its interval rule needs no
+    min/max, e.g. an input normalisation's division by the std)."""
     per_graph = _PARAM_CACHE.setdefault(graph, {})
     key = (dtype, str(device))
     if key not in per_graph:
@@ -36,11 +39,17 @@ def graph_tensors(graph: Graph, dtype: torch.dtype, device: torch.device | str =
             if "weight" in node.params and node.op in weighted:
                 k = node.params["weight"]
                 tensors[k + ABS] = tensors[k].abs()
+            elif node.op in NONNEG and "other" in node.params:
+                k = node.params["other"]
+                scale = tensors[k] if node.op == "mul" else 1 / tensors[k]
+                if bool((scale >= 0).all()):
+                    tensors[k + NONNEG[node.op]] = scale
         per_graph[key] = tensors
     return per_graph[key]
 
 
 ABS = "|abs"
+NONNEG = {"mul": "|mul>=0", "div": "|div>=0"}
 
 
 def propagate(graph: Graph, rules: Mapping[str, Rule], init: Any,
@@ -75,4 +84,8 @@ def apply_rule(rules: Mapping[str, Rule], node: Node, tensors: Mapping[str, torc
     params = {role: tensors[key] for role, key in node.params.items()}
     if "weight" in node.params and node.params["weight"] + ABS in tensors:
         params["weight_abs"] = tensors[node.params["weight"] + ABS]
+    elif node.op in NONNEG and "other" in node.params:
+        scale = tensors.get(node.params["other"] + NONNEG[node.op])
+        if scale is not None:
+            params["nonneg_scale"] = scale
     return rule(node, params, *inputs)

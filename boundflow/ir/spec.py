@@ -8,6 +8,7 @@ the box. Both are plain values that validate themselves on construction.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -158,7 +159,13 @@ class LinearSpec:
         C = _float_array(self.C, "spec matrix C")
         if C.ndim != 3:
             raise SpecError(f"C must have shape [batch, n_specs, n_out], got {C.shape}")
-        thr = _float_array(self.threshold, "spec threshold")
+        t = self.threshold
+        if (type(t) is float and math.isfinite(t)) or (type(t) is int and -2**63 <= t < 2**63):
+            # the common one number: no array to check
+            object.__setattr__(self, "C", C)
+            object.__setattr__(self, "threshold", np.full(C.shape[:2], float(t)))
+            return
+        thr = _float_array(t, "spec threshold")
         try:
             thr = np.broadcast_to(thr, C.shape[:2]).copy()
         except ValueError:

@@ -159,3 +159,31 @@ def test_point_box_gives_the_exact_output():
     out = _bounds(g, p, p)
     assert torch.equal(out.lower, out.upper)
     np.testing.assert_allclose(out.lower.numpy(), true_outputs(g, p[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_scaling_by_a_constant_nowhere_negative_skips_the_reorder_and_stays_exact(op):
+    """A multiplier nowhere negative (an input normalisation's 1 / std) keeps the ends in
+    order, so its rule scales them without min/max (graph_tensors marks it); a multiplier of
+    mixed sign is never marked, and both bound exactly what sampled points reach."""
+    from boundflow.domains.traversal import NONNEG
+
+    rng = np.random.default_rng(3)
+    lo = rng.normal(size=(4, 6))
+    hi = lo + rng.uniform(0, 2, size=(4, 6))
+    for other, marked in ((rng.uniform(0.1, 3, 6), True), (np.r_[0.0, rng.uniform(1, 2, 5)],
+                          op == "mul"), (rng.normal(size=6), False)):
+        if op == "div" and (other == 0).any():
+            continue
+        b = GraphBuilder("float64")
+        y = b.add_node(op, [b.input((6,))], params={"other": other})
+        g = b.build(y)
+        tensors = graph_tensors(g, torch.float64)
+        assert any(k.endswith(NONNEG[op]) for k in tensors) == marked, other
+        out = _bounds(g, lo, hi)
+        pts = box_points(lo, hi, n=200)
+        assert_contains(out.lower, out.upper, true_outputs(g, pts))
+        s = other if op == "mul" else 1 / other
+        want_lo, want_hi = np.minimum(lo * s, hi * s), np.maximum(lo * s, hi * s)
+        assert np.array_equal(out.lower.numpy(), want_lo) and \
+            np.array_equal(out.upper.numpy(), want_hi)

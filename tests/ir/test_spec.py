@@ -79,3 +79,16 @@ def test_linear_spec_checks_width_batch_and_threshold():
         LinearSpec(np.ones((2, 3, 5)), threshold=np.ones(4))
     with pytest.raises(SpecError, match="NaN"):
         LinearSpec(np.full((1, 1, 2), np.nan))
+
+
+def test_a_plain_number_threshold_is_the_same_as_its_array():
+    C = np.ones((3, 2, 4), np.float32)
+    for t in (0.0, 0, -2, 1.5, 10**6):
+        fast, slow = LinearSpec(C, t), LinearSpec(C, np.asarray(t))
+        assert fast.threshold.dtype == slow.threshold.dtype == np.float64
+        assert fast.threshold.shape == (3, 2) and np.array_equal(fast.threshold, slow.threshold)
+        fast.threshold[0, 0] = 99.0                  # its own array, not a shared one
+        assert LinearSpec(C, t).threshold[0, 0] == t
+    for bad in (float("inf"), float("-inf"), float("nan"), 10**400):
+        with pytest.raises(SpecError, match="threshold"):
+            LinearSpec(C, bad)
