@@ -268,6 +268,17 @@ def _view(node, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _rows_row_major(t: torch.Tensor) -> bool:
+    """Whether each sample of ``t`` (``[batch, ...]``) is row-major in memory (the batch
+    stride may be anything: a half of a ``[batch, 2n]`` joint product is)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _private(v: Value, inputs: set[int]) -> bool:
     """Whether ``v`` as lower/upper shares no memory in ``inputs`` (a centre/radius value is
     converted into fresh tensors first)."""
@@ -370,14 +381,20 @@ class TorchExecutor:
     def _write(self, env: dict, name: str, value: Value, batch: int,
                adopt: bool = True) -> None:
         """Put ``value`` in buffer ``name``: a view of its slot, or (``adopt``, a small
-        row-major buffer: :data:`ADOPT_BYTES`) the value's own tensors."""
+        row-major buffer: :data:`ADOPT_BYTES`) the value's own tensors, where they are laid
+        out as the slot would be (each sample row-major: a permuted view is copied, so the
+        next op sums in the plan's order) and share no slot's memory (a view of another
+        buffer's slot would be overwritten when that slot is reused)."""
         buf = self.buffers[name]
         if buf.alias_of:                       # a view: shares its root's memory
             env[name] = value
             return
         value = value.as_form(buf.form)
         if adopt and buf.identity_layout and 2 * buf.numel * batch * self.itemsize \
-                <= ADOPT_BYTES and value.a.shape == value.b.shape == (batch, *buf.shape):
+                <= ADOPT_BYTES and value.a.shape == value.b.shape == (batch, *buf.shape) \
+                and _rows_row_major(value.a) and _rows_row_major(value.b) \
+                and not {value.a.untyped_storage().data_ptr(),
+                         value.b.untyped_storage().data_ptr()} & self._arena_ptrs():
             env[name] = Value(buf.form, value.a, value.b)
             return
         a, b = self._slot_view(buf, batch)
@@ -714,7 +731,9 @@ class TorchExecutor:
                         # the result: copied out below, so no slot of its own first
                         env[name] = value.as_form(self.buffers[name].form)
                     else:
-                        self._write(env, name, value, batch, adopt=not measure_memory)
+                        # a layout task's output is its input until this write converts it
+                        self._write(env, name, value, batch,
+                                    adopt=not measure_memory and t.kind != "layout")
                     if node in keep:
                         kept[node] = Interval(*(t.to("cpu", copy=True)
                                                 for t in env[name].interval()))

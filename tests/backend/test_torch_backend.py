@@ -24,6 +24,7 @@ from tests.helpers import assert_contains, box_points, example_graph, true_outpu
 
 ALPHA = AlphaConfig(iterations=2)
 N_KNOBS = 50
+N_ADOPT = 8      # of them also run without measure_memory (see _write's ADOPT_BYTES)
 
 
 def _query(name, eps=0.02, batch=2, dtype=np.float64):
@@ -79,6 +80,10 @@ def test_random_plans_equal_the_reference_and_are_sound(name):
         assert PlanBundle.from_json(bundle.to_json()) == bundle
         out = TorchExecutor(bundle, g).run(x, C, measure_memory=True)
         assert out.stats["peak_bytes"] >= bundle.peak_bytes(2)      # every slot was written
+        if i < N_ADOPT:   # small buffers keeping their own tensors: the slots' bounds exactly
+            plain = TorchExecutor(bundle, g).run(x, C)
+            assert torch.equal(plain.lower, out.lower) and torch.equal(plain.upper, out.upper), \
+                f"knobs {knobs.to_json()}"
         dp, sparse = bundle.domain_plan.plan, bundle.domain_plan.sparse
         if (dp, sparse) not in references:     # the same neurons bounded: alpha amplifies ulps
             references[dp, sparse] = reference_bounds(
