@@ -182,6 +182,12 @@ def test_tune_resumes_after_a_kill_without_duplicates(tmp_path):
         assert db.claims() == []
 
 
+def _sigint_default():
+    """In a child about to exec: SIGINT as a terminal's process has it (a test run started in
+    the background, as CI may, ignores SIGINT, and its children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_tune_with_one_line_and_records_no_failure(tmp_path):
     """Ctrl-C (SIGINT to the tune and its workers) while the default plan is measured: exit
     130, one line, no process left; the interrupt is recorded as no plan's failure (it was
@@ -190,7 +196,8 @@ def test_ctrl_c_stops_a_tune_with_one_line_and_records_no_failure(tmp_path):
     db_path = tmp_path / "tuning.db"
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen(_tune_cmd(db_path, 12, batch_size=1), cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=_sigint_default)
     deadline = time.monotonic() + 300
     while True:                                  # as soon as the run has started
         assert p.poll() is None, p.communicate()[1].decode()[-2000:]
@@ -672,5 +679,5 @@ def test_cpsat_leaves_ctrl_c_to_python():
             "    print('interrupted in python')\n")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, preexec_fn=_sigint_default)
     assert out.returncode == 0 and "interrupted in python" in out.stdout, out.stderr[-2000:]
