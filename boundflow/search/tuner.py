@@ -555,10 +555,8 @@ class Tuner:
             # and every tune of the workload would otherwise stop on it for good
             retried = False
             while self.baseline not in history or not (history[self.baseline].ok or retried):
-                if self.baseline in history:
-                    retried = True
-                    self._measure(self.baseline_bundle, self.baseline[1])
-                elif self.db.claim(self._run_id, [self.baseline], backends=self.scope):
+                if self.baseline in history or \
+                        self.db.claim(self._run_id, [self.baseline], backends=self.scope):
                     retried = True
                     self._measure(self.baseline_bundle, self.baseline[1])
                 else:
