@@ -681,3 +681,39 @@ def test_cpsat_leaves_ctrl_c_to_python():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, timeout=120, preexec_fn=_sigint_default)
     assert out.returncode == 0 and "interrupted in python" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_tune_measures_the_seeds_the_model_likes_first(tmp_path):
+    """After the default, a tune measures the seeds (the default on the other backends, the
+    schedule presets) in the order the model scores them, best first; where it scores them
+    the same, in the space's order. On Relax a preset is often the best plan of a short
+    tune: a warm model that knows which reaches it in the first batch."""
+    ex, g = example_graph("digits_mlp")
+    x = np.load(os.path.join(DATA, "digits_x.npy")).astype(np.float32)
+    from boundflow.api import query
+
+    g, spec, linear, _, _ = query(g, x, eps=0.01)
+    with Database(tmp_path / "t.db") as db:
+        def first_batch(score):
+            tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
+                          backend="torch,relax", progress=False, batch_size=4)
+            try:
+                if score is not None:
+                    tuner.score = score
+                return tuner.space.seeds(), tuner._propose(4, {}, {}, set())
+            finally:
+                tuner.close()
+        seeds, batch = first_batch(lambda pool: np.zeros(len(pool)))    # all the same
+        assert len(seeds) >= 3 and batch[:3] == [batch[0]] + seeds[:2]
+        assert batch[0][0] == "torch" and seeds[0][0] == "relax"        # default first
+        # a model that likes the last seed best, then the one before it
+        rank = {a: i for i, a in enumerate(seeds)}
+        _, batch = first_batch(lambda pool: np.array([-rank.get(a, -1.0) for a in pool]))
+        assert batch[1:3] == [seeds[-1], seeds[-2]]
+        # and one that likes a plan of the rest of the space better still: it goes first
+        # (the global pick), then the seeds
+        far = lambda a: sum(u != v for u, v in zip(a, seeds[0]))   # noqa: E731
+        _, batch = first_batch(lambda pool: np.array(
+            [-rank[a] if a in rank else 1.0 - 100.0 * (far(a) >= 4) for a in pool]))
+        assert batch[1] not in rank and far(batch[1]) >= 4
+        assert batch[2:4] == [seeds[-1], seeds[-2]]

@@ -311,3 +311,45 @@ def test_each_batch_measures_bounds_no_measurement_has(tmp_path, monkeypatch):
             assert tuner._new_signature(set(), backends) is None
         finally:
             tuner.close()
+
+
+def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path):
+    """One slot of a batch goes to the best-scored plan of a pool sampled across the whole
+    space, where the model predicts it beats the incumbent: the strategies climb from the
+    incumbent one decision at a time, and a pretrained model's best guess is often many
+    decisions away. Never a plan already measured; none where the model predicts nothing
+    better than the incumbent."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                      method="crown", db=db, backend="torch", progress=False)
+        try:
+            default, backends = tuner.space.default(), set(tuner.backends)
+
+            def far(pool):      # the model likes a plan the more decisions it changes
+                return np.array([-sum(u != v for u, v in zip(a, default)) for a in pool],
+                                float)
+            tuner.score = far
+            a, value = tuner._global_pick(set(), backends, [])
+            pool = list(tuner._global_pool.values())
+            assert value == far([a])[0]
+            assert len(pool) > 100
+            assert far([a])[0] == far(pool).min() <= -3      # several decisions away
+            # a measured plan is not proposed again, however well the model likes it
+            tuner.score = lambda pool: far(pool) - 100.0 * np.array([p == a for p in pool])
+            b, _ = tuner._global_pick({tuner.space.candidate(a)}, backends, [])
+            assert tuner.space.candidate(b) != tuner.space.candidate(a)
+            tuner.score = far
+            # the first batch: the default, then the model's global pick, then the rest
+            batch = tuner._propose(4, {}, {}, set())
+            pool = list(tuner._global_pool.values())          # 32 more samples since
+            assert batch[0] == default and len(batch) == 4
+            assert far([batch[1]])[0] == far(pool).min() <= -3
+            # the model predicts nothing beats the incumbent: no pick, the slot is the
+            # strategy's
+            tuner.score = lambda pool: np.array([0.0 if p == pool[-1] else 1.0 for p in pool])
+            assert tuner._global_pick(set(), backends, [a]) is None
+            assert len(tuner._propose(4, {}, {}, set())) == 4
+        finally:
+            tuner.close()
