@@ -526,28 +526,53 @@ def cmd_tune(args: argparse.Namespace) -> int:
     graph = _load_graph(args)
     if args.vnnlib:
         whole = args.method or DEFAULT_METHOD
-        args.method, lower, upper, C, backends, strategy = _bab_workload(args, graph,
-                                                                         backends)
+        args.method, queries, backends, strategy = _bab_workload(args, graph, backends)
     else:
         args.method = args.method or "crown-ibp"
         x = _load_input(args.input, graph.input_shape)
         graph, spec, linear, _, _ = query(graph, x, eps=args.eps, labels=args.label,
                                           clip=tuple(args.clip) if args.clip else None,
                                           dtype=args.dtype)
-        lower, upper, C = spec.lower, spec.upper, linear.C
+        queries = [(spec.lower, spec.upper, linear.C)]
     config = MeasureConfig(number=args.number, repeat=args.repeat, timeout_s=args.timeout,
                            memory_limit_mb=args.memory_limit, threads=args.threads)
+    start = time.monotonic()
     with Database(args.db) as db:
-        tuner = Tuner(graph, lower, upper, C, method=args.method, db=db,
-                      pretrained=not args.no_pretrained,
-                      strategy=args.strategy, backend=backends, target=args.target,
-                      objective=args.objective, dtype=args.dtype, config=config,
-                      batch_size=args.batch_size, seed=args.seed,
-                      progress=not args.no_progress)
-        try:
-            report = tuner.tune(args.trials, args.seconds)
-        finally:
-            tuner.close()
+        for i, (lower, upper, C) in enumerate(queries):
+            if len(queries) > 1:
+                print(f"workload {i + 1} of {len(queries)}: the searches of {C.shape[1]} spec "
+                      f"rows")
+            # a time budget is shared: each workload the rest over the workloads left
+            seconds = None if args.seconds is None else \
+                max(args.seconds - (time.monotonic() - start), 0.0) / (len(queries) - i)
+            tuner = Tuner(graph, lower, upper, C, method=args.method, db=db,
+                          pretrained=not args.no_pretrained,
+                          strategy=args.strategy, backend=backends, target=args.target,
+                          objective=args.objective, dtype=args.dtype, config=config,
+                          batch_size=args.batch_size, seed=args.seed,
+                          progress=not args.no_progress)
+            try:
+                report = tuner.tune(args.trials, seconds)
+            finally:
+                tuner.close()
+            _print_tune(report, tuner)
+    if args.vnnlib:
+        bab = "" if args.bab == "auto" else f" --bab {args.bab}"
+        alpha = "" if args.alpha_iterations == 20 else \
+            f" --alpha-iterations {args.alpha_iterations}"
+        print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
+              f"--vnnlib {args.vnnlib} --method {whole}{alpha}{bab} --bab-batch "
+              f"{args.bab_batch} --bab-method {args.method} --db {args.db}")
+    else:
+        print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
+              f"{args.method} --db {args.db}")
+    return 0
+
+
+def _print_tune(report, tuner) -> None:
+    """What ``tune`` prints of one workload's run: the workload, the search, default vs
+    best measured together."""
+    from boundflow.backend import create
     from boundflow.backend.base import import_seconds
 
     if any(create(b).needs_build for b in tuner.backends):
@@ -556,7 +581,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     first = report.first_measurement_s
     side = "" if report.workload.upper else " (lower bounds, as verify reads them)"
     print(f"workload {report.workload.key[:12]}: {report.workload.method}{side}, batch "
-          f"{report.workload.batch}, backends {','.join(tuner.backends)} on {args.target}; "
+          f"{report.workload.batch}, backends {','.join(tuner.backends)} on "
+          f"{tuner.workload.target}; "
           f"objective {report.objective}; {report.measured_now} plans measured now, "
           f"{report.measured_before} before ({report.measured_by_others} by other runs), "
           f"{report.seconds:.0f} s" + ("" if first is None else
@@ -584,17 +610,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         print(f"best plan {report.best_bundle.key[:12]} ({report.best_backend}, "
               f"{report.speedup:.2f}x the default path): {report.best_description}")
-    if args.vnnlib:
-        bab = "" if args.bab == "auto" else f" --bab {args.bab}"
-        alpha = "" if args.alpha_iterations == 20 else \
-            f" --alpha-iterations {args.alpha_iterations}"
-        print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
-              f"--vnnlib {args.vnnlib} --method {whole}{alpha}{bab} --bab-batch "
-              f"{args.bab_batch} --bab-method {args.method} --db {args.db}")
-    else:
-        print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
-              f"{args.method} --db {args.db}")
-    return 0
 
 
 def _costmodel_train(args: argparse.Namespace) -> int:
@@ -645,12 +660,15 @@ def _costmodel_train(args: argparse.Namespace) -> int:
 
 
 def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
-    """(method, lower, upper, C, backends, strategy) of the bound workload the branch-and-bound of
-    ``--vnnlib`` runs, the batch its plans are measured on: ``--bab-batch`` domains of the
-    first input box it searches (sub-boxes for input splitting, the whole box for ReLU
-    splitting, whose domains differ only in their split state), with the rows that search
-    bounds: every row of the box for input splitting; for ReLU splitting, the rows of the
-    disjuncts the whole-box bound (``--method``, as verify's) leaves open, as verify does."""
+    """(method, queries, backends, strategy) of the bound workloads the branch-and-bound of
+    ``--vnnlib`` runs: one per number of spec rows its searches bound (a search's plan is
+    looked up by the model, batch, rows and method; boxes with the same number share it),
+    each query ``(lower, upper, C)`` the batch its plans are measured on: ``--bab-batch``
+    domains of the first input box with that many rows (sub-boxes for input splitting, the
+    whole box for ReLU splitting, whose domains differ only in their split state), with the
+    rows that search bounds: every row of the box for input splitting; for ReLU splitting,
+    the rows of the disjuncts the whole-box bound (``--method``, as verify's) leaves open,
+    as verify does."""
     from boundflow.bab import choose_strategy
 
     import numpy as np
@@ -694,19 +712,23 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
                  "rest", first, refuted, refuted + len(open_disjuncts))
     else:
         open_disjuncts = [(box, spec, a, b) for box, spec, ranges in groups for a, b in ranges]
-    box, C, _, _ = searches(open_disjuncts)[0]
-    if strategy == "relu":
-        lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), config.batch, 0)
-        hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
-    else:
-        lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
-    lo, hi = float_box(lo, hi, dtype)
-    shape = (config.batch,) + tuple(graph.input_shape)
-    C = np.broadcast_to(C, (config.batch,) + C.shape)
-    log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d spec "
-             "rows, %s", args.vnnlib, strategy, config.batch, C.shape[1], config.method)
-    return config.method, lo.numpy().reshape(shape), hi.numpy().reshape(shape), \
-        np.ascontiguousarray(C), backends, strategy
+    queries, rows = [], set()
+    for box, C, _, _ in searches(open_disjuncts):
+        if len(C) in rows:              # the same workload as a box before (its plan serves)
+            continue
+        rows.add(len(C))
+        if strategy == "relu":
+            lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), config.batch, 0)
+            hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
+        else:
+            lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
+        lo, hi = float_box(lo, hi, dtype)
+        shape = (config.batch,) + tuple(graph.input_shape)
+        queries.append((lo.numpy().reshape(shape), hi.numpy().reshape(shape),
+                        np.ascontiguousarray(np.broadcast_to(C, (config.batch,) + C.shape))))
+        log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d "
+                 "spec rows, %s", args.vnnlib, strategy, config.batch, len(C), config.method)
+    return config.method, queries, backends, strategy
 
 
 def _backend_set(text: str | None) -> tuple[str, ...]:

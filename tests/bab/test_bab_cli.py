@@ -262,38 +262,49 @@ def _cnn_property(tmp_path, boxes) -> tuple[str, str]:
 
 def test_tune_vnnlib_tunes_the_rows_relu_splitting_bounds(tmp_path, monkeypatch):
     """The whole-box bound refutes some disjuncts before ReLU splitting starts, which then
-    bounds the open ones' rows only: `tune --vnnlib` measures exactly that workload (the
-    rows, the batch, the method verify's search looks its plan up by), here of the second
-    box (the first, a tiny one, is refuted whole)."""
+    bounds the open ones' rows only: `tune --vnnlib` measures exactly those workloads (the
+    rows, the batch, the method verify's searches look their plans up by), one per number
+    of rows the searches bound: here the second and third boxes' (the first, a tiny one, is
+    refuted whole), whose whole-box bounds leave different numbers of rows open."""
+    import boundflow.cli as cli
     import boundflow.search as search
     import boundflow.vnncomp as vnncomp
     from boundflow.bab import BabResult
-    from boundflow.errors import BoundFlowError
 
     onnx, vnnlib = _cnn_property(tmp_path, [(1, 0.001), (0, 0.08), (2, 0.08)])
     searched = []
 
     def fake_search(graph, lower, upper, C, thr, ranges, config, **kw):
         searched.append((C, ranges, config.batch, config.method))
-        return BabResult("unknown", None, 0, 0, 0.0, 0, "stopped by the test")
+        return BabResult("unsat", None, 0, 0, 0.0, 0, "proved by the test")
     monkeypatch.setattr(vnncomp, "relu_split", fake_search)
     bab = ["--bab", "relu", "--bab-batch", "16", "--bab-method", "crown"]
     assert main(["verify", "--onnx", onnx, "--vnnlib", vnnlib, "--json", *bab]) == 0
-    (C, ranges, batch, method), = searched
-    assert 0 < len(ranges) < 9 and len(C) == len(ranges)      # some refuted, some open
+    assert len(searched) == 2
+    for C, ranges, batch, method in searched:
+        assert 0 < len(ranges) <= 9 and len(C) == len(ranges)
+    assert len(searched[0][0]) < 9                          # some refuted, some open
+    assert len({len(C) for C, *_ in searched}) == 2         # two workloads
 
-    tuned = []
+    tuned, printed = [], []
 
     class FakeTuner:
         def __init__(self, graph, lower, upper, C, method, **kw):
             tuned.append((C, lower.shape[0], method))
-            raise BoundFlowError("stopped by the test")
+
+        def tune(self, trials, seconds):
+            return len(tuned)
+
+        def close(self):
+            pass
     monkeypatch.setattr(search, "Tuner", FakeTuner)
+    monkeypatch.setattr(cli, "_print_tune", lambda report, tuner: printed.append(report))
     assert main(["tune", "--db", str(tmp_path / "t.db"), "--onnx", onnx, "--vnnlib", vnnlib,
-                 "--backend", "torch", *bab]) == 2
-    (tC, tbatch, tmethod), = tuned
-    assert (tbatch, tmethod) == (batch, method) == (16, "crown")
-    assert tC.shape == (16,) + C.shape and np.array_equal(tC[0], C.astype(tC.dtype))
+                 "--backend", "torch", *bab]) == 0
+    assert printed == [1, 2] and len(tuned) == 2
+    for (tC, tbatch, tmethod), (C, _, batch, method) in zip(tuned, searched):
+        assert (tbatch, tmethod) == (batch, method) == (16, "crown")
+        assert tC.shape == (16,) + C.shape and np.array_equal(tC[0], C.astype(tC.dtype))
 
 
 def test_tune_vnnlib_of_a_property_the_whole_box_proves_is_one_line(tmp_path, capsys):
