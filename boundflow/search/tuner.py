@@ -687,8 +687,10 @@ class Tuner:
         seeds, values = self._seeds(seen)
         first = [self.space.default()] + seeds
         # where a batch has three slots or more: the model's best plan of the whole space,
-        # ahead of the seeds it is predicted to beat
-        pick = self._global_pick(seen, backends, incumbents) if n >= 3 else None
+        # ahead of the seeds it is predicted to beat (not for the random strategy, whose
+        # samples stay uniform: tools/costmodel_dataset.py builds training sets with it)
+        pick = self._global_pick(seen, backends, incumbents) \
+            if n >= 3 and self.strategy_name != "random" else None
         if pick is not None:
             first.insert(1 + sum(v <= pick[1] for v in values), pick[0])
         out = []

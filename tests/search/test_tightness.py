@@ -351,5 +351,8 @@ def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path):
             tuner.score = lambda pool: np.array([0.0 if p == pool[-1] else 1.0 for p in pool])
             assert tuner._global_pick(set(), backends, [a]) is None
             assert len(tuner._propose(4, {}, {}, set())) == 4
+            # the random strategy's samples stay uniform (training sets are built with it)
+            tuner.strategy_name, tuner._global_pick = "random", None
+            assert len(tuner._propose(4, {}, {}, set())) == 4
         finally:
             tuner.close()
