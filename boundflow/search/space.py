@@ -156,10 +156,11 @@ class TuneSpace:
         return v[d.position] if isinstance(v, tuple) else v
 
     def seeds(self) -> list[Assignment]:
-        """The first points a tuner measures after the default: the default plan on every
-        other backend searched, then, on each backend that has them, its schedule presets
+        """The first points a tuner measures after the default (in the order its model
+        scores them, ``Tuner._seeds``): the default plan on every other backend searched,
+        and, on each backend that has them, its schedule presets
         (``schedule_presets(target)``) on the default plan, for every task and for the
-        backward tasks only."""
+        backward tasks only; here in that order."""
         out = [self.default(b) for b in self.backends[1:]]
         for b in self.compiling:
             presets = getattr(self._impl[b], "schedule_presets", None)

@@ -15,12 +15,13 @@ XGBoost, or the analytic model where XGBoost ranks the workload's own plans wors
 them one at a time in worker processes (every result goes into the database with the plan's
 features, failures too), so the progress bar moves with every measured plan and a time budget
 is checked between candidates. Measurements time the whole call as ``verify`` makes it (see
-``boundflow.measure``). After the default on every backend searched, the backends' schedule
-presets seed the search, as MetaSchedule and Ansor seed theirs with rule-based schedules, in
-the order the model scores them; the model's best plan of a pool sampled across the whole
-space goes ahead of the seeds it is predicted to beat (a warm model's best guess is often
-many decisions from the default, where the strategies, which climb from the incumbent, reach
-it late).
+``boundflow.measure``). After the baseline, the seeds (the default plan on the other backends
+searched, the backends' schedule presets, as MetaSchedule and Ansor seed theirs with
+rule-based schedules) are measured in the order the model scores them; in batches of three
+or more (not for the random strategy) the model's best plan of a pool sampled across the
+whole space goes ahead of the seeds it is predicted to beat, where it is predicted to beat
+the incumbent (a warm model's best guess is often many decisions from the default, where
+the strategies, which climb from the incumbent, reach it late).
 
 The search holds an incumbent, the plan it climbs from: a candidate whose single measurement
 beats it is timed again beside it, interleaved in one runner pass, and held only if it is
@@ -94,6 +95,9 @@ EXPLORE_WIDTH = 0.1
 # plans a search measures at most (Tuner._new_signature; deep models have thousands)
 EXPLORE_SAMPLES = 64
 EXPLORE_SIGNATURES = 8
+# how much faster than the baseline the model must predict a plan of a signature that only
+# tightens less for one such plan to be measured (once a search, Tuner._new_signature)
+LONG_SHOT = 2.0
 # the model's global pick (Tuner._global_pick): a pool of plans sampled across the whole space
 # (this many at the start, GLOBAL_REFRESH more each batch), scored whole by the cost model
 # each batch; its best unmeasured one takes a slot where the model predicts it beats the
@@ -102,6 +106,11 @@ EXPLORE_SIGNATURES = 8
 # pick, measured first, instead of 17 trials later)
 GLOBAL_SAMPLES = 512
 GLOBAL_REFRESH = 32
+# ... fewer for spaces of many decisions, whose plans take longer to plan and score: at most
+# this many decisions sampled in all at the start (512 plans up to 39 decisions; an 80-layer
+# MLP's 341 decisions: 58 plans, not 11 s of planning), and the pool kept to this many
+GLOBAL_DECISIONS = 20000
+GLOBAL_POOL = 1024
 
 log = logging.getLogger("boundflow.search")
 
@@ -233,8 +242,10 @@ class Tuner:
         self.strategy_name = strategy
         self._explore_rng = random.Random(seed + 1)      # _new_signature's samples
         self._explored: set = set()                      # the signatures it proposed
+        self._long_shot = False                          # a dominated one proposed
         self._global_rng = random.Random(seed + 2)       # _global_pick's pool
         self._global_pool: dict[Candidate, Assignment] = {}
+        self._global_sampled = False
 
     def _baseline(self) -> tuple[PlanBundle, Candidate]:
         """The default path of ``verify`` without a database: the default plan on the
@@ -742,16 +753,22 @@ class Tuner:
     def _global_pick(self, seen: set, backends: set, incumbents: list[Assignment]
                      ) -> tuple[Assignment, float] | None:
         """The best-scored unmeasured plan of a pool sampled across the whole space
-        (``GLOBAL_SAMPLES``, ``GLOBAL_REFRESH`` more each call) and its score, if the model
-        predicts it beats the incumbent (the default before any is held); else None."""
-        for _ in range(GLOBAL_SAMPLES if not self._global_pool else GLOBAL_REFRESH):
+        (``GLOBAL_SAMPLES``, fewer for spaces of many decisions, then ``GLOBAL_REFRESH`` more
+        each call, at most ``GLOBAL_POOL`` kept) and its score, if the model predicts it
+        beats the incumbent (the default before any is held); else None."""
+        scale = max(1, len(self.space.decisions))
+        first = max(GLOBAL_REFRESH, min(GLOBAL_SAMPLES, GLOBAL_DECISIONS // scale))
+        for _ in range(GLOBAL_REFRESH if self._global_sampled else first):
             a = self.space.sample(self._global_rng)
             try:
                 c = self.space.candidate(a)
             except (PlanError, BoundFlowError):
                 continue
             self._global_pool.setdefault(c, a)
+        self._global_sampled = True       # once, even where no sample planned
         pool = [a for c, a in self._global_pool.items() if c not in seen and c[1] in backends]
+        while len(self._global_pool) > GLOBAL_POOL:      # the oldest go first
+            del self._global_pool[next(iter(self._global_pool))]
         if not pool:
             return None
         base = incumbents[0] if incumbents else self.space.default()
@@ -763,14 +780,15 @@ class Tuner:
         """The best-scored of ``EXPLORE_SAMPLES`` sampled plans whose bounds signature
         (:func:`~boundflow.search.tightness.signature`) no measurement has, None if none.
         Under ``time@width`` a signature that only tightens less than the baseline is no
-        candidate (it cannot be as tight). The model predicts widths and times of a new
+        candidate (it is rarely as tight), but for one plan a search predicted ``LONG_SHOT``
+        times faster than the baseline. The model predicts widths and times of a new
         signature from other workloads; where it is wrong about one (the digits CNN's
         forward-mode layer: the fastest plans, as tight as the default, predicted slower),
         a search that only follows it never measures that signature: this slot does, once
         per signature, at most ``EXPLORE_SIGNATURES`` of them, the best-scored first."""
         widths = self.widths
         floor = self.objective.kind == "time@width"
-        pool, sigs = [], set()
+        pool, shots, sigs = [], [], set()
         for _ in range(EXPLORE_SAMPLES):
             a = self.space.sample(self._explore_rng)
             try:
@@ -779,11 +797,22 @@ class Tuner:
                 continue
             sig = widths.signature(bundle)
             if c in seen or c[1] not in backends or sig in sigs or sig in self._explored \
-                    or sig == widths.baseline or widths.measured(sig) is not None \
-                    or (floor and dominated(sig, widths.baseline)):
+                    or sig == widths.baseline or widths.measured(sig) is not None:
                 continue
             sigs.add(sig)
-            pool.append((a, sig))
+            (shots if floor and dominated(sig, widths.baseline) else pool).append((a, sig))
+        # once a search, a signature that only tightens less, where the model predicts it
+        # LONG_SHOT times faster than the baseline: on some nets and boxes it is exactly as
+        # tight (VNN-COMP's test_small: IBP as tight as CROWN, 5x faster, which the width
+        # rules hold looser until measured: a tune found it after 52-59 trials)
+        if shots and not self._long_shot:
+            t = self._heads([(self.space.bundle(a), self.space.backend_of(a)) for a, _ in shots]
+                            + [(self.baseline_bundle, self.baseline[1])])["log_time"]
+            i = int(np.argmin(t[:-1]))
+            if t[i] <= t[-1] - math.log(LONG_SHOT):
+                self._long_shot = True
+                self._explored.add(shots[i][1])
+                return shots[i][0]
         if not pool:
             return None
         a, sig = pool[int(np.argmin(self.score([a for a, _ in pool])))]

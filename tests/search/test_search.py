@@ -694,13 +694,13 @@ def test_a_tune_measures_the_seeds_the_model_likes_first(tmp_path):
 
     g, spec, linear, _, _ = query(g, x, eps=0.01)
     with Database(tmp_path / "t.db") as db:
-        def first_batch(score):
+        def first_batch(score, n=4):
             tuner = Tuner(g, spec.lower, spec.upper, linear.C, method="crown-ibp", db=db,
-                          backend="torch,relax", progress=False, batch_size=4)
+                          backend="torch,relax", progress=False, batch_size=n)
             try:
                 if score is not None:
                     tuner.score = score
-                return tuner.space.seeds(), tuner._propose(4, {}, {}, set())
+                return tuner.space.seeds(), tuner._propose(n, {}, {}, set())
             finally:
                 tuner.close()
         seeds, batch = first_batch(lambda pool: np.zeros(len(pool)))    # all the same
@@ -713,7 +713,17 @@ def test_a_tune_measures_the_seeds_the_model_likes_first(tmp_path):
         # and one that likes a plan of the rest of the space better still: it goes first
         # (the global pick), then the seeds
         far = lambda a: sum(u != v for u, v in zip(a, seeds[0]))   # noqa: E731
-        _, batch = first_batch(lambda pool: np.array(
-            [-rank[a] if a in rank else 1.0 - 100.0 * (far(a) >= 4) for a in pool]))
+        liked = lambda pool: np.array(                              # noqa: E731
+            [-rank[a] if a in rank else 1.0 - 100.0 * (far(a) >= 4) for a in pool])
+        _, batch = first_batch(liked)
         assert batch[1] not in rank and far(batch[1]) >= 4
         assert batch[2:4] == [seeds[-1], seeds[-2]]
+        # ... but not better than the seeds the model likes more: after them
+        between = 1.5 - len(seeds)             # the last seed's score is 1 - len(seeds)
+        _, batch = first_batch(lambda pool: np.array(
+            [-rank[a] if a in rank else between if far(a) >= 4 else 1.0 for a in pool]))
+        assert batch[1] == seeds[-1] and batch[2] not in rank and far(batch[2]) >= 4
+        assert batch[3] == seeds[-2]
+        # a batch of two has no slot for it: the seeds
+        _, batch = first_batch(liked, n=2)
+        assert batch[1] == seeds[-1]

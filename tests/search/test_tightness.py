@@ -269,6 +269,7 @@ def test_each_batch_measures_bounds_no_measurement_has(tmp_path, monkeypatch):
                       method="crown", db=db, backend="torch", progress=False)
         try:
             tuner._calibrate()
+            tuner._long_shot = True       # its one looser plan: the test below
             widths = tuner.widths
             widths.reference(1.0)
             widths.observe(tuner.baseline_bundle, 1.0)
@@ -313,7 +314,7 @@ def test_each_batch_measures_bounds_no_measurement_has(tmp_path, monkeypatch):
             tuner.close()
 
 
-def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path):
+def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path, monkeypatch):
     """One slot of a batch goes to the best-scored plan of a pool sampled across the whole
     space, where the model predicts it beats the incumbent: the strategies climb from the
     incumbent one decision at a time, and a pretrained model's best guess is often many
@@ -351,8 +352,53 @@ def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path):
             tuner.score = lambda pool: np.array([0.0 if p == pool[-1] else 1.0 for p in pool])
             assert tuner._global_pick(set(), backends, [a]) is None
             assert len(tuner._propose(4, {}, {}, set())) == 4
+            # a space of many decisions samples fewer plans (the 80-layer MLP's 341: 58),
+            # and the pool is kept to GLOBAL_POOL plans
+            monkeypatch.setattr(tuner_module, "GLOBAL_DECISIONS", 40 * len(default))
+            monkeypatch.setattr(tuner_module, "GLOBAL_POOL", 50)
+            tuner._global_pool, tuner._global_sampled = {}, False
+            tuner._global_pick(set(), backends, [])
+            assert 0 < len(tuner._global_pool) <= 40
+            tuner._global_pick(set(), backends, [])
+            assert 40 < len(tuner._global_pool) <= 50
             # the random strategy's samples stay uniform (training sets are built with it)
             tuner.strategy_name, tuner._global_pick = "random", None
             assert len(tuner._propose(4, {}, {}, set())) == 4
         finally:
             tuner.close()
+
+
+def test_a_search_measures_one_looser_signature_predicted_much_faster(tmp_path):
+    """Once a search, the signature slot may take a plan of a signature that only tightens
+    less than the baseline, where the model predicts it LONG_SHOT (2) times faster: on some
+    nets it is exactly as tight (VNN-COMP's test_small: IBP as tight as CROWN and 5x faster;
+    tunes found it after 52-59 trials). Not twice, and not where the predicted gain is
+    smaller."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    with Database(str(tmp_path / "t.db")) as db:
+        def run(gain):
+            tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                          method="crown", db=db, backend="torch", progress=False)
+            try:
+                tuner._calibrate()
+                widths = tuner.widths
+                widths.reference(1.0)
+                base = widths.baseline
+
+                def heads(cands, optimistic=EXPLORE_WIDTH):   # looser plans `gain` faster
+                    looser = np.array([dominated(widths.signature(b), base) for b, _ in cands])
+                    return {"log_time": np.where(looser, -math.log(gain), 0.0),
+                            "log_width": np.zeros(len(cands))}
+                tuner._heads = heads
+                tuner.score = lambda pool: np.zeros(len(pool))
+                return [widths.signature(tuner.space.bundle(a))
+                        for a in (tuner._new_signature(set(), set(tuner.backends))
+                                  for _ in range(3)) if a is not None], base
+            finally:
+                tuner.close()
+        sigs, base = run(3.0)
+        assert len(sigs) == 3 and dominated(sigs[0], base)
+        assert not any(dominated(s, base) for s in sigs[1:])          # once a search
+        sigs, base = run(1.5)                                         # not enough
+        assert sigs and not any(dominated(s, base) for s in sigs)
