@@ -544,7 +544,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       f"rows")
             # a time budget is shared: each workload the rest over the workloads left
             seconds = None if args.seconds is None else \
-                max(args.seconds - (time.monotonic() - start), 0.0) / (len(queries) - i)
+                (args.seconds - (time.monotonic() - start)) / (len(queries) - i)
+            if seconds is not None and seconds <= 0:
+                # the ones before ran over (a tune always measures its baseline)
+                left = f"{i + 1}" if i + 1 == len(queries) else f"{i + 1}-{len(queries)}"
+                print(f"--seconds {args.seconds:g} spent: workload {left} of {len(queries)} "
+                      f"not tuned (their searches run the default plan)")
+                break
             tuner = Tuner(graph, lower, upper, C, method=args.method, db=db,
                           pretrained=not args.no_pretrained,
                           strategy=args.strategy, backend=backends, target=args.target,
@@ -1019,9 +1025,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the cost model cold, without the shipped training set")
     t.add_argument("--trials", type=_POSITIVE_INT, default=32,
                    help="plans measured for this workload in the database, in all (a rerun "
-                   "continues to this many; default 32)")
+                   "continues to this many; default 32; with --vnnlib, for each of its "
+                   "workloads)")
     t.add_argument("--seconds", type=_POSITIVE,
-                   help="stop this run after about so many seconds")
+                   help="stop this run after about so many seconds (with --vnnlib, shared "
+                   "by its workloads)")
     t.add_argument("--objective", default="time@width",
                    help="time, time@width (default: fastest at the default plan's tightness), "
                    "time@mem:BYTES, mix:A,B")

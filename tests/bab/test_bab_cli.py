@@ -235,9 +235,10 @@ def test_a_corrupt_database_is_one_line_even_when_the_search_is_short(tmp_path, 
     assert "not an SQLite database" in err and err.count("\n") == 1
 
 
-def _cnn_property(tmp_path, boxes) -> tuple[str, str]:
+def _cnn_property(tmp_path, boxes, rows=None) -> tuple[str, str]:
     """digits_maxpool_cnn and a robustness property around its digits: one input box per
-    ``(digit index, eps)`` of ``boxes``, each with its nine disjuncts."""
+    ``(digit index, eps)`` of ``boxes``, each with its nine disjuncts (the first ``rows[i]``
+    of them for box ``i``, where ``rows`` is given)."""
     import torch
 
     from boundflow.domains.concrete import evaluate
@@ -249,12 +250,13 @@ def _cnn_property(tmp_path, boxes) -> tuple[str, str]:
     lines = [f"(declare-const X_{i} Real)" for i in range(64)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(10)]
     disjuncts = []
-    for k, eps in boxes:
+    for n, (k, eps) in enumerate(boxes):
         x = xs[k].reshape(-1).astype(np.float64)
         label = int(evaluate(g, torch.from_numpy(xs[k].reshape((1,) + g.input_shape))).argmax())
         box = " ".join(f"(>= X_{i} {float(v) - eps!r}) (<= X_{i} {float(v) + eps!r})"
                        for i, v in enumerate(x))
-        disjuncts += [f"(and {box} (>= Y_{j} Y_{label}))" for j in range(10) if j != label]
+        disjuncts += [f"(and {box} (>= Y_{j} Y_{label}))" for j in range(10)
+                      if j != label][:None if rows is None else rows[n]]
     path = tmp_path / "robust.vnnlib"
     path.write_text("\n".join(lines + [f"(assert (or {' '.join(disjuncts)}))"]) + "\n")
     return onnx, str(path)
@@ -305,6 +307,52 @@ def test_tune_vnnlib_tunes_the_rows_relu_splitting_bounds(tmp_path, monkeypatch)
     for (tC, tbatch, tmethod), (C, _, batch, method) in zip(tuned, searched):
         assert (tbatch, tmethod) == (batch, method) == (16, "crown")
         assert tC.shape == (16,) + C.shape and np.array_equal(tC[0], C.astype(tC.dtype))
+
+
+def test_tune_vnnlib_tunes_each_number_of_rows_once_in_the_time_given(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Input splitting bounds every row of each box: boxes with as many rows share one
+    workload (tuned once, on the first); boxes with other numbers of rows are tuned one
+    after the other, sharing --seconds: those the budget does not reach are said in one
+    line, and the command still ends with how to run what it tuned."""
+    import time as clock
+
+    import boundflow.cli as cli
+    import boundflow.search as search
+
+    tuned = []
+
+    class FakeTuner:
+        def __init__(self, graph, lower, upper, C, method, **kw):
+            tuned.append((C.shape, lower.copy()))
+
+        def tune(self, trials, seconds):
+            clock.sleep(0.0 if seconds is None else 1.2)   # runs over (a baseline may)
+            return len(tuned)
+
+        def close(self):
+            pass
+    monkeypatch.setattr(search, "Tuner", FakeTuner)
+    monkeypatch.setattr(cli, "_print_tune", lambda report, tuner: None)
+    base = ["tune", "--db", str(tmp_path / "t.db"), "--onnx", None, "--vnnlib", None,
+            "--backend", "torch", "--bab", "input", "--bab-batch", "4"]
+
+    def tune(boxes, rows=None, *extra):
+        base[4], base[6] = _cnn_property(tmp_path, boxes, rows)
+        tuned.clear()
+        capsys.readouterr()
+        assert main(base + list(extra)) == 0
+        return capsys.readouterr().out
+    out = tune([(0, 0.01), (2, 0.01), (3, 0.01)])
+    (shape, lower), = tuned                                # three boxes of nine rows
+    assert shape == (4, 9, 10) and "run it with" in out
+    xs = np.load(ROOT / "boundflow/examples/data/digits_x.npy")
+    assert np.all(np.abs(lower.reshape(4, -1) - xs[0].reshape(1, -1)) <= 0.01 + 1e-6)
+    out = tune([(0, 0.01), (2, 0.01), (3, 0.01)], [9, 2, 9])
+    assert [s for s, _ in tuned] == [(4, 9, 10), (4, 2, 10)]
+    out = tune([(0, 0.01), (2, 0.01), (3, 0.01)], [9, 2, 3], "--seconds", "1")
+    assert len(tuned) == 1 and "run it with" in out.splitlines()[-1]
+    assert "--seconds 1 spent: workload 2-3 of 3 not tuned" in out
 
 
 def test_tune_vnnlib_of_a_property_the_whole_box_proves_is_one_line(tmp_path, capsys):
