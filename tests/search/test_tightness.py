@@ -256,17 +256,22 @@ def test_a_tune_learns_the_widths_it_measures(tmp_path):
         assert {s: again.widths.measured(s) for s in theirs} == theirs
 
 
+def _cnn_tuner(db) -> Tuner:
+    """A CROWN tuner of the digits CNN's first digit at eps 0.03, on torch."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    return Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                 method="crown", db=db, backend="torch", progress=False)
+
+
 def test_each_batch_measures_bounds_no_measurement_has(tmp_path, monkeypatch):
     """A batch keeps one slot for a plan of a bounds signature not measured yet (and, under
     time@width, not one that only tightens less than the default): the model's ranking
     alone never measured the digits CNN's forward-mode signature, its fastest as tight as
     the default, in 100 trials. Once every useful signature is measured, the slot is the
     strategy's again."""
-    ex, g = example_graph("digits_cnn")
-    x = ex.inputs[:1].astype(np.float32)
     with Database(str(tmp_path / "t.db")) as db:
-        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
-                      method="crown", db=db, backend="torch", progress=False)
+        tuner = _cnn_tuner(db)
         try:
             tuner._calibrate()
             tuner._long_shot = True       # its one looser plan: the test below
@@ -320,11 +325,8 @@ def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path, monk
     incumbent one decision at a time, and a pretrained model's best guess is often many
     decisions away. Never a plan already measured; none where the model predicts nothing
     better than the incumbent."""
-    ex, g = example_graph("digits_cnn")
-    x = ex.inputs[:1].astype(np.float32)
     with Database(str(tmp_path / "t.db")) as db:
-        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
-                      method="crown", db=db, backend="torch", progress=False)
+        tuner = _cnn_tuner(db)
         try:
             default, backends = tuner.space.default(), set(tuner.backends)
 
@@ -374,12 +376,9 @@ def test_a_search_measures_one_looser_signature_predicted_much_faster(tmp_path):
     nets it is exactly as tight (VNN-COMP's test_small: IBP as tight as CROWN and 5x faster;
     tunes found it after 52-59 trials). Not twice, and not where the predicted gain is
     smaller."""
-    ex, g = example_graph("digits_cnn")
-    x = ex.inputs[:1].astype(np.float32)
     with Database(str(tmp_path / "t.db")) as db:
         def run(gain):
-            tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
-                          method="crown", db=db, backend="torch", progress=False)
+            tuner = _cnn_tuner(db)
             try:
                 tuner._calibrate()
                 widths = tuner.widths
