@@ -28,7 +28,8 @@ the shipped one. Then, per held-out workload, on the torch backend:
   won its side-by-side challenges (``Tuner._challenge``), not its best single measurement.
   The table's ``default / best`` (same pass) says what a tune has to find: where it is
   under ~1.15 (most torch workloads: the default is near the best) trials to 5% measure
-  the noise more than the model.
+  the noise more than the model; ``mean held / best`` weighs the whole curve (the held
+  plan's time averaged over the trials, over the best; 1.00 = the best from trial 1).
 
 Prints the leave-one-workload-out quality over the whole database first, then a table;
 writes the best-so-far curves as CSV and PNG (``--out``), with the command and the load.
@@ -75,6 +76,19 @@ def _query(spec: str):
 
 def _to_5pct(curve, best):
     return next((n for n, v in curve if v <= best * 1.05), None)
+
+
+def _area(curve, best, trials: int) -> float:
+    """Mean over trials 1..``trials`` of the held plan's time over ``best`` (a trial
+    before the curve starts counts at its first value)."""
+    if not curve:
+        return math.nan
+    at = dict(curve)
+    value, total = curve[0][1], 0.0
+    for n in range(1, trials + 1):
+        value = at.get(n, value)
+        total += value / best
+    return total / trials
 
 
 def _held(db, tuner, report, trials: int):
@@ -200,7 +214,10 @@ def main() -> None:
         curve = {m: [(n, common[k]) for n, k in held_by[m] if k in common] for m in held_by}
         cold, warm = (_to_5pct(curve[m], best) for m in ("cold", "warm"))
         spread = common.get("default", math.nan) / best   # what a tune has to find here
-        rows.append((name, len(bundles), ratio, tight, cold, warm, spread))
+        # the whole curve, less noisy than one crossing: the held plan's mean time over the
+        # trials, over the best (1.00: the best from the first trial)
+        area = tuple(_area(curve[m], best, args.trials) for m in ("cold", "warm"))
+        rows.append((name, len(bundles), ratio, tight, cold, warm, spread, area))
         for mode, pts in curve.items():
             curves += [(name, mode, n, s * 1e3) for n, s in pts]
         print(f"  {name}: zero-shot top plan {ratio:.2f}x the best found"
@@ -212,11 +229,11 @@ def main() -> None:
                   f"{','.join(f'{n}={m}' for n, m in d.intermediate)} final {d.final}",
                   flush=True)
     print(f"\n| workload | default / best | sampled plans | zero-shot top / best | as tight as "
-          f"the default | trials to 5%: cold | warm |")
-    print("|---|---:|---:|---:|---|---:|---:|")
-    for name, n, ratio, tight, cold, warm, spread in rows:
+          f"the default | trials to 5%: cold | warm | mean held / best: cold | warm |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for name, n, ratio, tight, cold, warm, spread, (a_cold, a_warm) in rows:
         print(f"| {name} | {spread:.2f} | {n} | {ratio:.2f} | {'yes' if tight else 'no'} | "
-              f"{cold or '-'} | {warm or '-'} |")
+              f"{cold or '-'} | {warm or '-'} | {a_cold:.2f} | {a_warm:.2f} |")
     print(f"\ncommand: {command}\nload: {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
