@@ -766,9 +766,9 @@ class Tuner:
                 continue
             self._global_pool.setdefault(c, a)
         self._global_sampled = True       # once, even where no sample planned
-        pool = [a for c, a in self._global_pool.items() if c not in seen and c[1] in backends]
         while len(self._global_pool) > GLOBAL_POOL:      # the oldest go first
             del self._global_pool[next(iter(self._global_pool))]
+        pool = [a for c, a in self._global_pool.items() if c not in seen and c[1] in backends]
         if not pool:
             return None
         base = incumbents[0] if incumbents else self.space.default()
@@ -806,8 +806,8 @@ class Tuner:
         # tight (VNN-COMP's test_small: IBP as tight as CROWN, 5x faster, which the width
         # rules hold looser until measured: a tune found it after 52-59 trials)
         if shots and not self._long_shot:
-            t = self._heads([(self.space.bundle(a), self.space.backend_of(a)) for a, _ in shots]
-                            + [(self.baseline_bundle, self.baseline[1])])["log_time"]
+            _, cands = self._candidates([a for a, _ in shots])   # all plan: sampled so
+            t = self._heads(cands + [(self.baseline_bundle, self.baseline[1])])["log_time"]
             i = int(np.argmin(t[:-1]))
             if t[i] <= t[-1] - math.log(LONG_SHOT):
                 self._long_shot = True
