@@ -7,7 +7,8 @@ hashes and compares. The decisions:
 * ``backend[0]``: the backend that runs the plan, one of the backends searched (registered
   names; the default verify backend first when it is searched);
 * the planner's decisions (:class:`~boundflow.planner.space.SearchSpace`): partition, domains,
-  final, layouts, forms, storage, Relax fusion;
+  final, layouts, forms, storage, Relax fusion; not the domain of a pre-activation IBP bounds
+  exactly (``ibp_exact_nodes``: the planner ignores it there), which keeps the default's;
 * ``lowering[<group>]`` for the forward tasks (``fwd``: ibp, layout), the ``crown`` tasks and
   the ``final`` task: how a backend that compiles lowers them, one of
   :data:`~boundflow.ir.knobs.LOWERINGS` (a ``tir`` kernel or a ``torch`` callback). An
@@ -113,10 +114,21 @@ class TuneSpace:
         return default_knobs(self.graph, self.workload)
 
     @cached_property
+    def _exact(self) -> frozenset[str]:
+        """Pre-activations IBP bounds exactly: the planner runs no backward or forward pass
+        there whatever their domain knob says, so the knob is no decision (each choice would
+        be the same compiled code under another plan key, measured again)."""
+        from boundflow.ir.analysis import ibp_exact_nodes
+        from boundflow.planner import normalised
+
+        return frozenset(ibp_exact_nodes(normalised(self.graph)[0]))
+
+    @cached_property
     def decisions(self) -> tuple[Decision, ...]:
         out = [Decision("backend", 0, self.backends)]
         out += [Decision(f, i, c) for f, i, c in self.base.decisions()
-                if f != "lowering" and (self.compiling or f not in _COMPILED_ONLY)]
+                if f != "lowering" and (self.compiling or f not in _COMPILED_ONLY)
+                and not (f == "domains" and self.base.preactivations[i] in self._exact)]
         if self.compiling:
             kinds = {"ibp", "layout", "final"} | \
                 ({"crown"} if "crown" in self.base.domain_choices else set())

@@ -54,6 +54,29 @@ def test_space_round_trips_assignments_and_plans():
     with pytest.raises(BoundFlowError, match="not one of"):
         sp.check(("nope",) + d[1:])
 
+def test_the_space_decides_no_domain_where_ibp_is_exact():
+    """The first conv reads the box: IBP bounds it exactly and the planner runs no backward
+    pass there whatever its knob says, so the knob is no decision (its choices would be the
+    same code under other plan keys, measured again); the other pre-activations are."""
+    from boundflow.ir.analysis import ibp_exact_nodes
+    from boundflow.planner import normalised
+
+    for backend in ("relax", "torch"):
+        sp = _space(backend=backend)
+        exact = ibp_exact_nodes(normalised(sp.graph)[0])
+        pre = sp.base.preactivations
+        fixed = [i for i, p in enumerate(pre) if p in exact]
+        assert fixed and len(fixed) < len(pre)
+        decided = {d.position for d in sp.decisions if d.field == "domains"}
+        assert decided == set(range(len(pre))) - set(fixed)
+        default = sp.bundle(sp.default())
+        rng = random.Random(1)
+        for _ in range(20):
+            b = sp.bundle(sp.sample(rng))
+            assert all(b.knobs.domains[i] == default.knobs.domains[i] for i in fixed)
+            assert sp.bundle(sp.assignment_of(b)).key == b.key
+
+
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "cpsat"])
 def test_strategies_find_the_optimum_of_a_known_score(strategy):
