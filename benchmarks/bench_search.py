@@ -4,8 +4,9 @@
                                       [--table search_table.db] [--out search_curve]
 
 Every plan of the workload's tuning space on the torch backend (partition, domains, final,
-forms, storage: 4096 assignments for the digits MLP) is measured once with the local runner
-and kept in ``--table`` (re-runs reuse it). Then each strategy (random, greedy, beam, cpsat;
+forms, storage: 3,072 assignments for the digits MLP) is measured once with the local runner
+and kept in ``--table`` (re-runs reuse it; its rows of plans the space no longer holds are
+left out). Then each strategy (random, greedy, beam, cpsat;
 cost model refitted every round, as in ``boundflow tune``) runs against that table: a proposal's
 "measurement" is its row. The objective is the tuner's default (fastest plan at the default
 plan's tightness). Prints, per strategy and seed, how many measurements it took to get within
@@ -63,11 +64,13 @@ def measure_space(space: TuneSpace, graph, lower, upper, C, path: Path, config) 
     with Database(path) as db:
         for r in db.records_for_training(space.workload, include_failed=True):
             table[r.candidate.key] = r.measurement.result
-        bundles = {}
+        bundles, keys = {}, set()
         for a in itertools.product(*(d.choices for d in space.decisions)):
             b = space.bundle(a)
+            keys.add(b.key)
             if b.key not in table:
                 bundles[b.key] = b
+        table = {k: r for k, r in table.items() if k in keys}
         todo = list(bundles.values())
         print(f"space: {space.size} assignments, {len(table) + len(todo)} distinct plans, "
               f"{len(todo)} to measure", flush=True)

@@ -273,7 +273,8 @@ class TuneSpace:
                       ) -> Assignment | None:
         """The point of this space a plan on ``backend`` (default: the first searched) came
         from (None when it is not one: another workload, a backend not searched, or per-task
-        choices this space does not express)."""
+        choices this space does not express). A plan an older BoundFlow stored with another
+        domain on an exact pre-activation maps to its twin here (``_twin``): the same code."""
         backend = backend or self.backend
         if bundle.workload.key != self.workload.key or backend not in self.backends:
             return None
@@ -300,9 +301,28 @@ class TuneSpace:
                 values.append(self._value(bundle.knobs, d))
         a = tuple(values)
         try:
-            return a if self.bundle(a).key == bundle.key else None
+            mine = self.bundle(a)
+            if mine.key == bundle.key:
+                return a
+            return a if self._twin(bundle, mine) else None
         except BoundFlowError:
             return None
+
+    def _twin(self, stored: PlanBundle, mine: PlanBundle) -> bool:
+        """Whether ``stored`` (a plan read from a database, made by a BoundFlow whose space
+        decided the domain of exact pre-activations) is ``mine`` but for the domain knob of
+        pre-activations IBP bounds exactly, which changes no code: its knobs must give
+        exactly it (so it is honest) and, those domains set to ``mine``'s, ``mine``'s knobs."""
+        from boundflow.planner import plan
+
+        pre = self.base.preactivations
+        if stored.knobs.domains == mine.knobs.domains or len(stored.knobs.domains) != len(pre):
+            return False
+        domains = tuple(m if p in self._exact else s for p, s, m in
+                        zip(pre, stored.knobs.domains, mine.knobs.domains))
+        if stored.knobs.replace(domains=domains) != mine.knobs:
+            return False
+        return plan(self.graph, self.workload, stored.knobs).key == stored.key
 
     def describe(self, a: Assignment, base: Assignment | None = None) -> str:
         """``a`` readably: its backend, and the choices that differ from ``base`` (default:

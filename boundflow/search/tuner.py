@@ -694,7 +694,10 @@ class Tuner:
             self.strategy.max_log_width = self._ref_log_width + self.objective.width_slack \
                 + EXPLORE_WIDTH
             self.strategy.width_score = self.width_score
-        seen = set(history) | others
+        # a plan mapped from another key (an older BoundFlow's twin, ``assignment_of``) is
+        # measured under that key: its twin here is not measured again
+        seen = set(history) | others | {self.space.candidate(a) for c, a in by_cand.items()
+                                        if c in history}
         seeds, values = self._seeds(seen)
         first = [self.space.default()] + seeds
         # where a batch has three slots or more: the model's best plan of the whole space,

@@ -9,6 +9,7 @@ import pytest
 
 from boundflow.costmodel import FEATURE_NAMES, FEATURE_VERSION, AnalyticModel, XGBCostModel, evaluate, \
     features, kendall, spearman, top_k_recall
+from boundflow.costmodel.model import MODEL_VERSION
 from boundflow.errors import BoundFlowError
 from boundflow.examples import EXAMPLES
 from boundflow.ir.workload import Workload
@@ -130,7 +131,9 @@ def test_the_relative_head_ranks_the_plans_of_an_unseen_workload():
 
 def test_a_model_saved_by_an_older_version_is_refused():
     X, Y = _synthetic(50, 0)
-    blob = XGBCostModel().fit(X, Y).save().replace(b'"model_version": 2', b'"model_version": 1')
+    blob = XGBCostModel().fit(X, Y).save().replace(f'"model_version": {MODEL_VERSION}'.encode(),
+                                                   f'"model_version": {MODEL_VERSION - 1}'.encode())
+    assert blob != XGBCostModel().fit(X, Y).save()
     with pytest.raises(BoundFlowError, match="retrain"):
         XGBCostModel.load(blob)
 

@@ -605,6 +605,55 @@ def test_another_runs_plan_that_does_not_re_plan_is_never_run():
     assert all(k != bad.key for _, k, _ in report.held)
 
 
+def test_an_older_boundflows_twin_plan_is_learnt_and_not_measured_again():
+    """A database holds a plan an older BoundFlow measured, whose knobs put CROWN on the
+    first layer (IBP bounds it exactly: the same code as this space's plan with the default
+    domain there, under another key). The tuner maps it to that twin, and when its strategy
+    proposes the twin, it is not measured again in the search. A stored plan its knobs do
+    not give is no twin."""
+    from boundflow.measure import MeasureResult
+    from boundflow.measure.result import machine
+    from boundflow.planner import normalised, plan
+    from boundflow.ir.analysis import ibp_exact_nodes
+    from boundflow.ir.plan import PlanBundle
+    from tests.planner.test_trust import _one_slot
+
+    g, spec, linear = _digits_query()
+    runner = _SlowerRunner()
+    searched = []
+    real_run = runner.run
+
+    def run(inputs, builds, config=None):
+        searched.extend(i.key for i in inputs)
+        return real_run(inputs, builds, config)
+    runner.run = run
+    with Database(":memory:") as db:
+        tuner = _scripted(db, g, spec, linear, runner)
+        sp, rng = tuner.space, random.Random(3)
+        a = next(a for a in (sp.sample(rng) for _ in range(100))
+                 if sp.bundle(a).key != tuner.baseline[0])
+        mine = sp.bundle(a)
+        exact = ibp_exact_nodes(normalised(g)[0])
+        k = mine.knobs
+        domains = tuple("crown" if p in exact else d
+                        for p, d in zip(sp.base.preactivations, k.domains))
+        old = plan(g, tuner.workload, k.replace(domains=domains))
+        assert old.key != mine.key and domains != k.domains
+        assert sp.assignment_of(old) == a
+        edited = PlanBundle.from_json(_one_slot(old))     # not what its knobs give
+        assert sp.assignment_of(edited) is None
+        db.add_measurement(old, MeasureResult(old.key, "torch", "llvm", median_s=2e-3,
+                                              mean_s=2e-3, std_s=0.0, times=(2e-3,) * 5,
+                                              mean_width=1.0, peak_bytes=1024,
+                                              machine=machine()))
+        # a strategy that wants the twin (every strategy skips what it is told is seen)
+        tuner.strategy.propose = lambda n, score, seen, incumbents: \
+            [a] if sp.candidate(a) not in seen else []
+        tuner.tune(trials=4)
+    assert (old.key, "torch") not in tuner._unmapped
+    assert mine.key not in searched and len(searched) >= 2
+
+
 class _SlowerRunner(_LuckyRunner):
     """Every plan but the default (the first measured) takes twice its time, in the search
     and side by side."""
