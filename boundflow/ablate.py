@@ -130,9 +130,12 @@ def read_config(path: str | Path) -> list[Config]:
     """Configurations from a JSON file: ``[{"name": ..., "changes": {"storage": "none"},
     "schedule": {"tile": 4}, "run_options": {...}, "backend": "torch"}, ...]``; a baseline
     is added first."""
+    from boundflow.frontend.files import read_text
+
+    text = read_text(path, BoundFlowError, "ablation config")
     try:
-        items = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
         raise BoundFlowError(f"ablation config {path}: {e}") from None
     if not isinstance(items, list):
         raise BoundFlowError(f"ablation config {path}: a JSON list of configurations")

@@ -122,6 +122,9 @@ def _cpu_only(args: argparse.Namespace) -> None:
 def _load_input(path: str, sample_shape: tuple[int, ...]):
     import numpy as np
 
+    from boundflow.frontend.files import regular_file
+
+    regular_file(path, ModelLoadError, "input file")
     try:
         with open(path, "rb") as f:           # the header first: its shape must fit the file
             version = np.lib.format.read_magic(f)
@@ -379,11 +382,9 @@ def _verify_model(args: argparse.Namespace) -> int:
 def _read_plan(path: Path):
     from boundflow.ir.plan import PlanBundle
 
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise BoundFlowError(f"plan file {path}: {e.strerror or e}") from None
-    return PlanBundle.from_json(text)
+    from boundflow.frontend.files import read_text
+
+    return PlanBundle.from_json(read_text(path, BoundFlowError, "plan file"))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -406,10 +407,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            dtype=args.dtype, target=args.target)
     knobs = None
     if args.knobs:
-        try:
-            knobs = Knobs.from_json(Path(args.knobs).read_text())
-        except OSError as e:
-            raise BoundFlowError(f"knobs file {args.knobs}: {e.strerror or e}") from None
+        from boundflow.frontend.files import read_text
+
+        knobs = Knobs.from_json(read_text(args.knobs, BoundFlowError, "knobs file"))
     bundle = plan(graph, workload, knobs)
     if args.out:
         _write_text(args.out, bundle.to_json(indent=1), "plan file")
@@ -474,8 +474,12 @@ def cmd_db(args: argparse.Namespace) -> int:
                     out.close()
             log.info("exported %d measurements", n)
         else:
+            from boundflow.frontend.files import regular_file
+
+            if str(args.file) != "-":
+                regular_file(args.file, BoundFlowError, "import file")
             try:
-                src = sys.stdin if str(args.file) == "-" else open(args.file)
+                src = sys.stdin if str(args.file) == "-" else open(args.file, encoding="utf-8")
             except OSError as e:
                 raise BoundFlowError(f"import file {args.file}: {e.strerror or e}") from None
             with src:

@@ -271,15 +271,10 @@ def read_instances(path) -> list[tuple[str, str, float, str]]:
     import csv
     from pathlib import Path
 
+    from boundflow.frontend.files import read_text
+
     rows = []
-    try:
-        if Path(path).stat().st_size > _MAX_CSV_BYTES:
-            raise BoundFlowError(f"the instances file {path} is larger than "
-                                 f"{_MAX_CSV_BYTES >> 20} MiB")
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BoundFlowError(f"cannot read the instances file {path}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
+    text = read_text(path, BoundFlowError, "instances file", _MAX_CSV_BYTES)
     for i, row in enumerate(csv.reader(text.splitlines()), 1):
         row = [c.strip() for c in row]
         if not row or not any(row) or (i == 1 and row[0] == "onnx"):

@@ -192,9 +192,13 @@ def _is_busy(e: BaseException) -> bool:
 
 
 def _plausible(r: MeasureResult) -> None:
-    """A ValueError unless an imported measurement could have come from a runner: a
-    successful one has positive finite times with its median among them, and a finite
-    width (an export is data another machine wrote)."""
+    """A ValueError unless an imported measurement could have come from a runner: a backend
+    this BoundFlow has; a successful one has positive finite times with its median among
+    them, and a finite width (an export is data another machine wrote)."""
+    from boundflow import backend as registry
+
+    if r.backend not in registry.names():
+        raise ValueError(f"backend {r.backend!r} is not one of {', '.join(registry.names())}")
     if not r.ok:
         return
     times = [_number(t) for t in r.times]
@@ -834,7 +838,7 @@ class Database:
                 continue
             try:
                 d = json.loads(text)
-                if d.get("format") != APP:
+                if not isinstance(d, dict) or d.get("format") != APP:
                     raise BoundFlowError("not a BoundFlow export line")
                 if d.get("schema_version") not in _IMPORTS:
                     raise BoundFlowError(f"export format version {d.get('schema_version')}, "
@@ -844,7 +848,9 @@ class Database:
                 _plausible(result)
                 summary = d["workload"].get("summary") or {}
                 feats = d["candidate"].get("features")
-            except (BoundFlowError, KeyError, TypeError, ValueError) as e:
+            except KeyError as e:
+                raise DatabaseError(f"line {i} of the import lacks the field {e}") from None
+            except (BoundFlowError, AttributeError, TypeError, ValueError) as e:
                 raise DatabaseError(f"line {i} of the import: {e}") from None
             parsed.append((bundle, result, summary, feats))
 

@@ -224,15 +224,16 @@ _TORCH_LOAD = torch.load
 
 
 def _read(path: Path) -> bytes:
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist")
+    from boundflow.frontend.files import regular_file
+
+    regular_file(path, ModelLoadError, "model file")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_ARCHIVE_BYTES:
                 raise ModelLoadError(f"{path}: refusing a {size}-byte model file "
                                      f"(at most {MAX_ARCHIVE_BYTES})")
-            data = f.read(MAX_ARCHIVE_BYTES + 1)
+            data = f.read(size + 1)         # not the cap: read(n) reserves n bytes first
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read the model file ({e})") from None
     if len(data) > MAX_ARCHIVE_BYTES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from boundflow.cli import main
 from boundflow.db import Database
 from tests.db.conftest import sample_bundles
@@ -73,13 +75,17 @@ def test_an_import_of_implausible_measurements_changes_nothing(tmp_path, capsys)
     assert main(["db", "export", "--db", str(src), "--file", str(export)]) == 0
     capsys.readouterr()
     line = json.loads(export.read_text().splitlines()[0])
-    for change in ({"median_s": -5.0}, {"times": []}, {"mean_width": float("nan")}):
-        bad = dict(line, measurement={**line["measurement"], **change})
+    bads = [dict(line, measurement={**line["measurement"], **change})
+            for change in ({"median_s": -5.0}, {"times": []}, {"mean_width": float("nan")},
+                           {"backend": "evil"})]      # one broke every later tune and inspect
+    bads += [[1, 2, 3], "a string", 42, None, {k: v for k, v in line.items() if k != "candidate"},
+             dict(line, workload=[1])]
+    for bad in bads:
         (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
         assert main(["db", "import", "--db", str(dst), "--file",
-                     str(tmp_path / "bad.jsonl")]) == 2, change
+                     str(tmp_path / "bad.jsonl")]) == 2, bad
         err = capsys.readouterr().err
-        assert "line 1 of the import" in err and err.count("\n") == 1, change
+        assert "line 1 of the import" in err and err.count("\n") == 1, (bad, err)
     with Database(dst) as db:
         assert db.summary()["measurements"] == 0
 
@@ -98,3 +104,38 @@ def test_readers_never_create_a_database(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert f"no database at {missing}" in err[-1], argv
         assert not missing.exists(), argv
+
+
+_ONNX = Path(__file__).resolve().parents[2] / "boundflow" / "examples" / "data" / \
+    "digits_tanh_mlp.onnx"
+
+
+def test_a_device_pipe_or_directory_given_as_a_file_is_refused(tmp_path, capsys):
+    """Every file a command reads must be a regular file: /dev/zero was read until memory
+    ran out (23 GB), a FIFO with no writer blocked for ever, a directory gave a traceback
+    in some commands. One line each, exit 2, nothing read."""
+    import os
+
+    from tests.test_cli import INPUTS, MODEL
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    vnnlib = tmp_path / "p.vnnlib"
+    vnnlib.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                      "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= Y_0 0))\n")
+    for bad in ("/dev/zero", str(fifo), str(tmp_path)):
+        for argv in (["plan", "--show", bad],
+                     ["verify", "--plan", bad, "--model", MODEL, "--input", INPUTS,
+                      "--eps", "0.01"],
+                     ["verify", "--model", bad, "--input", INPUTS, "--eps", "0.01"],
+                     ["verify", "--model", MODEL, "--input", bad, "--eps", "0.01"],
+                     ["verify", "--onnx", bad, "--vnnlib", str(vnnlib)],
+                     ["verify", "--onnx", str(_ONNX), "--vnnlib", bad],
+                     ["vnncomp", "--instances", bad, "--results", str(tmp_path / "r")],
+                     ["db", "import", "--db", str(tmp_path / "i.db"), "--file", bad],
+                     ["ablate", "--model", MODEL, "--input", INPUTS, "--eps", "0.01",
+                      "--config", bad, "--out", str(tmp_path / "ab")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and bad in err[0] and (
+                "not a regular file" in err[0] or "is a directory" in err[0]), (argv, err)
