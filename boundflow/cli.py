@@ -311,6 +311,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.onnx or args.vnnlib:
         if not (args.onnx and args.vnnlib) or args.model or args.input or args.eps is not None:
             raise BoundFlowError("give --onnx with --vnnlib, or --model with --input and --eps")
+        if args.dtype:
+            raise BoundFlowError("--dtype does not go with --vnnlib: a property is decided in "
+                                 "the ONNX model's own precision")
         if args.plan:
             raise BoundFlowError("--plan runs with --model inputs, not with --onnx/--vnnlib "
                                  "(--db looks up the plan of the branch-and-bound's bound "

@@ -99,6 +99,8 @@ def test_verify_onnx_vnnlib_writes_the_result_file(tmp_path, capsys):
     (["--onnx", "x.onnx"], "give --onnx with --vnnlib"),
     (["--model", MODEL], "give --model with --input and --eps"),
     (["--onnx", INPUTS, "--vnnlib", INPUTS], "not a readable ONNX model"),
+    (["--onnx", INPUTS, "--vnnlib", INPUTS, "--dtype", "float64"],   # it was ignored
+     "--dtype does not go with --vnnlib"),
 ])
 def test_verify_argument_errors(argv, match, capsys):
     assert main(["verify", *argv]) == 2
@@ -158,11 +160,11 @@ def test_plan_with_knobs_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["plan"], "give one model"),
-    (["plan", "--show", "missing.json"], "plan file missing.json"),
+    (["plan", "--show", "missing.json"], "missing.json: cannot read the plan file"),
     (["plan", "--model", CNN, "--method", "magic"], "method 'magic'"),
     (["plan", "--model", CNN, "--knobs", "missing.json"], "knobs file"),
     (["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.1", "--plan", "nope.json"],
-     "plan file nope.json"),
+     "nope.json: cannot read the plan file"),
 ])
 def test_plan_errors_are_one_line(argv, match, capsys):
     assert main(argv) == 2

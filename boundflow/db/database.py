@@ -259,6 +259,9 @@ class Database:
                 if existing and not path.exists():     # a reader: never create one
                     raise DatabaseError(f"no database at {path} (`boundflow tune --db` makes "
                                         f"one)")
+                if existing and path.is_file() and path.stat().st_size == 0:
+                    raise DatabaseError(f"no database at {path}: the file is empty "
+                                        f"(`boundflow tune --db` makes one)")
                 engine = create_engine(self.url, echo=echo,
                                        connect_args={"timeout": 30, "check_same_thread": False})
             else:
@@ -615,6 +618,9 @@ class Database:
             if row is None:
                 return None
             crow = s.get(CandidateRow, row.candidate_id)
+            if crow is None:                  # another writer's row points at nothing
+                raise ValueError(f"a best-plan row names candidate {row.candidate_id!r}, "
+                                 f"which is not in the database")
             return BestPlanRecord(workload.key, row.target, row.objective,
                                   self._candidate_record(crow, workload.key), row.backend,
                                   _number(row.value), _number(row.updated),
@@ -643,7 +649,11 @@ class Database:
 
     def records_for_training(self, workload: Workload | str | None = None,
                              include_failed: bool = False) -> list[TuningRecord]:
-        """Every measurement (of one workload, or all), with its candidate and workload."""
+        """Every measurement (of one workload, or all), with its candidate and workload;
+        not those of a backend this BoundFlow lacks (a newer one's, or a bad writer's, in a
+        shared database: they could not be featured or run here)."""
+        from boundflow import backend as registry
+
         with self._guard("records_for_training"), self._session() as s:
             q = select(MeasurementRow).join(CandidateRow).join(WorkloadRow)
             if workload is not None:
@@ -651,6 +661,7 @@ class Database:
                 q = q.where(WorkloadRow.key == key)
             if not include_failed:
                 q = q.where(MeasurementRow.error_kind.is_(None))
+            q = q.where(MeasurementRow.backend.in_(registry.names()))
             return [self._tuning_record(m) for m in s.scalars(q.order_by(MeasurementRow.id))]
 
     def summary(self) -> dict:

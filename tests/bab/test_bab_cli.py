@@ -100,10 +100,11 @@ def test_a_bad_instances_csv_is_one_line(tmp_path, capsys, text, match):
 def test_an_unreadable_instances_file_is_one_line(tmp_path, capsys):
     binary = tmp_path / "instances.csv"
     binary.write_bytes(b"\x00\xff\xfe,,\n")
-    for path in (binary, tmp_path / "missing.csv"):
+    for path, why in ((binary, "the instances file is not UTF-8 text"),
+                      (tmp_path / "missing.csv", "cannot read the instances file")):
         assert main(["vnncomp", "--instances", str(path)]) == 2
         err = capsys.readouterr().err
-        assert "cannot read the instances file" in err and err.count("\n") == 1
+        assert why in err and err.count("\n") == 1
 
 
 def test_a_bad_instance_is_said_and_the_others_are_decided(tmp_path, capsys):

@@ -104,6 +104,13 @@ def test_readers_never_create_a_database(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert f"no database at {missing}" in err[-1], argv
         assert not missing.exists(), argv
+    empty = tmp_path / "empty.db"                  # it was given a schema, 98 KB
+    empty.write_bytes(b"")
+    for argv in (["db", "show", "--db", str(empty)],
+                 ["costmodel", "inspect", "--db", str(empty)]):
+        assert main(argv) == 2, argv
+        assert "the file is empty" in capsys.readouterr().err, argv
+        assert empty.stat().st_size == 0, argv
 
 
 _ONNX = Path(__file__).resolve().parents[2] / "boundflow" / "examples" / "data" / \
@@ -139,3 +146,25 @@ def test_a_device_pipe_or_directory_given_as_a_file_is_refused(tmp_path, capsys)
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and bad in err[0] and (
                 "not a regular file" in err[0] or "is a directory" in err[0]), (argv, err)
+
+
+def test_a_row_of_a_backend_this_boundflow_lacks_is_left_out_of_training(tmp_path, capsys):
+    """A shared database holds a measurement of a backend this BoundFlow does not have (a
+    newer BoundFlow's, or a bad writer's): `costmodel inspect` (and every tune's refit) failed
+    on it for good; now it is left out of the training records."""
+    import sqlite3
+
+    bundles, g = sample_bundles(3)
+    path = tmp_path / "shared.db"
+    with Database(path) as db:
+        for i, b in enumerate(bundles):
+            db.add_measurement(b, _result(b, 1e-3 * (i + 1)), graph=g)
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("UPDATE bf_measurements SET backend = 'evil' WHERE id = "
+                    "(SELECT MIN(id) FROM bf_measurements)")
+    con.close()
+    with Database(path) as db:
+        recs = db.records_for_training()
+    assert len(recs) == 2 and "evil" not in {r.measurement.result.backend for r in recs}
+    assert main(["costmodel", "inspect", "--db", str(path)]) == 0

@@ -145,7 +145,7 @@ def test_loading_refuses_pickled_entries_and_never_runs_them(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (b"not a zip at all", "not a readable torch.export archive"),
-    (None, "does not exist"),
+    (None, "cannot read the model file: No such file"),
 ])
 def test_bad_model_files(tmp_path, content, match):
     path = tmp_path / "m.pt2"
