@@ -262,6 +262,7 @@ class InstanceResult:
 
 
 _MAX_CSV_BYTES = 16 << 20
+_EXPECTED = ("", "sat", "unsat", "unknown")
 
 
 def read_instances(path) -> list[tuple[str, str, float, str]]:
@@ -289,7 +290,11 @@ def read_instances(path) -> list[tuple[str, str, float, str]]:
                                  ) from None
         if not timeout > 0 or timeout != timeout or timeout == float("inf"):
             raise BoundFlowError(f"{path}, line {i}: timeout must be positive and finite")
-        rows.append((row[0], row[1], timeout, row[3] if len(row) > 3 else ""))
+        expected = row[3].lower() if len(row) > 3 else ""
+        if expected not in _EXPECTED:        # a typo ("unsta") turned the WRONG check off
+            raise BoundFlowError(f"{path}, line {i}: expected verdict {row[3]!r} is not one "
+                                 f"of sat, unsat, unknown (or empty)")
+        rows.append((row[0], row[1], timeout, expected))
     if not rows:
         raise BoundFlowError(f"{path} lists no instances")
     return rows

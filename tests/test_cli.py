@@ -189,6 +189,26 @@ def test_verify_refuses_a_plan_from_another_schema_or_model(tmp_path, capsys):
     assert "--plan fixes the method" in capsys.readouterr().err
 
 
+def test_verify_refuses_a_plan_whose_workload_was_edited(tmp_path, capsys):
+    """A plan file's workload is data too: a batch of 8.5, true or 1e30 (read as 8, 1 and a
+    huge int before) and inputs of another shape than the model's (run before) are
+    refused with one line."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", CNN, "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["verify", "--model", CNN, "--input", INPUTS, "--eps", "0.1", "--plan"]
+    for field, value, why in (("batch", 8.5, "batch 8.5"), ("batch", True, "batch True"),
+                              ("batch", 1e30, "batch 1e+30"), ("n_specs", -1, "n_specs"),
+                              ("input_shape", [64], "inputs of shape [64]"),
+                              ("input_shape", "64", "input_shape '64'")):
+        d = json.loads(out.read_text())
+        d["workload"][field] = value
+        (tmp_path / "edited.json").write_text(json.dumps(d))
+        assert main(argv + [str(tmp_path / "edited.json")]) == 2, field
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, (field, value, err)
+
+
 def test_verify_reads_gzipped_instances(tmp_path, capsys):
     """VNN-COMP ships `.onnx.gz` and `.vnnlib.gz`; the counterexample is confirmed on the
     gzipped model too."""

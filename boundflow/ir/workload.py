@@ -95,13 +95,23 @@ class Workload:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Workload":
+        """A workload read from a plan file or a database row (untrusted): whole numbers
+        where they belong (``8.5`` or ``true`` as a batch was read as 8 or 1), a batch and
+        dimensions of at most ``2**31``."""
+        def whole(v, name: str, least: int) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= 2 ** 31:
+                raise ValueError(f"{name} {v!r} is not a whole number in [{least}, 2**31]")
+            return v
         try:
-            return cls(str(d["graph_hash"]), tuple(int(s) for s in d["input_shape"]),
-                       int(d["batch"]), int(d["n_specs"]), str(d["method"]), str(d["dtype"]),
-                       str(d["target"]), str(d.get("weights_hash", "")),
-                       str(d.get("bounds", "both")))
+            shape = d["input_shape"]
+            if not isinstance(shape, (list, tuple)):
+                raise ValueError(f"input_shape {shape!r} is not a list of dimensions")
+            return cls(str(d["graph_hash"]), tuple(whole(s, "a dimension", 1) for s in shape),
+                       whole(d["batch"], "batch", 1), whole(d["n_specs"], "n_specs", 0),
+                       str(d["method"]), str(d["dtype"]), str(d["target"]),
+                       str(d.get("weights_hash", "")), str(d.get("bounds", "both")))
         except (KeyError, TypeError, ValueError) as e:
-            raise BoundFlowError(f"not a workload record: {e!r}") from None
+            raise BoundFlowError(f"not a workload record: {e}") from None
 
     def check_graph(self, graph: Graph) -> None:
         if graph.structural_hash() != self.graph_hash:

@@ -67,6 +67,10 @@ def check_plan(graph: Graph, bundle: PlanBundle) -> PlanBundle:
     """
     if not isinstance(bundle, PlanBundle):
         raise PlanError(f"a plan must be a PlanBundle, got {type(bundle).__name__}")
+    if tuple(bundle.workload.input_shape) != tuple(graph.input_shape):
+        raise PlanError(f"plan {bundle.key[:12]} was made for inputs of shape "
+                        f"{list(bundle.workload.input_shape)}; this model takes "
+                        f"{list(graph.input_shape)}")
     d = bundle.domain_plan
     if d.lower_slope not in LOWER_SLOPES:
         raise PlanError(f"plan {bundle.key[:12]}: lower slope {d.lower_slope!r} is not one of "

@@ -87,6 +87,7 @@ def test_vnncomp_says_when_a_verdict_contradicts_the_csv(tmp_path, capsys):
     ("a.onnx,b.vnnlib,soon\n", "is not a number"),
     ("a.onnx,b.vnnlib,-4\n", "positive and finite"),
     ("a.onnx,b.vnnlib,nan\n", "positive and finite"),
+    ("a.onnx,b.vnnlib,60,unsta\n", "expected verdict 'unsta'"),     # turned WRONG off
     ("", "lists no instances"),
 ])
 def test_a_bad_instances_csv_is_one_line(tmp_path, capsys, text, match):
