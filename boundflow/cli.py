@@ -477,14 +477,12 @@ def cmd_db(args: argparse.Namespace) -> int:
                     out.close()
             log.info("exported %d measurements", n)
         else:
-            from boundflow.frontend.files import regular_file
+            import io
 
-            if str(args.file) != "-":
-                regular_file(args.file, BoundFlowError, "import file")
-            try:
-                src = sys.stdin if str(args.file) == "-" else open(args.file, encoding="utf-8")
-            except OSError as e:
-                raise BoundFlowError(f"import file {args.file}: {e.strerror or e}") from None
+            from boundflow.frontend.files import open_input
+
+            src = sys.stdin if str(args.file) == "-" else io.TextIOWrapper(
+                open_input(args.file, BoundFlowError, "import file"), encoding="utf-8")
             with src:
                 counts = db.import_jsonl(src)
             print(f"imported {counts['added']} measurements ({counts['skipped']} already there)")

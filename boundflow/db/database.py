@@ -259,6 +259,9 @@ class Database:
                 if existing and not path.exists():     # a reader: never create one
                     raise DatabaseError(f"no database at {path} (`boundflow tune --db` makes "
                                         f"one)")
+                if path.exists() and not path.is_file():
+                    raise DatabaseError(f"{path} is not a database file (a directory, "
+                                        f"device or pipe)")
                 if existing and path.is_file() and path.stat().st_size == 0:
                     raise DatabaseError(f"no database at {path}: the file is empty "
                                         f"(`boundflow tune --db` makes one)")
@@ -648,10 +651,12 @@ class Database:
             return out
 
     def records_for_training(self, workload: Workload | str | None = None,
-                             include_failed: bool = False) -> list[TuningRecord]:
+                             include_failed: bool = False, every_backend: bool = False
+                             ) -> list[TuningRecord]:
         """Every measurement (of one workload, or all), with its candidate and workload;
         not those of a backend this BoundFlow lacks (a newer one's, or a bad writer's, in a
-        shared database: they could not be featured or run here)."""
+        shared database: they could not be featured or run here) unless ``every_backend``
+        (an export keeps them)."""
         from boundflow import backend as registry
 
         with self._guard("records_for_training"), self._session() as s:
@@ -661,7 +666,8 @@ class Database:
                 q = q.where(WorkloadRow.key == key)
             if not include_failed:
                 q = q.where(MeasurementRow.error_kind.is_(None))
-            q = q.where(MeasurementRow.backend.in_(registry.names()))
+            if not every_backend:
+                q = q.where(MeasurementRow.backend.in_(registry.names()))
             return [self._tuning_record(m) for m in s.scalars(q.order_by(MeasurementRow.id))]
 
     def summary(self) -> dict:
@@ -829,7 +835,8 @@ class Database:
         """Write every measurement (of one workload key, or all) as one JSON line with its
         workload and candidate; returns the number of lines."""
         n = 0
-        for rec in self.records_for_training(workload, include_failed=True):
+        for rec in self.records_for_training(workload, include_failed=True,
+                                             every_backend=True):
             line = {"format": APP, "schema_version": EXPORT_VERSION,
                     "workload": {"key": rec.workload.key, "workload": rec.workload.workload
                                  .to_dict(), "summary": rec.workload.summary},

@@ -3,9 +3,11 @@
 VNN-COMP ships its instances as ``.onnx.gz`` and ``.vnnlib.gz``. :func:`read_bytes` tells gzip
 data by its magic bytes (a compressed file under any name is read), refuses a ``.gz`` name over
 data that is not gzip, and caps the decompressed size against decompression bombs.
-:func:`regular_file` and :func:`read_text` are the guard every other file read goes through:
-a device, FIFO or socket given as a file could be read forever (``/dev/zero``) or block
-(a FIFO with no writer), so only regular files are opened, and text files are size-capped.
+:func:`regular_file` (readers that seek: models, properties, arrays) and :func:`open_input` /
+:func:`read_text` (plans, knobs, configurations, CSV and import files, which may also come
+from a pipe) guard the reads of files a user names: a device given as a file could be read
+for ever (``/dev/zero``) and a FIFO with no writer would block, so neither is read; text is
+size-capped.
 """
 
 from __future__ import annotations
@@ -40,23 +42,45 @@ def regular_file(path: str | Path, error: type[BoundFlowError], what: str) -> os
     return st
 
 
-def read_text(path: str | Path, error: type[BoundFlowError], what: str,
-              limit: int = MAX_TEXT_BYTES) -> str:
-    """The UTF-8 text of the regular file ``path`` (at most ``limit`` bytes); every failure
-    raises ``error`` with one line naming ``path`` and ``what``."""
-    st = regular_file(path, error, what)
-    if st.st_size > limit:
-        raise error(f"{path}: the {what} is {st.st_size:,} bytes, over the limit of "
-                    f"{limit:,}")
+def open_input(path: str | Path, error: type[BoundFlowError], what: str) -> BinaryIO:
+    """``path`` opened for reading when it is a regular file or a pipe (``<(...)``, a FIFO
+    with a writer; one with none reads as empty at once instead of blocking): opened without
+    blocking, then checked on the open file (no window for a swap), then set to block. A
+    directory or device raises ``error`` with one line."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(st.st_size + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise error(f"{path}: the {what} is over the limit of {limit:,} bytes")
     try:
-        return data.decode("utf-8")
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"{path}: the {what} is a directory; give a file")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise error(f"{path}: the {what} is not a regular file (a device or socket); "
+                        f"give a file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_text(path: str | Path, error: type[BoundFlowError], what: str,
+              limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of the file or pipe ``path`` (``open_input``), at most ``limit``
+    bytes; every failure raises ``error`` with one line naming ``path`` and ``what``."""
+    chunks, total = [], 0
+    with open_input(path, error, what) as f:
+        try:
+            while chunk := f.read(_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise error(f"{path}: the {what} is over the limit of {limit:,} bytes")
+                chunks.append(chunk)
+        except OSError as e:
+            raise error(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    try:
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte "
                     f"{e.start})") from None

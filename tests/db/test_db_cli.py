@@ -130,7 +130,7 @@ def test_a_device_pipe_or_directory_given_as_a_file_is_refused(tmp_path, capsys)
     vnnlib = tmp_path / "p.vnnlib"
     vnnlib.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
                       "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= Y_0 0))\n")
-    for bad in ("/dev/zero", str(fifo), str(tmp_path)):
+    for bad in ("/dev/zero", str(tmp_path)):
         for argv in (["plan", "--show", bad],
                      ["verify", "--plan", bad, "--model", MODEL, "--input", INPUTS,
                       "--eps", "0.01"],
@@ -146,6 +146,48 @@ def test_a_device_pipe_or_directory_given_as_a_file_is_refused(tmp_path, capsys)
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and bad in err[0] and (
                 "not a regular file" in err[0] or "is a directory" in err[0]), (argv, err)
+    # a FIFO: refused where the reader must seek (model, property, inputs); a plan, knobs,
+    # configuration or CSV file may come from a pipe (``<(...)``), and one with no writer
+    # reads as empty at once, where it blocked for ever
+    for argv, why in ((["verify", "--model", str(fifo), "--input", INPUTS, "--eps", "0.01"],
+                       "not a regular file"),
+                      (["verify", "--model", MODEL, "--input", str(fifo), "--eps", "0.01"],
+                       "not a regular file"),
+                      (["verify", "--onnx", str(fifo), "--vnnlib", str(vnnlib)],
+                       "not a regular file"),
+                      (["plan", "--show", str(fifo)], "not a plan JSON"),
+                      (["vnncomp", "--instances", str(fifo)], "lists no instances")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], (argv, err)
+    assert main(["db", "import", "--db", str(tmp_path / "i.db"), "--file", str(fifo)]) == 0
+    assert "imported 0 measurements" in capsys.readouterr().out
+    assert main(["db", "show", "--db", "/dev/zero"]) == 2
+    assert "not a database file" in capsys.readouterr().err
+
+
+def test_a_plan_and_an_import_are_read_from_a_pipe(tmp_path, capsys):
+    """``--plan <(...)`` and ``db import --file <(...)`` read what a writer sends."""
+    import os
+    import threading
+
+    from tests.test_cli import INPUTS, MODEL
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--model", MODEL, "--out", str(plan)]) == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as f:
+            f.write(plan.read_text())
+    t = threading.Thread(target=write)
+    t.start()
+    capsys.readouterr()
+    assert main(["verify", "--model", MODEL, "--input", INPUTS, "--eps", "0.01",
+                 "--plan", str(fifo)]) == 0
+    t.join(timeout=30)
+    assert "verified" in capsys.readouterr().out
 
 
 def test_a_row_of_a_backend_this_boundflow_lacks_is_left_out_of_training(tmp_path, capsys):
@@ -168,3 +210,6 @@ def test_a_row_of_a_backend_this_boundflow_lacks_is_left_out_of_training(tmp_pat
         recs = db.records_for_training()
     assert len(recs) == 2 and "evil" not in {r.measurement.result.backend for r in recs}
     assert main(["costmodel", "inspect", "--db", str(path)]) == 0
+    out = tmp_path / "all.jsonl"                  # a backup keeps it
+    assert main(["db", "export", "--db", str(path), "--file", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
