@@ -111,6 +111,8 @@ class _Variables:
         m = _VARIABLE.fullmatch(name)
         if not m:
             raise VnnlibError(f"line {e.line}: variable {name!r} must be named X_i or Y_j")
+        if name in self.inputs or name in self.outputs:     # an error in SMT-LIB too
+            raise VnnlibError(f"line {e.line}: {name} is declared a second time")
         (self.inputs if m.group(1) == "X" else self.outputs)[name] = int(m.group(2))
 
     def leaf(self, tok: str, line: int) -> _Linear:

@@ -55,6 +55,8 @@ def test_disjunctions_expand_to_dnf():
     (HEADER + BOX + "(assert (xor (<= Y_0 1)))", r"line 9: unsupported connective"),
     ("(declare-const X_0 Int)", "line 1: X_0 has sort Int"),
     ("(declare-const A Real)", "must be named X_i or Y_j"),
+    (HEADER + "(declare-const X_0 Real)\n" + BOX + "(assert (<= Y_0 Y_1))",
+     r"line \d+: X_0 is declared a second time"),
     (HEADER, "no assert"),
     (HEADER + BOX + "(assert (>= Y_0 nan))", r"line 9: 'nan' is not a finite number"),
     (HEADER + BOX + "(assert (>= (+) Y_0))", r"line 9: unsupported term '\(\+ \.\.\.\)'"),
