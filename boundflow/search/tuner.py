@@ -227,6 +227,7 @@ class Tuner:
         self._measured_now = 0
         self._mine: dict[Candidate, MeasureResult] = {}
         self._unmapped: set[Candidate] = set()
+        self._twins: set[Candidate] = set()      # this space's twins of mapped older plans
         self._spent: dict[str, list[float]] = {}
         self._refit_s = 0.0
         self._first: float | None = None
@@ -395,6 +396,8 @@ class Tuner:
                 self._unmapped.add(c)
             else:
                 by_cand[c] = a
+                if (twin := self.space.candidate(a)) != c:    # an older BoundFlow's key
+                    self._twins.add(twin)
                 if history[c].ok:
                     self.widths.observe(bundle, history[c].mean_width,
                                         own=c in self._mine)
@@ -696,8 +699,7 @@ class Tuner:
             self.strategy.width_score = self.width_score
         # a plan mapped from another key (an older BoundFlow's twin, ``assignment_of``) is
         # measured under that key: its twin here is not measured again
-        seen = set(history) | others | {self.space.candidate(a) for c, a in by_cand.items()
-                                        if c in history}
+        seen = set(history) | others | self._twins
         seeds, values = self._seeds(seen)
         first = [self.space.default()] + seeds
         # where a batch has three slots or more: the model's best plan of the whole space,
