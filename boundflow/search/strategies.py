@@ -102,6 +102,32 @@ def _scored(score: Score, pool: dict[Assignment, float], points: list[Assignment
     return np.array([pool[a] for a in points])
 
 
+def descend(space: TuneSpace, score: Score, pool: dict[Assignment, float], start: Assignment,
+            rng: random.Random, passes: int = 3, budget: float = math.inf) -> Assignment:
+    """Coordinate descent on the model from ``start``: one decision at a time (a random
+    order each pass), every choice scored, the best kept; until a pass changes nothing, after
+    ``passes`` passes, or once ``budget`` more points have been scored. ``pool`` (assignment
+    -> score) holds every point scored, the way down included; returns the end point."""
+    cur = start
+    cur_v = _scored(score, pool, [cur])[0]
+    limit = len(pool) + budget
+    for _ in range(passes):
+        changed = False
+        order = list(range(len(space.decisions)))
+        rng.shuffle(order)
+        for i in order:
+            if len(pool) >= limit:
+                return cur
+            options = [space.with_choice(cur, i, c) for c in space.decisions[i].choices]
+            vals = _scored(score, pool, options)
+            j = int(np.argmin(vals))
+            if vals[j] < cur_v - 1e-12:
+                cur, cur_v, changed = options[j], vals[j], True
+        if not changed:
+            break
+    return cur
+
+
 class RandomSearch(Strategy):
     name = "random"
 
@@ -120,21 +146,7 @@ class GreedySearch(Strategy):
         pool: dict[Assignment, float] = {}
         starts = list(incumbents[: self.starts]) or [self.space.default()]
         for start in starts:
-            cur = start
-            cur_v = _scored(score, pool, [cur])[0]
-            for _ in range(self.passes):
-                changed = False
-                order = list(range(len(self.space.decisions)))
-                self.rng.shuffle(order)
-                for i in order:
-                    d = self.space.decisions[i]
-                    options = [self.space.with_choice(cur, i, c) for c in d.choices]
-                    vals = _scored(score, pool, options)
-                    j = int(np.argmin(vals))
-                    if vals[j] < cur_v - 1e-12:
-                        cur, cur_v, changed = options[j], vals[j], True
-                if not changed:
-                    break
+            descend(self.space, score, pool, start, self.rng, self.passes)
         return self._best_unseen(pool, n, seen)
 
 

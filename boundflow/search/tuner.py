@@ -84,7 +84,7 @@ from boundflow.search.objective import beats_default
 from boundflow.search.ranking import COST_MODEL, Ranker  # noqa: F401 - COST_MODEL re-exported
 from boundflow.search.session import Heartbeat, Progress
 from boundflow.search.space import DEFAULT_BACKEND, Assignment, Candidate, TuneSpace
-from boundflow.search.strategies import make
+from boundflow.search.strategies import descend, make
 from boundflow.search.tightness import WidthPrior, dominated
 
 # how much tighter than the width head's pooled prediction a bounds signature no plan of
@@ -111,6 +111,9 @@ GLOBAL_REFRESH = 32
 # MLP's 341 decisions: 58 plans, not 11 s of planning), and the pool kept to this many
 GLOBAL_DECISIONS = 20000
 GLOBAL_POOL = 1024
+# ... then coordinate descent on the model (strategies.descend) from the pool's best few, as
+# many plans scored as were sampled; the points it ends on join the pool
+GLOBAL_DESCENTS = 3
 
 log = logging.getLogger("boundflow.search")
 
@@ -759,11 +762,14 @@ class Tuner:
                      ) -> tuple[Assignment, float] | None:
         """The best-scored unmeasured plan of a pool sampled across the whole space
         (``GLOBAL_SAMPLES``, fewer for spaces of many decisions, then ``GLOBAL_REFRESH`` more
-        each call, at most ``GLOBAL_POOL`` kept) and its score, if the model predicts it
-        beats the incumbent (the default before any is held); else None."""
+        each call, at most ``GLOBAL_POOL`` kept) or of the descents on the model from its
+        best ``GLOBAL_DESCENTS`` (as many plans scored as were sampled), and its score, if
+        the model predicts it beats the incumbent (the default before any is held); else
+        None."""
         scale = max(1, len(self.space.decisions))
         first = max(GLOBAL_REFRESH, min(GLOBAL_SAMPLES, GLOBAL_DECISIONS // scale))
-        for _ in range(GLOBAL_REFRESH if self._global_sampled else first):
+        budget = GLOBAL_REFRESH if self._global_sampled else first
+        for _ in range(budget):
             a = self.space.sample(self._global_rng)
             try:
                 c = self.space.candidate(a)
@@ -778,8 +784,28 @@ class Tuner:
             return None
         base = incumbents[0] if incumbents else self.space.default()
         scores = self.score(pool + [base])
-        i = int(np.argmin(scores[:-1]))
-        return (pool[i], float(scores[i])) if scores[i] < scores[-1] else None
+        # then down from the pool's best on the model, one decision at a time, scoring as
+        # many plans as were sampled: the model's best is rarely among random samples (the
+        # NHWC CNN's: 0.30 ms after the descent, 0.39-0.43 ms for the best-scored samples)
+        scored = dict(zip(pool, map(float, scores[:-1])))
+        for start in sorted(scored, key=scored.get)[:GLOBAL_DESCENTS]:
+            spent = len(scored)
+            end = descend(self.space, self.score, scored, start, self._global_rng,
+                          budget=budget)
+            budget -= len(scored) - spent
+            if math.isfinite(scored[end]):
+                self._global_pool.setdefault(self.space.candidate(end), end)
+            if budget <= 0:
+                break
+        while len(self._global_pool) > GLOBAL_POOL:      # the oldest go first
+            del self._global_pool[next(iter(self._global_pool))]
+        best, value = None, scores[-1]
+        for a, v in scored.items():
+            if v < value:
+                c = self.space.candidate(a)
+                if c not in seen and c[1] in backends:
+                    best, value = a, v
+        return None if best is None else (best, float(value))
 
     def _new_signature(self, seen: set, backends: set) -> Assignment | None:
         """The best-scored of ``EXPLORE_SAMPLES`` sampled plans whose bounds signature

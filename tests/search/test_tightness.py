@@ -356,12 +356,47 @@ def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path, monk
             monkeypatch.setattr(tuner_module, "GLOBAL_POOL", 50)
             tuner._global_pool, tuner._global_sampled = {}, False
             tuner._global_pick(set(), backends, [])
-            assert 0 < len(tuner._global_pool) <= 40
+            ends = tuner_module.GLOBAL_DESCENTS        # the descents' end points join it
+            assert 0 < len(tuner._global_pool) <= 40 + ends
             tuner._global_pick(set(), backends, [])
-            assert 40 < len(tuner._global_pool) <= 50
+            assert 40 + ends < len(tuner._global_pool) <= 50
             # the random strategy's samples stay uniform (training sets are built with it)
             tuner.strategy_name, tuner._global_pick = "random", None
             assert len(tuner._propose(4, {}, {}, set())) == 4
+        finally:
+            tuner.close()
+
+
+def test_the_global_pick_descends_on_the_model_from_the_best_samples(tmp_path):
+    """The model's best plan is rarely among random samples: the pick descends on the model
+    from the pool's best, one decision at a time, and reaches a plan no sample was (here
+    the one plan the model likes best of all), scoring about as many plans as it
+    sampled; a plan already measured on the way is not proposed."""
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = _cnn_tuner(db)
+        try:
+            space, backends = tuner.space, set(tuner.backends)
+            # the model's favourite: every decision at its last choice (of the default's
+            # backend, so the pick is allowed), scored by how many decisions differ from it
+            target = tuple([space.default()[0]] + [d.choices[-1]
+                                                    for d in space.decisions[1:]])
+            target = space.check(target)
+            assert sum(len(d.choices) > 1 for d in space.decisions) >= 12
+
+            counted = []
+
+            def near(pool):
+                counted.append(len(pool))
+                return np.array([sum(u != v for u, v in zip(a, target)) for a in pool], float)
+            tuner.score = near
+            a, value = tuner._global_pick(set(), backends, [])
+            sampled = [p for p in tuner._global_pool.values() if p != a]
+            assert a == target and value == 0.0
+            assert min(near(sampled)) > 0                 # no sample was it
+            assert sum(counted[:-1]) <= 2 * len(sampled) + len(space.decisions) * 8
+            # measured: the next best, a neighbour of it
+            b, value = tuner._global_pick({space.candidate(target)}, backends, [])
+            assert b != target and value == 1.0
         finally:
             tuner.close()
 
