@@ -222,7 +222,10 @@ def main() -> None:
             budget -= len(scored) - spent
             if budget <= 0:
                 break
-        top = space.bundle(min(scored, key=scored.get))
+        # every point scored again in one call (the width rules pool an unmeasured
+        # signature's width over the plans of one call: the descent's calls are small)
+        points = [a for a, v in scored.items() if math.isfinite(v)]
+        top = space.bundle(points[int(np.argmin(value_of(points)))])
         common, widths = _common_pass(q, {**plans, "zero-shot": top, "default": default},
                                       args.rounds, args.backend)
         best_key = min((k for k in plans if k in common), key=common.get)

@@ -108,7 +108,8 @@ GLOBAL_SAMPLES = 512
 GLOBAL_REFRESH = 32
 # ... fewer for spaces of many decisions, whose plans take longer to plan and score: at most
 # this many decisions sampled in all at the start (512 plans up to 39 decisions; an 80-layer
-# MLP's 341 decisions: 58 plans, not 11 s of planning), and the pool kept to this many
+# MLP's 341 decisions: 58 plans, not 11 s of planning; the descent below plans as many
+# again), and the pool kept to this many
 GLOBAL_DECISIONS = 20000
 GLOBAL_POOL = 1024
 # ... then coordinate descent on the model (strategies.descend) from the pool's best few, as
@@ -784,14 +785,20 @@ class Tuner:
             return None
         base = incumbents[0] if incumbents else self.space.default()
         scores = self.score(pool + [base])
-        # then down from the pool's best on the model, one decision at a time, scoring as
-        # many plans as were sampled: the model's best is rarely among random samples (the
-        # NHWC CNN's: 0.30 ms after the descent, 0.39-0.43 ms for the best-scored samples)
+        # then down from the pool's best on the model, one decision at a time, on the
+        # backends allowed, scoring as many plans as were sampled: the model's best is
+        # rarely among random samples (the NHWC CNN's: 0.30 ms after the descent, 0.39-0.43
+        # ms for the best-scored samples)
+        def allowed(points):
+            out = np.full(len(points), np.inf)
+            ok = [i for i, a in enumerate(points) if self.space.backend_of(a) in backends]
+            if ok:
+                out[ok] = self.score([points[i] for i in ok])
+            return out
         scored = dict(zip(pool, map(float, scores[:-1])))
         for start in sorted(scored, key=scored.get)[:GLOBAL_DESCENTS]:
             spent = len(scored)
-            end = descend(self.space, self.score, scored, start, self._global_rng,
-                          budget=budget)
+            end = descend(self.space, allowed, scored, start, self._global_rng, budget=budget)
             budget -= len(scored) - spent
             if math.isfinite(scored[end]):
                 self._global_pool.setdefault(self.space.candidate(end), end)
@@ -799,13 +806,16 @@ class Tuner:
                 break
         while len(self._global_pool) > GLOBAL_POOL:      # the oldest go first
             del self._global_pool[next(iter(self._global_pool))]
-        best, value = None, scores[-1]
-        for a, v in scored.items():
-            if v < value:
-                c = self.space.candidate(a)
-                if c not in seen and c[1] in backends:
-                    best, value = a, v
-        return None if best is None else (best, float(value))
+        # every point scored again in one call, the incumbent's too: the width rules pool
+        # an unmeasured signature's width over the plans of one call, so scores of the
+        # descent's small calls do not compare with the pool's
+        points = [a for a, v in scored.items() if math.isfinite(v)
+                  and self.space.candidate(a) not in seen]
+        if not points:
+            return None
+        scores = self.score(points + [base])
+        i = int(np.argmin(scores[:-1]))
+        return (points[i], float(scores[i])) if scores[i] < scores[-1] else None
 
     def _new_signature(self, seen: set, backends: set) -> Assignment | None:
         """The best-scored of ``EXPLORE_SAMPLES`` sampled plans whose bounds signature

@@ -367,7 +367,7 @@ def test_a_batch_measures_the_models_best_plan_of_the_whole_space(tmp_path, monk
             tuner.close()
 
 
-def test_the_global_pick_descends_on_the_model_from_the_best_samples(tmp_path):
+def test_the_global_pick_descends_on_the_model_from_the_best_samples(tmp_path, monkeypatch):
     """The model's best plan is rarely among random samples: the pick descends on the model
     from the pool's best, one decision at a time, and reaches a plan no sample was (here
     the one plan the model likes best of all), scoring about as many plans as it
@@ -394,9 +394,41 @@ def test_the_global_pick_descends_on_the_model_from_the_best_samples(tmp_path):
             assert a == target and value == 0.0
             assert min(near(sampled)) > 0                 # no sample was it
             assert sum(counted[:-1]) <= 2 * len(sampled) + len(space.decisions) * 8
-            # measured: the next best, a neighbour of it
+            # measured: another plan
             b, value = tuner._global_pick({space.candidate(target)}, backends, [])
-            assert b != target and value == 1.0
+            assert space.candidate(b) != space.candidate(target) and value == near([b])[0]
+            # a small budget (a space of many decisions) is kept, up to one decision's
+            # choices per descent
+            monkeypatch.setattr(tuner_module, "GLOBAL_DECISIONS", 40 * len(target))
+            tuner._global_pool, tuner._global_sampled = {}, False
+            counted.clear()
+            tuner._global_pick(set(), backends, [])
+            widest = max(len(d.choices) for d in space.decisions)
+            assert sum(counted[1:-1]) <= 40 + tuner_module.GLOBAL_DESCENTS * widest
+        finally:
+            tuner.close()
+
+
+def test_the_global_pick_descends_only_on_the_backends_allowed(tmp_path):
+    """Where a time budget leaves one backend, the descent stays on it: a model that
+    predicts the other one faster does not walk every descent there (its points are never
+    proposed) and the pick is the best plan on the backend allowed."""
+    ex, g = example_graph("digits_cnn")
+    x = ex.inputs[:1].astype(np.float32)
+    with Database(str(tmp_path / "t.db")) as db:
+        tuner = Tuner(g, np.clip(x - 0.03, 0, 1), np.clip(x + 0.03, 0, 1), _margins(),
+                      method="crown", db=db, backend=("torch", "relax"), progress=False)
+        try:
+            space = tuner.space
+            target = space.check(tuple(["torch"] + [d.choices[-1]
+                                                    for d in space.decisions[1:]]))
+
+            def near(pool):         # relax predicted 5 decisions' worth faster
+                return np.array([sum(u != v for u, v in zip(a[1:], target[1:]))
+                                 - 5.0 * (a[0] == "relax") for a in pool], float)
+            tuner.score = near
+            a, value = tuner._global_pick(set(), {"torch"}, [])
+            assert a[0] == "torch" and near([a])[0] == value <= 1.0
         finally:
             tuner.close()
 
