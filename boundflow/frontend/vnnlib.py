@@ -206,7 +206,8 @@ class _Bound:
 
 @dataclass(frozen=True)
 class _Row:
-    """``Σ vals·Y[cols] + const <= 0``; refuted by proving the sum ``> thr = -const``."""
+    """``Σ vals·Y[cols] + const <= 0``; refuted by proving the sum ``> thr = -const`` (a
+    strict row's ``thr``: the float64 just below ``-const``, see ``_constraint``)."""
 
     cols: tuple[int, ...]
     vals: tuple[float, ...]
@@ -218,8 +219,11 @@ _COMPARISONS = ("<=", ">=", "<", ">")
 
 
 def _constraint(e: Expr, variables: _Variables) -> _Constraint:
-    """An atom ``(op lhs rhs)`` as ``coef·v + const <= 0``, classified (strict comparisons
-    are read as non-strict: the unsafe region only grows)."""
+    """An atom ``(op lhs rhs)`` as ``coef·v + const <= 0``, classified. A strict output
+    row ``Σ < thr`` keeps the float64 just below ``thr`` as its threshold: in float64, ``Σ
+    <= that`` is ``Σ < thr`` (equality is no counterexample: ``relu(x) < 0`` never holds,
+    though ``x = 0`` meets ``<=``), and a lower bound above it is at least ``thr``, which
+    refutes the row. A strict input bound is read as non-strict (the box only grows)."""
     if len(e) != 3:
         raise VnnlibError(f"line {e.line}: {e[0]} takes two arguments")
     a, b = variables.linear(e[1], e.line), variables.linear(e[2], e.line)
@@ -240,9 +244,11 @@ def _constraint(e: Expr, variables: _Variables) -> _Constraint:
                               f"variable (a box)")
         a_i = coef[xs[0]]
         return _Bound(variables.inputs[xs[0]], a_i > 0, -const / a_i)
+    strict = e[0] in ("<", ">")
     if coef:
-        return _Row(tuple(variables.outputs[k] for k in coef), tuple(coef.values()), -const)
-    return const <= 0
+        thr = float(np.nextafter(-const, -np.inf)) if strict else -const
+        return _Row(tuple(variables.outputs[k] for k in coef), tuple(coef.values()), thr)
+    return const < 0 if strict else const <= 0
 
 
 # --- disjunctive normal form ---------------------------------------------------------------

@@ -231,6 +231,35 @@ def test_hand_written_properties_with_known_answers(identity_relu, unsafe, expec
             assert result.vnncomp().startswith("sat\n((X_0 ")
 
 
+@pytest.mark.parametrize("unsafe", ["(assert (< Y_0 0))", "(assert (> Y_1 1))",
+                                    "(assert (< Y_0 (- Y_1 1)))"])
+def test_equality_meets_no_strict_comparison(identity_relu, unsafe):
+    """y = relu(x) on [0, 1]^2 meets y0 <= 0, y1 >= 1 and y0 <= y1 - 1 (at x = (0, 1)) but
+    never y0 < 0, y1 > 1 or y0 < y1 - 1: read as non-strict, the falsifier's boundary
+    point was answered sat, a wrong verdict. The strict row's threshold is the float64 just
+    below the non-strict one's."""
+    graph = load_onnx(identity_relu)
+    loose_text = unsafe.replace("(< ", "(<= ").replace("(> ", "(>= ")
+    loose = parse_vnnlib(HEADER + BOX + loose_text, 2, 2)
+    strict = parse_vnnlib(HEADER + BOX + unsafe, 2, 2)
+    (d_loose,), (d_strict,) = loose.disjuncts, strict.disjuncts
+    assert np.array_equal(d_strict.C, d_loose.C)
+    assert d_strict.threshold[0] == np.nextafter(d_loose.threshold[0], -np.inf)
+    confirm = onnx_runner(identity_relu)
+    assert check_property(graph, loose, BoundOptions("crown"), confirm=confirm
+                          ).status == "sat"
+    result = check_property(graph, strict, BoundOptions("crown"), timeout=2.0,
+                            confirm=confirm)
+    assert result.status != "sat", result
+
+
+@pytest.mark.parametrize("atom, holds", [("(< 1 2)", True), ("(< 1 1)", False),
+                                         ("(<= 1 1)", True), ("(> 1 1)", False)])
+def test_a_constant_strict_atom_is_strict(atom, holds):
+    prop = parse_vnnlib(HEADER + BOX + f"(assert (<= Y_0 Y_1))\n(assert {atom})", 2, 2)
+    assert prop.disjuncts[0].empty_box is not holds
+
+
 def _instances():
     try:
         path = shared_path("benchmarks", "instances.csv")
