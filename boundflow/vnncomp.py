@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -58,7 +58,27 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                    timeout: float | None = None, attack: AttackConfig | None = AttackConfig(),
                    confirm: Callable[[np.ndarray], np.ndarray] | None = None,
                    bab: BabConfig | None = BabConfig(), db=None) -> PropertyResult:
-    """Decide ``prop`` on ``graph``. ``confirm`` maps a flat input to the model's flat output
+    """Decide ``prop`` on ``graph`` (:func:`_decide`); a ``sat`` answer whose input lies on a
+    strict input bound (the boxes hold those closed, and a falsifier clips to the box) is
+    moved one step of the model's input precision inside and checked again, else answered
+    ``unknown``."""
+    result = _decide(graph, prop, options, timeout, attack, confirm, bab, db)
+    if result.status != "sat" or not prop.strict_bounds or result.counterexample is None \
+            or prop.admits(*result.counterexample):
+        return result
+    x = prop.strictly_inside(result.counterexample[0],
+                             np.float64 if graph.dtype == "float64" else np.float32)
+    y = _output(graph, x, confirm)
+    if prop.admits(x, y):
+        return replace(result, counterexample=(x, y))
+    return replace(result, status="unknown", counterexample=None, notes=result.notes + (
+        "a counterexample lay on a strict input bound, and one step inside it is none",))
+
+
+def _decide(graph: Graph, prop: Property, options: BoundOptions, timeout: float | None,
+            attack: AttackConfig | None, confirm: Callable[[np.ndarray], np.ndarray] | None,
+            bab: BabConfig | None, db) -> PropertyResult:
+    """Decide ``prop`` on ``graph``, strict input bounds read as closed. ``confirm`` maps a flat input to the model's flat output
     (e.g. the ONNX reference runtime) to re-check a counterexample on the original model.
     Each input box is bounded once by ``options`` and the falsifier tries the disjuncts left
     open; with ReLU splitting the search (by ``bab.method``) then takes what is still open.
@@ -164,15 +184,22 @@ def searches(open_disjuncts) -> list[tuple]:
     return out
 
 
+def _output(graph: Graph, x: np.ndarray, confirm) -> np.ndarray:
+    """The model's flat output at ``x`` in float64 (``confirm``'s, on the original model,
+    where given)."""
+    x = np.asarray(x, np.float64)
+    if confirm is not None:
+        return np.asarray(confirm(x.reshape(-1)), dtype=np.float64).reshape(-1)
+    return evaluate(graph, torch.as_tensor(x.reshape((1,) + graph.input_shape))
+                    ).flatten().numpy()
+
+
 def _checker(graph: Graph, confirm, elapsed, refuted: int, n_disjuncts: int):
     """``found(x, C, thr)``: the ``sat`` result of input ``x`` when its output, in float64
     (and on the original model by ``confirm``), meets every row ``C·y <= thr``; else None."""
     def found(x: np.ndarray, C: np.ndarray, thr: np.ndarray) -> PropertyResult | None:
         x = np.asarray(x, np.float64)
-        y = evaluate(graph, torch.as_tensor(x.reshape((1,) + graph.input_shape))
-                     ).flatten().numpy()
-        if confirm is not None:
-            y = np.asarray(confirm(x.reshape(-1)), dtype=np.float64).reshape(-1)
+        y = _output(graph, x, confirm)
         if np.all(C @ y <= thr):
             return PropertyResult("sat", (x.reshape(-1), y), elapsed(), refuted, n_disjuncts)
         return None

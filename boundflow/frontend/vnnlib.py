@@ -58,9 +58,39 @@ class Disjunct:
 
 @dataclass(frozen=True)
 class Property:
+    """``strict_bounds``: every strict input bound of the file, ``(index, upper, value)``
+    (``X_index < value`` where ``upper``, else ``> value``). The boxes hold them closed,
+    which proofs may (the box only grows); a counterexample must not lie on one
+    (``strictly_inside``)."""
+
     n_inputs: int
     n_outputs: int
     disjuncts: tuple[Disjunct, ...]
+    strict_bounds: tuple[tuple[int, bool, float], ...] = ()
+
+    def strictly_inside(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """``x`` (flat, float64) moved off every strict bound it lies on or beyond (a
+        falsifier clips its points to the closed box) to the nearest value of ``dtype``
+        (the model's input precision: a float32 model reads 1 - 2^-53 as 1) strictly
+        inside."""
+        x = np.array(x, np.float64).reshape(-1)
+        for i, upper, v in self.strict_bounds:
+            if upper and x[i] >= v:
+                f = np.asarray(v, dtype)
+                x[i] = float(f if f < v else np.nextafter(f, dtype(-np.inf)))
+            elif not upper and x[i] <= v:
+                f = np.asarray(v, dtype)
+                x[i] = float(f if f > v else np.nextafter(f, dtype(np.inf)))
+        return x
+
+    def admits(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """Whether input ``x`` with output ``y`` (flat) violates the property: inside a
+        disjunct's box, off every strict bound, every row of that disjunct met."""
+        x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
+        if any((x[i] >= v) if upper else (x[i] <= v) for i, upper, v in self.strict_bounds):
+            return False
+        return any(bool(np.all(d.lower <= x) and np.all(x <= d.upper)
+                        and np.all(d.C @ y <= d.threshold)) for d in self.disjuncts)
 
     def groups(self) -> list[tuple[InputSpec, LinearSpec, list[tuple[int, int]]]]:
         """Disjuncts sharing an input box, as (box, all their rows as one spec, row ranges
@@ -101,6 +131,7 @@ class _Variables:
     def __init__(self) -> None:
         self.inputs: dict[str, int] = {}
         self.outputs: dict[str, int] = {}
+        self.strict: set[tuple[int, bool, float]] = set()   # strict input bounds, see Property
 
     def declare(self, e: Expr) -> None:
         if len(e) != 3 or not all(isinstance(t, str) for t in e[1:]):
@@ -223,7 +254,9 @@ def _constraint(e: Expr, variables: _Variables) -> _Constraint:
     row ``Σ < thr`` keeps the float64 just below ``thr`` as its threshold: in float64, ``Σ
     <= that`` is ``Σ < thr`` (equality is no counterexample: ``relu(x) < 0`` never holds,
     though ``x = 0`` meets ``<=``), and a lower bound above it is at least ``thr``, which
-    refutes the row. A strict input bound is read as non-strict (the box only grows)."""
+    refutes the row. A strict input bound is read as non-strict (the box only grows) and
+    recorded (``Property.strict_bounds``: a counterexample on it is moved inside or
+    dropped)."""
     if len(e) != 3:
         raise VnnlibError(f"line {e.line}: {e[0]} takes two arguments")
     a, b = variables.linear(e[1], e.line), variables.linear(e[2], e.line)
@@ -234,6 +267,7 @@ def _constraint(e: Expr, variables: _Variables) -> _Constraint:
         coef[k] = coef.get(k, 0.0) - v
     coef = {k: v for k, v in coef.items() if v != 0}
     const = b[1] - a[1]
+    strict = e[0] in ("<", ">")
     xs = [k for k in coef if k in variables.inputs]
     if xs and len(xs) != len(coef):
         raise VnnlibError(f"line {e.line}: a constraint mixing inputs and outputs "
@@ -243,8 +277,10 @@ def _constraint(e: Expr, variables: _Variables) -> _Constraint:
             raise VnnlibError(f"line {e.line}: input constraints must bound one "
                               f"variable (a box)")
         a_i = coef[xs[0]]
-        return _Bound(variables.inputs[xs[0]], a_i > 0, -const / a_i)
-    strict = e[0] in ("<", ">")
+        bound = _Bound(variables.inputs[xs[0]], a_i > 0, -const / a_i)
+        if strict:
+            variables.strict.add((bound.index, bound.upper, bound.value))
+        return bound
     if coef:
         thr = float(np.nextafter(-const, -np.inf)) if strict else -const
         return _Row(tuple(variables.outputs[k] for k in coef), tuple(coef.values()), thr)
@@ -454,7 +490,8 @@ def parse_vnnlib(text: str, n_inputs: int | None = None, n_outputs: int | None =
     if not asserts:
         raise VnnlibError("the property has no assert")
     conjs = _dnf(asserts, variables)
-    return Property(nx, ny, tuple(_disjunct(c, variables, ny) for c in conjs))
+    return Property(nx, ny, tuple(_disjunct(c, variables, ny) for c in conjs),
+                    tuple(sorted(variables.strict)))
 
 
 def load_vnnlib(path: str | Path, n_inputs: int | None = None, n_outputs: int | None = None

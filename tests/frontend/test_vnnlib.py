@@ -253,6 +253,37 @@ def test_equality_meets_no_strict_comparison(identity_relu, unsafe):
     assert result.status != "sat", result
 
 
+def test_a_counterexample_on_a_strict_input_bound_is_moved_inside_or_dropped(identity_relu):
+    """y = relu(x): ``X_0 < 1`` with ``y0 >= 1`` holds only at x0 = 1, which the strict
+    bound excludes: the falsifier's point x0 = 1 (clipped to the closed box) was answered
+    sat. Where one float64 step inside still violates (``y0 >= 0.5``), that point is the
+    answer."""
+    graph = load_onnx(identity_relu)
+    box = ("(assert (>= X_0 0))\n(assert (< X_0 1))\n(assert (>= X_1 0))\n"
+           "(assert (<= X_1 1))\n")
+    prop = parse_vnnlib(HEADER + box + "(assert (>= Y_0 1))", 2, 2)
+    assert prop.strict_bounds == ((0, True, 1.0),)
+    confirm = onnx_runner(identity_relu)
+    closed = parse_vnnlib(HEADER + BOX + "(assert (>= Y_0 1))", 2, 2)
+    assert check_property(graph, closed, BoundOptions("crown"), confirm=confirm,
+                          timeout=5.0).status == "sat"
+    result = check_property(graph, prop, BoundOptions("crown"), confirm=confirm, timeout=2.0)
+    assert result.status != "sat", result
+    # satisfiable inside: a sat answer, its input strictly below 1
+    inside = parse_vnnlib(HEADER + box + "(assert (>= Y_0 0.5))", 2, 2)
+    result = check_property(graph, inside, BoundOptions("crown"), confirm=confirm,
+                            timeout=5.0)
+    assert result.status == "sat" and result.counterexample[0][0] < 1.0
+    assert inside.admits(*result.counterexample)
+    assert not prop.admits(np.array([1.0, 0.5]), np.array([1.0, 0.5]))
+    assert prop.strictly_inside(np.array([1.0, 0.5]))[0] == np.nextafter(1.0, 0.0)
+    assert prop.strictly_inside(np.array([1.0, 0.5]), np.float32)[0] == \
+        np.nextafter(np.float32(1.0), np.float32(0.0))
+    tenth = parse_vnnlib(HEADER + BOX + "(assert (> X_1 0.1))\n(assert (<= Y_0 Y_1))", 2, 2)
+    x1 = tenth.strictly_inside(np.array([0.5, 0.1]), np.float32)[1]
+    assert x1 > 0.1 and np.float32(x1) == x1 and np.nextafter(np.float32(x1), 0) <= 0.1
+
+
 @pytest.mark.parametrize("atom, holds", [("(< 1 2)", True), ("(< 1 1)", False),
                                          ("(<= 1 1)", True), ("(> 1 1)", False)])
 def test_a_constant_strict_atom_is_strict(atom, holds):
