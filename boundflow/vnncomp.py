@@ -63,14 +63,16 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     moved one step of the model's input precision inside and checked again, else answered
     ``unknown``."""
     result = _decide(graph, prop, options, timeout, attack, confirm, bab, db)
-    if result.status != "sat" or not prop.strict_bounds or result.counterexample is None \
-            or prop.admits(*result.counterexample):
+    if result.status != "sat" or not prop.strict_bounds or result.counterexample is None:
         return result
-    x = prop.strictly_inside(result.counterexample[0],
-                             np.float64 if graph.dtype == "float64" else np.float32)
-    y = _output(graph, x, confirm)
-    if prop.admits(x, y):
-        return replace(result, counterexample=(x, y))
+    # the input as the model reads it (a float32 model reads 1 - 2^-30 as 1), then inside
+    dtype = np.float64 if graph.dtype == "float64" else np.float32
+    with np.errstate(over="ignore"):
+        x = np.asarray(result.counterexample[0], np.float64).astype(dtype).astype(np.float64)
+    for x in (x, prop.strictly_inside(x, dtype)):
+        y = _output(graph, x, confirm)
+        if prop.admits(x, y):
+            return replace(result, counterexample=(x, y))
     return replace(result, status="unknown", counterexample=None, notes=result.notes + (
         "a counterexample lay on a strict input bound, and one step inside it is none",))
 

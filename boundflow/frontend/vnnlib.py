@@ -75,11 +75,11 @@ class Property:
         inside."""
         x = np.array(x, np.float64).reshape(-1)
         for i, upper, v in self.strict_bounds:
-            if upper and x[i] >= v:
+            with np.errstate(over="ignore"):      # beyond float32: inf, never admitted
                 f = np.asarray(v, dtype)
+            if upper and x[i] >= v:
                 x[i] = float(f if f < v else np.nextafter(f, dtype(-np.inf)))
             elif not upper and x[i] <= v:
-                f = np.asarray(v, dtype)
                 x[i] = float(f if f > v else np.nextafter(f, dtype(np.inf)))
         return x
 
