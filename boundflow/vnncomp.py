@@ -58,10 +58,10 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
                    timeout: float | None = None, attack: AttackConfig | None = AttackConfig(),
                    confirm: Callable[[np.ndarray], np.ndarray] | None = None,
                    bab: BabConfig | None = BabConfig(), db=None) -> PropertyResult:
-    """Decide ``prop`` on ``graph`` (:func:`_decide`); a ``sat`` answer whose input lies on a
-    strict input bound (the boxes hold those closed, and a falsifier clips to the box) is
-    moved one step of the model's input precision inside and checked again, else answered
-    ``unknown``."""
+    """Decide ``prop`` on ``graph`` (:func:`_decide`). Under strict input bounds (the boxes
+    hold them closed, and a falsifier clips to the box) a ``sat`` answer's input is checked
+    as the model reads it (rounded to its input precision), then one step of that precision
+    inside the strict bounds it lies on; if neither violates the property: ``unknown``."""
     result = _decide(graph, prop, options, timeout, attack, confirm, bab, db)
     if result.status != "sat" or not prop.strict_bounds or result.counterexample is None:
         return result
@@ -80,8 +80,9 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
 def _decide(graph: Graph, prop: Property, options: BoundOptions, timeout: float | None,
             attack: AttackConfig | None, confirm: Callable[[np.ndarray], np.ndarray] | None,
             bab: BabConfig | None, db) -> PropertyResult:
-    """Decide ``prop`` on ``graph``, strict input bounds read as closed. ``confirm`` maps a flat input to the model's flat output
-    (e.g. the ONNX reference runtime) to re-check a counterexample on the original model.
+    """Decide ``prop`` on ``graph``, strict input bounds read as closed. ``confirm`` maps a
+    flat input to the model's flat output (e.g. the ONNX reference runtime) to re-check a
+    counterexample on the original model.
     Each input box is bounded once by ``options`` and the falsifier tries the disjuncts left
     open; with ReLU splitting the search (by ``bab.method``) then takes what is still open.
     Where the strategy resolves to input splitting the search does it all: its first plan
