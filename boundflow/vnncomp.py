@@ -68,8 +68,9 @@ def check_property(graph: Graph, prop: Property, options: BoundOptions = BoundOp
     # the input as the model reads it (a float32 model reads 1 - 2^-30 as 1), then inside
     dtype = np.float64 if graph.dtype == "float64" else np.float32
     with np.errstate(over="ignore"):
-        x = np.asarray(result.counterexample[0], np.float64).astype(dtype).astype(np.float64)
-    for x in (x, prop.strictly_inside(x, dtype)):
+        read = np.asarray(result.counterexample[0], np.float64).astype(dtype).astype(np.float64)
+    inside = prop.strictly_inside(read, dtype)
+    for x in (read,) if np.array_equal(inside, read) else (read, inside):
         y = _output(graph, x, confirm)
         if prop.admits(x, y):
             return replace(result, counterexample=(x, y))
