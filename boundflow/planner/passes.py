@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from boundflow.backend.relax.coverage import patch_walk
 from boundflow.domains.forward import supported as forward_supported
 from boundflow.ir import ops
 from boundflow.ir.analysis import ancestors, ibp_exact_nodes
@@ -414,10 +415,11 @@ def plan_cache(ctx: PlannerContext) -> PlannerContext:
 # (benchmarks/bench_kernels.py, bench_gemm.py). IBP's convolutions are blocked direct
 # convolutions in TIR (register tile of output positions × a vector of output channels, packed
 # weights) and beat ATen's at batch 1 and 32, without the per-call cost of a callback; its
-# transposed convolution is still a plain loop nest. CROWN's coefficients stay dense through a
-# convolution in TIR where the torch rules keep patches (several times faster), so a CROWN walk
-# crossing a convolution goes to ATen. GEMM-shaped work (linear layers, CROWN products) is on
-# par with ATen in TIR and runs there.
+# transposed convolution is still a plain loop nest. A CROWN walk from a spatial node that
+# keeps window ("patch") coefficients in TIR (``coverage.patch_walk``) is on par with ATen's
+# or faster and runs there; any other CROWN walk crossing a convolution has dense coefficients
+# there (the rows vectorised, several times slower than ATen's) and goes to ATen.
+# GEMM-shaped work (linear layers, CROWN products) is on par with ATen in TIR and runs there.
 _LIBRARY_IBP_OPS = frozenset({"conv_transpose2d"})
 _LIBRARY_CROWN_OPS = frozenset(op for op in ops.having("weighted") if ops.has(op, "spatial")) \
     | {"conv_transpose2d"}
@@ -427,12 +429,14 @@ def auto_lowering(task: Task, graph: Graph) -> str:
     """The cost rule behind the ``auto`` lowering: ``torch`` (ATen's library kernels) for an
     ``ibp`` task holding a transposed convolution and for a backward walk crossing any
     convolution (a ``crown`` task's and a CROWN ``final`` task's walk runs from its start back
-    to the input), and for a ``forward`` task (forward mode has no TIR kernel), ``tir``
-    otherwise."""
+    to the input) unless it is a ``crown`` walk in window form, and for a ``forward`` task
+    (forward mode has no TIR kernel), ``tir`` otherwise."""
     if task.kind == "forward":
         return "torch"
     op = {n.name: n.op for n in graph.nodes}
     if task.kind == "crown":
+        if patch_walk(graph, task.nodes[0]):
+            return "tir"
         work, library = ancestors(graph, list(task.nodes)), _LIBRARY_CROWN_OPS
     elif task.kind == "final" and task.attr("method") != "ibp":
         work, library = ancestors(graph, [graph.output]), _LIBRARY_CROWN_OPS

@@ -10,6 +10,7 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import te, tirx  # noqa: E402
 
+from boundflow.backend.relax.coverage import patch_walk  # noqa: E402
 from boundflow.backend.relax.cache import CompileCache  # noqa: E402
 from boundflow.backend.relax.executor import RelaxExecutor, _no_alias, build_module  # noqa: E402
 from boundflow.backend.relax.kernels import PANEL, param_shape, param_tensor  # noqa: E402
@@ -105,16 +106,20 @@ def _lowerings(name, method, **changes):
     return [(tasks[t], low) for t, low, _ in bundle.lowering_plan.tasks], normalised(g)[0]
 
 
-def test_auto_lowering_sends_backward_walks_through_convolutions_to_aten_the_rest_to_tir():
+def test_auto_lowering_sends_dense_backward_walks_through_convolutions_to_aten_the_rest_to_tir():
     mlp, _ = _lowerings("digits_mlp", "crown")
     assert {low for _, low in mlp} == {"tir"}
     cnn, g = _lowerings("digits_cnn", "crown")
     op = {n.name: n.op for n in g.nodes}
+    kinds = set()
     for task, low in cnn:
         if task.kind in ("crown", "final"):        # every walk back to the input crosses a conv
-            assert low == "torch", task.name
+            window = task.kind == "crown" and patch_walk(g, task.nodes[0])
+            kinds.add(window)
+            assert low == ("tir" if window else "torch"), task.name   # window form in TIR
         elif task.kind == "ibp":                   # blocked direct convolutions in TIR
             assert low == "tir", task.name
+    assert kinds == {True, False}                  # a conv's crown task; the head and final
     assert any(op[n] == "conv2d" for t, _ in cnn if t.kind == "ibp" for n in t.nodes)
     assert {low for _, low in cnn} == {"torch", "tir"}
     forced, _ = _lowerings("digits_cnn", "crown", lowering="tir")

@@ -25,7 +25,7 @@ import tvm
 
 # Bumped whenever kernel generation or scheduling changes what a plan compiles to, so a
 # module compiled by older code is never loaded for a plan it no longer matches.
-KERNELS_VERSION = "kernels-10"     # 10: cuda modules through TVM's GPU pipeline, shared=16
+KERNELS_VERSION = "kernels-11"     # 11: CROWN in window (patch) form through convolutions
 
 
 def default_root() -> Path:

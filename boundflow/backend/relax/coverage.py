@@ -8,11 +8,19 @@ every op it touches: an ``ibp`` task's own nodes need an IBP kernel (``IBP_KERNE
 of its start node, each needing a backward rule (``CROWN_KERNELS``, ``crown_kernels.py``). Every
 other task runs as a torch callback (``call_dps_packed``), so a plan with any op builds.
 
+A ``crown`` task from a spatial node keeps window ("patch") coefficients where the torch rules
+would (``patch_walk``, ``crown_patch_kernels.py``).
+
 ``tests/backend/test_new_ops.py`` checks these sets against the generators' methods.
 """
 
 from __future__ import annotations
 
+import weakref
+
+import torch
+
+from boundflow.domains.crown_conv import conv_chain
 from boundflow.ir.analysis import ancestors
 from boundflow.ir.graph import Graph
 from boundflow.ir.normalize import normalised
@@ -30,7 +38,33 @@ CROWN_KERNELS = frozenset({
     "input", "linear", "conv2d", "conv_transpose2d", "avgpool2d", "relu", "add", "sub", "mul", "div", "batchnorm",
     "flatten", "reshape", "permute", "identity", "concat", "pad", "slice", "gather",
 })
+# ops ``crown_patch_kernels.PatchWalk`` has a window rule for (a method ``_<op>``): a
+# ``crown`` task from a spatial node whose walk the torch rules keep in window form
+# (``domains.crown_conv.conv_chain``) and whose ops all have one runs in window form
+PATCH_KERNELS = frozenset({
+    "conv2d", "avgpool2d", "relu", "identity", "batchnorm", "mul", "div", "add", "sub", "pad",
+    "concat",
+})
 _FINALS = ("ibp", "crown")           # alpha-CROWN's final task needs autograd: a callback
+
+
+def shape_tensors(graph: Graph) -> dict[str, torch.Tensor]:
+    """Tensors of the graph's parameters' shapes (no data), for the walk's geometry."""
+    return {k: torch.empty(tuple(v.shape), device="meta") for k, v in graph.params.items()}
+
+
+def patch_walk(graph: Graph, start: str) -> bool:
+    """Whether a ``crown`` task's walk from ``start`` (a node of the normalised ``graph``)
+    runs in window form in TIR (``PATCH_KERNELS``), rather than on dense coefficients
+    (answered once per graph and start: the planner asks for every plan)."""
+    per_graph = _PATCH_WALKS.setdefault(graph, {})
+    if start not in per_graph:
+        chain = conv_chain(graph, start, shape_tensors(graph))
+        per_graph[start] = chain is not None and all(n.op in PATCH_KERNELS for n in chain)
+    return per_graph[start]
+
+
+_PATCH_WALKS: "weakref.WeakKeyDictionary[Graph, dict[str, bool]]" = weakref.WeakKeyDictionary()
 
 
 def uncovered_ops(task, graph: Graph) -> frozenset[str]:

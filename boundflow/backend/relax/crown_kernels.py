@@ -11,7 +11,11 @@ rule here: a task crossing one runs as a torch callback (``coverage.py``).
 At the input they are concretised against the box. A ``crown`` task intersects the rows with
 its pre-activation's IBP interval; a CROWN ``final`` task intersects ``C·y`` with the IBP bound
 of the final task. Identity starts are batch-free until the first ReLU, as in the torch code.
-Coefficients are dense (the torch backend's conv "patches" are a later schedule).
+A ``crown`` task from a spatial node whose walk the window rules cover keeps each row's
+receptive field only (``crown_patch_kernels.py``, as the torch rules' patches); other walks
+keep dense coefficients, their rows innermost through convolutions on CPU (the rows are the
+vector lanes there: a convolution's taps gather along the map, the arithmetic is the same for
+every row), and visit only the kernel taps of each element's stride phase.
 """
 
 from __future__ import annotations
@@ -22,11 +26,28 @@ from typing import Callable
 
 from tvm import te, tirx
 
+from boundflow.backend.relax.coverage import patch_walk
 from boundflow.backend.relax.kernels import (TaskLowering, Value, _broadcast, _ravel, _unravel,
                                              matrix)
 from boundflow.ir.analysis import ancestors
 from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task_graph import Buffer, Task
+
+
+_SPATIAL = frozenset({"conv2d", "conv_transpose2d", "avgpool2d"})
+
+
+def taps(r, k: int, stride: int, dilation: int, name: str, phase: bool = True):
+    """The kernel taps of one axis that can reach element ``r`` (offset by the padding) of a
+    convolution's input from its output, as (reduce axis, tap index): with ``phase``, for
+    stride > 1 and no dilation, only the taps of ``r``'s phase (``ky ≡ r mod stride``), so no
+    multiply-add is spent on a tap that cannot land (the index may pass ``k - 1``: the caller
+    checks it); else every tap (the GPU schedules stage affine reads only)."""
+    if phase and dilation == 1 and stride > 1:
+        j = te.reduce_axis((0, -(-k // stride)), name=name)
+        return j, r % stride + j * stride
+    j = te.reduce_axis((0, k), name=name)
+    return j, j
 
 
 @dataclass
@@ -42,11 +63,16 @@ class Coef:
 class BackwardLowering(TaskLowering):
     """Lowers ``crown`` tasks and CROWN ``final`` tasks (see the module docstring)."""
 
-    def __init__(self, graph, dtype, batch, lower_slope: str = "adaptive"):
+    def __init__(self, graph, dtype, batch, lower_slope: str = "adaptive",
+                 vector_rows: bool = True):
         super().__init__(graph, dtype, batch)
         self.lower_slope = lower_slope
         self.zero_i = tirx.const(0, "int64")
         self._count = 0
+        # rows innermost through convolutions (CPU: the rows are the vector lanes); the GPU
+        # schedules bind rows-first stages
+        self.vector_rows = vector_rows
+        self.rows_last = False
 
     def _name(self, base: str) -> str:
         self._count += 1
@@ -55,11 +81,19 @@ class BackwardLowering(TaskLowering):
     # --- stages --------------------------------------------------------------------------
 
     def _stage(self, batched: bool, S: int, shape, fn, name: str) -> Callable:
+        """A ``[n or 1, S, *shape]`` stage as an accessor ``f(b, s, *index)``; laid out
+        ``[n or 1, *shape, S]`` (rows innermost, the vector lanes) while ``rows_last`` is on:
+        the walk turns it on through convolutions, whose taps gather along the map's axes but
+        do the same arithmetic for every row."""
+        z = self.zero_i
+        if self.rows_last:
+            full = (self.n if batched else 1,) + tuple(shape) + (S,)
+            t = te.compute(full, lambda b, *i: fn(b, i[-1], *i[:-1]), name=self._name(name))
+            return lambda b, s, *i: t[((b if batched else z),) + tuple(i) + (s,)]
         full = (self.n if batched else 1, S) + tuple(shape)
         t = te.compute(full, lambda b, s, *i: fn(b, s, *i), name=self._name(name))
         if batched:
             return lambda b, s, *i: t[(b, s) + tuple(i)]
-        z = self.zero_i
         return lambda b, s, *i: t[(z, s) + tuple(i)]
 
     def _coef(self, la, ua, batched, S, shape, name, same=False) -> Coef:
@@ -294,15 +328,16 @@ class BackwardLowering(TaskLowering):
         def through(f):
             def body(b, s, ci, y, x):
                 ro = te.reduce_axis((0, og), name="ro")
-                ky = te.reduce_axis((0, kh), name="ky")
-                kx = te.reduce_axis((0, kw), name="kx")
+                jy, ky = taps(y + ph, kh, sh, dh, "jy", self.vector_rows)
+                jx, kx = taps(x + pw, kw, sw, dw, "jx", self.vector_rows)
                 yy, xx = y + ph - ky * dh, x + pw - kx * dw
                 oy, ox = yy // sh, xx // sw
-                ok = te.all(yy >= 0, xx >= 0, yy % sh == 0, xx % sw == 0, oy < Ho, ox < Wo)
+                ok = te.all(ky < kh, kx < kw, yy >= 0, xx >= 0, yy % sh == 0, xx % sw == 0,
+                            oy < Ho, ox < Wo)
                 o = (ci // cg) * og + ro
                 val = f(b, s, o, te.max(te.min(oy, Ho - 1), 0), te.max(te.min(ox, Wo - 1), 0))
-                return te.sum(te.if_then_else(ok, val * w[o, ci % cg, ky, kx], self.zero),
-                              axis=[ro, ky, kx])
+                wt = w[o, ci % cg, te.min(ky, kh - 1), te.min(kx, kw - 1)]
+                return te.sum(te.if_then_else(ok, val * wt, self.zero), axis=[ro, jy, jx])
             return body
         new = self._coef(through(c.la), through(c.ua), c.batched, S, in_shape, node.name,
                          c.la is c.ua)
@@ -335,8 +370,14 @@ class BackwardLowering(TaskLowering):
                      raw.batched)], []
 
     def _relu_back(self, node, c: Coef, S, pre: Value):
-        """The relaxation's slopes and bias per neuron as ``[n, *shape]`` stages, computed
-        once per neuron rather than per spec row (each holds a division)."""
+        lines = self._relu_lines(node, pre)
+        lo_s, up_s, up_b = (lambda b, s, *i, f=f: f(b, *i) for f in lines)
+        return self._lines_back(node.name, c, S, node.shape, lo_s, up_s, up_b)
+
+    def _relu_lines(self, node, pre: Value):
+        """The relaxation's lower slope, upper slope and upper bias per neuron, accessors
+        ``f(b, *index)`` of ``[n, *shape]`` stages, computed once per neuron rather than per
+        spec row (each holds a division)."""
         l0, u0 = pre.a, pre.b
         zero, one = self.zero, tirx.const(1, self.dtype)
         per_neuron = (self.n,) + tuple(node.shape)
@@ -367,21 +408,29 @@ class BackwardLowering(TaskLowering):
         def per(fn, key):
             t = te.compute(per_neuron, fn, name=self._name(f"{name}_{key}"))
             return lambda b, *i: t[(b,) + tuple(i)]
-        up_s, up_b, lo_s = per(up_slope, "us"), per(up_bias, "ub"), per(lo_slope, "ls")
+        return per(lo_slope, "ls"), per(up_slope, "us"), per(up_bias, "ub")
+
+    def _lines_back(self, name: str, c: Coef, S, shape, lo_s, up_s, up_b, coef=None):
+        """Coefficients (indexed by ``shape``) through lines ``y >= lo_s·x``, ``y <= up_s·x
+        + up_b`` (accessors ``f(b, s, *index)``), and the upper bias's constant terms;
+        ``coef(la, ua, batched, shape, name)`` makes the new coefficients' stages (default
+        rows first)."""
+        zero = self.zero
 
         def la(b, s, *i):
             a = c.la(b, s, *i)
-            return te.max(a, zero) * lo_s(b, *i) + te.min(a, zero) * up_s(b, *i)
+            return te.max(a, zero) * lo_s(b, s, *i) + te.min(a, zero) * up_s(b, s, *i)
 
         def ua(b, s, *i):
             a = c.ua(b, s, *i)
-            return te.max(a, zero) * up_s(b, *i) + te.min(a, zero) * lo_s(b, *i)
-        shape = node.shape
+            return te.max(a, zero) * up_s(b, s, *i) + te.min(a, zero) * lo_s(b, s, *i)
         lb = self._total(True, S, shape, lambda b, s, *i: te.min(c.la(b, s, *i), zero)
-                         * up_b(b, *i), node.name + "_lb")
+                         * up_b(b, s, *i), name + "_lb")
         ub = self._total(True, S, shape, lambda b, s, *i: te.max(c.ua(b, s, *i), zero)
-                         * up_b(b, *i), node.name + "_ub")
-        return [self._coef(la, ua, True, S, shape, node.name)], [(lb, ub, True)]
+                         * up_b(b, s, *i), name + "_ub")
+        if coef is None:
+            return [self._coef(la, ua, True, S, shape, name)], [(lb, ub, True)]
+        return [coef(la, ua, True, shape, name)], [(lb, ub, True)]
 
     # --- the walk ------------------------------------------------------------------------
 
@@ -391,10 +440,15 @@ class BackwardLowering(TaskLowering):
         order = [n for n in self.graph.nodes if n.name in need]
         pending: dict[str, list[Coef]] = {start: [A]}
         terms: list = []
+        spatial = {n.name for n in order if n.op in _SPATIAL}
         for node in reversed(order):
             parts = pending.pop(node.name, None)
             if parts is None:
                 continue
+            # rows innermost from where a convolution lies ahead (a linear layer's product
+            # keeps its own layout: rows first, the weight packed in panels)
+            self.rows_last = self.vector_rows and node.op != "linear" and bool(
+                spatial & set(ancestors(self.graph, [node.name])))
             if len(parts) == 1:
                 c = parts[0]
             else:
@@ -403,6 +457,7 @@ class BackwardLowering(TaskLowering):
                                lambda *i: sum(p.ua(*i) for p in parts[1:]) + parts[0].ua(*i),
                                batched, S, node.shape, node.name + "_sum")
             if node.op == "input":
+                self.rows_last = False
                 return self._concretise(c, S, node.shape, box, terms)
             ins, new_terms = self._back(node, c, S, pre)
             terms += new_terms
@@ -444,7 +499,11 @@ class BackwardLowering(TaskLowering):
         more, values = self._inputs(task, buffers, 1)
         box = values[self.graph.input.name]
         S = math.prod(node.shape)
-        lo, hi = self.backward(node.name, self._identity(S, node.shape), S, box, values)
+        if patch_walk(self.graph, node.name):                  # receptive-field windows
+            from boundflow.backend.relax.crown_patch_kernels import PatchWalk
+            lo, hi = PatchWalk(self, self.graph, node).run(box, values)
+        else:
+            lo, hi = self.backward(node.name, self._identity(S, node.shape), S, box, values)
         iv = ibp.lu()
         shape = node.shape
         rows = Value("lu", lambda b, *i: te.max(iv.a(b, *i), lo(b, _ravel(list(i), shape))),

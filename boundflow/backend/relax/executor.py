@@ -18,7 +18,8 @@ not lower. What lowers:
 * ``crown`` tasks (not with the sparse rule) and CROWN ``final`` tasks whose walk back to the
   input crosses only ops with a TIR backward rule: linear, conv2d, conv_transpose2d,
   avgpool2d, relu, add, sub, mul, div, batchnorm, flatten, reshape, permute, identity, concat,
-  pad, slice, gather;
+  pad, slice, gather (a ``crown`` task from a spatial node in window form where the torch
+  rules would keep patches: ``coverage.patch_walk``);
 * IBP ``final`` tasks.
 
 Torch callbacks: tasks with lowering ``torch``; ``ibp`` tasks holding softmax; ``crown`` /
@@ -102,7 +103,8 @@ def build_module(bundle: PlanBundle, graph: Graph, target: Any = "llvm"
         if not lowers_to_tir(bundle, t, graph):
             lowered.append((t, None, [], [buffers[o] for o in t.outputs]))
             continue
-        low = BackwardLowering(graph, dtype, n, bundle.domain_plan.lower_slope)
+        low = BackwardLowering(graph, dtype, n, bundle.domain_plan.lower_slope,
+                               vector_rows=target.kind.name != "cuda")
         extra = []
         if t.kind in ("ibp", "layout"):
             args, outs = low.ibp_task(t, buffers)
