@@ -27,7 +27,7 @@ coordinates:
 
 Where readers leave a node windows of different geometry (a residual block), each
 contribution is read at its own entry of the node's joined window, zero outside it, and the
-contributions are summed into one stage. :func:`patch_chain` says which starts are covered:
+contributions are summed into one stage. ``coverage.patch_walk`` says which starts are covered:
 those the torch walk takes in patch form whose ops all have a rule here
 (``coverage.PATCH_KERNELS``).
 """
