@@ -10,7 +10,10 @@ coefficient product ``A·W``), built with ``te.create_prim_func`` and scheduled 
 machine's CPU; ``torch.matmul`` computes the same products from the same layouts. One thread
 each (TVM_NUM_THREADS=1, torch.set_num_threads(1)). Shapes: the CROWN products of the shared
 mlp (784-256-256-10) and cnn (2048-100-10 head) with 9 margin specs or a layer of neurons as
-rows, and IBP's batch products, at batch 1 and 32.
+rows, CROWN's window-form adjoint convolution (``crown_patch_kernels``) of the shared cnn's
+conv2d_1 neurons against the torch backend's window rule on the same windows, and IBP's batch
+products,
+at batch 1 and 32 (the window case at 1 and 8).
 """
 
 from __future__ import annotations
@@ -79,6 +82,56 @@ def crown_case(batch, S, N, K, knobs, target, repeat):
     return 2 * batch * S * N * K, ours, ref, ok
 
 
+# CROWN's window-form adjoint convolutions (crown_patch_kernels.PatchWalk._conv2d) of the shared
+# cnn's crown task at conv2d_1 (every one of its 2,048 neurons a row): (what, batch, node)
+PATCH = [("cnn conv2d_1 rows, conv2d", 1, "conv2d"), ("cnn conv2d_1 rows, conv2d", 8, "conv2d")]
+
+
+def patch_case(batch, node_name, knobs, target, repeat):
+    """The window-form stage through ``node_name`` against the torch backend's window rule
+    (``crown_patches._transpose``: ATen products) on the same window coefficients."""
+    from bench_ibp import model as shared_model
+    from boundflow.backend.relax.crown_patch_kernels import PatchWalk
+    from boundflow.domains import crown_patches
+
+    module = shared_model("cnn")
+    g, _ = normalised(as_graph(module, torch.zeros((1,) + (3, 32, 32))))
+    tensors = graph_tensors(g, torch.float32)
+    n = tirx.Var("n", "int64")
+    low = BackwardLowering(g, "float32", n)
+    walk = PatchWalk(low, g, g.node("conv2d_1"))
+    node = g.node(node_name)
+    win, S = walk.windows[node.name], walk.S
+    C, (Rh, Rw) = node.shape[0], win.size
+    A = te.placeholder((n, C, Rh, Rw, S), "float32", name="A")
+    acc = lambda b, s, c, y, x: A[b, c, y, x, s]  # noqa: E731
+    [new], _ = walk._conv2d(node, Coef(acc, acc, True), win, {})
+    cin, (Gh, Gw) = g.node(node.inputs[0]).shape[0], walk._grown(node, win).size
+    out = te.compute((n, cin, Gh, Gw, S), lambda b, c, y, x, s: new.la(b, s, c, y, x),
+                     name="out")
+    keys = list(low.params)
+    func = te.create_prim_func([A] + [low.params[k] for k in keys] + [out],
+                               index_dtype_override="int64")
+    f = compile_func(func, knobs, target)["main"]
+    a = torch.rand(batch, C, Rh, Rw, S)
+    args = [tvm.runtime.tensor(a.numpy())] \
+        + [tvm.runtime.tensor(param_tensor(tensors, k).numpy()) for k in keys] \
+        + [tvm.runtime.tensor(np.zeros((batch, cin, Gh, Gw, S), np.float32))]
+    weight = tensors[node.params["weight"]]
+    at = node.attrs
+    rows = a.permute(0, 4, 1, 2, 3).reshape(batch, S, 1, C, Rh, Rw).contiguous()
+
+    def eager():                      # the torch backend's own window rule, same coefficients
+        return crown_patches._transpose(rows, weight, at["stride"], at["dilation"],
+                                        at["groups"])
+    ours = median_seconds(lambda: f(*args), repeat)
+    ref = median_seconds(eager, repeat)
+    want = eager().reshape(batch, S, cin, Gh, Gw).permute(0, 2, 3, 4, 1)
+    ok = np.allclose(args[-1].numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    kh, kw = weight.shape[2:]
+    return 2 * batch * S * C * Rh * Rw * cin * kh * kw, ours, ref, ok, (S, C, Rh, cin, Gh)
+
+
 def ibp_case(batch, K, N, knobs, target, repeat):
     g, node, tensors = linear_graph(K, N)
     n = tirx.Var("n", "int64")
@@ -122,6 +175,13 @@ def main() -> None:
         flops, ours, ref, ok = crown_case(batch, S, N, K, knobs, target, args.repeat)
         ratios.append(ref / ours)
         print(f"{'CROWN A·W, ' + what:<28} {batch:>3} {f'{S}x{N} · {N}x{K}':<18} "
+              f"{flops / ours / 1e9:>9.1f} {flops / ref / 1e9:>10.1f} {ref / ours:>9.0%}"
+              f"{'' if ok else '  WRONG'}", flush=True)
+    for what, batch, node in PATCH:
+        flops, ours, ref, ok, (S, C, R, cin, G) = patch_case(batch, node, knobs, target,
+                                                             args.repeat)
+        ratios.append(ref / ours)
+        print(f"{'CROWN window, ' + what:<28} {batch:>3} {f'{S}x{C}x{R}² -> {cin}x{G}²':<18} "
               f"{flops / ours / 1e9:>9.1f} {flops / ref / 1e9:>10.1f} {ref / ours:>9.0%}"
               f"{'' if ok else '  WRONG'}", flush=True)
     for what, batch, K, N in IBP:

@@ -25,7 +25,7 @@ import tvm
 
 # Bumped whenever kernel generation or scheduling changes what a plan compiles to, so a
 # module compiled by older code is never loaded for a plan it no longer matches.
-KERNELS_VERSION = "kernels-11"     # 11: CROWN in window (patch) form through convolutions
+KERNELS_VERSION = "kernels-12"     # 12: the auto column tile at least 16 wide (two AVX2 vectors)
 
 
 def default_root() -> Path:

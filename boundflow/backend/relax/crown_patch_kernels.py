@@ -66,6 +66,7 @@ class PatchWalk:
         Cs, H, W = start.shape
         self.H, self.W, self.S = H, W, Cs * H * W
         self.zero = low.zero
+        self.eye: Coef | None = None          # the start's identity, once ``run`` made it
 
     # --- geometry ------------------------------------------------------------------------
 
@@ -234,6 +235,10 @@ class PatchWalk:
         return self._adjoint(node, c, win, lambda o, ci, ky, kx: inv, C, 1, 1, (kh, kw),
                              tuple(stride), (1, 1), None)
 
+    def _grown(self, node, win: Window) -> Window:
+        """The window a convolution-like ``node`` leaves on its input."""
+        return input_windows(node, win, self.tensors)[0]
+
     def _adjoint(self, node, c: Coef, win: Window, weight, O, og, cg, kernel, stride,
                  dilation, bias_key):
         """Window coefficients through a convolution-like op: entry ``rh`` of the input
@@ -241,7 +246,7 @@ class PatchWalk:
         low, S = self.low, self.S
         (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
         R = win.size
-        grown = input_windows(node, win, self.tensors)[0]
+        grown = self._grown(node, win)
         in_shape = (self.nodes[node.inputs[0]].shape[0],) + tuple(grown.size)
 
         def through(f):

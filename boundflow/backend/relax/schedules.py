@@ -18,10 +18,11 @@ shape and the CPU's vector width, as MetaSchedule's and Ansor's rule-based first
   products): ``tile`` vectorised columns of the innermost spatial loop times ``tile_rows``
   rows of the next one, with the reduction loops moved outside the tile (innermost reduction
   unrolled by 4), so each loaded weight / input element is used for a whole tile of outputs.
-  ``auto``: ``tile`` = the CPU's lanes where they divide the extent (the whole row where it is
-  shorter, else its widest divisor down to 4: 10 for 50), ``tile_rows`` = the first of 4, 3,
-  5, 2 that provably divides the row extent (the kernels pad a symbolic batch to a multiple
-  of 4 so that it does); 0 / 1 turn either off;
+  ``auto``: ``tile`` = the CPU's lanes, at least 16 (a cache line of float32: two AVX2
+  vectors; one left the FMA units half idle), where they divide the extent (the whole row
+  where it is shorter, else its widest divisor down to 4: 10 for 50), ``tile_rows`` = the
+  first of 4, 3, 5, 2 that provably divides the row extent (the kernels pad a symbolic batch
+  to a multiple of 4 so that it does); 0 / 1 turn either off;
 - ``cache_write``: accumulate the tile in a ``local`` buffer written back per tile;
 - ``unroll``: the auto-unroll limit of reduction stages.
 
@@ -160,6 +161,9 @@ def _vectorize_inner(sch: s_tir.Schedule, b, width: Any, lanes: int) -> bool:
     return _try(sch.vectorize, parts[-1])
 
 
+TILE_MIN = 16            # the auto column tile's width where the lanes are fewer (float32)
+
+
 def _column_tile(extent: int | None, lanes: int) -> int:
     """The vector width of a loop of ``extent`` by rule: the CPU's lanes where they divide
     it, the whole loop where it is shorter, else the widest power of two from half the lanes
@@ -185,7 +189,9 @@ def _tile_reduction(sch: s_tir.Schedule, b, knobs: Mapping[str, Any], lanes: int
         return
     n_sp = kinds.index(True)
     ext = _const(sch.get(loops[n_sp - 1]).extent)
-    tj = knobs["tile"] if knobs["tile"] != AUTO else _column_tile(ext, lanes)
+    # by rule at least a cache line of columns (16 float32): two AVX2 vectors, one AVX-512
+    # (one AVX2 vector a tile left the FMA units half idle: CROWN's A·W 1.6x slower)
+    tj = knobs["tile"] if knobs["tile"] != AUTO else _column_tile(ext, max(lanes, TILE_MIN))
     if not tj or ext is None or ext % tj:
         return
     ti = knobs["tile_rows"]
