@@ -19,10 +19,18 @@ from tests.helpers import assert_contains, box_points, example_graph, true_outpu
 
 
 def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: float = 0.05,
-         backend: str = "torch"):
-    """Bounds with the memo on or off, and how many times lines were found."""
+         backend: str = "torch", lowering: str | None = None):
+    """Bounds with the memo on or off, and how many times lines were found; ``lowering``:
+    every task of the default plan lowered so (else the default's own choices)."""
     ex, g = example_graph(name)
     x = np.resize(ex.inputs, (batch,) + ex.inputs.shape[1:]).astype(np.float32)
+    bundle = None
+    if lowering is not None:
+        from boundflow.ir.workload import Workload
+        from boundflow.planner import default, plan
+
+        w = Workload.of(g, batch=batch, method=method, n_specs=0)
+        bundle = plan(g, w, default(g, w).replace(lowering=lowering, task_lowering=()))
     found = []
     inner = crown_relaxed.activations.get
 
@@ -37,7 +45,7 @@ def _run(name: str, method: str, monkeypatch, memo: bool, batch: int = 3, eps: f
         m.setattr(crown_relaxed, "default_lines", lines)
         m.setattr(crown_patches, "default_lines", lines)
         m.setattr(crown_relaxed.activations, "get", counted)
-        b = bf.compute_bounds(g, x, eps=eps, method=method, backend=backend)
+        b = bf.compute_bounds(g, x, eps=eps, method=method, backend=backend, plan=bundle)
     return b, len(found), g, x
 
 
@@ -155,11 +163,14 @@ def test_measured_peak_counts_the_memo(monkeypatch):
 
 
 def test_the_relax_backends_callbacks_share_one_memo_per_run(monkeypatch):
-    """The residual example's CROWN tasks run as torch callbacks of the Relax module: they
-    share the run's memo (each VM tensor viewed once per run, by its handle), give the same
-    bounds as without it and as the torch backend, and no view or memo outlives a call."""
-    on, n_on, g, x = _run("random_residual", "crown", monkeypatch, True, backend="relax")
-    off, n_off, _, _ = _run("random_residual", "crown", monkeypatch, False, backend="relax")
+    """The residual example's CROWN tasks run as torch callbacks of the Relax module (lowered
+    so: by default its crown tasks are TIR window kernels): they share the run's memo (each VM
+    tensor viewed once per run, by its handle), give the same bounds as without it and as the
+    torch backend, and no view or memo outlives a call."""
+    on, n_on, g, x = _run("random_residual", "crown", monkeypatch, True, backend="relax",
+                          lowering="torch")
+    off, n_off, _, _ = _run("random_residual", "crown", monkeypatch, False, backend="relax",
+                            lowering="torch")
     torch.testing.assert_close(on.lower, off.lower, rtol=0, atol=0)
     torch.testing.assert_close(on.upper, off.upper, rtol=0, atol=0)
     assert n_on < n_off
