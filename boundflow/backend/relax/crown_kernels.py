@@ -34,6 +34,16 @@ from boundflow.errors import UnsupportedOpError
 from boundflow.ir.task_graph import Buffer, Task
 
 
+def summed(parts: list[Coef], stage: Callable) -> Coef:
+    """One node's pending contributions as one: the only one, or their sum made a stage by
+    ``stage(la, ua, batched, same)`` (``same``: every part's sides are one accessor)."""
+    if len(parts) == 1:
+        return parts[0]
+    return stage(lambda *i: sum(p.la(*i) for p in parts[1:]) + parts[0].la(*i),
+                 lambda *i: sum(p.ua(*i) for p in parts[1:]) + parts[0].ua(*i),
+                 any(p.batched for p in parts), all(p.la is p.ua for p in parts))
+
+
 _SPATIAL = frozenset({"conv2d", "conv_transpose2d", "avgpool2d"})
 
 
@@ -449,13 +459,8 @@ class BackwardLowering(TaskLowering):
             # keeps its own layout: rows first, the weight packed in panels)
             self.rows_last = self.vector_rows and node.op != "linear" and bool(
                 spatial & set(ancestors(self.graph, [node.name])))
-            if len(parts) == 1:
-                c = parts[0]
-            else:
-                batched = any(p.batched for p in parts)
-                c = self._coef(lambda *i: sum(p.la(*i) for p in parts[1:]) + parts[0].la(*i),
-                               lambda *i: sum(p.ua(*i) for p in parts[1:]) + parts[0].ua(*i),
-                               batched, S, node.shape, node.name + "_sum")
+            c = summed(parts, lambda la, ua, batched, same: self._coef(
+                la, ua, batched, S, node.shape, node.name + "_sum"))
             if node.op == "input":
                 self.rows_last = False
                 return self._concretise(c, S, node.shape, box, terms)

@@ -38,7 +38,7 @@ from typing import Mapping
 
 from tvm import te, tirx
 
-from boundflow.backend.relax.crown_kernels import Coef, taps
+from boundflow.backend.relax.crown_kernels import Coef, summed, taps
 from boundflow.backend.relax.kernels import Value, _broadcast
 from boundflow.backend.relax.coverage import shape_tensors
 from boundflow.domains.crown_conv import _order, _windows
@@ -163,15 +163,9 @@ class PatchWalk:
                 continue
             win = self.windows[node.name]
             wshape = self._wshape(node.name)
-            placed = [self._placed(c, w, win) for c, w, _ in parts]
-            if len(placed) == 1:
-                c = placed[0]
-            else:
-                batched = any(p.batched for p in placed)
-                c = self._coef(lambda *i: sum(p.la(*i) for p in placed[1:]) + placed[0].la(*i),
-                               lambda *i: sum(p.ua(*i) for p in placed[1:]) + placed[0].ua(*i),
-                               batched, wshape, node.name + "_psum",
-                               all(p.la is p.ua for p in placed))
+            c = summed([self._placed(c, w, win) for c, w, _ in parts],
+                       lambda la, ua, batched, same: self._coef(
+                           la, ua, batched, wshape, node.name + "_psum", same))
             if not all(clean for *_, clean in parts):
                 c = self._masked(c, win, node.shape)
             if node.op == "input":
