@@ -886,6 +886,10 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
                    "(none; default), or first with forward-mode intermediate bounds and "
                    "the plan's final bound, in full only the boxes that leaves open "
                    "(forward: faster with --branching widest)")
+    p.add_argument("--bab-escalate", choices=["alpha", "none"], default="alpha",
+                   help="input splitting: once the search has spent 1 s in bound calls, "
+                   "bound the boxes the plan leaves open again with one alpha-CROWN step "
+                   "(alpha; default), or never (none)")
     p.add_argument("--bab-intermediate", choices=["refine", "reuse"], default="reuse",
                    help="ReLU splitting: reuse each domain's parent's intermediate bounds and "
                    "compute only the final bound (reuse; default), or recompute them and keep "
@@ -899,7 +903,8 @@ def _bab_config(args: argparse.Namespace, backend: str = "torch"):
                      max_domains=max(args.max_domains, 2), method=args.bab_method,
                      backend=backend, queue_mb=max(args.queue_mb, 2),
                      intermediate=getattr(args, "bab_intermediate", "reuse"),
-                     screen=getattr(args, "bab_screen", "none"))
+                     screen=getattr(args, "bab_screen", "none"),
+                     escalate=getattr(args, "bab_escalate", "alpha"))
 
 
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:

@@ -41,18 +41,18 @@ _KEEP = 16
 
 
 def _verifier(graph: Graph, batch: int, rows: int, method: str, backend: str, db: Any,
-              objective: str):
+              objective: str, alpha: Any = None):
     """The compiled verifier of the workload, made once per process (a run of many
     instances on one model compiles and looks up its plan once)."""
     from boundflow.verifier import compile as compile_verifier
 
     key = (id(graph), batch, rows, method, backend, db if isinstance(db, (str, type(None)))
-           else id(db), objective)
+           else id(db), objective, alpha)
     hit = _VERIFIERS.get(key)
     if hit is not None and hit[0] is graph:
         return hit[1]
     v = compile_verifier(graph, batch=batch, n_specs=rows, method=method, backend=backend,
-                         db=db, objective=objective)
+                         db=db, objective=objective, alpha=alpha)
     if len(_VERIFIERS) >= _KEEP:
         _VERIFIERS.pop(next(iter(_VERIFIERS)))
     _VERIFIERS[key] = (graph, v)
@@ -82,16 +82,18 @@ class PlanBounder:
     long in bound calls: a short search never pays for it, a long one pays once and runs
     the tuned plan from then on (a rent-or-buy rule: at worst the set-up is added to a
     search that ends right after). ``switch_after=0`` loads it at once. A look-up that
-    fails leaves the default plan running, with a log line."""
+    fails leaves the default plan running, with a log line. ``alpha``: alpha-CROWN's
+    settings (:class:`~boundflow.domains.alpha.AlphaConfig`; its default where None)."""
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
                  backend: str = "torch", db: Any = None, objective: str = "time@width",
-                 switch_after: float = SWITCH_AFTER_S):
+                 switch_after: float = SWITCH_AFTER_S, alpha: Any = None):
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
         self._args = (graph, self.batch, self.rows, method, backend)
+        self._alpha = alpha
         self._later = (db, objective) if db is not None and switch_after > 0 else None
-        self.verifier = _verifier(*self._args, None if self._later else db, objective)
+        self.verifier = _verifier(*self._args, None if self._later else db, objective, alpha)
         self.switch_after = float(switch_after)
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
@@ -104,7 +106,7 @@ class PlanBounder:
         db, objective = self._later
         self._later = None
         try:
-            tuned = _verifier(*self._args, db, objective)
+            tuned = _verifier(*self._args, db, objective, self._alpha)
         except BoundFlowError as e:
             log.warning("the tuned plan could not be loaded (%s); the default plan runs on", e)
             return

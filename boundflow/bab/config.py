@@ -14,6 +14,7 @@ STRATEGIES = ("auto", "input", "relu", "none")
 BRANCHINGS = ("sensitivity", "widest")
 INTERMEDIATES = ("refine", "reuse")
 SCREENS = ("forward", "none")
+ESCALATIONS = ("alpha", "none")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class BabConfig:
     (``none``, default) or first with forward-mode intermediate bounds and the plan's final
     bound (``forward``, :class:`~boundflow.bab.bounder.ForwardScreen`, where it covers the
     model and the method is crown or crown-ibp) and in full only the boxes that leaves
-    open: faster with ``widest`` branching, not with ``sensitivity``."""
+    open: faster with ``widest`` branching, not with ``sensitivity``. ``escalate``: input
+    splitting bounds the boxes the plan leaves open a second time with one alpha-CROWN step
+    once the search has spent 1 s in bound calls (``alpha``, default, for a method other
+    than alpha-crown; :mod:`boundflow.bab.escalate`), or never (``none``)."""
 
     strategy: str = "auto"
     batch: int = 1024
@@ -52,6 +56,7 @@ class BabConfig:
     queue_mb: int = 2048
     intermediate: str = "reuse"
     screen: str = "none"
+    escalate: str = "alpha"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -65,6 +70,9 @@ class BabConfig:
         if self.screen not in SCREENS:
             raise BoundFlowError(f"unknown screen {self.screen!r}; choose from "
                                  f"{', '.join(SCREENS)}")
+        if self.escalate not in ESCALATIONS:
+            raise BoundFlowError(f"unknown escalation {self.escalate!r}; choose from "
+                                 f"{', '.join(ESCALATIONS)}")
         if self.intermediate not in INTERMEDIATES:
             raise BoundFlowError(f"unknown intermediate-bounds rule {self.intermediate!r}; "
                                  f"choose from {', '.join(INTERMEDIATES)}")
@@ -104,6 +112,7 @@ class BabResult:
     seconds: float = 0.0
     max_queue: int = 0
     reason: str = ""
+    refined: int = 0              # boxes bounded a second time (input splitting's escalate)
 
     @property
     def domains_per_second(self) -> float:
