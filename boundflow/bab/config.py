@@ -40,7 +40,7 @@ class BabConfig:
     bound (``forward``, :class:`~boundflow.bab.bounder.ForwardScreen`, where it covers the
     model and the method is crown or crown-ibp) and in full only the boxes that leaves
     open: faster with ``widest`` branching, not with ``sensitivity``. ``escalate``: input
-    splitting bounds the boxes the plan leaves open a second time with one alpha-CROWN step
+    splitting bounds the boxes the plan leaves open a second time with alpha-CROWN
     once the search has spent 1 s in bound calls (``alpha``, default, for a method other
     than alpha-crown; :mod:`boundflow.bab.escalate`), or never (``none``)."""
 
