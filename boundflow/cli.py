@@ -888,8 +888,9 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
                    "(forward: faster with --branching widest)")
     p.add_argument("--bab-escalate", choices=["alpha", "none"], default="alpha",
                    help="input splitting: once the search has spent 1 s in bound calls, "
-                   "bound the boxes the plan leaves open again with alpha-CROWN "
-                   "(alpha; default), or never (none)")
+                   "bound the boxes the plan leaves open again with alpha-CROWN in the "
+                   "rounds where that closes more of the box per second (alpha; default; "
+                   "off with --bab-method alpha-crown), or never (none)")
     p.add_argument("--bab-intermediate", choices=["refine", "reuse"], default="reuse",
                    help="ReLU splitting: reuse each domain's parent's intermediate bounds and "
                    "compute only the final bound (reuse; default), or recompute them and keep "

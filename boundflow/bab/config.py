@@ -40,9 +40,10 @@ class BabConfig:
     bound (``forward``, :class:`~boundflow.bab.bounder.ForwardScreen`, where it covers the
     model and the method is crown or crown-ibp) and in full only the boxes that leaves
     open: faster with ``widest`` branching, not with ``sensitivity``. ``escalate``: input
-    splitting bounds the boxes the plan leaves open a second time with alpha-CROWN
-    once the search has spent 1 s in bound calls (``alpha``, default, for a method other
-    than alpha-crown; :mod:`boundflow.bab.escalate`), or never (``none``)."""
+    splitting may bound the children the plan leaves open a second time, with alpha-CROWN,
+    once the search has spent 1 s in bound calls, in the rounds where that has closed more
+    of the box per second (``alpha``, default, for a method other than alpha-crown;
+    :mod:`boundflow.bab.escalate`), or never (``none``)."""
 
     strategy: str = "auto"
     batch: int = 1024
@@ -103,7 +104,8 @@ def choose_strategy(config: BabConfig, n_inputs: int, has_relu: bool = True) -> 
 class BabResult:
     """``status``: ``unsat`` (every domain proven), ``sat`` (``counterexample`` is an input
     whose output violates the property, checked in float64), ``unknown`` (``reason`` says
-    why) or ``timeout``. ``domains``: domains bounded; ``bound_calls``: plan runs."""
+    why) or ``timeout``. ``domains``: domains bounded; ``bound_calls``: plan runs (the
+    escalation's alpha-CROWN runs included); ``refined``: boxes it bounded again."""
 
     status: str
     counterexample: np.ndarray | None = None
@@ -112,7 +114,7 @@ class BabResult:
     seconds: float = 0.0
     max_queue: int = 0
     reason: str = ""
-    refined: int = 0              # boxes bounded a second time (input splitting's escalate)
+    refined: int = 0
 
     @property
     def domains_per_second(self) -> float:

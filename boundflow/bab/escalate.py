@@ -2,52 +2,76 @@
 
 CROWN's lower relu lines (slope 0 or 1 per neuron) can leave a margin that splitting closes
 only slowly: on ACAS Xu 1_1 property 5 the 512 boxes closest to a violation, a few
-thousandths of the box wide, had CROWN margins of -0.034 (median) where the true minimum is
-+0.02, and 700,000 boxes later the search had not closed them; one alpha-CROWN step on the
-slopes of every layer (``AlphaConfig(iterations=1)``) proved all 512, at 5.6x CROWN's cost
-per box (property 6, whose true margins are smaller still, needs more steps). On properties whose margins do close under splitting (ACAS Xu 1_1 and 1_9,
-properties 1-4, each decided within 1.02 s by CROWN alone on this 2-core host) bounding
-the open boxes twice only costs: alpha on every box took 2.3-3.6x as long to the verdict.
+thousandths of the box wide, had CROWN margins of -0.034 (median) where the true minimum
+is +0.02, and 700,000 boxes later the search had not closed them; one alpha-CROWN step on
+the slopes of every layer (``AlphaConfig(iterations=1)``) proved all 512, at 5.6x CROWN's
+cost per box (property 6, whose true margins are smaller still, gains from more steps). On
+properties whose margins do close under splitting (ACAS Xu 1_1 and 1_9, properties 1-4,
+each decided within 1.02 s by CROWN alone on this 2-core host) bounding the open boxes
+twice only costs: alpha on every box took 2.3-3.6x as long to the verdict.
 
-Which kind a search is shows only as it runs, so the choice is a rent-or-buy rule, as for
-loading a tuned plan (:class:`~boundflow.bab.bounder.PlanBounder`): the search bounds with
-its plan alone until it has spent ``after`` seconds in bound calls, and from then on every
-box the plan leaves open is bounded again by alpha-CROWN (the search's ``refiner``;
-``input_split.ESCALATE_ALPHA``: 8 steps), the larger of the two lower bounds kept (both
-sound); the boxes queued by then get theirs at once. A search that ends sooner never pays
-for the second bound; one that runs longer pays for having waited: the boxes split in the
-meantime. Measured with one alpha step (``boundflow vnncomp``, ACAS Xu 1_1 properties 5
-and 6, which CROWN alone did not decide in 116 s; properties 1-4 of 1_1 and 1_9 unchanged
-at ``after`` >= 1 s): property 5 in 5.0 / 5.9 / 7.6 / 20.3 s with ``after`` 0 / 0.5 / 1 /
-2 s, property 6 in 53 / 52 / 55 / 39 s (its two input boxes are two searches); with 8
-steps and ``after`` 1 s, 7.9 s and 20.1 s. The price shows on a search CROWN would have
-finished soon after the switch: property 6 on network 1_9, 5.6 s with CROWN alone, 20.2 s
-escalated (no signal measured before the switch told the two kinds apart: neither the
-share of children CROWN proves nor the share of refined boxes alpha proves).
+Which kind a search is shows only as it runs, so the choice is made from what the search
+measures, in two steps:
 
-Tried first and dropped: a per-box rule from the search's own measurements (refine where
-the expected alpha gain exceeds the deficit and splitting's expected gain per bisection
-would need more than the cost ratio's worth of levels): both gains are bimodal and shrink
-with the boxes, their medians swung by two orders of magnitude between rounds, and on
-property 5 it refined too little to finish in 30 s (alpha on every box: 5 s). So was
-refining only the boxes whose margin improved on their parent's by less than 10% (or 30%)
-of their deficit: property 6 timed out (10%) or took as long (30%).
+1. Rent or buy, as for loading a tuned plan (:class:`~boundflow.bab.bounder.PlanBounder`):
+   the search bounds with its plan alone until it has spent ``after`` seconds in bound
+   calls. A search that ends sooner (properties 1-4 here) never pays for a second bound.
+2. Then each round (one batch of children) runs in one of two modes, the plan alone or the
+   plan and alpha-CROWN on the children it leaves open (the larger lower bound kept: both
+   are sound). Each mode is tried once, the plan alone first; after that the mode that has
+   closed more of the input box's volume per second (proven boxes' volume over the
+   round's time, a running average) runs, and the other one gets a share ``EXPLORE`` of the
+   time so its rate is measured again as the boxes shrink.
+
+The rate is myopic: a round of the plan alone closes volume a few rounds after its splits,
+so the comparison favours alpha somewhat. Measured (``boundflow vnncomp``, this host, four
+runs of the last row, one or two of the others; ACAS Xu 1_1 properties 5 and 6 time out
+at 116 s with CROWN alone; property 6 is two searches, one per input box), seconds to the
+verdict:
+
+=======================================  ==========  ==========  ===========
+rule                                     1_1 prop 5  1_1 prop 6  1_9 prop 6
+=======================================  ==========  ==========  ===========
+CROWN alone                              > 116       > 116       5.6
+alpha on every open box after 1 s        7.9         20.1        20.2
+this module (after 1 s, then by rate)    4.9-5.5     18.0-20.0   12.6-15.1
+=======================================  ==========  ==========  ===========
+
+So a search CROWN would have finished soon after the first second still pays (1_9
+property 6 is no VNN-COMP pairing; the rates there favoured alpha, wrongly). Tried and
+dropped: a per-box rule from measured gains (refine where alpha's expected gain exceeds the
+deficit and splitting would need more than the cost ratio's worth of levels: both gains
+are bimodal and shrink with the boxes, their medians swung by two orders of magnitude
+between rounds, and property 5 was not decided in 30 s); refining only the boxes whose
+margin improved on their parent's by less than 10% (30%) of their deficit (property 6
+timed out, or took as long); epochs of 0.3 s per mode instead of rounds (slower on all
+three); re-bounding the whole queue at the switch (no faster).
+
+A refinement that fails (an op alpha-CROWN does not cover, memory) ends escalation for the
+search with a log line; the plan's bounds stand.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
 
-ESCALATE_AFTER_S = 1.0    # bound-call seconds before the open boxes get the second bound
+from boundflow.errors import BoundFlowError
+
+log = logging.getLogger("boundflow.bab")
+
+ESCALATE_AFTER_S = 1.0    # bound-call seconds before the second bound is considered
+EXPLORE = 0.1             # the share of time the mode that looks worse still gets
+EMA = 0.3                 # weight of a round's rate in its mode's running rate
 
 
 class Escalation:
-    """``refine(lo, hi) -> lb`` applied to the open boxes (``margins(lb) -> [N]``, the worst
-    disjunct's margin of each box; > 0 proven) once ``after`` seconds of bound calls are
-    spent (module docstring; :data:`ESCALATE_AFTER_S` where ``after`` is None)."""
+    """``refine(lo, hi) -> lb`` applied to the open boxes of the rounds that choose it
+    (``margins(lb) -> [N]``: the worst disjunct's margin of each box, > 0 proven; module
+    docstring; :data:`ESCALATE_AFTER_S` where ``after`` is None)."""
 
     def __init__(self, refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  margins: Callable[[torch.Tensor], torch.Tensor], after: float | None = None):
@@ -55,35 +79,62 @@ class Escalation:
         self.after = float(ESCALATE_AFTER_S if after is None else after)
         self.spent = 0.0                     # seconds in bound calls so far (both kinds)
         self.refined = self.proven = 0
-        self._switched = False
+        self.rate: dict[bool, float | None] = {True: None, False: None}
+        self.time = {True: 0.0, False: 0.0}  # seconds of rounds in each mode
+        self.failed = False
 
     @property
     def active(self) -> bool:
-        return self.spent >= self.after
-
-    def switching(self) -> bool:
-        """True once: at the first call after the search became active (the boxes queued
-        until then, bounded by the plan alone, are due their second bound)."""
-        if self.active and not self._switched:
-            self._switched = True
-            return True
-        return False
+        return self.spent >= self.after and not self.failed
 
     def timed(self, seconds: float) -> None:
-        """A bound call of the search took ``seconds``."""
+        """A bound call of the plan took ``seconds``."""
         self.spent += seconds
 
-    def __call__(self, lo: torch.Tensor, hi: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        """``lb`` with every open box's bound tightened, once active (a new tensor where
-        any is)."""
+    def choose(self) -> bool:
+        """Whether this round's children get the second bound (module docstring, step 2)."""
+        for mode in (False, True):
+            if self.rate[mode] is None:
+                return mode
+        best = self.rate[True] >= self.rate[False]
+        total = self.time[True] + self.time[False]
+        return (not best) if self.time[not best] < EXPLORE * total else best
+
+    def observe(self, mode: bool, seconds: float, closed: float) -> None:
+        """A round in ``mode`` took ``seconds`` and proved boxes of ``closed`` volume."""
+        rate = closed / max(seconds, 1e-9)
+        old = self.rate[mode]
+        self.rate[mode] = rate if old is None else (1 - EMA) * old + EMA * rate
+        self.time[mode] += seconds
+
+    def round(self, lo: torch.Tensor, hi: torch.Tensor, lb: torch.Tensor, started: float,
+              volume: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One round's children ``[lo, hi]`` with their bounds ``lb`` (bounded since the
+        ``time.perf_counter()`` time ``started``): their bounds after this round's mode,
+        its rate recorded (``volume(lo, hi) -> [N]``: each box's share of the input box)."""
         if not self.active:
             return lb
+        mode = self.choose()
+        if mode:
+            lb = self(lo, hi, lb)
+        closed = float(volume(lo, hi)[self.margins(lb) > 0].sum())
+        self.observe(mode, time.perf_counter() - started, closed)
+        return lb
+
+    def __call__(self, lo: torch.Tensor, hi: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        """``lb`` with every open box's bound tightened (a new tensor where any is)."""
         pick = ~(self.margins(lb) > 0)                      # NaN: open
         n = int(pick.sum())
-        if n == 0:
+        if n == 0 or self.failed:
             return lb
         t0 = time.perf_counter()
-        tight = torch.maximum(lb[pick], self.refine(lo[pick], hi[pick]).to(lb.dtype))
+        try:
+            tight = self.refine(lo[pick], hi[pick]).to(lb.dtype)
+        except (BoundFlowError, MemoryError) as e:
+            log.warning("bab: the second bound failed (%s); the search goes on without it", e)
+            self.failed = True
+            return lb
+        tight = torch.fmax(lb[pick], tight)                 # a NaN bound is no bound
         self.spent += time.perf_counter() - t0
         self.refined += n
         self.proven += int((self.margins(tight) > 0).sum())
@@ -92,4 +143,4 @@ class Escalation:
         return lb
 
 
-__all__ = ["ESCALATE_AFTER_S", "Escalation"]
+__all__ = ["ESCALATE_AFTER_S", "EXPLORE", "Escalation"]

@@ -43,6 +43,7 @@ def test_input_splitting_decides_what_one_bound_leaves_open(capsys):
     (["--bab", "magic"], "--bab"),
     (["--bab-intermediate", "sometimes"], "--bab-intermediate"),
     (["--bab-screen", "backward"], "--bab-screen"),
+    (["--bab-escalate", "beta"], "--bab-escalate"),
     (["--branching", "random"], "--branching"),
     (["--max-domains", "-3"], "--max-domains"),
 ])

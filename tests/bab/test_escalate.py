@@ -1,10 +1,13 @@
-"""The input-split search's second bound (alpha-CROWN on the boxes the plan leaves open,
-once the search has run ``ESCALATE_AFTER_S``): sound on every box it touches, never before
-its time, only on open boxes, and it decides a property CROWN's splitting does not close
-(ACAS Xu 1_1 property 5)."""
+"""The input-split search's second bound (alpha-CROWN on the children the plan leaves open,
+in the rounds that choose it once the search has run ``ESCALATE_AFTER_S``): sound on every
+box it touches, never before its time, only on open boxes, never looser than the plan's,
+chosen by the measured rate, given up cleanly when it fails, and it decides a property
+CROWN's splitting does not close (ACAS Xu 1_1 property 5)."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import time
 
 import numpy as np
@@ -14,9 +17,10 @@ import torch
 import boundflow.bab.escalate as escalate
 from boundflow.bab import BabConfig, input_split
 from boundflow.bab.bounder import PlanBounder
-from boundflow.bab.escalate import Escalation
+from boundflow.bab.escalate import EXPLORE, Escalation
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
+from boundflow.errors import BoundFlowError
 from tests.bab.test_input_split import BENCH, _Checked, _net, _truth
 
 
@@ -24,43 +28,88 @@ def _margins(thr):
     return lambda lb: (lb - torch.as_tensor(thr, dtype=lb.dtype)).max(1).values
 
 
-def test_it_waits_its_time_then_tightens_only_the_open_boxes_soundly():
+def _boxes(n=48, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    lo = torch.from_numpy(rng.uniform(-1, 1, (n, d))).float()
+    return lo, lo + torch.from_numpy(rng.uniform(0.01, 0.5, (n, d))).float()
+
+
+C2 = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
+THR = np.array([0.0, 0.0])
+
+
+def test_it_tightens_only_the_open_boxes_to_the_better_bound_soundly():
     g = _net(3, n_in=3)
-    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
-    thr = np.array([0.0, 0.0])
-    crown = PlanBounder(g, C, method="crown", batch=64)
-    alpha = _Checked(PlanBounder(g, C, method="alpha-crown", batch=64,
-                                 alpha=AlphaConfig(iterations=1)), C)
-    esc = Escalation(alpha, _margins(thr), after=0.5)
-    rng = np.random.default_rng(0)
-    lo = torch.from_numpy(rng.uniform(-1, 1, (48, 3))).float()
-    hi = lo + torch.from_numpy(rng.uniform(0.01, 0.5, (48, 3))).float()
+    crown = PlanBounder(g, C2, method="crown", batch=64)
+    alpha = _Checked(PlanBounder(g, C2, method="alpha-crown", batch=64,
+                                 alpha=AlphaConfig(iterations=1)), C2)
+    esc = Escalation(alpha, _margins(THR), after=0.5)
+    lo, hi = _boxes()
     lb = crown(lo, hi)
-    assert esc(lo, hi, lb) is lb and esc.refined == 0            # not yet: nothing spent
+    assert not esc.active
     esc.timed(0.6)
-    assert esc.active and esc.switching() and not esc.switching()  # the queue's turn, once
+    assert esc.active
     lb[:8] = 1e3                                                  # proven: left alone
     out = esc(lo, hi, lb)
-    open_ = ~(_margins(thr)(lb) > 0)
+    open_ = ~(_margins(THR)(lb) > 0)
     assert esc.refined == int(open_.sum()) == alpha.checked        # every open box, once
-    assert torch.equal(out[:8], lb[:8]) and (out >= lb).all()     # only tightens
-    assert (out[8:] > lb[8:]).any()                               # and does tighten
-    # exactly the better of the two bounds on each open box, the plan's on the others
+    assert torch.equal(out[~open_], lb[~open_]) and (out >= lb).all()
+    assert (out[open_] > lb[open_]).any()                         # and it does tighten
     best = torch.maximum(lb[open_], alpha.inner(lo[open_], hi[open_]))
-    assert torch.allclose(out[open_], best, atol=1e-5, rtol=1e-5)
-    assert torch.equal(out[~open_], lb[~open_])
-    # the combined bound holds on sampled points of each box
+    assert torch.allclose(out[open_], best, atol=1e-5, rtol=1e-5)  # the better of the two
     pts = lo[8:, None] + torch.rand(40, 64, 3) * (hi - lo)[8:, None]
-    cy = evaluate(g, pts.reshape(-1, 3).double()).reshape(40, 64, 3) @ \
-        torch.as_tensor(C).T
-    assert (cy >= out[8:, None].double() - 1e-5).all()
+    cy = evaluate(g, pts.reshape(-1, 3).double()).reshape(40, 64, 3) @ torch.as_tensor(C2).T
+    assert (cy >= out[8:, None].double() - 1e-5).all()           # sound on sampled points
+
+
+def test_a_worse_or_nan_second_bound_never_loosens_the_first():
+    lo, hi = _boxes(6)
+    lb = -torch.arange(1.0, 13.0).reshape(6, 2)                   # all open
+    worse = lb - 1.0
+    worse[2] = float("nan")
+    esc = Escalation(lambda a, b: worse.clone(), _margins(THR), after=0.0)
+    assert torch.equal(esc(lo, hi, lb), lb) and esc.refined == 6
+
+
+def test_a_failing_second_bound_ends_escalation_with_a_log_line(caplog):
+    def broken(lo, hi):
+        raise BoundFlowError("alpha-CROWN does not cover op 'magic'")
+    esc = Escalation(broken, _margins(THR), after=0.0)
+    lo, hi = _boxes(4)
+    lb = -torch.ones(4, 2)
+    with caplog.at_level(logging.WARNING, logger="boundflow.bab"):
+        assert esc(lo, hi, lb) is lb
+    assert esc.failed and not esc.active and "op 'magic'" in caplog.text
+    assert esc.round(lo, hi, lb, time.perf_counter(), lambda a, b: torch.ones(4)) is lb
+
+
+def test_rounds_try_each_mode_then_follow_the_faster_one_and_still_explore():
+    calls = []
+    esc = Escalation(lambda lo, hi: calls.append(len(lo)) or torch.full((len(lo), 2), 5.0),
+                     _margins(THR), after=1.0)
+    lo, hi = _boxes(4)
+    lb, vol = -torch.ones(4, 2), (lambda a, b: torch.full((a.shape[0],), 0.25))
+    assert esc.round(lo, hi, lb, time.perf_counter(), vol) is lb and not calls  # not yet
+    esc.timed(1.0)
+    assert torch.equal(esc.round(lo, hi, lb, time.perf_counter(), vol), lb)  # plan alone
+    assert esc.rate[False] == 0.0 and not calls
+    assert (esc.round(lo, hi, lb, time.perf_counter(), vol) > 0).all() and calls == [4]
+    assert esc.rate[True] > 0                                      # closed all 4 boxes
+    modes = [esc.choose() for _ in range(3)]
+    assert modes == [True] * 3                                     # the faster one runs
+    esc.time[True], esc.time[False] = 10.0, 0.5                    # its rival starved
+    assert esc.choose() is False
+    esc.time[False] = 2 * EXPLORE * 12.0                           # its share had
+    assert esc.choose() is True
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
-    """Escalating from the start: every batch of either bound holds on sampled points and
-    corners of its boxes, and the verdict agrees with dense sampling."""
+    """Escalating from the start (and every round: the plan alone is made to look slower):
+    every batch of either bound holds on sampled points and corners of its boxes, and the
+    verdict agrees with dense sampling."""
     monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
+    monkeypatch.setattr(escalate, "EXPLORE", 0.0)
     g = _net(seed)
     lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
     C = np.array([[1.0, -1.0, 0.0]])
@@ -76,21 +125,38 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
         assert res.status != "unsat", "unsat where a counterexample exists"
     assert res.status in ("unsat", "sat")
     assert res.refined == refiner.checked
-    if res.domains > 1:
+    if res.domains > 3:                              # past the round of the plan alone
         assert res.refined > 0
     assert res.bound_calls == bounder.calls + refiner.inner.calls
 
 
-def test_none_never_escalates(monkeypatch):
+@pytest.mark.parametrize("config", [BabConfig(batch=64, escalate="none"),
+                                    BabConfig(batch=64, method="alpha-crown")])
+def test_none_and_alpha_crown_searches_never_escalate(config, monkeypatch):
     monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
+    monkeypatch.setattr(escalate, "EXPLORE", 0.5)
     g = _net(1)
     lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
     C = np.array([[1.0, -1.0, 0.0]])
     y = evaluate(g, torch.from_numpy(lo + np.random.default_rng(1).random((4000, 2))
                                      * (hi - lo))).numpy() @ C.T
-    res = input_split(g, lo, hi, C, y.min(0) - 0.05, [(0, 1)],
-                      BabConfig(batch=64, escalate="none"), deadline=time.monotonic() + 60)
-    assert res.refined == 0 and res.status == "unsat"
+    res = input_split(g, lo, hi, C, y.min(0) - 0.05, [(0, 1)], config,
+                      deadline=time.monotonic() + 60)
+    assert res.status == "unsat" and res.domains > 3 and res.refined == 0
+    on = input_split(g, lo, hi, C, y.min(0) - 0.05, [(0, 1)], BabConfig(batch=64),
+                     deadline=time.monotonic() + 60)
+    assert on.status == "unsat" and on.refined > 0                 # the same search escalates
+
+
+def test_the_cli_option_reaches_the_search():
+    from boundflow.cli import _bab_config
+
+    args = argparse.Namespace(bab="auto", bab_batch=64, branching="sensitivity",
+                              max_domains=10, bab_method="crown", queue_mb=64,
+                              bab_escalate="none")
+    assert _bab_config(args).escalate == "none"
+    args.bab_escalate = "alpha"
+    assert _bab_config(args).escalate == "alpha"
 
 
 # ACAS Xu property 5 (VNN-COMP's prop_5.vnnlib: the normalised input box, and "strong right
@@ -114,7 +180,5 @@ def test_it_decides_a_property_crown_splitting_does_not_close():
 
 
 def test_bad_escalation_is_one_clear_error():
-    from boundflow.errors import BoundFlowError
-
     with pytest.raises(BoundFlowError, match="escalation"):
         BabConfig(escalate="beta")
