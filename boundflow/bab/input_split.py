@@ -146,7 +146,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         refiner = _Lazy(lambda: PlanBounder(graph, np.asarray(C), method="alpha-crown",
                                             batch=config.batch, alpha=ESCALATE_ALPHA))
     escalation = None if refiner is None else \
-        Escalation(refiner, lambda lb: spec.margins(lb).min(1).values)
+        Escalation(refiner, lambda lb: spec.margins(lb).min(1).values, deadline=deadline)
 
     def bound(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """The boxes' lower bounds: the screen's first, if any, and the plan's for the boxes

@@ -103,6 +103,21 @@ def test_rounds_try_each_mode_then_follow_the_faster_one_and_still_explore():
     assert esc.choose() is True
 
 
+def test_no_round_is_escalated_past_the_deadline():
+    calls = []
+    esc = Escalation(lambda lo, hi: calls.append(1) or torch.zeros(len(lo), 2), _margins(THR),
+                     after=0.0, deadline=time.monotonic() + 30)
+    lo, hi = _boxes(4)
+    vol = lambda a, b: torch.ones(a.shape[0])                        # noqa: E731
+    esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)   # the plan alone first
+    esc.last_s = 60.0                                # a refinement as long as this one was
+    esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)
+    assert not calls and esc.rate[True] is None
+    esc.last_s = 1.0
+    esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
     """Escalating from the start (and every round: the plan alone is made to look slower):
