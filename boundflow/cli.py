@@ -201,13 +201,15 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
         print(json.dumps({"status": result.status, "seconds": result.seconds,
                           "refuted": result.refuted, "disjuncts": result.disjuncts,
                           "strategy": result.strategy, "domains": result.domains,
-                          "bound_calls": result.bound_calls,
+                          "bound_calls": result.bound_calls, "refined": result.refined,
                           "counterexample": None if cex is None else
                           {"x": cex[0].tolist(), "y": cex[1].tolist()}}))
     else:
         print(text, end="")
         how = args.method if result.strategy == "none" else \
-            f"{bab.method} on {result.domains} domains ({result.strategy} splitting)"
+            f"{bab.method} on {result.domains} domains ({result.strategy} splitting)" + (
+                f", {result.refined} of them bounded again by alpha-crown"
+                if result.refined else "")
         log.info("%s: %d/%d disjuncts refuted by %s in %.3f s", result.status,
                  result.refuted, result.disjuncts, how, result.seconds)
     return 0

@@ -43,6 +43,7 @@ class PropertyResult:
     strategy: str = "none"                       # the branch-and-bound that ran, if any
     domains: int = 0                             # domains it bounded
     bound_calls: int = 0                         # plan runs it made
+    refined: int = 0                             # domains input splitting bounded again
 
     def vnncomp(self) -> str:
         """The result file of VNN-COMP: the status, and for ``sat`` the assignment."""
@@ -214,7 +215,7 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
             found, refuted: int, n_disjuncts: int) -> PropertyResult:
     """Branch-and-bound (``input`` or ``relu`` splitting) on the open disjuncts, one search
     per input box."""
-    domains = calls = 0
+    domains = calls = refined = 0
     deadline = None if timeout is None else time.monotonic() + timeout - elapsed()
     for box, C, thr, ranges in searches(open_disjuncts):
         hits: list[PropertyResult] = []       # the confirmed counterexample, checked once
@@ -232,7 +233,8 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
             res = relu_split(graph, box.lower[0], box.upper[0], C, thr, ranges, bab,
                              deadline=deadline, confirm=confirm, db=db)
         domains, calls = domains + res.domains, calls + res.bound_calls
-        stats = dict(strategy=strategy, domains=domains, bound_calls=calls)
+        refined += res.refined
+        stats = dict(strategy=strategy, domains=domains, bound_calls=calls, refined=refined)
         if res.status == "sat" and hits:
             return PropertyResult("sat", hits[-1].counterexample, elapsed(), refuted,
                                   n_disjuncts, **stats)
@@ -243,7 +245,8 @@ def _branch(graph: Graph, strategy: str, open_disjuncts, bab: BabConfig, db, tim
                                   notes=notes, **stats)
         refuted += len(ranges)
     return PropertyResult("unsat", seconds=elapsed(), refuted=refuted, disjuncts=n_disjuncts,
-                          strategy=strategy, domains=domains, bound_calls=calls)
+                          strategy=strategy, domains=domains, bound_calls=calls,
+                          refined=refined)
 
 
 def onnx_runner(path) -> Callable[[np.ndarray], np.ndarray]:

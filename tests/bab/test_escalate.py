@@ -182,16 +182,25 @@ _ACAS = BENCH / "acasxu" / "onnx" / "ACASXU_run2a_1_1_batch_2000.onnx"
 
 
 @pytest.mark.skipif(not _ACAS.exists(), reason=f"shared ACAS Xu network not found at {_ACAS}")
-def test_it_decides_a_property_crown_splitting_does_not_close():
-    """CROWN alone left this open after 700,000 boxes (116 s); escalated, it is decided."""
-    from boundflow.frontend.onnx import load_onnx
+def test_it_decides_a_property_crown_splitting_does_not_close(tmp_path, capsys):
+    """CROWN alone left this open after 700,000 boxes (116 s); ``verify`` escalated decides
+    it, and says how many boxes were bounded again."""
+    import json
 
-    g = load_onnx(_ACAS)
-    C = np.zeros((4, 5))
-    C[np.arange(4), np.arange(4)], C[:, 4] = 1.0, -1.0            # y_i - y_4 > 0 refutes
-    res = input_split(g, _PROP5_LO, _PROP5_HI, C, np.zeros(4), [(i, i + 1) for i in range(4)],
-                      BabConfig(), deadline=time.monotonic() + 100)
-    assert res.status == "unsat" and res.refined > 0
+    from boundflow.cli import main
+
+    names = "".join(f"(declare-const X_{i} Real)\n(declare-const Y_{i} Real)\n"
+                    for i in range(5))
+    box = "".join(f"(assert (>= X_{i} {float(lo)!r}))\n(assert (<= X_{i} {float(hi)!r}))\n"
+                  for i, (lo, hi) in enumerate(zip(_PROP5_LO, _PROP5_HI)))
+    unsafe = "(assert (or " + " ".join(f"(<= Y_{i} Y_4)" for i in range(4)) + "))\n"
+    vnnlib = tmp_path / "prop_5.vnnlib"
+    vnnlib.write_text(names + box + unsafe)
+    assert main(["verify", "--onnx", str(_ACAS), "--vnnlib", str(vnnlib), "--json",
+                 "--timeout", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "unsat" and out["strategy"] == "input"
+    assert 0 < out["refined"] < out["domains"]
 
 
 def test_bad_escalation_is_one_clear_error():
