@@ -20,13 +20,16 @@ measures, in two steps:
    plan and alpha-CROWN on the children it leaves open (the larger lower bound kept: both
    are sound). Each mode is tried once, the plan alone first; after that the mode that has
    closed more of the input box's volume per second (proven boxes' volume over the
-   round's time, a running average) runs, and the other one gets a share ``EXPLORE`` of the
-   time so its rate is measured again as the boxes shrink.
+   round's time, a running average; a tie goes to the plan alone) runs, with two floors:
+   the plan alone gets a share ``EXPLORE`` (10%) of the time where alpha looks better,
+   and alpha a share ``ALPHA_SHARE`` (half) where the plan alone looks better.
 
-The rate is myopic: a round of the plan alone closes volume a few rounds after its splits,
-so the comparison favours alpha somewhat. Measured (``boundflow vnncomp``, this host, four
-runs of the last row, one or two of the others; ACAS Xu 1_1 properties 5 and 6 time out
-at 116 s with CROWN alone; property 6 is two searches, one per input box), seconds to the
+The rate is myopic: a round of the plan alone closes volume a few rounds after its splits
+(often in an alpha round), so the comparison can favour either mode wrongly, and on
+property 5 the two rates came within 2% of each other: with no floor for alpha, one run
+under load let the plan alone starve it and timed out at 100 s where others took 5 s.
+Measured (``boundflow vnncomp``, this host; ACAS Xu 1_1 properties 5 and 6 time out at
+116 s with CROWN alone; property 6 is two searches, one per input box), seconds to the
 verdict:
 
 =======================================  ==========  ==========  ===========
@@ -34,23 +37,26 @@ rule                                     1_1 prop 5  1_1 prop 6  1_9 prop 6
 =======================================  ==========  ==========  ===========
 CROWN alone                              > 116       > 116       5.6
 alpha on every open box after 1 s        7.9         20.1        20.2
-this module (after 1 s, then by rate)    4.9-5.5     18.0-20.0   12.6-15.1
+by rate, floors 10% / 0 (4 runs)         4.9-5.5     18.0-20.0   12.6-15.1
+by rate, floors 10% / 50% (3 runs)       5.2-6.5     21.5-22.5   12.8-15.2
 =======================================  ==========  ==========  ===========
 
 So a search CROWN would have finished soon after the first second still pays (1_9
-property 6 is no VNN-COMP pairing; the rates there favoured alpha, wrongly). Tried and
-dropped: a per-box rule from measured gains (refine where alpha's expected gain exceeds the
-deficit and splitting would need more than the cost ratio's worth of levels: both gains
-are bimodal and shrink with the boxes, their medians swung by two orders of magnitude
-between rounds, and property 5 was not decided in 30 s); refining only the boxes whose
-margin improved on their parent's by less than 10% (30%) of their deficit (property 6
-timed out, or took as long); epochs of 0.3 s per mode instead of rounds (slower on all
-three); re-bounding the whole queue at the switch (no faster).
+property 6 is no VNN-COMP pairing). Tried and dropped: a per-box rule from measured gains
+(refine where alpha's expected gain exceeds the deficit and splitting would need more than
+the cost ratio's worth of levels: both gains are bimodal and shrink with the boxes, their
+medians swung by two orders of magnitude between rounds, and property 5 was not decided in
+30 s); refining only the boxes whose margin improved on their parent's by less than 10%
+(30%) of their deficit (property 6 timed out, or took as long); epochs of 0.3 s per mode
+instead of rounds (slower on all three); re-bounding the whole queue at the switch (no
+faster).
 
 A refinement that fails (an op alpha-CROWN does not cover, memory) ends escalation for the
-search with a log line; the plan's bounds stand. A round is not escalated where the last
-refinement's time would carry it past the search's deadline (alpha on 1,024 sub-boxes of
-property 5 takes 6.7 s here, CROWN 0.30 s).
+search with a log line; the plan's bounds stand. A round is not escalated where its
+refinement, estimated per box (from the last one, or before any at ``COST_RATIO`` times the
+plan's time per box), would end past the search's deadline (alpha on 1,024 sub-boxes of
+property 5 takes 6.7 s here, CROWN 0.30 s: 22x). A round that chose alpha but had no open
+children counts as a round of the plan alone; equal rates choose the plan alone.
 """
 
 from __future__ import annotations
@@ -62,12 +68,15 @@ from typing import Callable
 import torch
 
 from boundflow.errors import BoundFlowError
+from boundflow.measure.worker import out_of_memory
 
 log = logging.getLogger("boundflow.bab")
 
 ESCALATE_AFTER_S = 1.0    # bound-call seconds before the second bound is considered
-EXPLORE = 0.1             # the share of time the mode that looks worse still gets
+EXPLORE = 0.1             # the share of time the plan alone gets when it looks worse
+ALPHA_SHARE = 0.5         # the share of time alpha gets when it looks worse
 EMA = 0.3                 # weight of a round's rate in its mode's running rate
+COST_RATIO = 25.0         # alpha's time per box over the plan's, until one is measured
 
 
 class Escalation:
@@ -80,7 +89,8 @@ class Escalation:
                  margins: Callable[[torch.Tensor], torch.Tensor], after: float | None = None,
                  deadline: float | None = None):
         self.refine, self.margins, self.deadline = refine, margins, deadline
-        self.last_s = 0.0                    # the last refinement's seconds
+        self.box_s = 0.0                     # seconds per box: the last refinement's
+        self.plan_box_s = 0.0                # the plan's, its latest call
         self.after = float(ESCALATE_AFTER_S if after is None else after)
         self.spent = 0.0                     # seconds in bound calls so far (both kinds)
         self.refined = self.proven = 0
@@ -92,17 +102,26 @@ class Escalation:
     def active(self) -> bool:
         return self.spent >= self.after and not self.failed
 
-    def timed(self, seconds: float) -> None:
-        """A bound call of the plan took ``seconds``."""
+    def timed(self, seconds: float, boxes: int = 0) -> None:
+        """A bound call of the plan took ``seconds`` for ``boxes`` boxes."""
         self.spent += seconds
+        if boxes:
+            self.plan_box_s = seconds / boxes
+
+    def estimate(self, boxes: int) -> float:
+        """Seconds a refinement of ``boxes`` boxes is expected to take."""
+        per_box = self.box_s if self.box_s > 0 else COST_RATIO * self.plan_box_s
+        return per_box * boxes
 
     def choose(self) -> bool:
         """Whether this round's children get the second bound (module docstring, step 2)."""
         for mode in (False, True):
             if self.rate[mode] is None:
                 return mode
-        best = self.rate[True] >= self.rate[False]
+        best = self.rate[True] > self.rate[False]
         total = self.time[True] + self.time[False]
+        if not best and self.time[True] < ALPHA_SHARE * total:
+            return True                   # alpha's floor: its rate may misjudge (docstring)
         return (not best) if self.time[not best] < EXPLORE * total else best
 
     def observe(self, mode: bool, seconds: float, closed: float) -> None:
@@ -120,11 +139,13 @@ class Escalation:
         if not self.active:
             return lb
         mode = self.choose()
-        if mode and self.deadline is not None and \
-                time.monotonic() + self.last_s > self.deadline:
+        if mode and self.deadline is not None and time.monotonic() + self.estimate(
+                int((~(self.margins(lb) > 0)).sum())) > self.deadline:
             mode = False                                    # it would end past the deadline
         if mode:
+            before = self.refined
             lb = self(lo, hi, lb)
+            mode = self.refined > before                    # no open child: the plan's round
         closed = float(volume(lo, hi)[self.margins(lb) > 0].sum())
         self.observe(mode, time.perf_counter() - started, closed)
         return lb
@@ -138,13 +159,16 @@ class Escalation:
         t0 = time.perf_counter()
         try:
             tight = self.refine(lo[pick], hi[pick]).to(lb.dtype)
-        except (BoundFlowError, MemoryError) as e:
+        except (BoundFlowError, MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not out_of_memory(e):
+                raise
             log.warning("bab: the second bound failed (%s); the search goes on without it", e)
             self.failed = True
             return lb
         tight = torch.fmax(lb[pick], tight)                 # a NaN bound is no bound
-        self.last_s = time.perf_counter() - t0
-        self.spent += self.last_s
+        seconds = time.perf_counter() - t0
+        self.box_s = seconds / n
+        self.spent += seconds
         self.refined += n
         self.proven += int((self.margins(tight) > 0).sum())
         lb = lb.clone()
@@ -152,4 +176,4 @@ class Escalation:
         return lb
 
 
-__all__ = ["ESCALATE_AFTER_S", "EXPLORE", "Escalation"]
+__all__ = ["ALPHA_SHARE", "COST_RATIO", "ESCALATE_AFTER_S", "EXPLORE", "Escalation"]

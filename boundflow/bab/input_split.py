@@ -9,8 +9,8 @@ own bound and its parent's, which holds on it too), drops the proven ones and qu
 rest. The centre of every queued box is evaluated (that gives the branching rule its
 gradient) and checked as a counterexample; every ``attack_every`` iterations the falsifier
 also searches the boxes closest to a violation. Boxes the plan leaves open may be bounded
-again with alpha-CROWN, once the search has run for a second, in the rounds where that has
-closed more of the box per second (:mod:`boundflow.bab.escalate`,
+again with alpha-CROWN, once the search has spent a second in bound calls, in the rounds
+where that has closed more of the box per second (:mod:`boundflow.bab.escalate`,
 ``BabConfig.escalate``). Any counterexample is re-checked in float64 inside the original
 box before it is reported.
 """
@@ -160,7 +160,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
             if todo.any():
                 lb[todo] = torch.maximum(lb[todo], bounder(lo[todo], hi[todo]))
         if escalation is not None:
-            escalation.timed(time.perf_counter() - t0)
+            escalation.timed(time.perf_counter() - t0, lo.shape[0])
         return lb
 
     lb = bound(lo, hi)

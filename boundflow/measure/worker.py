@@ -93,7 +93,8 @@ class MeasureConfig:
 # ("DefaultCPUAllocator: can't allocate memory"), CUDA ("CUDA out of memory",
 # torch.OutOfMemoryError), C++ (std::bad_alloc), TVM and the C library
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
-             "bad_alloc", "failed to allocate", "unable to allocate")
+             "bad_alloc", "failed to allocate", "unable to allocate",
+             "not enough memory")        # torch's CPU allocator
 
 
 # under an address-space cap, oneDNN reports a failed scratch allocation only as this

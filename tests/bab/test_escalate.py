@@ -95,36 +95,78 @@ def test_rounds_try_each_mode_then_follow_the_faster_one_and_still_explore():
     assert esc.rate[False] == 0.0 and not calls
     assert (esc.round(lo, hi, lb, time.perf_counter(), vol) > 0).all() and calls == [4]
     assert esc.rate[True] > 0                                      # closed all 4 boxes
-    modes = [esc.choose() for _ in range(3)]
-    assert modes == [True] * 3                                     # the faster one runs
+    esc.rate[True], esc.rate[False] = 2.0, 1.0
+    esc.time[True], esc.time[False] = 10.0, 5.0
+    assert [esc.choose() for _ in range(3)] == [True] * 3          # the faster one runs
     esc.time[True], esc.time[False] = 10.0, 0.5                    # its rival starved
     assert esc.choose() is False
     esc.time[False] = 2 * EXPLORE * 12.0                           # its share had
     assert esc.choose() is True
+    esc.rate[False] = 2.0
+    assert esc.choose() is False                                   # a tie: the cheap one
+    esc.rate[False], esc.time[True], esc.time[False] = 3.0, 4.0, 6.0
+    assert esc.choose() is True                    # alpha's floor: half the time at least
+    esc.time[True] = 6.0
+    assert esc.choose() is False
+    # a round that chose alpha with no open child is a round of the plan alone
+    esc.rate[False], before = 0.5, esc.time[False]
+    proven = torch.ones(4, 2)
+    assert esc.round(lo, hi, proven, time.perf_counter(), vol) is proven
+    assert calls == [4] and esc.time[False] > before
 
 
 def test_no_round_is_escalated_past_the_deadline():
+    """The refinement's time is estimated per open box: before any, from the plan's time per
+    box; after one, from its own."""
     calls = []
-    esc = Escalation(lambda lo, hi: calls.append(1) or torch.zeros(len(lo), 2), _margins(THR),
+    esc = Escalation(lambda lo, hi: calls.append(1) or torch.ones(len(lo), 2), _margins(THR),
                      after=0.0, deadline=time.monotonic() + 30)
     lo, hi = _boxes(4)
     vol = lambda a, b: torch.ones(a.shape[0])                        # noqa: E731
     esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)   # the plan alone first
-    esc.last_s = 60.0                                # a refinement as long as this one was
-    esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)
-    assert not calls and esc.rate[True] is None
-    esc.last_s = 1.0
+    esc.timed(1.0, boxes=4)                          # 4 open boxes x 25 x 0.25 s: 25 s
     esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)
     assert calls == [1]
+    esc.box_s = 10.0                                 # measured: 4 x 10 s, past the deadline
+    esc.time[True] = esc.time[False] = 1.0           # no exploration due
+    assert esc.rate[True] > esc.rate[False] == 0.0 and esc.choose()  # alpha is chosen
+    esc.round(lo, hi, -torch.ones(4, 2), time.perf_counter(), vol)
+    assert calls == [1]
+    esc.time[True] = esc.time[False] = 1.0          # no exploration due
+    one_open = torch.cat([-torch.ones(1, 2), torch.ones(3, 2)])    # 1 x 10 s: in time
+    esc.round(lo, hi, one_open, time.perf_counter(), vol)
+    assert calls == [1, 1]
+
+
+def test_out_of_memory_ends_escalation_and_other_errors_surface():
+    lo, hi = _boxes(2)
+
+    def oom(lo, hi):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 10000000000000 bytes.")
+    esc = Escalation(oom, _margins(THR), after=0.0)
+    assert esc(lo, hi, -torch.ones(2, 2)) is not None and esc.failed
+
+    def bug(lo, hi):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        Escalation(bug, _margins(THR), after=0.0)(lo, hi, -torch.ones(2, 2))
+
+
+def test_a_nan_plan_bound_takes_the_second_bound():
+    lo, hi = _boxes(3)
+    lb = torch.tensor([[float("nan"), -1.0], [-1.0, -1.0], [-2.0, -3.0]])
+    esc = Escalation(lambda a, b: torch.full((len(a), 2), -0.5), _margins(THR), after=0.0)
+    out = esc(lo, hi, lb)
+    assert torch.equal(out, torch.tensor([[-0.5, -0.5], [-0.5, -0.5], [-0.5, -0.5]]))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
-    """Escalating from the start (and every round: the plan alone is made to look slower):
-    every batch of either bound holds on sampled points and corners of its boxes, and the
-    verdict agrees with dense sampling."""
+    """Escalating every round from the start: every batch of either bound holds on sampled
+    points and corners of its boxes, and the verdict agrees with dense sampling."""
     monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
-    monkeypatch.setattr(escalate, "EXPLORE", 0.0)
+    monkeypatch.setattr(Escalation, "choose", lambda self: True)
     g = _net(seed)
     lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
     C = np.array([[1.0, -1.0, 0.0]])
@@ -140,7 +182,7 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
         assert res.status != "unsat", "unsat where a counterexample exists"
     assert res.status in ("unsat", "sat")
     assert res.refined == refiner.checked
-    if res.domains > 3:                              # past the round of the plan alone
+    if res.domains > 1:
         assert res.refined > 0
     assert res.bound_calls == bounder.calls + refiner.inner.calls
 
@@ -149,7 +191,7 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
                                     BabConfig(batch=64, method="alpha-crown")])
 def test_none_and_alpha_crown_searches_never_escalate(config, monkeypatch):
     monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
-    monkeypatch.setattr(escalate, "EXPLORE", 0.5)
+    monkeypatch.setattr(Escalation, "choose", lambda self: True)
     g = _net(1)
     lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
     C = np.array([[1.0, -1.0, 0.0]])
