@@ -27,6 +27,7 @@ from typing import Mapping
 import torch
 
 from boundflow.domains import activations
+from boundflow.domains.adam import Adam
 from boundflow.domains.backward import backward, masked_index, tighten_rows
 from boundflow.domains.coeffs import BackwardContext
 from boundflow.domains.crown import crown_node, crown_nodes
@@ -140,7 +141,7 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
     windowed = [entry[1] for entry in starts.values() if len(entry) == 3]
     if not (params or windowed) or config.iterations == 0:
         return Interval(best_lo, best_hi)
-    opt = sched = None
+    opt = None
     # what depends on fixed intervals alone (relaxation states, maxpool's windows), found
     # once for every step (an interval the step recomputes is new, or carries gradients)
     memo = LinesMemo(MEMO_BYTES)
@@ -159,15 +160,14 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
                 if not params:
                     break
                 # fused: one kernel per step, not ~10 passes per slope tensor (4-6x)
-                opt = torch.optim.Adam(params, lr=config.lr, fused=True)
-                sched = torch.optim.lr_scheduler.ExponentialLR(opt, config.decay)
+                opt = Adam([(params, config.lr)])
             loss = sign * (out.upper if sign > 0 else out.lower).sum()
             if not loss.requires_grad:   # no slope reaches this side's bound (e.g. a relu
                 break                    # feeding a softmax, relaxed without slopes): CROWN's
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
+            opt.decay(config.decay)
             with torch.no_grad():
                 for p in params:
                     p.clamp_(0.0, 1.0)

@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from boundflow.domains.adam import Adam
 from boundflow.domains.alpha import _slopes
 from boundflow.domains.backward import backward
 from boundflow.domains.coeffs import BackwardContext
@@ -47,8 +48,7 @@ def beta_lower(graph: Graph, A: torch.Tensor, x: Interval, tensors: Mapping[str,
              for n, s in split.items()}
     slopes_params: list[torch.Tensor] = []
     slopes = _slopes(graph, graph.output, S, bounds, lower_slope, slopes_params)
-    opt = torch.optim.Adam([{"params": list(betas.values()), "lr": lr},
-                            {"params": slopes_params, "lr": ALPHA_LR}], fused=True)
+    opt = Adam([(list(betas.values()), lr), (slopes_params, ALPHA_LR)])
     best = start.clone()
     # the intervals are fixed: what depends on them alone is found once for every step
     ctx = BackwardContext(bounds, lower_slope, slopes, patches=False,
