@@ -51,11 +51,15 @@ class Verifier:
     def method(self) -> str:
         return self.plan.workload.method
 
-    def run(self, box: InputSpec, C: LinearSpec | None = None, upper: bool = True) -> Bounds:
+    def run(self, box: InputSpec, C: LinearSpec | None = None, upper: bool = True,
+            split: Any = None) -> Bounds:
         """Bounds over a checked box (and spec): the call with nothing around it.
         ``upper=False`` (a caller that reads the lower bounds only): alpha-CROWN tightens
-        the lower side only, and the upper bounds are never looser than CROWN's."""
-        out = run_bounds(self._executor, box, C, upper)
+        the lower side only, and the upper bounds are never looser than CROWN's. ``split``:
+        a branch-and-bound state (:class:`~boundflow.ir.split.ReluSplit`; its ``goal``
+        lets alpha-CROWN stop optimising the domains it has proven)."""
+        out = run_bounds(self._executor, box, C, upper,
+                         **({} if split is None else {"split": split}))
         return _finite(Bounds(out.lower, out.upper))
 
     def bounds(self, x: Any, eps: Any = None, C: Any = None,

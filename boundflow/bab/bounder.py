@@ -83,11 +83,14 @@ class PlanBounder:
     the tuned plan from then on (a rent-or-buy rule: at worst the set-up is added to a
     search that ends right after). ``switch_after=0`` loads it at once. A look-up that
     fails leaves the default plan running, with a log line. ``alpha``: alpha-CROWN's
-    settings (:class:`~boundflow.domains.alpha.AlphaConfig`; its default where None)."""
+    settings (:class:`~boundflow.domains.alpha.AlphaConfig`; its default where None).
+    ``goal``: the search's (thresholds ``[rows]``, each disjunct's row range), with which
+    alpha-CROWN stops optimising the boxes it has proven (``ReluSplit.goal``)."""
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
                  backend: str = "torch", db: Any = None, objective: str = "time@width",
-                 switch_after: float = SWITCH_AFTER_S, alpha: Any = None):
+                 switch_after: float = SWITCH_AFTER_S, alpha: Any = None,
+                 goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None):
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
         self._args = (graph, self.batch, self.rows, method, backend)
@@ -98,6 +101,10 @@ class PlanBounder:
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
         self._C = _batched_rows(C, self.batch, self.dtype)
+        self._split = None
+        if goal is not None:
+            from boundflow.ir.split import ReluSplit
+            self._split = ReluSplit({}, goal=(goal[0], tuple(goal[1])))
         self.calls = 0
         self.seconds = 0.0
 
@@ -134,7 +141,8 @@ class PlanBounder:
             if self._later is not None and self.seconds >= self.switch_after:
                 self._switch()
             t0 = time.perf_counter()
-            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False)
+            goal = {} if self._split is None else {"split": self._split}
+            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False, **goal)
                        .lower.to(self.dtype))
             self.calls += 1
             self.seconds += time.perf_counter() - t0

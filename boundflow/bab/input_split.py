@@ -105,8 +105,11 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     start = time.monotonic()
     shape = tuple(graph.input_shape)
     if bounder is None:
+        # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
+        goal = (torch.as_tensor(np.asarray(threshold, np.float64)), tuple(ranges)) \
+            if config.method == "alpha-crown" else None
         bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
-                              backend=config.backend, db=db)
+                              backend=config.backend, db=db, goal=goal)
     dtype = bounder.dtype
     spec = Disjuncts(C, threshold, ranges, dtype)
     lo64 = np.asarray(lower, np.float64).reshape(-1)
@@ -144,7 +147,8 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     if refiner is None and config.escalate == "alpha" and config.method != "alpha-crown":
         # made on first use: a search that ends before escalating never plans it
         refiner = _Lazy(lambda: PlanBounder(graph, np.asarray(C), method="alpha-crown",
-                                            batch=config.batch, alpha=ESCALATE_ALPHA))
+                                            batch=config.batch, alpha=ESCALATE_ALPHA,
+                                            goal=(spec.thr, spec.ranges)))
     escalation = None if refiner is None else \
         Escalation(refiner, lambda lb: spec.margins(lb).min(1).values, deadline=deadline)
 

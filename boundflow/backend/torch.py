@@ -598,9 +598,10 @@ class TorchExecutor:
         src = env[t.inputs[0]].interval()
         method = t.attr("method")
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
+        done = split.proven_rows if split is not None and split.goal is not None else None
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
                            bounds, self.domain_plan, self.lower_slope, self.alpha,
-                           upper=upper, lines=lines)
+                           upper=upper, lines=lines, done=done)
         if split is not None and split.beta_iterations and method != "ibp" and C is not None:
             A = C.reshape((C.shape[0], C.shape[1]) + tuple(self.graph.output_node.shape))
             lower = beta_lower(self.graph, A, box, tensors, bounds, self.lower_slope,

@@ -11,7 +11,7 @@ backward pass is left alone in that step, as ``torch.optim`` does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -33,6 +33,21 @@ class Adam:
 
     def decay(self, gamma: float) -> None:
         self.groups = [(params, lr * gamma) for params, lr in self.groups]
+
+    def take(self, moved: Mapping[torch.Tensor, tuple[torch.Tensor, int]],
+             keep: torch.Tensor) -> None:
+        """Go on with each parameter ``p`` of ``moved`` replaced by ``moved[p] = (q,
+        axis)``, ``q`` being ``p``'s entries ``keep`` along ``axis``: its moments are taken
+        the same way, so ``q`` takes the steps those entries of ``p`` would have taken."""
+        state = dict(self._state)
+        for p, (q, axis) in moved.items():
+            old = state.pop(id(p), None)
+            if old is not None:
+                state[id(q)] = (old[0].index_select(axis, keep),
+                                old[1].index_select(axis, keep), old[2])
+        self._state = state
+        self.groups = [([moved[p][0] if p in moved else p for p in params], lr)
+                       for params, lr in self.groups]
 
     def step(self) -> None:
         for params, lr in self.groups:

@@ -94,20 +94,32 @@ def _slopes(graph: Graph, start: str, rows: int, bounds: Mapping[str, Interval],
 def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
              tensors: Mapping[str, torch.Tensor], bounds: Mapping[str, Interval],
              lower_slope: str, config: AlphaConfig | None, start: Interval,
-             patches: bool = True, upper: bool = True) -> Interval:
+             patches: bool = True, upper: bool = True,
+             done: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Interval:
     """Tighten ``start`` (the CROWN bounds of ``A·output`` given ``bounds``) by optimising
     the activations' relaxation parameters, the lower and the upper bound each with
     parameters of their own; ``patches`` keeps conv-chain starts in window layout.
     ``upper=False`` (a verdict reads only the lower bound) optimises the lower side only,
     half the work: the upper bound is the best the lower side's slopes gave on the way (its
-    first step is CROWN's), never looser than CROWN's, rarely as tight as alpha's."""
+    first step is CROWN's), never looser than CROWN's, rarely as tight as alpha's.
+
+    ``done(lower) -> [B]`` (a search's goal, e.g. every disjunct ruled out): the samples
+    whose lower bounds so far are all the caller needs. They leave the lower side's
+    optimisation: it stops when every sample is done, and where a share ``SHRINK`` of
+    those still optimised are done and no slope is in window layout, it goes on with the
+    rest alone (their slopes and Adam's moments sliced out, so each remaining sample takes
+    the same steps as in the full batch: the samples of a batch are independent). A done
+    sample's bound is the best it had then, which is what the caller needed. Measured
+    (ACAS Xu 1_1, the input-split search's escalation, 8 steps): of the boxes alpha proved,
+    most were proven after its first step (property 5: 278 of 335), the rest spread over
+    the steps up to the last (property 6)."""
     config = config or AlphaConfig()
     # only pre-activation intervals are kept fixed: every other node's re-bounded interval
     # lies inside its first one already, and intersecting at ties would halve gradients
     pre = set(preactivations(graph))
     bounds = {k: v for k, v in bounds.items() if k in pre}
     lower = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, -1.0,
-                           patches)
+                           patches, done)
     if not upper:
         return lower
     high = _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start, 1.0,
@@ -116,8 +128,9 @@ def optimise(graph: Graph, plan: DomainPlan, A: torch.Tensor, x: Interval,
 
 
 def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, start,
-                   sign: float, patches: bool) -> Interval:
-    """Minimise ``sign * sum(bound)``: ``-1`` raises the lower bound, ``+1`` lowers the upper."""
+                   sign: float, patches: bool, done=None) -> Interval:
+    """Minimise ``sign * sum(bound)``: ``-1`` raises the lower bound, ``+1`` lowers the upper
+    (``done``: :func:`optimise`'s, lower side only)."""
     params: list[torch.Tensor] = []
     tighten = crown_nodes(graph, plan) if config.intermediate else set()
     starts = {}                      # pre-activation -> (inexact index, slopes[, conv chain])
@@ -142,6 +155,7 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
     if not (params or windowed) or config.iterations == 0:
         return Interval(best_lo, best_hi)
     opt = None
+    live = None                      # the samples still optimised (None: all)
     # what depends on fixed intervals alone (relaxation states, maxpool's windows), found
     # once for every step (an interval the step recomputes is new, or carries gradients)
     memo = LinesMemo(MEMO_BYTES)
@@ -151,10 +165,19 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
                 else bounds
             out = backward(graph, graph.output, A, x, tensors,
                            BackwardContext(current, lower_slope, final, lines=memo))
-            best_lo = torch.maximum(best_lo, out.lower.detach())
-            best_hi = torch.minimum(best_hi, out.upper.detach())
+            if live is None:
+                best_lo = torch.maximum(best_lo, out.lower.detach())
+                best_hi = torch.minimum(best_hi, out.upper.detach())
+            else:
+                best_lo[live] = torch.maximum(best_lo[live], out.lower.detach())
+                best_hi[live] = torch.minimum(best_hi[live], out.upper.detach())
             if step == config.iterations:
                 break
+            finished = None
+            if done is not None and sign < 0:
+                finished = done(best_lo if live is None else best_lo[live])
+                if bool(finished.all()):
+                    break
             if opt is None:          # the first pass made the window-layout slopes
                 params.extend(p for slopes in windowed for p in slopes.params)
                 if not params:
@@ -171,7 +194,41 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
             with torch.no_grad():
                 for p in params:
                     p.clamp_(0.0, 1.0)
+            if finished is not None and not windowed and \
+                    int(finished.sum()) >= SHRINK * finished.numel():
+                keep = (~finished).nonzero().flatten()
+                live = keep if live is None else live[keep]
+                if A.shape[0] == x.lower.shape[0]:
+                    A = A[keep]              # (else one row broadcast over the batch)
+                x = Interval(x.lower[keep], x.upper[keep])
+                bounds = {k: Interval(v.lower[keep], v.upper[keep]) for k, v in bounds.items()}
+                moved = {}
+                final = _take_slopes(graph, final, keep, moved)
+                starts = {k: (v[0], _take_slopes(graph, v[1], keep, moved))
+                          for k, v in starts.items()}
+                params = [q for q, _ in moved.values()]
+                opt.take(moved, keep)
+                memo = LinesMemo(MEMO_BYTES)
     return Interval(best_lo, best_hi)
+
+
+SHRINK = 0.25     # the share of done samples at which alpha goes on with the rest alone
+
+
+def _take_slopes(graph: Graph, slopes, keep: torch.Tensor, moved: dict):
+    """``slopes`` (:func:`_slopes`'s) of the samples ``keep``: new leaf tensors, each
+    recorded in ``moved`` under the one it replaces, with its batch axis."""
+    out = {}
+    for name, pair in slopes.items():
+        # stacked parameters (several per neuron) have the batch on axis 1
+        axis = 0 if activations.get(graph.node(name).op).n_params == 1 else 1
+        new = []
+        for p in pair:
+            q = p.detach().index_select(axis, keep).requires_grad_(True)
+            moved[p] = (q, axis)
+            new.append(q)
+        out[name] = tuple(new)
+    return out
 
 
 def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], starts,

@@ -11,7 +11,7 @@ user computes runs a plan (``boundflow.api``).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -36,15 +36,17 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
                  C: torch.Tensor | None, src: Interval, fold: bool, method: str,
                  bounds: Mapping[str, Interval], plan: DomainPlan,
                  lower_slope: str = "adaptive", alpha: AlphaConfig | None = None,
-                 patches: bool = True, upper: bool = True, lines: dict | None = None
-                 ) -> Interval:
+                 patches: bool = True, upper: bool = True, lines: dict | None = None,
+                 done: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Interval:
     """Bounds of the output (or of ``C·output``) by ``method`` ("ibp", "crown",
     "alpha-crown"). ``src`` is the output's interval, or with ``fold`` the interval of the
     output layer's input; ``bounds`` holds the pre-activation intervals the backward pass
     relaxes at (``plan`` says which of them alpha-CROWN re-derives; ``patches`` whether
     its conv-chain starts keep window-layout coefficients). ``upper=False``: alpha-CROWN
     optimises the lower bound only (the upper stays CROWN's). ``lines``: the run's memo of
-    the activations' default lines (``BackwardContext.lines``)."""
+    the activations' default lines (``BackwardContext.lines``). ``done(lower) -> [B]``: the
+    samples whose lower bounds (of ``C·output``) are all a caller needs; alpha-CROWN stops
+    optimising those (:func:`~boundflow.domains.alpha.optimise`)."""
     out = graph.output_node
     if C is None:
         by_ibp = src
@@ -64,7 +66,7 @@ def final_bounds(graph: Graph, x: Interval, tensors: Mapping[str, torch.Tensor],
     res = backward_chunked(graph, graph.output, A, x, tensors, ctx)
     if method == "alpha-crown":
         res = optimise(graph, plan, A, x, tensors, bounds, lower_slope, alpha, res, patches,
-                       upper)
+                       upper, done)
     shape = by_ibp.lower.shape
     return intersect(by_ibp, Interval(res.lower.reshape(shape), res.upper.reshape(shape)))
 

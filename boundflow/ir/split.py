@@ -71,11 +71,20 @@ class ReluSplit:
     def proven(self, lower: torch.Tensor) -> bool:
         """Whether ``lower`` ([domains, rows]) rules out every disjunct of the goal on every
         domain (some row of each above its threshold); False without a goal."""
+        return self.goal is not None and bool(self.proven_rows(lower).all())
+
+    def proven_rows(self, lower: torch.Tensor) -> torch.Tensor:
+        """``[domains]``: whether ``lower`` rules out every disjunct of the goal on each
+        domain (all False without a goal; a NaN bound proves nothing)."""
+        done = torch.zeros(lower.shape[0], dtype=torch.bool, device=lower.device)
         if self.goal is None:
-            return False
+            return done
         thr, ranges = self.goal
         gap = proof_margin(lower, thr.to(lower.device, lower.dtype))
-        return all(bool((gap[:, a:b] > 0).any(1).all()) for a, b in ranges)
+        done = ~done
+        for a, b in ranges:
+            done &= (gap[:, a:b] > 0).any(1)
+        return done
 
     def part(self, samples: slice) -> "ReluSplit":
         """The split state of the batch's ``samples`` (a slice along the batch)."""

@@ -7,6 +7,7 @@ CROWN's splitting does not close (ACAS Xu 1_1 property 5)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import time
 
@@ -174,8 +175,10 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
     y = evaluate(g, torch.from_numpy(lo + rng.random((4000, 2)) * (hi - lo))).numpy() @ C.T
     thr = np.quantile(y, 0.002, axis=0) - (0.05 if seed % 2 else -0.02)
     bounder = _Checked(PlanBounder(g, C, method="crown", batch=64), C)
+    # with the search's goal: alpha drops the boxes it proves from its optimisation
     refiner = _Checked(PlanBounder(g, C, method="alpha-crown", batch=64,
-                                   alpha=AlphaConfig(iterations=1)), C)
+                                   alpha=AlphaConfig(iterations=3),
+                                   goal=(torch.as_tensor(thr), ((0, 1),))), C)
     res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64, max_domains=20_000),
                       bounder=bounder, refiner=refiner, deadline=time.monotonic() + 60)
     if _truth(g, lo, hi, C, thr, [(0, 1)]):
@@ -185,6 +188,34 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
     if res.domains > 1:
         assert res.refined > 0
     assert res.bound_calls == bounder.calls + refiner.inner.calls
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_the_searchs_alpha_bounds_carry_its_goal(method, monkeypatch):
+    """Every alpha-CROWN bound of a search (the escalation's, or the search's own) is
+    given the search's goal, so its optimisation drops the boxes it proves."""
+    split_module = importlib.import_module("boundflow.bab.input_split")
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append((kwargs["method"], kwargs.get("goal")))
+        return PlanBounder(*args, **kwargs)
+    monkeypatch.setattr(split_module, "PlanBounder", spy)
+    monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
+    monkeypatch.setattr(Escalation, "choose", lambda self: True)
+    g = _net(1)
+    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
+    C = np.array([[1.0, -1.0, 0.0]])
+    y = evaluate(g, torch.from_numpy(lo + np.random.default_rng(1).random((4000, 2))
+                                     * (hi - lo))).numpy() @ C.T
+    thr = y.min(0) - 0.05
+    res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64, method=method),
+                      deadline=time.monotonic() + 60)
+    assert res.status == "unsat" and (res.refined > 0 or method == "alpha-crown")
+    alphas = [goal for m, goal in made if m == "alpha-crown"]
+    assert alphas and all(goal is not None and list(goal[1]) == [(0, 1)]
+                          and abs(float(goal[0][0]) - float(thr[0])) < 1e-6 for goal in alphas)
+    assert all(goal is None for m, goal in made if m != "alpha-crown")
 
 
 @pytest.mark.parametrize("config", [BabConfig(batch=64, escalate="none"),
