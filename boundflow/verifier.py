@@ -57,7 +57,8 @@ class Verifier:
         ``upper=False`` (a caller that reads the lower bounds only): alpha-CROWN tightens
         the lower side only, and the upper bounds are never looser than CROWN's. ``split``:
         a branch-and-bound state (:class:`~boundflow.ir.split.ReluSplit`; its ``goal``
-        lets alpha-CROWN stop optimising the domains it has proven)."""
+        lets alpha-CROWN stop optimising the domains it has proven, on the torch backend),
+        passed on where the executor's ``run`` takes it."""
         out = run_bounds(self._executor, box, C, upper,
                          **({} if split is None else {"split": split}))
         return _finite(Bounds(out.lower, out.upper))

@@ -106,7 +106,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     shape = tuple(graph.input_shape)
     if bounder is None:
         # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
-        goal = (torch.as_tensor(np.asarray(threshold, np.float64)), tuple(ranges)) \
+        goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \
             if config.method == "alpha-crown" else None
         bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
                               backend=config.backend, db=db, goal=goal)

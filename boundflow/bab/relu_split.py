@@ -127,7 +127,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     grads = _sensitivity(graph, ((lo + hi) / 2), spec.C, nodes)      # [rows, *shape] per node
     grads = [g.reshape(g.shape[0], -1).abs() for g in grads]
     stats = {"domains": 0, "calls": 0, "max_queue": 1}
-    goal = (spec.thr, tuple(spec.ranges))      # beta's steps stop once a batch is proven
+    # beta's steps stop once a batch is proven; alpha's drop each domain once it is
+    goal = (spec.thr, tuple(spec.ranges))
     elapsed = lambda: time.monotonic() - start  # noqa: E731
 
     def result(status, cex=None, reason=""):

@@ -106,19 +106,25 @@ def _import_seconds(module: str, path: Path) -> float:
 
 
 def run_bounds(exe: Any, box: Any, C: Any = None, upper: bool = True, **options: Any) -> Any:
-    """``exe.run(box, C, **options)``; with ``upper=False`` (the caller reads the lower bounds
-    only) passed on where the executor's ``run`` takes it (a registered backend's may not)."""
-    if upper:
-        return exe.run(box, C, **options)
-    takes = _TAKES_UPPER.get(type(exe))
-    if takes is None:
-        params = inspect.signature(exe.run).parameters.values()
-        takes = _TAKES_UPPER[type(exe)] = any(
-            p.name == "upper" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    return exe.run(box, C, upper=False, **options) if takes else exe.run(box, C, **options)
+    """``exe.run(box, C, **options)``; ``upper=False`` (the caller reads the lower bounds
+    only) and a ``split`` option (a search's state, which only speeds the torch backend up)
+    passed on where the executor's ``run`` takes them (a registered backend's may not)."""
+    if not upper:
+        options["upper"] = False
+    if "upper" in options or "split" in options:
+        takes = _TAKES.get(type(exe))
+        if takes is None:
+            params = inspect.signature(exe.run).parameters.values()
+            anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+            takes = _TAKES[type(exe)] = {
+                n for n in ("upper", "split")
+                if anything or any(p.name == n for p in params)}
+        options = {k: v for k, v in options.items()
+                   if k not in ("upper", "split") or k in takes}
+    return exe.run(box, C, **options)
 
 
-_TAKES_UPPER: dict[type, bool] = {}
+_TAKES: dict[type, set[str]] = {}
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _INSTANCES: dict[str, Backend] = {}
 

@@ -598,7 +598,8 @@ class TorchExecutor:
         src = env[t.inputs[0]].interval()
         method = t.attr("method")
         bounds = self._bounds_of(t, env, 1) if method != "ibp" else {}
-        done = split.proven_rows if split is not None and split.goal is not None else None
+        done = split.proven_rows if split is not None and split.goal is not None \
+            and C is not None else None
         out = final_bounds(self.graph, box, tensors, C, src, bool(t.attr("fold")), method,
                            bounds, self.domain_plan, self.lower_slope, self.alpha,
                            upper=upper, lines=lines, done=done)

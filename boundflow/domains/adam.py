@@ -49,7 +49,10 @@ class Adam:
         self.groups = [([moved[p][0] if p in moved else p for p in params], lr)
                        for params, lr in self.groups]
 
+    @torch.no_grad()
     def step(self) -> None:
+        """One step of every parameter with a gradient (one fused call per group: a group's
+        tensors share one device and dtype, as alpha's and beta's do)."""
         for params, lr in self.groups:
             live = [p for p in params if p.grad is not None]
             if not live:

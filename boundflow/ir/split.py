@@ -9,7 +9,10 @@ part of the box. A domain whose constraints contradict the bounds (active where 
 bound is below 0, say) is empty; its bounds are vacuous, kept finite. With
 ``beta_iterations`` the final bound also takes the split constraints as optimised
 multipliers (beta-CROWN, :mod:`boundflow.domains.beta`); with a ``goal`` (the search's
-thresholds and disjuncts) those steps stop once every domain of the batch is proven.
+thresholds and disjuncts) those steps stop once every domain of the batch is proven, and an
+alpha-CROWN final bound drops each domain from its optimisation once it is proven (torch
+backend; a split state with a goal and no split nodes carries just that, as input
+splitting's alpha bounds do).
 
 ``reference[node]``: bounds of a split node known to hold on each domain (in branch-and-bound,
 the parent domain's: a child's part of the box lies inside its parent's). Every bound the run
@@ -43,7 +46,8 @@ class ReluSplit:
     reference: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     reuse: bool = False             # take the reference bounds instead of recomputing them
     # the goal of the search: (thresholds [rows], each disjunct's (start, end) of rows); the
-    # beta steps stop once every domain's lower bounds rule out every disjunct
+    # beta steps stop once every domain's lower bounds rule out every disjunct, and alpha's
+    # optimisation drops each domain whose lower bounds do
     goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None
 
     def __post_init__(self):

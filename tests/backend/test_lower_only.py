@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import boundflow as bf
 from boundflow.backend.torch import TorchExecutor
@@ -122,6 +123,13 @@ def test_a_backend_whose_run_takes_no_upper_still_bounds_and_verifies(monkeypatc
     np.testing.assert_allclose(got.lower, ref.lower, rtol=0, atol=1e-6)
     res = bf.verify(g, x, labels=[0, 1], backend="mine", **opts)
     assert sum(e.calls for e in made) == 2 and res.verdicts.shape == (2, g.output_shape[0] - 1)
+    # a search's goal (a split state) is a speed hint: a run that cannot take it goes without
+    from boundflow.ir.split import ReluSplit
+    plain, before = made[0], made[0].calls           # compute_bounds's: no specs
+    out = base.run_bounds(plain, InputSpec.linf(x, 0.01), None, False,
+                          split=ReluSplit({}, goal=(torch.zeros(1), ((0, 1),))))
+    np.testing.assert_allclose(out.lower, ref.lower, rtol=0, atol=1e-6)
+    assert plain.calls == before + 1
 
 
 def test_a_verdicts_plan_and_its_both_sides_twin_share_one_compiled_module():

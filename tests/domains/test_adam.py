@@ -78,14 +78,27 @@ def test_the_first_optimised_bound_does_not_import_dynamo(tmp_path, method):
         call = ("r = bf.compute_bounds(g, bf.InputSpec.linf(np.zeros((2, 3), np.float32), 0.5),"
                 " method='alpha-crown')\n"
                 "assert np.isfinite(r.lower).all()\n")
-    else:   # beta-CROWN's optimiser (its bounds: tests/bab)
+    else:   # beta-CROWN's multipliers under a split state
         call = ("import torch\n"
-                "from boundflow.domains.beta import Adam\n"
-                "p = torch.ones(2, requires_grad=True)\n"
-                "opt = Adam([([p], 0.1)])\n"
-                "p.sum().backward()\n"
-                "opt.step()\n"
-                "assert bool((p < 1).all())\n")
+                "import boundflow.domains.beta as B\n"
+                "from boundflow.bab.bounder import _verifier\n"
+                "from boundflow.bab.relu_split import relu_inputs\n"
+                "from boundflow.ir.split import ReluSplit\n"
+                "from boundflow.ir.spec import InputSpec, LinearSpec\n"
+                "made = []\n"
+                "class Counted(B.Adam):\n"
+                "    def __init__(self, *a):\n"
+                "        made.append(1)\n"
+                "        super().__init__(*a)\n"
+                "B.Adam = Counted\n"
+                "v = _verifier(g, 4, 1, 'crown', 'torch', None, 'time@width')\n"
+                "node = relu_inputs(g)[0]\n"
+                "signs = torch.zeros(4, 8, dtype=torch.int8); signs[:, :3] = 1\n"
+                "box = InputSpec.box(-np.ones((4, 3), np.float32), np.ones((4, 3), np.float32))\n"
+                "C = LinearSpec(np.tile(np.array([[[1.0, -1.0]]], np.float32), (4, 1, 1)))\n"
+                "out = v._executor.run(box, C, upper=False,"
+                " split=ReluSplit({node: signs}, beta_iterations=3))\n"
+                "assert made and np.isfinite(out.lower.numpy()).all(), made\n")
     code = ("import sys, numpy as np, boundflow as bf\n"
             "from boundflow.frontend.onnx import load_onnx\n"
             f"g = load_onnx({str(tmp_path / 'm.onnx')!r})\n" + call +

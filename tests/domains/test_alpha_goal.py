@@ -51,7 +51,7 @@ def test_proven_boxes_leave_and_the_rest_are_bounded_as_in_the_full_batch(monkey
     # thresholds that leave about half the boxes open, half proven at various steps
     thr = full.quantile(0.3, dim=0) - 0.05
     check = ReluSplit({}, goal=(thr, RANGES))
-    takes = counted_calls(monkeypatch, alpha_mod, "_take_slopes")
+    takes = counted_calls(monkeypatch, Adam, "take")
     goal = PlanBounder(g, C2, method="alpha-crown", batch=128, alpha=STEPS,
                        goal=(thr, RANGES))
     lb = goal(lo, hi)
@@ -68,6 +68,38 @@ def test_proven_boxes_leave_and_the_rest_are_bounded_as_in_the_full_batch(monkey
     cy = evaluate(g, pts.reshape(-1, 3).double()).reshape(lo.shape[0], -1, 3) \
         @ torch.as_tensor(C2).T
     assert (cy >= lb[:, None].double() - 1e-5).all()
+
+
+def test_boxes_leaving_in_two_rounds_are_written_back_to_their_places(monkeypatch):
+    """Two shrinks (the second indexes the survivors of the first): the boxes never done
+    get exactly the full batch's bounds, those done keep the bound they had then."""
+    g = _net("relu", seed=2)
+    lo, hi = _boxes(40)
+    full = PlanBounder(g, C2, method="alpha-crown", batch=64, alpha=STEPS)(lo, hi)
+    calls, retired = [0], []
+
+    def proven_rows(self, lower):
+        # retire every third of the live boxes at the first call, every second at the third
+        calls[0] += 1
+        done = torch.zeros(lower.shape[0], dtype=torch.bool)
+        if calls[0] == 1:
+            done[::3] = True
+        elif calls[0] == 3:
+            done[::2] = True
+        return done
+    monkeypatch.setattr(ReluSplit, "proven_rows", proven_rows)
+    takes = counted_calls(monkeypatch, Adam, "take")
+    lb = PlanBounder(g, C2, method="alpha-crown", batch=64, alpha=STEPS,
+                     goal=(torch.zeros(2), RANGES))(lo, hi)
+    assert len(takes) == 2
+    first = torch.arange(40)[::3]                          # retired at the first shrink
+    rest = torch.tensor([i for i in range(40) if i % 3])
+    second = rest[::2]                                     # retired at the second
+    never = torch.tensor(sorted(set(range(40)) - set(first.tolist()) - set(second.tolist())))
+    assert torch.allclose(lb[never], full[never], atol=1e-6, rtol=0)
+    retired = torch.cat([first, second])
+    assert (lb[retired] <= full[retired] + 1e-6).all()
+    assert not torch.allclose(lb[retired], full[retired], atol=1e-6)   # they stopped early
 
 
 def test_it_stops_when_every_box_is_proven(monkeypatch):
