@@ -47,7 +47,9 @@ and alpha stops on proven boxes          3.3-3.5     13.0-16.5   11.2-12.8
 2026-11-28 15:00-15:10; the row above them includes torch.optim's 1.1-1.7 s import, gone
 since :mod:`boundflow.domains.adam`. In the last, alpha's optimisation drops each box it
 has proven, ``PlanBounder(goal=...)``: of the boxes it proves on property 5, 278 of 335
-were proven after its first step.)
+were proven after its first step. The same searches in one process, with and without the
+goal interleaved, 3 rounds, medians: 4.66 -> 3.65 s, 23.2 -> 14.2 s, 14.6 -> 10.5 s. CROWN
+alone on 1_9 property 6, the same hour: 7.4-10.6 s, escalated 11.1-13.7 s.)
 
 So a search CROWN would have finished soon after the first second still pays (1_9
 property 6 is no VNN-COMP pairing). Tried and dropped: a per-box rule from measured gains
