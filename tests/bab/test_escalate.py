@@ -190,6 +190,19 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
     assert res.bound_calls == bounder.calls + refiner.inner.calls
 
 
+def _escalating_search(monkeypatch):
+    """A net, box, spec row and threshold (just below the sampled minimum: unsat, needs
+    splitting), with escalation from the first round on."""
+    monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
+    monkeypatch.setattr(Escalation, "choose", lambda self: True)
+    g = _net(1)
+    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
+    C = np.array([[1.0, -1.0, 0.0]])
+    y = evaluate(g, torch.from_numpy(lo + np.random.default_rng(1).random((4000, 2))
+                                     * (hi - lo))).numpy() @ C.T
+    return g, lo, hi, C, y.min(0) - 0.05
+
+
 @pytest.mark.parametrize("method", ["crown", "alpha-crown"])
 def test_the_searchs_alpha_bounds_carry_its_goal(method, monkeypatch):
     """Every alpha-CROWN bound of a search (the escalation's, or the search's own) is
@@ -201,14 +214,7 @@ def test_the_searchs_alpha_bounds_carry_its_goal(method, monkeypatch):
         made.append((kwargs["method"], kwargs.get("goal")))
         return PlanBounder(*args, **kwargs)
     monkeypatch.setattr(split_module, "PlanBounder", spy)
-    monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
-    monkeypatch.setattr(Escalation, "choose", lambda self: True)
-    g = _net(1)
-    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
-    C = np.array([[1.0, -1.0, 0.0]])
-    y = evaluate(g, torch.from_numpy(lo + np.random.default_rng(1).random((4000, 2))
-                                     * (hi - lo))).numpy() @ C.T
-    thr = y.min(0) - 0.05
+    g, lo, hi, C, thr = _escalating_search(monkeypatch)
     res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64, method=method),
                       deadline=time.monotonic() + 60)
     assert res.status == "unsat" and (res.refined > 0 or method == "alpha-crown")
@@ -221,17 +227,10 @@ def test_the_searchs_alpha_bounds_carry_its_goal(method, monkeypatch):
 @pytest.mark.parametrize("config", [BabConfig(batch=64, escalate="none"),
                                     BabConfig(batch=64, method="alpha-crown")])
 def test_none_and_alpha_crown_searches_never_escalate(config, monkeypatch):
-    monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
-    monkeypatch.setattr(Escalation, "choose", lambda self: True)
-    g = _net(1)
-    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
-    C = np.array([[1.0, -1.0, 0.0]])
-    y = evaluate(g, torch.from_numpy(lo + np.random.default_rng(1).random((4000, 2))
-                                     * (hi - lo))).numpy() @ C.T
-    res = input_split(g, lo, hi, C, y.min(0) - 0.05, [(0, 1)], config,
-                      deadline=time.monotonic() + 60)
+    g, lo, hi, C, thr = _escalating_search(monkeypatch)
+    res = input_split(g, lo, hi, C, thr, [(0, 1)], config, deadline=time.monotonic() + 60)
     assert res.status == "unsat" and res.domains > 3 and res.refined == 0
-    on = input_split(g, lo, hi, C, y.min(0) - 0.05, [(0, 1)], BabConfig(batch=64),
+    on = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64),
                      deadline=time.monotonic() + 60)
     assert on.status == "unsat" and on.refined > 0                 # the same search escalates
 
