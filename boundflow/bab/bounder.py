@@ -101,10 +101,10 @@ class PlanBounder:
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
         self._C = _batched_rows(C, self.batch, self.dtype)
-        self._split = None
+        self._run = {}                # what each run takes besides the box and spec
         if goal is not None:
             from boundflow.ir.split import ReluSplit
-            self._split = ReluSplit({}, goal=(goal[0], tuple(goal[1])))
+            self._run = {"split": ReluSplit({}, goal=(goal[0], tuple(goal[1])))}
         self.calls = 0
         self.seconds = 0.0
 
@@ -141,8 +141,7 @@ class PlanBounder:
             if self._later is not None and self.seconds >= self.switch_after:
                 self._switch()
             t0 = time.perf_counter()
-            goal = {} if self._split is None else {"split": self._split}
-            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False, **goal)
+            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False, **self._run)
                        .lower.to(self.dtype))
             self.calls += 1
             self.seconds += time.perf_counter() - t0
