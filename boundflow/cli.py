@@ -930,7 +930,8 @@ def _measure_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--repeat", type=_POSITIVE_INT, default=5,
                    help=f"timings per {what} (default 5)")
     p.add_argument("--timeout", type=_POSITIVE, default=120.0,
-                   help=f"seconds per build or run of one {what} (default 120)")
+                   help=f"seconds per build or run of one {what} (default 120); a slow "
+                   f"{what} is timed with fewer calls so its timing ends within half of it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -19,6 +19,11 @@ from boundflow.errors import BoundFlowError
 from boundflow.measure.result import BuildResult, MeasureInput, MeasureResult, WorkerError, \
     summarise, tightness
 
+# the share of ``timeout_s`` a candidate's timing may take after its first call: a slow
+# candidate (alpha-CROWN on a thousand boxes: 5-17 s a call) is timed with fewer calls rather
+# than killed at the timeout for the number of its calls
+TIMEOUT_SHARE = 0.5
+
 
 @dataclass(frozen=True)
 class MeasureConfig:
@@ -31,7 +36,8 @@ class MeasureConfig:
     libraries' defaults, as ``verify`` runs; on a small or shared machine one thread gives
     far steadier times: torch's thread team stalls whenever one of its threads loses its
     core). ``max_seconds``: how long a candidate's timing may take after its first call (None:
-    no limit); a slow candidate is then timed with fewer calls (``fitted``), at least one."""
+    :data:`TIMEOUT_SHARE` of ``timeout_s``, and never more than that); a slow candidate is then
+    timed with fewer calls (``fitted``), at least one."""
 
     number: int = 3
     repeat: int = 5
@@ -42,16 +48,20 @@ class MeasureConfig:
     max_seconds: float | None = None
 
     def fitted(self, per_call_s: float, kernels: bool = False) -> "MeasureConfig":
-        """This protocol cut down to fit ``max_seconds`` at ``per_call_s`` seconds a call
+        """This protocol cut down to fit ``max_seconds`` (and :data:`TIMEOUT_SHARE` of
+        ``timeout_s``) at ``per_call_s`` seconds a call
         (``kernels``: the kernels are timed after the calls, as many again): one call per
         timing first, then fewer timings, then fewer warm-up calls; unchanged when it fits."""
         import dataclasses
 
-        if self.max_seconds is None or per_call_s <= 0:
+        if per_call_s <= 0:
             return self
+        limit = TIMEOUT_SHARE * self.timeout_s
+        if self.max_seconds is not None:
+            limit = min(limit, self.max_seconds)
         per_timing = 2 if kernels else 1
         calls = self.warmup + self.number * self.repeat * per_timing
-        budget = int(self.max_seconds // per_call_s)
+        budget = int(limit // per_call_s)
         if calls <= budget:
             return self
         repeat = max(1, min(self.repeat, budget // per_timing))

@@ -5,6 +5,7 @@ and the RPC runner over a tracker and two servers on loopback."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import functools
 import time
@@ -240,7 +241,27 @@ def test_a_slow_candidate_is_timed_with_fewer_calls_to_fit_max_seconds():
     both = c.fitted(0.25, kernels=True)                      # calls and kernels: 4 timings
     assert (both.number, both.repeat, both.warmup) == (1, 4, 0)
     assert c.fitted(10.0).repeat == 1                         # one timed call at least
-    assert MeasureConfig().fitted(10.0) == MeasureConfig()    # no limit, no change
+    # the timeout's share cuts the same way (2 s: half of a 4 s timeout)
+    assert MeasureConfig(number=3, repeat=5, warmup=1, timeout_s=4.0).fitted(0.25) == \
+        dataclasses.replace(slow, max_seconds=None, timeout_s=4.0)
+
+
+def test_without_max_seconds_a_slow_candidate_fits_a_share_of_the_timeout():
+    """Half of ``timeout_s`` (the default 120 s: 60 s) after the first call, so a plan of
+    many seconds a call is timed with fewer calls instead of killed at the timeout."""
+    from boundflow.measure.worker import TIMEOUT_SHARE
+
+    assert TIMEOUT_SHARE == 0.5
+    c = MeasureConfig()                                        # 1 + 3 x 5 calls
+    assert c.fitted(1.0) == c                                  # 16 s: fits 60 s
+    assert (c.fitted(10.0).number, c.fitted(10.0).repeat, c.fitted(10.0).warmup) == (1, 5, 1)
+    slow = c.fitted(25.0)                                      # 2 calls fit
+    assert (slow.number, slow.repeat, slow.warmup) == (1, 2, 0)
+    assert MeasureConfig(timeout_s=600).fitted(10.0) == MeasureConfig(timeout_s=600)
+    # max_seconds still cuts further, and never beyond the timeout's share
+    calls = lambda m: (m.number, m.repeat, m.warmup)                # noqa: E731
+    assert calls(MeasureConfig(max_seconds=1e6).fitted(10.0)) == calls(c.fitted(10.0))
+    assert calls(MeasureConfig(max_seconds=20.0).fitted(10.0)) == (1, 2, 0)
 
 
 def test_a_compile_past_the_callers_time_is_cut_and_the_builder_goes_on(tmp_path):
