@@ -188,7 +188,8 @@ def cmd_verify_property(args: argparse.Namespace) -> int:
     n_in, n_out = int(np.prod(graph.input_shape)), int(np.prod(graph.output_shape))
     prop = load_vnnlib(args.vnnlib, n_in, n_out)
     log.debug("read %s (%d disjuncts) at %.2f s", args.vnnlib, len(prop.disjuncts), _elapsed(args))
-    options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations))
+    options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations),
+                           target=args.target)
     # the checks between steps answer in time on their own; the hard limit is the backstop
     soft = None if args.timeout is None else max(args.timeout - _elapsed(args) - _MARGIN, 1e-3)
     result = check_property(graph, prop, options, timeout=soft, confirm=onnx_runner(args.onnx),
@@ -226,6 +227,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     from boundflow.vnncomp import read_instances, run_instances
 
     rows = read_instances(args.instances)
+    _cpu_only(args)                      # a --target this machine cannot run: one line now
     bab = _bab_config(args, args.backend)
     if args.db:
         _objective(args.objective)
@@ -233,7 +235,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     if args.results is not None:                   # before any instance is solved
         _output_dir(Path(args.results), "results directory")
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations),
-                           backend=args.backend, target=args.target)
+                           target=args.target)
     root = args.root or args.instances.parent
     started = _elapsed(args)
     print(f"{'instance':<52} {'expected':>8} {'verdict':>8} {'total s':>8} {'solve s':>8} "
@@ -321,6 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                  "(--db looks up the plan of the branch-and-bound's bound "
                                  "workload, recorded by `boundflow tune --vnnlib`)")
         _output_file(args.out, "result file")
+        _cpu_only(args)                    # a --target this machine cannot run: one line now
         work = cmd_verify_property
     else:
         if not (args.model and args.input and args.eps is not None):
@@ -907,7 +910,8 @@ def _bab_config(args: argparse.Namespace, backend: str = "torch"):
                      backend=backend, queue_mb=max(args.queue_mb, 2),
                      intermediate=getattr(args, "bab_intermediate", "reuse"),
                      screen=getattr(args, "bab_screen", "none"),
-                     escalate=getattr(args, "bab_escalate", "alpha"))
+                     escalate=getattr(args, "bab_escalate", "alpha"),
+                     target=getattr(args, "target", "llvm"))
 
 
 def _method(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -919,9 +923,9 @@ def _backend(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--backend", choices=["torch", "relax"], default=default,
                    help=f"torch ops or TVM Relax with TIR kernels (default {default})")
     p.add_argument("--target", type=_target, default="llvm",
-                   help="TVM target of --backend relax: llvm or cuda, as a string "
-                   "(\"llvm -mcpu=x86-64\") or TVM's JSON form ('{\"kind\": \"llvm\"}'); "
-                   "default llvm")
+                   help="where the plans run: llvm (the CPU) or cuda (the GPU: torch on it, "
+                   "or Relax compiled for it), as TVM's string (\"llvm -mcpu=x86-64\") or "
+                   "JSON form ('{\"kind\": \"llvm\"}'); default llvm")
 
 
 def _measure_arguments(p: argparse.ArgumentParser, what: str) -> None:

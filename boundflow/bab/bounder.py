@@ -41,18 +41,18 @@ _KEEP = 16
 
 
 def _verifier(graph: Graph, batch: int, rows: int, method: str, backend: str, db: Any,
-              objective: str, alpha: Any = None):
+              objective: str, alpha: Any = None, target: str = "llvm"):
     """The compiled verifier of the workload, made once per process (a run of many
     instances on one model compiles and looks up its plan once)."""
     from boundflow.verifier import compile as compile_verifier
 
     key = (id(graph), batch, rows, method, backend, db if isinstance(db, (str, type(None)))
-           else id(db), objective, alpha)
+           else id(db), objective, alpha, target)
     hit = _VERIFIERS.get(key)
     if hit is not None and hit[0] is graph:
         return hit[1]
     v = compile_verifier(graph, batch=batch, n_specs=rows, method=method, backend=backend,
-                         db=db, objective=objective, alpha=alpha)
+                         db=db, objective=objective, alpha=alpha, target=target)
     if len(_VERIFIERS) >= _KEEP:
         _VERIFIERS.pop(next(iter(_VERIFIERS)))
     _VERIFIERS[key] = (graph, v)
@@ -90,13 +90,15 @@ class PlanBounder:
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
                  backend: str = "torch", db: Any = None, objective: str = "time@width",
                  switch_after: float = SWITCH_AFTER_S, alpha: Any = None,
-                 goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None):
+                 goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None,
+                 target: str = "llvm"):
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
         self._args = (graph, self.batch, self.rows, method, backend)
-        self._alpha = alpha
+        self._alpha, self._target = alpha, target
         self._later = (db, objective) if db is not None and switch_after > 0 else None
-        self.verifier = _verifier(*self._args, None if self._later else db, objective, alpha)
+        self.verifier = _verifier(*self._args, None if self._later else db, objective, alpha,
+                                  target)
         self.switch_after = float(switch_after)
         self.dtype = torch.float64 if self.verifier.plan.workload.dtype == "float64" \
             else torch.float32
@@ -113,7 +115,7 @@ class PlanBounder:
         db, objective = self._later
         self._later = None
         try:
-            tuned = _verifier(*self._args, db, objective, self._alpha)
+            tuned = _verifier(*self._args, db, objective, self._alpha, self._target)
         except BoundFlowError as e:
             log.warning("the tuned plan could not be loaded (%s); the default plan runs on", e)
             return

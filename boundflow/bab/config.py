@@ -25,7 +25,10 @@ class BabConfig:
     times the spec's gradient at the box centre is largest (an estimate of how much the
     linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
     limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
-    each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend.
+    each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend;
+    ``target``: where its plans run (``cuda``: input splitting's plan runs on the GPU, the
+    queue, branching and falsifier stay on the CPU, each batch's boxes go over and their
+    bounds come back; ReLU splitting runs on the CPU).
     ``attack_every``: iterations between falsifier runs from the domains closest to a
     violation (0: only the check of every domain's centre). ``beta_iterations``: ReLU
     splitting's steps on the split constraints' multipliers per bound (beta-CROWN; 0:
@@ -58,8 +61,12 @@ class BabConfig:
     intermediate: str = "reuse"
     screen: str = "none"
     escalate: str = "alpha"
+    target: str = "llvm"
 
     def __post_init__(self):
+        from boundflow.target import canonical_target
+
+        object.__setattr__(self, "target", canonical_target(self.target))
         if self.strategy not in STRATEGIES:
             raise BoundFlowError(f"unknown BaB strategy {self.strategy!r}; choose from "
                                  f"{', '.join(STRATEGIES)}")

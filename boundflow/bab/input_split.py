@@ -109,7 +109,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \
             if config.method == "alpha-crown" else None
         bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
-                              backend=config.backend, db=db, goal=goal)
+                              backend=config.backend, db=db, goal=goal, target=config.target)
     dtype = bounder.dtype
     spec = Disjuncts(C, threshold, ranges, dtype)
     lo64 = np.asarray(lower, np.float64).reshape(-1)
@@ -148,7 +148,8 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         # made on first use: a search that ends before escalating never plans it
         refiner = _Lazy(lambda: PlanBounder(graph, np.asarray(C), method="alpha-crown",
                                             batch=config.batch, alpha=ESCALATE_ALPHA,
-                                            goal=(spec.thr, spec.ranges)))
+                                            goal=(spec.thr, spec.ranges),
+                                            target=config.target))
     escalation = None if refiner is None else \
         Escalation(refiner, lambda lb: spec.margins(lb).min(1).values, deadline=deadline)
 

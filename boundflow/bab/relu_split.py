@@ -43,6 +43,7 @@ from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.split import ReluSplit
+from boundflow.target import target_kind
 
 log = logging.getLogger("boundflow.bab")
 
@@ -109,6 +110,9 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     start = time.monotonic()
     shape = tuple(graph.input_shape)
     nodes = relu_inputs(graph)
+    if target_kind(config.target) != "llvm":
+        log.warning("bab: ReLU splitting runs its plans on the CPU (torch), not on %s",
+                    config.target)
     verifier = _plan(graph, config.batch, int(C.shape[0]), config.method, db)
     executor = verifier._executor
     bounded = executor._bounded_shapes()

@@ -207,7 +207,8 @@ def test_a_tuned_plan_is_loaded_once_the_search_has_run_long_enough(monkeypatch)
     tuned.plan = default.plan                         # the same workload
     looked_up = []
 
-    def fake_verifier(graph, batch, rows, method, backend, db, objective, alpha=None):
+    def fake_verifier(graph, batch, rows, method, backend, db, objective, alpha=None,
+                      target="llvm"):
         looked_up.append(db)
         return default if db is None else tuned
     monkeypatch.setattr(bounder, "_verifier", fake_verifier)
