@@ -162,10 +162,10 @@ def test_a_nan_plan_bound_takes_the_second_bound():
     assert torch.equal(out, torch.tensor([[-0.5, -0.5], [-0.5, -0.5], [-0.5, -0.5]]))
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
-    """Escalating every round from the start: every batch of either bound holds on sampled
-    points and corners of its boxes, and the verdict agrees with dense sampling."""
+def random_escalated_search(seed, monkeypatch, target="llvm"):
+    """A random net's search escalating every round from the start, its bounds checked on
+    sampled points and corners of every batch: ``(graph, box, C, thr, bounder, refiner,
+    result)``, the plans run on ``target``."""
     monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
     monkeypatch.setattr(Escalation, "choose", lambda self: True)
     g = _net(seed)
@@ -174,13 +174,21 @@ def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
     rng = np.random.default_rng(100 + seed)
     y = evaluate(g, torch.from_numpy(lo + rng.random((4000, 2)) * (hi - lo))).numpy() @ C.T
     thr = np.quantile(y, 0.002, axis=0) - (0.05 if seed % 2 else -0.02)
-    bounder = _Checked(PlanBounder(g, C, method="crown", batch=64), C)
+    bounder = _Checked(PlanBounder(g, C, method="crown", batch=64, target=target), C)
     # with the search's goal: alpha drops the boxes it proves from its optimisation
     refiner = _Checked(PlanBounder(g, C, method="alpha-crown", batch=64,
-                                   alpha=AlphaConfig(iterations=3),
+                                   alpha=AlphaConfig(iterations=3), target=target,
                                    goal=(torch.as_tensor(thr), ((0, 1),))), C)
     res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64, max_domains=20_000),
                       bounder=bounder, refiner=refiner, deadline=time.monotonic() + 60)
+    return g, (lo, hi), C, thr, bounder, refiner, res
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_escalated_searches_are_sound_and_never_wrong(seed, monkeypatch):
+    """Escalating every round from the start: every batch of either bound holds on sampled
+    points and corners of its boxes, and the verdict agrees with dense sampling."""
+    g, (lo, hi), C, thr, bounder, refiner, res = random_escalated_search(seed, monkeypatch)
     if _truth(g, lo, hi, C, thr, [(0, 1)]):
         assert res.status != "unsat", "unsat where a counterexample exists"
     assert res.status in ("unsat", "sat")

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import boundflow.bab.escalate as escalate
 from boundflow.bab import BabConfig, input_split, relu_split
 from boundflow.bab.bounder import PlanBounder
-from boundflow.bab.escalate import Escalation
 from boundflow.cli import main
 from boundflow.errors import BoundFlowError
 from boundflow.target import canonical_target
-from tests.bab.test_escalate import _escalating_search
+from tests.bab.test_escalate import _escalating_search, random_escalated_search
 from tests.bab.test_input_split import _net, _truth
 
 DATA = Path(__file__).resolve().parents[2] / "boundflow" / "examples" / "data"
@@ -111,20 +109,13 @@ def test_verify_of_a_property_passes_its_target_to_the_search(monkeypatch, capsy
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("seed", range(4))
-def test_on_a_gpu_an_escalated_search_decides_as_on_the_cpu(seed, monkeypatch):
-    """The plan and the escalation's alpha-CROWN on the GPU: never wrong (dense sampling),
-    the same verdict as the CPU's search."""
-    monkeypatch.setattr(escalate, "ESCALATE_AFTER_S", 0.0)
-    monkeypatch.setattr(Escalation, "choose", lambda self: True)
-    g = _net(seed)
-    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
-    C = np.array([[1.0, -1.0, 0.0]])
-    rng = np.random.default_rng(100 + seed)
-    from boundflow.domains.concrete import evaluate
-    y = evaluate(g, torch.from_numpy(lo + rng.random((4000, 2)) * (hi - lo))).numpy() @ C.T
-    thr = np.quantile(y, 0.002, axis=0) - (0.05 if seed % 2 else -0.02)
-    runs = {t: input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=64, target=t),
-                           deadline=time.monotonic() + 60) for t in ("llvm", "cuda")}
+def test_on_a_gpu_an_escalated_search_is_sound_and_decides_as_on_the_cpu(seed, monkeypatch):
+    """The plan and the escalation's alpha-CROWN on the GPU: every batch of either bound
+    holds on sampled points and corners of its boxes, never wrong (dense sampling), the
+    same verdict as the CPU's search."""
+    g, (lo, hi), C, thr, _, refiner, gpu = random_escalated_search(seed, monkeypatch, "cuda")
+    cpu = random_escalated_search(seed, monkeypatch)[-1]
     if _truth(g, lo, hi, C, thr, [(0, 1)]):
-        assert runs["cuda"].status != "unsat", "unsat where a counterexample exists"
-    assert runs["cuda"].status == runs["llvm"].status
+        assert gpu.status != "unsat", "unsat where a counterexample exists"
+    assert gpu.status == cpu.status and gpu.status in ("unsat", "sat")
+    assert gpu.refined == refiner.checked and (gpu.domains == 1 or gpu.refined > 0)
