@@ -112,11 +112,14 @@ def _objective(text: str) -> str:
     return Objective.parse(text).name
 
 
-def _cpu_only(args: argparse.Namespace) -> None:
-    """Refuse, before any work, a backend that cannot run ``--target`` on this machine."""
+def _cpu_only(args: argparse.Namespace, torch_too: bool = False) -> None:
+    """Refuse, before any work, a backend that cannot run ``--target`` on this machine
+    (``torch_too``: nor torch, which a property's whole-box bound and escalation run on)."""
     from boundflow.backend import create
 
     create(args.backend).check_target(args.target)
+    if torch_too and args.backend != "torch":
+        create("torch").check_target(args.target)
 
 
 def _load_input(path: str, sample_shape: tuple[int, ...]):
@@ -227,7 +230,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     from boundflow.vnncomp import read_instances, run_instances
 
     rows = read_instances(args.instances)
-    _cpu_only(args)                      # a --target this machine cannot run: one line now
+    _cpu_only(args, torch_too=True)      # a --target this machine cannot run: one line now
     bab = _bab_config(args, args.backend)
     if args.db:
         _objective(args.objective)
@@ -235,7 +238,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     if args.results is not None:                   # before any instance is solved
         _output_dir(Path(args.results), "results directory")
     options = BoundOptions(args.method, alpha=AlphaConfig(iterations=args.alpha_iterations),
-                           target=args.target)
+                           backend=args.backend, target=args.target)
     root = args.root or args.instances.parent
     started = _elapsed(args)
     print(f"{'instance':<52} {'expected':>8} {'verdict':>8} {'total s':>8} {'solve s':>8} "
@@ -323,7 +326,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                  "(--db looks up the plan of the branch-and-bound's bound "
                                  "workload, recorded by `boundflow tune --vnnlib`)")
         _output_file(args.out, "result file")
-        _cpu_only(args)                    # a --target this machine cannot run: one line now
+        _cpu_only(args, torch_too=True)    # a --target this machine cannot run: one line now
         work = cmd_verify_property
     else:
         if not (args.model and args.input and args.eps is not None):
@@ -1032,8 +1035,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backends searched, comma-separated (default: all, torch,relax); the "
                    "default path of verify (torch) is always measured as the baseline")
     t.add_argument("--target", type=_target, default="llvm",
-                   help="TVM target of the relax backend: llvm or cuda, string or JSON form "
-                   "(default llvm)")
+                   help="where the plans are measured and run: llvm (the CPU) or cuda (the "
+                   "GPU: torch on it, or Relax compiled for it), string or JSON form (default "
+                   "llvm); with --vnnlib also where the search's plans run")
     t.add_argument("--threads", type=_POSITIVE_INT, default=None,
                    help="threads per measuring worker (default: the machine's)")
     t.add_argument("--db", required=True, help="tuning database: a file or an SQLAlchemy URL")

@@ -180,13 +180,13 @@ class ForwardScreen:
     (``BabConfig.screen``)."""
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, target: str = "llvm"):
         from boundflow.bab.relu_split import relu_inputs
         from boundflow.domains.traversal import graph_tensors
 
         self.graph, self.batch = graph, int(batch)
         self.verifier = _verifier(graph, self.batch, int(C.shape[0]), method, "torch", None,
-                                  "time@width")
+                                  "time@width", target=target)
         self.nodes = relu_inputs(graph)
         self.tensors = graph_tensors(graph, dtype)
         self.dtype = dtype

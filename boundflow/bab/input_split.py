@@ -141,7 +141,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         return None
 
     screen = ForwardScreen(graph, np.asarray(C), method=config.method, batch=config.batch,
-                           dtype=dtype) \
+                           dtype=dtype, target=config.target) \
         if config.screen == "forward" and ForwardScreen.usable(graph, config.method) else None
 
     if refiner is None and config.escalate == "alpha" and config.method != "alpha-crown":

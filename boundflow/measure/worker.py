@@ -19,10 +19,11 @@ from boundflow.errors import BoundFlowError
 from boundflow.measure.result import BuildResult, MeasureInput, MeasureResult, WorkerError, \
     summarise, tightness
 
-# the share of ``timeout_s`` a candidate's timing may take after its first call: a slow
-# candidate (alpha-CROWN on a thousand boxes: 5-17 s a call) is timed with fewer calls rather
-# than killed at the timeout for the number of its calls
-TIMEOUT_SHARE = 0.5
+# the share of ``timeout_s`` a candidate's whole measurement (its load and first call
+# included) is fitted to: a slow candidate (alpha-CROWN on a thousand ACAS Xu boxes: 28 s a
+# call on one thread) is timed with fewer calls rather than killed at the timeout for the
+# number of its calls; one whose protocol fits is timed in full
+TIMEOUT_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class MeasureConfig:
     libraries' defaults, as ``verify`` runs; on a small or shared machine one thread gives
     far steadier times: torch's thread team stalls whenever one of its threads loses its
     core). ``max_seconds``: how long a candidate's timing may take after its first call (None:
-    :data:`TIMEOUT_SHARE` of ``timeout_s``, and never more than that); a slow candidate is then
-    timed with fewer calls (``fitted``), at least one."""
+    no limit but the timeout's: the measurement, its load and first call included, fitted to
+    :data:`TIMEOUT_SHARE` of ``timeout_s``); a slow candidate is then timed with fewer calls
+    (``fitted``), at least one."""
 
     number: int = 3
     repeat: int = 5
@@ -47,21 +49,24 @@ class MeasureConfig:
     threads: int | None = None
     max_seconds: float | None = None
 
-    def fitted(self, per_call_s: float, kernels: bool = False) -> "MeasureConfig":
-        """This protocol cut down to fit ``max_seconds`` (and :data:`TIMEOUT_SHARE` of
-        ``timeout_s``) at ``per_call_s`` seconds a call
-        (``kernels``: the kernels are timed after the calls, as many again): one call per
-        timing first, then fewer timings, then fewer warm-up calls; unchanged when it fits."""
+    def fitted(self, per_call_s: float, kernels: bool = False, spent: float = 0.0
+               ) -> "MeasureConfig":
+        """This protocol cut down to fit ``max_seconds``, and what is left of
+        :data:`TIMEOUT_SHARE` of ``timeout_s`` after the ``spent`` seconds the measurement
+        has taken (its load and first call), at ``per_call_s`` seconds a call (``kernels``:
+        the kernels are timed after the calls, as many again, and one more TVM warms up with):
+        one call per timing first, then fewer timings, then fewer warm-up calls; unchanged
+        when it fits."""
         import dataclasses
 
         if per_call_s <= 0:
             return self
-        limit = TIMEOUT_SHARE * self.timeout_s
+        limit = TIMEOUT_SHARE * self.timeout_s - spent
         if self.max_seconds is not None:
             limit = min(limit, self.max_seconds)
         per_timing = 2 if kernels else 1
         calls = self.warmup + self.number * self.repeat * per_timing
-        budget = int(limit // per_call_s)
+        budget = int(max(limit, 0.0) // per_call_s) - (1 if kernels else 0)
         if calls <= budget:
             return self
         repeat = max(1, min(self.repeat, budget // per_timing))
@@ -323,9 +328,11 @@ def measure_local(inp: MeasureInput, build: BuildResult, config: MeasureConfig,
     alone (see ``Prepared.kernel_times``)."""
     from boundflow.backend import create
 
+    start = time.monotonic()
     set_threads(config.threads, create(inp.backend).needs_build)
     p = Prepared(inp, build, runner)
-    config = config.fitted(p.first_s, getattr(p.exe, "vm", None) is not None)
+    config = config.fitted(p.first_s, getattr(p.exe, "vm", None) is not None,
+                           spent=time.monotonic() - start)
     for _ in range(config.warmup):
         p.call()
     times = [p.time_calls(config.number) for _ in range(config.repeat)]
@@ -339,10 +346,12 @@ def measure_interleaved(inputs: list[MeasureInput], builds: list[BuildResult],
     (the final comparison of a tuned plan with the default path); then each one's kernels."""
     from boundflow.backend import create
 
+    start = time.monotonic()
     set_threads(config.threads, any(create(i.backend).needs_build for i in inputs))
     prepared = [Prepared(inp, b, runner) for inp, b in zip(inputs, builds)]
     config = config.fitted(sum(p.first_s for p in prepared),
-                           any(getattr(p.exe, "vm", None) is not None for p in prepared))
+                           any(getattr(p.exe, "vm", None) is not None for p in prepared),
+                           spent=time.monotonic() - start)
     for _ in range(config.warmup):
         for p in prepared:
             p.call()

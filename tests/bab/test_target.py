@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from boundflow.bab import BabConfig, input_split, relu_split
-from boundflow.bab.bounder import PlanBounder
+from boundflow.bab.bounder import ForwardScreen, PlanBounder
 from boundflow.cli import main
 from boundflow.errors import BoundFlowError
 from boundflow.target import canonical_target
@@ -52,6 +52,41 @@ def test_every_plan_of_an_input_split_search_runs_on_its_target(monkeypatch):
     assert res.status == "unsat" and res.refined > 0
     assert {m for m, _ in made} == {"crown", "alpha-crown"}
     assert {t for _, t in made} == {canonical_target(OTHER_CPU)}
+
+
+def test_the_forward_screen_runs_on_the_searchs_target(monkeypatch):
+    split_module = importlib.import_module("boundflow.bab.input_split")
+    made = []
+
+    class Spy(ForwardScreen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.verifier.plan.workload.target)
+    monkeypatch.setattr(split_module, "ForwardScreen", Spy)
+    g, lo, hi, C, thr = _escalating_search(monkeypatch)
+    res = input_split(g, lo, hi, C, thr, [(0, 1)],
+                      BabConfig(batch=64, screen="forward", target=OTHER_CPU),
+                      deadline=time.monotonic() + 60)
+    assert res.status == "unsat" and made == [canonical_target(OTHER_CPU)]
+
+
+def test_vnncomp_passes_its_backend_and_target_to_every_bound(monkeypatch, tmp_path, capsys):
+    """The whole-box bound runs on ``--backend`` and ``--target``, the search on both."""
+    vnncomp = importlib.import_module("boundflow.vnncomp")
+    seen = []
+
+    def spy(graph, prop, options, **kwargs):
+        seen.append((options.backend, options.target, kwargs["bab"].backend,
+                     kwargs["bab"].target))
+        raise BoundFlowError("spied")
+    monkeypatch.setattr(vnncomp, "check_property", spy)
+    args = _property_args()
+    csv = tmp_path / "instances.csv"
+    csv.write_text(f"{args[2]},{args[4]},60\n")
+    main(["vnncomp", "--instances", str(csv), "--backend", "relax", "--target", OTHER_CPU])
+    assert seen == [("relax", canonical_target(OTHER_CPU), "relax",
+                     canonical_target(OTHER_CPU))]
+    assert "spied" in capsys.readouterr().out
 
 
 def test_relu_splitting_says_its_plans_run_on_the_cpu(caplog):

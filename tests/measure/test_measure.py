@@ -238,28 +238,31 @@ def test_a_slow_candidate_is_timed_with_fewer_calls_to_fit_max_seconds():
     assert c.fitted(0.01) == c                               # 16 calls of 10 ms fit
     slow = c.fitted(0.25)                                    # 8 calls fit: 1 per timing
     assert (slow.number, slow.repeat, slow.warmup) == (1, 5, 1)
-    both = c.fitted(0.25, kernels=True)                      # calls and kernels: 4 timings
-    assert (both.number, both.repeat, both.warmup) == (1, 4, 0)
+    both = c.fitted(0.25, kernels=True)          # calls and kernels, and TVM's warm-up call
+    assert (both.number, both.repeat, both.warmup) == (1, 3, 1)
     assert c.fitted(10.0).repeat == 1                         # one timed call at least
-    # the timeout's share cuts the same way (2 s: half of a 4 s timeout)
-    assert MeasureConfig(number=3, repeat=5, warmup=1, timeout_s=4.0).fitted(0.25) == \
-        dataclasses.replace(slow, max_seconds=None, timeout_s=4.0)
+    # the timeout's share cuts the same way (2 s: 80% of a 4 s timeout, 1.2 s of it spent)
+    assert MeasureConfig(number=3, repeat=5, warmup=1, timeout_s=4.0).fitted(0.25, spent=1.2) \
+        == dataclasses.replace(slow, max_seconds=None, timeout_s=4.0)
 
 
-def test_without_max_seconds_a_slow_candidate_fits_a_share_of_the_timeout():
-    """Half of ``timeout_s`` (the default 120 s: 60 s) after the first call, so a plan of
-    many seconds a call is timed with fewer calls instead of killed at the timeout."""
+def test_without_max_seconds_a_slow_candidate_fits_what_is_left_of_the_timeout():
+    """80% of ``timeout_s`` for the whole measurement, its load and first call (``spent``)
+    included: a plan of many seconds a call is timed with fewer calls instead of killed at
+    the timeout, and one whose protocol fits is timed in full."""
     from boundflow.measure.worker import TIMEOUT_SHARE
 
-    assert TIMEOUT_SHARE == 0.5
-    c = MeasureConfig()                                        # 1 + 3 x 5 calls
-    assert c.fitted(1.0) == c                                  # 16 s: fits 60 s
-    assert (c.fitted(10.0).number, c.fitted(10.0).repeat, c.fitted(10.0).warmup) == (1, 5, 1)
-    slow = c.fitted(25.0)                                      # 2 calls fit
-    assert (slow.number, slow.repeat, slow.warmup) == (1, 2, 0)
+    assert TIMEOUT_SHARE == 0.8
+    calls = lambda m: (m.number, m.repeat, m.warmup)                # noqa: E731
+    c = MeasureConfig()                                        # 1 + 3 x 5 calls, 120 s
+    assert c.fitted(5.0, spent=6.0) == c                       # 80 s of calls fit in 90
+    assert calls(c.fitted(27.8, spent=30.0)) == (1, 2, 0)      # 66 s left: 2 calls
+    assert calls(c.fitted(10.0)) == (1, 5, 1)                  # 96 s: 9 calls
+    assert calls(c.fitted(27.8, spent=100.0)) == (1, 1, 0)     # nothing left: one call
+    # compiled: each timing's kernels as well, and the one call TVM warms up with
+    assert calls(c.fitted(20.0, kernels=True)) == (1, 1, 1)    # 4 calls: 3 after TVM's
     assert MeasureConfig(timeout_s=600).fitted(10.0) == MeasureConfig(timeout_s=600)
     # max_seconds still cuts further, and never beyond the timeout's share
-    calls = lambda m: (m.number, m.repeat, m.warmup)                # noqa: E731
     assert calls(MeasureConfig(max_seconds=1e6).fitted(10.0)) == calls(c.fitted(10.0))
     assert calls(MeasureConfig(max_seconds=20.0).fitted(10.0)) == (1, 2, 0)
 
