@@ -112,7 +112,7 @@ def _objective(text: str) -> str:
     return Objective.parse(text).name
 
 
-def _cpu_only(args: argparse.Namespace, torch_too: bool = False) -> None:
+def _check_target(args: argparse.Namespace, torch_too: bool = False) -> None:
     """Refuse, before any work, a backend that cannot run ``--target`` on this machine
     (``torch_too``: nor torch, which a property's whole-box bound and escalation run on)."""
     from boundflow.backend import create
@@ -230,7 +230,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
     from boundflow.vnncomp import read_instances, run_instances
 
     rows = read_instances(args.instances)
-    _cpu_only(args, torch_too=True)      # a --target this machine cannot run: one line now
+    _check_target(args, torch_too=True)  # a --target this machine cannot run: one line now
     bab = _bab_config(args, args.backend)
     if args.db:
         _objective(args.objective)
@@ -326,7 +326,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                  "(--db looks up the plan of the branch-and-bound's bound "
                                  "workload, recorded by `boundflow tune --vnnlib`)")
         _output_file(args.out, "result file")
-        _cpu_only(args, torch_too=True)    # a --target this machine cannot run: one line now
+        _check_target(args, torch_too=True)  # a --target this machine cannot run: one line
         work = cmd_verify_property
     else:
         if not (args.model and args.input and args.eps is not None):
@@ -338,7 +338,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise BoundFlowError("--plan fixes the method and dtype; drop --method / --dtype")
         if args.plan and args.db:
             raise BoundFlowError("give --plan or --db, not both")
-        _cpu_only(args)
+        _check_target(args)
         _objective(args.objective)         # checked even where unused: a typo is not ignored
         _bab_config(args)
         work = _verify_model
@@ -828,7 +828,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     if not (args.input and args.eps is not None):
         raise BoundFlowError("give --input and --eps (the query the configurations run on)")
-    _cpu_only(args)
+    _check_target(args)
     out = Path(args.out)
     _output_dir(out, "--out")
     graph = _load_graph(args)
@@ -938,7 +938,8 @@ def _measure_arguments(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"timings per {what} (default 5)")
     p.add_argument("--timeout", type=_POSITIVE, default=120.0,
                    help=f"seconds per build or run of one {what} (default 120); a slow "
-                   f"{what} is timed with fewer calls so its timing ends within half of it")
+                   f"{what} is timed with fewer calls so its measurement, load and first "
+                   f"call included, ends within 80%% of it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
