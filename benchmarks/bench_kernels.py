@@ -18,7 +18,10 @@ at batch 1. One torch thread, one TVM thread.
 (shared models only). ``relax/torch`` > 1 means the compiled plan is slower. ``ms/MFLOP`` is
 call time per forward MFLOP (per sample), for the residual-vs-plain comparison; with the
 residual rows a second table sets both side by side with every neuron bounded (the same rows:
-the skip connection leaves more neurons unstable, and the default bounds only those).
+the skip connection leaves more neurons unstable, and the default bounds only those). With
+IBP, a last table times the call a user makes with the torch module itself beside the call
+with its traced graph: the difference is the cached trace's check that the module is
+unchanged.
 """
 
 from __future__ import annotations
@@ -206,6 +209,40 @@ def same_rows(batches: list[int], rounds: int) -> list[dict]:
     return out
 
 
+def module_rows(names: list[str], batches: list[int], rounds: int) -> list[dict]:
+    """IBP called with the torch module, as a user calls it, beside the same call with its
+    graph (what the main table times): the difference is the cached trace's check that the
+    module is unchanged (its structure walked, every weight compared byte for byte)."""
+    print("\nIBP on the torch path, called with the module (a user's call: the cached trace "
+          "is checked against the module's weights and settings) and with its traced graph")
+    print(f"{'model':<9} {'B':>3} {'fwd ms':>7} {'graph ms':>9} {'module ms':>9} "
+          f"{'check ms':>8} {'graph xfwd':>10} {'module xfwd':>11} {'weights MiB':>11}")
+    out = []
+    for name in names:
+        for batch in batches:
+            module, x, C, eps = workload(name, batch)
+            xt = torch.from_numpy(x)
+            graph = as_graph(module, xt[:1])
+
+            def forward():
+                with torch.no_grad():
+                    module(xt)
+            ms = interleaved({"forward": forward,
+                              "graph": lambda: bf.compute_bounds(graph, x, eps=eps, C=C),
+                              "module": lambda: bf.compute_bounds(module, x, eps=eps, C=C)},
+                             3 * rounds)
+            mib = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
+            r = {"model": name, "batch": batch, "forward_ms": ms["forward"],
+                 "graph_ms": ms["graph"], "module_ms": ms["module"],
+                 "check_ms": ms["module"] - ms["graph"], "weights_mib": mib}
+            out.append(r)
+            print(f"{name:<9} {batch:>3} {ms['forward']:>7.3f} {ms['graph']:>9.3f} "
+                  f"{ms['module']:>9.3f} {r['check_ms']:>8.3f} "
+                  f"{ms['graph'] / ms['forward']:>10.1f} {ms['module'] / ms['forward']:>11.1f} "
+                  f"{mib:>11.2f}", flush=True)
+    return out
+
+
 def fmt(v, spec):
     return format(v, spec) if v is not None else "-"
 
@@ -248,12 +285,18 @@ def main() -> None:
                       f"{r['max_gap']:>8.1e}", flush=True)
     same = (same_rows([int(b) for b in args.batches.split(",")], args.rounds)
             if "plain_residual" in names else [])
+    by_module = (module_rows([n for n in names if not n.startswith("plain_")],
+                             [int(b) for b in args.batches.split(",")], args.rounds)
+                 if "ibp" in args.methods.split(",") else [])
     print(f"load average after {os.getloadavg()[0]:.2f}")
     if args.csv:
         tables = [(args.csv, rows)]
         if same:
             path = Path(args.csv)
             tables.append((path.with_name(path.stem + "_same_rows.csv"), same))
+        if by_module:
+            path = Path(args.csv)
+            tables.append((path.with_name(path.stem + "_module.csv"), by_module))
         for path, table in tables:
             with open(path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=sorted({k for r in table for k in r}))

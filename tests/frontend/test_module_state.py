@@ -148,3 +148,64 @@ def test_the_cache_keeps_no_module_alive():
     del model
     gc.collect()
     assert gone() is None
+
+
+def test_weights_compare_byte_for_byte(monkeypatch):
+    """Dense CPU weights are compared by ``memcmp`` (the fast path; counted here): a change
+    of one bit anywhere in a weight, its first element or its last, is a change; a tensor
+    attribute that is a strided view (``torch.equal``'s path) still counts."""
+    from boundflow.frontend import module_state
+
+    if module_state._MEMCMP is None:
+        pytest.skip("no C library memcmp here: torch.equal compares")
+    calls, memcmp = [], module_state._MEMCMP
+
+    def counting(a, b, n):
+        calls.append(n)
+        return memcmp(a, b, n)
+
+    monkeypatch.setattr(module_state, "_MEMCMP", counting)
+    for index in (0, -1):
+        model = _model()
+        snap = Snapshot(model)
+        assert snap.matches(model)
+        w = model[5].weight.data.view(-1)
+        bits = w.view(torch.int32)
+        bits[index] ^= 1                                  # one bit of one float
+        assert not snap.matches(model)
+        bits[index] ^= 1
+        assert snap.matches(model)
+    assert 4 * 2 * 4 in calls                             # Linear(4, 2)'s weight, whole
+    model = _model()
+    model[2].offset = torch.zeros(4, 2)[:, 0]             # not contiguous
+    snap = Snapshot(model)
+    assert snap.matches(model)
+    with torch.no_grad():
+        model[2].offset[3] = 1.0
+    assert not snap.matches(model)
+    model = _model()                                      # -0.0 == 0.0, other bits:
+    with torch.no_grad():                                 # a trace again, never stale
+        model[5].bias[0] = 0.0
+    snap = Snapshot(model)
+    with torch.no_grad():
+        model[5].bias[0] = -0.0
+    assert not snap.matches(model)
+
+
+def test_a_size_setting_changed_is_a_change():
+    """A layer's sizes (tuples of ints, compared whole): another padding or stride is
+    another network, and a trace of it again gives that network's bounds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    x = np.random.default_rng(0).normal(size=(1, 1, 4, 4)).astype(np.float32)
+    snap = Snapshot(model)
+    before = bf.compute_bounds(model, x, eps=0.1)
+    model[0].padding = (0, 0)
+    assert not snap.matches(model)
+    after = bf.compute_bounds(model, x, eps=0.1)
+    assert after.lower.shape[1] == 2 * 2 * 2 != before.lower.shape[1]
+    model[0].padding = (1, 1)
+    model[0].stride = (2, 2)
+    assert not snap.matches(model)
+    model[0].stride = (1, 1)
+    assert snap.matches(model)
