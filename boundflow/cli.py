@@ -577,11 +577,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             _print_tune(report, tuner)
     if args.vnnlib:
         bab = "" if args.bab == "auto" else f" --bab {args.bab}"
+        batch = "" if args.bab_batch is None else f" --bab-batch {args.bab_batch}"
         alpha = "" if args.alpha_iterations == 20 else \
             f" --alpha-iterations {args.alpha_iterations}"
         print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "
-              f"--vnnlib {args.vnnlib} --method {whole}{alpha}{bab} --bab-batch "
-              f"{args.bab_batch} --bab-method {args.method} --db {args.db}")
+              f"--vnnlib {args.vnnlib} --method {whole}{alpha}{bab}{batch} --bab-method "
+              f"{args.method} --db {args.db}")
     else:
         print(f"recorded in {args.db}; run it with: boundflow verify ... --method "
               f"{args.method} --db {args.db}")
@@ -736,17 +737,18 @@ def _bab_workload(args: argparse.Namespace, graph, backends: tuple[str, ...]):
         if len(C) in rows:              # the same workload as a box before (its plan serves)
             continue
         rows.add(len(C))
+        batch = config.batch_for(strategy)
         if strategy == "relu":
-            lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), config.batch, 0)
-            hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), config.batch, 0)
+            lo = np.repeat(np.asarray(box.lower[0], np.float64).reshape(1, -1), batch, 0)
+            hi = np.repeat(np.asarray(box.upper[0], np.float64).reshape(1, -1), batch, 0)
         else:
-            lo, hi = sample_domains(box.lower[0], box.upper[0], config.batch, args.seed)
+            lo, hi = sample_domains(box.lower[0], box.upper[0], batch, args.seed)
         lo, hi = float_box(lo, hi, dtype)
-        shape = (config.batch,) + tuple(graph.input_shape)
+        shape = (batch,) + tuple(graph.input_shape)
         queries.append((lo.numpy().reshape(shape), hi.numpy().reshape(shape),
-                        np.ascontiguousarray(np.broadcast_to(C, (config.batch,) + C.shape))))
+                        np.ascontiguousarray(np.broadcast_to(C, (batch,) + C.shape))))
         log.info("tuning the branch-and-bound workload of %s (%s splitting): %d domains, %d "
-                 "spec rows, %s", args.vnnlib, strategy, config.batch, len(C), config.method)
+                 "spec rows, %s", args.vnnlib, strategy, batch, len(C), config.method)
     return config.method, queries, backends, strategy
 
 
@@ -875,8 +877,9 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
                    "the input box), relu (split unstable ReLUs, beta-CROWN), none, or auto "
                    "(input splitting for inputs of at most 16 dimensions, ReLU splitting "
                    "above; default)")
-    p.add_argument("--bab-batch", type=_POSITIVE_INT, default=1024,
-                   help="domains bounded per plan run (default 1024)")
+    p.add_argument("--bab-batch", type=_POSITIVE_INT, default=None,
+                   help="domains bounded per plan run (default: input splitting 512 per "
+                   "core, 1024 to 8192; ReLU splitting 1024)")
     p.add_argument("--bab-method", default="crown",
                    help="the bound of each domain: ibp, crown-ibp, crown or alpha-crown "
                    "(default crown)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +16,42 @@ BRANCHINGS = ("sensitivity", "widest")
 INTERMEDIATES = ("refine", "reuse")
 SCREENS = ("forward", "none")
 ESCALATIONS = ("alpha", "none")
+# domains per plan run by default: ReLU splitting 1024; input splitting 512 per core, 1024 to
+# 8192 (ACAS Xu on 16 cores: 8192 boxes a call decided 9 of 10 instances faster than 1024,
+# property 6 in 5.6 s instead of 12.8; on 2 cores 1024 to 4096 made no difference:
+# benchmarks/results/gpu_bab_h200.txt)
+RELU_BATCH = 1024
+INPUT_BATCH_PER_CORE = 512
+INPUT_BATCH_RANGE = (1024, 8192)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_batch(strategy: str, cores: int | None = None) -> int:
+    """Domains per plan run when none is given: for input splitting
+    :data:`INPUT_BATCH_PER_CORE` per core of ``cores`` (default: this machine's), within
+    :data:`INPUT_BATCH_RANGE`; for ReLU splitting (whose domains hold every layer's bounds)
+    :data:`RELU_BATCH`. The machine's cores, not the thread setting, so ``tune`` and
+    ``verify`` on one machine plan the same workload whatever ``--threads`` each got."""
+    if strategy != "input":
+        return RELU_BATCH
+    lo, hi = INPUT_BATCH_RANGE
+    return min(max(INPUT_BATCH_PER_CORE * (machine_cores() if cores is None else cores), lo),
+               hi)
 
 
 @dataclass(frozen=True)
 class BabConfig:
     """``strategy``: ``input`` (split input boxes), ``relu`` (split unstable ReLUs),
-    ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``: domains bounded per plan run (a knob of
-    the bound workload). ``branching``: ``sensitivity`` splits the dimension whose width
+    ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``:
+    domains bounded per plan run (a knob of the bound workload; None: :func:`default_batch`
+    for the strategy, :meth:`batch_for`). ``branching``: ``sensitivity`` splits the dimension whose width
     times the spec's gradient at the box centre is largest (an estimate of how much the
     linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
     limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
@@ -49,7 +79,7 @@ class BabConfig:
     :mod:`boundflow.bab.escalate`), or never (``none``)."""
 
     strategy: str = "auto"
-    batch: int = 1024
+    batch: int | None = None
     branching: str = "sensitivity"
     max_domains: int = 1_000_000
     method: str = "crown"
@@ -86,6 +116,8 @@ class BabConfig:
                                  f"choose from {', '.join(INTERMEDIATES)}")
         for name in ("batch", "max_domains", "queue_mb"):
             v = getattr(self, name)
+            if v is None and name == "batch":
+                continue
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 2:
                 raise BoundFlowError(f"BaB {name} must be an integer >= 2, got {v!r}")
         if not isinstance(self.beta_iterations, (int, np.integer)) or \
@@ -95,6 +127,12 @@ class BabConfig:
         if not isinstance(self.attack_every, (int, np.integer)) or self.attack_every < 0:
             raise BoundFlowError(f"attack_every must be an integer >= 0, got "
                                  f"{self.attack_every!r}")
+
+
+    def batch_for(self, strategy: str) -> int:
+        """Domains per plan run of a search by ``strategy`` (``input`` or ``relu``): ``batch``
+        where given, else :func:`default_batch`."""
+        return int(self.batch) if self.batch is not None else default_batch(strategy)
 
 
 def choose_strategy(config: BabConfig, n_inputs: int, has_relu: bool = True) -> str:

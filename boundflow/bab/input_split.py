@@ -104,11 +104,12 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     ``ESCALATE_ALPHA``'s steps, on the torch backend)."""
     start = time.monotonic()
     shape = tuple(graph.input_shape)
+    batch = config.batch_for("input")
     if bounder is None:
         # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
         goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \
             if config.method == "alpha-crown" else None
-        bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=config.batch,
+        bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=batch,
                               backend=config.backend, db=db, goal=goal, target=config.target)
     dtype = bounder.dtype
     spec = Disjuncts(C, threshold, ranges, dtype)
@@ -140,14 +141,14 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
                 return x
         return None
 
-    screen = ForwardScreen(graph, np.asarray(C), method=config.method, batch=config.batch,
+    screen = ForwardScreen(graph, np.asarray(C), method=config.method, batch=batch,
                            dtype=dtype, target=config.target) \
         if config.screen == "forward" and ForwardScreen.usable(graph, config.method) else None
 
     if refiner is None and config.escalate == "alpha" and config.method != "alpha-crown":
         # made on first use: a search that ends before escalating never plans it
         refiner = _Lazy(lambda: PlanBounder(graph, np.asarray(C), method="alpha-crown",
-                                            batch=config.batch, alpha=ESCALATE_ALPHA,
+                                            batch=batch, alpha=ESCALATE_ALPHA,
                                             goal=(spec.thr, spec.ranges),
                                             target=config.target))
     escalation = None if refiner is None else \
@@ -203,7 +204,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
             return result(ended[0], reason=ended[1])
         dims = _split_dims(config.branching, lo, hi, grad)
         # the boxes closest to a violation first
-        take = min(n, max(1, config.batch // 2))
+        take = min(n, max(1, batch // 2))
         order = spec.margins(lb).min(1).values.argsort()
         pick, rest = order[:take], order[take:]
         plo, phi, plb, pd = lo[pick], hi[pick], lb[pick], dims[pick]

@@ -113,7 +113,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     if target_kind(config.target) != "llvm":
         log.warning("bab: ReLU splitting runs its plans on the CPU (torch), not on %s",
                     config.target)
-    verifier = _plan(graph, config.batch, int(C.shape[0]), config.method, db)
+    batch = config.batch_for("relu")
+    verifier = _plan(graph, batch, int(C.shape[0]), config.method, db)
     executor = verifier._executor
     bounded = executor._bounded_shapes()
     missing = [n for n in nodes if n not in bounded]
@@ -144,8 +145,8 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         node) of each domain; ``parent``: bounds known to hold on each domain."""
         lbs, inter = [], [[] for _ in nodes]
         n = signs[0].shape[0]
-        for s0 in range(0, n, config.batch):
-            part = [s[s0:s0 + config.batch] for s in signs]
+        for s0 in range(0, n, batch):
+            part = [s[s0:s0 + batch] for s in signs]
             m = part[0].shape[0]
             ref = None if parent is None else {
                 nd: (p[0, s0:s0 + m].reshape((m,) + shapes[nd]),
@@ -212,7 +213,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
             return result("unknown", reason="domains with every ReLU fixed are still not "
                                             "proven")
         order = order[~stuck]
-        take = min(order.shape[0], max(1, config.batch // 2))
+        take = min(order.shape[0], max(1, batch // 2))
         pick, rest = order[:take], torch.cat([order[take:], torch.nonzero(node < 0)[:, 0]])
         children = []
         for k in range(len(nodes)):

@@ -435,3 +435,17 @@ def test_an_unusable_results_directory_is_refused_before_solving(tmp_path, capsy
                      str(shared_path("benchmarks")), "--results", str(results)]) == 2
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1
+
+
+def test_the_cli_leaves_the_batch_to_the_search_unless_given():
+    """``--bab-batch`` absent: the search's default for its strategy (see
+    ``test_the_default_batch_grows_with_the_cores_for_input_splitting``); given: that."""
+    from boundflow.cli import _bab_config, build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["verify", "--onnx", "n.onnx", "--vnnlib", "p.vnnlib"])
+    assert args.bab_batch is None and _bab_config(args).batch is None
+    args = parse(["verify", "--onnx", "n.onnx", "--vnnlib", "p.vnnlib", "--bab-batch", "96"])
+    assert _bab_config(args).batch == 96
+    args = parse(["vnncomp", "--instances", "i.csv"])
+    assert _bab_config(args).batch is None

@@ -209,3 +209,42 @@ def test_every_shared_instance_is_decided_right(onnx, vnnlib, timeout, expected)
         x, y = res.counterexample
         assert any(np.all(d.C @ y <= d.threshold) and np.all(x >= d.lower - 1e-12)
                    and np.all(x <= d.upper + 1e-12) for d in prop.disjuncts)
+
+
+def test_the_default_batch_grows_with_the_cores_for_input_splitting(monkeypatch):
+    """Without a batch, input splitting bounds 512 boxes a core per plan run, 1024 to 8192;
+    ReLU splitting 1024; a given batch is kept. The searches plan the batch resolved."""
+    import importlib
+
+    from boundflow.bab import relu_split
+    config = importlib.import_module("boundflow.bab.config")
+    split_mod = importlib.import_module("boundflow.bab.input_split")   # the package's
+    relu_mod = importlib.import_module("boundflow.bab.relu_split")     # names are functions
+    from boundflow.bab.config import default_batch
+
+    assert [default_batch("input", c) for c in (1, 2, 3, 4, 8, 16, 64)] == \
+        [1024, 1024, 1536, 2048, 4096, 8192, 8192]
+    assert default_batch("relu", 64) == 1024
+    monkeypatch.setattr(config, "machine_cores", lambda: 4)
+    assert BabConfig().batch is None
+    assert BabConfig().batch_for("input") == 2048 and BabConfig().batch_for("relu") == 1024
+    assert BabConfig(batch=64).batch_for("input") == 64 == BabConfig(batch=64).batch_for("relu")
+    planned = []
+
+    class Recorded(PlanBounder):
+        def __init__(self, *a, batch, **kw):
+            planned.append(("input", batch))
+            super().__init__(*a, batch=batch, **kw)
+    monkeypatch.setattr(split_mod, "PlanBounder", Recorded)
+    real_plan = relu_mod._plan
+
+    def recorded_plan(graph, batch, *a):
+        planned.append(("relu", batch))
+        return real_plan(graph, batch, *a)
+    monkeypatch.setattr(relu_mod, "_plan", recorded_plan)
+    g = _net(0)
+    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
+    C, thr = np.array([[1.0, -1.0, 0.0]]), np.array([-100.0])      # holds: proven at once
+    assert input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(escalate="none")).status == "unsat"
+    assert relu_split(g, lo, hi, C, thr, [(0, 1)], BabConfig()).status == "unsat"
+    assert planned == [("input", 2048), ("relu", 1024)]
