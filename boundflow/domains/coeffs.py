@@ -14,6 +14,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
+from boundflow.domains.gemv import bgemv
 from boundflow.domains.interval import Interval
 
 
@@ -62,7 +63,21 @@ def same(a: Coeffs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Coeffs:
     return Coeffs(fn(a.lA), fn(a.uA))
 
 
+def dot_trailing(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_trailing(t * c)`` for ``t`` ``[B, S, *shape]`` and ``c`` broadcastable to it,
+    as a matrix-vector product where ``c`` is one vector per sample (``[*shape]``, or
+    ``[B or 1, 1, *shape]``: a bias, a relaxation's intercepts), with no ``[B, S, *shape]``
+    product in between (ACAS Xu CROWN at 1,024 boxes: these terms took a tenth of the
+    call); else the product and the sum. The same terms, added in another order."""
+    shape = tuple(t.shape[2:])
+    if tuple(c.shape) == shape:
+        return t.flatten(2) @ c.reshape(-1)
+    if c.dim() == t.dim() and c.shape[1] == 1 and tuple(c.shape[2:]) == shape:
+        return bgemv(t.flatten(2), c.flatten(2)[:, 0])
+    return sum_trailing(t * c)
+
+
 def const_term(a: Coeffs, c: torch.Tensor, sign: float = 1.0):
     """The constant terms ``sign·sum(A·c)`` of both sides (computed once while shared)."""
-    low = sign * sum_trailing(a.lA * c)
-    return low, (low if a.lA is a.uA else sign * sum_trailing(a.uA * c))
+    low = sign * dot_trailing(a.lA, c)
+    return low, (low if a.lA is a.uA else sign * dot_trailing(a.uA, c))

@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from boundflow.domains import activations
-from boundflow.domains.coeffs import BackwardContext, Coeffs, sum_trailing
+from boundflow.domains.coeffs import BackwardContext, Coeffs, dot_trailing, sum_trailing
 from boundflow.domains.interval import Interval, softmax_interval
 from boundflow.domains.relaxation import Lines, split_params
 from boundflow.ir import ops
@@ -38,7 +38,7 @@ from boundflow.ir.graph import Graph, Node
 
 def _bias_term(c1: torch.Tensor, b1, c2: torch.Tensor, b2):
     """``sum(c1·b1) + sum(c2·b2)`` over trailing axes, skipping zero (None) biases."""
-    terms = [sum_trailing(c * b) for c, b in ((c1, b1), (c2, b2)) if b is not None]
+    terms = [dot_trailing(c, b) for c, b in ((c1, b1), (c2, b2)) if b is not None]
     if not terms:
         return 0.0
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
@@ -54,8 +54,8 @@ def relax(a: Coeffs, low: Lines, up: Lines):
     lA_neg = a.lA - lA_pos
     uA_pos = lA_pos if a.uA is a.lA else a.uA.clamp(min=0)
     uA_neg = lA_neg if a.uA is a.lA else a.uA - uA_pos
-    out = Coeffs(lA_pos * low.lower_slope + lA_neg * low.upper_slope,
-                 uA_pos * up.upper_slope + uA_neg * up.lower_slope)
+    out = Coeffs(torch.addcmul(lA_pos * low.lower_slope, lA_neg, low.upper_slope),
+                 torch.addcmul(uA_pos * up.upper_slope, uA_neg, up.lower_slope))
     return (out, _bias_term(lA_neg, low.upper_bias, lA_pos, low.lower_bias),
             _bias_term(uA_pos, up.upper_bias, uA_neg, up.lower_bias))
 

@@ -67,3 +67,32 @@ def test_bgemv_refuses_mismatched_operands():
         bgemv(torch.zeros(2, 3, 4), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="do not match"):
         bgemv(torch.zeros(2, 3, 4), torch.zeros(2, 2, 2, 4))
+
+
+@pytest.mark.parametrize("t_shape, c_shape", [
+    ((3, 4, 5), (5,)),                    # a bias shared by the batch: one product
+    ((3, 4, 2, 3, 3), (2, 3, 3)),
+    ((3, 4, 5), (3, 1, 5)),               # one vector per sample (a relaxation's intercepts)
+    ((1, 4, 5), (3, 1, 5)),               # coefficients shared by the batch
+    ((3, 4, 5), (1, 1, 5)),               # intercepts shared by the batch
+    ((3, 4, 2, 3, 3), (3, 1, 2, 3, 3)),
+    ((3, 4, 5), (3, 4, 5)),               # per row (alpha's lines): product and sum
+    ((3, 4, 2, 3, 3), (2, 1, 1)),         # per channel: product and sum
+    ((3, 4, 5), (1, 5)),
+])
+def test_dot_trailing_is_the_product_summed(t_shape, c_shape):
+    """``dot_trailing(t, c)`` is ``sum_trailing(t * c)`` whichever path it takes, gradients
+    included (alpha-CROWN's lines carry them)."""
+    from boundflow.domains.coeffs import dot_trailing, sum_trailing
+
+    g = torch.Generator().manual_seed(sum(t_shape) + sum(c_shape))
+    t = torch.randn(t_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(c_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    want = sum_trailing(t * c)
+    got = dot_trailing(t, c)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    gw = torch.autograd.grad(want.sum(), (t, c))
+    gg = torch.autograd.grad(got.sum(), (t, c))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)
