@@ -577,7 +577,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             _print_tune(report, tuner)
     if args.vnnlib:
         bab = "" if args.bab == "auto" else f" --bab {args.bab}"
-        batch = "" if args.bab_batch is None else f" --bab-batch {args.bab_batch}"
+        # the batch tuned for, resolved: verify on a machine of other cores plans the same
+        batch = f" --bab-batch {queries[0][0].shape[0]}" if queries else ""
         alpha = "" if args.alpha_iterations == 20 else \
             f" --alpha-iterations {args.alpha_iterations}"
         print(f"recorded in {args.db}; run it with: boundflow verify --onnx {args.onnx} "

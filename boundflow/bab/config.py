@@ -17,20 +17,29 @@ INTERMEDIATES = ("refine", "reuse")
 SCREENS = ("forward", "none")
 ESCALATIONS = ("alpha", "none")
 # domains per plan run by default: ReLU splitting 1024; input splitting 512 per core, 1024 to
-# 8192 (ACAS Xu on 16 cores: 8192 boxes a call decided 9 of 10 instances faster than 1024,
-# property 6 in 5.6 s instead of 12.8; on 2 cores 1024 to 4096 made no difference:
-# benchmarks/results/gpu_bab_h200.txt)
+# 8192 (ACAS Xu on 16 cores, benchmarks/results/gpu_bab_h200.txt: 8192 boxes a call decided
+# 8 of 10 instances faster than 1024, one as fast, property 5 slower, 2.59 s against 2.19;
+# property 6 in 5.6 s instead of 12.8)
 RELU_BATCH = 1024
 INPUT_BATCH_PER_CORE = 512
 INPUT_BATCH_RANGE = (1024, 8192)
 
 
 def machine_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    """The cores this process may run on: its CPU affinity where the OS tells it, fewer
+    where a cgroup (v2) CPU quota allows less (a container started with ``--cpus``)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def default_batch(strategy: str, cores: int | None = None) -> int:
@@ -39,8 +48,10 @@ def default_batch(strategy: str, cores: int | None = None) -> int:
     :data:`INPUT_BATCH_RANGE`; for ReLU splitting (whose domains hold every layer's bounds)
     :data:`RELU_BATCH`. The machine's cores, not the thread setting, so ``tune`` and
     ``verify`` on one machine plan the same workload whatever ``--threads`` each got."""
-    if strategy != "input":
+    if strategy == "relu":
         return RELU_BATCH
+    if strategy != "input":
+        raise BoundFlowError(f"no default batch for strategy {strategy!r} (input or relu)")
     lo, hi = INPUT_BATCH_RANGE
     return min(max(INPUT_BATCH_PER_CORE * (machine_cores() if cores is None else cores), lo),
                hi)
@@ -51,8 +62,8 @@ class BabConfig:
     """``strategy``: ``input`` (split input boxes), ``relu`` (split unstable ReLUs),
     ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``:
     domains bounded per plan run (a knob of the bound workload; None: :func:`default_batch`
-    for the strategy, :meth:`batch_for`). ``branching``: ``sensitivity`` splits the dimension whose width
-    times the spec's gradient at the box centre is largest (an estimate of how much the
+    for the strategy, :meth:`batch_for`). ``branching``: ``sensitivity`` splits the
+    dimension whose width times the spec's gradient at the box centre is largest (an estimate of how much the
     linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
     limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
     each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend;
@@ -127,7 +138,6 @@ class BabConfig:
         if not isinstance(self.attack_every, (int, np.integer)) or self.attack_every < 0:
             raise BoundFlowError(f"attack_every must be an integer >= 0, got "
                                  f"{self.attack_every!r}")
-
 
     def batch_for(self, strategy: str) -> int:
         """Domains per plan run of a search by ``strategy`` (``input`` or ``relu``): ``batch``

@@ -70,6 +70,8 @@ def dot_trailing(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     product in between (ACAS Xu CROWN at 1,024 boxes: these terms took a tenth of the
     call); else the product and the sum. The same terms, added in another order."""
     shape = tuple(t.shape[2:])
+    if c.dtype != t.dtype:                    # a product would promote; a matmul refuses
+        return sum_trailing(t * c)
     if tuple(c.shape) == shape:
         return t.flatten(2) @ c.reshape(-1)
     if c.dim() == t.dim() and c.shape[1] == 1 and tuple(c.shape[2:]) == shape:

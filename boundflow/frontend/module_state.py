@@ -203,10 +203,23 @@ def _libc_memcmp() -> Any:
 _MEMCMP = _libc_memcmp()
 
 
+# tensors whose values are their bytes in memory, as ``memcmp`` reads them: plain dense
+# tensors (not a subclass wrapping others, whose ``data_ptr`` may be 0; not a conjugate or
+# negative view, whose bytes are the other tensor's; not quantized, whose scale is elsewhere)
+_PLAIN_TENSORS = frozenset(t for t in (torch.Tensor, torch.nn.Parameter,
+                                       getattr(torch.nn, "Buffer", None)) if t is not None)
+
+
+def _bytes_are_values(t: torch.Tensor) -> bool:
+    return (type(t) in _PLAIN_TENSORS and t.layout == torch.strided and t.is_cpu
+            and not (t.is_conj() or t.is_neg() or t.is_quantized or t.is_nested)
+            and t.is_contiguous() and (t.numel() == 0 or t.data_ptr() != 0))
+
+
 class _Kept:
     """A copy of a tensor a trace read, with what comparing against it needs: its dtype,
-    shape, byte size and, where it is dense CPU memory and the C library's ``memcmp`` is
-    at hand, its address."""
+    shape, byte size and, where its bytes are its values (:func:`_bytes_are_values`) and
+    the C library's ``memcmp`` is at hand, its address."""
     __slots__ = ("copy", "dtype", "shape", "nbytes", "ptr")
 
     def __init__(self, t: torch.Tensor):
@@ -214,7 +227,7 @@ class _Kept:
             if t.layout == torch.strided else t.detach().clone()
         self.dtype, self.shape = c.dtype, c.shape
         self.nbytes = c.numel() * c.element_size()
-        self.ptr = c.data_ptr() if c.layout == torch.strided and c.is_cpu else None
+        self.ptr = c.data_ptr() if _bytes_are_values(c) and c.numel() else None
 
 
 def _same(t: torch.Tensor, kept: _Kept) -> bool:
@@ -227,9 +240,8 @@ def _same(t: torch.Tensor, kept: _Kept) -> bool:
     never a stale one."""
     if t.dtype != kept.dtype or t.shape != kept.shape:
         return False
-    if kept.ptr is not None and _MEMCMP is not None and t.is_cpu \
-            and t.layout == torch.strided and t.is_contiguous():
-        return kept.nbytes == 0 or _MEMCMP(t.data_ptr(), kept.ptr, kept.nbytes) == 0
+    if kept.ptr is not None and _MEMCMP is not None and _bytes_are_values(t):
+        return _MEMCMP(t.data_ptr(), kept.ptr, kept.nbytes) == 0
     copy = kept.copy
     try:
         return torch.equal(t, copy) or torch.equal(_bits(t.detach()), _bits(copy))

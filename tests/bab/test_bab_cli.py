@@ -357,6 +357,14 @@ def test_tune_vnnlib_tunes_each_number_of_rows_once_in_the_time_given(tmp_path, 
     out = tune([(0, 0.01), (2, 0.01), (3, 0.01)], [9, 2, 3], "--seconds", "1")
     assert len(tuned) == 1 and "run it with" in out.splitlines()[-1]
     assert "--seconds 1 spent: workload 2-3 of 3 not tuned" in out
+    # no --bab-batch: input splitting's default here (4 cores: 2048), and the command to
+    # verify names it, so a machine of other cores plans the workload tuned
+    import importlib
+    monkeypatch.setattr(importlib.import_module("boundflow.bab.config"), "machine_cores",
+                        lambda: 4)
+    del base[-2:]
+    out = tune([(0, 0.01)])
+    assert tuned[0][0][0] == 2048 and " --bab-batch 2048 " in out.splitlines()[-1]
 
 
 def test_tune_vnnlib_of_a_property_the_whole_box_proves_is_one_line(tmp_path, capsys):

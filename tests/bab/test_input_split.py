@@ -248,3 +248,32 @@ def test_the_default_batch_grows_with_the_cores_for_input_splitting(monkeypatch)
     assert input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(escalate="none")).status == "unsat"
     assert relu_split(g, lo, hi, C, thr, [(0, 1)], BabConfig()).status == "unsat"
     assert planned == [("input", 2048), ("relu", 1024)]
+
+
+def test_the_cores_are_capped_by_a_cgroup_quota(monkeypatch):
+    """A container's CPU quota (cgroup v2 ``cpu.max``) caps the cores the default batch is
+    scaled by; an unknown strategy has no default."""
+    import builtins
+    import importlib
+    import io
+
+    config = importlib.import_module("boundflow.bab.config")
+    real_open = builtins.open
+    quota = {"text": "200000 100000\n"}
+
+    def fake_open(path, *a, **kw):
+        if str(path) == "/sys/fs/cgroup/cpu.max":
+            return io.StringIO(quota["text"])
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(64)),
+                        raising=False)
+    assert config.machine_cores() == 2
+    quota["text"] = "max 100000\n"
+    assert config.machine_cores() == 64
+    quota["text"] = "50000 100000\n"                         # half a core: one
+    assert config.machine_cores() == 1
+    quota["text"] = "garbage"
+    assert config.machine_cores() == 64
+    with pytest.raises(BoundFlowError, match="no default batch"):
+        config.default_batch("none")

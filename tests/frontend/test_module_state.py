@@ -209,3 +209,40 @@ def test_a_size_setting_changed_is_a_change():
     assert not snap.matches(model)
     model[0].stride = (1, 1)
     assert snap.matches(model)
+
+
+def _holder(**tensors) -> nn.Module:
+    m = nn.Linear(2, 2)
+    for k, v in tensors.items():
+        setattr(m, k, v)
+    return m
+
+
+@pytest.mark.parametrize("case", ["negative view", "conjugate view", "quantized scale",
+                                  "zero tensor", "wrapper subclass"])
+def test_tensors_whose_bytes_are_not_their_values_are_compared_by_value(case):
+    """Byte-for-byte comparison reads memory; a negative or conjugate view shares its
+    original's bytes, a quantized tensor keeps its scale elsewhere, and a zero tensor or a
+    subclass wrapping others has no bytes at all (address 0: ``memcmp`` would crash). Each
+    is compared by value: a change is a change, and nothing crashes."""
+    torch.manual_seed(0)
+    w = torch.randn(3)
+    if case == "negative view":
+        before, after = w.clone(), torch._neg_view(w.clone())   # the same bytes, negated
+    elif case == "conjugate view":
+        z = torch.complex(w, torch.randn(3))
+        before, after = z.clone(), z.conj()
+    elif case == "quantized scale":
+        before = torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)
+        after = torch._make_per_tensor_quantized_tensor(before.int_repr(), 0.2, 0)
+    elif case == "zero tensor":
+        before, after = torch._efficientzerotensor(3), torch.ones(3)
+    else:
+        from torch.testing._internal.two_tensor import TwoTensor
+        before = TwoTensor(w.clone(), w.clone())
+        after = TwoTensor(w + 1, w + 1)
+    model = _holder(extra=before)
+    snap = Snapshot(model)
+    assert snap.matches(model)                                  # and no crash
+    model.extra = after
+    assert not snap.matches(model)
