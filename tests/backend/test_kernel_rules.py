@@ -127,6 +127,41 @@ def test_auto_lowering_sends_dense_backward_walks_through_convolutions_to_aten_t
     assert {low for _, low in forced} == {"tir"}
 
 
+def _mlp(n_in: int):
+    from boundflow.ir import GraphBuilder
+
+    rng = np.random.default_rng(n_in)
+    b = GraphBuilder()
+    h = b.input((n_in,))
+    for width in (8, 8):
+        h = b.add_node("relu", [b.add_node("linear", [h], params={
+            "weight": rng.standard_normal((width, b.shape(h)[0])), "bias": np.zeros(width)})])
+    return b.build(b.add_node("linear", [h], params={"weight": rng.standard_normal((3, 8))}))
+
+
+def test_auto_lowering_sends_input_splittings_backward_walks_to_torch():
+    """A network of at most 16 inputs bounded in batches of 32 or more (input splitting's
+    boxes, most ReLUs stable) has its ``crown`` tasks as torch ops (they bound only the rows
+    that can change; TIR every row); IBP and the final bound stay in TIR. Fewer boxes, or more
+    inputs: TIR."""
+    from boundflow.planner.passes import SPLIT_INPUT_DIMS, SPLIT_MIN_BATCH
+
+    def lowerings(g, batch):
+        w = Workload.of(g, batch=batch, method="crown")
+        bundle = plan(g, w)
+        kinds = {t.name: t.kind for t in bundle.task_graph.tasks}
+        return {(kinds[t], low) for t, low, _ in bundle.lowering_plan.tasks}
+    small, wide = _mlp(SPLIT_INPUT_DIMS), _mlp(SPLIT_INPUT_DIMS + 1)
+    assert lowerings(small, SPLIT_MIN_BATCH) == {("ibp", "tir"), ("crown", "torch"),
+                                                 ("final", "tir")}
+    assert lowerings(small, SPLIT_MIN_BATCH - 1) == {("ibp", "tir"), ("crown", "tir"),
+                                                     ("final", "tir")}
+    assert lowerings(wide, 1024) == {("ibp", "tir"), ("crown", "tir"), ("final", "tir")}
+    w = Workload.of(small, batch=1024, method="crown")             # knobs still choose
+    forced = plan(small, w, default(small, w).replace(lowering="tir"))
+    assert {low for _, low, _ in forced.lowering_plan.tasks} == {"tir"}
+
+
 @pytest.mark.parametrize("out", [4, 18, 24, 32])
 def test_blocked_conv_weights_hold_the_same_elements(out):
     from boundflow.backend.relax.kernels import conv_block
