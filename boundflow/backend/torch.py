@@ -42,7 +42,7 @@ from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.beta import beta_lower
 from boundflow.domains.backward import intersect
 from boundflow.domains.crown import BackwardContext, crown_node
-from boundflow.domains.crown_relaxed import MEMO_BYTES, LinesMemo
+from boundflow.domains.crown_relaxed import MEMO_BYTES, LinesMemo, PartMemo
 from boundflow.domains.forward import forward_bounds
 from boundflow.domains.driver import final_bounds
 from boundflow.domains.interval import RULES as IBP_RULES, Interval
@@ -284,6 +284,23 @@ def _private(v: Value, inputs: set[int]) -> bool:
     converted into fresh tensors first)."""
     return v.form == "cr" or not {v.a.untyped_storage().data_ptr(),
                                   v.b.untyped_storage().data_ptr()} & inputs
+
+
+def _part(v: Value, start: int, size: int, lines: dict | None) -> Value:
+    """Samples ``[start, start + size)`` of ``v``: the same slice objects each time the run
+    (``lines``, its memo) asks for them while ``v`` holds the same tensors, so the memo's
+    entries of a part, keyed on its intervals' identity, serve every task bounding it."""
+    part = slice(start, start + size)
+    slices = getattr(lines, "slices", None)
+    if slices is None:
+        return Value(v.form, v.a[part], v.b[part])
+    key = (id(v.a), id(v.b), start, size)
+    hit = slices.get(key)
+    if hit is not None and hit[0] is v.a and hit[1] is v.b:
+        return hit[2]
+    out = Value(v.form, v.a[part], v.b[part])
+    slices[key] = (v.a, v.b, out)
+    return out
 
 
 def _memo_bytes(lines: dict, exclude: set[int]) -> int:
@@ -544,17 +561,16 @@ class TorchExecutor:
             t, tensors, batch, env[t.inputs[0]] if t.kind == "crown" else None)
         if size >= batch:
             return self._bound_task(t, env, tensors, box, C, split, upper, lines)
-        lines = None              # each chunk's intervals are new slices: the memo never hits
         parts = []
         for s in range(0, batch, size):
             part = slice(s, s + size)
-            sub = {b: Value(env[b].form, env[b].a[part], env[b].b[part]) for b in t.inputs}
+            sub = {b: _part(env[b], s, size, lines) for b in t.inputs}
             parts.append(self._bound_task(
                 t, sub, tensors,
                 None if box is None else Interval(box.lower[part], box.upper[part]),
                 None if C is None else C[part],
                 None if split is None or t.kind != "final" else split.part(part), upper,
-                lines))
+                None if not isinstance(lines, LinesMemo) else PartMemo(lines, f"@{s}:{size}")))
         return {name: Value(parts[0][name].form, torch.cat([p[name].a for p in parts]),
                             torch.cat([p[name].b for p in parts])) for name in parts[0]}
 

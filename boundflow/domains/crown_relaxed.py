@@ -73,6 +73,9 @@ class LinesMemo(dict):
     def __init__(self, budget: int):
         super().__init__()
         self.room = int(budget)
+        # a run's slices of its buffers by (buffer, start, size): the same slice objects for
+        # every task bounding that part, so a part's lines are found once (:class:`PartMemo`)
+        self.slices: dict = {}
 
     def keep(self, name: str, entry: tuple) -> None:
         old = self.get(name)
@@ -84,6 +87,24 @@ class LinesMemo(dict):
         elif old is not None:                 # the old entry is stale now: let it go
             del self[name]
             self.room += freed
+
+
+class PartMemo(LinesMemo):
+    """One part of a batch's view of a run's :class:`LinesMemo`: its entries live in the
+    run's memo (one byte budget) under the key and ``suffix``, so the tasks of a run that
+    bound the batch in parts (cache-sized chunks) share each part's lines, as whole-batch
+    tasks share theirs. Valid for intervals that are the same tensors from task to task:
+    the caller hands each part the same slice objects (``slices``, per run)."""
+
+    def __init__(self, parent: LinesMemo, suffix: str):
+        dict.__init__(self)
+        self.parent, self.suffix, self.room = parent, suffix, 0
+
+    def get(self, key, default=None):
+        return self.parent.get(key + self.suffix, default)
+
+    def keep(self, name: str, entry: tuple) -> None:
+        self.parent.keep(name + self.suffix, entry)
 
 
 def _line_bytes(lines: Lines) -> int:

@@ -251,3 +251,27 @@ def test_an_optimisers_steps_find_what_depends_on_fixed_intervals_once(monkeypat
                                                                      n=200)).reshape(4, -1, 10))
         assert np.all(on[0].numpy()[:, None] <= y + 1e-4)
         assert np.all(on[1].numpy()[:, None] >= y - 1e-4)
+
+
+@pytest.mark.parametrize("name", ["random_deep_mlp", "random_residual"])
+def test_a_batch_bounded_in_parts_shares_each_parts_lines(name, monkeypatch):
+    """Cache-sized chunks: each part of the batch is the same slices from task to task, so
+    its lines are found once per part (``PartMemo``), not once per pass; the same bounds."""
+    from boundflow.backend import torch as torch_backend
+
+    monkeypatch.setenv("BOUNDFLOW_CHUNK_BYTES", "3000")        # a few samples a part
+    parts = []
+    real = torch_backend.PartMemo
+
+    def counted(parent, suffix):
+        parts.append(suffix)
+        return real(parent, suffix)
+    monkeypatch.setattr(torch_backend, "PartMemo", counted)
+    on, n_on, g, x = _run(name, "crown", monkeypatch, True, batch=8)
+    assert len(set(parts)) > 1                                    # it ran in parts
+    off, n_off, _, _ = _run(name, "crown", monkeypatch, False, batch=8)
+    torch.testing.assert_close(on.lower, off.lower, rtol=0, atol=0)
+    torch.testing.assert_close(on.upper, off.upper, rtol=0, atol=0)
+    assert n_on < n_off
+    pts = box_points(x - 0.05, x + 0.05, n=300)
+    assert_contains(on.lower, on.upper, true_outputs(g, pts), tol=1e-5)
