@@ -105,6 +105,8 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     start = time.monotonic()
     shape = tuple(graph.input_shape)
     batch = config.batch_for("input")
+    log.info("bab: input splitting, %d boxes per plan run (%s)", batch,
+             "given" if config.batch is not None else "the default for this machine's cores")
     if bounder is None:
         # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
         goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \

@@ -114,6 +114,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
         log.warning("bab: ReLU splitting runs its plans on the CPU (torch), not on %s",
                     config.target)
     batch = config.batch_for("relu")
+    log.info("bab: ReLU splitting, %d domains per plan run", batch)
     verifier = _plan(graph, batch, int(C.shape[0]), config.method, db)
     executor = verifier._executor
     bounded = executor._bounded_shapes()

@@ -39,6 +39,7 @@ _BOOKKEEPING = frozenset(torch.nn.Module().__dict__)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INTS = "tuple of ints"         # the tag of a tuple of plain ints, compared whole
 _OWN: dict[tuple, tuple] = {}   # a module's attribute names -> those not bookkeeping
+_OWN_MAX = 4096                 # entries kept at most (then it starts again)
 
 
 def own_dtype(root: torch.nn.Module) -> torch.dtype:
@@ -74,6 +75,8 @@ def _collect(root: torch.nn.Module) -> tuple[list, list, list]:
         found: list = []
         own = _OWN.get(keys)
         if own is None:
+            if len(_OWN) >= _OWN_MAX:         # modules that name attributes as they run
+                _OWN.clear()
             own = _OWN[keys] = tuple(k for k in keys if k not in _BOOKKEEPING)
         for k in own:
             _value(d[k], values, tensors, objects, found, _DEPTH)

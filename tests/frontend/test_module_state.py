@@ -246,3 +246,19 @@ def test_tensors_whose_bytes_are_not_their_values_are_compared_by_value(case):
     assert snap.matches(model)                                  # and no crash
     model.extra = after
     assert not snap.matches(model)
+
+
+def test_the_attribute_name_cache_stays_bounded(monkeypatch):
+    """Modules that name attributes as they run would grow the cache of their attribute
+    names without end: it starts again past its limit, and checks stay right."""
+    from boundflow.frontend import module_state
+
+    monkeypatch.setattr(module_state, "_OWN_MAX", 8)
+    model = _model()
+    snap = Snapshot(model)
+    for i in range(40):
+        setattr(model[2], f"step_{i}", i)                 # a new set of names each time
+        assert not snap.matches(model)
+        snap = Snapshot(model)
+        assert snap.matches(model)
+    assert len(module_state._OWN) <= 8
