@@ -36,7 +36,7 @@ def machine_cores() -> int:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
+            cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     return max(1, cores)
@@ -63,9 +63,10 @@ class BabConfig:
     ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``:
     domains bounded per plan run (a knob of the bound workload; None: :func:`default_batch`
     for the strategy, :meth:`batch_for`). ``branching``: ``sensitivity`` splits the
-    dimension whose width times the spec's gradient at the box centre is largest (an estimate of how much the
-    linear bound's slack shrinks), ``widest`` the widest one. ``max_domains``: the queue's
-    limit (the search answers ``unknown`` rather than outgrow it). ``method``: the bound of
+    dimension whose width times the spec's gradient at the box centre is largest (an
+    estimate of how much the linear bound's slack shrinks), ``widest`` the widest one.
+    ``max_domains``: the queue's limit (the search answers ``unknown`` rather than outgrow
+    it). ``method``: the bound of
     each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend;
     ``target``: where its plans run (``cuda``: input splitting's plan runs on the GPU, the
     queue, branching and falsifier stay on the CPU, each batch's boxes go over and their
