@@ -57,8 +57,9 @@ def main() -> None:
                         "wrote")
     parser.add_argument("--bab-batch", type=int, default=1024)
     parser.add_argument("--bab-method", default="crown")
-    parser.add_argument("--branching", default="sensitivity",
-                        help="sensitivity (default) or widest (a much longer search)")
+    parser.add_argument("--branching", default="combined",
+                        help="combined (default), sensitivity, coefficients or widest (a "
+                        "much longer search)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per search (it then ends in timeout)")
     parser.add_argument("--rounds", type=int, default=3)

@@ -884,9 +884,13 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bab-method", default="crown",
                    help="the bound of each domain: ibp, crown-ibp, crown or alpha-crown "
                    "(default crown)")
-    p.add_argument("--branching", choices=["sensitivity", "widest"], default="sensitivity",
-                   help="input dimension to split: largest width x spec gradient at the "
-                   "centre (default), or the widest")
+    p.add_argument("--branching", choices=["combined", "sensitivity", "coefficients",
+                                           "widest"], default="combined",
+                   help="input splitting's dimension to bisect: the largest width x (the "
+                   "row's gradient at the box centre and its CROWN coefficient, each a share of "
+                   "the box's sum) (combined; "
+                   "default), x the gradient alone (sensitivity), x the coefficient alone "
+                   "(coefficients), or the widest")
     p.add_argument("--max-domains", type=_POSITIVE_INT, default=1_000_000,
                    help="open domains kept at most; past it the answer is unknown "
                    "(default 1000000)")

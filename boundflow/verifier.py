@@ -59,9 +59,19 @@ class Verifier:
         a branch-and-bound state (:class:`~boundflow.ir.split.ReluSplit`; its ``goal``
         lets alpha-CROWN stop optimising the domains it has proven, on the torch backend),
         passed on where the executor's ``run`` takes it."""
-        out = run_bounds(self._executor, box, C, upper,
-                         **({} if split is None else {"split": split}))
-        return _finite(Bounds(out.lower, out.upper))
+        return self.run_keeping(box, C, (), upper, split)[0]
+
+    def run_keeping(self, box: InputSpec, C: LinearSpec | None, nodes: Sequence[str],
+                    upper: bool = True, split: Any = None) -> tuple[Bounds, dict]:
+        """:meth:`run`, and the bounds (Intervals) the run wrote for ``nodes``, by node:
+        where the backend returns them (the torch backend's; empty from one that does not)."""
+        options = {} if split is None else {"split": split}
+        if nodes:
+            options["keep"] = tuple(nodes)
+        out = run_bounds(self._executor, box, C, upper, **options)
+        stats = getattr(out, "stats", None)
+        kept = stats.get("bounds", {}) if nodes and isinstance(stats, dict) else {}
+        return _finite(Bounds(out.lower, out.upper)), kept
 
     def bounds(self, x: Any, eps: Any = None, C: Any = None,
                clip: tuple[float, float] | None = None) -> Bounds:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from boundflow.domains.interval import Interval
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
 from boundflow.ir.spec import InputSpec, LinearSpec
@@ -85,15 +86,19 @@ class PlanBounder:
     fails leaves the default plan running, with a log line. ``alpha``: alpha-CROWN's
     settings (:class:`~boundflow.domains.alpha.AlphaConfig`; its default where None).
     ``goal``: the search's (thresholds ``[rows]``, each disjunct's row range), with which
-    alpha-CROWN stops optimising the boxes it has proven (``ReluSplit.goal``)."""
+    alpha-CROWN stops optimising the boxes it has proven (``ReluSplit.goal``). ``keep``:
+    nodes whose bounds each call keeps, ``kept`` (by node, an Interval over the call's
+    boxes; None after a call whose plan's backend does not return them)."""
 
     def __init__(self, graph: Graph, C: np.ndarray, *, method: str, batch: int,
                  backend: str = "torch", db: Any = None, objective: str = "time@width",
                  switch_after: float = SWITCH_AFTER_S, alpha: Any = None,
                  goal: tuple[torch.Tensor, tuple[tuple[int, int], ...]] | None = None,
-                 target: str = "llvm"):
+                 target: str = "llvm", keep: Sequence[str] = ()):
         self.graph, self.batch = graph, int(batch)
         self.rows = int(C.shape[0])
+        self.keep = tuple(keep)
+        self.kept: dict[str, Interval] | None = None
         self._args = (graph, self.batch, self.rows, method, backend)
         self._alpha, self._target = alpha, target
         self._later = (db, objective) if db is not None and switch_after > 0 else None
@@ -134,7 +139,7 @@ class PlanBounder:
 
     def __call__(self, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         """``[N, rows]`` lower bounds of ``C·y`` over the boxes ``[N, *in]``."""
-        out = []
+        out, kept = [], []
         shape = (-1,) + tuple(self.graph.input_shape)
         for start in range(0, lower.shape[0], self.batch):
             lo = lower[start:start + self.batch].reshape(shape).numpy()
@@ -143,10 +148,20 @@ class PlanBounder:
             if self._later is not None and self.seconds >= self.switch_after:
                 self._switch()
             t0 = time.perf_counter()
-            out.append(self.verifier.run(InputSpec.box(lo, hi), spec, upper=False, **self._run)
-                       .lower.to(self.dtype))
+            box = InputSpec.box(lo, hi)
+            if self.keep:
+                bounds, nodes = self.verifier.run_keeping(box, spec, self.keep, upper=False,
+                                                          **self._run)
+                kept.append(nodes)
+            else:
+                bounds = self.verifier.run(box, spec, upper=False, **self._run)
+            out.append(bounds.lower.to(self.dtype))
             self.calls += 1
             self.seconds += time.perf_counter() - t0
+        self.kept = None
+        if self.keep and all(set(self.keep) <= k.keys() for k in kept):
+            self.kept = {n: Interval(torch.cat([k[n].lower for k in kept]),
+                                     torch.cat([k[n].upper for k in kept])) for n in self.keep}
         return torch.cat(out)
 
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from boundflow.bab.branching import RULES
 from boundflow.errors import BoundFlowError
 from boundflow.ir.workload import METHODS
 
 INPUT_SPLIT_MAX_DIMS = 16     # ``auto`` splits the input box up to this many input dimensions
 STRATEGIES = ("auto", "input", "relu", "none")
-BRANCHINGS = ("sensitivity", "widest")
+BRANCHINGS = RULES          # input splitting's branching rules (boundflow.bab.branching)
 INTERMEDIATES = ("refine", "reuse")
 SCREENS = ("forward", "none")
 ESCALATIONS = ("alpha", "none")
@@ -62,9 +63,12 @@ class BabConfig:
     """``strategy``: ``input`` (split input boxes), ``relu`` (split unstable ReLUs),
     ``none`` (bound the whole box only) or ``auto`` (:func:`choose_strategy`). ``batch``:
     domains bounded per plan run (a knob of the bound workload; None: :func:`default_batch`
-    for the strategy, :meth:`batch_for`). ``branching``: ``sensitivity`` splits the
-    dimension whose width times the spec's gradient at the box centre is largest (an
-    estimate of how much the linear bound's slack shrinks), ``widest`` the widest one.
+    for the strategy, :meth:`batch_for`). ``branching``: input splitting's rule for the
+    dimension to bisect (:mod:`boundflow.bab.branching`): ``combined`` (default) the largest
+    width times the row's slope at the box centre and its CROWN coefficient (each as its
+    share of the box's sum, added),
+    ``sensitivity`` the slope alone, ``coefficients`` the coefficient alone, ``widest``
+    the widest dimension.
     ``max_domains``: the queue's limit (the search answers ``unknown`` rather than outgrow
     it). ``method``: the bound of
     each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend;
@@ -92,7 +96,7 @@ class BabConfig:
 
     strategy: str = "auto"
     batch: int | None = None
-    branching: str = "sensitivity"
+    branching: str = "combined"
     max_domains: int = 1_000_000
     method: str = "crown"
     backend: str = "torch"

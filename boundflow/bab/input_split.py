@@ -4,7 +4,8 @@ A disjunct of the unsafe region (rows ``a:b`` of the spec: ``C_r·y <= thr_r`` f
 ``r``) is ruled out on a box when one of its rows has a lower bound above its threshold; a
 box is done when every open disjunct is ruled out on it. Each iteration takes the
 ``batch / 2`` open boxes closest to a violation, bisects each along the dimension the
-branching rule picks, bounds the children in one plan run (a child keeps the better of its
+branching rule picks (:mod:`boundflow.bab.branching`: by default from the row's gradient at
+the box centre and its CROWN coefficients, which each box keeps from its bound), bounds the children in one plan run (a child keeps the better of its
 own bound and its parent's, which holds on it too), drops the proven ones and queues the
 rest. The centre of every queued box is evaluated (that gives the branching rule its
 gradient) and checked as a counterexample; every ``attack_every`` iterations the falsifier
@@ -26,11 +27,14 @@ import torch
 
 from boundflow.attack import AttackConfig
 from boundflow.bab.bounder import ForwardScreen, PlanBounder, float_box
+from boundflow.bab.branching import NEEDS_COEFFICIENTS, coefficients, split_dims
 from boundflow.bab.common import Disjuncts, Progress, stop
 from boundflow.bab.config import BabConfig, BabResult
 from boundflow.bab.escalate import Escalation
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
+from boundflow.domains.traversal import graph_tensors
+from boundflow.ir.analysis import preactivations
 from boundflow.ir.graph import Graph
 
 
@@ -74,19 +78,6 @@ def _centres(graph: Graph, lo: torch.Tensor, hi: torch.Tensor, spec: Disjuncts, 
     return x.detach(), y.detach(), g
 
 
-def _split_dims(rule: str, lo: torch.Tensor, hi: torch.Tensor, grad: torch.Tensor | None
-                ) -> torch.Tensor:
-    width = hi - lo
-    if rule == "widest" or grad is None:
-        return width.argmax(1)
-    score = grad.abs() * width
-    # a box whose gradient vanishes (all its ReLUs off at the centre) still gets split
-    flat = score.max(1).values <= 0
-    dims = score.argmax(1)
-    dims[flat] = width[flat].argmax(1)
-    return dims
-
-
 def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray,
                 threshold: np.ndarray, ranges: Sequence[tuple[int, int]],
                 config: BabConfig = BabConfig(), *, deadline: float | None = None,
@@ -107,12 +98,16 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     batch = config.batch_for("input")
     log.info("bab: input splitting, %d boxes per plan run (%s)", batch,
              "given" if config.batch is not None else "the default for this machine's cores")
+    # the branching rule's CROWN coefficients come from the plan's ReLU-input bounds
+    keep = preactivations(graph) if config.branching in NEEDS_COEFFICIENTS and \
+        config.screen == "none" and config.method != "ibp" else ()
     if bounder is None:
         # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
         goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \
             if config.method == "alpha-crown" else None
         bounder = PlanBounder(graph, np.asarray(C), method=config.method, batch=batch,
-                              backend=config.backend, db=db, goal=goal, target=config.target)
+                              backend=config.backend, db=db, goal=goal, target=config.target,
+                              keep=keep)
     dtype = bounder.dtype
     spec = Disjuncts(C, threshold, ranges, dtype)
     lo64 = np.asarray(lower, np.float64).reshape(-1)
@@ -156,6 +151,17 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     escalation = None if refiner is None else \
         Escalation(refiner, lambda lb: spec.margins(lb).min(1).values, deadline=deadline)
 
+    tensors = graph_tensors(graph, dtype) if keep else None
+
+    def slopes(lb: torch.Tensor) -> torch.Tensor:
+        """``[N, n_in]``: each box's CROWN coefficients of its row (:mod:`~boundflow.bab.
+        branching`), from the bounder's last call (on these boxes); zero where unknown."""
+        kept = getattr(bounder, "kept", None) if keep else None
+        out = None if kept is None else \
+            coefficients(graph, tensors, kept, spec.C[spec.closest_rows(lb)])
+        return torch.zeros(lb.shape[0], lo64.size, dtype=dtype) if out is None else \
+            out.to(dtype)
+
     def bound(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """The boxes' lower bounds: the screen's first, if any, and the plan's for the boxes
         it leaves open (the better of the two kept)."""
@@ -172,6 +178,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         return lb
 
     lb = bound(lo, hi)
+    co = slopes(lb)
     # each box's volume as a share of the whole box's (the escalation's measure of progress)
     flat = hi0 - lo0 > 0
     log_w0 = torch.log2((hi0 - lo0).double()[flat])
@@ -183,7 +190,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     iteration, progress = 0, Progress()
     while True:
         open_ = ~(spec.margins(lb).min(1).values > 0)      # NaN: open
-        lo, hi, lb = lo[open_], hi[open_], lb[open_]
+        lo, hi, lb, co = lo[open_], hi[open_], lb[open_], co[open_]
         n = lo.shape[0]
         if n == 0:
             return result("unsat")
@@ -201,10 +208,10 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
                                  confirm)
                 if x is not None:
                     return result("sat", x)
-        per_domain = (2 * lo.shape[1] + lb.shape[1] + 2) * lo.element_size()
+        per_domain = (3 * lo.shape[1] + lb.shape[1] + 2) * lo.element_size()
         if (ended := stop(n, deadline, config, per_domain)) is not None:
             return result(ended[0], reason=ended[1])
-        dims = _split_dims(config.branching, lo, hi, grad)
+        dims = split_dims(config.branching, lo, hi, grad, co)
         # the boxes closest to a violation first
         take = min(n, max(1, batch // 2))
         order = spec.margins(lb).min(1).values.argsort()
@@ -219,11 +226,13 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         t0 = time.perf_counter()
         # the parent's bound holds on its children too (a NaN bound is no bound)
         clb = torch.fmax(bound(clo, chi), torch.cat([plb, plb]))
+        cco = slopes(clb)
         if escalation is not None:
             clb = escalation.round(clo, chi, clb, t0, volume)
         stats["domains"] += clo.shape[0]
         lo, hi, lb = torch.cat([lo[rest], clo]), torch.cat([hi[rest], chi]), \
             torch.cat([lb[rest], clb])
+        co = torch.cat([co[rest], cco])
         stats["max_queue"] = max(stats["max_queue"], lo.shape[0])
         iteration += 1
         progress.tick(stats["domains"], lo.shape[0], float(spec.margins(lb).min()))

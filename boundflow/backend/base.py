@@ -107,21 +107,23 @@ def _import_seconds(module: str, path: Path) -> float:
 
 def run_bounds(exe: Any, box: Any, C: Any = None, upper: bool = True, **options: Any) -> Any:
     """``exe.run(box, C, **options)``; ``upper=False`` (the caller reads the lower bounds
-    only) and a ``split`` option (a search's state, which only speeds the torch backend up)
+    only), a ``split`` option (a search's state, which only speeds the torch backend up)
+    and ``keep`` (nodes whose bounds the result's stats return, ``stats["bounds"]``)
     passed on where the executor's ``run`` takes them (a registered backend's may not)."""
     if not upper:
         options["upper"] = False
-    if "upper" in options or "split" in options:
+    if any(k in options for k in _OPTIONAL):
         takes = _TAKES.get(type(exe))
         if takes is None:
             params = inspect.signature(exe.run).parameters.values()
             anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
             takes = _TAKES[type(exe)] = {
-                n for n in ("upper", "split")
-                if anything or any(p.name == n for p in params)}
-        options = {k: v for k, v in options.items()
-                   if k not in ("upper", "split") or k in takes}
+                n for n in _OPTIONAL if anything or any(p.name == n for p in params)}
+        options = {k: v for k, v in options.items() if k not in _OPTIONAL or k in takes}
     return exe.run(box, C, **options)
+
+
+_OPTIONAL = ("upper", "split", "keep")   # run options an executor may not take
 
 
 _TAKES: dict[type, set[str]] = {}

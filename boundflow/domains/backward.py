@@ -54,6 +54,20 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
     ``[1, S, *start_shape]`` when it is the same for every sample (an identity start): it
     then stays batch-free through the affine ops and broadcasts at the first relaxation, so
     those steps run once instead of once per sample."""
+    a, lb, ub = linear_bounds(graph, start, A, tensors, ctx)
+    if a is not None:
+        return concretize(a, lb, ub, x)
+    # the start node does not depend on the input: its value is the constant bias
+    zero = torch.zeros(x.lower.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
+    return Interval(zero + lb, zero + ub)
+
+
+def linear_bounds(graph: Graph, start: str, A: torch.Tensor,
+                  tensors: Mapping[str, torch.Tensor], ctx: BackwardContext
+                  ) -> tuple[Coeffs | None, torch.Tensor | float, torch.Tensor | float]:
+    """The linear bounds ``lA·x + lb <= A·start <= uA·x + ub`` in the input ``x``, before
+    they are concretised: ``(Coeffs(lA, uA), lb, ub)``, the coefficients None where
+    ``start`` does not depend on the input (:func:`backward` for ``A``)."""
     need = ancestors(graph, [start])
     order = [n for n in graph.nodes if n.name in need]
     if ctx.shapes is None:
@@ -67,7 +81,7 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
         if ctx.lower_terms is not None and node.name in ctx.lower_terms:
             a = Coeffs(a.lA + ctx.lower_terms[node.name], a.uA)
         if node.op == "input":
-            return concretize(a, lb, ub, x)
+            return a, lb, ub
         rule = RULES.get(node.op)
         if rule is None:
             raise UnsupportedOpError(f"CROWN has no rule for op {node.op!r} "
@@ -78,9 +92,7 @@ def backward(graph: Graph, start: str, A: torch.Tensor, x: Interval,
         for name, coeffs in zip(node.inputs, ins):
             prev = pending.get(name)
             pending[name] = coeffs if prev is None else _add(prev, coeffs)
-    # the start node does not depend on the input: its value is the constant bias
-    zero = torch.zeros(x.lower.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
-    return Interval(zero + lb, zero + ub)
+    return None, lb, ub
 
 
 def backward_chunked(graph: Graph, start: str, A: torch.Tensor, x: Interval,

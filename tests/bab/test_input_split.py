@@ -13,9 +13,11 @@ import torch
 
 from boundflow.bab import BabConfig, choose_strategy, input_split
 from boundflow.bab.bounder import PlanBounder, float_box
+from boundflow.bab.branching import NEEDS_COEFFICIENTS
 from boundflow.domains.concrete import evaluate
 from boundflow.errors import BoundFlowError
 from boundflow.ir import GraphBuilder
+from boundflow.ir.analysis import preactivations
 from tests.conftest import SHARED
 
 BENCH = SHARED / "benchmarks"
@@ -46,6 +48,10 @@ class _Checked:
     def calls(self):
         return self.inner.calls
 
+    @property
+    def kept(self):
+        return self.inner.kept
+
     def __call__(self, lo, hi):
         lb = self.inner(lo, hi)
         n, d = lo.shape
@@ -73,7 +79,8 @@ def _truth(graph, lo, hi, C, thr, ranges, n=200_000) -> bool:
 
 
 @pytest.mark.parametrize("seed", range(10))
-@pytest.mark.parametrize("branching, screen", [("sensitivity", "none"), ("widest", "none"),
+@pytest.mark.parametrize("branching, screen", [("combined", "none"), ("coefficients", "none"),
+                                               ("sensitivity", "none"), ("widest", "none"),
                                                ("widest", "forward")])
 def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching, screen):
     """A random property "y_0 - y_1 <= t" (and, for odd seeds, a second disjunct) on a small
@@ -90,7 +97,8 @@ def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching, scre
     thr = np.quantile(y @ C.T, 0.002 if seed % 3 else 0.0, axis=0) - (0.05 if seed % 3 else -0.02)
     ranges = [(0, 1), (1, 2)] if seed % 2 else [(0, 1)]
     config = BabConfig(batch=64, branching=branching, max_domains=20_000, screen=screen)
-    bounder = _Checked(PlanBounder(g, C, method="crown", batch=64), C)
+    keep = preactivations(g) if branching in NEEDS_COEFFICIENTS else ()
+    bounder = _Checked(PlanBounder(g, C, method="crown", batch=64, keep=keep), C)
     res = input_split(g, lo, hi, C, thr, ranges, config, bounder=bounder,
                       deadline=time.monotonic() + 60)
     sat = _truth(g, lo, hi, C, thr, ranges)
@@ -102,6 +110,8 @@ def test_verdicts_are_never_wrong_and_every_batch_is_sound(seed, branching, scre
         assert np.all(x >= lo) and np.all(x <= hi)
         yx = evaluate(g, torch.from_numpy(x[None])).numpy()[0]
         assert any(np.all(C[a:b] @ yx <= thr[a:b]) for a, b in ranges)
+    if keep and res.domains > 1:                 # the coefficients came with the bounds
+        assert bounder.kept is not None and set(bounder.kept) == set(keep)
     if screen == "none":
         assert bounder.checked >= res.domains > 0
         assert res.bound_calls == bounder.calls >= 1
@@ -159,10 +169,13 @@ def test_the_queue_limit_and_the_deadline_end_the_search():
     grid = np.stack(np.meshgrid(*[np.linspace(a, b, 400) for a, b in zip(lo, hi)]), -1)
     y = evaluate(g, torch.from_numpy(grid.reshape(-1, 2))).numpy() @ C.T
     thr = y.min(0) - 1e-3                        # holds or barely fails: a deep search
-    full = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=4, attack_every=0))
+    # (the gradient's branching alone: a deeper search here than the default rule's)
+    full = input_split(g, lo, hi, C, thr, [(0, 1)],
+                       BabConfig(batch=4, attack_every=0, branching="sensitivity"))
     assert full.max_queue > 6
     res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=4, max_domains=4,
-                                                             attack_every=0))
+                                                             attack_every=0,
+                                                             branching="sensitivity"))
     assert res.max_queue <= 4 + 4
     assert res.status == "sat" or (res.status == "unknown" and "max_domains" in res.reason)
     res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=4), deadline=0.0)

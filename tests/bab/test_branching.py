@@ -1,0 +1,128 @@
+"""Input splitting's branching rules: the CROWN coefficients a box's bound leaves behind are
+that bound's (the model's gradient on a box inside one linear piece; a sound linear bound
+whose minimum over a wide box is the plan's bound), and each rule picks the dimension its
+score says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from boundflow.bab.bounder import PlanBounder
+from boundflow.bab.branching import RULES, coefficients, split_dims
+from boundflow.domains.backward import linear_bounds
+from boundflow.domains.coeffs import BackwardContext
+from boundflow.domains.concrete import evaluate
+from boundflow.domains.traversal import graph_tensors
+from boundflow.ir.analysis import preactivations
+from tests.bab.test_input_split import _net
+
+
+def _bounded(g, C, lo, hi):
+    bounder = PlanBounder(g, C, method="crown", batch=lo.shape[0], keep=preactivations(g))
+    lb = bounder(lo, hi)
+    return bounder, lb
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_coefficients_are_the_gradient_on_a_box_inside_one_linear_piece(seed):
+    g = _net(seed, n_in=3, hidden=10)
+    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]])
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.uniform(-1, 1, (8, 3)))
+    lo, hi = x - 1e-7, x + 1e-7                  # no ReLU input changes sign in the box
+    bounder, lb = _bounded(g, C, lo, hi)
+    rows = torch.from_numpy(C)[torch.arange(8) % 2]
+    lA = coefficients(g, graph_tensors(g, bounder.dtype), bounder.kept, rows.to(bounder.dtype))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((evaluate(g, xg) * rows).sum(), xg)
+    assert lA.shape == (8, 3)
+    torch.testing.assert_close(lA.double(), grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_coefficients_give_a_sound_linear_bound_whose_minimum_is_the_plans(seed):
+    g = _net(10 + seed, n_in=2, hidden=12)
+    C = np.array([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [1.0, 0.0, -1.0]])
+    rng = np.random.default_rng(seed)
+    centre = torch.from_numpy(rng.uniform(-1, 1, (16, 2)))
+    rad = torch.from_numpy(rng.uniform(0.05, 0.6, (16, 2)))
+    lo, hi = centre - rad, centre + rad
+    bounder, lb = _bounded(g, C, lo, hi)
+    row = torch.arange(16) % 3
+    rows = torch.from_numpy(C)[row].to(bounder.dtype)
+    tensors = graph_tensors(g, bounder.dtype)
+    lA = coefficients(g, tensors, bounder.kept, rows).double()
+    # the constant of the same walk (CROWN's: what backward() concretises)
+    _, const, _ = linear_bounds(g, g.output, rows.reshape(16, 1, 3), tensors,
+                                BackwardContext(bounder.kept, "adaptive", None))
+    const = const.reshape(16).double()
+    mid, r = (lo + hi) / 2, (hi - lo) / 2
+    minimum = (lA * mid).sum(1) - (lA.abs() * r).sum(1) + const
+    plan = lb.double()[torch.arange(16), row]
+    # the plan's bound is this minimum (or IBP's, where that is higher: never lower)
+    assert (minimum <= plan + 1e-5).all()
+    assert torch.isclose(minimum, plan, rtol=1e-5, atol=1e-5).float().mean() >= 0.5
+    pts = lo[:, None] + torch.rand((16, 400, 2), dtype=torch.float64) * (hi - lo)[:, None]
+    y = evaluate(g, pts.reshape(-1, 2)).reshape(16, 400, 3)
+    true = (y * torch.from_numpy(C)[row][:, None]).sum(-1)
+    line = (pts * lA[:, None]).sum(-1) + const[:, None]
+    assert (line <= true + 1e-5).all(), "the linear bound is not below the model"
+
+
+def test_no_coefficients_without_the_bounds_of_every_relu_input():
+    g = _net(0)
+    rows = torch.ones(4, 3, dtype=torch.float32)
+    assert coefficients(g, graph_tensors(g, torch.float32), {}, rows) is None
+
+
+def test_each_rule_picks_the_dimension_its_score_says():
+    lo = torch.zeros(3, 3)
+    hi = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
+    grad = torch.tensor([[3.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    co = torch.tensor([[0.0, 100.0, 101.0], [0.0, 0.0, 9.0], [0.0, 0.0, 0.0]])
+    assert split_dims("widest", lo, hi, grad, co).tolist() == [0, 1, 0]
+    assert split_dims("sensitivity", lo, hi, grad, co).tolist() == [0, 1, 0]
+    assert split_dims("coefficients", lo, hi, grad, co).tolist() == [2, 2, 0]
+    # box 0: shares 3/4 + 0 against 1/4 + 100/201 and 0 + 101/201: dimension 0 (a plain
+    # sum, 3 against 101 and 101, would follow the coefficients' scale to dimension 2)
+    # box 1: 1/3 + 0, 2 * (1/3), 1/3 + 1: dimension 2; box 2: no slope, the widest
+    assert split_dims("combined", lo, hi, grad, co).tolist() == [0, 2, 0]
+    # coefficients unknown (zero, or None) leave the gradient's choice
+    assert split_dims("combined", lo, hi, grad, torch.zeros(3, 3)).tolist() == [0, 1, 0]
+    assert split_dims("combined", lo, hi, grad, None).tolist() == [0, 1, 0]
+    assert split_dims("coefficients", lo, hi, grad, None).tolist() == [0, 1, 0]
+    assert set(RULES) == {"combined", "sensitivity", "coefficients", "widest"}
+
+
+def test_a_nan_slope_is_no_slope():
+    lo, hi = torch.zeros(1, 2), torch.tensor([[1.0, 2.0]])
+    grad = torch.tensor([[float("nan"), 1.0]])
+    assert split_dims("sensitivity", lo, hi, grad, None).tolist() == [1]
+
+
+@pytest.mark.parametrize("rule", ["combined", "sensitivity"])
+def test_the_search_branches_on_the_coefficients_of_its_own_bounds(rule, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("boundflow.bab.input_split")
+    seen = []
+
+    def spy(rule_, lo, hi, grad, coeffs):
+        seen.append((rule_, coeffs.clone()))
+        return split_dims(rule_, lo, hi, grad, coeffs)
+
+    monkeypatch.setattr(module, "split_dims", spy)
+    g = _net(5, hidden=24)
+    lo, hi = np.array([-1.0, -0.5]), np.array([0.5, 1.0])
+    C = np.array([[1.0, -1.0, 0.0]])
+    grid = np.stack(np.meshgrid(*[np.linspace(a, b, 400) for a, b in zip(lo, hi)]), -1)
+    thr = (evaluate(g, torch.from_numpy(grid.reshape(-1, 2))).numpy() @ C.T).min(0) - 1e-3
+    from boundflow.bab import BabConfig, input_split
+
+    res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=4, branching=rule))
+    assert res.status == "unsat" and seen and all(r == rule for r, _ in seen)
+    given = [bool((c != 0).any()) for _, c in seen]
+    # the default rule gets every queued box's coefficients; the gradient's rule none
+    assert all(given) if rule == "combined" else not any(given)
