@@ -12,27 +12,34 @@ box's worst disjunct, :meth:`~boundflow.bab.common.Disjuncts.closest_rows`) time
   dimensions (``|g| / sum |g| + |lA| / sum |lA|``), so neither outvotes the other by scale;
 - ``widest``: the widest dimension.
 
-Measured (``boundflow verify``'s search on ACAS Xu, this 2-core host, one run each; the
-coefficients from an extra CROWN pass then, so domains are the fair measure), domains to
-the verdict by rule, sensitivity / coefficients / combined:
+Measured: ``boundflow vnncomp`` on 12 ACAS Xu instances (nets 1_1 and 1_9, properties 1-6;
+5 and 6 from VNN-COMP, not in ../shared), this 2-core host, two runs of each rule
+alternating, seconds to the verdict (both runs) and domains (12/12 decided, 0 wrong; all 12
+in 41.6 s by the gradient, 28.1 s combined, mean of the two runs):
 
-==============  ===========  ============  ========
-instance        sensitivity  coefficients  combined
-==============  ===========  ============  ========
-1_1 property 2  2,281        4,281         1,275
-1_1 property 3  4,639        4,573         3,593
-1_1 property 4  745          1,391         663
-1_1 property 5  5,569        3,005         3,781
-1_1 property 6  23,746       6,098         5,854
-1_9 property 2  571          2,605         837
-1_9 property 6  13,992       18,222        17,904
-==============  ===========  ============  ========
+==============  ===========  =========  ===========  =========
+instance        sensitivity  domains    combined     domains
+==============  ===========  =========  ===========  =========
+1_1 property 1  0.41 / 0.53  105        0.40 / 0.39  63
+1_1 property 2  0.90 / 1.30  2,281      0.59 / 0.43  521
+1_1 property 3  2.92 / 1.70  3,799      1.77 / 1.37  3,289
+1_1 property 4  0.33 / 0.55  745        0.50 / 0.50  649
+1_1 property 5  3.90 / 5.59  6,141      2.16 / 1.68  2,829
+1_1 property 6  19.4 / 18.7  24,980     3.75 / 3.19  5,070
+1_9 property 2  0.38 / 0.37  571        0.50 / 0.45  667
+1_9 property 6  12.3 / 13.7  13,992     18.3 / 19.8  17,852
+==============  ===========  =========  ===========  =========
 
-Neither slope alone is best everywhere; their sum is the best or close to it on all but 1_9
-property 6 (no VNN-COMP pairing). The gradient misses what the relaxation loses at the
-unstable ReLUs; ``lA`` is flat where a ReLU is relaxed with slope 0. The coefficients need
-the plan's ReLU-input bounds of the box, which the torch backend returns; under a plan of
-another backend they are zero and ``combined`` is ``sensitivity``.
+(1_9 properties 1, 3, 4 and 5 take 0.01-0.15 s either way.) Earlier, one run each with the
+coefficients from an extra CROWN pass, ``coefficients`` alone needed 4,281 / 4,573 / 1,391
+/ 3,005 / 6,098 / 2,605 / 18,222 domains on 1_1 properties 2-6 and 1_9 properties 2 and 6,
+and a plain sum of the two slopes (not shares) 1,275 / 3,593 / 663 / 3,781 / 5,854 / 837 /
+17,904: the shares were as good or better on each. Neither slope alone is best everywhere;
+their shares together are the best or close to it on all but 1_9 property 6 (no VNN-COMP
+pairing), where the search is 1.5x slower. The gradient misses what the relaxation loses at
+the unstable ReLUs; ``lA`` is flat where a ReLU is relaxed with slope 0. The coefficients
+need the plan's ReLU-input bounds of the box, which the torch backend returns; under a plan
+of another backend they are zero and ``combined`` is ``sensitivity``.
 """
 
 from __future__ import annotations
