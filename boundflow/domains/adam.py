@@ -37,14 +37,16 @@ class Adam:
     def take(self, moved: Mapping[torch.Tensor, tuple[torch.Tensor, int]],
              keep: torch.Tensor) -> None:
         """Go on with each parameter ``p`` of ``moved`` replaced by ``moved[p] = (q,
-        axis)``, ``q`` being ``p``'s entries ``keep`` along ``axis``: its moments are taken
-        the same way, so ``q`` takes the steps those entries of ``p`` would have taken."""
+        axis)`` or ``(q, axis, index)``, ``q`` being ``p``'s entries ``index`` (default
+        ``keep``) along ``axis``: its moments are taken the same way, so ``q`` takes the
+        steps those entries of ``p`` would have taken."""
         state = dict(self._state)
-        for p, (q, axis) in moved.items():
+        for p, (q, axis, *index) in moved.items():
+            rows = index[0] if index else keep
             old = state.pop(id(p), None)
             if old is not None:
-                state[id(q)] = (old[0].index_select(axis, keep),
-                                old[1].index_select(axis, keep), old[2])
+                state[id(q)] = (old[0].index_select(axis, rows),
+                                old[1].index_select(axis, rows), old[2])
         self._state = state
         self.groups = [([moved[p][0] if p in moved else p for p in params], lr)
                        for params, lr in self.groups]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
@@ -147,11 +147,20 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
         if chain is not None:        # slopes in window layout (made lazily)
             starts[node.name] = (index, PatchSlopes(), chain)
         else:
-            starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
-                                                lower_slope, params))
+            mask = inexact(graph, node.name, bounds[node.name]).flatten(1)
+            pairs = int(mask.sum())
+            if pairs <= PAIRS_FRACTION * mask.shape[0] * index.numel():
+                # each sample's own inexact neurons, one row each
+                sample, neuron = mask.nonzero(as_tuple=True)
+                starts[node.name] = _Rows(sample, neuron, _slopes(
+                    graph, node.name, 1, _gather(bounds, sample), lower_slope, params))
+            else:                    # the batch's inexact neurons, the same rows for all
+                starts[node.name] = (index, _slopes(graph, node.name, index.numel(), bounds,
+                                                    lower_slope, params))
     final = _slopes(graph, graph.output, A.shape[1], bounds, lower_slope, params)
     best_lo, best_hi = start.lower.detach().clone(), start.upper.detach().clone()
-    windowed = [entry[1] for entry in starts.values() if len(entry) == 3]
+    windowed = [entry[1] for entry in starts.values() if isinstance(entry, tuple)
+                and len(entry) == 3 and isinstance(entry[1], PatchSlopes)]
     if not (params or windowed) or config.iterations == 0:
         return Interval(best_lo, best_hi)
     opt = None
@@ -197,6 +206,7 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
             if finished is not None and not windowed and \
                     int(finished.sum()) >= SHRINK * finished.numel():
                 keep = (~finished).nonzero().flatten()
+                before = x.lower.shape[0]
                 live = keep if live is None else live[keep]
                 if A.shape[0] == x.lower.shape[0]:
                     A = A[keep]              # (else one row broadcast over the batch)
@@ -204,20 +214,25 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
                 bounds = {k: Interval(v.lower[keep], v.upper[keep]) for k, v in bounds.items()}
                 moved = {}
                 final = _take_slopes(graph, final, keep, moved)
-                starts = {k: (v[0], _take_slopes(graph, v[1], keep, moved))
+                starts = {k: v.take(graph, keep, before, moved) if isinstance(v, _Rows)
+                          else (v[0], _take_slopes(graph, v[1], keep, moved))
                           for k, v in starts.items()}
-                params = [q for q, _ in moved.values()]
+                params = [entry[0] for entry in moved.values()]
                 opt.take(moved, keep)
                 memo = LinesMemo(MEMO_BYTES)
     return Interval(best_lo, best_hi)
 
 
 SHRINK = 0.25     # the share of done samples at which alpha goes on with the rest alone
+# a dense start re-bounds each sample's own inexact neurons (:class:`_Rows`) where they are
+# at most this share of the batch times the union of them; else the union, for every sample
+# (one start matrix for the batch: cheaper per row, and all there is at batch 1)
+PAIRS_FRACTION = 0.5
 
 
 def _take_slopes(graph: Graph, slopes, keep: torch.Tensor, moved: dict):
     """``slopes`` (:func:`_slopes`'s) of the samples ``keep``: new leaf tensors, each
-    recorded in ``moved`` under the one it replaces, with its batch axis."""
+    recorded in ``moved`` under the one it replaces, with its batch axis and ``keep``."""
     out = {}
     for name, pair in slopes.items():
         # stacked parameters (several per neuron) have the batch on axis 1
@@ -225,18 +240,75 @@ def _take_slopes(graph: Graph, slopes, keep: torch.Tensor, moved: dict):
         new = []
         for p in pair:
             q = p.detach().index_select(axis, keep).requires_grad_(True)
-            moved[p] = (q, axis)
+            moved[p] = (q, axis, keep)
             new.append(q)
         out[name] = tuple(new)
     return out
+
+
+def _gather(bounds: Mapping[str, Interval], sample: torch.Tensor) -> dict[str, Interval]:
+    """``bounds`` of the samples ``sample`` (one entry per row, repeats allowed)."""
+    return {k: Interval(v.lower.index_select(0, sample), v.upper.index_select(0, sample))
+            for k, v in bounds.items()}
+
+
+class _Rows(NamedTuple):
+    """The neurons a dense start re-bounds: one backward row per (sample, neuron) pair,
+    ``sample[r]``'s neuron ``neuron[r]`` (flat index), each with its own slopes (``[R, 1,
+    *shape]``, :func:`_slopes` of the gathered bounds). Only each sample's own inexact
+    neurons: the batch's union of them can be many more rows. Measured (one thread, the same
+    bounds to 1e-9): 512 small ACAS Xu boxes (union 22-41 of a layer's 50 neurons, 5-10 per
+    box), 8 steps: 2.3x faster; a 613-box escalation round of 1_9 property 6 (union 23-50,
+    8-25 per box): 6.5-6.9 s against 7.1-8.4, autograd's backward half of it either way;
+    end to end on 12 ACAS Xu searches no faster (30.2 against 30.4 s)."""
+
+    sample: torch.Tensor
+    neuron: torch.Tensor
+    slopes: dict
+
+    def bound(self, graph: Graph, name: str, iv: Interval, x: Interval, tensors,
+              current: Mapping[str, Interval], lower_slope: str) -> Interval:
+        """``iv`` (node ``name``'s interval, ``[B, *shape]``) with the rows' neurons
+        tightened by CROWN under the slopes, the gradient passed straight through."""
+        s, n = self.sample, self.neuron
+        if not s.numel():
+            return iv
+        shape = tuple(iv.lower.shape[1:])
+        A = torch.zeros(s.numel(), 1, math.prod(shape), dtype=iv.lower.dtype,
+                        device=iv.lower.device)
+        A[torch.arange(s.numel(), device=s.device), 0, n] = 1.0
+        need = ancestors(graph, [name])
+        ctx = BackwardContext(_gather({k: v for k, v in current.items() if k in need}, s),
+                              lower_slope, self.slopes)
+        rows = backward(graph, name, A.reshape((s.numel(), 1) + shape),
+                        Interval(x.lower.index_select(0, s), x.upper.index_select(0, s)),
+                        tensors, ctx)
+        lo, hi = iv.lower.flatten(1), iv.upper.flatten(1)
+        row_lo, row_hi = rows.lower[:, 0], rows.upper[:, 0]
+        new_lo = torch.maximum(lo[s, n], row_lo)
+        new_hi = torch.minimum(hi[s, n], row_hi)
+        new_lo = row_lo + (new_lo - row_lo).detach()          # straight through
+        new_hi = row_hi + (new_hi - row_hi).detach()
+        return Interval(lo.index_put((s, n), new_lo).reshape(iv.lower.shape),
+                        hi.index_put((s, n), new_hi).reshape(iv.upper.shape))
+
+    def take(self, graph: Graph, keep: torch.Tensor, before: int, moved: dict) -> "_Rows":
+        """The rows of the samples ``keep`` (of ``before``), renumbered, their slopes new
+        leaves recorded in ``moved`` (:func:`_take_slopes`)."""
+        pos = torch.full((before,), -1, dtype=torch.long, device=keep.device)
+        pos[keep] = torch.arange(keep.numel(), device=keep.device)
+        rows = (pos[self.sample] >= 0).nonzero().flatten()
+        return _Rows(pos[self.sample[rows]], self.neuron[rows],
+                     _take_slopes(graph, self.slopes, rows, moved))
 
 
 def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], starts,
              lower_slope: str) -> dict[str, Interval]:
     """Every node's interval again: IBP from the optimised pre-activation bounds, each
     intersected with its fixed bound; optimised pre-activations by CROWN with their slopes.
-    ``starts`` maps a pre-activation to ``(index, slopes)`` (dense rows) or
-    ``(index, PatchSlopes, chain)`` (rows in window layout, :mod:`crown_conv`)."""
+    ``starts`` maps a pre-activation to ``(index, slopes)`` (dense rows, the same for every
+    sample), :class:`_Rows` (dense rows, each sample's own) or ``(index, PatchSlopes,
+    chain)`` (rows in window layout, :mod:`crown_conv`)."""
     current: dict[str, Interval] = {}
     for node in graph.nodes:
         if node.op == "input":
@@ -251,13 +323,16 @@ def _rebound(graph: Graph, x: Interval, tensors, fixed: Mapping[str, Interval], 
             lo = torch.maximum(iv.lower, ref.lower)
             hi = torch.minimum(iv.upper, ref.upper)
             iv = Interval(iv.lower + (lo - iv.lower).detach(), iv.upper + (hi - iv.upper).detach())
-        if node.name in starts and len(starts[node.name]) == 3:
-            index, slopes, chain = starts[node.name]
+        entry = starts.get(node.name)
+        if isinstance(entry, _Rows):
+            iv = entry.bound(graph, node.name, iv, x, tensors, current, lower_slope)
+        elif entry is not None and len(entry) == 3:
+            index, slopes, chain = entry
             rows = crown_conv_rows(graph, chain, iv, x, tensors, current, lower_slope, slopes,
                                    index)
             iv = tighten_rows(iv, index, rows, straight_through=True)
-        elif node.name in starts:
-            index, slopes = starts[node.name]
+        elif entry is not None:
+            index, slopes = entry
             iv = crown_node(graph, node.name, iv, x, tensors,
                             BackwardContext(current, lower_slope, slopes), index)
         current[node.name] = iv

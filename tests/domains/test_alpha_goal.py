@@ -42,8 +42,13 @@ def _boxes(n=96, d=3, seed=1):
     return lo, lo + torch.from_numpy(rng.uniform(0.05, 0.8, (n, d))).float()
 
 
+# PAIRS_FRACTION 0: every dense start's rows the batch's union of inexact neurons; 2: each
+# sample's own (alpha._Rows), whose slopes the shrink renumbers
+@pytest.mark.parametrize("pairs", [0.0, 2.0])
 @pytest.mark.parametrize("act", ["relu", "hardtanh"])   # hardtanh: two slopes per neuron
-def test_proven_boxes_leave_and_the_rest_are_bounded_as_in_the_full_batch(monkeypatch, act):
+def test_proven_boxes_leave_and_the_rest_are_bounded_as_in_the_full_batch(monkeypatch, act,
+                                                                          pairs):
+    monkeypatch.setattr(alpha_mod, "PAIRS_FRACTION", pairs)
     g = _net(act)
     lo, hi = _boxes()
     plain = PlanBounder(g, C2, method="alpha-crown", batch=128, alpha=STEPS)
@@ -70,9 +75,11 @@ def test_proven_boxes_leave_and_the_rest_are_bounded_as_in_the_full_batch(monkey
     assert (cy >= lb[:, None].double() - 1e-5).all()
 
 
-def test_boxes_leaving_in_two_rounds_are_written_back_to_their_places(monkeypatch):
+@pytest.mark.parametrize("pairs", [0.0, 2.0])
+def test_boxes_leaving_in_two_rounds_are_written_back_to_their_places(monkeypatch, pairs):
     """Two shrinks (the second indexes the survivors of the first): the boxes never done
     get exactly the full batch's bounds, those done keep the bound they had then."""
+    monkeypatch.setattr(alpha_mod, "PAIRS_FRACTION", pairs)
     g = _net("relu", seed=2)
     lo, hi = _boxes(40)
     full = PlanBounder(g, C2, method="alpha-crown", batch=64, alpha=STEPS)(lo, hi)
@@ -107,11 +114,12 @@ def test_it_stops_when_every_box_is_proven(monkeypatch):
     lo, hi = _boxes(16)
     thr = torch.tensor([-1e3, -1e3])            # CROWN's start proves them all
     passes = counted_calls(monkeypatch, alpha_mod, "backward")
+    final = lambda: [p for p in passes if p[1] == g.output]  # noqa: E731  (not the rows')
     PlanBounder(g, C2, method="alpha-crown", batch=32, alpha=STEPS)(lo, hi)
-    assert len(passes) == STEPS.iterations + 1
+    assert len(final()) == STEPS.iterations + 1
     passes.clear()
     PlanBounder(g, C2, method="alpha-crown", batch=32, alpha=STEPS, goal=(thr, RANGES))(lo, hi)
-    assert len(passes) == 1
+    assert len(final()) == 1
 
 
 def test_proven_rows_needs_every_disjunct_and_a_nan_proves_nothing():
@@ -152,3 +160,24 @@ def test_adam_take_keeps_the_trajectory_of_the_entries_kept(axis):
     # (equal up to rounding: the fused kernel's vector and scalar tails round differently)
     assert torch.allclose(b, a.detach().index_select(axis, keep), atol=1e-6, rtol=0)
     assert not torch.allclose(b, init.index_select(axis, keep), atol=1e-2)
+
+
+@pytest.mark.parametrize("act", ["relu", "hardtanh"])
+def test_each_samples_own_rows_bound_as_the_batchs_union_does(monkeypatch, act):
+    """A dense start's rows per (sample, neuron) pair give the bounds the union's rows give
+    (a neuron exact in a sample changes nothing there), and sound ones."""
+    g = _net(act, seed=3)
+    lo, hi = _boxes(48, seed=4)
+    out, used = {}, {}
+    for pairs in (0.0, 2.0):
+        monkeypatch.setattr(alpha_mod, "PAIRS_FRACTION", pairs)
+        rows = counted_calls(monkeypatch, alpha_mod._Rows, "bound")
+        out[pairs] = PlanBounder(g, C2, method="alpha-crown", batch=64, alpha=STEPS)(lo, hi)
+        used[pairs] = len(rows)
+        monkeypatch.undo()
+    assert used[0.0] == 0 and used[2.0] > 0
+    assert torch.allclose(out[0.0], out[2.0], atol=1e-5, rtol=1e-5)
+    pts = lo[:, None] + torch.rand(lo.shape[0], 300, 3) * (hi - lo)[:, None]
+    cy = evaluate(g, pts.reshape(-1, 3).double()).reshape(lo.shape[0], -1, 3) \
+        @ torch.as_tensor(C2).T
+    assert (cy >= out[2.0][:, None].double() - 1e-5).all()
