@@ -83,6 +83,11 @@ def coefficients(graph: Graph, tensors: Mapping[str, torch.Tensor],
     return torch.nan_to_num(lA, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _finite(slope: torch.Tensor) -> torch.Tensor:
+    """``slope`` with a NaN or infinite entry as no slope (0): it carries no ranking."""
+    return torch.nan_to_num(slope, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _share(slope: torch.Tensor) -> torch.Tensor:
     """Each box's slopes over their sum (all zero where they sum to zero)."""
     return slope / slope.sum(1, keepdim=True).clamp_min(torch.finfo(slope.dtype).tiny)
@@ -99,9 +104,10 @@ def split_dims(rule: str, lo: torch.Tensor, hi: torch.Tensor, grad: torch.Tensor
         return width.argmax(1)
     slope = None
     if rule in ("sensitivity", "combined") and grad is not None:
-        slope = grad.abs()
+        slope = _finite(grad.abs())
     if rule in NEEDS_COEFFICIENTS and coeffs is not None:
-        slope = coeffs.abs() if slope is None else _share(slope) + _share(coeffs.abs())
+        slope = _finite(coeffs.abs()) if slope is None else \
+            _share(slope) + _share(_finite(coeffs.abs()))
     if slope is None:
         return width.argmax(1)
     score = torch.nan_to_num(slope * width, nan=0.0)

@@ -6,14 +6,14 @@ box is done when every open disjunct is ruled out on it. Each iteration takes th
 ``batch / 2`` open boxes closest to a violation, bisects each along the dimension the
 branching rule picks (:mod:`boundflow.bab.branching`: by default from the row's gradient at
 the box centre and its CROWN coefficients, which each box keeps from its bound), bounds the
-children in one plan run (a child keeps the better of its own bound and its parent's, which
-holds on it too), drops the proven ones and queues the rest. The centre of every queued box is evaluated (that gives the branching rule its
-gradient) and checked as a counterexample; every ``attack_every`` iterations the falsifier
-also searches the boxes closest to a violation. Boxes the plan leaves open may be bounded
-again with alpha-CROWN, once the search has spent a second in bound calls, in the rounds
-where that has closed more of the box per second (:mod:`boundflow.bab.escalate`,
-``BabConfig.escalate``). Any counterexample is re-checked in float64 inside the original
-box before it is reported.
+children in one plan run (a child keeps the better of its own bound and its parent's, which holds on it
+too), drops the proven ones and queues the rest. The centre of every queued box is evaluated
+(that gives the branching rule its gradient) and checked as a counterexample; every
+``attack_every`` iterations the falsifier also searches the boxes closest to a violation.
+Boxes the plan leaves open may be bounded again with alpha-CROWN, once the search has spent
+a second in bound calls, in the rounds where that has closed more of the box per second
+(:mod:`boundflow.bab.escalate`, ``BabConfig.escalate``). Any counterexample is re-checked in
+float64 inside the original box before it is reported.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from boundflow.bab.config import BabConfig, BabResult
 from boundflow.bab.escalate import Escalation
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
+from boundflow.domains.interval import Interval
 from boundflow.domains.traversal import graph_tensors
 from boundflow.ir.analysis import preactivations
 from boundflow.ir.graph import Graph
+from boundflow.ir.normalize import normalised
 
 
 log = logging.getLogger("boundflow.bab")
@@ -98,9 +100,13 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     batch = config.batch_for("input")
     log.info("bab: input splitting, %d boxes per plan run (%s)", batch,
              "given" if config.batch is not None else "the default for this machine's cores")
-    # the branching rule's CROWN coefficients come from the plan's ReLU-input bounds
-    keep = preactivations(graph) if config.branching in NEEDS_COEFFICIENTS and \
-        config.screen == "none" and config.method != "ibp" else ()
+    # the branching rule's CROWN coefficients come from the plan's ReLU-input bounds, on the
+    # graph plans run on (BatchNorm folded, identities dropped: other node names); an
+    # activation of the input itself reads the box
+    norm = normalised(graph)[0]
+    wants = config.branching in NEEDS_COEFFICIENTS and config.screen == "none" and \
+        config.method != "ibp"
+    keep = tuple(n for n in preactivations(norm) if n != norm.input.name) if wants else ()
     if bounder is None:
         # alpha-CROWN's optimisation drops each box once it is proven (the search's goal)
         goal = (torch.as_tensor(np.asarray(threshold, np.float64).reshape(-1)), tuple(ranges)) \
@@ -151,14 +157,17 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     escalation = None if refiner is None else \
         Escalation(refiner, lambda lb: spec.margins(lb).min(1).values, deadline=deadline)
 
-    tensors = graph_tensors(graph, dtype) if keep else None
+    tensors = graph_tensors(norm, dtype) if wants else None
 
-    def slopes(lb: torch.Tensor) -> torch.Tensor:
+    def slopes(lo: torch.Tensor, hi: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         """``[N, n_in]``: each box's CROWN coefficients of its row (:mod:`~boundflow.bab.
         branching`), from the bounder's last call (on these boxes); zero where unknown."""
-        kept = getattr(bounder, "kept", None) if keep else None
+        kept = (getattr(bounder, "kept", None) if keep else {}) if wants else None
+        if kept is not None:
+            kept = {**kept, norm.input.name: Interval(lo.reshape((-1,) + shape),
+                                                      hi.reshape((-1,) + shape))}
         out = None if kept is None else \
-            coefficients(graph, tensors, kept, spec.C[spec.closest_rows(lb)])
+            coefficients(norm, tensors, kept, spec.C[spec.closest_rows(lb)])
         return torch.zeros(lb.shape[0], lo64.size, dtype=dtype) if out is None else \
             out.to(dtype)
 
@@ -178,7 +187,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         return lb
 
     lb = bound(lo, hi)
-    co = slopes(lb)
+    co = slopes(lo, hi, lb)
     # each box's volume as a share of the whole box's (the escalation's measure of progress)
     flat = hi0 - lo0 > 0
     log_w0 = torch.log2((hi0 - lo0).double()[flat])
@@ -226,7 +235,7 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         t0 = time.perf_counter()
         # the parent's bound holds on its children too (a NaN bound is no bound)
         clb = torch.fmax(bound(clo, chi), torch.cat([plb, plb]))
-        cco = slopes(clb)
+        cco = slopes(clo, chi, clb)
         if escalation is not None:
             clb = escalation.round(clo, chi, clb, t0, volume)
         stats["domains"] += clo.shape[0]

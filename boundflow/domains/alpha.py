@@ -256,11 +256,14 @@ class _Rows(NamedTuple):
     """The neurons a dense start re-bounds: one backward row per (sample, neuron) pair,
     ``sample[r]``'s neuron ``neuron[r]`` (flat index), each with its own slopes (``[R, 1,
     *shape]``, :func:`_slopes` of the gathered bounds). Only each sample's own inexact
-    neurons: the batch's union of them can be many more rows. Measured (one thread, the same
-    bounds to 1e-9): 512 small ACAS Xu boxes (union 22-41 of a layer's 50 neurons, 5-10 per
-    box), 8 steps: 2.3x faster; a 613-box escalation round of 1_9 property 6 (union 23-50,
-    8-25 per box): 6.5-6.9 s against 7.1-8.4, autograd's backward half of it either way;
-    end to end on 12 ACAS Xu searches no faster (30.2 against 30.4 s)."""
+    neurons: the batch's union of them can be many more rows. The same bounds as the union's
+    in exact arithmetic (a neuron exact in a sample changes nothing there): to 1e-10 in
+    float64; in float32 Adam's normalised steps can amplify the products' different rounding
+    (differences up to 1e-4, both ways, on small random nets). Measured (one thread; these
+    ACAS Xu bounds equal to 1e-9): 512 small ACAS Xu boxes (union 22-41 of a layer's 50
+    neurons, 5-10 per box), 8 steps: 2.3x faster; a 613-box escalation round of 1_9 property
+    6 (union 23-50, 8-25 per box): 6.5-6.9 s against 7.1-8.4, autograd's backward half of it
+    either way; end to end on 12 ACAS Xu searches no faster (30.2 against 30.4 s)."""
 
     sample: torch.Tensor
     neuron: torch.Tensor

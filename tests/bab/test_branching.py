@@ -126,3 +126,62 @@ def test_the_search_branches_on_the_coefficients_of_its_own_bounds(rule, monkeyp
     given = [bool((c != 0).any()) for _, c in seen]
     # the default rule gets every queued box's coefficients; the gradient's rule none
     assert all(given) if rule == "combined" else not any(given)
+
+
+def _rewritten_net(kind: str):
+    """A net whose plans run on a rewritten graph (BatchNorm folded, an identity dropped),
+    or whose first ReLU reads the input itself."""
+    from boundflow.ir import GraphBuilder
+
+    rng = np.random.default_rng(7)
+    b = GraphBuilder()
+    h = b.input((3,))
+
+    def lin(h, n):
+        return b.add_node("linear", [h], params={
+            "weight": rng.standard_normal((n, b.shape(h)[0])) * 0.7,
+            "bias": rng.standard_normal(n) * 0.2})
+    if kind == "relu on the input":
+        h = b.add_node("relu", [h])
+    z = lin(h, 10)
+    if kind == "batchnorm":
+        z = b.add_node("batchnorm", [z], params={
+            "mean": rng.standard_normal(10) * 0.1, "var": np.ones(10), "weight": np.ones(10),
+            "bias": np.zeros(10)}, attrs={"eps": 1e-5})
+    if kind == "identity":
+        z = b.add_node("identity", [z])
+    h = b.add_node("relu", [z])
+    h = b.add_node("relu", [lin(h, 10)])
+    return b.build(lin(h, 3))
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "identity", "relu on the input"])
+def test_coefficients_reach_the_branching_on_a_rewritten_graph(kind, monkeypatch):
+    import importlib
+
+    from boundflow.bab import BabConfig, input_split
+
+    module = importlib.import_module("boundflow.bab.input_split")
+    seen = []
+
+    def spy(rule_, lo, hi, grad, coeffs):
+        seen.append(bool((coeffs != 0).any()))
+        return split_dims(rule_, lo, hi, grad, coeffs)
+
+    monkeypatch.setattr(module, "split_dims", spy)
+    g = _rewritten_net(kind)
+    lo, hi = -np.ones(3), np.ones(3)
+    C = np.array([[1.0, -1.0, 0.0]])
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
+    thr = (evaluate(g, torch.from_numpy(grid)).numpy() @ C.T).min(0) - 0.1
+    res = input_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=8, escalate="none",
+                                                             max_domains=2_000))
+    assert res.domains > 1 and seen and all(seen)
+
+
+def test_a_nan_slope_entry_leaves_the_others_their_ranking():
+    lo, hi = torch.zeros(1, 3), torch.ones(1, 3)
+    grad = torch.tensor([[float("nan"), 1.0, 2.0]])
+    co = torch.tensor([[0.0, 3.0, 1.0]])
+    # shares: gradient 0, 1/3, 2/3; coefficients 0, 3/4, 1/4: dimension 1
+    assert split_dims("combined", lo, hi, grad, co).tolist() == [1]
