@@ -6,14 +6,14 @@ box is done when every open disjunct is ruled out on it. Each iteration takes th
 ``batch / 2`` open boxes closest to a violation, bisects each along the dimension the
 branching rule picks (:mod:`boundflow.bab.branching`: by default from the row's gradient at
 the box centre and its CROWN coefficients, which each box keeps from its bound), bounds the
-children in one plan run (a child keeps the better of its own bound and its parent's, which holds on it
-too), drops the proven ones and queues the rest. The centre of every queued box is evaluated
-(that gives the branching rule its gradient) and checked as a counterexample; every
-``attack_every`` iterations the falsifier also searches the boxes closest to a violation.
-Boxes the plan leaves open may be bounded again with alpha-CROWN, once the search has spent
-a second in bound calls, in the rounds where that has closed more of the box per second
-(:mod:`boundflow.bab.escalate`, ``BabConfig.escalate``). Any counterexample is re-checked in
-float64 inside the original box before it is reported.
+children in one plan run (a child keeps the better of its own bound and its parent's, which
+holds on it too), drops the proven ones and queues the rest. The centre of every queued box
+is evaluated (that gives the branching rule its gradient) and checked as a counterexample;
+every ``attack_every`` iterations the falsifier also searches the boxes closest to a
+violation. Boxes the plan leaves open may be bounded again with alpha-CROWN, once the search
+has spent a second in bound calls, in the rounds where that has closed more of the box per
+second (:mod:`boundflow.bab.escalate`, ``BabConfig.escalate``). Any counterexample is
+re-checked in float64 inside the original box before it is reported.
 """
 
 from __future__ import annotations
