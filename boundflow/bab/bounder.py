@@ -198,12 +198,15 @@ class ForwardScreen:
                  dtype: torch.dtype, target: str = "llvm"):
         from boundflow.bab.relu_split import relu_inputs
         from boundflow.domains.traversal import graph_tensors
+        from boundflow.ir.normalize import normalised
 
         self.graph, self.batch = graph, int(batch)
         self.verifier = _verifier(graph, self.batch, int(C.shape[0]), method, "torch", None,
                                   "time@width", target=target)
-        self.nodes = relu_inputs(graph)
-        self.tensors = graph_tensors(graph, dtype)
+        # the reference bounds name the nodes of the graph plans run on (BatchNorm folded)
+        self.norm = normalised(graph)[0]
+        self.nodes = relu_inputs(self.norm)
+        self.tensors = graph_tensors(self.norm, dtype)
         self.dtype = dtype
         self._C = _batched_rows(C, self.batch, dtype)
         self.calls, self.seconds = 0, 0.0
@@ -214,9 +217,11 @@ class ForwardScreen:
         the method's final bound is a backward one."""
         from boundflow.bab.relu_split import relu_inputs
         from boundflow.domains.forward import supported
+        from boundflow.ir.normalize import normalised
 
-        return method in ("crown", "crown-ibp") and bool(relu_inputs(graph)) and \
-            supported(graph)
+        norm = normalised(graph)[0]
+        return method in ("crown", "crown-ibp") and bool(relu_inputs(norm)) and \
+            supported(norm)
 
     def __call__(self, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         """``[N, rows]`` lower bounds of ``C·y`` over the boxes ``[N, *in]``."""
@@ -230,7 +235,7 @@ class ForwardScreen:
         for start in range(0, lower.shape[0], self.batch):
             lo = lower[start:start + self.batch].reshape(shape).to(self.dtype)
             hi = upper[start:start + self.batch].reshape(shape).to(self.dtype)
-            fb = forward_bounds(self.graph, Interval(lo, hi), self.tensors, self.nodes)
+            fb = forward_bounds(self.norm, Interval(lo, hi), self.tensors, self.nodes)
             split = ReluSplit({}, reference={nd: (iv.lower, iv.upper) for nd, iv in fb.items()},
                               reuse=True)
             spec = LinearSpec(self._C[:lo.shape[0]])

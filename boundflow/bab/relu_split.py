@@ -41,6 +41,7 @@ from boundflow.domains.concrete import RULES as CONCRETE_RULES, evaluate
 from boundflow.domains.traversal import apply_rule, graph_tensors
 from boundflow.errors import BoundFlowError
 from boundflow.ir.graph import Graph
+from boundflow.ir.normalize import normalised
 from boundflow.ir.spec import InputSpec, LinearSpec
 from boundflow.ir.split import ReluSplit
 from boundflow.target import target_kind
@@ -109,7 +110,10 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     the default plan."""
     start = time.monotonic()
     shape = tuple(graph.input_shape)
-    nodes = relu_inputs(graph)
+    # the split state names the ReLU inputs of the graph plans run on (BatchNorm folded,
+    # identities dropped: other names than the source graph's)
+    norm = normalised(graph)[0]
+    nodes = relu_inputs(norm)
     if target_kind(config.target) != "llvm":
         log.warning("bab: ReLU splitting runs its plans on the CPU (torch), not on %s",
                     config.target)
@@ -130,7 +134,7 @@ def relu_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray
     lo, hi = lo.reshape((1,) + shape), hi.reshape((1,) + shape)
     shapes = {n: tuple(bounded[n]) for n in nodes}
     sizes = [int(np.prod(shapes[n])) for n in nodes]
-    grads = _sensitivity(graph, ((lo + hi) / 2), spec.C, nodes)      # [rows, *shape] per node
+    grads = _sensitivity(norm, ((lo + hi) / 2), spec.C, nodes)       # [rows, *shape] per node
     grads = [g.reshape(g.shape[0], -1).abs() for g in grads]
     stats = {"domains": 0, "calls": 0, "max_queue": 1}
     # beta's steps stop once a batch is proven; alpha's drop each domain once it is

@@ -185,3 +185,21 @@ def test_a_nan_slope_entry_leaves_the_others_their_ranking():
     co = torch.tensor([[0.0, 3.0, 1.0]])
     # shares: gradient 0, 1/3, 2/3; coefficients 0, 3/4, 1/4: dimension 1
     assert split_dims("combined", lo, hi, grad, co).tolist() == [1]
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "identity"])
+def test_the_forward_screen_runs_on_a_rewritten_graph(kind):
+    """The screen's reference bounds name the plan graph's ReLU inputs (a model's names
+    were refused as nodes the plan does not compute)."""
+    from boundflow.bab import BabConfig, input_split
+    from boundflow.bab.bounder import ForwardScreen
+
+    g = _rewritten_net(kind)
+    C = np.array([[1.0, -1.0, 0.0]])
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
+    thr = (evaluate(g, torch.from_numpy(grid)).numpy() @ C.T).min(0) - 0.1
+    assert ForwardScreen.usable(g, "crown")
+    res = input_split(g, -np.ones(3), np.ones(3), C, thr, [(0, 1)],
+                      BabConfig(batch=8, screen="forward", branching="widest",
+                                escalate="none", max_domains=5_000))
+    assert res.status == "unsat" and res.domains > 1

@@ -335,3 +335,27 @@ def test_relu_split_with_alpha_crown_is_never_wrong(seed):
         x = res.counterexample
         yx = evaluate(g, torch.from_numpy(x[None])).numpy()[0]
         assert any(np.all(C[a:b] @ yx <= thr[a:b]) for a, b in ranges)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "identity"])
+def test_relu_splitting_runs_on_a_model_the_planner_rewrites(kind):
+    """BatchNorm folded, an identity dropped: the plan's graph names its ReLU inputs
+    otherwise than the model does, and the split state must use its names. The verdict is
+    right and the search really splits."""
+    from tests.bab.test_branching import _rewritten_net
+
+    g = _rewritten_net(kind)
+    lo, hi = -np.ones(3), np.ones(3)
+    C = np.array([[1.0, -1.0, 0.0]])
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 41)] * 3), -1).reshape(-1, 3)
+    low = (evaluate(g, torch.from_numpy(grid)).numpy() @ C.T).min(0)
+    crown = bf.compute_bounds(g, np.zeros((1, 3), np.float32), eps=1.0, C=C[None],
+                              method="crown").lower[0].numpy()
+    thr = (crown + low) / 2                     # holds, but one CROWN bound cannot tell
+    assert (crown < thr).all()
+    res = relu_split(g, lo, hi, C, thr, [(0, 1)], BabConfig(batch=32, strategy="relu"),
+                     deadline=time.monotonic() + 60)
+    assert res.status == "unsat" and res.domains > 1
+    res = relu_split(g, lo, hi, C, low + 0.05, [(0, 1)], BabConfig(batch=32, strategy="relu"),
+                     deadline=time.monotonic() + 60)
+    assert res.status == "sat"
