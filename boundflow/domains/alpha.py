@@ -211,7 +211,7 @@ def _optimise_side(graph, plan, A, x, tensors, bounds, lower_slope, config, star
                 if A.shape[0] == x.lower.shape[0]:
                     A = A[keep]              # (else one row broadcast over the batch)
                 x = Interval(x.lower[keep], x.upper[keep])
-                bounds = {k: Interval(v.lower[keep], v.upper[keep]) for k, v in bounds.items()}
+                bounds = _gather(bounds, keep)
                 moved = {}
                 final = _take_slopes(graph, final, keep, moved)
                 starts = {k: v.take(graph, keep, before, moved) if isinstance(v, _Rows)
