@@ -887,8 +887,9 @@ def _bab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branching", choices=["combined", "sensitivity", "coefficients",
                                            "widest"], default="combined",
                    help="input splitting's dimension to bisect: the largest width x the "
-                   "spec row's gradient at the box centre and its CROWN coefficient, each "
-                   "as a share of the box's sum (combined; default), x the gradient alone "
+                   "spec row's gradient at the box centre and its CROWN coefficient, the "
+                   "geometric mean of their shares of the box's sums (combined; default), "
+                   "x the gradient alone "
                    "(sensitivity), x the coefficient alone (coefficients), or the widest")
     p.add_argument("--max-domains", type=_POSITIVE_INT, default=1_000_000,
                    help="open domains kept at most; past it the answer is unknown "

@@ -8,8 +8,11 @@ box's worst disjunct, :meth:`~boundflow.bab.common.Disjuncts.closest_rows`) time
 - ``coefficients``: the coefficients ``lA`` of CROWN's linear lower bound of the row in
   terms of the input, under the bounds the plan gave the box's ReLU inputs (the relaxed
   model's slope over the whole box: what alpha-beta-CROWN's ``sb`` input branching uses);
-- ``combined`` (the default): the two added, each as its share of its sum over the box's
-  dimensions (``|g| / sum |g| + |lA| / sum |lA|``), so neither outvotes the other by scale;
+- ``combined`` (the default): the geometric mean of the two, each as its share of its sum
+  over the box's dimensions (``sqrt(|g| / sum |g| * |lA| / sum |lA|)``): a dimension
+  scores only where both slopes see it (the widest dimension where they share none); where
+  the coefficients are all zero (a plan that does not keep the bounds they need, or a
+  constant bound) the gradient's share alone;
 - ``widest``: the widest dimension.
 
 Measured: ``boundflow vnncomp`` on 12 ACAS Xu instances (nets 1_1 and 1_9, properties 1-6;
@@ -30,7 +33,28 @@ instance        sensitivity  domains    combined     domains
 1_9 property 6  12.3 / 13.7  13,992     18.3 / 19.8  17,852
 ==============  ===========  =========  ===========  =========
 
-(1_9 properties 1, 3, 4 and 5 take 0.01-0.15 s either way.) Earlier, one run each with the
+(1_9 properties 1, 3, 4 and 5 take 0.01-0.15 s either way.) That ``combined`` added the
+two shares. Their geometric mean (2026-11-29, the same 12 in one ``boundflow vnncomp`` run
+per rule, two runs alternating, load 1.2-1.7; total 15.4 / 15.4 s -> 14.8 / 13.1 s):
+
+==============  ===========  =========  =============  ===========
+instance        sum          domains    geometric      domains
+==============  ===========  =========  =============  ===========
+1_1 property 2  0.36 / 0.34  521        0.38 / 0.37    613
+1_1 property 3  0.83 / 0.81  3,817      0.93 / 0.89    4,135
+1_1 property 4  0.29 / 0.29  649        0.33 / 0.31    747
+1_1 property 5  1.41 / 1.43  7,129      1.50 / 1.48    6,105
+1_1 property 6  1.78 / 1.75  5,704      2.15 / 1.93    6,274
+1_9 property 2  0.34 / 0.33  667        0.29 / 0.28    539
+1_9 property 6  9.98 / 10.05 19,410     8.79 / 7.40    17,232
+==============  ===========  =========  =============  ===========
+
+It is slower on 1_1 properties 3, 4 and 6 (by 0.04-0.4 s) and lets the search do without
+alpha-CROWN where the sum could not: with ``--bab-escalate none`` 1_9 property 6 took 5.9 s
+(22,444 domains) where the sum timed out at 40 s (and at 116 s the session before); 1_1
+properties 3, 5, 6 then took 1.05 / 1.70 / 2.25 s against 0.88 / 1.63 / 1.84. In a box
+where the two slopes share no dimension the widest one was better than their sum (1_9
+property 6: 14,106 domains against 19,036). Earlier, one run each with the
 coefficients from an extra CROWN pass, ``coefficients`` alone needed 4,281 / 4,573 / 1,391
 / 3,005 / 6,098 / 2,605 / 18,222 domains on 1_1 properties 2-6 and 1_9 properties 2 and 6,
 and a plain sum of the two slopes (not shares) 1,275 / 3,593 / 663 / 3,781 / 5,854 / 837 /
@@ -93,6 +117,17 @@ def _share(slope: torch.Tensor) -> torch.Tensor:
     return slope / slope.sum(1, keepdim=True).clamp_min(torch.finfo(slope.dtype).tiny)
 
 
+def _agreed(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The geometric mean of the gradient's and the coefficients' shares, ``sqrt(g * c)``
+    (zero where either slope is: the widest dimension where that is every one); the
+    gradient's share in a box whose coefficients are all zero (not known, or a constant
+    bound)."""
+    out = (g * c).sqrt()
+    unknown = c.max(1).values <= 0
+    out[unknown] = g[unknown]
+    return out
+
+
 def split_dims(rule: str, lo: torch.Tensor, hi: torch.Tensor, grad: torch.Tensor | None,
                coeffs: torch.Tensor | None) -> torch.Tensor:
     """``[N]``: the dimension to bisect in each box ``[lo, hi]`` (``[N, n_in]``) by ``rule``
@@ -107,7 +142,7 @@ def split_dims(rule: str, lo: torch.Tensor, hi: torch.Tensor, grad: torch.Tensor
         slope = _finite(grad.abs())
     if rule in NEEDS_COEFFICIENTS and coeffs is not None:
         slope = _finite(coeffs.abs()) if slope is None else \
-            _share(slope) + _share(_finite(coeffs.abs()))
+            _agreed(_share(slope), _share(_finite(coeffs.abs())))
     if slope is None:
         return width.argmax(1)
     score = torch.nan_to_num(slope * width, nan=0.0)

@@ -66,7 +66,8 @@ class BabConfig:
     for the strategy, :meth:`batch_for`). ``branching``: input splitting's rule for the
     dimension to bisect (:mod:`boundflow.bab.branching`): ``combined`` (default) the largest
     width times the row's slope at the box centre and its CROWN coefficient (each as its
-    share of the box's sum, added), ``sensitivity`` the slope alone, ``coefficients`` the
+    share of the box's sum, their geometric mean), ``sensitivity`` the slope alone,
+    ``coefficients`` the
     coefficient alone, ``widest`` the widest dimension.
     ``max_domains``: the queue's limit (the search answers ``unknown`` rather than outgrow
     it). ``method``: the bound of

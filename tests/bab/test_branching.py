@@ -85,12 +85,20 @@ def test_each_rule_picks_the_dimension_its_score_says():
     assert split_dims("widest", lo, hi, grad, co).tolist() == [0, 1, 0]
     assert split_dims("sensitivity", lo, hi, grad, co).tolist() == [0, 1, 0]
     assert split_dims("coefficients", lo, hi, grad, co).tolist() == [2, 2, 0]
-    # box 0: shares 3/4 + 0 against 1/4 + 100/201 and 0 + 101/201: dimension 0 (a plain
-    # sum, 3 against 101 and 101, would follow the coefficients' scale to dimension 2)
-    # box 1: 1/3 + 0, 2 * (1/3), 1/3 + 1: dimension 2; box 2: no slope, the widest
-    assert split_dims("combined", lo, hi, grad, co).tolist() == [0, 2, 0]
+    # box 0: shares (3/4, 1/4, 0) and (0, 100/201, 101/201): the geometric mean is nonzero
+    # on dimension 1 alone, where both slopes are (their sum, 3/4 against 0.75 and 0.5,
+    # would take dimension 0; a plain sum of the slopes, 3 against 101 and 101, would
+    # follow the coefficients' scale to dimension 2)
+    # box 1: sqrt(1/3 * 1) on dimension 2 only: 2; box 2: no slope, the widest
+    assert split_dims("combined", lo, hi, grad, co).tolist() == [1, 2, 0]
+    # slopes on no common dimension: no agreement, the widest (not the gradient's 0)
+    assert split_dims("combined", lo[:1], torch.tensor([[1.0, 1.0, 2.0]]),
+                      torch.tensor([[1.0, 0.0, 0.0]]),
+                      torch.tensor([[0.0, 1.0, 0.0]])).tolist() == [2]
     # coefficients unknown (zero, or None) leave the gradient's choice
     assert split_dims("combined", lo, hi, grad, torch.zeros(3, 3)).tolist() == [0, 1, 0]
+    assert split_dims("combined", lo[:1], hi[1:2], torch.tensor([[0.0, 0.0, 5.0]]),
+                      torch.zeros(1, 3)).tolist() == [2]          # not the widest, 1
     assert split_dims("combined", lo, hi, grad, None).tolist() == [0, 1, 0]
     assert split_dims("coefficients", lo, hi, grad, None).tolist() == [0, 1, 0]
     assert set(RULES) == {"combined", "sensitivity", "coefficients", "widest"}
@@ -183,7 +191,8 @@ def test_a_nan_slope_entry_leaves_the_others_their_ranking():
     lo, hi = torch.zeros(1, 3), torch.ones(1, 3)
     grad = torch.tensor([[float("nan"), 1.0, 2.0]])
     co = torch.tensor([[0.0, 3.0, 1.0]])
-    # shares: gradient 0, 1/3, 2/3; coefficients 0, 3/4, 1/4: dimension 1
+    # shares: gradient 0, 1/3, 2/3; coefficients 0, 3/4, 1/4: geometric means 0, 1/2,
+    # 0.41: dimension 1
     assert split_dims("combined", lo, hi, grad, co).tolist() == [1]
 
 
