@@ -67,8 +67,7 @@ class BabConfig:
     dimension to bisect (:mod:`boundflow.bab.branching`): ``combined`` (default) the largest
     width times the row's slope at the box centre and its CROWN coefficient (each as its
     share of the box's sum, their geometric mean), ``sensitivity`` the slope alone,
-    ``coefficients`` the
-    coefficient alone, ``widest`` the widest dimension.
+    ``coefficients`` the coefficient alone, ``widest`` the widest dimension.
     ``max_domains``: the queue's limit (the search answers ``unknown`` rather than outgrow
     it). ``method``: the bound of
     each domain (a method of ``compute_bounds``). ``backend``: the bound plan's backend;

@@ -99,6 +99,16 @@ def test_each_rule_picks_the_dimension_its_score_says():
     assert split_dims("combined", lo, hi, grad, torch.zeros(3, 3)).tolist() == [0, 1, 0]
     assert split_dims("combined", lo[:1], hi[1:2], torch.tensor([[0.0, 0.0, 5.0]]),
                       torch.zeros(1, 3)).tolist() == [2]          # not the widest, 1
+    # no gradient (the row flat at the centre): the widest, not the coefficients' choice
+    assert split_dims("combined", lo[:1], hi[1:2], torch.zeros(1, 3),
+                      torch.tensor([[0.0, 0.0, 5.0]])).tolist() == [1]
+    # the geometric mean, not the product: shares (0.4, 0.6) both, widths (2, 1): 0.8
+    # against 0.6 (the product, 0.32 against 0.36, would take dimension 1)
+    assert split_dims("combined", lo[:1, :2], torch.tensor([[2.0, 1.0]]),
+                      torch.tensor([[0.4, 0.6]]), torch.tensor([[4.0, 6.0]])).tolist() == [0]
+    # the two slopes in different precisions
+    assert split_dims("combined", lo[:1], hi[1:2], torch.tensor([[0.0, 1.0, 5.0]]),
+                      torch.tensor([[0.0, 2.0, 1.0]], dtype=torch.float64)).tolist() == [1]
     assert split_dims("combined", lo, hi, grad, None).tolist() == [0, 1, 0]
     assert split_dims("coefficients", lo, hi, grad, None).tolist() == [0, 1, 0]
     assert set(RULES) == {"combined", "sensitivity", "coefficients", "widest"}
