@@ -31,6 +31,7 @@ from boundflow.bab.branching import NEEDS_COEFFICIENTS, coefficients, split_dims
 from boundflow.bab.common import Disjuncts, Progress, stop
 from boundflow.bab.config import BabConfig, BabResult
 from boundflow.bab.escalate import Escalation
+from boundflow.bab.threads import ThreadChoice
 from boundflow.domains.alpha import AlphaConfig
 from boundflow.domains.concrete import evaluate
 from boundflow.domains.interval import Interval
@@ -94,7 +95,26 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
     ``bounder``: the bound call (default: a :class:`PlanBounder` for ``config`` and
     ``db``). ``refiner``: the escalation's bound call (default, where ``config.escalate``
     is ``alpha`` and the method is not alpha-crown already: the default alpha-CROWN plan of
-    ``ESCALATE_ALPHA``'s steps, on the torch backend)."""
+    ``ESCALATE_ALPHA``'s steps, on the torch backend).
+    Bound calls drop to one thread while other work holds the cores
+    (:class:`~boundflow.bab.threads.ThreadChoice`; torch's own count restored at the end)."""
+    threads = ThreadChoice()
+    try:
+        return _search(graph, lower, upper, C, threshold, ranges, config, deadline=deadline,
+                       confirm=confirm, bounder=bounder, db=db, refiner=refiner,
+                       threads=threads)
+    finally:
+        threads.close()
+
+
+def _search(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarray,
+            threshold: np.ndarray, ranges: Sequence[tuple[int, int]],
+            config: BabConfig = BabConfig(), *, deadline: float | None = None,
+            confirm: Callable[[np.ndarray], bool] | None = None,
+            bounder: PlanBounder | None = None, db=None,
+            refiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            threads: ThreadChoice | None = None) -> BabResult:
+    """:func:`input_split`'s search."""
     start = time.monotonic()
     shape = tuple(graph.input_shape)
     batch = config.batch_for("input")
@@ -175,6 +195,11 @@ def input_split(graph: Graph, lower: np.ndarray, upper: np.ndarray, C: np.ndarra
         """The boxes' lower bounds: the screen's first, if any, and the plan's for the boxes
         it leaves open (the better of the two kept)."""
         t0 = time.perf_counter()
+        if threads is not None:
+            return threads.run(lambda: _bound(lo, hi, t0), lo.shape[0])
+        return _bound(lo, hi, t0)
+
+    def _bound(lo: torch.Tensor, hi: torch.Tensor, t0: float) -> torch.Tensor:
         if screen is None:
             lb = bounder(lo, hi)
         else:
