@@ -10,16 +10,17 @@ process, 24.8 s and once past 40 s on two, 10.9 s on one (``OMP_WAIT_POLICY=PASS
 
 So the search watches what its threads get. Over each bound call :class:`ThreadChoice`
 reads the process's CPU time and the wall time: on the default count ``n``, a share below
-``CONTENDED`` of ``n`` cores per thread (a running average, ``EMA``) means other work holds
-the cores, and the search drops to one thread. On one thread it reads the machine's idle
+``CONTENDED`` of ``n`` cores per thread (a running average, ``EMA``) while the machine has
+no idle core (``/proc/stat``, under ``FREE``) means other work holds the cores, and the
+search drops to one thread (a low share beside idle cores is threads waiting: on small
+tensors, or on a GPU). On one thread it reads the machine's idle
 time (``/proc/stat``): once about a core (``FREE``) stays idle, it goes back to ``n``.
 (Measured over that search: idle, 19.6 s of CPU in 12.4 s, 0.79 a thread with the
 single-threaded start-up in it; beside the busy process 60.3 s in 60.2 s, 0.50.) No call
 is spent at the losing count to find out: the first bound call under contention tells.
 A search starts on the count the process's last search ended on. Where ``/proc/stat`` is
-missing, a search that dropped to one thread stays there. A plan on a GPU leaves its CPU
-threads waiting, so it drops to one thread too, at no cost there. Threads change speed
-only: every count computes the same bounds up to float rounding.
+missing, the share alone decides, and a search that dropped to one thread stays there.
+Threads change speed only: every count computes the same bounds up to float rounding.
 
 Measured (``boundflow verify``, this host, 2026-11-29): beside one busy process, 1_9
 property 6 (``--bab-escalate none``) 12.2 s, against past 60 s before; 1_1 properties 1,
@@ -85,23 +86,26 @@ class ThreadChoice:
             return call()
         torch.set_num_threads(self.current)
         t0, c0 = self.clock(), self.cpu()
-        i0 = self.idle() if self.current == 1 else None
+        i0 = self.idle()
         out = call()
         wall = self.clock() - t0
         self.seen[self.current] += 1
         if boxes < self.min_boxes or wall <= 0:
             return out
+        i1 = None if i0 is None else self.idle()
+        idle = None if i1 is None else (i1 - i0) / wall          # idle cores over the call
         if self.current == self.default:
             share = (self.cpu() - c0) / wall / self.current
             self.share = share if self.share is None else \
                 (1 - EMA) * self.share + EMA * share
-            if self.share < CONTENDED:
+            # a low share on a machine with idle cores is our threads waiting (for small
+            # tensors, a GPU), not contention
+            if self.share < CONTENDED and (idle is None or idle < FREE):
                 log.info("bab: the bound calls get %.2f of a core a thread: one thread "
                          "from here", self.share)
                 self.current, self.share, self.free = 1, None, None
-        elif i0 is not None and (i1 := self.idle()) is not None:
-            free = (i1 - i0) / wall
-            self.free = free if self.free is None else (1 - EMA) * self.free + EMA * free
+        elif idle is not None:
+            self.free = idle if self.free is None else (1 - EMA) * self.free + EMA * idle
             if self.free > FREE:
                 log.info("bab: %.1f cores idle: %d threads from here", self.free,
                          self.default)

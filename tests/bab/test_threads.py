@@ -78,6 +78,13 @@ def test_a_contended_machine_drops_to_one_thread_at_once_and_comes_back(two_thre
     assert m.log[-1] == 2 and m.log[-10:].count(1) <= 5       # as the average moves
 
 
+def test_threads_waiting_beside_idle_cores_are_no_contention(two_threads):
+    m = Machine(share=0.3, idle_cores=1.4)          # small tensors, or a GPU: cores idle
+    choice = m.choice()
+    _calls(choice, m, 20)
+    assert m.log == [2] * 20
+
+
 def test_without_idle_times_one_thread_stays(two_threads):
     m = Machine(share=0.5, known=False)
     choice = m.choice()
